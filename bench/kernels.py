@@ -1,0 +1,232 @@
+"""Kernel microbenchmark: the Triton attention and fused-layer kernels against their floors and
+against torch in the same run, on whatever CUDA GPU is present.
+
+    python3 bench/kernels.py --out bench/results/kernels_gpu.json
+
+Decode attention is bound by reading the KV cache, so its floor is (K + V bytes) / measured copy
+bandwidth. Prefill is reported in TFLOP/s of causal attention. Baselines: torch SDPA on contiguous
+(unpaged) K/V, which is what the paged kernels would have to beat if paging were free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import random
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench, do_bench_cudagraph
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine.kernels.decode_attention import choose_num_splits, decode_attention  # noqa: E402
+from engine.kernels.prefill_attention import prefill_attention  # noqa: E402
+from engine.kernels.reshape_and_cache import reshape_and_cache  # noqa: E402
+from engine.kernels.rmsnorm import rms_norm  # noqa: E402
+from engine.kernels.rotary import rotary_embedding  # noqa: E402
+from engine.kernels.silu_mul import silu_and_mul  # noqa: E402
+from engine.model.attention import write_kv_cache  # noqa: E402
+from engine.model.layers import RMSNorm, RotaryEmbedding, SiluAndMul  # noqa: E402
+
+DEV = "cuda"
+BF16 = torch.bfloat16
+
+
+def median_ms(fn) -> float:
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a 1 GiB device-to-device copy."""
+    src = torch.randn(1 << 29, device=DEV, dtype=BF16)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+def paged_cache(context_lens: list[int], num_kv_heads: int, head_dim: int, block_size: int):
+    """A random bf16 cache with each sequence's blocks scattered, and the matching block tables."""
+    blocks_per_seq = [triton.cdiv(c, block_size) for c in context_lens]
+    num_blocks = sum(blocks_per_seq)
+    order = torch.randperm(num_blocks)
+    tables = torch.zeros(len(context_lens), max(blocks_per_seq), dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(blocks_per_seq):
+        tables[i, :n] = order[used : used + n]
+        used += n
+    cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, device=DEV, dtype=BF16)
+    return cache, tables.to(DEV), torch.tensor(context_lens, dtype=torch.int32, device=DEV)
+
+
+DECODE_VARIANTS = [  # (block_n, num_warps, num_stages)
+    (64, 4, 2), (32, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 2), (128, 8, 2), (128, 8, 3), (64, 2, 3),
+]  # fmt: skip
+
+
+def bench_decode(name, num_heads, num_kv_heads, head_dim, block_size, context_lens, copy_bw, num_sms, sweep):
+    batch = len(context_lens)
+    cache, tables, seq_lens = paged_cache(context_lens, num_kv_heads, head_dim, block_size)
+    q = torch.randn(batch, num_heads, head_dim, device=DEV, dtype=BF16)
+    out = torch.empty_like(q)
+    kv_bytes = sum(context_lens) * num_kv_heads * head_dim * 2 * 2
+    floor_ms = kv_bytes / copy_bw * 1e3
+    splits = choose_num_splits(batch, num_kv_heads, max(context_lens), num_sms)
+    rows = []
+    for block_n, warps, stages in DECODE_VARIANTS if sweep else DECODE_VARIANTS[:1]:
+        ms = median_ms(partial(
+            decode_attention, q, cache, tables, seq_lens, head_dim**-0.5, out, num_splits=splits,
+            block_n=block_n, num_warps=warps, num_stages=stages))  # fmt: skip
+        rows.append({"kernel": "decode", "case": name, "variant": f"n{block_n}w{warps}s{stages}", "splits": splits,
+                     "ms": ms, "floor_ms": floor_ms, "pct_of_floor": 100 * floor_ms / ms,
+                     "GB_per_s": kv_bytes / ms / 1e6})  # fmt: skip
+    if len(set(context_lens)) == 1:  # SDPA baseline needs one length: contiguous K/V, no paging
+        ctx = context_lens[0]
+        k = torch.randn(batch, num_kv_heads, ctx, head_dim, device=DEV, dtype=BF16)
+        v = torch.randn_like(k)
+        q4 = q.unsqueeze(2)  # [B, H, 1, D]
+        ms = median_ms(lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True))
+        rows.append({"kernel": "decode", "case": name, "variant": "torch_sdpa_contiguous_gqa", "ms": ms,
+                     "floor_ms": floor_ms, "pct_of_floor": 100 * floor_ms / ms, "GB_per_s": kv_bytes / ms / 1e6})  # fmt: skip
+        # The same with K/V expanded to every query head (reads group x the bytes, but takes the flash path)
+        group = num_heads // num_kv_heads
+        ke, ve = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        ms = median_ms(lambda: F.scaled_dot_product_attention(q4, ke, ve))
+        rows.append({"kernel": "decode", "case": name, "variant": "torch_sdpa_contiguous_expanded", "ms": ms,
+                     "floor_ms": floor_ms, "pct_of_floor": 100 * floor_ms / ms, "GB_per_s": kv_bytes / ms / 1e6})  # fmt: skip
+        del k, v, ke, ve
+    return rows
+
+
+PREFILL_VARIANTS = [  # (block_m, block_n, num_warps, num_stages)
+    (64, 64, 4, 2), (128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 32, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3),
+]  # fmt: skip
+
+
+def bench_prefill(name, num_heads, num_kv_heads, head_dim, block_size, query_lens, prefix_lens):
+    seq_lens = [p + q for p, q in zip(prefix_lens, query_lens, strict=True)]
+    cache, tables, seq_lens_t = paged_cache(seq_lens, num_kv_heads, head_dim, block_size)
+    num_tokens = sum(query_lens)
+    q = torch.randn(num_tokens, num_heads, head_dim, device=DEV, dtype=BF16)
+    out = torch.empty_like(q)
+    qsl = torch.tensor([0] + list(torch.tensor(query_lens).cumsum(0)), dtype=torch.int32, device=DEV)
+    # causal FLOPs: QK^T and PV over each query's visible keys
+    flops = sum(4 * num_heads * head_dim * (p * ql + ql * (ql + 1) / 2) for p, ql in zip(prefix_lens, query_lens, strict=True))
+    rows = []
+    for bm, bn, warps, stages in PREFILL_VARIANTS:
+        ms = median_ms(partial(
+            prefill_attention, q, cache, tables, seq_lens_t, qsl, max(query_lens), head_dim**-0.5, out,
+            block_m=bm, block_n=bn, num_warps=warps, num_stages=stages))  # fmt: skip
+        rows.append({"kernel": "prefill", "case": name, "variant": f"m{bm}n{bn}w{warps}s{stages}", "ms": ms,
+                     "TFLOP_per_s": flops / ms / 1e9})  # fmt: skip
+    if all(p == 0 for p in prefix_lens) and len(set(query_lens)) == 1:
+        length = query_lens[0]
+        qb = torch.randn(len(query_lens), num_heads, length, head_dim, device=DEV, dtype=BF16)
+        kb = torch.randn(len(query_lens), num_kv_heads, length, head_dim, device=DEV, dtype=BF16)
+        vb = torch.randn_like(kb)
+        ms = median_ms(lambda: F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, enable_gqa=True))
+        rows.append({"kernel": "prefill", "case": name, "variant": "torch_sdpa_contiguous", "ms": ms,
+                     "TFLOP_per_s": flops / ms / 1e9})  # fmt: skip
+    return rows
+
+
+def bench_cache_write(copy_bw):
+    num_tokens, kvh, d, bs = 16384, 8, 128, 16
+    cache = torch.randn(2, num_tokens // bs + 64, bs, kvh, d, device=DEV, dtype=BF16)
+    k = torch.randn(num_tokens, kvh, d, device=DEV, dtype=BF16)
+    v = torch.randn_like(k)
+    slots = torch.randperm(cache.shape[1] * bs, device=DEV)[:num_tokens]
+    moved = 4 * k.numel() * k.element_size()  # read k, v; write both
+    rows = []
+    for variant, fn in [("triton", lambda: reshape_and_cache(k, v, cache, slots)),
+                        ("torch_index_copy", lambda: write_kv_cache(k, v, cache, slots))]:  # fmt: skip
+        ms = median_ms(fn)
+        rows.append({"kernel": "reshape_and_cache", "case": "16384 tok x 8 kvh x 128", "variant": variant, "ms": ms,
+                     "pct_of_floor": 100 * moved / copy_bw * 1e3 / ms})  # fmt: skip
+    return rows
+
+
+def bench_fused():
+    rows = []
+
+    def both(case, kernel, ours, theirs):
+        for variant, fn in (("triton", ours), ("torch", theirs)):
+            ms = do_bench_cudagraph(fn, rep=50, return_mode="median")  # graph: launch gaps out of the number
+            rows.append({"kernel": kernel, "case": case, "variant": variant, "ms": ms})
+
+    for tokens in (256, 16384):
+        norm = RMSNorm(1024, 1e-6).to(DEV, BF16)
+        x = torch.randn(tokens, 1024, device=DEV, dtype=BF16)
+        r = torch.randn_like(x)
+        both(f"{tokens} x 1024 +residual", "rms_norm",
+             lambda: rms_norm(x, norm.weight, 1e-6, r), lambda: norm(x, r))  # noqa: B023  # fmt: skip
+        g = torch.randn(tokens, 2 * 3072, device=DEV, dtype=BF16)
+        both(f"{tokens} x 3072", "silu_and_mul", lambda: silu_and_mul(g), lambda: SiluAndMul()(g))  # noqa: B023
+        rot = RotaryEmbedding(128, {"rope_theta": 1e6}, 4096, 4096, torch.device(DEV))
+        qkv = torch.randn(tokens, (16 + 16) * 128, device=DEV, dtype=BF16)
+        q = qkv[:, : 16 * 128].view(tokens, 16, 128)
+        k = qkv[:, 16 * 128 : 24 * 128].view(tokens, 8, 128)
+        pos = torch.randint(0, 4096, (tokens,), device=DEV)
+        qn, kn = RMSNorm(128, 1e-6).to(DEV, BF16), RMSNorm(128, 1e-6).to(DEV, BF16)
+        both(f"{tokens} tok, Qwen3 q/k norm + rotary", "rotary",
+             lambda: rotary_embedding(pos, q, k, rot.cos_sin_cache, qn.weight, kn.weight, 1e-6),  # noqa: B023
+             lambda: rot(pos, qn(q), kn(k)))  # noqa: B023  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/results/kernels_gpu.json")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    random.seed(0)
+    props = torch.cuda.get_device_properties(0)
+    copy_bw = copy_bandwidth()
+    print(f"{props.name}: {props.multi_processor_count} SMs, copy bandwidth {copy_bw / 1e12:.2f} TB/s", flush=True)
+
+    rng = random.Random(0)
+    rows = []
+    qwen, llama = (16, 8, 128), (32, 8, 128)
+    decode_cases = [
+        ("Qwen3-0.6B 256 x 1024", qwen, [1024] * 256, True),
+        ("Llama-8B 256 x 1024", llama, [1024] * 256, True),
+        ("Qwen3-0.6B 256 x U(100,2048)", qwen, [rng.randint(100, 2048) for _ in range(256)], False),
+        ("Llama-8B 64 x 4096", llama, [4096] * 64, False),
+        ("Llama-8B 8 x 8192", llama, [8192] * 8, False),
+        ("Llama-8B 1 x 8192", llama, [8192], False),
+        ("Qwen3-0.6B 32 x 512", qwen, [512] * 32, False),
+    ]
+    for name, (h, kvh, d), ctx, sweep in decode_cases:
+        rows += bench_decode(name, h, kvh, d, 16, ctx, copy_bw, props.multi_processor_count, sweep)
+        print(f"decode {name} done", flush=True)
+    rows += bench_prefill("Qwen3-0.6B 16 x 1024 fresh", *qwen, 16, [1024] * 16, [0] * 16)
+    rows += bench_prefill("Qwen3-0.6B 4 x 2048 over 2048 cached", *qwen, 16, [2048] * 4, [2048] * 4)
+    rows += bench_prefill("Llama-8B 8 x 2048 fresh", *llama, 16, [2048] * 8, [0] * 8)
+    rows += bench_prefill("Llama-8B 64 x U(50,400) fresh", *llama, 16, [rng.randint(50, 400) for _ in range(64)], [0] * 64)
+    print("prefill done", flush=True)
+    rows += bench_cache_write(copy_bw)
+    rows += bench_fused()
+
+    result = {
+        "device": props.name,
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "copy_bandwidth_TBps": copy_bw / 1e12,
+        "rows": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"\n{'kernel':<18}{'case':<38}{'variant':<24}{'ms':>9}  extra")
+    for r in rows:
+        extra = ", ".join(f"{k}={v:.1f}" for k, v in r.items() if k in ("pct_of_floor", "GB_per_s", "TFLOP_per_s"))
+        print(f"{r['kernel']:<18}{r['case']:<38}{r['variant']:<24}{r['ms']:>9.4f}  {extra}")
+
+
+if __name__ == "__main__":
+    main()

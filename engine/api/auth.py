@@ -1,0 +1,34 @@
+"""--api-key: requests must carry `Authorization: Bearer <key>`; probes and scrapes stay open."""
+
+from __future__ import annotations
+
+import hmac
+
+from aiohttp import web
+
+from engine.api.errors import APIError, Handler
+
+# Kubernetes probes and Prometheus scrapes carry no key.
+OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})
+
+
+def _unauthorized(message: str) -> APIError:
+    return APIError(401, message, type="invalid_request_error", code="invalid_api_key")
+
+
+def auth_middleware(api_key: str) -> web.middleware:  # type: ignore[valid-type]
+    expected = api_key.encode()
+
+    @web.middleware
+    async def require_api_key(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in OPEN_PATHS or request.method == "OPTIONS":
+            return await handler(request)
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise _unauthorized("Missing API key: send it as 'Authorization: Bearer <key>'.")
+        # Constant-time comparison: response timing must not reveal how much of the key matched.
+        if not hmac.compare_digest(token.strip().encode(), expected):
+            raise _unauthorized("Incorrect API key provided.")
+        return await handler(request)
+
+    return require_api_key

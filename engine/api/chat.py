@@ -1,0 +1,120 @@
+"""POST /v1/chat/completions: messages through the tokenizer's chat template, n choices, streamed or not."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from contextlib import aclosing
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from engine.api.body import parse_body
+from engine.api.generation import ChoiceResult, SubRequest, fan_out, merged_outputs, new_choices, usage
+from engine.api.logprobs import TokenTexts, chat_logprobs
+from engine.api.prompts import chat_prompt, resolve_max_tokens
+from engine.api.protocol import (
+    ChatChoice,
+    ChatChoiceLogprobs,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatResponseMessage,
+    DeltaMessage,
+)
+from engine.api.state import STATE
+from engine.api.streaming import stream_sse
+from engine.outputs import RequestOutput, TokenLogprob
+
+
+def _logprobs(
+    body: ChatCompletionRequest, texts: TokenTexts, logprobs: list[TokenLogprob] | None
+) -> ChatChoiceLogprobs | None:
+    if body.num_logprobs is None:
+        return None
+    return ChatChoiceLogprobs(content=chat_logprobs(texts, logprobs or [], body.num_logprobs))
+
+
+class ChatChunks:
+    """Streaming: a role chunk per choice, then content deltas; the last carries finish_reason."""
+
+    def __init__(
+        self, head: dict, body: ChatCompletionRequest, subs: list[SubRequest], texts: TokenTexts
+    ) -> None:
+        self.head, self.body, self.texts = head, body, texts
+        self.choices = new_choices(subs)
+        self.started: set[int] = set()
+
+    def _chunk(self, choice: ChatChunkChoice) -> ChatCompletionChunk:
+        return ChatCompletionChunk(**self.head, choices=[choice])
+
+    def on_output(self, sub: SubRequest, out: RequestOutput) -> list[BaseModel]:
+        chunks: list[BaseModel] = []
+        if sub.index not in self.started:
+            self.started.add(sub.index)
+            chunks.append(
+                self._chunk(
+                    ChatChunkChoice(index=sub.index, delta=DeltaMessage(role="assistant", content=""))
+                )
+            )
+        self.choices[sub.index].add(out)
+        logprobs = _logprobs(self.body, self.texts, out.new_logprobs) if out.new_logprobs else None
+        if out.new_text or logprobs is not None or out.finished:
+            choice = ChatChunkChoice(
+                index=sub.index,
+                delta=DeltaMessage(content=out.new_text or None),
+                logprobs=logprobs,
+                finish_reason=out.finish_reason if out.finished else None,  # type: ignore[arg-type]
+                stop_reason=out.stop_reason if out.finished else None,
+            )
+            chunks.append(self._chunk(choice))
+        return chunks
+
+    def final(self) -> list[BaseModel]:
+        if not self.body.include_usage_in_stream:
+            return []
+        return [ChatCompletionChunk(**self.head, choices=[], usage=usage(self.choices, self.body.n))]
+
+
+def _choice(result: ChoiceResult, body: ChatCompletionRequest, texts: TokenTexts) -> ChatChoice:
+    return ChatChoice(
+        index=result.index,
+        message=ChatResponseMessage(content=result.text),
+        logprobs=_logprobs(body, texts, result.logprobs),
+        finish_reason=result.finish_reason,  # type: ignore[arg-type]
+        stop_reason=result.stop_reason,
+    )
+
+
+async def create_chat_completion(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    engine = state.engine
+    body = await parse_body(request, ChatCompletionRequest)
+    model = state.check_model(body.model)
+    prompt = chat_prompt(
+        engine.tokenizer,
+        body.messages,
+        add_generation_prompt=body.add_generation_prompt,
+        continue_final_message=body.continue_final_message,
+        add_special_tokens=body.add_special_tokens,
+        chat_template=body.chat_template,
+        chat_template_kwargs=body.chat_template_kwargs,
+    )
+    budget = resolve_max_tokens(len(prompt.token_ids), body.output_limit, engine.max_model_len, "messages")
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    subs = fan_out(request_id, body, [prompt], [budget], body.num_logprobs)
+    head = {"id": request_id, "created": int(time.time()), "model": model}
+
+    async with aclosing(merged_outputs(engine, subs)) as outputs:
+        if body.stream:
+            return await stream_sse(
+                request, outputs, ChatChunks(head, body, subs, state.token_texts), request_id
+            )
+        results = new_choices(subs)
+        async for sub, out in outputs:
+            results[sub.index].add(out)
+
+    choices = [_choice(results[s.index], body, state.token_texts) for s in subs]
+    response = ChatCompletionResponse(**head, choices=choices, usage=usage(results, body.n))
+    return web.Response(text=response.model_dump_json(), content_type="application/json")

@@ -1,0 +1,114 @@
+"""POST /v1/completions: text or token-id prompts, one or a batch, n choices each, streamed or not."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from contextlib import aclosing
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from engine.api.body import parse_body
+from engine.api.generation import ChoiceResult, SubRequest, fan_out, merged_outputs, new_choices, usage
+from engine.api.logprobs import TokenTexts, completion_logprobs
+from engine.api.prompts import completion_prompts, resolve_max_tokens
+from engine.api.protocol import CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse
+from engine.api.state import STATE
+from engine.api.streaming import stream_sse
+from engine.outputs import RequestOutput
+
+
+def _echo_text(sub: SubRequest, body: CompletionRequest, tokenizer: object) -> str:
+    if not body.echo:
+        return ""
+    if sub.prompt.text is not None:
+        return sub.prompt.text
+    return tokenizer.decode(sub.prompt.token_ids)  # type: ignore[attr-defined]
+
+
+class CompletionChunks:
+    """Streaming: one chunk per engine output per choice, then the usage chunk if asked for."""
+
+    def __init__(
+        self,
+        head: dict,
+        body: CompletionRequest,
+        subs: list[SubRequest],
+        texts: TokenTexts,
+        tokenizer: object,
+    ):
+        self.head, self.body, self.texts, self.tokenizer = head, body, texts, tokenizer
+        self.choices = new_choices(subs)
+        self.chars_sent: dict[int, int] = {s.index: 0 for s in subs}
+        self.started: set[int] = set()
+
+    def on_output(self, sub: SubRequest, out: RequestOutput) -> list[BaseModel]:
+        prefix = ""
+        if sub.index not in self.started:  # echo goes out with the choice's first chunk
+            self.started.add(sub.index)
+            prefix = _echo_text(sub, self.body, self.tokenizer)
+        text = prefix + out.new_text
+        logprobs = None
+        if self.body.logprobs is not None and out.new_logprobs:
+            offset = self.chars_sent[sub.index] + len(prefix)
+            logprobs = completion_logprobs(self.texts, out.new_logprobs, self.body.logprobs, offset)
+        self.choices[sub.index].add(out)
+        self.chars_sent[sub.index] += len(text)
+        if not text and logprobs is None and not out.finished:
+            return []  # text held back (e.g. a possible stop string): nothing to say yet
+        choice = CompletionChoice(
+            index=sub.index,
+            text=text,
+            logprobs=logprobs,
+            finish_reason=out.finish_reason if out.finished else None,  # type: ignore[arg-type]
+            stop_reason=out.stop_reason if out.finished else None,
+        )
+        return [CompletionChunk(**self.head, choices=[choice])]
+
+    def final(self) -> list[BaseModel]:
+        if not self.body.include_usage_in_stream:
+            return []
+        return [CompletionChunk(**self.head, choices=[], usage=usage(self.choices, self.body.n))]
+
+
+def _choice(
+    result: ChoiceResult, sub: SubRequest, body: CompletionRequest, texts: TokenTexts, tokenizer: object
+) -> CompletionChoice:
+    prefix = _echo_text(sub, body, tokenizer)
+    logprobs = None
+    if body.logprobs is not None:
+        logprobs = completion_logprobs(texts, result.logprobs, body.logprobs, len(prefix))
+    return CompletionChoice(
+        index=result.index,
+        text=prefix + result.text,
+        logprobs=logprobs,
+        finish_reason=result.finish_reason,  # type: ignore[arg-type]
+        stop_reason=result.stop_reason,
+    )
+
+
+async def create_completion(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    engine = state.engine
+    body = await parse_body(request, CompletionRequest)
+    model = state.check_model(body.model)
+    prompts = completion_prompts(engine.tokenizer, body.prompt, body.add_special_tokens)
+    budgets = [
+        resolve_max_tokens(len(p.token_ids), body.max_tokens, engine.max_model_len, "prompt") for p in prompts
+    ]
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    subs = fan_out(request_id, body, prompts, budgets, body.logprobs)
+    head = {"id": request_id, "created": int(time.time()), "model": model}
+
+    async with aclosing(merged_outputs(engine, subs)) as outputs:
+        if body.stream:
+            chunks = CompletionChunks(head, body, subs, state.token_texts, engine.tokenizer)
+            return await stream_sse(request, outputs, chunks, request_id)
+        results = new_choices(subs)
+        async for sub, out in outputs:
+            results[sub.index].add(out)
+
+    choices = [_choice(results[s.index], s, body, state.token_texts, engine.tokenizer) for s in subs]
+    response = CompletionResponse(**head, choices=choices, usage=usage(results, body.n))
+    return web.Response(text=response.model_dump_json(), content_type="application/json")

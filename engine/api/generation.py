@@ -1,0 +1,148 @@
+"""One API request becomes one engine request per choice (n per prompt); their outputs are merged here.
+
+Leaving the merged stream early (client gone, handler cancelled, error) closes every engine stream,
+which aborts those requests in the engine and frees their KV blocks at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+from engine.api.prompts import Prompt
+from engine.api.protocol import PromptTokensDetails, SamplingFields, UsageInfo
+from engine.api.state import ServingEngine
+from engine.outputs import RequestOutput, TokenLogprob
+from engine.sampling.params import SamplingParams
+
+_INT64_MAX = 2**63 - 1
+
+
+@dataclass
+class SubRequest:
+    index: int  # the choice index in the response
+    request_id: str
+    prompt: Prompt
+    params: SamplingParams
+
+
+@dataclass
+class ChoiceResult:
+    """Everything received so far for one choice."""
+
+    index: int
+    num_prompt_tokens: int
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+    finished: bool = False
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def add(self, out: RequestOutput) -> None:
+        self.text += out.new_text
+        self.logprobs += out.new_logprobs or []
+        self.num_output_tokens = out.num_output_tokens
+        self.num_cached_tokens = out.num_cached_tokens
+        if out.finished:
+            self.finished, self.finish_reason, self.stop_reason = True, out.finish_reason, out.stop_reason
+
+
+def sampling_params(
+    request: SamplingFields, *, max_tokens: int, logprobs: int | None, choice: int
+) -> SamplingParams:
+    seed = request.seed
+    if seed is not None and choice:
+        # n > 1 with a seed: different but reproducible choices.
+        seed = seed + choice if seed + choice <= _INT64_MAX else seed - choice
+    return SamplingParams(
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        top_k=0 if request.top_k is None or request.top_k == -1 else request.top_k,
+        min_p=request.min_p,
+        seed=seed,
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+        repetition_penalty=request.repetition_penalty,
+        max_tokens=max_tokens,
+        # max_tokens may have defaulted to the context left; min_tokens can't exceed it.
+        min_tokens=min(request.min_tokens, max_tokens),
+        stop=list(request.stop or []),
+        stop_token_ids=list(request.stop_token_ids or []),
+        include_stop_str_in_output=request.include_stop_str_in_output,
+        ignore_eos=request.ignore_eos,
+        logprobs=logprobs,
+        skip_special_tokens=request.skip_special_tokens,
+    )
+
+
+def new_choices(subs: list[SubRequest]) -> dict[int, ChoiceResult]:
+    return {s.index: ChoiceResult(s.index, len(s.prompt.token_ids)) for s in subs}
+
+
+def usage(choices: dict[int, ChoiceResult], n: int) -> UsageInfo:
+    # The n choices of one prompt share it: its tokens are counted once (choice indexes p*n .. p*n+n-1).
+    firsts = [c for c in choices.values() if c.index % n == 0]
+    prompt_tokens = sum(c.num_prompt_tokens for c in firsts)
+    completion_tokens = sum(c.num_output_tokens for c in choices.values())
+    return UsageInfo(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(c.num_cached_tokens for c in firsts)),
+    )
+
+
+async def merged_outputs(
+    engine: ServingEngine, subs: list[SubRequest]
+) -> AsyncIterator[tuple[SubRequest, RequestOutput]]:
+    """Outputs of all sub-requests as they arrive. Use inside `aclosing(...)` so an early exit aborts."""
+    if len(subs) == 1:  # the common case needs no tasks
+        sub = subs[0]
+        async with aclosing(engine.generate(sub.request_id, sub.prompt.token_ids, sub.params)) as stream:
+            async for out in stream:
+                yield sub, out
+        return
+
+    queue: asyncio.Queue[tuple[SubRequest, RequestOutput | Exception | None]] = asyncio.Queue()
+
+    async def pump(sub: SubRequest) -> None:
+        try:
+            async with aclosing(engine.generate(sub.request_id, sub.prompt.token_ids, sub.params)) as stream:
+                async for out in stream:
+                    queue.put_nowait((sub, out))
+            queue.put_nowait((sub, None))
+        except Exception as exc:  # handed to the consumer, which raises it
+            queue.put_nowait((sub, exc))
+
+    tasks = [asyncio.create_task(pump(sub)) for sub in subs]
+    try:
+        remaining = len(subs)
+        while remaining:
+            sub, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield sub, item
+    finally:
+        for task in tasks:
+            task.cancel()  # closing each engine stream aborts its request
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def fan_out(
+    base_id: str, request: SamplingFields, prompts: list[Prompt], max_tokens: list[int], logprobs: int | None
+) -> list[SubRequest]:
+    """request.n sub-requests per prompt, ids `<base_id>-<choice index>`; max_tokens is per prompt."""
+    subs = []
+    for p, (prompt, budget) in enumerate(zip(prompts, max_tokens, strict=True)):
+        for i in range(request.n):
+            index = p * request.n + i
+            params = sampling_params(request, max_tokens=budget, logprobs=logprobs, choice=i)
+            subs.append(SubRequest(index, f"{base_id}-{index}", prompt, params))
+    return subs

@@ -1,0 +1,87 @@
+"""`kubellm serve` from model load to exit: start, serve, and on SIGTERM/SIGINT drain gracefully.
+
+Draining: /health turns 503 and new requests are refused, the listening socket closes, requests in
+flight finish (up to shutdown_timeout, then they are cancelled and aborted), the engine loop stops,
+and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from engine.api.server import build_app
+from engine.api.state import STATE
+from engine.config import EngineConfig
+
+log = logging.getLogger("engine.serve")
+
+
+class StartupError(Exception):
+    """The server could not start for a reason the user can fix (bad model, port taken); no traceback."""
+
+
+@dataclass
+class ServeOptions:
+    host: str = "0.0.0.0"
+    port: int = 8000
+    api_key: str | None = None
+    served_model_names: list[str] | None = None
+    shutdown_timeout: float = 30.0  # Kubernetes' default grace period is 30 s
+
+
+def _display_url(host: str, port: int) -> str:
+    shown = "localhost" if host in ("", "0.0.0.0", "::") else host
+    shown = f"[{shown}]" if ":" in shown else shown
+    return f"http://{shown}:{port}/v1"
+
+
+def _stop_on_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        log.info("received %s: draining in-flight requests, then exiting", sig.name)
+        stop.set()
+        # A second signal means "now": fall back to the default (terminate / KeyboardInterrupt).
+        loop.remove_signal_handler(signal.SIGTERM)
+        loop.remove_signal_handler(signal.SIGINT)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+
+async def run_server(config: EngineConfig, options: ServeOptions) -> None:
+    from engine.async_engine import AsyncEngine  # torch comes in here, not at CLI import
+    from engine.model.sources import ModelLoadError
+
+    try:
+        engine = AsyncEngine(config)  # loads the model; the loader logs progress
+    except ModelLoadError as exc:
+        raise StartupError(f"cannot load the model: {exc}") from exc
+    await engine.start()
+    names = options.served_model_names or [engine.served_model_name]
+    app = build_app(engine, api_key=options.api_key, served_model_names=names, model_root=config.model)
+    # handler_cancellation: a client that hangs up mid-request cancels its handler, which aborts the
+    # engine request (streams notice on their next write anyway; this covers non-streaming ones).
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=options.shutdown_timeout)
+    await runner.setup()
+    stop = asyncio.Event()
+    try:
+        try:
+            await web.TCPSite(runner, options.host, options.port).start()
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {options.host}:{options.port}: {exc}") from exc
+        _stop_on_signals(stop)
+        url = _display_url(options.host, options.port)
+        log.info("serving model %r at %s (OpenAI API)", names[0], url)
+        print(f"kubellm: serving {names[0]!r} at {url}", flush=True)
+        await stop.wait()
+        app[STATE].draining = True
+    finally:
+        await runner.cleanup()  # stops listening, waits for handlers in flight
+        await engine.shutdown()
+    log.info("shutdown complete")

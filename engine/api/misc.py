@@ -1,0 +1,98 @@
+"""Everything besides generation: /health, /metrics, /version, /v1/models, /tokenize, /detokenize."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+
+from engine import __version__
+from engine.api.body import read_json, validate
+from engine.api.errors import engine_dead, shutting_down
+from engine.api.prompts import chat_prompt, check_token_ids, encode_text
+from engine.api.protocol import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
+)
+from engine.api.state import STATE
+
+
+def _json(model: BaseModel) -> web.Response:
+    return web.Response(text=model.model_dump_json(), content_type="application/json")
+
+
+async def health(request: web.Request) -> web.Response:
+    # Readiness: 503 while draining on SIGTERM, so Kubernetes stops sending traffic here.
+    state = request.app[STATE]
+    if state.draining:
+        return shutting_down().to_response()
+    if not state.engine.is_healthy():
+        return engine_dead().to_response()
+    return web.Response(status=200)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[STATE].engine.metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def version(request: web.Request) -> web.Response:
+    return web.json_response({"version": __version__})
+
+
+async def list_models(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    cards = [
+        ModelCard(
+            id=name,
+            created=state.created,
+            root=state.model_root or state.model_name,
+            max_model_len=state.engine.max_model_len,
+        )
+        for name in state.model_names
+    ]
+    return _json(ModelList(data=cards))
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    tokenizer = state.engine.tokenizer
+    data = await read_json(request)
+    # vLLM's two shapes: {"prompt": ...} or {"messages": [...]} rendered through the chat template.
+    if isinstance(data, dict) and "messages" in data:
+        chat = validate(TokenizeChatRequest, data)
+        state.check_model(chat.model)
+        ids = chat_prompt(
+            tokenizer,
+            chat.messages,
+            add_generation_prompt=chat.add_generation_prompt,
+            continue_final_message=chat.continue_final_message,
+            add_special_tokens=chat.add_special_tokens,
+            chat_template=chat.chat_template,
+            chat_template_kwargs=chat.chat_template_kwargs,
+        ).token_ids
+        want_strs = chat.return_token_strs
+    else:
+        plain = validate(TokenizeCompletionRequest, data)
+        state.check_model(plain.model)
+        ids = encode_text(tokenizer, plain.prompt, plain.add_special_tokens)
+        want_strs = plain.return_token_strs
+    strs = tokenizer.convert_ids_to_tokens(ids) if want_strs else None
+    return _json(
+        TokenizeResponse(
+            count=len(ids), max_model_len=state.engine.max_model_len, tokens=ids, token_strs=strs
+        )
+    )
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    body = validate(DetokenizeRequest, await read_json(request))
+    state.check_model(body.model)
+    ids = check_token_ids(state.engine.tokenizer, body.tokens, "tokens")
+    return _json(DetokenizeResponse(prompt=state.engine.tokenizer.decode(ids)))

@@ -1,0 +1,60 @@
+"""What every route needs: the engine (by its contract), the served names, and the server's lifecycle."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from engine.api.errors import model_not_found
+from engine.api.logprobs import TokenTexts
+from engine.metrics import EngineMetrics
+from engine.outputs import RequestOutput
+from engine.sampling.params import SamplingParams
+
+
+class ServingEngine(Protocol):
+    """The part of AsyncEngine (engine/async_engine.py) the HTTP layer uses."""
+
+    tokenizer: Any
+    served_model_name: str
+    max_model_len: int
+    metrics: EngineMetrics
+
+    def is_healthy(self) -> bool: ...
+
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+
+@dataclass
+class ServerState:
+    engine: ServingEngine
+    model_names: list[str]  # the first is the name responses carry
+    api_key: str | None = None
+    model_root: str | None = None  # what --model pointed at, shown in /v1/models
+    draining: bool = False  # set on SIGTERM: /health goes 503 and new requests are refused
+    created: int = field(default_factory=lambda: int(time.time()))
+    token_texts: TokenTexts = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.token_texts = TokenTexts(self.engine.tokenizer)
+
+    @property
+    def model_name(self) -> str:
+        return self.model_names[0]
+
+    def check_model(self, requested: str | None) -> str:
+        """The name to echo back in responses; 404 for a model this server doesn't serve."""
+        if requested and requested not in self.model_names:
+            raise model_not_found(requested)
+        return self.model_name
+
+
+STATE = web.AppKey("kubellm_state", ServerState)

@@ -1,0 +1,160 @@
+"""AsyncEngine: the bridge between aiohttp handlers and the engine loop thread.
+
+Contract used by the HTTP layer (engine/api/):
+
+    engine = AsyncEngine(config)            # loads the model (slow); no loop yet
+    await engine.start()                    # starts the engine loop thread
+    engine.tokenizer                        # Hugging Face tokenizer (chat template, encode/decode)
+    engine.served_model_name: str
+    engine.max_model_len: int
+    engine.metrics: EngineMetrics
+    engine.is_healthy() -> bool
+    async for out in engine.generate(request_id, prompt_token_ids, sampling_params):
+        ...                                 # RequestOutput deltas; the last has finished=True
+        # leaving the loop early (client gone, task cancelled) aborts the request and frees its blocks
+    engine.abort(request_id)
+    await engine.shutdown()                 # finish in-flight requests, then stop the loop
+
+generate() raises QueueFullError at once when --max-queue requests are already waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+
+from engine.config import EngineConfig
+from engine.metrics import EngineMetrics
+from engine.outputs import EngineDeadError, QueueFullError, RequestOutput
+from engine.sampling.params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        from engine.llm_engine import LLMEngine
+        from engine.model.loader import load_model
+
+        self.config = config
+        loaded = load_model(config)
+        self.served_model_name = config.served_model_name or loaded.name
+        self.metrics = EngineMetrics(self.served_model_name)
+        self.engine = LLMEngine(config, loaded, self.metrics)
+        self.tokenizer = loaded.tokenizer
+        self.max_model_len = self.engine.max_model_len
+        self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        # Requests submitted but not yet taken in by the loop: each counter has a single writer thread.
+        self._num_submitted = 0
+        self._num_taken = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._dead: BaseException | None = None
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run_loop, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    def is_healthy(self) -> bool:
+        return self._dead is None and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._streams)
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine loop stopped: {self._dead}")
+        if self.engine.num_waiting + self._num_submitted - self._num_taken >= self.config.max_queue:
+            raise QueueFullError(f"the server is busy: {self.config.max_queue} requests are already waiting")
+        stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._streams[request_id] = stream
+        self._num_submitted += 1
+        self._inbox.put(("add", (request_id, prompt_token_ids, params)))
+        finished = False
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:  # client went away or the task was cancelled: free its blocks now
+                self._inbox.put(("abort", request_id))
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """Let in-flight requests finish (up to timeout seconds), then stop the loop."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while self._streams and self.is_healthy() and (deadline is None or loop.time() < deadline):
+            await asyncio.sleep(0.05)
+        self._stopping.set()
+        self._inbox.put(("wake", None))
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
+
+    # --- the engine loop thread --------------------------------------------------------------
+
+    def _run_loop(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                # Block only when idle; otherwise take whatever arrived and step again.
+                self._drain_inbox(block=not self.engine.has_unfinished())
+                if self._stopping.is_set():
+                    break
+                outputs = self.engine.step()
+                if outputs:
+                    self._deliver(outputs)
+        except BaseException as exc:  # a crash must fail every waiting request, not hang them
+            log.exception("engine loop crashed")
+            self._dead = exc
+            err = EngineDeadError(f"the engine loop stopped: {exc!r}")
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._fail_all, err)
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            kind, payload = self._inbox.get(block=block)
+        except queue.Empty:
+            return
+        while True:
+            self._handle(kind, payload)
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, kind: str, payload: object) -> None:
+        if kind == "add":
+            request_id, prompt, params = payload  # type: ignore[misc]
+            self._num_taken += 1
+            self.engine.add_request(request_id, prompt, params)
+        elif kind == "abort":
+            self.engine.abort_request(payload)  # type: ignore[arg-type]
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._dispatch, outputs)
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                stream.put_nowait(out)
+
+    def _fail_all(self, err: BaseException) -> None:
+        for stream in self._streams.values():
+            stream.put_nowait(err)

@@ -1,0 +1,198 @@
+"""The `kubellm` command: `kubellm serve [MODEL] [options]` and `kubellm operator ...`.
+
+Nothing heavy is imported at module level: the operator image runs this CLI without torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+
+from pydantic import ValidationError
+
+from engine import __version__
+from engine.config import EngineConfig
+
+_SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+
+
+def byte_size(text: str) -> int:
+    """`4294967296`, `4G`, `4GiB`, `512MiB` -> bytes (vLLM users write sizes both ways)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]i?)?b?\s*", text.lower())
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4GiB, 512MiB, 1000000)")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2) or ""])
+
+
+def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
+    a = serve.add_argument
+    a("model_arg", nargs="?", metavar="MODEL", help="same as --model (as in `vllm serve MODEL`)")
+    a(
+        "--model",
+        help="local HF directory, GGUF file or hf://org/name[@rev]; default: embedded SmolLM2-135M-Instruct",
+    )
+    a("--host", default="0.0.0.0")
+    a("--port", type=int, default=8000)
+    a(
+        "--served-model-name",
+        nargs="+",
+        metavar="NAME",
+        help="name(s) clients use in `model`; the first is echoed",
+    )
+    a("--tokenizer", help="tokenizer source, if not the model's own")
+    a("--revision")
+    a("--trust-remote-code", action="store_true")
+    a("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
+    a("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    a("--max-model-len", type=int)
+    a("--max-num-seqs", type=int, default=256)
+    a("--max-num-batched-tokens", type=int)
+    a("--block-size", type=int, default=16)
+    a("--gpu-memory-utilization", type=float, default=0.9)
+    a(
+        "--kv-cache-memory",
+        type=byte_size,
+        help="KV cache size (bytes, or 4GiB); overrides utilization sizing",
+    )
+    a("--num-gpu-blocks-override", type=int, help="force the KV cache to this many blocks (testing)")
+    a("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    a("--enforce-eager", action="store_true", help="no CUDA graphs")
+    a("--max-queue", type=int, default=1024, help="waiting requests beyond this are answered 429")
+    a("--seed", type=int, default=0)
+    a(
+        "--api-key",
+        default=os.environ.get("KUBELLM_API_KEY") or os.environ.get("VLLM_API_KEY"),
+        help="require `Authorization: Bearer KEY` (env KUBELLM_API_KEY / VLLM_API_KEY)",
+    )
+    a(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to let in-flight requests finish on SIGTERM",
+    )
+    a(
+        "--log-level",
+        default=os.environ.get("KUBELLM_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+    )
+    a("--log-format", default=os.environ.get("KUBELLM_LOG_FORMAT", "text"), choices=["text", "json"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kubellm", description="LLM serving for Kubernetes.")
+    parser.add_argument("--version", action="version", version=f"kubellm {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{serve,operator}")
+    serve_parser = commands.add_parser("serve", help="serve a model over the OpenAI API")
+    _add_serve_arguments(serve_parser)
+    serve_parser.set_defaults(command_parser=serve_parser)  # so errors show `kubellm serve` usage
+    # Listed for --help only: main() hands everything after `operator` to the operator untouched.
+    commands.add_parser("operator", help="run the Kubernetes operator (kubellm operator --help)", add_help=False)
+    return parser
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log pipelines in the cluster."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler()
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def engine_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> EngineConfig:
+    if args.model and args.model_arg and args.model != args.model_arg:
+        parser.error(f"the model is given twice: {args.model_arg!r} and --model {args.model!r}")
+    try:
+        return EngineConfig(
+            model=args.model or args.model_arg,
+            served_model_name=args.served_model_name[0] if args.served_model_name else None,
+            tokenizer=args.tokenizer,
+            revision=args.revision,
+            dtype=args.dtype,
+            device=args.device,
+            max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            block_size=args.block_size,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            kv_cache_memory=args.kv_cache_memory,
+            num_gpu_blocks_override=args.num_gpu_blocks_override,
+            enable_prefix_caching=args.enable_prefix_caching,
+            enforce_eager=args.enforce_eager,
+            max_queue=args.max_queue,
+            seed=args.seed,
+            trust_remote_code=args.trust_remote_code,
+        )
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors()
+        )
+        parser.error(problems)
+
+
+def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import asyncio
+
+    from engine.api.lifecycle import ServeOptions, StartupError, run_server
+
+    config = engine_config(args, parser)
+    configure_logging(args.log_level, args.log_format)
+    options = ServeOptions(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or None,
+        served_model_names=args.served_model_name,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+    try:
+        asyncio.run(run_server(config, options))
+    except StartupError as exc:  # e.g. the port is taken: one clear line, no traceback
+        logging.getLogger("engine.serve").error("%s", exc)
+        return 1
+    except KeyboardInterrupt:  # a second Ctrl-C while draining
+        return 130
+    return 0
+
+
+def run_operator(operator_args: list[str]) -> int:
+    try:
+        from kubellm_operator.main import main as operator_main
+    except ImportError as exc:
+        print(
+            f"kubellm operator: the operator is not installed here ({exc}); "
+            "install it with: pip install 'kubellm[operator]'",
+            file=sys.stderr,
+        )
+        return 1
+    return operator_main(operator_args) or 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["operator"]:
+        return run_operator(argv[1:])
+    args = build_parser().parse_args(argv)
+    return serve(args, args.command_parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""LLMEngine: the synchronous heart. Owns the model runner, the scheduler and per-request state;
+each `step()` schedules one batch, runs it, and turns sampled tokens into RequestOutput deltas.
+
+It is driven by one thread (AsyncEngine's loop); nothing here is thread-safe by itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.config import EngineConfig
+from engine.core.kv_cache_manager import KVCacheManager
+from engine.core.scheduler import Scheduler, SchedulerOutput
+from engine.core.sequence import Sequence
+from engine.detokenizer import IncrementalDetokenizer
+from engine.metrics import EngineMetrics
+from engine.model.kv_cache_sizing import choose_num_blocks
+from engine.model.loader import LoadedModel
+from engine.model.runner import ModelRunner
+from engine.outputs import RequestOutput, TokenLogprob
+from engine.sampling.params import SamplingParams
+from engine.stop_checker import StopStringChecker, check_token_stop
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestState:
+    seq: Sequence
+    detokenizer: IncrementalDetokenizer
+    stop_strings: StopStringChecker
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    pending_ids: list[int] = field(default_factory=list)  # sampled this step, not yet reported
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel, metrics: EngineMetrics | None = None) -> None:
+        self.config = config
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.max_model_len = loaded.max_model_len
+        self.eos_token_ids: set[int] = set(loaded.eos_token_ids)
+        self.metrics = metrics or EngineMetrics(config.served_model_name or loaded.name)
+        self.runner = ModelRunner(
+            loaded.model, loaded.num_layers, loaded.num_kv_heads, loaded.head_dim,
+            loaded.dtype, loaded.device, config.block_size,
+        )
+        max_batched = config.max_num_batched_tokens or (8192 if loaded.device.type == "cuda" else 2048)
+        num_blocks = choose_num_blocks(config, self.runner, self.max_model_len, max_batched)
+        self.runner.allocate_kv_cache(num_blocks)
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, max_batched)
+        self.requests: dict[str, RequestState] = {}
+        m = self.metrics
+        m.labels(m.kv_cache_blocks_total).set(num_blocks)
+        log.info("KV cache: %d blocks of %d tokens (%.1f MiB), max_num_batched_tokens=%d",
+                 num_blocks, config.block_size, num_blocks * self.runner.bytes_per_block() / 2**20, max_batched)
+        self._update_gauges()
+
+    # --- requests in and out ---------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        seq = Sequence(request_id, prompt_token_ids, params)
+        self.requests[request_id] = RequestState(
+            seq=seq,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens),
+            stop_strings=StopStringChecker(params.stop, params.include_stop_str_in_output),
+        )
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        state = self.requests.get(request_id)
+        if state is None:
+            return None
+        return self._finish(state, "abort", None, "")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+        """Offline batch generation (like vLLM's LLM.generate): every prompt goes in at once and the
+        engine steps until all are done. Returns the output token ids of each prompt, in order."""
+        all_params = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"offline-{id(self)}-{i}" for i in range(len(prompts))]
+        for rid, prompt, p in zip(ids, prompts, all_params, strict=True):
+            self.add_request(rid, prompt, p)
+        tokens: dict[str, list[int]] = {rid: [] for rid in ids}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.request_id in tokens:
+                    tokens[out.request_id].extend(out.new_token_ids)
+        return [tokens[rid] for rid in ids]
+
+    # --- one step ----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        self._record_schedule(sched)
+        if sched.is_empty:
+            self._update_gauges()
+            return []
+        result = self.runner.execute(sched.scheduled, self.eos_token_ids)
+        self.scheduler.update_after_step(sched)
+        now = time.monotonic()
+        outputs: list[RequestOutput] = []
+        for scheduled, token_id, logprob in zip(result.seqs, result.token_ids, result.logprobs, strict=True):
+            state = self.requests[scheduled.seq.request_id]
+            outputs.append(self._accept_token(state, token_id, logprob, now))
+        self.metrics.labels(self.metrics.generation_tokens).inc(len(result.token_ids))
+        self._update_gauges()
+        return outputs
+
+    def _accept_token(self, state: RequestState, token_id: int, logprob: TokenLogprob | None, now: float) -> RequestOutput:
+        seq, params, m = state.seq, state.seq.params, self.metrics
+        seq.append_token(token_id)
+        if state.first_token_time is None:
+            state.first_token_time = now
+            m.labels(m.time_to_first_token).observe(now - seq.arrival_time)
+        else:
+            m.labels(m.inter_token_latency).observe(now - (state.last_token_time or now))
+        state.last_token_time = now
+        state.pending_ids.append(token_id)
+        if logprob is not None:
+            state.pending_logprobs.append(logprob)
+
+        stop = check_token_stop(token_id, seq.num_output_tokens, params, self.eos_token_ids,
+                                seq.num_prompt_tokens, self.max_model_len)
+        detok = state.detokenizer
+        delta = detok.add(token_id) if stop.include_token_text else ""
+        if stop.finished:
+            delta += detok.flush()
+        check = state.stop_strings.check(detok.text, delta, final=stop.finished)
+        if check.stopped:  # a stop string overrides the token-level reason
+            return self._finish(state, "stop", check.stop_reason, check.release_text)
+        if stop.finished:
+            return self._finish(state, stop.finish_reason, stop.stop_reason, check.release_text)
+        return self._output(state, check.release_text, finished=False, finish_reason=None, stop_reason=None)
+
+    def _output(self, state: RequestState, text: str, finished: bool, finish_reason: str | None,
+                stop_reason: int | str | None) -> RequestOutput:
+        seq = state.seq
+        out = RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=state.pending_ids,
+            new_text=text,
+            new_logprobs=state.pending_logprobs if seq.params.logprobs is not None else None,
+            finished=finished,
+            finish_reason=finish_reason,
+            stop_reason=stop_reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=seq.num_output_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+        )
+        state.pending_ids, state.pending_logprobs = [], []
+        return out
+
+    def _finish(self, state: RequestState, reason: str, stop_reason: int | str | None, text: str) -> RequestOutput:
+        seq, m = state.seq, self.metrics
+        self.scheduler.finish(seq)
+        self.runner.release(seq.request_id)
+        del self.requests[seq.request_id]
+        m.request_success.labels(model_name=m.model_name, finished_reason=reason).inc()
+        m.labels(m.e2e_request_latency).observe(time.monotonic() - seq.arrival_time)
+        return self._output(state, text, finished=True, finish_reason=reason, stop_reason=stop_reason)
+
+    # --- metrics -----------------------------------------------------------------------------
+
+    def _record_schedule(self, sched: SchedulerOutput) -> None:
+        m = self.metrics
+        if sched.preempted:
+            m.labels(m.num_preemptions).inc(len(sched.preempted))
+        if sched.num_prefix_query_tokens:
+            m.labels(m.prefix_cache_queries).inc(sched.num_prefix_query_tokens)
+            m.labels(m.prefix_cache_hits).inc(sched.num_prefix_hit_tokens)
+            m.labels(m.prompt_tokens).inc(sched.num_prefix_query_tokens)
+
+    def _update_gauges(self) -> None:
+        m = self.metrics
+        m.labels(m.num_requests_running).set(self.scheduler.num_running)
+        m.labels(m.num_requests_waiting).set(self.scheduler.num_waiting)
+        m.labels(m.kv_cache_usage_perc).set(self.kv.usage)
+        m.labels(m.kv_cache_blocks_free).set(self.kv.num_free_blocks)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

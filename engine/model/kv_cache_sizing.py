@@ -1,0 +1,52 @@
+"""How many KV blocks to allocate: an explicit override, --kv-cache-memory, or (on CUDA) what is left
+of --gpu-memory-utilization after the weights and a forward pass's peak activations."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from engine.config import EngineConfig
+
+if TYPE_CHECKING:
+    from engine.model.runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_BYTES = 1 << 30  # 1 GiB: plenty for a small model on a laptop
+
+
+def choose_num_blocks(config: EngineConfig, runner: ModelRunner, max_model_len: int, max_batched_tokens: int) -> int:
+    per_block = runner.bytes_per_block()
+    if config.num_gpu_blocks_override is not None:
+        num_blocks = config.num_gpu_blocks_override
+    elif config.kv_cache_memory is not None:
+        num_blocks = config.kv_cache_memory // per_block
+    elif runner.device.type == "cuda":
+        num_blocks = _profile_cuda_blocks(config, runner, per_block, max_batched_tokens)
+    else:
+        num_blocks = CPU_DEFAULT_KV_BYTES // per_block
+    min_blocks = -(-max_model_len // config.block_size)
+    if num_blocks < min_blocks:
+        raise ValueError(
+            f"The KV cache holds {num_blocks * config.block_size} tokens ({num_blocks} blocks), fewer than "
+            f"--max-model-len {max_model_len}: give it more memory (--kv-cache-memory / "
+            f"--gpu-memory-utilization) or lower --max-model-len."
+        )
+    return num_blocks
+
+
+def _profile_cuda_blocks(config: EngineConfig, runner: ModelRunner, per_block: int, num_tokens: int) -> int:
+    device = runner.device
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    peak_extra = runner.profile_peak_activation_bytes(num_tokens)
+    free, total = torch.cuda.mem_get_info(device)
+    used_by_others = total - free - torch.cuda.memory_reserved(device)
+    budget = total * config.gpu_memory_utilization - used_by_others - torch.cuda.memory_allocated(device) - peak_extra
+    log.info("GPU memory: total %.1f GiB, weights+buffers %.1f GiB, activation peak %.2f GiB, KV budget %.1f GiB",
+             total / 2**30, torch.cuda.memory_allocated(device) / 2**30, peak_extra / 2**30, budget / 2**30)
+    return max(0, int(budget // per_block))

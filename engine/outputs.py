@@ -1,0 +1,38 @@
+"""What the engine hands back to the HTTP layer, one object per request per step (deltas)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # best first; empty unless asked
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str  # detokenized delta, stop strings already removed / held back
+    new_logprobs: list[TokenLogprob] | None  # one per new token when logprobs were asked for
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None  # the stop token id or stop string that ended it
+    num_prompt_tokens: int
+    num_output_tokens: int  # total so far
+    num_cached_tokens: int  # prompt tokens served from the prefix cache
+
+
+class EngineError(Exception):
+    """Base for errors the HTTP layer maps to OpenAI error JSON."""
+
+
+class QueueFullError(EngineError):
+    """The waiting queue is at --max-queue; the HTTP layer answers 429."""
+
+
+class EngineDeadError(EngineError):
+    """The engine loop crashed; the HTTP layer answers 500/503 and /health fails."""

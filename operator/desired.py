@@ -1,0 +1,294 @@
+"""The children a ModelDeployment should have: a pure function of the resource.
+
+No API calls here, so every field's landing place is unit-tested without a cluster. The reconciler
+server-side-applies what this returns; the owner reference lets Kubernetes garbage-collect it all.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from kubellm_operator import names
+from kubellm_operator.engine_args import engine_invocation
+from kubellm_operator.spec import GPU_PRODUCT_LABEL, ModelDeploymentSpec
+
+Manifest = dict[str, Any]
+
+STARTUP_PROBE_PERIOD_SECONDS = 10
+DSHM_VOLUME = "dshm"
+CACHE_VOLUME = "model-cache"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The ModelDeployment the children belong to."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    def reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": names.API_VERSION,
+            "kind": names.KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+def service_name(owner_name: str, spec: ModelDeploymentSpec) -> str:
+    return spec.service.name or names.default_service_name(owner_name)
+
+
+def desired_children(owner: Owner, spec: ModelDeploymentSpec) -> list[Manifest]:
+    """In apply order: the cache claim exists before pods that mount it."""
+    children: list[Manifest] = []
+    if spec.model_cache.persistent_volume_claim is not None:
+        children.append(cache_claim(owner, spec))
+    children += [deployment(owner, spec), service(owner, spec)]
+    if spec.autoscaling is not None:
+        children.append(autoscaler(owner, spec))
+    if spec.disruption_budget is not None:
+        children.append(disruption_budget(owner, spec))
+    return children
+
+
+def _metadata(owner: Owner, name: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": owner.namespace,
+        "labels": names.child_labels(owner.name),
+        "ownerReferences": [owner.reference()],
+    }
+
+
+def deployment(owner: Owner, spec: ModelDeploymentSpec) -> Manifest:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(owner, owner.name),
+        "spec": {
+            "replicas": spec.replicas,
+            "selector": {"matchLabels": names.selector_labels(owner.name)},
+            # A slow model load must not read as a stalled rollout before the startup probe gives up.
+            "progressDeadlineSeconds": max(600, spec.startup_timeout_seconds + 120),
+            "template": {
+                "metadata": {"labels": names.child_labels(owner.name)},
+                "spec": pod_spec(owner, spec),
+            },
+        },
+    }
+
+
+def pod_spec(owner: Owner, spec: ModelDeploymentSpec) -> dict[str, Any]:
+    pod: dict[str, Any] = {
+        # Service links would inject <NAME>_SERVICE_PORT=tcp://... variables that engines may misread.
+        "enableServiceLinks": False,
+        "containers": [engine_container(spec)],
+        "volumes": volumes(owner, spec),
+    }
+    tolerations = pod_tolerations(spec)
+    if tolerations:
+        pod["tolerations"] = tolerations
+    if spec.node_selector:
+        pod["nodeSelector"] = dict(spec.node_selector)
+    affinity = pod_affinity(spec)
+    if affinity:
+        pod["affinity"] = affinity
+    if spec.priority_class_name:
+        pod["priorityClassName"] = spec.priority_class_name
+    if spec.runtime_class_name:
+        pod["runtimeClassName"] = spec.runtime_class_name
+    return pod
+
+
+def engine_container(spec: ModelDeploymentSpec) -> dict[str, Any]:
+    invocation = engine_invocation(spec)
+    return {
+        "name": names.ENGINE_CONTAINER,
+        "image": spec.engine.image,
+        "imagePullPolicy": spec.engine.image_pull_policy,
+        "command": invocation.command,
+        "args": invocation.args,
+        "env": invocation.env,
+        "ports": [{"name": names.ENGINE_PORT_NAME, "containerPort": names.ENGINE_PORT, "protocol": "TCP"}],
+        "resources": container_resources(spec),
+        "volumeMounts": [
+            {"name": DSHM_VOLUME, "mountPath": "/dev/shm"},
+            {"name": CACHE_VOLUME, "mountPath": spec.model_cache.mount_path},
+        ],
+        **probes(spec),
+    }
+
+
+def container_resources(spec: ModelDeploymentSpec) -> dict[str, Any]:
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if spec.resources.cpu is not None:
+        requests["cpu"] = str(spec.resources.cpu)
+    if spec.resources.memory is not None:
+        # Memory as request and limit: an engine that outgrows its node's share is better killed than swapping.
+        requests["memory"] = limits["memory"] = str(spec.resources.memory)
+    if spec.gpu.count > 0:
+        requests[spec.gpu.resource_name] = limits[spec.gpu.resource_name] = str(spec.gpu.count)
+    resources: dict[str, Any] = {}
+    if requests:
+        resources["requests"] = requests
+    if limits:
+        resources["limits"] = limits
+    return resources
+
+
+def probes(spec: ModelDeploymentSpec) -> dict[str, Any]:
+    def health(period: int, timeout: int, failures: int) -> dict[str, Any]:
+        return {
+            "httpGet": {"path": "/health", "port": names.ENGINE_PORT_NAME},
+            "periodSeconds": period,
+            "timeoutSeconds": timeout,
+            "failureThreshold": failures,
+        }
+
+    # Liveness and readiness only start once the startup probe passed, i.e. once the model loaded.
+    startup_failures = math.ceil(spec.startup_timeout_seconds / STARTUP_PROBE_PERIOD_SECONDS)
+    return {
+        "startupProbe": health(STARTUP_PROBE_PERIOD_SECONDS, 5, startup_failures),
+        "readinessProbe": health(5, 5, 3),
+        "livenessProbe": health(15, 10, 3),
+    }
+
+
+def volumes(owner: Owner, spec: ModelDeploymentSpec) -> list[dict[str, Any]]:
+    shm = {"name": DSHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": str(spec.shm_size)}}
+    return [shm, {"name": CACHE_VOLUME, **cache_volume_source(owner, spec)}]
+
+
+def cache_volume_source(owner: Owner, spec: ModelDeploymentSpec) -> dict[str, Any]:
+    cache = spec.model_cache
+    if cache.persistent_volume_claim is not None:
+        return {"persistentVolumeClaim": {"claimName": names.cache_claim_name(owner.name)}}
+    if cache.existing_claim is not None:
+        return {"persistentVolumeClaim": {"claimName": cache.existing_claim}}
+    empty_dir: dict[str, Any] = {}
+    if cache.empty_dir is not None and cache.empty_dir.size_limit is not None:
+        empty_dir["sizeLimit"] = str(cache.empty_dir.size_limit)
+    return {"emptyDir": empty_dir}
+
+
+def pod_tolerations(spec: ModelDeploymentSpec) -> list[dict[str, Any]]:
+    tolerations = []
+    if spec.gpu.count > 0:
+        # GPU nodes are commonly tainted with the GPU resource's name so only GPU pods land there.
+        tolerations.append({"key": spec.gpu.resource_name, "operator": "Exists", "effect": "NoSchedule"})
+    tolerations += [t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations]
+    return tolerations
+
+
+def pod_affinity(spec: ModelDeploymentSpec) -> dict[str, Any] | None:
+    affinity = copy.deepcopy(spec.affinity) if spec.affinity else None
+    if spec.gpu.product is None or spec.gpu.count == 0:
+        return affinity
+    affinity = affinity or {}
+    requirement = {"key": GPU_PRODUCT_LABEL, "operator": "In", "values": [spec.gpu.product]}
+    required = affinity.setdefault("nodeAffinity", {}).setdefault(
+        "requiredDuringSchedulingIgnoredDuringExecution", {}
+    )
+    terms = required.setdefault("nodeSelectorTerms", [])
+    if not terms:
+        terms.append({})
+    # Node selector terms are ORed, so the GPU type must join every term to hold for all of them.
+    for term in terms:
+        term.setdefault("matchExpressions", []).append(requirement)
+    return affinity
+
+
+def service(owner: Owner, spec: ModelDeploymentSpec) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(owner, service_name(owner.name, spec)),
+        "spec": {
+            "type": spec.service.type,
+            "selector": names.selector_labels(owner.name),
+            "ports": [
+                {
+                    "name": names.ENGINE_PORT_NAME,
+                    "port": spec.service.port,
+                    "targetPort": names.ENGINE_PORT_NAME,
+                    "protocol": "TCP",
+                }
+            ],
+        },
+    }
+
+
+def cache_claim(owner: Owner, spec: ModelDeploymentSpec) -> Manifest:
+    claim = spec.model_cache.persistent_volume_claim
+    assert claim is not None
+    claim_spec: dict[str, Any] = {
+        "accessModes": list(claim.access_modes),
+        "resources": {"requests": {"storage": str(claim.size)}},
+    }
+    if claim.storage_class_name is not None:
+        claim_spec["storageClassName"] = claim.storage_class_name
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _metadata(owner, names.cache_claim_name(owner.name)),
+        "spec": claim_spec,
+    }
+
+
+def autoscaler(owner: Owner, spec: ModelDeploymentSpec) -> Manifest:
+    scaling = spec.autoscaling
+    assert scaling is not None
+    metrics: list[dict[str, Any]] = []
+    cpu_target = scaling.target_cpu_utilization_percentage
+    if cpu_target is None and scaling.pod_metric is None:
+        cpu_target = 80
+    if cpu_target is not None:
+        metrics.append(
+            {
+                "type": "Resource",
+                "resource": {
+                    "name": "cpu",
+                    "target": {"type": "Utilization", "averageUtilization": cpu_target},
+                },
+            }
+        )
+    if scaling.pod_metric is not None:
+        target = {"type": "AverageValue", "averageValue": str(scaling.pod_metric.target_average_value)}
+        metrics.append(
+            {"type": "Pods", "pods": {"metric": {"name": scaling.pod_metric.name}, "target": target}}
+        )
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": _metadata(owner, owner.name),
+        "spec": {
+            # The autoscaler scales the ModelDeployment (its scale subresource), not the Deployment,
+            # so spec.replicas stays the one source of truth the operator applies.
+            "scaleTargetRef": {"apiVersion": names.API_VERSION, "kind": names.KIND, "name": owner.name},
+            "minReplicas": scaling.min_replicas,
+            "maxReplicas": scaling.max_replicas,
+            "metrics": metrics,
+        },
+    }
+
+
+def disruption_budget(owner: Owner, spec: ModelDeploymentSpec) -> Manifest:
+    budget = spec.disruption_budget
+    assert budget is not None
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(owner, owner.name),
+        "spec": {
+            "maxUnavailable": budget.max_unavailable,
+            "selector": {"matchLabels": names.selector_labels(owner.name)},
+        },
+    }

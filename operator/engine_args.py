@@ -1,0 +1,80 @@
+"""How the operator runs the engine: the container's command, args and env for a spec.
+
+This is the operator-to-engine contract; tests/operator/test_engine_contract.py runs the result as
+a real local process, so a flag renamed on either side fails there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kubellm_operator import names
+from kubellm_operator.spec import EMBEDDED_MODEL_NAME, ModelDeploymentSpec, ModelSource
+
+ENGINE_COMMAND = ["kubellm", "serve"]
+API_KEY_ENV = "KUBELLM_API_KEY"  # `kubellm serve` reads its --api-key default from here
+
+
+@dataclass(frozen=True)
+class EngineInvocation:
+    command: list[str]
+    args: list[str]
+    env: list[dict[str, Any]]
+
+
+def served_model_name(model: ModelSource) -> str:
+    """What clients pass as `model`: the explicit name, else what the source says."""
+    if model.served_model_name:
+        return model.served_model_name
+    if model.source is None:
+        return EMBEDDED_MODEL_NAME
+    if model.source.startswith("hf://"):
+        # hf://meta-llama/Llama-3.2-3B-Instruct@main -> meta-llama/Llama-3.2-3B-Instruct
+        return model.source.removeprefix("hf://").split("@", 1)[0]
+    return model.source
+
+
+def engine_invocation(spec: ModelDeploymentSpec) -> EngineInvocation:
+    return EngineInvocation(command=list(ENGINE_COMMAND), args=engine_args(spec), env=engine_env(spec))
+
+
+def engine_args(spec: ModelDeploymentSpec) -> list[str]:
+    engine = spec.engine
+    args = ["--host", "0.0.0.0", "--port", str(names.ENGINE_PORT)]
+    if spec.model.source is not None:  # no --model: the engine serves its embedded model
+        args += ["--model", spec.model.source]
+    args += ["--served-model-name", served_model_name(spec.model)]
+    args += ["--device", "cuda" if spec.gpu.count > 0 else "cpu"]
+    optional: list[tuple[str, object]] = [
+        ("--max-model-len", engine.max_model_len),
+        ("--max-num-seqs", engine.max_num_seqs),
+        ("--max-num-batched-tokens", engine.max_num_batched_tokens),
+        ("--gpu-memory-utilization", engine.gpu_memory_utilization),
+        ("--dtype", engine.dtype),
+    ]
+    args += [part for flag, value in optional if value is not None for part in (flag, str(value))]
+    if engine.enable_prefix_caching is not None:
+        args.append(
+            "--enable-prefix-caching" if engine.enable_prefix_caching else "--no-enable-prefix-caching"
+        )
+    return args + list(engine.extra_args)
+
+
+def engine_env(spec: ModelDeploymentSpec) -> list[dict[str, Any]]:
+    env: dict[str, dict[str, Any]] = {"HF_HOME": {"name": "HF_HOME", "value": spec.model_cache.mount_path}}
+    if spec.model.hf_token_secret is not None:
+        env["HF_TOKEN"] = _from_secret(
+            "HF_TOKEN", spec.model.hf_token_secret.name, spec.model.hf_token_secret.key
+        )
+    if spec.engine.api_key_secret is not None:
+        secret = spec.engine.api_key_secret
+        env[API_KEY_ENV] = _from_secret(API_KEY_ENV, secret.name, secret.key)
+    # The user's variables win by name (a duplicate name would be rejected by server-side apply).
+    for var in spec.engine.env:
+        env[var.name] = var.model_dump(by_alias=True, exclude_none=True)
+    return list(env.values())
+
+
+def _from_secret(env_name: str, secret: str, key: str) -> dict[str, Any]:
+    return {"name": env_name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}

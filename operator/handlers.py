@@ -1,0 +1,111 @@
+"""kopf wiring: *when* to reconcile. What a reconcile does lives in reconcile.py.
+
+- the ModelDeployment is created, changed, or found again after an operator restart -> full reconcile;
+- one of its children changes or disappears (a hand edit, a deletion) -> re-apply (drift repair);
+- one of its pods changes (scheduled, ready, crashing) -> refresh the status.
+
+No finalizers (no deletion handler, no timers): children carry owner references, so Kubernetes
+deletes them with the resource even while the operator is down.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import kopf
+
+from kubellm_operator import names
+from kubellm_operator.kube import ApiError, Kube
+from kubellm_operator.reconcile import Reconciler
+
+log = logging.getLogger(__name__)
+
+CHILD_RESOURCES = [
+    ("apps", "v1", "deployments"),
+    ("", "v1", "services"),
+    ("", "v1", "persistentvolumeclaims"),
+    ("autoscaling", "v2", "horizontalpodautoscalers"),
+    ("policy", "v1", "poddisruptionbudgets"),
+]
+OWNED = {names.MANAGED_BY_LABEL: names.FIELD_MANAGER}
+EVENT_RETRIES = 4  # kopf does not retry event handlers, so transient errors are retried here
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    # Handler progress goes into our own annotations (the CRD's status schema has no room for kopf's).
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=names.GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=names.GROUP, key="last-handled-configuration"
+    )
+    settings.posting.level = logging.WARNING  # Kubernetes Events only for what a person should see
+    # Watch only what we own, filtered by the API server rather than in this process.
+    selector = f"{names.MANAGED_BY_LABEL}={names.FIELD_MANAGER}"
+    for group, version, plural in [*CHILD_RESOURCES, ("", "v1", "pods")]:
+        settings.watching.label_selectors[group, version, plural] = selector
+    if memo.get("reconciler") is None:  # main.run passes one in; `kopf run` does not
+        memo.reconciler = Reconciler(Kube.from_environment())
+
+
+def _retry_delay(retry: int) -> float:
+    return min(300.0, 5.0 * 2**retry)
+
+
+@kopf.on.resume(names.GROUP, names.VERSION, names.PLURAL)
+@kopf.on.create(names.GROUP, names.VERSION, names.PLURAL)
+@kopf.on.update(names.GROUP, names.VERSION, names.PLURAL)
+def model_deployment_changed(namespace: str, name: str, memo: kopf.Memo, retry: int, **_: Any) -> None:
+    try:
+        status = memo.reconciler.reconcile(namespace, name)
+    except ApiError as error:
+        if error.transient:
+            raise kopf.TemporaryError(str(error), delay=_retry_delay(retry)) from error
+        raise kopf.PermanentError(str(error)) from error
+    if status is None:
+        return
+    degraded = next(c for c in status.conditions if c.type == "Degraded")
+    if degraded.reason == "ChildConflict":
+        # Someone else's object may go away; look again later rather than never.
+        raise kopf.TemporaryError(degraded.message, delay=_retry_delay(retry))
+    if status.phase == "Failed":
+        raise kopf.PermanentError(degraded.message)  # shown as an Event; fixed by changing the spec
+
+
+def _owner_of(labels: dict[str, str]) -> str | None:
+    return labels.get(names.INSTANCE_LABEL)
+
+
+def _with_retries(action: Callable[[], object]) -> None:
+    for attempt in range(EVENT_RETRIES):
+        try:
+            action()
+            return
+        except ApiError as error:
+            if not error.transient or attempt == EVENT_RETRIES - 1:
+                log.warning("giving up after %d attempts: %s", attempt + 1, error)
+                return
+            time.sleep(2**attempt)
+
+
+def child_changed(
+    type: str | None, namespace: str, labels: dict[str, str], memo: kopf.Memo, **_: Any
+) -> None:
+    owner = _owner_of(labels)
+    if type is None or owner is None:
+        return  # the initial listing: resume handlers already reconcile every resource
+    _with_retries(lambda: memo.reconciler.reconcile(namespace, owner, prune=False))
+
+
+for _group, _version, _plural in CHILD_RESOURCES:
+    kopf.on.event(_group, _version, _plural, labels=OWNED, id=f"child-{_plural}")(child_changed)
+
+
+@kopf.on.event("", "v1", "pods", labels=OWNED)
+def pod_changed(type: str | None, namespace: str, labels: dict[str, str], memo: kopf.Memo, **_: Any) -> None:
+    owner = _owner_of(labels)
+    if type is None or owner is None:
+        return
+    _with_retries(lambda: memo.reconciler.refresh_status(namespace, owner))

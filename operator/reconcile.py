@@ -1,0 +1,181 @@
+"""One reconcile of one ModelDeployment: read it, apply its children, prune strays, write status.
+
+Independent of kopf (handlers.py only decides *when* to call it), so the same code runs from a
+create, an update, an operator restart, or a child that changed under us. Every step is
+idempotent: applying unchanged children and writing an unchanged status touch nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from kubellm_operator import names
+from kubellm_operator.desired import Manifest, Owner, desired_children
+from kubellm_operator.kube import ApiError, Kube
+from kubellm_operator.spec import ModelDeploymentSpec, ModelDeploymentStatus
+from kubellm_operator.status import Observed, Problem, compute_status
+
+log = logging.getLogger(__name__)
+
+# Every kind the operator may create, for pruning children the spec no longer asks for.
+CHILD_KINDS = [
+    ("v1", "PersistentVolumeClaim"),
+    ("apps/v1", "Deployment"),
+    ("v1", "Service"),
+    ("autoscaling/v2", "HorizontalPodAutoscaler"),
+    ("policy/v1", "PodDisruptionBudget"),
+]
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_spec(resource: dict[str, Any]) -> tuple[ModelDeploymentSpec | None, Problem | None]:
+    """The schema should have caught everything; if not, say what is wrong instead of crashing."""
+    try:
+        return ModelDeploymentSpec.model_validate(resource.get("spec") or {}), None
+    except ValidationError as error:
+        details = "; ".join(
+            f"spec.{'.'.join(str(part) for part in e['loc'])}: {e['msg']}" for e in error.errors()
+        )
+        return None, Problem("InvalidSpec", details)
+
+
+def controlled_by(obj: dict[str, Any], uid: str) -> bool:
+    refs = obj.get("metadata", {}).get("ownerReferences", [])
+    return any(ref.get("controller") and ref.get("uid") == uid for ref in refs)
+
+
+class Reconciler:
+    def __init__(self, kube: Kube, clock: Callable[[], str] = utc_now) -> None:
+        self.kube = kube
+        self.clock = clock
+        # kopf runs handlers for one resource and for its children concurrently; one at a time per resource.
+        self._locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
+        self._locks_guard = threading.Lock()
+
+    def _lock(self, namespace: str, name: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks[namespace, name]
+
+    def reconcile(self, namespace: str, name: str, *, prune: bool = True) -> ModelDeploymentStatus | None:
+        """Make the children match the spec, then report. None if the resource is gone or going."""
+        with self._lock(namespace, name):
+            resource = self._live_resource(namespace, name)
+            if resource is None:
+                return None
+            owner = Owner(name, namespace, resource["metadata"]["uid"])
+            spec, problem = parse_spec(resource)
+            deployment = None
+            if spec is not None:
+                problem, deployment = self._apply_children(owner, spec, prune)
+            return self._write_status(resource, spec, problem, deployment)
+
+    def refresh_status(self, namespace: str, name: str) -> ModelDeploymentStatus | None:
+        """Only observe and report (a pod changed; the children are as applied)."""
+        with self._lock(namespace, name):
+            resource = self._live_resource(namespace, name)
+            if resource is None:
+                return None
+            spec, problem = parse_spec(resource)
+            previous_problem = _recorded_problem(resource)
+            deployment = self.kube.get("apps/v1", "Deployment", namespace, name) if spec is not None else None
+            return self._write_status(resource, spec, problem or previous_problem, deployment)
+
+    def _live_resource(self, namespace: str, name: str) -> dict[str, Any] | None:
+        resource = self.kube.get(names.API_VERSION, names.KIND, namespace, name)
+        if resource is None or resource["metadata"].get("deletionTimestamp"):
+            return None  # garbage collection removes the children; re-creating them would fight it
+        return resource
+
+    def _apply_children(
+        self, owner: Owner, spec: ModelDeploymentSpec, prune: bool
+    ) -> tuple[Problem | None, dict[str, Any] | None]:
+        desired = desired_children(owner, spec)
+        deployment = None
+        for manifest in desired:
+            applied = self._apply_child(owner, manifest)
+            if isinstance(applied, Problem):
+                return applied, None
+            if manifest["kind"] == "Deployment":
+                deployment = applied  # the apply response carries the Deployment's status
+        if prune:
+            self._prune(owner, desired)
+        return None, deployment
+
+    def _apply_child(self, owner: Owner, manifest: Manifest) -> dict[str, Any] | Problem:
+        kind, name = manifest["kind"], manifest["metadata"]["name"]
+        existing = self.kube.get(manifest["apiVersion"], kind, owner.namespace, name)
+        if existing is not None and not controlled_by(existing, owner.uid):
+            # Applying would take over (and later garbage-collect) someone else's object.
+            return Problem(
+                "ChildConflict",
+                f"{kind} {name} already exists and is not managed by this ModelDeployment; "
+                "delete it or choose another name",
+            )
+        try:
+            return self.kube.apply(manifest)
+        except ApiError as error:
+            if error.transient:
+                raise
+            # The API server refused what the spec asked for (e.g. a malformed affinity).
+            return Problem("InvalidSpec", f"the API server refused {kind} {name}: {error.message}")
+
+    def _prune(self, owner: Owner, desired: list[Manifest]) -> None:
+        wanted = {(m["kind"], m["metadata"]["name"]) for m in desired}
+        selector = f"{names.INSTANCE_LABEL}={owner.name},{names.MANAGED_BY_LABEL}={names.FIELD_MANAGER}"
+        for api_version, kind in CHILD_KINDS:
+            for obj in self.kube.list(api_version, kind, owner.namespace, selector):
+                name = obj["metadata"]["name"]
+                if (kind, name) not in wanted and controlled_by(obj, owner.uid):
+                    log.info("deleting %s %s/%s: no longer in the spec", kind, owner.namespace, name)
+                    self.kube.delete(api_version, kind, owner.namespace, name)
+
+    def _write_status(
+        self,
+        resource: dict[str, Any],
+        spec: ModelDeploymentSpec | None,
+        problem: Problem | None,
+        deployment: dict[str, Any] | None,
+    ) -> ModelDeploymentStatus:
+        meta = resource["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        pods = []
+        if deployment is not None:
+            pods = self.kube.list("v1", "Pod", namespace, names.selector_string(name))
+        current = resource.get("status") or {}
+        observed = Observed(
+            name=name,
+            namespace=namespace,
+            generation=meta.get("generation", 0),
+            spec=spec,
+            deployment=deployment,
+            pods=pods,
+            problem=problem,
+            previous_conditions=current.get("conditions", []),
+        )
+        status = compute_status(observed, self.clock())
+        body = status.model_dump(by_alias=True, exclude_none=True, mode="json")
+        if body != current:  # an identical write would still cost a request
+            self.kube.patch_status(namespace, name, body)
+        return status
+
+
+def _recorded_problem(resource: dict[str, Any]) -> Problem | None:
+    """A spec problem found by the last full reconcile, still current for this generation."""
+    status = resource.get("status") or {}
+    if (
+        status.get("observedGeneration") != resource["metadata"].get("generation")
+        or status.get("phase") != "Failed"
+    ):
+        return None
+    degraded = next((c for c in status.get("conditions", []) if c.get("type") == "Degraded"), {})
+    return Problem(degraded.get("reason", "InvalidSpec"), degraded.get("message", ""))

@@ -1,0 +1,192 @@
+"""LocalCluster: etcd, kube-apiserver, kube-controller-manager, kube-scheduler and KWOK on 127.0.0.1,
+with fake GPU nodes registered, an admin kubeconfig written, and a kubectl helper.
+
+    cluster = LocalCluster.in_temp_dir()
+    cluster.start()            # builds the binaries first if they are not cached
+    cluster.kubectl("get", "nodes")
+    cluster.stop()             # kills every process group and removes the work dir
+"""
+
+import json
+import os
+import shutil
+import ssl
+import subprocess
+import tempfile
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from tests.cluster import components
+from tests.cluster.api import ApiClient, ApiError
+from tests.cluster.binaries import ClusterBinaries
+from tests.cluster.components import ClusterLayout, ClusterPorts
+from tests.cluster.fake_gpu_nodes import FakeGpuNode, default_gpu_nodes
+from tests.cluster.kubeconfig import write_admin_kubeconfig
+from tests.cluster.pki import generate_pki
+from tests.cluster.ports import free_loopback_ports
+from tests.cluster.processes import ManagedProcess
+from tests.cluster.waiting import wait_until
+
+NOT_READY_TAINT = "node.kubernetes.io/not-ready"
+
+
+class ClusterStartError(RuntimeError):
+    pass
+
+
+class KubectlError(RuntimeError):
+    def __init__(self, args: tuple[str, ...], returncode: int, stderr: str) -> None:
+        super().__init__(f"kubectl {' '.join(args)} exited {returncode}: {stderr.strip()}")
+        self.returncode = returncode
+        self.stderr = stderr
+
+
+class LocalCluster:
+    def __init__(
+        self,
+        workdir: Path,
+        binaries: ClusterBinaries | None = None,
+        nodes: list[FakeGpuNode] | None = None,
+        die_with_parent: bool = True,
+    ) -> None:
+        self.workdir = workdir
+        self.binaries = binaries or ClusterBinaries.default()
+        self.nodes: list[FakeGpuNode] = default_gpu_nodes() if nodes is None else nodes
+        # True for test sessions (the kernel kills the cluster if pytest dies); False for `up` from a shell.
+        self.die_with_parent = die_with_parent
+        self.kubeconfig: Path = workdir / "kubeconfig"
+        self.layout: ClusterLayout | None = None
+        self.processes: list[ManagedProcess] = []
+
+    @classmethod
+    def in_temp_dir(cls, **kwargs: Any) -> "LocalCluster":
+        return cls(Path(tempfile.mkdtemp(prefix="kubellm-cluster-")), **kwargs)
+
+    @property
+    def bin_dir(self) -> Path:
+        return self.binaries.bin_dir
+
+    @property
+    def api_server(self) -> str:
+        assert self.layout is not None, "cluster not started"
+        return self.layout.api_server
+
+    @property
+    def env(self) -> dict[str, str]:
+        """os.environ plus KUBECONFIG and PATH (kubectl, helm): hand it to any subprocess that talks to the cluster."""
+        return {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "PATH": f"{self.bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+            # Discovery cache per cluster: another cluster on a reused port must not answer from it.
+            "KUBECACHEDIR": str(self.workdir / "kube-cache"),
+        }
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True, timeout_s: float = 60) -> str:
+        """Runs kubectl against this cluster and returns its stdout; raises KubectlError (with stderr) on failure."""
+        result = subprocess.run(
+            [str(self.binaries.path("kubectl")), *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=timeout_s,
+        )
+        if check and result.returncode != 0:
+            raise KubectlError(args, result.returncode, result.stderr)
+        return result.stdout
+
+    def kubectl_json(self, *args: str, timeout_s: float = 60) -> Any:
+        return json.loads(self.kubectl(*args, "-o", "json", timeout_s=timeout_s))
+
+    def start(self, timeout_s: float = 180) -> None:
+        self.binaries.ensure_built()
+        try:
+            self._start(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout_s: float) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        pki = generate_pki(self.workdir / "pki", components.KUBERNETES_SERVICE_IP)
+        ports = ClusterPorts(*free_loopback_ports(5))
+        layout = ClusterLayout(self.workdir, self.binaries, ports, pki, self.kubeconfig)
+        self.layout = layout
+        write_admin_kubeconfig(self.kubeconfig, layout.api_server, pki)
+        api = ApiClient(layout.api_server, pki)
+
+        self._launch("etcd", components.etcd(layout))
+        self._launch("kube-apiserver", components.kube_apiserver(layout))
+        self._wait(lambda: api.get_text("/readyz") == "ok", "kube-apiserver /readyz", timeout_s)
+
+        self._launch("kube-controller-manager", components.kube_controller_manager(layout))
+        self._launch("kube-scheduler", components.kube_scheduler(layout))
+        self._launch("kwok", components.kwok(layout))
+        for node in self.nodes:
+            api.create("/api/v1/nodes", node.manifest())
+
+        self._wait(lambda: _healthz_ok(ports.scheduler), "kube-scheduler /healthz", timeout_s)
+        self._wait(
+            lambda: self._nodes_ready(api), "fake nodes Ready and untainted by node lifecycle", timeout_s
+        )
+        # The controller-manager is working once it has given the default namespace its service account,
+        # which pods (and so every test) need before they can be created.
+        self._wait(
+            lambda: api.get("/api/v1/namespaces/default/serviceaccounts/default"),
+            "default service account",
+            timeout_s,
+        )
+
+    def _launch(self, name: str, argv: list[str]) -> None:
+        process = ManagedProcess(name, argv, self.workdir / f"{name}.log")
+        process.start(self.die_with_parent)
+        self.processes.append(process)
+
+    def _wait(self, check: Any, what: str, timeout_s: float) -> None:
+        def alive_then_check() -> Any:
+            for process in self.processes:
+                code = process.exit_code()
+                if code is not None:
+                    raise ClusterStartError(
+                        f"{process.name} exited with {code} while waiting for {what}; "
+                        f"last lines of {process.log_path}:\n{process.log_tail()}"
+                    )
+            return check()
+
+        wait_until(alive_then_check, what, timeout_s, ignore=(ApiError, OSError))
+
+    def _nodes_ready(self, api: ApiClient) -> bool:
+        by_name = {node["metadata"]["name"]: node for node in api.get("/api/v1/nodes")["items"]}
+        for wanted in self.nodes:
+            node = by_name.get(wanted.name)
+            if node is None:
+                return False
+            conditions = {c["type"]: c["status"] for c in node.get("status", {}).get("conditions", [])}
+            taints = {t["key"] for t in node.get("spec", {}).get("taints", [])}
+            if conditions.get("Ready") != "True" or NOT_READY_TAINT in taints:
+                return False
+        return True
+
+    def stop(self, remove_workdir: bool = True) -> None:
+        """Stops the processes, newest first (KWOK ... etcd), and removes the work dir with its logs."""
+        for process in reversed(self.processes):
+            process.stop()
+        self.processes.clear()
+        if remove_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> "LocalCluster":
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def _healthz_ok(port: int) -> bool:
+    # The component serves /healthz with a self-signed cert to anyone: nothing to verify on loopback.
+    insecure = ssl._create_unverified_context()
+    with urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz", context=insecure, timeout=5) as response:
+        return response.read() == b"ok"

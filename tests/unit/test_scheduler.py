@@ -1,0 +1,165 @@
+"""Scheduler and KV cache decisions, driven without a model: each step appends a fake token to every
+sequence whose prompt is complete, exactly as the engine does with sampled tokens."""
+
+from __future__ import annotations
+
+import random
+
+from engine.core.kv_cache_manager import KVCacheManager
+from engine.core.scheduler import Scheduler, SchedulerOutput
+from engine.core.sequence import Sequence, SequenceStatus
+from engine.sampling.params import SamplingParams
+
+
+def make_seq(rid: str, n_prompt: int, max_tokens: int = 4, start: int = 0) -> Sequence:
+    return Sequence(rid, list(range(start, start + n_prompt)), SamplingParams(max_tokens=max_tokens))
+
+
+def run_step(sched: Scheduler) -> SchedulerOutput:
+    out = sched.schedule()
+    sched.update_after_step(out)
+    for s in out.scheduled:
+        seq = s.seq
+        if seq.num_computed_tokens == seq.num_tokens:  # prompt done: "sample" a token
+            seq.append_token(7)
+            if seq.num_output_tokens >= seq.params.max_tokens:
+                sched.finish(seq)
+    return out
+
+
+def drain(sched: Scheduler, max_steps: int = 10_000) -> list[SchedulerOutput]:
+    outs = []
+    while sched.has_unfinished():
+        outs.append(run_step(sched))
+        assert len(outs) < max_steps, "scheduler made no progress"
+    return outs
+
+
+def test_new_requests_join_the_running_batch():
+    sched = Scheduler(KVCacheManager(100, 4), max_num_seqs=8, max_num_batched_tokens=64)
+    a = make_seq("a", 5, max_tokens=10)
+    sched.add(a)
+    run_step(sched)
+    b = make_seq("b", 3, max_tokens=10)
+    sched.add(b)
+    out = run_step(sched)
+    assert [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled] == [("a", 1), ("b", 3)]
+
+
+def test_chunked_prefill_respects_the_token_budget():
+    sched = Scheduler(KVCacheManager(100, 4), max_num_seqs=8, max_num_batched_tokens=32)
+    seq = make_seq("long", 100, max_tokens=2)
+    sched.add(seq)
+    chunks = [o.scheduled[0].num_new_tokens for o in drain(sched)]
+    assert chunks == [32, 32, 32, 4, 1]
+    assert sched.kv.num_free_blocks == 100
+
+
+def test_decodes_go_first_and_share_the_budget_with_prefill_chunks():
+    sched = Scheduler(KVCacheManager(100, 4), max_num_seqs=8, max_num_batched_tokens=16)
+    first = make_seq("first", 4, max_tokens=20)
+    sched.add(first)
+    run_step(sched)
+    second = make_seq("second", 40, max_tokens=2, start=100)
+    sched.add(second)
+    out = run_step(sched)
+    assert [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled] == [("first", 1), ("second", 15)]
+    assert out.num_tokens == 16
+
+
+def test_max_num_seqs_and_fifo_admission():
+    sched = Scheduler(KVCacheManager(100, 4), max_num_seqs=2, max_num_batched_tokens=64)
+    for i in range(4):
+        sched.add(make_seq(f"r{i}", 3, max_tokens=3, start=10 * i))
+    out = run_step(sched)
+    assert [s.seq.request_id for s in out.scheduled] == ["r0", "r1"]
+    finished_order = []
+    while sched.has_unfinished():
+        before = {s.request_id for s in sched.running}
+        run_step(sched)
+        finished_order += sorted(before - {s.request_id for s in sched.running})
+        assert sched.num_running <= 2
+    assert finished_order == ["r0", "r1", "r2", "r3"]
+
+
+def test_preemption_frees_the_newest_and_everything_finishes_with_all_blocks_back():
+    kv = KVCacheManager(num_blocks=6, block_size=4)  # 24 token slots for 3 sequences of up to 12
+    sched = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=64)
+    seqs = [make_seq(f"s{i}", 6, max_tokens=6, start=10 * i) for i in range(3)]
+    for s in seqs:
+        sched.add(s)
+    outs = drain(sched)
+    preempted = [p.request_id for o in outs for p in o.preempted]
+    assert preempted, "a pool this small must preempt"
+    assert "s0" not in preempted  # the oldest keeps running
+    assert all(s.status is SequenceStatus.FINISHED and s.num_output_tokens == 6 for s in seqs)
+    assert kv.num_free_blocks == 6 and all(r == 0 for r in kv.pool.ref_counts)
+
+
+def test_prefix_cache_reuses_blocks_of_a_shared_prompt():
+    kv = KVCacheManager(num_blocks=50, block_size=4)
+    sched = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=64)
+    system = list(range(100, 112))  # 3 full blocks
+    a = Sequence("a", system + [1, 2], SamplingParams(max_tokens=2))
+    sched.add(a)
+    drain(sched)
+    b = Sequence("b", system + [3, 4, 5], SamplingParams(max_tokens=2))
+    sched.add(b)
+    out = run_step(sched)
+    assert out.num_prefix_hit_tokens == 12 and b.num_cached_tokens == 12
+    assert out.scheduled[0].num_new_tokens == 3  # only the new suffix is computed
+    drain(sched)
+    assert kv.num_free_blocks == 50
+
+
+def test_prefix_cache_never_serves_the_whole_prompt():
+    kv = KVCacheManager(num_blocks=50, block_size=4)
+    sched = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=64)
+    prompt = list(range(8))  # exactly 2 blocks
+    sched.add(Sequence("a", prompt, SamplingParams(max_tokens=1)))
+    drain(sched)
+    b = Sequence("b", prompt, SamplingParams(max_tokens=1))
+    sched.add(b)
+    out = run_step(sched)
+    assert out.scheduled[0].num_new_tokens >= 1
+    assert b.num_cached_tokens == 4  # the last block is recomputed so the last position yields logits
+
+
+def test_prefix_caching_off_shares_nothing():
+    kv = KVCacheManager(num_blocks=50, block_size=4, enable_prefix_caching=False)
+    sched = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=64)
+    for rid in "ab":
+        sched.add(Sequence(rid, list(range(12)), SamplingParams(max_tokens=1)))
+        outs = drain(sched)
+        assert outs[0].num_prefix_hit_tokens == 0
+
+
+def test_abort_of_waiting_and_running_sequences_frees_blocks():
+    kv = KVCacheManager(num_blocks=20, block_size=4)
+    sched = Scheduler(kv, max_num_seqs=1, max_num_batched_tokens=64)
+    running, waiting = make_seq("run", 9, max_tokens=50), make_seq("wait", 9, max_tokens=50, start=50)
+    sched.add(running)
+    sched.add(waiting)
+    run_step(sched)
+    assert running.block_table and not waiting.block_table
+    sched.finish(running)
+    sched.finish(waiting)
+    assert not sched.has_unfinished() and kv.num_free_blocks == 20
+
+
+def test_random_workloads_never_leak_blocks_or_stall():
+    rng = random.Random(0)
+    for trial in range(30):
+        kv = KVCacheManager(num_blocks=rng.randint(8, 40), block_size=rng.choice([1, 2, 4, 8]))
+        sched = Scheduler(kv, max_num_seqs=rng.randint(1, 8), max_num_batched_tokens=rng.randint(8, 64))
+        capacity = kv.pool.num_blocks * kv.block_size
+        seqs = []
+        for i in range(rng.randint(1, 12)):
+            n_prompt = rng.randint(1, max(1, capacity // 2))
+            seq = Sequence(f"t{trial}-{i}", [rng.randint(0, 3) for _ in range(n_prompt)],
+                           SamplingParams(max_tokens=rng.randint(1, max(1, capacity - n_prompt))))
+            seqs.append(seq)
+            sched.add(seq)
+        drain(sched)
+        assert all(s.num_output_tokens == s.params.max_tokens for s in seqs)
+        assert kv.num_free_blocks == kv.pool.num_blocks
