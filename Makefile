@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # on sys.path (as `python -m`/`-c` put it there); safe-path mode keeps it off.
 export PYTHONSAFEPATH := 1
 
-.PHONY: venv serve test lint unit bench-cpu cluster-up cluster-down cluster-build clean
+.PHONY: venv serve test lint unit bench-cpu cluster-up cluster-down cluster-build clean manifests
 
 # Reinstall only when pyproject.toml changes; the pip cache keeps warm runs fast.
 $(STAMP): pyproject.toml
@@ -39,6 +39,12 @@ test: $(STAMP) cluster-build
 # minutes; warm: seconds); `make test` builds it up front so no test spends its timeout compiling Kubernetes.
 # The CLI appends the repo root to sys.path (rather than prepending it) so operator/ never shadows the stdlib.
 CLUSTER_CLI := $(BIN)/python -c 'import sys; sys.path.append("."); from tests.cluster.__main__ import main; main()'
+
+# The plain manifests and the CRD reference are generated (chart -> manifests/, CRD -> docs/); tests fail on drift.
+manifests: $(STAMP)
+	$(BIN)/python -m kubellm_operator.crd > manifests/crd.yaml
+	$(BIN)/python charts/hack/render_manifests.py
+	$(BIN)/python charts/hack/gen_crd_reference.py
 
 cluster-build: $(STAMP)
 	@bash tests/cluster/build.sh >/dev/null

@@ -90,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_arguments(serve_parser)
     serve_parser.set_defaults(command_parser=serve_parser)  # so errors show `kubellm serve` usage
     # Listed for --help only: main() hands everything after `operator` to the operator untouched.
-    commands.add_parser("operator", help="run the Kubernetes operator (kubellm operator --help)", add_help=False)
+    commands.add_parser(
+        "operator", help="run the Kubernetes operator (kubellm operator --help)", add_help=False
+    )
     return parser
 
 

@@ -219,8 +219,7 @@ class AutoscalingSpec(SpecModel):
             "x-kubernetes-validations": [
                 {
                     "rule": "self.minReplicas <= self.maxReplicas",
-                    "messageExpression": "'autoscaling.minReplicas (' + string(self.minReplicas) + "
-                    "') must be <= autoscaling.maxReplicas (' + string(self.maxReplicas) + ')'",
+                    "message": "autoscaling.minReplicas must be <= autoscaling.maxReplicas",
                     "reason": "FieldValueInvalid",
                 }
             ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -62,7 +63,9 @@ def plain_manifest(name: str) -> str:
 def generated_crd() -> str:
     """The operator's CRD generator output: the single source of the ModelDeployment schema."""
     command = [sys.executable, "-m", "kubellm_operator.crd"]
-    return subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO).stdout
+    # Safe-path mode: the repository's operator/ folder must not shadow the standard library's `operator`.
+    env = {**os.environ, "PYTHONSAFEPATH": "1"}
+    return subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO, env=env).stdout
 
 
 def expected_files() -> dict[Path, str]:

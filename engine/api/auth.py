@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -16,7 +17,7 @@ def _unauthorized(message: str) -> APIError:
     return APIError(401, message, type="invalid_request_error", code="invalid_api_key")
 
 
-def auth_middleware(api_key: str) -> web.middleware:  # type: ignore[valid-type]
+def auth_middleware(api_key: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
     expected = api_key.encode()
 
     @web.middleware

@@ -111,9 +111,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         kind = "invalid_request_error" if exc.status < 500 else "server_error"
         message = f"{exc.reason}: {request.method} {request.path}"
         return error_response(exc.status, ErrorInfo(message=message, type=kind, code=exc.status))
-    except ValidationError as exc:
-        return from_validation_error(exc).to_response()
-    except Exception as exc:
+    except Exception as exc:  # bodies are validated explicitly; anything else here is our bug or the engine's
         mapped = from_engine_error(exc)
         if mapped is not None:
             return mapped.to_response()

@@ -69,35 +69,46 @@ def gather_context(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: i
 
 
 class TorchAttention:
-    """Reference backend: gathers each sequence's context from the paged cache and runs SDPA."""
+    """Reference backend: reads each sequence's context from the paged cache and runs plain torch.
+
+    Decodes are done together (one padded gather and two batched matmuls per layer), prefills one
+    sequence at a time with SDPA and a causal mask offset by the cached prefix.
+    """
 
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         write_kv_cache(k, v, kv_cache, meta.slot_mapping)
-        num_heads, num_kv_heads = q.shape[1], kv_cache.shape[3]
-        group = num_heads // num_kv_heads
         out = torch.empty_like(q)
-        start = 0
-        for i, (q_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu, strict=True)):
+        nd = meta.num_decodes
+        if nd:
+            out[:nd] = self._decode(q[:nd], kv_cache, meta.block_tables[:nd], meta.seq_lens_cpu[:nd], scale)
+        start = nd
+        for i in range(nd, meta.num_seqs):
+            q_len, seq_len = meta.query_lens_cpu[i], meta.seq_lens_cpu[i]
             kc, vc = gather_context(kv_cache, meta.block_tables[i], seq_len)
             qs = q[start : start + q_len].transpose(0, 1)  # [H, q_len, D]
-            kc = kc.to(q.dtype).transpose(0, 1).repeat_interleave(group, dim=0)  # [H, seq_len, D]
-            vc = vc.to(q.dtype).transpose(0, 1).repeat_interleave(group, dim=0)
-            if q_len == 1:
-                o = F.scaled_dot_product_attention(qs, kc, vc, scale=scale)
-            else:
-                # query token j sits at absolute position seq_len - q_len + j
-                pos_q = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
-                mask = torch.arange(seq_len, device=q.device)[None, :] <= pos_q
-                o = F.scaled_dot_product_attention(qs, kc, vc, attn_mask=mask, scale=scale)
+            kc, vc = kc.to(q.dtype).transpose(0, 1), vc.to(q.dtype).transpose(0, 1)  # [KVH, seq_len, D]
+            # query token j sits at absolute position seq_len - q_len + j
+            pos_q = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
+            mask = torch.arange(seq_len, device=q.device)[None, :] <= pos_q
+            o = F.scaled_dot_product_attention(qs, kc, vc, attn_mask=mask, scale=scale, enable_gqa=True)
             out[start : start + q_len] = o.transpose(0, 1)
             start += q_len
         return out
 
+    @staticmethod
+    def _decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: list[int],
+                scale: float) -> torch.Tensor:
+        b, num_heads, d = q.shape
+        block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+        max_len = max(seq_lens)
+        tables = block_tables[:, : -(-max_len // block_size)].long()
+        keys = kv_cache[0][tables].flatten(1, 2)[:, :max_len].to(q.dtype)  # [B, L, KVH, D]
+        values = kv_cache[1][tables].flatten(1, 2)[:, :max_len].to(q.dtype)
+        qg = q.view(b, num_kv_heads, num_heads // num_kv_heads, d)
+        scores = torch.einsum("bkgd,blkd->bkgl", qg, keys) * scale
+        lens = torch.tensor(seq_lens, device=q.device)
+        pad = torch.arange(max_len, device=q.device)[None, :] >= lens[:, None]  # [B, L]
+        scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        return torch.einsum("bkgl,blkd->bkgd", probs, values).reshape(b, num_heads, d)
 
-def attention_backend_for(device: torch.device) -> AttentionBackend:
-    """Triton kernels on CUDA, the plain-torch reference everywhere else."""
-    if device.type == "cuda":
-        from engine.kernels.triton_attention import TritonAttention
-
-        return TritonAttention()
-    return TorchAttention()

@@ -54,7 +54,10 @@ def load_model(config: EngineConfig, attn_backend: AttentionBackend | None = Non
         attn_backend = default_attention_backend(device)
 
     model = LlamaForCausalLM(hf_config, attn_backend, dtype, device, max_positions=max_model_len)
-    model.load_weights(source.iter_weights())
+    try:
+        model.load_weights(source.iter_weights())
+    except ValueError as exc:  # a checkpoint that does not fit the config: say which model
+        raise ModelLoadError(f"{source.label}: {exc}") from exc
     model.eval()
     tokenizer = source.load_tokenizer(config.tokenizer, config.trust_remote_code)
     if tokenizer.chat_template is None:
@@ -89,9 +92,13 @@ def check_supported(hf_config: PretrainedConfig, source: ModelSource) -> None:
         not architectures and hf_config.model_type in SUPPORTED_MODEL_TYPES
     )
     if not supported:
-        found = ", ".join(architectures) or f"model_type {hf_config.model_type!r}"
+        found = (
+            f"architecture {', '.join(architectures)}"
+            if architectures
+            else f"model type {hf_config.model_type!r}"
+        )
         raise ModelLoadError(
-            f"{source.label}: unsupported architecture {found}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"{source.label}: unsupported {found}; supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
 
 

@@ -5,13 +5,14 @@ Order of operations (as vLLM v1):
   min_tokens    -> eos (unless ignore_eos) and stop_token_ids masked while the output is too short
   penalties     -> repetition (prompt + output tokens), then frequency and presence (output tokens)
   greedy rows   -> argmax
-  other rows    -> temperature, min_p, top_k, top_p, then an exponential race draw
+  other rows    -> temperature, min_p, top_k, top_p, then an inverse-CDF draw
 
 The whole step costs one host transfer: token ids and logprobs come back to the CPU together.
 """
 
 from __future__ import annotations
 
+import math
 from array import array
 from dataclasses import dataclass
 from itertools import chain
@@ -22,6 +23,7 @@ from engine.outputs import TokenLogprob
 from engine.sampling.params import SamplingParams
 
 _NEG_INF = float("-inf")
+_TOP_P_HEAD = 1024  # on the CPU, top_p first looks at this many best tokens (see _truncate_top_k_top_p)
 
 
 @dataclass
@@ -69,13 +71,13 @@ class Sampler:
             # Fast path: one argmax kernel and one host transfer.
             return SampleResult(logits.argmax(dim=-1).tolist(), [None] * len(rows))
 
-        # Work in float32 on a private copy: the caller's logits stay untouched.
-        logits = logits.to(torch.float32, copy=True)
+        # float32 for the arithmetic; every step below is out of place, so the caller's logits stay intact.
+        logits = logits.float()
         logprob_rows = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         raw_logprobs = torch.log_softmax(logits[logprob_rows], dim=-1) if logprob_rows else None
 
-        suppress_stop_tokens(logits, rows)
-        apply_penalties(logits, rows)
+        logits = suppress_stop_tokens(logits, rows)
+        logits = apply_penalties(logits, rows)
         token_ids = _choose_tokens(logits, rows)
 
         if raw_logprobs is None:
@@ -93,8 +95,8 @@ def _is_plain_greedy(rows: list[SamplingRow]) -> bool:
     )
 
 
-def suppress_stop_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
-    """min_tokens: mask, in place, every token that would stop a row that is still too short."""
+def suppress_stop_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """min_tokens: mask every token that would stop a row that is still too short."""
     vocab_size = logits.shape[1]
     row_idx: list[int] = []
     token_idx: list[int] = []
@@ -103,13 +105,14 @@ def suppress_stop_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
             if token_id < vocab_size:
                 row_idx.append(i)
                 token_idx.append(token_id)
-    if row_idx:
-        index = torch.tensor([row_idx, token_idx], dtype=torch.long).to(logits.device, non_blocking=True)
-        logits[index[0], index[1]] = _NEG_INF
+    if not row_idx:
+        return logits
+    index = torch.tensor([row_idx, token_idx], dtype=torch.long).to(logits.device, non_blocking=True)
+    return logits.index_put((index[0], index[1]), torch.tensor(_NEG_INF, device=logits.device))
 
 
-def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
-    """Repetition, frequency and presence penalties, in place, on the rows that ask for them.
+def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Repetition, frequency and presence penalties on the rows that ask for them.
 
     repetition_penalty r: for tokens seen in prompt or output, positive logits are divided by r and
     negative ones multiplied by r. frequency f and presence p (output tokens only):
@@ -117,88 +120,125 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
     """
     picked = [i for i, r in enumerate(rows) if r.params.needs_penalties]
     if not picked:
-        return
+        return logits
     device, vocab_size = logits.device, logits.shape[1]
     params = [rows[i].params for i in picked]
-    index = torch.tensor(picked, dtype=torch.long).to(device, non_blocking=True)
-    sub = logits.index_select(0, index)
+    sub, index = _select_rows(logits, picked)
     output_counts = _token_counts([rows[i].output_token_ids for i in picked], vocab_size, device)
 
-    repetition = _column([p.repetition_penalty for p in params], device)
     if any(p.repetition_penalty != 1.0 for p in params):
+        repetition = _column([p.repetition_penalty for p in params], device)
         prompt_counts = _token_counts([rows[i].prompt_token_ids for i in picked], vocab_size, device)
         seen = (prompt_counts + output_counts) > 0
         penalized = torch.where(sub > 0, sub / repetition, sub * repetition)
         sub = torch.where(seen, penalized, sub)
-    frequency = _column([p.frequency_penalty for p in params], device)
-    presence = _column([p.presence_penalty for p in params], device)
-    sub = sub - frequency * output_counts - presence * (output_counts > 0).to(sub.dtype)
-    logits.index_copy_(0, index, sub)
+    if any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params):
+        frequency = _column([p.frequency_penalty for p in params], device)
+        presence = _column([p.presence_penalty for p in params], device)
+        sub = sub - frequency * output_counts - presence * (output_counts > 0).to(sub.dtype)
+    return _merge_rows(logits, index, sub)
 
 
 def _choose_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Greedy rows take the argmax; the others sample. Returns token ids [B] on the device."""
-    greedy = [r.params.greedy for r in rows]
-    if all(greedy):
+    sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if not sampled:
         return logits.argmax(dim=-1)
-    sampled = _sample(logits, rows)
-    if not any(greedy):
-        return sampled
-    greedy_mask = torch.tensor(greedy).to(logits.device, non_blocking=True)
-    return torch.where(greedy_mask, logits.argmax(dim=-1), sampled)
+    if len(sampled) == len(rows):
+        return _sample(logits, rows)
+    sub, index = _select_rows(logits, sampled)
+    return _merge_rows(logits.argmax(dim=-1), index, _sample(sub, [rows[i] for i in sampled]))
 
 
 def _sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """Temperature, min_p, top_k, top_p, then a draw, for every row (greedy rows' draws are discarded)."""
-    device, vocab_size = logits.device, logits.shape[1]
+    """Temperature, min_p, top_k, top_p (vLLM's order), then one inverse-CDF draw per row."""
+    device = logits.device
     params = [r.params for r in rows]
-    # Greedy rows get neutral settings so their (unused) row stays finite.
-    temperature = _column([1.0 if p.greedy else p.temperature for p in params], device)
-    logits = logits / temperature
+    if any(p.temperature != 1.0 for p in params):
+        logits = logits / _column([p.temperature for p in params], device)
 
-    if any(p.min_p > 0.0 and not p.greedy for p in params):
-        min_p = _column([0.0 if p.greedy else p.min_p for p in params], device)
-        probs = logits.softmax(dim=-1)
-        threshold = min_p * probs.amax(dim=-1, keepdim=True)
-        logits = logits.masked_fill(probs < threshold, _NEG_INF)
+    if any(p.min_p > 0.0 for p in params):
+        # p_i >= min_p * p_max  <=>  logit_i >= logit_max + log(min_p): no softmax needed.
+        log_min_p = _column([math.log(p.min_p) if p.min_p > 0.0 else _NEG_INF for p in params], device)
+        logits = torch.where(logits < logits.amax(dim=-1, keepdim=True) + log_min_p, _NEG_INF, logits)
 
-    top_k = [p.top_k if 0 < p.top_k < vocab_size and not p.greedy else vocab_size for p in params]
-    top_p = [p.top_p if p.top_p < 1.0 and not p.greedy else float("inf") for p in params]
-    if any(k < vocab_size for k in top_k) or any(p < 1.0 for p in top_p):
-        logits = _truncate_top_k_top_p(logits, top_k, top_p)
-
+    logits = _truncate_top_k_top_p(logits, params)
     probs = logits.softmax(dim=-1)
-    return (probs / _exponential_noise(probs, rows)).argmax(dim=-1)
+    # Inverse CDF: one uniform per row picks the token whose cumulative probability first reaches it
+    # (the exponential race needs V random numbers per row; this needs one). float64 so that even a
+    # token of probability 1e-12 late in the vocabulary keeps its own slice of the CDF.
+    cdf = probs.to(torch.float64).cumsum(dim=-1)
+    targets = _uniforms(rows, device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, targets)[:, 0].clamp_(max=logits.shape[1] - 1)
 
 
-def _truncate_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
-    """Keep each row's k best tokens, then the smallest head of those whose probability reaches p."""
-    device, vocab_size = logits.device, logits.shape[1]
-    # Stable sort so ties are cut the same way whatever else is in the batch.
-    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True, stable=True)
-    rank = torch.arange(vocab_size, device=device)
-    k = torch.tensor(top_k, dtype=torch.long).to(device, non_blocking=True)
-    sorted_logits = sorted_logits.masked_fill(rank >= k[:, None], _NEG_INF)
-    if any(p < 1.0 for p in top_p):
-        probs = sorted_logits.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs  # probability of all better tokens
-        # The best token always survives: its mass_before is 0 and p > 0.
-        sorted_logits = sorted_logits.masked_fill(mass_before >= _column(top_p, device), _NEG_INF)
-    return torch.empty_like(logits).scatter_(-1, sorted_idx, sorted_logits)
+def _truncate_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Keep each row's top_k best tokens, then the smallest head of those whose probability reaches top_p.
 
-
-def _exponential_noise(probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """Exp(1) noise for the race argmax(p / q), which draws a token with probability p.
-
-    Unseeded rows share one global draw; each seeded row redraws its own row from its own generator,
-    so its tokens do not depend on what else is in the batch.
+    Both cuts become a per-row logit threshold, so tokens tied at a cut are all kept and the result does
+    not depend on how a sort orders ties (or on what else is in the batch).
     """
-    noise = torch.empty_like(probs).exponential_()
+    vocab_size = logits.shape[1]
+    top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
+    picked = [i for i, p in enumerate(params) if top_k[i] < vocab_size or p.top_p < 1.0]
+    if not picked:
+        return logits
+    sub, index = _select_rows(logits, picked)
+    ks = [top_k[i] for i in picked]
+    k_column = torch.tensor(ks, dtype=torch.long).to(sub.device, non_blocking=True)[:, None]
+    # A row with top_k is cut within its best k tokens, so the best max(k) suffice. Otherwise top_p
+    # needs the sorted vocabulary; on the CPU, where sorting is slow and a check costs no device sync,
+    # first try the best _TOP_P_HEAD tokens, which nearly always hold top_p's mass.
+    width = max(ks)
+    if width == vocab_size and sub.device.type == "cpu":
+        width = max(_TOP_P_HEAD, *(k for k in ks if k < vocab_size))
+    ranked = _best_first(sub, width)
+    threshold = _top_k_threshold(ranked, k_column, vocab_size)
+    if any(params[i].top_p < 1.0 for i in picked):
+        p_column = _column([params[i].top_p if params[i].top_p < 1.0 else math.inf for i in picked], sub.device)
+        p_threshold, head_mass = _top_p_threshold(sub, ranked, threshold, p_column)
+        if ranked.shape[1] < vocab_size and bool(((k_column >= vocab_size) & (head_mass < p_column)).any()):
+            ranked = _best_first(sub, vocab_size)  # some row's top_p reaches past the head
+            p_threshold, _ = _top_p_threshold(sub, ranked, threshold, p_column)
+        threshold = torch.maximum(threshold, p_threshold)
+    return _merge_rows(logits, index, torch.where(sub < threshold, _NEG_INF, sub))
+
+
+def _best_first(logits: torch.Tensor, width: int) -> torch.Tensor:
+    """Each row's `width` largest logits, in descending order."""
+    if width >= logits.shape[1]:
+        return logits.sort(dim=-1, descending=True).values
+    return logits.topk(width, dim=-1).values
+
+
+def _top_k_threshold(ranked: torch.Tensor, k_column: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Each row's k-th best logit, [n, 1]; -inf for rows without top_k (k == vocab_size)."""
+    kth = ranked.gather(1, (k_column - 1).clamp(max=ranked.shape[1] - 1))
+    return torch.where(k_column < vocab_size, kth, _NEG_INF)
+
+
+def _top_p_threshold(logits: torch.Tensor, ranked: torch.Tensor, k_threshold: torch.Tensor,
+                     p_column: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lowest logit of each row's top_p head (within its top_k cut), and the mass `ranked` covers."""
+    # Normalise over the whole top_k-cut row (fixed length V, ties at the cut included), never over the
+    # `ranked` columns, whose count depends on the batch.
+    log_norm = torch.logsumexp(torch.where(logits < k_threshold, _NEG_INF, logits), dim=-1, keepdim=True)
+    probs = (torch.where(ranked < k_threshold, _NEG_INF, ranked) - log_norm).exp()
+    mass = probs.cumsum(dim=-1)
+    # A token survives while the better ones hold less than top_p; the best always does.
+    num_kept = (mass - probs < p_column).sum(dim=-1, keepdim=True).clamp_(min=1)
+    return ranked.gather(1, num_kept - 1), mass[:, -1:]
+
+
+def _uniforms(rows: list[SamplingRow], device: torch.device) -> torch.Tensor:
+    """One uniform in (0, 1] per row, [B, 1]: unseeded rows share one draw from the global RNG, each
+    seeded row takes its own from its own generator, so its tokens do not depend on the batch."""
+    u = torch.rand(len(rows), 1, dtype=torch.float64, device=device)
     for i, row in enumerate(rows):
-        if row.generator is not None and not row.params.greedy:
-            noise[i].exponential_(generator=row.generator)
-    # q == 0 would turn a zero-probability token into 0/0 = NaN, which argmax prefers.
-    return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+        if row.generator is not None:
+            u[i] = torch.rand(1, dtype=torch.float64, generator=row.generator, device=device)
+    # (0, 1] rather than [0, 1): a target of exactly 0 would pick a leading zero-probability token.
+    return 1.0 - u
 
 
 def _with_logprobs(token_ids: torch.Tensor, raw_logprobs: torch.Tensor, rows: list[SamplingRow],
@@ -227,6 +267,19 @@ def _with_logprobs(token_ids: torch.Tensor, raw_logprobs: torch.Tensor, rows: li
         top = [(int(top_tok[start + m]), top_lp[start + m]) for m in range(k)]
         logprobs[i] = TokenLogprob(token_id=sampled[i], logprob=chosen_lp[j], top=top)
     return SampleResult(sampled, logprobs)
+
+
+def _select_rows(x: torch.Tensor, picked: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The picked rows of x, and their index (None when every row is picked: no copy needed)."""
+    if len(picked) == x.shape[0]:
+        return x, None
+    index = torch.tensor(picked, dtype=torch.long).to(x.device, non_blocking=True)
+    return x.index_select(0, index), index
+
+
+def _merge_rows(x: torch.Tensor, index: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+    """x with the rows picked by `_select_rows` replaced (out of place)."""
+    return rows if index is None else x.index_copy(0, index, rows)
 
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:

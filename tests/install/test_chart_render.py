@@ -131,24 +131,40 @@ def test_values_schema_refuses_bad_values(render_chart: RenderChart, values: dic
     assert complaint in failure.value.stderr
 
 
-def test_notes_tell_how_to_reach_the_service(helm: Path) -> None:
-    result = run_helm(
-        helm,
-        "install",
-        "kubellm",
-        str(CHART),
-        "--dry-run=client",
-        "--namespace",
-        "ml",
-        "--set",
-        "models[0].name=vllm",
-        "--set",
-        "models[0].spec.model.source=hf://meta-llama/Llama-3.2-3B-Instruct",
-    )
+@pytest.mark.parametrize(
+    ("model_sets", "base_url", "fqdn", "model_name"),
+    [
+        (
+            ["models[0].spec.model.source=hf://meta-llama/Llama-3.2-3B-Instruct"],
+            "http://vllm-service:8000/v1",
+            "http://vllm-service.ml.svc.cluster.local:8000/v1",
+            "meta-llama/Llama-3.2-3B-Instruct",
+        ),
+        (
+            ["models[0].spec.model.source=hf://Qwen/Qwen3-0.6B@main", "models[0].spec.service.name=chat",
+             "models[0].spec.service.port=80"],
+            "http://chat:80/v1",
+            "http://chat.ml.svc.cluster.local:80/v1",
+            "Qwen/Qwen3-0.6B",
+        ),
+        (
+            ["models[0].spec.gpu.count=0", "models[0].spec.model.servedModelName=tiny"],
+            "http://vllm-service:8000/v1",
+            "http://vllm-service.ml.svc.cluster.local:8000/v1",
+            "tiny",
+        ),
+    ],
+    ids=["hf-source", "service-override", "served-name"],
+)  # fmt: skip
+def test_notes_tell_how_to_reach_the_service(
+    helm: Path, model_sets: list[str], base_url: str, fqdn: str, model_name: str
+) -> None:
+    sets = [arg for value in ["models[0].name=vllm", *model_sets] for arg in ("--set", value)]
+    result = run_helm(helm, "install", "kubellm", str(CHART), "--dry-run=client", "--namespace", "ml", *sets)
     notes = result.stdout.split("NOTES:", 1)[1]
-    assert 'base_url="http://vllm-service:8000/v1"' in notes
-    assert "http://vllm-service.ml.svc.cluster.local:8000/v1" in notes
-    assert 'model="meta-llama/Llama-3.2-3B-Instruct"' in notes
+    assert f'base_url="{base_url}"' in notes
+    assert fqdn in notes
+    assert f'model="{model_name}"' in notes
 
 
 @pytest.mark.parametrize(

@@ -191,7 +191,14 @@ def test_gpu_product_joins_every_node_selector_term_of_the_users_affinity() -> N
     assert [t["matchExpressions"][0]["values"] for t in terms] == [["a"], ["b"]]
     assert affinity["podAntiAffinity"] == user_affinity["podAntiAffinity"]
     # the user's object is not modified in place
-    assert len(user_affinity["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]["matchExpressions"]) == 1
+    assert (
+        len(
+            user_affinity["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+                "nodeSelectorTerms"
+            ][0]["matchExpressions"]
+        )
+        == 1
+    )
 
 
 def test_gpu_product_without_user_affinity() -> None:
@@ -202,7 +209,11 @@ def test_gpu_product_without_user_affinity() -> None:
                 "nodeSelectorTerms": [
                     {
                         "matchExpressions": [
-                            {"key": "nvidia.com/gpu.product", "operator": "In", "values": ["NVIDIA-A100-SXM4-80GB"]}
+                            {
+                                "key": "nvidia.com/gpu.product",
+                                "operator": "In",
+                                "values": ["NVIDIA-A100-SXM4-80GB"],
+                            }
                         ]
                     }
                 ]
@@ -230,7 +241,9 @@ def test_scheduling_fields_land_on_the_pod() -> None:
 
 
 def test_service_name_type_and_port_override() -> None:
-    service = children({**MINIMAL, "service": {"name": "llama", "type": "LoadBalancer", "port": 80}})["Service"]
+    service = children({**MINIMAL, "service": {"name": "llama", "type": "LoadBalancer", "port": 80}})[
+        "Service"
+    ]
     assert service["metadata"]["name"] == "llama"
     assert service["spec"]["type"] == "LoadBalancer"
     assert service["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
@@ -242,7 +255,10 @@ def test_service_name_type_and_port_override() -> None:
         ({}, {"emptyDir": {}}),
         ({"emptyDir": {"sizeLimit": "20Gi"}}, {"emptyDir": {"sizeLimit": "20Gi"}}),
         ({"existingClaim": "weights"}, {"persistentVolumeClaim": {"claimName": "weights"}}),
-        ({"persistentVolumeClaim": {"size": "100Gi"}}, {"persistentVolumeClaim": {"claimName": "vllm-model-cache"}}),
+        (
+            {"persistentVolumeClaim": {"size": "100Gi"}},
+            {"persistentVolumeClaim": {"claimName": "vllm-model-cache"}},
+        ),
     ],
 )
 def test_model_cache_volume(cache: dict[str, Any], volume: dict[str, Any]) -> None:
@@ -251,7 +267,13 @@ def test_model_cache_volume(cache: dict[str, Any], volume: dict[str, Any]) -> No
 
 
 def test_new_cache_claim_size_class_and_access_modes() -> None:
-    cache = {"persistentVolumeClaim": {"size": "100Gi", "storageClassName": "fast", "accessModes": ["ReadWriteMany"]}}
+    cache = {
+        "persistentVolumeClaim": {
+            "size": "100Gi",
+            "storageClassName": "fast",
+            "accessModes": ["ReadWriteMany"],
+        }
+    }
     claim = children({**MINIMAL, "modelCache": cache})["PersistentVolumeClaim"]
     assert claim["metadata"]["name"] == "vllm-model-cache"
     assert claim["spec"] == {
@@ -280,7 +302,9 @@ def test_startup_probe_covers_the_startup_timeout(timeout: int, failures: int) -
 
 
 def test_engine_image_and_pull_policy() -> None:
-    container = container_of({**MINIMAL, "engine": {"image": "registry.local/engine:dev", "imagePullPolicy": "Always"}})
+    container = container_of(
+        {**MINIMAL, "engine": {"image": "registry.local/engine:dev", "imagePullPolicy": "Always"}}
+    )
     assert (container["image"], container["imagePullPolicy"]) == ("registry.local/engine:dev", "Always")
 
 
@@ -297,13 +321,19 @@ def test_cpu_autoscaler_targets_the_model_deployment() -> None:
         "minReplicas": 2,
         "maxReplicas": 5,
         "metrics": [
-            {"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 80}}}
+            {
+                "type": "Resource",
+                "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 80}},
+            }
         ],
     }
 
 
 def test_engine_metric_autoscaler() -> None:
-    scaling = {"maxReplicas": 4, "podMetric": {"name": "vllm_num_requests_waiting", "targetAverageValue": "5"}}
+    scaling = {
+        "maxReplicas": 4,
+        "podMetric": {"name": "vllm_num_requests_waiting", "targetAverageValue": "5"},
+    }
     hpa = children({**MINIMAL, "autoscaling": scaling})["HorizontalPodAutoscaler"]
     assert hpa["spec"]["metrics"] == [
         {
@@ -323,4 +353,10 @@ def test_disruption_budget() -> None:
 
 def test_gpu_autoscaled_sample_has_every_optional_child() -> None:
     kinds = [c["kind"] for c in desired_children(OWNER, sample_spec("gpu-autoscaled.yaml"))]
-    assert kinds == ["PersistentVolumeClaim", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"]
+    assert kinds == [
+        "PersistentVolumeClaim",
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+    ]

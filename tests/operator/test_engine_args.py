@@ -73,7 +73,10 @@ def test_secrets_arrive_as_environment_variables() -> None:
     }
     result = invocation(spec)
     assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}} in result.env
-    assert {"name": "KUBELLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": "keys", "key": "api"}}} in result.env
+    assert {
+        "name": "KUBELLM_API_KEY",
+        "valueFrom": {"secretKeyRef": {"name": "keys", "key": "api"}},
+    } in result.env
     assert not any("secret" in arg.lower() for arg in result.args)  # nothing secret on the command line
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -71,14 +72,21 @@ def test_byte_sizes() -> None:
     ]
 
 
-def test_operator_without_package_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
-    try:
-        import kubellm_operator.main  # noqa: F401
-    except ImportError:
-        assert main(["operator", "--help"]) == 1
-        assert "kubellm[operator]" in capsys.readouterr().err
-    else:
-        pytest.skip("the operator is installed; its own tests cover `kubellm operator`")
+def test_operator_gets_every_argument_untouched(monkeypatch: pytest.MonkeyPatch) -> None:
+    received: list[list[str]] = []
+    fake = types.ModuleType("kubellm_operator.main")
+    fake.main = lambda argv: received.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "kubellm_operator.main", fake)
+    assert main(["operator", "--namespace", "ml", "--verbose"]) == 0
+    assert received == [["--namespace", "ml", "--verbose"]]
+
+
+def test_operator_without_package_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "kubellm_operator.main", None)  # makes the import fail
+    assert main(["operator", "--help"]) == 1
+    assert "kubellm[operator]" in capsys.readouterr().err
 
 
 def test_version_and_no_torch_at_import() -> None:

@@ -395,6 +395,13 @@ async def test_image_content_part_is_400(client: TestClient) -> None:
     assert status == 400 and err["param"] == "messages[0].content" and "image_url" in err["message"]
 
 
+async def test_chat_template_errors_are_400(client: TestClient, engine: FakeEngine) -> None:
+    template = "{{ raise_exception('Conversation roles must alternate') }}"
+    body = {"messages": [{"role": "user", "content": "hi"}], "chat_template": template}
+    status, err = await error_of(await client.post("/v1/chat/completions", json=body))
+    assert status == 400 and "Conversation roles must alternate" in err["message"] and engine.submitted == []
+
+
 async def test_prompt_longer_than_context_says_both_numbers(
     openai_client: AsyncOpenAI, engine: FakeEngine
 ) -> None:

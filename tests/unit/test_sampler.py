@@ -130,12 +130,20 @@ def test_top_p_applies_after_top_k(device: str) -> None:
     assert counts[2] == counts[3] == 0 and min(counts[:2]) > 800
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_tokens_tied_at_the_top_k_cut_are_all_kept(device: str) -> None:
+    torch.manual_seed(9)
+    logits = torch.tensor([3.0, 2.0, 2.0, 1.0], device=device).repeat(2000, 1)
+    counts = counts_of(Sampler()(logits, [row(SamplingParams(top_k=2))] * 2000).token_ids, 4)
+    assert counts[3] == 0 and min(counts[:3]) > 200
+
+
 def test_penalties_change_the_right_logits_by_the_right_amounts() -> None:
     logits = torch.tensor([[2.0, -2.0, 3.0, -1.0, 0.5, 4.0]])
     params = SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25)
     # prompt has tokens 0 and 1; output has token 2 twice and token 3 once; 4 and 5 unseen.
     rows = [row(params, prompt=[0, 1, 1], output=[2, 3, 2])]
-    apply_penalties(logits, rows)
+    logits = apply_penalties(logits, rows)
     expected = [
         2.0 / 2,  # prompt token, positive: divided by the repetition penalty
         -2.0 * 2,  # prompt token, negative: multiplied; no frequency/presence (prompt only)
@@ -150,8 +158,7 @@ def test_penalties_change_the_right_logits_by_the_right_amounts() -> None:
 def test_penalties_touch_only_the_rows_that_ask() -> None:
     logits = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
     rows = [row(SamplingParams(), output=[0, 1]), row(SamplingParams(presence_penalty=1.0), output=[1])]
-    apply_penalties(logits, rows)
-    assert logits.tolist() == [[1.0, 1.0, 1.0], [1.0, 0.0, 1.0]]
+    assert apply_penalties(logits, rows).tolist() == [[1.0, 1.0, 1.0], [1.0, 0.0, 1.0]]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -178,12 +185,14 @@ def run_steps(rows_per_step: int, position: int, steps: int, device: str) -> lis
     torch.manual_seed(1000 + rows_per_step + position)  # the other rows' randomness differs per layout
     params = SamplingParams(temperature=0.9, top_p=0.95, top_k=40, seed=42)
     target = row(params, prompt=[1, 2], generator=seeded_generator(42, device))
-    others = [row(SamplingParams(temperature=1.0, seed=i if i % 2 else None),
+    # Other rows with top_p but no top_k change how the batch is truncated (a full sort, not a top-k).
+    others = [row(SamplingParams(temperature=1.0, top_p=0.8 if i % 3 == 0 else 1.0, seed=i if i % 2 else None),
                   generator=seeded_generator(i, device) if i % 2 else None) for i in range(rows_per_step - 1)]
-    step_logits = torch.randn(steps, 256, generator=torch.Generator().manual_seed(7)).to(device)
+    # bf16 logits, as models produce them: ties are common, also at the top_k cut.
+    step_logits = torch.randn(steps, 256, generator=torch.Generator().manual_seed(7)).to(device, torch.bfloat16)
     for step in range(steps):
         rows = others[:position] + [target] + others[position:]
-        logits = torch.randn(len(rows), 256, device=device)
+        logits = torch.randn(len(rows), 256, device=device).to(torch.bfloat16)
         logits[position] = step_logits[step]
         token = Sampler()(logits, rows).token_ids[position]
         target.output_token_ids.append(token)

@@ -1,0 +1,410 @@
+"""The operator against a real control plane (kube-apiserver, controller-manager, scheduler, KWOK GPU nodes).
+
+`kubellm operator` runs as a subprocess; everything else is what a user does with kubectl.
+"""
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.cluster.localcluster import KubectlError, LocalCluster
+from tests.cluster.waiting import wait_until
+from tests.operator.operator_process import OperatorProcess
+from tests.operator.samples import sample
+
+pytestmark = pytest.mark.cluster
+
+CRD_FILE = Path(__file__).resolve().parents[2] / "manifests" / "crd.yaml"
+LABEL_KEYS = {
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/component",
+    "app.kubernetes.io/managed-by",
+    "app.kubernetes.io/part-of",
+}
+TIMEOUT_S = 60
+
+
+@pytest.fixture(scope="module")
+def crds(k8s_cluster: LocalCluster) -> None:
+    k8s_cluster.kubectl("apply", "--server-side", "-f", str(CRD_FILE))
+    k8s_cluster.kubectl(
+        "wait", "--for=condition=Established", "crd/modeldeployments.kubellm.io", "--timeout=60s"
+    )
+
+
+@pytest.fixture(scope="module")
+def operator(
+    k8s_cluster: LocalCluster, crds: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    process = OperatorProcess(k8s_cluster.env, tmp_path_factory.mktemp("operator") / "operator.log")
+    process.start()
+    try:
+        yield process
+    finally:
+        code = process.stop()
+        print(f"operator exit code {code}; log tail:\n{process.log_tail()}")
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def apply(cluster: LocalCluster, namespace: str, manifest: dict[str, Any]) -> str:
+    return cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(manifest))
+
+
+def get(cluster: LocalCluster, namespace: str, kind: str, name: str) -> dict[str, Any] | None:
+    try:
+        return cluster.kubectl_json("get", kind, name, "-n", namespace)
+    except KubectlError as error:
+        if "NotFound" in str(error):
+            return None
+        raise
+
+
+def condition(obj: dict[str, Any] | None, kind: str) -> dict[str, Any]:
+    conditions = (obj or {}).get("status", {}).get("conditions", [])
+    return next((c for c in conditions if c["type"] == kind), {})
+
+
+def model_deployment(name: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubellm.io/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+
+
+def wait_ready(cluster: LocalCluster, namespace: str, name: str, replicas: int = 1) -> dict[str, Any]:
+    """Ready=True for the current generation with `replicas` ready pods."""
+
+    def ready() -> dict[str, Any] | None:
+        md = get(cluster, namespace, "md", name)
+        status = (md or {}).get("status", {})
+        current = status.get("observedGeneration") == md["metadata"]["generation"] if md else False
+        settled = condition(md, "Progressing").get("status") == "False"
+        if (
+            current
+            and settled
+            and condition(md, "Ready").get("status") == "True"
+            and status.get("readyReplicas") == replicas
+        ):
+            return md
+        return None
+
+    return wait_until(
+        ready, f"ModelDeployment {name} to be Ready with {replicas} replicas", timeout_s=TIMEOUT_S
+    )
+
+
+def engine_pods(cluster: LocalCluster, namespace: str, name: str) -> list[dict[str, Any]]:
+    return cluster.kubectl_json("get", "pods", "-n", namespace, "-l", f"app.kubernetes.io/instance={name}")[
+        "items"
+    ]
+
+
+def vllm_sample() -> dict[str, Any]:
+    return sample("vllm.yaml")
+
+
+# --- tests ---------------------------------------------------------------------------------------
+
+
+def test_sample_gives_a_gpu_deployment_and_service_that_become_ready(
+    k8s_cluster: LocalCluster, k8s_namespace: str, operator: OperatorProcess
+) -> None:
+    ns = k8s_namespace
+    apply(k8s_cluster, ns, vllm_sample())
+    md = wait_ready(k8s_cluster, ns, "vllm")
+    uid = md["metadata"]["uid"]
+
+    deployment = get(k8s_cluster, ns, "deployment", "vllm")
+    service = get(k8s_cluster, ns, "service", "vllm-service")
+    assert deployment and service
+    for child in (deployment, service):
+        assert LABEL_KEYS <= set(child["metadata"]["labels"])
+        [owner] = child["metadata"]["ownerReferences"]
+        assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == (
+            "ModelDeployment",
+            "vllm",
+            uid,
+            True,
+        )
+        assert "kubellm-operator" in {m["manager"] for m in child["metadata"]["managedFields"]}
+
+    pod_spec = deployment["spec"]["template"]["spec"]
+    [container] = pod_spec["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert (
+        "--served-model-name" in container["args"] and "meta-llama/Llama-3.2-3B-Instruct" in container["args"]
+    )
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/health", "port": "http", "scheme": "HTTP"}
+    volumes = {v["name"]: v for v in pod_spec["volumes"]}
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "2Gi"}
+    assert "emptyDir" in volumes["model-cache"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod_spec["tolerations"]
+    assert service["spec"]["ports"] == [
+        {"name": "http", "port": 8000, "protocol": "TCP", "targetPort": "http"}
+    ]
+
+    [pod] = engine_pods(k8s_cluster, ns, "vllm")
+    assert pod["status"]["phase"] == "Running"
+    node = k8s_cluster.kubectl_json("get", "node", pod["spec"]["nodeName"])
+    assert int(node["status"]["capacity"]["nvidia.com/gpu"]) >= 1
+
+    status = md["status"]
+    assert status["phase"] == "Ready"
+    assert status["endpoint"] == f"http://vllm-service.{ns}.svc.cluster.local:8000/v1"
+    assert status["servedModelName"] == "meta-llama/Llama-3.2-3B-Instruct"
+    assert (
+        status["selector"]
+        == "app.kubernetes.io/component=engine,app.kubernetes.io/instance=vllm,app.kubernetes.io/name=kubellm"
+    )
+
+    table = k8s_cluster.kubectl("get", "md", "-n", ns)
+    header, row = table.splitlines()[:2]
+    assert header.split()[:5] == ["NAME", "MODEL", "READY", "ENDPOINT", "AGE"]
+    assert row.split()[:4] == ["vllm", "meta-llama/Llama-3.2-3B-Instruct", "True", status["endpoint"]]
+
+
+def test_kubectl_scale_goes_through_the_scale_subresource(
+    k8s_cluster: LocalCluster, k8s_namespace: str, operator: OperatorProcess
+) -> None:
+    ns = k8s_namespace
+    apply(k8s_cluster, ns, vllm_sample())
+    wait_ready(k8s_cluster, ns, "vllm")
+
+    k8s_cluster.kubectl("scale", "md", "vllm", "--replicas=3", "-n", ns)
+    md = wait_ready(k8s_cluster, ns, "vllm", replicas=3)
+    assert md["status"]["replicas"] == 3
+    assert get(k8s_cluster, ns, "deployment", "vllm")["spec"]["replicas"] == 3
+    assert len(engine_pods(k8s_cluster, ns, "vllm")) == 3
+    scale = k8s_cluster.kubectl_json("get", "md", "vllm", "-n", ns, "--subresource=scale")
+    assert (scale["kind"], scale["spec"]["replicas"], scale["status"]["replicas"]) == ("Scale", 3, 3)
+    assert scale["status"]["selector"] == md["status"]["selector"]
+
+
+def test_spec_change_rolls_the_deployment(
+    k8s_cluster: LocalCluster, k8s_namespace: str, operator: OperatorProcess
+) -> None:
+    ns = k8s_namespace
+    apply(k8s_cluster, ns, vllm_sample())
+    wait_ready(k8s_cluster, ns, "vllm")
+    old_pods = {p["metadata"]["name"] for p in engine_pods(k8s_cluster, ns, "vllm")}
+
+    patch = '{"spec": {"engine": {"maxModelLen": 4096}}}'
+    k8s_cluster.kubectl("patch", "md", "vllm", "-n", ns, "--type=merge", "-p", patch)
+    md = wait_ready(k8s_cluster, ns, "vllm")
+    assert md["metadata"]["generation"] == 2 and md["status"]["observedGeneration"] == 2
+
+    args = get(k8s_cluster, ns, "deployment", "vllm")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--max-model-len") + 1] == "4096"
+
+    def rolled() -> bool:
+        pods = engine_pods(k8s_cluster, ns, "vllm")
+        return bool(pods) and not ({p["metadata"]["name"] for p in pods} & old_pods)
+
+    wait_until(rolled, "the old engine pod to be replaced", timeout_s=TIMEOUT_S)
+
+
+def test_children_deleted_or_edited_by_hand_are_put_back(
+    k8s_cluster: LocalCluster, k8s_namespace: str, operator: OperatorProcess
+) -> None:
+    ns = k8s_namespace
+    apply(k8s_cluster, ns, vllm_sample())
+    wait_ready(k8s_cluster, ns, "vllm")
+    old_uid = get(k8s_cluster, ns, "service", "vllm-service")["metadata"]["uid"]
+
+    k8s_cluster.kubectl("delete", "service", "vllm-service", "-n", ns)
+    wait_until(
+        lambda: (
+            (get(k8s_cluster, ns, "service", "vllm-service") or {"metadata": {"uid": old_uid}})["metadata"][
+                "uid"
+            ]
+            != old_uid
+        ),
+        "the deleted Service to come back",
+        timeout_s=TIMEOUT_S,
+    )
+
+    k8s_cluster.kubectl(
+        "patch", "deployment", "vllm", "-n", ns, "--type=merge", "-p", '{"spec": {"replicas": 4}}'
+    )
+    wait_until(
+        lambda: get(k8s_cluster, ns, "deployment", "vllm")["spec"]["replicas"] == 1,
+        "the hand-edited replica count to be put back",
+        timeout_s=TIMEOUT_S,
+    )
+
+
+def test_more_gpus_than_any_node_has_is_unschedulable(
+    k8s_cluster: LocalCluster, k8s_namespace: str, operator: OperatorProcess
+) -> None:
+    ns = k8s_namespace
+    apply(k8s_cluster, ns, model_deployment("huge", model={"source": "hf://org/huge"}, gpu={"count": 8}))
+
+    def unschedulable() -> dict[str, Any] | None:
+        md = get(k8s_cluster, ns, "md", "huge")
+        return md if condition(md, "Ready").get("reason") == "Unschedulable" else None
+
+    md = wait_until(unschedulable, "Ready=False with reason Unschedulable", timeout_s=TIMEOUT_S)
+    ready = condition(md, "Ready")
+    assert ready["status"] == "False"
+    assert "Insufficient nvidia.com/gpu" in ready["message"]  # the scheduler's own words
+    assert condition(md, "Degraded")["status"] == "True"
+    assert md["status"]["phase"] == "Degraded"
+
+
+@pytest.mark.parametrize(
+    ("name", "spec", "message"),
+    [
+        (
+            "bounds",
+            {
+                "model": {},
+                "gpu": {"count": 0},
+                "resources": {"cpu": 1},
+                "autoscaling": {"minReplicas": 5, "maxReplicas": 2},
+            },
+            "autoscaling.minReplicas must be <= autoscaling.maxReplicas",
+        ),
+        (
+            "caches",
+            {"model": {}, "modelCache": {"emptyDir": {}, "existingClaim": "weights"}},
+            "set at most one of emptyDir, persistentVolumeClaim, existingClaim",
+        ),
+        ("source", {"model": {"source": "llama"}}, "spec.model.source"),
+        (
+            "utilization",
+            {"model": {}, "engine": {"gpuMemoryUtilization": 2}},
+            "spec.engine.gpuMemoryUtilization",
+        ),
+        ("x" * 56, {"model": {}}, "so that '<name>-service' is a valid Service name"),
+    ],
+)
+def test_invalid_resource_is_refused_with_a_readable_message(
+    k8s_cluster: LocalCluster, k8s_namespace: str, crds: None, name: str, spec: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(KubectlError) as refused:
+        apply(k8s_cluster, k8s_namespace, model_deployment(name, **spec))
+    assert message in str(refused.value)
+    assert get(k8s_cluster, k8s_namespace, "md", name) is None
+
+
+def test_spec_error_the_schema_cannot_catch_is_reported_not_crashed_on(
+    k8s_cluster: LocalCluster, k8s_namespace: str, operator: OperatorProcess
+) -> None:
+    ns = k8s_namespace
+    bad_affinity = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "zone", "operator": "Near", "values": ["a"]}]}
+                ]
+            }
+        }
+    }
+    apply(k8s_cluster, ns, model_deployment("odd", model={"source": "hf://org/m"}, affinity=bad_affinity))
+
+    def degraded() -> dict[str, Any] | None:
+        md = get(k8s_cluster, ns, "md", "odd")
+        return md if condition(md, "Degraded").get("reason") == "InvalidSpec" else None
+
+    md = wait_until(degraded, "Degraded=True with reason InvalidSpec", timeout_s=TIMEOUT_S)
+    assert md["status"]["phase"] == "Failed"
+    message = condition(md, "Degraded")["message"]
+    assert message.startswith("the API server refused Deployment odd") and "Near" in message
+    assert get(k8s_cluster, ns, "deployment", "odd") is None
+    assert operator.alive and operator.healthy()
+
+    # Fixing the spec is all it takes.
+    k8s_cluster.kubectl(
+        "patch", "md", "odd", "-n", ns, "--type=json", "-p", '[{"op": "remove", "path": "/spec/affinity"}]'
+    )
+    md = wait_ready(k8s_cluster, ns, "odd")
+    assert condition(md, "Degraded")["status"] == "False"
+
+
+def test_removed_options_take_their_children_and_deletion_takes_everything(
+    k8s_cluster: LocalCluster, k8s_namespace: str, operator: OperatorProcess
+) -> None:
+    ns = k8s_namespace
+    spec = {
+        "model": {"source": "hf://org/m"},
+        "resources": {"cpu": 2},
+        "modelCache": {"persistentVolumeClaim": {"size": "10Gi"}},
+        "autoscaling": {"minReplicas": 1, "maxReplicas": 3},
+        "disruptionBudget": {"maxUnavailable": 1},
+    }
+    apply(k8s_cluster, ns, model_deployment("full", **spec))
+    children = [
+        ("deployment", "full"),
+        ("service", "full-service"),
+        ("persistentvolumeclaim", "full-model-cache"),
+        ("horizontalpodautoscaler", "full"),
+        ("poddisruptionbudget", "full"),
+    ]
+    wait_until(
+        lambda: all(get(k8s_cluster, ns, kind, name) for kind, name in children),
+        "all five children",
+        timeout_s=TIMEOUT_S,
+    )
+    hpa = get(k8s_cluster, ns, "hpa", "full")
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "kubellm.io/v1alpha1",
+        "kind": "ModelDeployment",
+        "name": "full",
+    }
+
+    k8s_cluster.kubectl(
+        "patch", "md", "full", "-n", ns, "--type=merge", "-p", '{"spec": {"disruptionBudget": null}}'
+    )
+    wait_until(
+        lambda: get(k8s_cluster, ns, "pdb", "full") is None,
+        "the PodDisruptionBudget to be pruned",
+        timeout_s=TIMEOUT_S,
+    )
+
+    k8s_cluster.kubectl("delete", "md", "full", "-n", ns, "--wait=true", timeout_s=TIMEOUT_S)
+    wait_until(
+        lambda: (
+            not any(get(k8s_cluster, ns, kind, name) for kind, name in children)
+            and not engine_pods(k8s_cluster, ns, "full")
+        ),
+        "every child and pod to be garbage-collected",
+        timeout_s=TIMEOUT_S,
+    )
+
+
+def test_restarting_the_operator_changes_nothing(
+    k8s_cluster: LocalCluster, k8s_namespace: str, operator: OperatorProcess
+) -> None:
+    ns = k8s_namespace
+    apply(k8s_cluster, ns, vllm_sample())
+    wait_ready(k8s_cluster, ns, "vllm")
+    time.sleep(2)  # let trailing pod/Deployment status events settle
+
+    def snapshot() -> dict[str, Any]:
+        objects = {
+            kind: get(k8s_cluster, ns, kind, name)
+            for kind, name in [("deployment", "vllm"), ("service", "vllm-service")]
+        }
+        versions = {kind: obj["metadata"]["resourceVersion"] for kind, obj in objects.items()}
+        return {"versions": versions, "status": get(k8s_cluster, ns, "md", "vllm")["status"]}
+
+    before = snapshot()
+    operator.restart()
+    marker = f"[{ns}/vllm] Resuming is processed"
+    wait_until(
+        lambda: marker in operator.log_text().rsplit("===== start", 1)[-1],
+        "the new operator to resume vllm",
+        timeout_s=TIMEOUT_S,
+    )
+    time.sleep(2)
+    assert snapshot() == before
