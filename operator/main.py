@@ -63,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run until SIGINT/SIGTERM; returns the process exit code."""
     args = build_parser().parse_args(argv)
-    kopf.configure(verbose=args.verbose)
+    kopf.configure(verbose=args.verbose, log_prefix=True)  # prefix: which object a line is about
+    logging.getLogger("urllib3").setLevel(logging.WARNING)  # one line per API request drowns the rest
+    if not args.verbose:
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # "handler succeeded" for every pod event
     from kubellm_operator import handlers  # noqa: F401  (registers the handlers with kopf)
 
     kube = Kube.from_environment()

@@ -191,7 +191,7 @@ def _truncate_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) ->
     # first try the best _TOP_P_HEAD tokens, which nearly always hold top_p's mass.
     width = max(ks)
     if width == vocab_size and sub.device.type == "cpu":
-        width = max(_TOP_P_HEAD, *(k for k in ks if k < vocab_size))
+        width = min(vocab_size, max([_TOP_P_HEAD, *(k for k in ks if k < vocab_size)]))
     ranked = _best_first(sub, width)
     threshold = _top_k_threshold(ranked, k_column, vocab_size)
     if any(params[i].top_p < 1.0 for i in picked):

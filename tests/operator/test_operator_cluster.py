@@ -135,7 +135,10 @@ def test_sample_gives_a_gpu_deployment_and_service_that_become_ready(
             uid,
             True,
         )
-        assert "kubellm-operator" in {m["manager"] for m in child["metadata"]["managedFields"]}
+    for kind, name in [("deployment", "vllm"), ("service", "vllm-service")]:
+        managed = k8s_cluster.kubectl_json("get", kind, name, "-n", ns, "--show-managed-fields")
+        appliers = {m["manager"] for m in managed["metadata"]["managedFields"] if m["operation"] == "Apply"}
+        assert appliers == {"kubellm-operator"}
 
     pod_spec = deployment["spec"]["template"]["spec"]
     [container] = pod_spec["containers"]
