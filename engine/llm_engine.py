@@ -54,6 +54,8 @@ class LLMEngine:
         max_batched = config.max_num_batched_tokens or (8192 if loaded.device.type == "cuda" else 2048)
         num_blocks = choose_num_blocks(config, self.runner, self.max_model_len, max_batched)
         self.runner.allocate_kv_cache(num_blocks)
+        if loaded.device.type == "cuda" and not config.enforce_eager:
+            self.runner.capture_cuda_graphs(config.max_num_seqs, self.max_model_len)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, max_batched)
         self.requests: dict[str, RequestState] = {}

@@ -61,6 +61,8 @@ def model_deployment_changed(namespace: str, name: str, memo: kopf.Memo, retry: 
     try:
         status = memo.reconciler.reconcile(namespace, name)
     except ApiError as error:
+        if error.status == 404:
+            return  # deleted while we worked on it: garbage collection takes it from here
         if error.transient:
             raise kopf.TemporaryError(str(error), delay=_retry_delay(retry)) from error
         raise kopf.PermanentError(str(error)) from error
@@ -84,6 +86,8 @@ def _with_retries(action: Callable[[], object]) -> None:
             action()
             return
         except ApiError as error:
+            if error.status == 404:
+                return  # the resource went away meanwhile; nothing left to do
             if not error.transient or attempt == EVENT_RETRIES - 1:
                 log.warning("giving up after %d attempts: %s", attempt + 1, error)
                 return

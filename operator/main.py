@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import logging
 import secrets
+import sys
 
 import kopf
+from kubernetes.config import ConfigException
 
-from kubellm_operator.kube import Kube
+from kubellm_operator.kube import ApiError, Kube
 from kubellm_operator.peering import ensure_peering
 from kubellm_operator.reconcile import Reconciler
 
@@ -69,9 +71,20 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # "handler succeeded" for every pod event
     from kubellm_operator import handlers  # noqa: F401  (registers the handlers with kopf)
 
-    kube = Kube.from_environment()
+    try:
+        kube = Kube.from_environment()
+    except ConfigException as error:
+        print(
+            f"kubellm operator: no cluster to talk to ({error}); set KUBECONFIG or run in a pod",
+            file=sys.stderr,
+        )
+        return 1
     namespaces = args.namespaces or []
-    peering = not args.standalone and ensure_peering(kube, args.peering, namespaces)
+    try:
+        peering = not args.standalone and ensure_peering(kube, args.peering, namespaces)
+    except ApiError as error:
+        print(f"kubellm operator: cannot reach the API server: {error}", file=sys.stderr)
+        return 1
     # Equal priorities make kopf pause every replica, so each replica draws its own.
     priority = args.priority if args.priority is not None else 1 + secrets.randbelow(1_000_000)
     liveness = f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None

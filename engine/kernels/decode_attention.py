@@ -44,6 +44,7 @@ def _decode_kernel(
     HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -81,13 +82,13 @@ def _decode_kernel(
         k = tl.load(k_cache_ptr + rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
 
-        s = tl.dot(q, tl.trans(k)) * scale_log2  # [GROUP_PAD, BLOCK_N], log2 domain
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [GROUP_PAD, BLOCK_N], log2 domain
         s = tl.where(tok_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     out_mask = head_mask[:, None] & dim_mask[None, :]
@@ -137,6 +138,11 @@ def _merge_splits_kernel(
     out = acc / weight_sum
     dst = out_ptr + seq * stride_o_tok + head * stride_o_head + dims
     tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """float32 models get true float32 products (as the CPU reference computes), not tf32."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
@@ -198,6 +204,7 @@ def decode_attention(
         HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=kv_cache.shape[2],
         BLOCK_N=block_n,
+        DOT_PRECISION=dot_precision(q.dtype),
         SPLIT=split,
         num_warps=num_warps,
         num_stages=num_stages,

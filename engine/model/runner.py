@@ -9,6 +9,7 @@ import torch
 
 from engine.core.scheduler import ScheduledSeq
 from engine.model.attention import AttentionMetadata
+from engine.model.cuda_graphs import DecodeCudaGraphs
 from engine.outputs import TokenLogprob
 from engine.sampling.sampler import Sampler, SamplingRow
 
@@ -37,6 +38,19 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}  # seeded requests' own RNGs
+        self.cuda_graphs: DecodeCudaGraphs | None = None  # set by capture_cuda_graphs
+        if device.type == "cuda":  # Triton RMSNorm / rotary / SiLU-mul behind the same modules
+            from engine.kernels.fused_layers import install_fused_layers
+
+            install_fused_layers(model)
+
+    def capture_cuda_graphs(self, max_batch_size: int, max_model_len: int) -> None:
+        """Once the KV cache is allocated for good: capture decode steps as CUDA graphs."""
+        self.cuda_graphs = DecodeCudaGraphs(
+            self.model, self.kv_caches, min(max_batch_size, 512), max_model_len, self.block_size,
+            self.model.config.hidden_size, self.dtype, self.device,
+        )  # fmt: skip
+        self.cuda_graphs.capture()
 
     def bytes_per_block(self) -> int:
         elem = torch.empty((), dtype=self.dtype).element_size()
@@ -121,7 +135,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq], eos_token_ids: set[int]) -> StepResult:
         input_ids, positions, meta = self.build_metadata(batch)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if self.cuda_graphs is not None and self.cuda_graphs.can_run(meta):
+            hidden = self.cuda_graphs.run(input_ids, positions, meta)
+        else:
+            hidden = self.model(input_ids, positions, self.kv_caches, meta)
         # Only sequences whose prompt is complete need logits: the last token of each.
         sample_idx = [i for i, s in enumerate(batch) if s.completes_prompt]
         done = [batch[i] for i in sample_idx]

@@ -236,7 +236,7 @@ def _uniforms(rows: list[SamplingRow], device: torch.device) -> torch.Tensor:
     u = torch.rand(len(rows), 1, dtype=torch.float64, device=device)
     for i, row in enumerate(rows):
         if row.generator is not None:
-            u[i] = torch.rand(1, dtype=torch.float64, generator=row.generator, device=device)
+            torch.rand(1, dtype=torch.float64, generator=row.generator, device=device, out=u[i])
     # (0, 1] rather than [0, 1): a target of exactly 0 would pick a leading zero-probability token.
     return 1.0 - u
 
@@ -289,14 +289,17 @@ def _column(values: list[float], device: torch.device) -> torch.Tensor:
 
 def _token_counts(token_lists: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
     """How often each vocabulary token occurs in each list: [len(token_lists), vocab_size] float32."""
-    # One flat int64 buffer (no nested Python lists), then one index_add_ (bincount would sync on CUDA).
+    # The host only flattens the lists into one int64 buffer; the index arithmetic runs on the device,
+    # and index_add_ (unlike bincount) needs no device-to-host sync.
     num_rows = len(token_lists)
-    lengths = torch.tensor([len(t) for t in token_lists], dtype=torch.long)
-    flat = torch.frombuffer(array("q", chain.from_iterable(token_lists)), dtype=torch.long) \
-        if int(lengths.sum()) > 0 else torch.empty(0, dtype=torch.long)
-    row_of = torch.repeat_interleave(torch.arange(num_rows), lengths)
-    overflow = num_rows * vocab_size  # one extra slot, dropped below, for ids outside the vocabulary
-    slots = torch.where(flat < vocab_size, row_of * vocab_size + flat, overflow).to(device, non_blocking=True)
-    counts = torch.zeros(overflow + 1, dtype=torch.float32, device=device)
-    counts.index_add_(0, slots, torch.ones(slots.shape, dtype=torch.float32, device=device))
-    return counts[:overflow].view(num_rows, vocab_size)
+    total = sum(len(t) for t in token_lists)
+    counts = torch.zeros(num_rows * vocab_size + 1, dtype=torch.float32, device=device)
+    if total:
+        lengths = torch.tensor([len(t) for t in token_lists], dtype=torch.long).to(device, non_blocking=True)
+        flat = torch.frombuffer(array("q", chain.from_iterable(token_lists)), dtype=torch.long)
+        flat = flat.to(device, non_blocking=True)
+        row_of = torch.repeat_interleave(torch.arange(num_rows, device=device), lengths, output_size=total)
+        overflow = num_rows * vocab_size  # one extra slot, dropped below, for ids outside the vocabulary
+        slots = torch.where(flat < vocab_size, row_of * vocab_size + flat, overflow)
+        counts.index_add_(0, slots, torch.ones(total, dtype=torch.float32, device=device))
+    return counts[: num_rows * vocab_size].view(num_rows, vocab_size)

@@ -60,7 +60,8 @@ def up(workdir: Path) -> None:
         print(f"local cluster already running in {workdir}", file=sys.stderr)
         print(_exports(Path(state["kubeconfig"]), Path(state["bin_dir"])), end="")
         return
-    down(workdir)  # a half-dead leftover: clear it before starting afresh
+    if workdir.exists():
+        down(workdir)  # a half-dead leftover: clear it before starting afresh
     cluster = LocalCluster(workdir, die_with_parent=False)
     cluster.start()
     state = {

@@ -53,7 +53,7 @@ class ClusterBinaries:
             raise ClusterToolingMissing(
                 f"The local Kubernetes control plane is not built ({', '.join(missing)} missing under "
                 f"{self.root}) and {' and '.join(tools)} {'is' if len(tools) == 1 else 'are'} not on PATH. "
-                "Install Go >= 1.24 and npm, then run `make cluster-build`."
+                "Install Go >= 1.26 and npm, then run `make cluster-build`."
             )
         env = {**os.environ, "K8S_VERSION": K8S_VERSION, "KUBELLM_CACHE": str(self.root.parent.parent)}
         if log_path is None:

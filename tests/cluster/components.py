@@ -124,4 +124,7 @@ def kwok(layout: ClusterLayout) -> list[str]:
         "--manage-all-nodes=false",
         f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
         f"--cidr={POD_CIDR}",
+        # Without a lease, nothing heartbeats between the 10-minute status stages, so the node lifecycle
+        # controller would flap the nodes NotReady every ~50 s.
+        "--node-lease-duration-seconds=40",
     ]

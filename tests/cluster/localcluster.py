@@ -14,6 +14,7 @@ import ssl
 import subprocess
 import tempfile
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -102,11 +103,18 @@ class LocalCluster:
 
     def start(self, timeout_s: float = 180) -> None:
         self.binaries.ensure_built()
-        try:
-            self._start(timeout_s)
-        except BaseException:
-            self.stop()
-            raise
+        for attempt in (1, 2):
+            try:
+                self._start(timeout_s)
+                return
+            except ClusterStartError as error:
+                self.stop()
+                # Ports are picked free before the components bind them; another process can win that race.
+                if attempt == 2 or "address already in use" not in str(error):
+                    raise
+            except BaseException:
+                self.stop()
+                raise
 
     def _start(self, timeout_s: float) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -144,7 +152,7 @@ class LocalCluster:
         process.start(self.die_with_parent)
         self.processes.append(process)
 
-    def _wait(self, check: Any, what: str, timeout_s: float) -> None:
+    def _wait(self, check: Callable[[], Any], what: str, timeout_s: float) -> None:
         def alive_then_check() -> Any:
             for process in self.processes:
                 code = process.exit_code()

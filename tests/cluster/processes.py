@@ -60,22 +60,21 @@ class ManagedProcess:
         popen.wait()
 
 
-def _group_exists(pgid: int) -> bool:
+def _leader_gone(pid: int) -> bool:
+    # A zombie (state Z) has exited; its parent (init, for a cluster started by an earlier `up`) reaps it later.
     try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
         return True
-    return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
 def stop_process_group(pgid: int, grace_s: float = 10.0, exited: Callable[[], bool] | None = None) -> None:
     """SIGTERM the group, wait up to `grace_s` for it to exit, then SIGKILL whatever is left of it.
 
-    `exited` tells when the leader is gone; our own children must be reaped by their Popen (a zombie still
-    "exists"), while a group started by an earlier `up` belongs to init and simply disappears."""
-    is_done = exited or (lambda: not _group_exists(pgid))
+    `exited` tells when the leader is gone (by default: read from /proc); the components never fork, so the
+    leader's exit is the group's."""
+    is_done = exited or (lambda: _leader_gone(pgid))
     try:
         os.killpg(pgid, signal.SIGTERM)
     except ProcessLookupError:

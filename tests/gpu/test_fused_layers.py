@@ -79,3 +79,15 @@ def test_rotary_in_place_matches_torch_module(num_heads, num_kv_heads, head_dim,
     assert_bf16_close(q, q_ref)
     assert_bf16_close(k, k_ref)
     assert torch.equal(v, split(qkv)[2])  # v untouched
+
+
+def test_rms_norm_on_strided_heads_matches_torch_module():
+    """Qwen3's q_norm: RMSNorm over each head of q, a strided view of the packed qkv output."""
+    num_tokens, num_heads, num_kv_heads, head_dim = 77, 16, 8, 128
+    qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, device="cuda").bfloat16()
+    q = qkv[:, : num_heads * head_dim].view(num_tokens, num_heads, head_dim)
+    norm = RMSNorm(head_dim, 1e-6).cuda().bfloat16()
+    torch.nn.init.normal_(norm.weight, 1.0, 0.3)
+    with torch.no_grad():
+        theirs = norm(q)
+    assert_bf16_close(rms_norm(q, norm.weight, 1e-6), theirs)

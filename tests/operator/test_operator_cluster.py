@@ -411,3 +411,52 @@ def test_restarting_the_operator_changes_nothing(
     )
     time.sleep(2)
     assert snapshot() == before
+
+
+def test_a_second_replica_stands_by_and_takes_over_when_the_leader_goes(
+    k8s_cluster: LocalCluster, k8s_namespace: str, operator: OperatorProcess, tmp_path: Path
+) -> None:
+    ns = k8s_namespace
+    # The fixture's operator drew a random priority >= 1; this one yields to it through kopf peering.
+    follower = OperatorProcess(k8s_cluster.env, tmp_path / "follower.log", extra_args=("--priority", "0"))
+    follower.start()
+    try:
+        apply(k8s_cluster, ns, vllm_sample())
+        wait_ready(k8s_cluster, ns, "vllm")
+        assert f"[{ns}/" not in follower.log_text()  # the leader did the work alone
+        assert follower.healthy()  # standing by is healthy: Kubernetes must not restart it
+
+        operator.stop()
+        wait_until(
+            lambda: "Resuming operations after the pause" in follower.log_text(),
+            "the follower to take over",
+            timeout_s=TIMEOUT_S,
+        )
+        k8s_cluster.kubectl("scale", "md", "vllm", "--replicas=2", "-n", ns)
+        wait_ready(k8s_cluster, ns, "vllm", replicas=2)
+        assert f"[{ns}/vllm]" in follower.log_text()
+    finally:
+        follower.stop()
+        if not operator.alive:
+            operator.start()
+
+
+def test_namespaced_operator_leaves_other_namespaces_alone(
+    k8s_cluster: LocalCluster, k8s_namespace: str, operator: OperatorProcess, tmp_path: Path
+) -> None:
+    watched, other = k8s_namespace, f"{k8s_namespace}-other"
+    k8s_cluster.kubectl("create", "namespace", other)
+    operator.stop()  # the cluster-wide one would handle both
+    scoped = OperatorProcess(k8s_cluster.env, tmp_path / "scoped.log", extra_args=("--namespace", watched))
+    scoped.start()
+    try:
+        apply(k8s_cluster, watched, vllm_sample())
+        apply(k8s_cluster, other, vllm_sample())
+        wait_ready(k8s_cluster, watched, "vllm")
+        assert get(k8s_cluster, other, "deployment", "vllm") is None
+        assert not get(k8s_cluster, other, "md", "vllm").get("status")
+        assert get(k8s_cluster, watched, "kopfpeering", "kubellm-operator")  # namespaced leader election
+    finally:
+        scoped.stop()
+        k8s_cluster.kubectl("delete", "namespace", other, "--wait=false")
+        operator.start()

@@ -1,0 +1,31 @@
+"""Random-weight Hugging Face checkpoints for the GPU tests, with a word-level tokenizer ("t0" .. "tN")
+built in code, so nothing has to be downloaded and any vocabulary size works."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+
+def word_level_tokenizer(vocab_size: int) -> transformers.PreTrainedTokenizerFast:
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="t1")
+
+
+def save_random_checkpoint(config: transformers.PretrainedConfig, path: Path, weight_std: float = 0.2) -> Path:
+    """Weights drawn N(0, weight_std) (decisive logits, so greedy choices are not near-ties), saved in
+    float32 with the tokenizer."""
+    torch.manual_seed(1234)
+    config.eos_token_id = 1
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, weight_std)
+    model.save_pretrained(path)
+    word_level_tokenizer(config.vocab_size).save_pretrained(path)
+    return path
