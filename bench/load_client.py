@@ -88,7 +88,7 @@ async def send_one(session: aiohttp.ClientSession, url: str, model: str, spec: R
                     ttft = time.perf_counter() - started
                 if chunk.get("usage"):
                     output_tokens = chunk["usage"]["completion_tokens"]
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         return RequestResult(len(spec.prompt_token_ids), output_tokens, ttft, time.perf_counter() - started, repr(exc))
     return RequestResult(len(spec.prompt_token_ids), output_tokens, ttft, time.perf_counter() - started)
 

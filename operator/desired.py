@@ -13,7 +13,13 @@ from typing import Any
 
 from kubellm_operator import names
 from kubellm_operator.engine_args import engine_invocation
-from kubellm_operator.spec import GPU_PRODUCT_LABEL, ModelDeploymentSpec
+from kubellm_operator.spec import (
+    GPU_PRODUCT_LABEL,
+    AutoscalingSpec,
+    DisruptionBudgetSpec,
+    ModelDeploymentSpec,
+    NewClaim,
+)
 
 Manifest = dict[str, Any]
 
@@ -48,13 +54,13 @@ def service_name(owner_name: str, spec: ModelDeploymentSpec) -> str:
 def desired_children(owner: Owner, spec: ModelDeploymentSpec) -> list[Manifest]:
     """In apply order: the cache claim exists before pods that mount it."""
     children: list[Manifest] = []
-    if spec.model_cache.persistent_volume_claim is not None:
-        children.append(cache_claim(owner, spec))
+    if (claim := spec.model_cache.persistent_volume_claim) is not None:
+        children.append(cache_claim(owner, claim))
     children += [deployment(owner, spec), service(owner, spec)]
     if spec.autoscaling is not None:
-        children.append(autoscaler(owner, spec))
+        children.append(autoscaler(owner, spec.autoscaling))
     if spec.disruption_budget is not None:
-        children.append(disruption_budget(owner, spec))
+        children.append(disruption_budget(owner, spec.disruption_budget))
     return children
 
 
@@ -226,9 +232,7 @@ def service(owner: Owner, spec: ModelDeploymentSpec) -> Manifest:
     }
 
 
-def cache_claim(owner: Owner, spec: ModelDeploymentSpec) -> Manifest:
-    claim = spec.model_cache.persistent_volume_claim
-    assert claim is not None
+def cache_claim(owner: Owner, claim: NewClaim) -> Manifest:
     claim_spec: dict[str, Any] = {
         "accessModes": list(claim.access_modes),
         "resources": {"requests": {"storage": str(claim.size)}},
@@ -243,9 +247,7 @@ def cache_claim(owner: Owner, spec: ModelDeploymentSpec) -> Manifest:
     }
 
 
-def autoscaler(owner: Owner, spec: ModelDeploymentSpec) -> Manifest:
-    scaling = spec.autoscaling
-    assert scaling is not None
+def autoscaler(owner: Owner, scaling: AutoscalingSpec) -> Manifest:
     metrics: list[dict[str, Any]] = []
     cpu_target = scaling.target_cpu_utilization_percentage
     if cpu_target is None and scaling.pod_metric is None:
@@ -280,9 +282,7 @@ def autoscaler(owner: Owner, spec: ModelDeploymentSpec) -> Manifest:
     }
 
 
-def disruption_budget(owner: Owner, spec: ModelDeploymentSpec) -> Manifest:
-    budget = spec.disruption_budget
-    assert budget is not None
+def disruption_budget(owner: Owner, budget: DisruptionBudgetSpec) -> Manifest:
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",

@@ -25,7 +25,7 @@ def choose_num_blocks(config: EngineConfig, runner: ModelRunner, max_model_len: 
     elif config.kv_cache_memory is not None:
         num_blocks = config.kv_cache_memory // per_block
     elif runner.device.type == "cuda":
-        num_blocks = _profile_cuda_blocks(config, runner, per_block, max_batched_tokens)
+        num_blocks = _profile_cuda_blocks(config, runner, per_block, max_batched_tokens, max_model_len)
     else:
         num_blocks = CPU_DEFAULT_KV_BYTES // per_block
     min_blocks = -(-max_model_len // config.block_size)
@@ -38,12 +38,14 @@ def choose_num_blocks(config: EngineConfig, runner: ModelRunner, max_model_len: 
     return num_blocks
 
 
-def _profile_cuda_blocks(config: EngineConfig, runner: ModelRunner, per_block: int, num_tokens: int) -> int:
+def _profile_cuda_blocks(
+    config: EngineConfig, runner: ModelRunner, per_block: int, num_tokens: int, max_model_len: int
+) -> int:
     device = runner.device
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
-    peak_extra = runner.profile_peak_activation_bytes(num_tokens)
+    peak_extra = runner.profile_peak_activation_bytes(num_tokens, max_model_len)
     free, total = torch.cuda.mem_get_info(device)
     used_by_others = total - free - torch.cuda.memory_reserved(device)
     budget = total * config.gpu_memory_utilization - used_by_others - torch.cuda.memory_allocated(device) - peak_extra

@@ -60,19 +60,25 @@ class ModelRunner:
         shape = (2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
 
-    def profile_peak_activation_bytes(self, num_tokens: int) -> int:
-        """Run one prefill of num_tokens dummy tokens; return the activation memory it peaked at."""
+    def profile_peak_activation_bytes(self, num_tokens: int, max_seq_len: int | None = None) -> int:
+        """Run one prefill of num_tokens dummy tokens, in sequences of at most max_seq_len (positions past
+        the rotary table would read out of bounds); return the activation memory it peaked at."""
         from engine.core.sequence import Sequence
         from engine.sampling.params import SamplingParams
 
-        num_blocks = -(-num_tokens // self.block_size)
-        self.allocate_kv_cache(num_blocks)
-        seq = Sequence("profile", [0] * num_tokens, SamplingParams(temperature=0.0))
-        seq.block_table = list(range(num_blocks))
+        seq_len = min(num_tokens, max_seq_len or num_tokens)
+        lengths = [min(seq_len, num_tokens - start) for start in range(0, num_tokens, seq_len)]
+        blocks = [-(-n // self.block_size) for n in lengths]
+        self.allocate_kv_cache(sum(blocks))
+        batch = []
+        for i, (n, b) in enumerate(zip(lengths, blocks, strict=True)):
+            seq = Sequence(f"profile-{i}", [0] * n, SamplingParams(temperature=0.0))
+            seq.block_table = list(range(sum(blocks[:i]), sum(blocks[:i]) + b))
+            batch.append(ScheduledSeq(seq, n))
         torch.cuda.synchronize(self.device)
         base = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        self.execute([ScheduledSeq(seq, num_tokens)], set())
+        self.execute(batch, set())
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - base
         self.kv_caches = []

@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from engine_helpers import SMOLLM2_GGUF, hf_model, make_engine, smollm2_dir
+from engine_helpers import hf_model, make_engine
 
 from engine.sampling.params import SamplingParams
 
@@ -96,8 +96,12 @@ def test_aborting_a_running_request_frees_its_blocks_at_once(tiny_model_dir):
 def test_embedded_smollm2_greedy_matches_transformers(smollm2_tokenizer):
     import transformers
 
+    from engine.model.sources import resolve_model_source
+
+    # transformers' own dequantization of the GGUF (the loader keeps it as a plain HF directory)
+    source = resolve_model_source(None)
     hf = transformers.AutoModelForCausalLM.from_pretrained(
-        smollm2_dir(), gguf_file=SMOLLM2_GGUF, torch_dtype=torch.float32).eval()
+        source.directory, gguf_file=source.gguf_file, torch_dtype=torch.float32).eval()
     engine = make_engine(None)
     chats = ["What is Kubernetes?", "Write a haiku about GPUs.", "Name three prime numbers."]
     prompts = [smollm2_tokenizer.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True)

@@ -62,10 +62,3 @@ def one(objects: list[Manifest], kind: str) -> Manifest:
     assert len(found) == 1, f"expected one {kind}, got {[o['metadata']['name'] for o in found]}"
     return found[0]
 
-
-# The local control plane's fixtures (k8s_cluster, k8s_namespace) live with the operator tests; make them
-# visible here too. If they move to tests/conftest.py, this import simply finds nothing to do.
-try:
-    from tests.operator.conftest import k8s_cluster, k8s_namespace  # noqa: E402, F401
-except ImportError:  # pragma: no cover
-    pass

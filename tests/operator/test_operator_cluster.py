@@ -289,6 +289,16 @@ def test_more_gpus_than_any_node_has_is_unschedulable(
             "spec.engine.gpuMemoryUtilization",
         ),
         ("x" * 56, {"model": {}}, "so that '<name>-service' is a valid Service name"),
+        (
+            "product",
+            {"model": {}, "gpu": {"count": 0, "product": "H100"}},
+            "spec.gpu.product needs spec.gpu.count > 0",
+        ),
+        (
+            "cpu-scaling",
+            {"model": {}, "autoscaling": {"maxReplicas": 2}},
+            "CPU-based autoscaling needs spec.resources.cpu",
+        ),
     ],
 )
 def test_invalid_resource_is_refused_with_a_readable_message(
@@ -332,6 +342,39 @@ def test_spec_error_the_schema_cannot_catch_is_reported_not_crashed_on(
     )
     md = wait_ready(k8s_cluster, ns, "odd")
     assert condition(md, "Degraded")["status"] == "False"
+
+
+def test_someone_elses_object_is_not_taken_over_and_is_retried_with_backoff(
+    k8s_cluster: LocalCluster, k8s_namespace: str, operator: OperatorProcess
+) -> None:
+    ns = k8s_namespace
+    theirs = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "clash-service"},
+        "spec": {"selector": {"app": "theirs"}, "ports": [{"port": 80}]},
+    }
+    apply(k8s_cluster, ns, theirs)
+    apply(k8s_cluster, ns, model_deployment("clash", model={"source": "hf://org/m"}))
+
+    def conflict() -> dict[str, Any] | None:
+        md = get(k8s_cluster, ns, "md", "clash")
+        return md if condition(md, "Degraded").get("reason") == "ChildConflict" else None
+
+    md = wait_until(conflict, "Degraded=True with reason ChildConflict", timeout_s=TIMEOUT_S)
+    assert (
+        "Service clash-service already exists and is not managed by this ModelDeployment"
+        in (condition(md, "Degraded")["message"])
+    )
+    assert get(k8s_cluster, ns, "service", "clash-service")["spec"]["selector"] == {"app": "theirs"}
+
+    # Once their Service is gone, the retry (with backoff) creates ours.
+    k8s_cluster.kubectl("delete", "service", "clash-service", "-n", ns)
+    wait_ready(k8s_cluster, ns, "clash")
+    assert (
+        get(k8s_cluster, ns, "service", "clash-service")["spec"]["selector"]["app.kubernetes.io/instance"]
+        == "clash"
+    )
 
 
 def test_removed_options_take_their_children_and_deletion_takes_everything(

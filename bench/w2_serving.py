@@ -1,0 +1,153 @@
+"""W2, serving through HTTP: `kubellm serve` with a Llama-3.1-8B-shaped model (random weights) and the
+load client in this folder: 500 ShareGPT-like requests (lognormal lengths, mean ~202 prompt / ~179
+output tokens, seed 0) at QPS=inf and at 32 QPS. Reports req/s, output tok/s, TTFT and TPOT p50/p99.
+
+    python3 bench/w2_serving.py --out bench/results/w2_serving_gpu.json
+
+The checkpoint is written straight from random tensors (no transformers model is built: 8B parameters
+initialised on the CPU would take minutes), then served by the real CLI in a child process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors.torch import save_file
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from load_client import run_load, sharegpt_like_requests  # noqa: E402
+from w1_offline import word_level_tokenizer  # noqa: E402
+
+
+def llama_3_1_8b_config() -> transformers.LlamaConfig:
+    return transformers.LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5,
+        rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192},
+    )  # fmt: skip
+
+
+def write_random_checkpoint(config: transformers.LlamaConfig, path: Path, device: str = "cuda") -> None:
+    """Hugging Face-named bf16 tensors, N(0, 0.02) (norms at 1), one safetensors shard per 4 layers."""
+    h, inter = config.hidden_size, config.intermediate_size
+    d = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, device=device, generator=gen, dtype=torch.bfloat16) * 0.02).cpu()
+
+    ones = torch.ones(h, dtype=torch.bfloat16)
+    shards = [["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]]
+    shards += [list(range(i, min(i + 4, config.num_hidden_layers))) for i in range(0, config.num_hidden_layers, 4)]
+    weight_map = {}
+    for n, content in enumerate(shards):
+        if n == 0:
+            tensors = {"model.embed_tokens.weight": rand(config.vocab_size, h), "model.norm.weight": ones.clone(),
+                       "lm_head.weight": rand(config.vocab_size, h)}  # fmt: skip
+        else:
+            tensors = {}
+            for i in content:
+                p = f"model.layers.{i}."
+                tensors.update({
+                    p + "self_attn.q_proj.weight": rand(q, h), p + "self_attn.k_proj.weight": rand(kv, h),
+                    p + "self_attn.v_proj.weight": rand(kv, h), p + "self_attn.o_proj.weight": rand(h, q),
+                    p + "mlp.gate_proj.weight": rand(inter, h), p + "mlp.up_proj.weight": rand(inter, h),
+                    p + "mlp.down_proj.weight": rand(h, inter),
+                    p + "input_layernorm.weight": ones.clone(), p + "post_attention_layernorm.weight": ones.clone(),
+                })  # fmt: skip
+        name = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(tensors, str(path / name), metadata={"format": "pt"})  # one shard in host memory at a time
+        weight_map.update(dict.fromkeys(tensors, name))
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config.save_pretrained(path)
+    word_level_tokenizer(config.vocab_size).save_pretrained(path)
+
+
+def wait_until_ready(url: str, server: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"kubellm serve exited with {server.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise TimeoutError("kubellm serve did not become ready")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/results/w2_serving_gpu.json")
+    parser.add_argument("--num-requests", type=int, default=500)
+    parser.add_argument("--qps", type=float, nargs="+", default=[math.inf, 32.0])
+    parser.add_argument("--port", type=int, default=8321)
+    parser.add_argument("--server-log", default=None, help="file for the server's output (default: beside --out)")
+    parser.add_argument("--serve-args", nargs=argparse.REMAINDER, default=[], help="extra `kubellm serve` flags")
+    args = parser.parse_args()
+
+    config = llama_3_1_8b_config()
+    url = f"http://127.0.0.1:{args.port}"
+    props = torch.cuda.get_device_properties(0)
+    result: dict = {"device": props.name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+                    "model": "Llama-3.1-8B shape, random bf16 weights", "runs": []}  # fmt: skip
+    log_path = Path(args.server_log or Path(args.out).with_suffix(".server.log"))
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        write_random_checkpoint(config, Path(tmp))
+        torch.cuda.empty_cache()
+        result["checkpoint_write_s"] = time.perf_counter() - started
+        command = [sys.executable, "-m", "engine.cli", "serve", "--model", tmp, "--served-model-name", "llama-8b",
+                   "--dtype", "bfloat16", "--max-model-len", "4096", "--port", str(args.port), *args.serve_args]  # fmt: skip
+        started = time.perf_counter()
+        with open(log_path, "w") as log:
+            server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=HERE.parent, env=os.environ)
+            try:
+                wait_until_ready(url, server, timeout=400)
+                result["server_startup_s"] = time.perf_counter() - started
+                print(f"server ready in {result['server_startup_s']:.0f}s", flush=True)
+                warm = sharegpt_like_requests(16, config.vocab_size, seed=99)
+                asyncio.run(run_load(url, "llama-8b", warm, math.inf))  # first-request effects out of the numbers
+                specs = sharegpt_like_requests(args.num_requests, config.vocab_size, seed=0)
+                for qps in args.qps:
+                    summary = asyncio.run(run_load(url, "llama-8b", specs, qps, seed=0))
+                    result["runs"].append(summary)
+                    print(json.dumps(summary), flush=True)
+            finally:
+                server.terminate()
+                try:
+                    server.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    server.kill()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"\nW2 on {props.name}, Llama-3.1-8B shape, {args.num_requests} requests:")
+    for r in result["runs"]:
+        print(f"  QPS={r['qps']}: {r['request_throughput']:.1f} req/s, {r['output_token_throughput']:.0f} output tok/s, "
+              f"TTFT p50/p99 {r['ttft_ms']['p50']:.0f}/{r['ttft_ms']['p99']:.0f} ms, "
+              f"TPOT p50/p99 {r['tpot_ms']['p50']:.1f}/{r['tpot_ms']['p99']:.1f} ms, errors {r['errors']}")
+
+
+if __name__ == "__main__":
+    main()
