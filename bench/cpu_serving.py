@@ -4,6 +4,8 @@
 In the same run on the same machine it measures, as baselines:
   - transformers' own OpenAI server: `transformers serve <dir> --continuous-batching`
   - plain Hugging Face `generate`, one stream.
+Each runs in float32 (the dequantized GGUF, as loaded) and in bfloat16; `kubellm serve` also with its
+default `--dtype auto` (bfloat16 on CPUs with native bf16 matmuls, float32 elsewhere).
 
     .venv/bin/python bench/cpu_serving.py [--rounds 2] [--out bench/results/cpu_serving.json]
 """
@@ -106,12 +108,12 @@ def measure_server(cmd: list[str], port: int, model: str, rounds: int) -> list[d
             proc.kill()
 
 
-def measure_hf_generate(model_dir: Path, runs: int = 3) -> dict:
+def measure_hf_generate(model_dir: Path, dtype: str, runs: int = 3) -> dict:
     import torch
     import transformers
 
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
     total, elapsed = 0, 0.0
     for i in range(runs + 1):
         ids = tok.apply_chat_template([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
@@ -133,24 +135,33 @@ def main() -> None:
     model_dir = export_hf_dir()
     name = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
-    port = free_port()
-    ours = measure_server([str(bindir / "kubellm"), "serve", "--port", str(port), "--host", "127.0.0.1"], port, name, args.rounds)
-    port = free_port()
-    theirs = measure_server([str(bindir / "transformers"), "serve", str(model_dir), "--continuous-batching",
-                             "--port", str(port), "--host", "127.0.0.1", "--device", "cpu"], port, str(model_dir), args.rounds)
-    hf = measure_hf_generate(model_dir)
+    rows: dict[str, dict] = {}
+    for dtype in ("auto", "float32"):
+        port = free_port()
+        cmd = [str(bindir / "kubellm"), "serve", "--port", str(port), "--host", "127.0.0.1", "--dtype", dtype]
+        rows[f"kubellm serve --dtype {dtype}"] = {"dtype": dtype, "runs": measure_server(cmd, port, name, args.rounds)}
+    for dtype in ("float32", "bfloat16"):
+        port = free_port()
+        cmd = [str(bindir / "transformers"), "serve", str(model_dir), "--continuous-batching", "--port", str(port),
+               "--host", "127.0.0.1", "--device", "cpu", "--dtype", dtype]
+        rows[f"transformers serve --continuous-batching ({dtype})"] = {
+            "dtype": dtype, "runs": measure_server(cmd, port, str(model_dir), args.rounds)}
+    for dtype in ("float32", "bfloat16"):
+        rows[f"HF generate ({dtype})"] = {"dtype": dtype, "runs": [measure_hf_generate(model_dir, dtype)]}
+
+    import torch
+
+    from engine.model.loader import cpu_has_native_bf16
 
     result = {"date": date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-              "model": name, "max_tokens": MAX_TOKENS, "kubellm": ours, "transformers_serve_cb": theirs, "hf_generate": hf}
+              "torch": torch.__version__, "cpu_native_bf16": cpu_has_native_bf16(),
+              "model": name, "max_tokens": MAX_TOKENS, "rounds": args.rounds, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{'':28}{'1 client':>12}{'16 clients':>12}")
-    print(f"{'kubellm serve':28}{ours[0]['tok_per_s']:>12}{ours[1]['tok_per_s']:>12}")
-    print(f"{'transformers serve (CB)':28}{theirs[0]['tok_per_s']:>12}{theirs[1]['tok_per_s']:>12}")
-    print(f"{'HF generate':28}{hf['tok_per_s']:>12}{'-':>12}")
-    print(f"16 clients: {ours[1]['tok_per_s'] / theirs[1]['tok_per_s']:.2f}x transformers serve; "
-          f"1 client: {ours[0]['tok_per_s'] / hf['tok_per_s']:.2f}x HF generate")
-
+    print(f"{'aggregate output tok/s':58}{'1 client':>10}{'16 clients':>12}")
+    for label, row in rows.items():
+        runs = {r["clients"]: r["tok_per_s"] for r in row["runs"]}
+        print(f"{label:58}{runs.get(1, '-'):>10}{runs.get(16, '-'):>12}")
 
 if __name__ == "__main__":
     main()

@@ -116,7 +116,10 @@ def bench_prefill(name, num_heads, num_kv_heads, head_dim, block_size, query_len
     out = torch.empty_like(q)
     qsl = torch.tensor([0] + list(torch.tensor(query_lens).cumsum(0)), dtype=torch.int32, device=DEV)
     # causal FLOPs: QK^T and PV over each query's visible keys
-    flops = sum(4 * num_heads * head_dim * (p * ql + ql * (ql + 1) / 2) for p, ql in zip(prefix_lens, query_lens, strict=True))
+    flops = sum(
+        4 * num_heads * head_dim * (p * ql + ql * (ql + 1) / 2)
+        for p, ql in zip(prefix_lens, query_lens, strict=True)
+    )
     rows = []
     for bm, bn, warps, stages in PREFILL_VARIANTS:
         ms = median_ms(partial(
@@ -187,7 +190,10 @@ def main() -> None:
     random.seed(0)
     props = torch.cuda.get_device_properties(0)
     copy_bw = copy_bandwidth()
-    print(f"{props.name}: {props.multi_processor_count} SMs, copy bandwidth {copy_bw / 1e12:.2f} TB/s", flush=True)
+    print(
+        f"{props.name}: {props.multi_processor_count} SMs, copy bandwidth {copy_bw / 1e12:.2f} TB/s",
+        flush=True,
+    )
 
     rng = random.Random(0)
     rows = []
@@ -207,7 +213,9 @@ def main() -> None:
     rows += bench_prefill("Qwen3-0.6B 16 x 1024 fresh", *qwen, 16, [1024] * 16, [0] * 16)
     rows += bench_prefill("Qwen3-0.6B 4 x 2048 over 2048 cached", *qwen, 16, [2048] * 4, [2048] * 4)
     rows += bench_prefill("Llama-8B 8 x 2048 fresh", *llama, 16, [2048] * 8, [0] * 8)
-    rows += bench_prefill("Llama-8B 64 x U(50,400) fresh", *llama, 16, [rng.randint(50, 400) for _ in range(64)], [0] * 64)
+    rows += bench_prefill(
+        "Llama-8B 64 x U(50,400) fresh", *llama, 16, [rng.randint(50, 400) for _ in range(64)], [0] * 64
+    )
     print("prefill done", flush=True)
     rows += bench_cache_write(copy_bw)
     rows += bench_fused()
@@ -224,7 +232,9 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"\n{'kernel':<18}{'case':<38}{'variant':<24}{'ms':>9}  extra")
     for r in rows:
-        extra = ", ".join(f"{k}={v:.1f}" for k, v in r.items() if k in ("pct_of_floor", "GB_per_s", "TFLOP_per_s"))
+        extra = ", ".join(
+            f"{k}={v:.1f}" for k, v in r.items() if k in ("pct_of_floor", "GB_per_s", "TFLOP_per_s")
+        )
         print(f"{r['kernel']:<18}{r['case']:<38}{r['variant']:<24}{r['ms']:>9.4f}  {extra}")
 
 

@@ -54,7 +54,10 @@ def sharegpt_like_requests(n: int, vocab_size: int, seed: int = 0, prompt_mean: 
     prompt_lens = lognormal_lengths(n, prompt_mean, sigma, 4, 2048, rng)
     output_lens = lognormal_lengths(n, output_mean, sigma, 4, 1024, rng)
     top = min(vocab_size, 30000)  # ordinary token ids, clear of any special tokens at the end
-    return [RequestSpec([rng.randrange(100, top) for _ in range(p)], o) for p, o in zip(prompt_lens, output_lens, strict=True)]
+    return [
+        RequestSpec([rng.randrange(100, top) for _ in range(p)], o)
+        for p, o in zip(prompt_lens, output_lens, strict=True)
+    ]
 
 
 async def send_one(session: aiohttp.ClientSession, url: str, model: str, spec: RequestSpec) -> RequestResult:
@@ -89,7 +92,9 @@ async def send_one(session: aiohttp.ClientSession, url: str, model: str, spec: R
                 if chunk.get("usage"):
                     output_tokens = chunk["usage"]["completion_tokens"]
     except (TimeoutError, aiohttp.ClientError) as exc:
-        return RequestResult(len(spec.prompt_token_ids), output_tokens, ttft, time.perf_counter() - started, repr(exc))
+        return RequestResult(
+            len(spec.prompt_token_ids), output_tokens, ttft, time.perf_counter() - started, repr(exc)
+        )
     return RequestResult(len(spec.prompt_token_ids), output_tokens, ttft, time.perf_counter() - started)
 
 
@@ -132,10 +137,16 @@ def summarise(results: list[RequestResult], duration: float, qps: float) -> dict
         "output_token_throughput": output / duration,
         "total_prompt_tokens": sum(r.prompt_tokens for r in ok),
         "total_output_tokens": output,
-        "ttft_ms": {"mean": statistics.fmean(ttfts) * ms if ttfts else None,
-                    "p50": _ms(percentile(ttfts, 50)), "p99": _ms(percentile(ttfts, 99))},  # fmt: skip
-        "tpot_ms": {"mean": statistics.fmean(tpots) * ms if tpots else None,
-                    "p50": _ms(percentile(tpots, 50)), "p99": _ms(percentile(tpots, 99))},  # fmt: skip
+        "ttft_ms": {
+            "mean": statistics.fmean(ttfts) * ms if ttfts else None,
+            "p50": _ms(percentile(ttfts, 50)),
+            "p99": _ms(percentile(ttfts, 99)),
+        },  # fmt: skip
+        "tpot_ms": {
+            "mean": statistics.fmean(tpots) * ms if tpots else None,
+            "p50": _ms(percentile(tpots, 50)),
+            "p99": _ms(percentile(tpots, 99)),
+        },  # fmt: skip
     }
 
 

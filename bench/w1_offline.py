@@ -57,7 +57,9 @@ def save_random_checkpoint(config: transformers.PretrainedConfig, path: Path) ->
     """transformers' own random init (normal, std 0.02) in bf16, saved with the tokenizer; returns the
     model on the GPU for the transformers baselines."""
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    model = transformers.AutoModelForCausalLM.from_config(
+        config, dtype=torch.bfloat16, attn_implementation="sdpa"
+    )
     model.save_pretrained(path)
     word_level_tokenizer(config.vocab_size).save_pretrained(path)
     return model.cuda().eval()
@@ -102,7 +104,9 @@ def bandwidth_floor(config, prompts, max_tokens, copy_bw: float, matmul_flops: f
         if running:
             decode_bytes += weight_bytes + kv_bytes_per_token * sum(p + step for p, _ in running)
     # prefill: every prompt token through every layer, the LM head only for each prompt's last token
-    prefill_flops = 2 * sum(len(p) for p in prompts) * layers * layer_params + 2 * len(prompts) * config.vocab_size * h
+    prefill_flops = (
+        2 * sum(len(p) for p in prompts) * layers * layer_params + 2 * len(prompts) * config.vocab_size * h
+    )
     seconds = decode_bytes / copy_bw + prefill_flops / matmul_flops
     return {"decode_bytes_read": decode_bytes, "prefill_flops": prefill_flops, "floor_seconds": seconds,
             "floor_tok_per_s": sum(max_tokens) / seconds, "weight_bytes": weight_bytes}  # fmt: skip
@@ -132,7 +136,10 @@ def hf_continuous(model, prompts, max_tokens) -> dict:
     gen = transformers.GenerationConfig(do_sample=True, temperature=TEMPERATURE, top_k=0, top_p=1.0,
                                         max_new_tokens=max(max_tokens), eos_token_id=-1, pad_token_id=0)  # fmt: skip
     produced = 0
-    with torch.no_grad(), model.continuous_batching_context_manager(generation_config=gen, block=True, timeout=30) as m:
+    with (
+        torch.no_grad(),
+        model.continuous_batching_context_manager(generation_config=gen, block=True, timeout=30) as m,
+    ):
         started = time.perf_counter()  # after the manager's warm-up, as ours starts after graph capture
         for i, (p, n) in enumerate(zip(prompts, max_tokens, strict=True)):
             m.add_request(p, request_id=f"r{i}", max_new_tokens=n, eos_token_id=-1)
@@ -203,9 +210,9 @@ def time_decode_forward(engine: LLMEngine, batch: int, context: int) -> float | 
     blocks_needed = -(-context // engine.config.block_size)
     num_blocks = engine.runner.kv_caches[0].shape[1]
     g = torch.Generator().manual_seed(0)
-    graphs.block_tables[:bs, :blocks_needed] = torch.randint(0, num_blocks, (bs, blocks_needed), generator=g).to(
-        graphs.block_tables.device, torch.int32
-    )
+    graphs.block_tables[:bs, :blocks_needed] = torch.randint(
+        0, num_blocks, (bs, blocks_needed), generator=g
+    ).to(graphs.block_tables.device, torch.int32)
     graphs.seq_lens[:bs] = context
     graphs.slot_mapping[:bs] = -1
     graphs.positions[:bs] = context - 1
@@ -229,7 +236,8 @@ def run_ours(path: Path, prompts, max_tokens, args) -> dict:
     engine = LLMEngine(config, load_model(config))
     startup = time.perf_counter() - started
     engine.generate([[1, 2, 3]], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up, as nano-vllm
-    params = [SamplingParams(temperature=TEMPERATURE, ignore_eos=True, max_tokens=n) for n in max_tokens]
+    # token ids only, as nano-vllm's benchmark: no detokenization
+    params = [SamplingParams(temperature=TEMPERATURE, ignore_eos=True, max_tokens=n, detokenize=False) for n in max_tokens]
     timer = StepTimer(engine)
     torch.cuda.synchronize()
     started = time.perf_counter()
@@ -249,7 +257,9 @@ def run_ours(path: Path, prompts, max_tokens, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results/w1_offline_gpu.json")
-    parser.add_argument("--hf-seqs", type=int, default=64, help="sequences for each transformers baseline (0: skip)")
+    parser.add_argument(
+        "--hf-seqs", type=int, default=64, help="sequences for each transformers baseline (0: skip)"
+    )
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
     parser.add_argument("--enforce-eager", action="store_true")
@@ -261,7 +271,10 @@ def main() -> None:
     props = torch.cuda.get_device_properties(0)
     copy_bw = copy_bandwidth()
     floor = bandwidth_floor(config, prompts, max_tokens, copy_bw)
-    print(f"{props.name}; copy bandwidth {copy_bw / 1e12:.2f} TB/s; floor {floor['floor_tok_per_s']:.0f} tok/s", flush=True)
+    print(
+        f"{props.name}; copy bandwidth {copy_bw / 1e12:.2f} TB/s; floor {floor['floor_tok_per_s']:.0f} tok/s",
+        flush=True,
+    )
 
     result: dict = {"device": props.name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
                     "transformers": transformers.__version__, "copy_bandwidth_TBps": copy_bw / 1e12,
@@ -288,8 +301,10 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
-    print(f"\nW1 on {props.name}: kubellm {ours['tok_per_s']:.0f} output tok/s ({ours['seconds']:.1f} s, "
-          f"{ours['pct_of_floor']:.0f}% of the {floor['floor_tok_per_s']:.0f} tok/s floor)")
+    print(
+        f"\nW1 on {props.name}: kubellm {ours['tok_per_s']:.0f} output tok/s ({ours['seconds']:.1f} s, "
+        f"{ours['pct_of_floor']:.0f}% of the {floor['floor_tok_per_s']:.0f} tok/s floor)"
+    )
     for name in ("hf_static_generate", "hf_continuous_batching"):
         if "tok_per_s" in result.get(name, {}):
             print(f"  {name} (first {result[name]['seqs']} seqs): {result[name]['tok_per_s']:.0f} tok/s")

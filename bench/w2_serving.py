@@ -56,7 +56,9 @@ def write_random_checkpoint(config: transformers.LlamaConfig, path: Path, device
 
     ones = torch.ones(h, dtype=torch.bfloat16)
     shards = [["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]]
-    shards += [list(range(i, min(i + 4, config.num_hidden_layers))) for i in range(0, config.num_hidden_layers, 4)]
+    shards += [
+        list(range(i, min(i + 4, config.num_hidden_layers))) for i in range(0, config.num_hidden_layers, 4)
+    ]
     weight_map = {}
     for n, content in enumerate(shards):
         if n == 0:
@@ -102,8 +104,12 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=500)
     parser.add_argument("--qps", type=float, nargs="+", default=[math.inf, 32.0])
     parser.add_argument("--port", type=int, default=8321)
-    parser.add_argument("--server-log", default=None, help="file for the server's output (default: beside --out)")
-    parser.add_argument("--serve-args", nargs=argparse.REMAINDER, default=[], help="extra `kubellm serve` flags")
+    parser.add_argument(
+        "--server-log", default=None, help="file for the server's output (default: beside --out)"
+    )
+    parser.add_argument(
+        "--serve-args", nargs=argparse.REMAINDER, default=[], help="extra `kubellm serve` flags"
+    )
     args = parser.parse_args()
 
     config = llama_3_1_8b_config()
@@ -122,13 +128,17 @@ def main() -> None:
                    "--dtype", "bfloat16", "--max-model-len", "4096", "--port", str(args.port), *args.serve_args]  # fmt: skip
         started = time.perf_counter()
         with open(log_path, "w") as log:
-            server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=HERE.parent, env=os.environ)
+            server = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, cwd=HERE.parent, env=os.environ
+            )
             try:
                 wait_until_ready(url, server, timeout=400)
                 result["server_startup_s"] = time.perf_counter() - started
                 print(f"server ready in {result['server_startup_s']:.0f}s", flush=True)
                 warm = sharegpt_like_requests(16, config.vocab_size, seed=99)
-                asyncio.run(run_load(url, "llama-8b", warm, math.inf))  # first-request effects out of the numbers
+                asyncio.run(
+                    run_load(url, "llama-8b", warm, math.inf)
+                )  # first-request effects out of the numbers
                 specs = sharegpt_like_requests(args.num_requests, config.vocab_size, seed=0)
                 for qps in args.qps:
                     summary = asyncio.run(run_load(url, "llama-8b", specs, qps, seed=0))
@@ -144,9 +154,11 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"\nW2 on {props.name}, Llama-3.1-8B shape, {args.num_requests} requests:")
     for r in result["runs"]:
-        print(f"  QPS={r['qps']}: {r['request_throughput']:.1f} req/s, {r['output_token_throughput']:.0f} output tok/s, "
-              f"TTFT p50/p99 {r['ttft_ms']['p50']:.0f}/{r['ttft_ms']['p99']:.0f} ms, "
-              f"TPOT p50/p99 {r['tpot_ms']['p50']:.1f}/{r['tpot_ms']['p99']:.1f} ms, errors {r['errors']}")
+        print(
+            f"  QPS={r['qps']}: {r['request_throughput']:.1f} req/s, {r['output_token_throughput']:.0f} output tok/s, "
+            f"TTFT p50/p99 {r['ttft_ms']['p50']:.0f}/{r['ttft_ms']['p99']:.0f} ms, "
+            f"TPOT p50/p99 {r['tpot_ms']['p50']:.1f}/{r['tpot_ms']['p99']:.1f} ms, errors {r['errors']}"
+        )
 
 
 if __name__ == "__main__":

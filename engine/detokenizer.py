@@ -30,6 +30,7 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self._decode_ids = _fast_decoder(tokenizer, skip_special_tokens)
         self.token_ids: list[int] = list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])  # window source
         self.prefix_offset = 0  # start of the emitted context decoded for comparison
         self.read_offset = len(self.token_ids)  # everything before this is already emitted
@@ -60,4 +61,14 @@ class IncrementalDetokenizer:
         return delta
 
     def _decode(self, start: int, end: int) -> str:
-        return self.tokenizer.decode(self.token_ids[start:end], skip_special_tokens=self.skip_special_tokens)
+        return self._decode_ids(self.token_ids[start:end])
+
+
+def _fast_decoder(tokenizer: Tokenizer, skip_special_tokens: bool):
+    """Call the Rust `tokenizers` decoder directly when the tokenizer is a fast one that does no
+    post-processing of its own: the Python wrapper costs more than the decode on a hot path that runs
+    once per token per sequence."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "decode") and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return lambda ids: backend.decode(ids, skip_special_tokens=skip_special_tokens)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)

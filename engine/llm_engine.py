@@ -139,6 +139,10 @@ class LLMEngine:
 
         stop = check_token_stop(token_id, seq.num_output_tokens, params, self.eos_token_ids,
                                 seq.num_prompt_tokens, self.max_model_len)
+        if not params.detokenize:
+            if stop.finished:
+                return self._finish(state, stop.finish_reason, stop.stop_reason, "")
+            return self._output(state, "", finished=False, finish_reason=None, stop_reason=None)
         detok = state.detokenizer
         delta = detok.add(token_id) if stop.include_token_text else ""
         if stop.finished:

@@ -29,6 +29,11 @@ class EngineMetrics:
         self.inter_token_latency = Histogram("vllm:inter_token_latency_seconds", "Time between output tokens.", labels, buckets=_LATENCY_BUCKETS, registry=r)
         self.e2e_request_latency = Histogram("vllm:e2e_request_latency_seconds", "Request latency, arrival to finish.", labels, buckets=_LATENCY_BUCKETS, registry=r)
         self.model_name = model_name
+        self._children: dict[int, object] = {}
 
     def labels(self, metric):
-        return metric.labels(model_name=self.model_name)
+        """The metric's child for this model (looked up once: `.labels()` is costly on a per-token path)."""
+        child = self._children.get(id(metric))
+        if child is None:
+            child = self._children[id(metric)] = metric.labels(model_name=self.model_name)
+        return child

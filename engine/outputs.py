@@ -26,6 +26,25 @@ class RequestOutput:
     num_cached_tokens: int  # prompt tokens served from the prefix cache
 
 
+def merge_outputs(first: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """Two consecutive deltas of one request as one (the later one's state wins)."""
+    logprobs = None
+    if first.new_logprobs is not None or later.new_logprobs is not None:
+        logprobs = (first.new_logprobs or []) + (later.new_logprobs or [])
+    return RequestOutput(
+        request_id=later.request_id,
+        new_token_ids=first.new_token_ids + later.new_token_ids,
+        new_text=first.new_text + later.new_text,
+        new_logprobs=logprobs,
+        finished=later.finished,
+        finish_reason=later.finish_reason,
+        stop_reason=later.stop_reason,
+        num_prompt_tokens=later.num_prompt_tokens,
+        num_output_tokens=later.num_output_tokens,
+        num_cached_tokens=later.num_cached_tokens,
+    )
+
+
 class EngineError(Exception):
     """Base for errors the HTTP layer maps to OpenAI error JSON."""
 

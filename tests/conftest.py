@@ -20,19 +20,24 @@ without Go the fixture fails with a clear message rather than skipping. KUBELLM_
 work dir (component logs) after the session.
 """
 
+from __future__ import annotations
+
 import os
 import uuid
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.cluster.binaries import ClusterBinaries, ClusterToolingMissing
-from tests.cluster.localcluster import LocalCluster
-from tests.cluster.waiting import wait_until
+if TYPE_CHECKING:  # imported lazily: GPU machines running tests/gpu lack the cluster's dependencies
+    from tests.cluster.localcluster import LocalCluster
 
 
 @pytest.fixture(scope="session")
 def k8s_cluster() -> Iterator[LocalCluster]:
+    from tests.cluster.binaries import ClusterBinaries, ClusterToolingMissing
+    from tests.cluster.localcluster import LocalCluster
+
     binaries = ClusterBinaries.default()
     problem = None
     try:
@@ -51,6 +56,8 @@ def k8s_cluster() -> Iterator[LocalCluster]:
 
 @pytest.fixture
 def k8s_namespace(k8s_cluster: LocalCluster) -> Iterator[str]:
+    from tests.cluster.waiting import wait_until
+
     name = f"test-{uuid.uuid4().hex[:8]}"
     k8s_cluster.kubectl("create", "namespace", name)
     # Pods are refused until the controller-manager has created the namespace's default service account.

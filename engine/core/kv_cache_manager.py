@@ -76,9 +76,13 @@ class KVCacheManager:
         """After a step, publish the blocks that became full so later requests can share them."""
         if not self.enable_prefix_caching:
             return
+        num_full = seq.num_computed_tokens // self.block_size
+        if num_full <= seq.num_registered_blocks:
+            return
         self._update_hashes(seq, seq.num_computed_tokens)
-        for i in range(min(len(seq.block_hashes), seq.num_computed_tokens // self.block_size)):
+        for i in range(seq.num_registered_blocks, num_full):
             self.pool.register_hash(seq.block_table[i], seq.block_hashes[i])
+        seq.num_registered_blocks = num_full
 
     def free(self, seq: Sequence) -> None:
         # Tail first, so the freed prefix's deepest blocks are evicted before its shared head.
@@ -86,3 +90,4 @@ class KVCacheManager:
             self.pool.release(block_id)
         seq.block_table.clear()
         seq.num_computed_tokens = 0
+        seq.num_registered_blocks = 0

@@ -71,9 +71,9 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
 
-        scheduled_running: list[Sequence] = []
         for seq in list(self.running):
-            if seq not in self.running or budget == 0:  # preempted earlier in this loop
+            # status is WAITING for a sequence preempted earlier in this loop
+            if seq.status is not SequenceStatus.RUNNING or budget == 0:
                 continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.kv.allocate(seq, num_new):
@@ -84,7 +84,6 @@ class Scheduler:
                     break
             if seq.status is SequenceStatus.RUNNING:
                 out.scheduled.append(ScheduledSeq(seq, num_new))
-                scheduled_running.append(seq)
                 budget -= num_new
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:

@@ -25,6 +25,7 @@ class Sequence:
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first schedule
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of this sequence's full blocks, in order
+        self.num_registered_blocks = 0  # leading blocks already published to the prefix cache
         self.arrival_time = time.monotonic()
 
     @property

@@ -77,12 +77,15 @@ def _decode_kernel(
         toks = n0 + tl.arange(0, BLOCK_N)
         tok_mask = toks < end
         block = tl.load(bt_row + toks // BLOCK_SIZE, mask=tok_mask, other=0).to(tl.int64)
-        rows = block * stride_cache_block + (toks % BLOCK_SIZE) * stride_cache_tok + kv_head * stride_cache_head
+        rows = (
+            block * stride_cache_block + (toks % BLOCK_SIZE) * stride_cache_tok + kv_head * stride_cache_head
+        )
         kv_mask = tok_mask[:, None] & dim_mask[None, :]
         k = tl.load(k_cache_ptr + rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
 
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [GROUP_PAD, BLOCK_N], log2 domain
+        # scores [GROUP_PAD, BLOCK_N], in the log2 domain (exp2 is cheaper than exp)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         s = tl.where(tok_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -175,7 +178,9 @@ def decode_attention(
     head_dim_pad = triton.next_power_of_2(head_dim)
     split = num_splits > 1
     if split:
-        part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim_pad, dtype=torch.float32, device=q.device)
+        part_out = torch.empty(
+            num_seqs, num_heads, num_splits, head_dim_pad, dtype=torch.float32, device=q.device
+        )
         part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # unused placeholders

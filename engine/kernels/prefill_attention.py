@@ -73,7 +73,9 @@ def _prefill_kernel(
         toks = n0 + tl.arange(0, BLOCK_N)
         tok_mask = toks < kv_end
         block = tl.load(bt_row + toks // BLOCK_SIZE, mask=tok_mask, other=0).to(tl.int64)
-        rows = block * stride_cache_block + (toks % BLOCK_SIZE) * stride_cache_tok + kv_head * stride_cache_head
+        rows = (
+            block * stride_cache_block + (toks % BLOCK_SIZE) * stride_cache_tok + kv_head * stride_cache_head
+        )
         kv_mask = tok_mask[:, None] & dim_mask[None, :]
         k = tl.load(k_cache_ptr + rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)

@@ -43,7 +43,12 @@ def _reshape_and_cache_kernel(
     src_v = v_ptr + tok * stride_v_tok + heads[:, None] * stride_v_head + dims[None, :]
     block = slot // BLOCK_SIZE
     offset = slot % BLOCK_SIZE
-    dst = block * stride_cache_block + offset * stride_cache_tok + heads[:, None] * stride_cache_head + dims[None, :]
+    dst = (
+        block * stride_cache_block
+        + offset * stride_cache_tok
+        + heads[:, None] * stride_cache_head
+        + dims[None, :]
+    )
 
     k = tl.load(src_k, mask=mask)
     v = tl.load(src_v, mask=mask)
@@ -51,7 +56,9 @@ def _reshape_and_cache_kernel(
     tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
-def reshape_and_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def reshape_and_cache(
+    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     """k, v: [num_tokens, num_kv_heads, head_dim] (last dim contiguous); slot_mapping: [num_tokens]."""
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0:

@@ -18,7 +18,9 @@ def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, D, BLOCK: tl.constexpr)
     up = tl.load(x_ptr + row * stride_x + D + cols, mask=mask, other=0.0)
     g = gate.to(tl.float32)
     silu = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
-    tl.store(out_ptr + row * stride_o + cols, (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype), mask=mask)
+    tl.store(
+        out_ptr + row * stride_o + cols, (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype), mask=mask
+    )
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -28,5 +30,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((x2.shape[0], d), dtype=x.dtype, device=x.device)
     if x2.shape[0] > 0:
         block = min(1024, triton.next_power_of_2(d))
-        _silu_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](x2, out, x2.stride(0), out.stride(0), d, BLOCK=block)
+        _silu_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
+            x2, out, x2.stride(0), out.stride(0), d, BLOCK=block
+        )
     return out.view(*x.shape[:-1], d)

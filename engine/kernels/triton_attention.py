@@ -17,7 +17,9 @@ class TritonAttention:
     def __init__(self, num_sms: int | None = None, decode_num_splits: int | None = None) -> None:
         # Read the multiprocessor count once: asking the driver on every layer costs host time.
         if num_sms is None:
-            num_sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 1
+            num_sms = (
+                torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 1
+            )
         self.num_sms: int = num_sms
         # Fixed split count (CUDA graphs pin one per captured batch size); None chooses per step.
         self.decode_num_splits: int | None = decode_num_splits

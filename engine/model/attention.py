@@ -99,16 +99,16 @@ class TorchAttention:
     def _decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: list[int],
                 scale: float) -> torch.Tensor:
         b, num_heads, d = q.shape
-        block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+        block_size = kv_cache.shape[2]
         max_len = max(seq_lens)
         tables = block_tables[:, : -(-max_len // block_size)].long()
-        keys = kv_cache[0][tables].flatten(1, 2)[:, :max_len].to(q.dtype)  # [B, L, KVH, D]
-        values = kv_cache[1][tables].flatten(1, 2)[:, :max_len].to(q.dtype)
-        qg = q.view(b, num_kv_heads, num_heads // num_kv_heads, d)
-        scores = torch.einsum("bkgd,blkd->bkgl", qg, keys) * scale
-        lens = torch.tensor(seq_lens, device=q.device)
-        pad = torch.arange(max_len, device=q.device)[None, :] >= lens[:, None]  # [B, L]
-        scores.masked_fill_(pad[:, None, None, :], float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        return torch.einsum("bkgl,blkd->bkgd", probs, values).reshape(b, num_heads, d)
-
+        # [B, KVH, L, D] views of each sequence's context, padded to the longest
+        keys = kv_cache[0][tables].flatten(1, 2)[:, :max_len].to(q.dtype).transpose(1, 2)
+        values = kv_cache[1][tables].flatten(1, 2)[:, :max_len].to(q.dtype).transpose(1, 2)
+        mask = None
+        if min(seq_lens) < max_len:
+            lens = torch.tensor(seq_lens, device=q.device)
+            mask = (torch.arange(max_len, device=q.device)[None, :] < lens[:, None])[:, None, None, :]
+        out = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=mask, scale=scale,
+                                             enable_gqa=True)
+        return out.view(b, num_heads, d)

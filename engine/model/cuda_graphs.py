@@ -72,7 +72,9 @@ class DecodeCudaGraphs:
 
     def _forward(self, batch_size: int) -> None:
         bs = batch_size
-        self.hidden[:bs] = self.model(self.input_ids[:bs], self.positions[:bs], self.kv_caches, self._meta(bs))
+        self.hidden[:bs] = self.model(
+            self.input_ids[:bs], self.positions[:bs], self.kv_caches, self._meta(bs)
+        )
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -93,7 +95,9 @@ class DecodeCudaGraphs:
 
     def can_run(self, meta: AttentionMetadata) -> bool:
         n = meta.num_seqs
-        return 0 < n <= self.max_batch_size and meta.num_decodes == n and meta.max_seq_len <= self.max_model_len
+        return (
+            0 < n <= self.max_batch_size and meta.num_decodes == n and meta.max_seq_len <= self.max_model_len
+        )
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Replay the smallest bucket that holds this all-decode batch; returns hidden [n, hidden]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from engine.core.scheduler import ScheduledSeq
@@ -97,46 +98,58 @@ class ModelRunner:
     def release(self, request_id: str) -> None:
         self.generators.pop(request_id, None)
 
-    def build_metadata(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_lens: list[int] = []
-        seq_lens: list[int] = []
-        num_decodes = 0
-        for s in batch:
-            seq, start = s.seq, s.seq.num_computed_tokens
-            end = start + s.num_new_tokens
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            query_lens.append(s.num_new_tokens)
-            seq_lens.append(end)
-            if s.num_new_tokens == 1 and len(query_lens) == num_decodes + 1:
-                num_decodes += 1
-        max_blocks = max(len(s.seq.block_table) for s in batch)
-        tables = [s.seq.block_table + [0] * (max_blocks - len(s.seq.block_table)) for s in batch]
-        qsl = [0]
-        for n in query_lens:
-            qsl.append(qsl[-1] + n)
+    def _sampling_row(self, seq, eos_token_ids: set[int]) -> SamplingRow:
+        p = seq.params
+        # Copying a sequence's token lists costs O(length) per step: only rows that read them get them.
+        wants_outputs = p.needs_penalties or p.min_tokens > 0
+        return SamplingRow(
+            params=p,
+            prompt_token_ids=seq.prompt_token_ids if p.needs_penalties else [],
+            output_token_ids=seq.output_token_ids if wants_outputs else [],
+            generator=self.generator_for(seq.request_id, p.seed),
+            eos_token_ids=eos_token_ids,
+        )
 
-        def dev(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+    def build_metadata(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        # Per-token arrays are computed with numpy from per-sequence values: this runs every step for
+        # hundreds of sequences, so Python loops over tokens would cost more than the GPU's work.
+        bs = self.block_size
+        query_lens = [s.num_new_tokens for s in batch]
+        starts = [s.seq.num_computed_tokens for s in batch]
+        seq_lens = [start + n for start, n in zip(starts, query_lens, strict=True)]
+        num_decodes = 0
+        while num_decodes < len(batch) and query_lens[num_decodes] == 1:
+            num_decodes += 1
+        input_ids: list[int] = [s.seq.token_ids[start] for s, start in zip(batch[:num_decodes], starts, strict=False)]
+        for s, start, n in zip(batch[num_decodes:], starts[num_decodes:], query_lens[num_decodes:], strict=True):
+            input_ids.extend(s.seq.token_ids[start : start + n])
+
+        q_lens = np.asarray(query_lens, dtype=np.int64)
+        qsl = np.zeros(len(batch) + 1, dtype=np.int64)
+        np.cumsum(q_lens, out=qsl[1:])
+        seq_of_token = np.repeat(np.arange(len(batch)), q_lens)
+        positions = np.arange(qsl[-1], dtype=np.int64) + np.repeat(np.asarray(starts, dtype=np.int64) - qsl[:-1], q_lens)
+        max_blocks = max(len(s.seq.block_table) for s in batch)
+        tables = np.zeros((len(batch), max_blocks), dtype=np.int32)
+        for i, s in enumerate(batch):
+            tables[i, : len(s.seq.block_table)] = s.seq.block_table
+        slots = tables[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
+
+        def dev(array: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(array).to(self.device, non_blocking=True)
 
         meta = AttentionMetadata(
-            slot_mapping=dev(slots, torch.int64),
-            query_start_loc=dev(qsl, torch.int32),
-            seq_lens=dev(seq_lens, torch.int32),
-            block_tables=dev(tables, torch.int32),
+            slot_mapping=dev(slots),
+            query_start_loc=dev(qsl.astype(np.int32)),
+            seq_lens=dev(np.asarray(seq_lens, dtype=np.int32)),
+            block_tables=dev(tables),
             num_decodes=num_decodes,
             max_query_len=max(query_lens),
             max_seq_len=max(seq_lens),
             query_lens_cpu=query_lens,
             seq_lens_cpu=seq_lens,
         )
-        return dev(input_ids, torch.int64), dev(positions, torch.int64), meta
+        return dev(np.asarray(input_ids, dtype=np.int64)), dev(positions), meta
 
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq], eos_token_ids: set[int]) -> StepResult:
@@ -150,20 +163,15 @@ class ModelRunner:
         done = [batch[i] for i in sample_idx]
         if not done:
             return StepResult([], [], [])
-        qsl = [0]
-        for n in meta.query_lens_cpu:
-            qsl.append(qsl[-1] + n)
-        rows_idx = torch.tensor([qsl[i + 1] - 1 for i in sample_idx], device=self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows_idx))
-        rows = [
-            SamplingRow(
-                params=s.seq.params,
-                prompt_token_ids=s.seq.prompt_token_ids,
-                output_token_ids=s.seq.output_token_ids,
-                generator=self.generator_for(s.seq.request_id, s.seq.params.seed),
-                eos_token_ids=eos_token_ids,
-            )
-            for s in done
-        ]
+        if len(done) == hidden.shape[0]:  # all decodes: every row is a last token
+            last_hidden = hidden
+        else:
+            qsl = [0]
+            for n in meta.query_lens_cpu:
+                qsl.append(qsl[-1] + n)
+            rows_idx = torch.tensor([qsl[i + 1] - 1 for i in sample_idx]).to(self.device, non_blocking=True)
+            last_hidden = hidden.index_select(0, rows_idx)
+        logits = self.model.compute_logits(last_hidden)
+        rows = [self._sampling_row(s.seq, eos_token_ids) for s in done]
         result = self.sampler(logits, rows)
         return StepResult(done, result.token_ids, result.logprobs)

@@ -46,6 +46,15 @@ HF_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt"
 HF_IGNORE_PATTERNS = ["consolidated*", "original/*"]
 
 
+GGUF_CACHE_FORMAT = 2  # bump when the converted directory's contents change
+ARCHITECTURE_OF_MODEL_TYPE = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+
 class ModelLoadError(RuntimeError):
     """A model cannot be found, fetched or understood; the message says what to do about it."""
 
@@ -155,7 +164,7 @@ def gguf_cache_dir(path: Path) -> Path | None:
 
     stat = path.stat()
     # a new file, a rewritten file or another transformers (another conversion) gets a new entry
-    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
+    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}|{GGUF_CACHE_FORMAT}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     xdg = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     root = Path(os.environ.get("KUBELLM_CACHE_DIR") or xdg / "kubellm")
@@ -174,6 +183,8 @@ def _convert_gguf_into(gguf: ModelSource, staging: Path, final: Path) -> None:
 
     try:
         hf_config = gguf.load_config()
+        if not getattr(hf_config, "architectures", None):  # GGUF configs lack it; other tools need it
+            hf_config.architectures = [ARCHITECTURE_OF_MODEL_TYPE.get(hf_config.model_type, "LlamaForCausalLM")]
         hf_config.save_pretrained(staging)
         gguf.load_tokenizer().save_pretrained(staging)
         state = dict(gguf.iter_weights())

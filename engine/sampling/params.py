@@ -23,6 +23,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives; 0 = only the sampled token's logprob
     skip_special_tokens: bool = True
+    detokenize: bool = True  # offline callers that want token ids only skip the text (and stop strings)
 
     @property
     def greedy(self) -> bool:

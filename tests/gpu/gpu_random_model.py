@@ -16,7 +16,9 @@ def word_level_tokenizer(vocab_size: int) -> transformers.PreTrainedTokenizerFas
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="t1")
 
 
-def save_random_checkpoint(config: transformers.PretrainedConfig, path: Path, weight_std: float = 0.2) -> Path:
+def save_random_checkpoint(
+    config: transformers.PretrainedConfig, path: Path, weight_std: float = 0.2
+) -> Path:
     """Weights drawn N(0, weight_std) (decisive logits, so greedy choices are not near-ties), saved in
     float32 with the tokenizer."""
     torch.manual_seed(1234)

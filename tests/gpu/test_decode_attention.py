@@ -28,7 +28,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("head_dim,block_size,num_kv_heads,group,batch,max_context,num_splits", CASES)
-def test_decode_matches_float32_reference(head_dim, block_size, num_kv_heads, group, batch, max_context, num_splits):
+def test_decode_matches_float32_reference(
+    head_dim, block_size, num_kv_heads, group, batch, max_context, num_splits
+):
     seed = hash((head_dim, block_size, group, batch, max_context)) % 2**31
     rng = random.Random(seed)
     # Context lengths from 1 to max_context, with both ends present.
@@ -43,11 +45,15 @@ def test_decode_matches_float32_reference(head_dim, block_size, num_kv_heads, gr
         seed=seed,
     )
     if num_splits is None:
-        num_splits = choose_num_splits(batch, num_kv_heads, max_context, torch.cuda.get_device_properties(0).multi_processor_count)
+        num_splits = choose_num_splits(
+            batch, num_kv_heads, max_context, torch.cuda.get_device_properties(0).multi_processor_count
+        )
     out = torch.full_like(b.q, float("nan"))
 
     reshape_and_cache(b.k, b.v, b.kv_cache, b.meta.slot_mapping)
-    decode_attention(b.q, b.kv_cache, b.meta.block_tables, b.meta.seq_lens, b.scale, out, num_splits=num_splits)
+    decode_attention(
+        b.q, b.kv_cache, b.meta.block_tables, b.meta.seq_lens, b.scale, out, num_splits=num_splits
+    )
     assert_close_to_reference(out, reference_attention(b))
 
 
@@ -57,7 +63,9 @@ def test_split_count_does_not_change_the_result_beyond_rounding():
     outs = []
     for splits in (1, 2, 5, 32):
         out = torch.full_like(b.q, float("nan"))
-        decode_attention(b.q, b.kv_cache, b.meta.block_tables, b.meta.seq_lens, b.scale, out, num_splits=splits)
+        decode_attention(
+            b.q, b.kv_cache, b.meta.block_tables, b.meta.seq_lens, b.scale, out, num_splits=splits
+        )
         outs.append(out.float())
     for out in outs[1:]:
         assert (out - outs[0]).norm() / outs[0].norm() < 1e-2

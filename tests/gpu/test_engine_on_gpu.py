@@ -49,7 +49,9 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     # No eos at all (rather than min_new_tokens, which masks eos and so changes the argmax).
     model.generation_config.eos_token_id = None
     ids = torch.tensor([prompt], device="cuda")
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=0)
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=0
+    )
     return out[0, len(prompt) :].tolist()
 
 
@@ -64,7 +66,9 @@ def test_float32_greedy_equals_transformers(family, model_dir):
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
     ps = prompts(6, seed=1)
     theirs = [hf_greedy(hf, p, 24) for p in ps]
-    ours = engine(path, "float32").generate(ps, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
+    ours = engine(path, "float32").generate(
+        ps, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    )
     assert ours == theirs
 
 

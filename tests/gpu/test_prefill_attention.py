@@ -27,9 +27,17 @@ CASES = [
 
 
 @pytest.mark.parametrize("head_dim,block_size,num_kv_heads,group,query_lens,prefix_lens", CASES)
-def test_prefill_matches_float32_reference(head_dim, block_size, num_kv_heads, group, query_lens, prefix_lens):
+def test_prefill_matches_float32_reference(
+    head_dim, block_size, num_kv_heads, group, query_lens, prefix_lens
+):
     b = make_paged_batch(
-        query_lens, prefix_lens, num_kv_heads * group, num_kv_heads, head_dim, block_size, seed=len(query_lens) + head_dim
+        query_lens,
+        prefix_lens,
+        num_kv_heads * group,
+        num_kv_heads,
+        head_dim,
+        block_size,
+        seed=len(query_lens) + head_dim,
     )
     out = torch.full_like(b.q, float("nan"))
 
@@ -41,7 +49,9 @@ def test_prefill_matches_float32_reference(head_dim, block_size, num_kv_heads, g
     assert_close_to_reference(out, reference_attention(b))
 
 
-@pytest.mark.parametrize("block_m,block_n,num_warps,num_stages", [(128, 64, 8, 3), (64, 32, 4, 3), (128, 128, 8, 2)])
+@pytest.mark.parametrize(
+    "block_m,block_n,num_warps,num_stages", [(128, 64, 8, 3), (64, 32, 4, 3), (128, 128, 8, 2)]
+)
 def test_other_tile_shapes_agree(block_m, block_n, num_warps, num_stages):
     b = make_paged_batch([700, 65, 1], [300, 0, 50], 16, 8, 128, 16, seed=block_m + block_n)
     out = torch.full_like(b.q, float("nan"))

@@ -18,7 +18,9 @@ pytestmark = [requires_cuda, pytest.mark.gpu]
 def test_writes_every_new_token_to_its_slot_and_nothing_else(num_tokens, num_kv_heads, head_dim, block_size):
     gen = torch.Generator(device="cuda").manual_seed(num_tokens)
     num_blocks = num_tokens // block_size + 8
-    cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, device="cuda", generator=gen).bfloat16()
+    cache = torch.randn(
+        2, num_blocks, block_size, num_kv_heads, head_dim, device="cuda", generator=gen
+    ).bfloat16()
     slots = torch.randperm(num_blocks * block_size, device="cuda", generator=gen)[:num_tokens]
     # Packed qkv output: k and v are strided views, as the model hands them over.
     qkv = torch.randn(num_tokens, 3 * num_kv_heads * head_dim, device="cuda", generator=gen).bfloat16()

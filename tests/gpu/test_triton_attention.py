@@ -24,13 +24,29 @@ pytestmark = [requires_cuda, pytest.mark.gpu]
 
 @pytest.mark.parametrize(
     "head_dim,block_size,num_kv_heads,group,num_decodes,num_prefills",
-    [(128, 16, 8, 2, 200, 3), (64, 32, 4, 4, 5, 6), (128, 16, 1, 8, 1, 1), (128, 16, 8, 4, 0, 4), (64, 16, 2, 1, 64, 0)],
+    [
+        (128, 16, 8, 2, 200, 3),
+        (64, 32, 4, 4, 5, 6),
+        (128, 16, 1, 8, 1, 1),
+        (128, 16, 8, 4, 0, 4),
+        (64, 16, 2, 1, 64, 0),
+    ],
 )
 def test_mixed_batch_matches_reference(head_dim, block_size, num_kv_heads, group, num_decodes, num_prefills):
     rng = random.Random(head_dim * 1000 + num_decodes)
     query_lens = [1] * num_decodes + [rng.randint(2, 600) for _ in range(num_prefills)]
-    prefix_lens = [rng.randint(0, 3000) for _ in range(num_decodes)] + [rng.choice([0, rng.randint(1, 2000)]) for _ in range(num_prefills)]
-    b = make_paged_batch(query_lens, prefix_lens, num_kv_heads * group, num_kv_heads, head_dim, block_size, seed=rng.randint(0, 1 << 30))
+    prefix_lens = [rng.randint(0, 3000) for _ in range(num_decodes)] + [
+        rng.choice([0, rng.randint(1, 2000)]) for _ in range(num_prefills)
+    ]
+    b = make_paged_batch(
+        query_lens,
+        prefix_lens,
+        num_kv_heads * group,
+        num_kv_heads,
+        head_dim,
+        block_size,
+        seed=rng.randint(0, 1 << 30),
+    )
     expected_cache = write_new_kv_float32(b)
     out = torch.full_like(b.q, float("nan"))
 
