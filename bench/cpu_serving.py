@@ -128,7 +128,7 @@ def measure_hf_generate(model_dir: Path, dtype: str, runs: int = 3) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=2, help="requests per client")
+    ap.add_argument("--rounds", type=int, default=3, help="requests per client")
     ap.add_argument("--out", default="bench/results/cpu_serving.json")
     args = ap.parse_args()
     bindir = Path(sys.executable).parent
