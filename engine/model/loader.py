@@ -114,9 +114,10 @@ def resolve_dtype(requested: str, hf_config: PretrainedConfig, device: torch.dev
     if requested != "auto":
         return getattr(torch, requested)
     if device.type != "cuda":
-        # bfloat16 halves the bytes a memory-bound decode reads, but only CPUs with native bf16 matmuls
-        # (AVX512-BF16 / AMX) make it faster; elsewhere it is slower than float32.
-        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+        # float32: bfloat16 is faster on CPUs with AMX / AVX512-BF16 (see cpu_has_native_bf16 and
+        # docs/BENCHMARKS.md) but made the small embedded model stop emitting its end-of-turn token,
+        # so it is opt-in (--dtype bfloat16).
+        return torch.float32
     checkpoint_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
     return torch.float16 if checkpoint_dtype in (torch.float16, "float16") else torch.bfloat16
 

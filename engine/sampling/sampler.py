@@ -102,7 +102,7 @@ def suppress_stop_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> torch
     token_idx: list[int] = []
     for i, row in enumerate(rows):
         for token_id in row.suppressed_token_ids():
-            if token_id < vocab_size:
+            if 0 <= token_id < vocab_size:
                 row_idx.append(i)
                 token_idx.append(token_id)
     if not row_idx:

@@ -13,7 +13,6 @@ from transformers import GPT2Config, LlamaConfig, Qwen3Config
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from engine.config import EngineConfig
-from engine.model import loader
 from engine.model.attention import TorchAttention
 from engine.model.layers import rope_inverse_frequencies
 from engine.model.llama import LlamaForCausalLM, rope_parameters_of
@@ -136,12 +135,10 @@ def test_directory_without_safetensors_is_refused(tmp_path):
 # ---------------------------------------------------------------- loader decisions
 
 
-def test_dtype_auto(monkeypatch):
+def test_dtype_auto():
     bf16_config, fp16_config = LlamaConfig(dtype="bfloat16"), LlamaConfig(dtype="float16")
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    for native_bf16, expected in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda native_bf16=native_bf16: native_bf16)
-        assert resolve_dtype("auto", bf16_config, cpu) == expected
+    assert resolve_dtype("auto", bf16_config, cpu) == torch.float32
     assert resolve_dtype("auto", bf16_config, cuda) == torch.bfloat16
     assert resolve_dtype("auto", LlamaConfig(), cuda) == torch.bfloat16
     assert resolve_dtype("auto", fp16_config, cuda) == torch.float16
