@@ -169,7 +169,9 @@ class AsyncEngine:
             self._num_taken += 1
             self.engine.add_request(request_id, prompt, params)
         elif kind == "abort":
-            self.engine.abort_request(payload)  # type: ignore[arg-type]
+            out = self.engine.abort_request(payload)  # type: ignore[arg-type]
+            if out is not None:  # a stream still listening (abort() called directly) gets its end
+                self._deliver([out])
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         assert self._loop is not None

@@ -56,12 +56,15 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
 
 async def run_server(config: EngineConfig, options: ServeOptions) -> None:
     from engine.async_engine import AsyncEngine  # torch comes in here, not at CLI import
+    from engine.model.kv_cache_sizing import KVCacheTooSmallError
     from engine.model.sources import ModelLoadError
 
     try:
         engine = AsyncEngine(config)  # loads the model; the loader logs progress
     except ModelLoadError as exc:
         raise StartupError(f"cannot load the model: {exc}") from exc
+    except KVCacheTooSmallError as exc:
+        raise StartupError(str(exc)) from exc
     await engine.start()
     names = options.served_model_names or [engine.served_model_name]
     app = build_app(engine, api_key=options.api_key, served_model_names=names, model_root=config.model)

@@ -94,7 +94,8 @@ class Scheduler:
             if not self.kv.allocate(seq, num_new, prefix_blocks):
                 break
             self.waiting.popleft()
-            if seq.num_output_tokens == 0:  # count a prompt once, not again after a preemption
+            if not seq.admitted:  # count a prompt once, not again after a preemption
+                seq.admitted = True
                 seq.num_cached_tokens = num_cached
                 out.num_prefix_query_tokens += seq.num_tokens
                 out.num_prefix_hit_tokens += num_cached

@@ -23,6 +23,7 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0  # tokens whose K/V are already in the cache
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first schedule
+        self.admitted = False  # scheduled at least once (prompt stats are counted then, not after preemption)
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of this sequence's full blocks, in order
         self.num_registered_blocks = 0  # leading blocks already published to the prefix cache

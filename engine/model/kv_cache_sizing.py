@@ -15,6 +15,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+class KVCacheTooSmallError(ValueError):
+    """The configured KV cache cannot hold one sequence of max_model_len tokens."""
+
+
 CPU_DEFAULT_KV_BYTES = 1 << 30  # 1 GiB: plenty for a small model on a laptop
 
 
@@ -30,7 +34,7 @@ def choose_num_blocks(config: EngineConfig, runner: ModelRunner, max_model_len: 
         num_blocks = CPU_DEFAULT_KV_BYTES // per_block
     min_blocks = -(-max_model_len // config.block_size)
     if num_blocks < min_blocks:
-        raise ValueError(
+        raise KVCacheTooSmallError(
             f"The KV cache holds {num_blocks * config.block_size} tokens ({num_blocks} blocks), fewer than "
             f"--max-model-len {max_model_len}: give it more memory (--kv-cache-memory / "
             f"--gpu-memory-utilization) or lower --max-model-len."

@@ -163,3 +163,16 @@ def test_random_workloads_never_leak_blocks_or_stall():
         drain(sched)
         assert all(s.num_output_tokens == s.params.max_tokens for s in seqs)
         assert kv.num_free_blocks == kv.pool.num_blocks
+
+
+def test_preempted_sequences_count_their_prompt_once_and_never_hit_their_own_blocks():
+    kv = KVCacheManager(num_blocks=4, block_size=4)
+    sched = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=3)  # prefills come in chunks
+    seqs = [make_seq(f"u{i}", 6, max_tokens=4, start=100 * i) for i in range(2)]  # no shared prefixes
+    for s in seqs:
+        sched.add(s)
+    outs = drain(sched)
+    assert any(o.preempted for o in outs)
+    assert sum(o.num_prefix_query_tokens for o in outs) == 12
+    assert all(s.num_cached_tokens == 0 for s in seqs)
+    assert kv.num_free_blocks == 4
