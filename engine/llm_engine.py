@@ -10,8 +10,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from engine.config import EngineConfig
 from engine.core.kv_cache_manager import KVCacheManager
 from engine.core.scheduler import Scheduler, SchedulerOutput
@@ -199,6 +197,3 @@ class LLMEngine:
         m.labels(m.kv_cache_usage_perc).set(self.kv.usage)
         m.labels(m.kv_cache_blocks_free).set(self.kv.num_free_blocks)
 
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

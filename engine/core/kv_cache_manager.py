@@ -29,10 +29,6 @@ class KVCacheManager:
     def usage(self) -> float:
         return self.pool.usage
 
-    def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
-        total = seq.num_computed_tokens + num_new_tokens
-        return max(0, -(-total // self.block_size) - len(seq.block_table))
-
     def _update_hashes(self, seq: Sequence, upto_tokens: int) -> None:
         """Extend seq.block_hashes to cover every full block within its first upto_tokens tokens."""
         bs = self.block_size

@@ -12,7 +12,7 @@ from engine.core.scheduler import ScheduledSeq
 from engine.model.attention import AttentionMetadata
 from engine.model.cuda_graphs import DecodeCudaGraphs
 from engine.outputs import TokenLogprob
-from engine.sampling.sampler import Sampler, SamplingRow
+from engine.sampling.sampler import Sampler, SamplingRow, seeded_generator
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class ModelRunner:
             return None
         gen = self.generators.get(request_id)
         if gen is None:
-            gen = torch.Generator(device=self.device).manual_seed(seed)
+            gen = seeded_generator(seed, self.device)
             self.generators[request_id] = gen
         return gen
 
