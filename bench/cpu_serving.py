@@ -5,7 +5,8 @@ In the same run on the same machine it measures, as baselines:
   - transformers' own OpenAI server: `transformers serve <dir> --continuous-batching`
   - plain Hugging Face `generate`, one stream.
 Each runs in float32 (the dequantized GGUF, as loaded) and in bfloat16; `kubellm serve` also with its
-default `--dtype auto` (bfloat16 on CPUs with native bf16 matmuls, float32 elsewhere).
+default `--dtype auto` (on CPUs with native bf16 matmuls: float32 with bfloat16 matmuls and KV cache,
+see engine/model/loader.py; float32 elsewhere).
 
     .venv/bin/python bench/cpu_serving.py [--rounds 2] [--out bench/results/cpu_serving.json]
 """
@@ -136,7 +137,7 @@ def main() -> None:
     name = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
     rows: dict[str, dict] = {}
-    for dtype in ("auto", "float32"):
+    for dtype in ("auto", "float32", "bfloat16"):
         port = free_port()
         cmd = [str(bindir / "kubellm"), "serve", "--port", str(port), "--host", "127.0.0.1", "--dtype", dtype]
         rows[f"kubellm serve --dtype {dtype}"] = {"dtype": dtype, "runs": measure_server(cmd, port, name, args.rounds)}

@@ -157,24 +157,32 @@ def hf_continuous(model, prompts, max_tokens) -> dict:
 
 
 class StepTimer:
-    """Wall time of each engine step split into schedule / build inputs / execute (forward, logits,
-    sampling; it ends in the sampler's host copy, so it includes the GPU time) / the rest (token
-    bookkeeping, detokenization, stop checks)."""
+    """Wall time of each engine step, split into: schedule / build the step's input tensors / the rest of
+    launch (queueing forward, LM head and sampler on the GPU) / handling the previous step's tokens
+    (token bookkeeping, stop checks), and inside that the wait for the GPU. With async scheduling the
+    host's parts overlap the GPU's work, so the wait shows how much host time the GPU hides."""
 
     def __init__(self, engine: LLMEngine) -> None:
+        from engine.sampling.sampler import PendingSample
+
         self.rows: list[dict] = []
         self._current: dict = {}
-        for obj, name in ((engine, "step"), (engine.scheduler, "schedule"), (engine.runner, "execute"),
-                          (engine.runner, "build_metadata")):  # fmt: skip
-            self._wrap(obj, name)
+        for obj, name in ((engine, "step"), (engine.scheduler, "schedule"), (engine.runner, "launch"),
+                          (engine.runner, "build_metadata"), (engine, "_handle_tokens")):  # fmt: skip
+            setattr(obj, name, self._timed(getattr(obj, name), name))
+        self._restore = PendingSample.result
+        PendingSample.result = self._timed(PendingSample.result, "wait")
 
-    def _wrap(self, obj, name: str) -> None:
-        inner = getattr(obj, name)
+    def close(self) -> None:
+        from engine.sampling.sampler import PendingSample
 
+        PendingSample.result = self._restore
+
+    def _timed(self, inner, name: str):
         def timed(*args, **kwargs):
             started = time.perf_counter()
             result = inner(*args, **kwargs)
-            self._current[name] = time.perf_counter() - started
+            self._current[name] = self._current.get(name, 0.0) + time.perf_counter() - started
             if name == "schedule":
                 self._current["num_seqs"] = len(result.scheduled)
                 self._current["num_tokens"] = result.num_tokens
@@ -183,7 +191,7 @@ class StepTimer:
                 self._current = {}
             return result
 
-        setattr(obj, name, timed)
+        return timed
 
     def summary(self) -> dict:
         def total(rows, key):
@@ -191,13 +199,17 @@ class StepTimer:
 
         out = {}
         decode_rows = [r for r in self.rows if r.get("num_seqs") and r["num_tokens"] == r["num_seqs"]]
-        for label, rows in (("all_steps", self.rows), ("decode_only_steps", decode_rows)):
-            step = total(rows, "step")
-            build = total(rows, "build_metadata")
-            execute = total(rows, "execute")
-            sched = total(rows, "schedule")
-            out[label] = {"steps": len(rows), "seconds": step, "schedule_s": sched, "build_inputs_s": build,
-                          "forward_logits_sample_s": execute - build, "after_step_s": step - execute - sched}  # fmt: skip
+        other_rows = [r for r in self.rows if r not in decode_rows]
+        for label, rows in (("all_steps", self.rows), ("decode_only_steps", decode_rows),
+                            ("steps_with_prefill", other_rows)):  # fmt: skip
+            out[label] = {"steps": len(rows), "seconds": total(rows, "step"), "schedule_s": total(rows, "schedule"),
+                          "build_inputs_s": total(rows, "build_metadata"),
+                          "launch_rest_s": total(rows, "launch") - total(rows, "build_metadata"),
+                          "handle_tokens_s": total(rows, "_handle_tokens"),
+                          "of_which_wait_for_gpu_s": total(rows, "wait")}  # fmt: skip
+        out["steps_with_prefill_detail"] = [
+            {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in other_rows[:40]
+        ]
         return out
 
 
@@ -231,7 +243,8 @@ def time_decode_forward(engine: LLMEngine, batch: int, context: int) -> float | 
 def run_ours(path: Path, prompts, max_tokens, args) -> dict:
     config = EngineConfig(model=str(path), device="cuda", dtype="bfloat16", max_model_len=4096,
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                          gpu_memory_utilization=0.9, enforce_eager=args.enforce_eager)  # fmt: skip
+                          gpu_memory_utilization=0.9, enforce_eager=args.enforce_eager,
+                          async_scheduling=not args.no_async_scheduling)  # fmt: skip
     started = time.perf_counter()
     engine = LLMEngine(config, load_model(config))
     startup = time.perf_counter() - started
@@ -243,14 +256,18 @@ def run_ours(path: Path, prompts, max_tokens, args) -> dict:
     started = time.perf_counter()
     outputs = engine.generate(prompts, params)
     seconds = time.perf_counter() - started
+    timer.close()
     produced = sum(len(o) for o in outputs)
     assert produced == sum(max_tokens), (produced, sum(max_tokens))
     kernel_ms = {f"decode_forward_ms_b{b}_ctx{c}": time_decode_forward(engine, b, c)
                  for b, c in ((256, 860), (128, 1200), (32, 1500))}  # fmt: skip
     result = {"output_tokens": produced, "seconds": seconds, "tok_per_s": produced / seconds,
               "startup_seconds": startup, "num_kv_blocks": engine.kv.pool.num_blocks,
-              "cuda_graphs": engine.runner.cuda_graphs is not None, "step_breakdown": timer.summary(), **kernel_ms}  # fmt: skip
-    del engine
+              "cuda_graphs": engine.runner.cuda_graphs is not None, "async_scheduling": engine.async_scheduling,
+              "step_breakdown": timer.summary(), **kernel_ms}  # fmt: skip
+    del engine, timer
+    gc.collect()  # the timer's wrappers hold the engine in a cycle; free its KV cache before the next run
+    torch.cuda.empty_cache()
     return result
 
 
@@ -263,6 +280,8 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--runs", type=int, default=1, help="run kubellm this many times (a fresh engine each)")
+    parser.add_argument("--no-async-scheduling", action="store_true", help="the synchronous engine (for comparison)")
     args = parser.parse_args()
 
     config = qwen3_0_6b_config()
@@ -296,6 +315,12 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
         result["kubellm"] = run_ours(path, prompts, max_tokens, args)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))  # kept even if a later run fails
+        for _ in range(args.runs - 1):  # later runs: is anything in the first one a one-time cost?
+            again = run_ours(path, prompts, max_tokens, args)
+            result.setdefault("kubellm_later_runs", []).append(again)
+            print(f"again: {again['tok_per_s']:.0f} tok/s", flush=True)
     ours = result["kubellm"]
     ours["pct_of_floor"] = 100 * ours["tok_per_s"] / floor["floor_tok_per_s"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -98,6 +98,19 @@ def wait_until_ready(url: str, server: subprocess.Popen, timeout: float) -> None
     raise TimeoutError("kubellm serve did not become ready")
 
 
+def start_py_spy(pid: int, seconds: float, out: Path) -> subprocess.Popen | None:
+    """Where the server's threads spend their time (engine loop vs HTTP), without stopping them."""
+    import shutil
+
+    exe = shutil.which("py-spy")
+    if not seconds or exe is None:
+        return None
+    target = out.with_suffix(".py-spy.txt")
+    command = [exe, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200",
+               "--format", "raw", "--threads", "--nonblocking", "--output", str(target)]  # fmt: skip
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results/w2_serving_gpu.json")
@@ -106,6 +119,10 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8321)
     parser.add_argument(
         "--server-log", default=None, help="file for the server's output (default: beside --out)"
+    )
+    parser.add_argument(
+        "--py-spy", type=float, default=0, metavar="SECONDS",
+        help="sample the server with py-spy (if installed) for this long during the first run (raw stacks beside --out)",
     )
     parser.add_argument(
         "--serve-args", nargs=argparse.REMAINDER, default=[], help="extra `kubellm serve` flags"
@@ -140,8 +157,11 @@ def main() -> None:
                     run_load(url, "llama-8b", warm, math.inf)
                 )  # first-request effects out of the numbers
                 specs = sharegpt_like_requests(args.num_requests, config.vocab_size, seed=0)
-                for qps in args.qps:
+                for i, qps in enumerate(args.qps):
+                    spy = start_py_spy(server.pid, args.py_spy, Path(args.out)) if i == 0 else None
                     summary = asyncio.run(run_load(url, "llama-8b", specs, qps, seed=0))
+                    if spy is not None:
+                        spy.wait()
                     result["runs"].append(summary)
                     print(json.dumps(summary), flush=True)
             finally:

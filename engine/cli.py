@@ -46,10 +46,16 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     a("--tokenizer", help="tokenizer source, if not the model's own")
     a("--revision")
     a("--trust-remote-code", action="store_true")
-    a("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
+    a(
+        "--dtype",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        default="auto",
+        help="auto: bfloat16 (float16 for float16 checkpoints) on GPUs; on CPUs with AMX / AVX512-BF16, "
+        "float32 with bfloat16 matmuls and KV cache; float32 on other CPUs",
+    )
     a("--device", choices=["auto", "cpu", "cuda"], default="auto")
     a("--max-model-len", type=int)
-    a("--max-num-seqs", type=int, default=256)
+    a("--max-num-seqs", type=int, help="sequences batched at once (default: 1024 on a GPU, 256 on the CPU)")
     a("--max-num-batched-tokens", type=int)
     a("--block-size", type=int, default=16)
     a("--gpu-memory-utilization", type=float, default=0.9)
@@ -61,6 +67,12 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     a("--num-gpu-blocks-override", type=int, help="force the KV cache to this many blocks (testing)")
     a("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     a("--enforce-eager", action="store_true", help="no CUDA graphs")
+    a(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="build the next step while the GPU runs this one (default: on with CUDA)",
+    )
     a("--max-queue", type=int, default=1024, help="waiting requests beyond this are answered 429")
     a("--seed", type=int, default=0)
     a(
@@ -140,6 +152,7 @@ def engine_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             num_gpu_blocks_override=args.num_gpu_blocks_override,
             enable_prefix_caching=args.enable_prefix_caching,
             enforce_eager=args.enforce_eager,
+            async_scheduling=args.async_scheduling,
             max_queue=args.max_queue,
             seed=args.seed,
             trust_remote_code=args.trust_remote_code,

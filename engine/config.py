@@ -15,7 +15,8 @@ class EngineConfig(BaseModel):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_model_len: int | None = Field(default=None, ge=16)
-    max_num_seqs: int = Field(default=256, ge=1)
+    # None: 1024 on a GPU, 256 on the CPU (vLLM's defaults for its OpenAI server on H100-class GPUs / CPU).
+    max_num_seqs: int | None = Field(default=None, ge=1)
     max_num_batched_tokens: int | None = Field(default=None, ge=16)
     block_size: int = Field(default=16, ge=1)
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
@@ -23,6 +24,9 @@ class EngineConfig(BaseModel):
     num_gpu_blocks_override: int | None = Field(default=None, ge=1)  # tests: force a tiny pool
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # no CUDA graphs
+    # Queue step N+1 on the device before reading step N's tokens (None = on for CUDA, off for the CPU,
+    # where the forward itself runs on the engine thread and there is nothing to overlap with).
+    async_scheduling: bool | None = None
     max_queue: int = Field(default=1024, ge=1)  # waiting requests beyond this get 429
     seed: int = 0
     trust_remote_code: bool = False

@@ -1,6 +1,12 @@
 """LLMEngine: the synchronous heart. Owns the model runner, the scheduler and per-request state;
 each `step()` schedules one batch, runs it, and turns sampled tokens into RequestOutput deltas.
 
+With async scheduling (the CUDA default) a step queues its batch on the GPU and then handles the
+*previous* step's tokens while the GPU works, so the host's share of a step (scheduling, building
+inputs, stop checks, detokenization) overlaps the device's instead of adding to it. Sequences carry a
+placeholder for the token in flight; stop conditions are seen one step late, and the one extra token a
+finished sequence may have computed is dropped.
+
 It is driven by one thread (AsyncEngine's loop); nothing here is thread-safe by itself.
 """
 
@@ -18,9 +24,10 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.metrics import EngineMetrics
 from engine.model.kv_cache_sizing import choose_num_blocks
 from engine.model.loader import LoadedModel
-from engine.model.runner import ModelRunner
+from engine.model.runner import LaunchedStep, ModelRunner
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.sampling.params import SamplingParams
+from engine.step_trace import StepTrace
 from engine.stop_checker import StopStringChecker, check_token_stop
 
 log = logging.getLogger(__name__)
@@ -49,14 +56,23 @@ class LLMEngine:
             loaded.model, loaded.num_layers, loaded.num_kv_heads, loaded.head_dim,
             loaded.dtype, loaded.device, config.block_size,
         )
-        max_batched = config.max_num_batched_tokens or (8192 if loaded.device.type == "cuda" else 2048)
-        num_blocks = choose_num_blocks(config, self.runner, self.max_model_len, max_batched)
+        on_gpu = loaded.device.type == "cuda"
+        max_batched = config.max_num_batched_tokens or (8192 if on_gpu else 2048)
+        max_num_seqs = config.max_num_seqs or (1024 if on_gpu else 256)
+        num_blocks = choose_num_blocks(config, self.runner, self.max_model_len, max_batched, max_num_seqs)
         self.runner.allocate_kv_cache(num_blocks)
-        if loaded.device.type == "cuda" and not config.enforce_eager:
-            self.runner.capture_cuda_graphs(config.max_num_seqs, self.max_model_len)
+        if loaded.device.type == "cuda":
+            if not config.enforce_eager:
+                self.runner.capture_cuda_graphs(max_num_seqs, self.max_model_len)
+            self.runner.warm_up()
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, max_batched)
+        self.scheduler = Scheduler(self.kv, max_num_seqs, max_batched, self.max_model_len)
         self.requests: dict[str, RequestState] = {}
+        self.async_scheduling = (
+            loaded.device.type == "cuda" if config.async_scheduling is None else config.async_scheduling
+        )
+        self._in_flight: LaunchedStep | None = None  # launched, tokens not yet handled (async only)
+        self.trace = StepTrace.from_env()
         m = self.metrics
         m.labels(m.kv_cache_blocks_total).set(num_blocks)
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB), max_num_batched_tokens=%d",
@@ -83,7 +99,7 @@ class LLMEngine:
         return self._finish(state, "abort", None, "")
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     @property
     def num_waiting(self) -> int:
@@ -106,25 +122,55 @@ class LLMEngine:
     # --- one step ----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        previous, self._in_flight = self._in_flight, None
+        if previous is not None and previous.reads_token_lists:
+            # Penalties count every output token: the one in flight must be known before building.
+            outputs += self._handle_tokens(previous)
+            previous = None
         sched = self.scheduler.schedule()
         self._record_schedule(sched)
-        if sched.is_empty:
-            self._update_gauges()
-            return []
-        result = self.runner.execute(sched.scheduled, self.eos_token_ids)
-        self.scheduler.update_after_step(sched)
-        now = time.monotonic()
-        outputs: list[RequestOutput] = []
-        for scheduled, token_id, logprob in zip(result.seqs, result.token_ids, result.logprobs, strict=True):
-            state = self.requests[scheduled.seq.request_id]
-            outputs.append(self._accept_token(state, token_id, logprob, now))
-        self.metrics.labels(self.metrics.generation_tokens).inc(len(result.token_ids))
+        launched = None
+        if not sched.is_empty:
+            started = time.perf_counter()
+            launched = self.runner.launch(sched.scheduled, self.eos_token_ids, previous)
+            if self.trace is not None:
+                launched.trace = self.trace.launched(*self.runner.last_step_shape, self.runner.last_step_graphed, started)
+        if previous is not None:  # the GPU is busy with `launched` meanwhile
+            outputs += self._handle_tokens(previous)
+        if launched is not None:
+            self.scheduler.update_after_step(sched)
+            launched.placeholders = [
+                None if s.seq.is_finished else s.seq.append_placeholder() for s in launched.seqs
+            ]
+            if self.async_scheduling:
+                self._in_flight = launched
+            else:
+                outputs += self._handle_tokens(launched)
         self._update_gauges()
         return outputs
 
+    def _handle_tokens(self, launched: LaunchedStep) -> list[RequestOutput]:
+        """Wait for a launched step's tokens and put them in their sequences' placeholders."""
+        result = launched.result()
+        if launched.trace is not None:
+            launched.trace["done"] = time.perf_counter()
+        now = time.monotonic()
+        outputs: list[RequestOutput] = []
+        for scheduled, index, token_id, logprob in zip(
+            result.seqs, launched.placeholders, result.token_ids, result.logprobs, strict=True
+        ):
+            state = self.requests.get(scheduled.seq.request_id)
+            if index is None or state is None or state.seq is not scheduled.seq:
+                continue  # finished or aborted while the step ran: its extra token is dropped
+            scheduled.seq.set_token(index, token_id)
+            outputs.append(self._accept_token(state, token_id, logprob, now))
+        self.metrics.labels(self.metrics.generation_tokens).inc(len(outputs))
+        return outputs
+
     def _accept_token(self, state: RequestState, token_id: int, logprob: TokenLogprob | None, now: float) -> RequestOutput:
+        """The sequence's newest token is `token_id` (already in place): report it, check stops."""
         seq, params, m = state.seq, state.seq.params, self.metrics
-        seq.append_token(token_id)
         if state.first_token_time is None:
             state.first_token_time = now
             m.labels(m.time_to_first_token).observe(now - seq.arrival_time)

@@ -22,6 +22,10 @@ ROOT_RULES = [
         "message": "metadata.name must be at most 63 characters (it becomes a label value)",
     },
     {
+        "rule": f"self.metadata.name.matches('{names.DNS_1035_LABEL}')",
+        "message": names.DNS_1035_MESSAGE,
+    },
+    {
         "rule": "has(self.spec.service.name) || self.metadata.name.size() <= 55",
         "message": "metadata.name must be at most 55 characters so that '<name>-service' is a valid "
         "Service name; or set spec.service.name",

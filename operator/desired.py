@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubellm_operator import names
-from kubellm_operator.engine_args import engine_invocation
+from kubellm_operator.engine_args import engine_invocation, shutdown_timeout
 from kubellm_operator.spec import (
     GPU_PRODUCT_LABEL,
     AutoscalingSpec,
@@ -24,6 +24,9 @@ from kubellm_operator.spec import (
 Manifest = dict[str, Any]
 
 STARTUP_PROBE_PERIOD_SECONDS = 10
+ENGINE_GROUP_ID = 10001  # the engine image's user and group (Dockerfile.engine: USER 10001:10001)
+# Kubernetes kills the pod this long after SIGTERM; the engine needs its drain time and a margin to exit.
+TERMINATION_GRACE_MARGIN_SECONDS = 15
 DSHM_VOLUME = "dshm"
 CACHE_VOLUME = "model-cache"
 
@@ -83,6 +86,7 @@ def deployment(owner: Owner, spec: ModelDeploymentSpec) -> Manifest:
             "selector": {"matchLabels": names.selector_labels(owner.name)},
             # A slow model load must not read as a stalled rollout before the startup probe gives up.
             "progressDeadlineSeconds": max(600, spec.startup_timeout_seconds + 120),
+            "strategy": rollout_strategy(spec),
             "template": {
                 "metadata": {"labels": names.child_labels(owner.name)},
                 "spec": pod_spec(owner, spec),
@@ -91,10 +95,33 @@ def deployment(owner: Owner, spec: ModelDeploymentSpec) -> Manifest:
     }
 
 
+def rollout_strategy(spec: ModelDeploymentSpec) -> dict[str, Any]:
+    """Replace pods one at a time without a surge pod where a surge pod could never start.
+
+    GPU clusters are usually full (an extra GPU pod would wait for a GPU that only the old pod frees), and a
+    single-writer cache claim (ReadWriteOnce; an existing claim of unknown mode) cannot be mounted by a
+    second pod on another node. Elsewhere (CPU pods, emptyDir or ReadWriteMany caches) the default surge
+    keeps serving capacity during a rollout.
+    """
+    cache = spec.model_cache
+    shared = {"ReadWriteMany", "ReadOnlyMany"}
+    single_writer_claim = cache.existing_claim is not None or (
+        cache.persistent_volume_claim is not None
+        and not shared & set(cache.persistent_volume_claim.access_modes)
+    )
+    if spec.gpu.count > 0 or single_writer_claim:
+        return {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+    return {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"}}
+
+
 def pod_spec(owner: Owner, spec: ModelDeploymentSpec) -> dict[str, Any]:
     pod: dict[str, Any] = {
         # Service links would inject <NAME>_SERVICE_PORT=tcp://... variables that engines may misread.
         "enableServiceLinks": False,
+        # Volumes (a fresh PVC's root is owned by root) are made writable by the image's group; the
+        # ownership walk of a large model cache happens only when its root does not match already.
+        "securityContext": {"fsGroup": ENGINE_GROUP_ID, "fsGroupChangePolicy": "OnRootMismatch"},
+        "terminationGracePeriodSeconds": math.ceil(shutdown_timeout(spec)) + TERMINATION_GRACE_MARGIN_SECONDS,
         "containers": [engine_container(spec)],
         "volumes": volumes(owner, spec),
     }

@@ -14,6 +14,7 @@ from kubellm_operator.spec import EMBEDDED_MODEL_NAME, ModelDeploymentSpec, Mode
 
 ENGINE_COMMAND = ["kubellm", "serve"]
 API_KEY_ENV = "KUBELLM_API_KEY"  # `kubellm serve` reads its --api-key default from here
+ENGINE_SHUTDOWN_TIMEOUT_S = 30.0  # `kubellm serve --shutdown-timeout` default: the drain on SIGTERM
 
 
 @dataclass(frozen=True)
@@ -78,3 +79,21 @@ def engine_env(spec: ModelDeploymentSpec) -> list[dict[str, Any]]:
 
 def _from_secret(env_name: str, secret: str, key: str) -> dict[str, Any]:
     return {"name": env_name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def shutdown_timeout(spec: ModelDeploymentSpec) -> float:
+    """How long the engine drains in-flight requests on SIGTERM: its default, or engine.extraArgs' value."""
+    timeout = ENGINE_SHUTDOWN_TIMEOUT_S
+    args = spec.engine.extra_args
+    for i, arg in enumerate(args):  # the last one wins, as with argparse
+        value = None
+        if arg == "--shutdown-timeout" and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith("--shutdown-timeout="):
+            value = arg.split("=", 1)[1]
+        if value is not None:
+            try:
+                timeout = float(value)
+            except ValueError:
+                pass  # the engine refuses to start and says why
+    return timeout

@@ -20,6 +20,7 @@ import kopf
 from kubellm_operator import names
 from kubellm_operator.kube import ApiError, Kube
 from kubellm_operator.reconcile import Reconciler
+from kubellm_operator.status import RETRIED_PROBLEMS
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +64,15 @@ def model_deployment_changed(namespace: str, name: str, memo: kopf.Memo, retry: 
     except ApiError as error:
         if error.status == 404:
             return  # deleted while we worked on it: garbage collection takes it from here
-        if error.transient:
+        if error.transient or error.status == 403:
+            # 403: RBAC, a quota or an admission webhook said no; an administrator may change that.
             raise kopf.TemporaryError(str(error), delay=_retry_delay(retry)) from error
         raise kopf.PermanentError(str(error)) from error
     if status is None:
         return
     degraded = next(c for c in status.conditions if c.type == "Degraded")
-    if degraded.reason == "ChildConflict":
-        # Someone else's object may go away; look again later rather than never.
+    if degraded.reason in RETRIED_PROBLEMS:
+        # Someone else's object may go away, a quota may be raised: look again later rather than never.
         raise kopf.TemporaryError(degraded.message, delay=_retry_delay(retry))
     if status.phase == "Failed":
         raise kopf.PermanentError(degraded.message)  # shown as an Event; fixed by changing the spec

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 GROUP = "kubellm.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -23,6 +25,19 @@ COMPONENT_LABEL = "app.kubernetes.io/component"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 PART_OF_LABEL = "app.kubernetes.io/part-of"
 APP_NAME = "kubellm"
+
+
+# The resource's name names its Deployment and, with "-service" appended, its Service, whose name must be
+# a DNS-1035 label (a leading digit as in "3b-chat" is refused). Checked by the CRD and by the reconciler.
+DNS_1035_LABEL = "^[a-z]([-a-z0-9]*[a-z0-9])?$"
+DNS_1035_MESSAGE = (
+    "metadata.name must be a DNS-1035 label: lowercase letters, digits and '-', starting with a letter "
+    "and ending with a letter or digit (it names the Deployment and the Service '<name>-service')"
+)
+
+
+def is_dns_1035_label(name: str) -> bool:
+    return len(name) <= 63 and re.fullmatch(DNS_1035_LABEL, name) is not None
 
 
 def selector_labels(name: str) -> dict[str, str]:

@@ -20,7 +20,7 @@ from kubellm_operator import names
 from kubellm_operator.desired import Manifest, Owner, desired_children
 from kubellm_operator.kube import ApiError, Kube
 from kubellm_operator.spec import ModelDeploymentSpec, ModelDeploymentStatus
-from kubellm_operator.status import Observed, Problem, compute_status
+from kubellm_operator.status import RETRIED_PROBLEMS, Observed, Problem, compute_status
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,11 @@ def utc_now() -> str:
 
 def parse_spec(resource: dict[str, Any]) -> tuple[ModelDeploymentSpec | None, Problem | None]:
     """The schema should have caught everything; if not, say what is wrong instead of crashing."""
+    name = resource.get("metadata", {}).get("name")
+    if name is not None and not names.is_dns_1035_label(name):
+        # A CRD from before the name rule (helm upgrade leaves CRDs alone) lets such names in; refuse
+        # before applying anything, rather than after the Deployment, when the Service is refused.
+        return None, Problem("InvalidSpec", f"{names.DNS_1035_MESSAGE}; got {name!r}")
     try:
         return ModelDeploymentSpec.model_validate(resource.get("spec") or {}), None
     except ValidationError as error:
@@ -80,15 +85,25 @@ class Reconciler:
             return self._write_status(resource, spec, problem, deployment)
 
     def refresh_status(self, namespace: str, name: str) -> ModelDeploymentStatus | None:
-        """Only observe and report (a pod changed; the children are as applied)."""
+        """Only observe and report (a pod changed; the children are as the last reconcile applied them).
+
+        The status keeps the observedGeneration and the problem that reconcile recorded: a spec changed
+        since then is not applied yet, and only the reconcile that applies it may say it was observed.
+        """
         with self._lock(namespace, name):
             resource = self._live_resource(namespace, name)
             if resource is None:
                 return None
             spec, problem = parse_spec(resource)
-            previous_problem = _recorded_problem(resource)
+            recorded = resource.get("status") or {}
             deployment = self.kube.get("apps/v1", "Deployment", namespace, name) if spec is not None else None
-            return self._write_status(resource, spec, problem or previous_problem, deployment)
+            return self._write_status(
+                resource,
+                spec,
+                problem or _recorded_problem(recorded),
+                deployment,
+                generation=recorded.get("observedGeneration", 0),
+            )
 
     def _live_resource(self, namespace: str, name: str) -> dict[str, Any] | None:
         resource = self.kube.get(names.API_VERSION, names.KIND, namespace, name)
@@ -124,6 +139,10 @@ class Reconciler:
         try:
             return self.kube.apply(manifest)
         except ApiError as error:
+            if error.status == 403:
+                # Not the spec's fault: a quota, an admission webhook or policy, or missing RBAC. The
+                # handler retries with backoff; meanwhile the status quotes the server.
+                return Problem("Forbidden", f"the API server forbade {kind} {name}: {error.message}")
             if error.transient:
                 raise
             # The API server refused what the spec asked for (e.g. a malformed affinity).
@@ -145,7 +164,9 @@ class Reconciler:
         spec: ModelDeploymentSpec | None,
         problem: Problem | None,
         deployment: dict[str, Any] | None,
+        generation: int | None = None,
     ) -> ModelDeploymentStatus:
+        """generation: the one this status describes; by default the resource's (a full reconcile)."""
         meta = resource["metadata"]
         namespace, name = meta["namespace"], meta["name"]
         pods = []
@@ -155,7 +176,7 @@ class Reconciler:
         observed = Observed(
             name=name,
             namespace=namespace,
-            generation=meta.get("generation", 0),
+            generation=meta.get("generation", 0) if generation is None else generation,
             spec=spec,
             deployment=deployment,
             pods=pods,
@@ -169,13 +190,9 @@ class Reconciler:
         return status
 
 
-def _recorded_problem(resource: dict[str, Any]) -> Problem | None:
-    """A spec problem found by the last full reconcile, still current for this generation."""
-    status = resource.get("status") or {}
-    if (
-        status.get("observedGeneration") != resource["metadata"].get("generation")
-        or status.get("phase") != "Failed"
-    ):
-        return None
+def _recorded_problem(status: dict[str, Any]) -> Problem | None:
+    """The problem the last full reconcile found (a bad spec, or one it retries), until one finds none."""
     degraded = next((c for c in status.get("conditions", []) if c.get("type") == "Degraded"), {})
+    if status.get("phase") != "Failed" and degraded.get("reason") not in RETRIED_PROBLEMS:
+        return None
     return Problem(degraded.get("reason", "InvalidSpec"), degraded.get("message", ""))

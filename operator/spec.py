@@ -89,7 +89,7 @@ class EngineSpec(SpecModel):
     max_num_seqs: int | None = Field(
         None,
         ge=1,
-        description="--max-num-seqs: sequences batched at once. Unset: the engine's default (256).",
+        description="--max-num-seqs: sequences batched at once. Unset: the engine's default (1024 on a GPU, 256 on the CPU).",
     )
     max_num_batched_tokens: int | None = Field(
         None, ge=16, description="--max-num-batched-tokens: token budget of one step. Unset: engine default."

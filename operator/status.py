@@ -26,12 +26,22 @@ STUCK_WAITING_REASONS = {
 }
 
 
+# Problems that are not the spec's fault and may go away by themselves (someone else's object is deleted,
+# a quota is raised, a webhook or RBAC is fixed): the operator retries with backoff, and the phase is
+# Degraded rather than Failed.
+RETRIED_PROBLEMS = {"ChildConflict", "Forbidden"}
+
+
 @dataclass(frozen=True)
 class Problem:
-    """Something the reconciler found wrong with the spec (reason is one CamelCase word)."""
+    """Something that kept the reconciler from applying the spec (reason is one CamelCase word)."""
 
     reason: str
     message: str
+
+    @property
+    def retried(self) -> bool:
+        return self.reason in RETRIED_PROBLEMS
 
 
 @dataclass
@@ -155,7 +165,8 @@ def _ready(observed: Observed, facts: _Facts) -> tuple[str, str, str]:
 
 def _progressing(observed: Observed, facts: _Facts) -> tuple[str, str, str]:
     if observed.problem is not None:
-        return "False", observed.problem.reason, "fix the spec to continue"
+        next_step = "retrying with backoff" if observed.problem.retried else "fix the spec to continue"
+        return "False", observed.problem.reason, next_step
     if observed.deployment is None:
         return "True", "Creating", "creating the Deployment"
     settled = (
@@ -186,7 +197,7 @@ def _degraded(observed: Observed, facts: _Facts) -> tuple[str, str, str]:
 def _phase(observed: Observed, facts: _Facts, conditions: list[Condition]) -> str:
     by_type = {c.type: c.status for c in conditions}
     if observed.problem is not None:
-        return "Failed"
+        return "Degraded" if observed.problem.retried else "Failed"
     if observed.deployment is None:
         return "Pending"
     if facts.desired == 0:

@@ -92,7 +92,8 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     engine = state.engine
     body = await parse_body(request, ChatCompletionRequest)
     model = state.check_model(body.model)
-    prompt = chat_prompt(
+    prompt = await state.off_loop(
+        chat_prompt,
         engine.tokenizer,
         body.messages,
         add_generation_prompt=body.add_generation_prompt,

@@ -93,7 +93,7 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
     engine = state.engine
     body = await parse_body(request, CompletionRequest)
     model = state.check_model(body.model)
-    prompts = completion_prompts(engine.tokenizer, body.prompt, body.add_special_tokens)
+    prompts = await state.off_loop(completion_prompts, engine.tokenizer, body.prompt, body.add_special_tokens)
     budgets = [
         resolve_max_tokens(len(p.token_ids), body.max_tokens, engine.max_model_len, "prompt") for p in prompts
     ]

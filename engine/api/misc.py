@@ -67,7 +67,8 @@ async def tokenize(request: web.Request) -> web.Response:
     if isinstance(data, dict) and "messages" in data:
         chat = validate(TokenizeChatRequest, data)
         state.check_model(chat.model)
-        ids = chat_prompt(
+        prompt = await state.off_loop(
+            chat_prompt,
             tokenizer,
             chat.messages,
             add_generation_prompt=chat.add_generation_prompt,
@@ -75,14 +76,15 @@ async def tokenize(request: web.Request) -> web.Response:
             add_special_tokens=chat.add_special_tokens,
             chat_template=chat.chat_template,
             chat_template_kwargs=chat.chat_template_kwargs,
-        ).token_ids
+        )
+        ids = prompt.token_ids
         want_strs = chat.return_token_strs
     else:
         plain = validate(TokenizeCompletionRequest, data)
         state.check_model(plain.model)
-        ids = encode_text(tokenizer, plain.prompt, plain.add_special_tokens)
+        ids = await state.off_loop(encode_text, tokenizer, plain.prompt, plain.add_special_tokens)
         want_strs = plain.return_token_strs
-    strs = tokenizer.convert_ids_to_tokens(ids) if want_strs else None
+    strs = await state.off_loop(tokenizer.convert_ids_to_tokens, ids) if want_strs else None
     return _json(
         TokenizeResponse(
             count=len(ids), max_model_len=state.engine.max_model_len, tokens=ids, token_strs=strs
@@ -95,4 +97,5 @@ async def detokenize(request: web.Request) -> web.Response:
     body = validate(DetokenizeRequest, await read_json(request))
     state.check_model(body.model)
     ids = check_token_ids(state.engine.tokenizer, body.tokens, "tokens")
-    return _json(DetokenizeResponse(prompt=state.engine.tokenizer.decode(ids)))
+    text = await state.off_loop(state.engine.tokenizer.decode, ids)
+    return _json(DetokenizeResponse(prompt=text))

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from jinja2 import TemplateError
+from jinja2 import TemplateError, TemplateSyntaxError
 
-from engine.api.errors import bad_request
+from engine.api.errors import APIError, bad_request
 from engine.api.protocol import ChatMessage
 
 # Keys a chat_template_kwargs dict must not override: we decide how the template is called.
@@ -86,15 +86,25 @@ def chat_prompt(
             chat_template=chat_template,
             **extra,
         )
-    except (TemplateError, ValueError, TypeError, KeyError, IndexError) as exc:
-        # Templates reject conversations they can't render (e.g. roles not alternating).
-        raise bad_request(
-            f"The chat template could not render these messages: {exc}", param="messages"
-        ) from exc
+    except Exception as exc:
+        # Rendering is a function of the request alone (messages, kwargs, maybe the template itself), so
+        # whatever it raises, from raise_exception('roles must alternate') to a client's {{ 1/0 }}, is a 400.
+        raise _template_error(exc, request_template=chat_template is not None) from exc
     token_ids = encode_text(tokenizer, text, add_special_tokens)
     if not token_ids:
         raise bad_request("The messages rendered to an empty prompt (0 tokens).", param="messages")
     return Prompt(token_ids, text)
+
+
+def _template_error(exc: Exception, request_template: bool) -> APIError:
+    which = "The chat_template given in the request" if request_template else "The model's chat template"
+    if isinstance(exc, TemplateSyntaxError):
+        problem = f"has a syntax error on line {exc.lineno}: {exc.message}"
+    elif isinstance(exc, TemplateError):
+        problem = f"could not render these messages: {exc}"
+    else:  # a plain Python error inside the template, e.g. ZeroDivisionError from {{ 1/0 }}
+        problem = f"could not render these messages: {type(exc).__name__}: {exc}"
+    return bad_request(f"{which} {problem}", param="chat_template" if request_template else "messages")
 
 
 def resolve_max_tokens(num_prompt_tokens: int, requested: int | None, max_model_len: int, where: str) -> int:

@@ -20,6 +20,10 @@ async def refuse_while_draining(request: web.Request, handler: Handler) -> web.S
     return await handler(request)
 
 
+async def _stop_tokenizer_pool(app: web.Application) -> None:
+    app[STATE].tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+
+
 def build_app(
     engine: ServingEngine,
     *,
@@ -43,6 +47,7 @@ def build_app(
         middlewares.append(auth_middleware(api_key))
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[STATE] = state
+    app.on_cleanup.append(_stop_tokenizer_pool)
     app.router.add_get("/health", misc.health)
     app.router.add_get("/metrics", misc.metrics)
     app.router.add_get("/version", misc.version)

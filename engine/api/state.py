@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 
@@ -14,6 +17,13 @@ from engine.api.logprobs import TokenTexts
 from engine.metrics import EngineMetrics
 from engine.outputs import RequestOutput
 from engine.sampling.params import SamplingParams
+
+T = TypeVar("T")
+
+# Chat templates and encoding of long prompts take tens of milliseconds or more; on the event loop they
+# would stall every stream. One thread keeps prompts in arrival order and never runs two tokenizer calls
+# at once (a fast tokenizer's encode may reset its truncation/padding state, which is not thread-safe).
+TOKENIZER_THREADS = 1
 
 
 class ServingEngine(Protocol):
@@ -42,9 +52,16 @@ class ServerState:
     draining: bool = False  # set on SIGTERM: /health goes 503 and new requests are refused
     created: int = field(default_factory=lambda: int(time.time()))
     token_texts: TokenTexts = field(init=False)
+    tokenizer_pool: ThreadPoolExecutor = field(init=False)
 
     def __post_init__(self) -> None:
         self.token_texts = TokenTexts(self.engine.tokenizer)
+        self.tokenizer_pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenizer")
+
+    async def off_loop(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """fn(*args, **kwargs) on a tokenizer thread (its exceptions, e.g. a 400, are raised here)."""
+        call = functools.partial(fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, call)
 
     @property
     def model_name(self) -> str:

@@ -6,6 +6,10 @@ Policy, top to bottom in `schedule`:
    sequence is preempted (its blocks freed; it is recomputed later), so old requests keep moving.
 2. Then waiting sequences, FIFO, while the token budget, `max_num_seqs` and free blocks allow,
    each taking what it can of the prefix cache first. Nothing is admitted in a step that preempted.
+
+With async scheduling a running sequence may end in a placeholder (a token the GPU sampled in the
+step still in flight). It decodes like any other, unless that token is certain to be its last
+(max_tokens or max_model_len reached): then it sits out until the engine finishes it.
 """
 
 from __future__ import annotations
@@ -46,10 +50,12 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int | None = None) -> None:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order; the last is preempted first
 
@@ -73,7 +79,7 @@ class Scheduler:
 
         for seq in list(self.running):
             # status is WAITING for a sequence preempted earlier in this loop
-            if seq.status is not SequenceStatus.RUNNING or budget == 0:
+            if seq.status is not SequenceStatus.RUNNING or budget == 0 or self._ends_with_pending(seq):
                 continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.kv.allocate(seq, num_new):
@@ -88,6 +94,8 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             seq = self.waiting[0]
+            if seq.has_placeholder:  # preempted with a token in flight: recompute once it is known
+                break
             prefix_blocks = self.kv.match_prefix(seq) if seq.num_computed_tokens == 0 else []
             num_cached = len(prefix_blocks) * self.kv.block_size
             num_new = min(seq.num_tokens - num_cached, budget)
@@ -108,6 +116,13 @@ class Scheduler:
         out.scheduled.sort(key=lambda s: s.num_new_tokens != 1 or not s.completes_prompt)
         return out
 
+    def _ends_with_pending(self, seq: Sequence) -> bool:
+        """The token in flight is certain to finish this sequence: computing past it is wasted work."""
+        if not seq.has_placeholder:
+            return False
+        at_end = self.max_model_len is not None and seq.num_tokens >= self.max_model_len
+        return at_end or seq.num_output_tokens >= seq.params.max_tokens
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.kv.free(seq)
@@ -117,6 +132,8 @@ class Scheduler:
     def update_after_step(self, out: SchedulerOutput) -> None:
         """The model ran: the scheduled tokens are now in the cache."""
         for s in out.scheduled:
+            if s.seq.is_finished:  # finished (or aborted) while the step ran: its blocks are gone
+                continue
             s.seq.num_computed_tokens += s.num_new_tokens
             self.kv.cache_full_blocks(s.seq)
 

@@ -7,6 +7,10 @@ import time
 
 from engine.sampling.params import SamplingParams
 
+# Stands in for a token the GPU has sampled but the host has not read yet (async scheduling): it
+# counts towards the sequence's length, so the next step can be scheduled before the token is known.
+PLACEHOLDER_TOKEN = -1
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
@@ -51,6 +55,18 @@ class Sequence:
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+
+    def append_placeholder(self) -> int:
+        """Reserve the next token's place; returns its index, for `set_token` once it is known."""
+        self.token_ids.append(PLACEHOLDER_TOKEN)
+        return len(self.token_ids) - 1
+
+    def set_token(self, index: int, token_id: int) -> None:
+        self.token_ids[index] = token_id
+
+    @property
+    def has_placeholder(self) -> bool:
+        return bool(self.token_ids) and self.token_ids[-1] == PLACEHOLDER_TOKEN
 
     def __repr__(self) -> str:
         return (

@@ -18,7 +18,8 @@ import triton.language as tl
 LOG2_E = 1.4426950408889634
 
 
-@triton.jit
+# Integer arguments that change from step to step are not specialized on (see prefill_attention.py).
+@triton.jit(do_not_specialize=["num_splits", "stride_bt_seq"])
 def _decode_kernel(
     q_ptr,
     k_cache_ptr,
@@ -107,7 +108,7 @@ def _decode_kernel(
         tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(
     part_out_ptr,
     part_lse_ptr,

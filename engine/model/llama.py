@@ -22,7 +22,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from engine.model.attention import AttentionBackend, AttentionMetadata
-from engine.model.layers import RMSNorm, RotaryEmbedding, SiluAndMul
+from engine.model.layers import LowPrecisionLogits, RMSNorm, RotaryEmbedding, SiluAndMul, cast_linear_weights
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -217,6 +217,16 @@ class LlamaForCausalLM(nn.Module):
         if self.tie_word_embeddings:  # after to_empty, which would give each user its own copy
             self.lm_head.weight = self.model.embed_tokens.weight
         self.requires_grad_(False)
+        self.low_precision_logits: LowPrecisionLogits | None = None  # set by use_matmul_dtype
+
+    def use_matmul_dtype(self, dtype: torch.dtype) -> None:
+        """Mixed precision, after the weights are loaded: every linear layer of the decoder keeps its
+        weight in `dtype` and runs its matmul there (CastLinear: the input is rounded just before; the
+        output joins the residual stream in the model's dtype by type promotion); the LM head runs in
+        `dtype` too, with the leading logits of each row recomputed in the model's dtype
+        (LowPrecisionLogits). Embedding, norms, rotary and the residual stream keep the model's dtype."""
+        cast_linear_weights(self.model, dtype)
+        self.low_precision_logits = LowPrecisionLogits(self.lm_head.weight, dtype)
 
     def forward(
         self,
@@ -229,6 +239,8 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> float32 logits [N, vocab]."""
+        if self.low_precision_logits is not None:
+            return self.low_precision_logits(hidden)
         return self.lm_head(hidden).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -33,12 +33,15 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     eos_token_ids: set[int]  # generation_config's eos ids plus the tokenizer's
     name: str  # default served model name: hf repo id, directory name, or the embedded model's repo id
+    # The KV cache's dtype, which the runner allocates it in. It is also the activations' and weights'
+    # dtype, except in CPU mixed precision, where it is bfloat16 and the model's is float32 (`precision`).
     dtype: torch.dtype
     device: torch.device
     max_model_len: int
     num_layers: int
     num_kv_heads: int
     head_dim: int
+    precision: str = ""  # for the log: "float32", or what mixed precision keeps in which dtype
 
 
 def load_model(config: EngineConfig, attn_backend: AttentionBackend | None = None) -> LoadedModel:
@@ -49,6 +52,7 @@ def load_model(config: EngineConfig, attn_backend: AttentionBackend | None = Non
     check_supported(hf_config, source)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, hf_config, device)
+    matmul_dtype = resolve_matmul_dtype(config.dtype, device)
     max_model_len = resolve_max_model_len(config.max_model_len, hf_config)
     if attn_backend is None:
         attn_backend = default_attention_backend(device)
@@ -59,15 +63,20 @@ def load_model(config: EngineConfig, attn_backend: AttentionBackend | None = Non
     except ValueError as exc:  # a checkpoint that does not fit the config: say which model
         raise ModelLoadError(f"{source.label}: {exc}") from exc
     model.eval()
+    num_params = sum(p.numel() for p in model.parameters())  # before packed weights leave the parameters
+    kv_cache_dtype, precision = dtype, str(dtype).removeprefix("torch.")
+    if matmul_dtype is not None:
+        model.use_matmul_dtype(matmul_dtype)
+        kv_cache_dtype = matmul_dtype
+        precision = f"{precision} with {str(matmul_dtype).removeprefix('torch.')} matmuls and KV cache"
     tokenizer = source.load_tokenizer(config.tokenizer, config.trust_remote_code)
     if tokenizer.chat_template is None:
         log.warning("%s has no chat template: /v1/chat/completions will be refused", source.label)
     eos_token_ids = generation_eos_ids(source, hf_config, tokenizer)
 
-    num_params = sum(p.numel() for p in model.parameters())
     log.info(
         "loaded %s: %s, %.1fM parameters, %s on %s, max_model_len %d, eos %s, in %.1fs",
-        source.label, hf_config.model_type, num_params / 1e6, dtype, device, max_model_len,
+        source.label, hf_config.model_type, num_params / 1e6, precision, device, max_model_len,
         sorted(eos_token_ids), time.monotonic() - started,
     )  # fmt: skip
     return LoadedModel(
@@ -76,12 +85,13 @@ def load_model(config: EngineConfig, attn_backend: AttentionBackend | None = Non
         tokenizer=tokenizer,
         eos_token_ids=eos_token_ids,
         name=source.default_name,
-        dtype=dtype,
+        dtype=kv_cache_dtype,
         device=device,
         max_model_len=max_model_len,
         num_layers=hf_config.num_hidden_layers,
         num_kv_heads=hf_config.num_key_value_heads,
         head_dim=head_dim_of(hf_config),
+        precision=precision,
     )
 
 
@@ -111,15 +121,39 @@ def resolve_device(requested: str) -> torch.device:
 
 
 def resolve_dtype(requested: str, hf_config: PretrainedConfig, device: torch.device) -> torch.dtype:
+    """The model's dtype: its weights', activations' and (but see resolve_matmul_dtype) KV cache's."""
     if requested != "auto":
         return getattr(torch, requested)
     if device.type != "cuda":
-        # float32: bfloat16 is faster on CPUs with AMX / AVX512-BF16 (see cpu_has_native_bf16 and
-        # docs/BENCHMARKS.md) but made the small embedded model stop emitting its end-of-turn token,
-        # so it is opt-in (--dtype bfloat16).
+        # float32 on the CPU. Where the CPU has native bf16, "auto" adds bfloat16 matmuls and KV cache to
+        # it (resolve_matmul_dtype); a pure bfloat16 model is opt-in (--dtype bfloat16), see there why.
         return torch.float32
     checkpoint_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
     return torch.float16 if checkpoint_dtype in (torch.float16, "float16") else torch.bfloat16
+
+
+def resolve_matmul_dtype(requested: str, device: torch.device) -> torch.dtype | None:
+    """bfloat16 for CPU mixed precision (--dtype auto on a CPU with AMX or AVX512-BF16), else None.
+
+    Mixed precision runs the decoder's linear layers and the LM head with bfloat16 weights (the
+    activation is rounded to bfloat16 just before each matmul), keeps the KV cache and attention in
+    bfloat16, and keeps the embedding, residual stream, RMSNorm, rotary and the logits that decide
+    the next token in float32. A CPU decode step is mostly those matmuls and KV reads, so it is as
+    fast as a pure bfloat16 model (faster, with its oneDNN-packed weights), and answers close to float32.
+
+    A pure bfloat16 model (--dtype bfloat16) is not the default because its logits are rounded to
+    bfloat16: at a logit of 20-40 the spacing is 0.125-0.25, and 17 of the 185 greedy steps of the
+    embedded SmolLM2's float32 answer to "What is Kubernetes?" have their best two tokens closer than
+    0.125. Those become exact ties, greedy takes the lower token id, the answer drifts from step 8 on,
+    and drifting answers of this small model often do not end (600 tokens without <|im_end|> where
+    float32 ends after 185 or 301). Rounding only the float32 model's logits to bfloat16 reproduces
+    that; rounding its weights to bfloat16, or running its matmuls in bfloat16 with float32 logits,
+    does not (docs/BENCHMARKS.md, CPU). So the LM head's matmul runs in bfloat16 here too, but each
+    row's leading logits are recomputed in float32 (LowPrecisionLogits).
+    """
+    if requested == "auto" and device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
 
 
 def cpu_has_native_bf16() -> bool:

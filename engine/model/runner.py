@@ -9,10 +9,11 @@ import numpy as np
 import torch
 
 from engine.core.scheduler import ScheduledSeq
+from engine.core.sequence import PLACEHOLDER_TOKEN
 from engine.model.attention import AttentionMetadata
 from engine.model.cuda_graphs import DecodeCudaGraphs
 from engine.outputs import TokenLogprob
-from engine.sampling.sampler import Sampler, SamplingRow, seeded_generator
+from engine.sampling.sampler import PendingSample, Sampler, SamplingRow, seeded_generator
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,28 @@ class StepResult:
     seqs: list[ScheduledSeq]
     token_ids: list[int]
     logprobs: list[TokenLogprob | None]
+
+
+class LaunchedStep:
+    """A step queued on the device: its sampled tokens exist there before the host has them.
+
+    The next step may already be built from it: a sequence whose newest token is still a placeholder
+    reads that token from `sample.token_ids` on the device (row `row_of[request_id]`).
+    """
+
+    def __init__(self, seqs: list[ScheduledSeq], sample: PendingSample, reads_token_lists: bool = False) -> None:
+        self.seqs = seqs
+        self.sample = sample
+        self.row_of = {s.seq.request_id: i for i, s in enumerate(seqs)}
+        # Some sequence's sampling reads its token list (penalties): its next step needs this one's tokens.
+        self.reads_token_lists = reads_token_lists
+        self.placeholders: list[int | None] = []  # where each token goes in its sequence (set by the engine)
+        self.trace: dict | None = None  # this step's StepTrace row, when tracing
+
+    def result(self) -> StepResult:
+        """Wait for the tokens (the GPU may still be running later steps queued behind this one)."""
+        sampled = self.sample.result()
+        return StepResult(self.seqs, sampled.token_ids, sampled.logprobs)
 
 
 class ModelRunner:
@@ -61,9 +84,12 @@ class ModelRunner:
         shape = (2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
 
-    def profile_peak_activation_bytes(self, num_tokens: int, max_seq_len: int | None = None) -> int:
+    def profile_peak_activation_bytes(self, num_tokens: int, max_seq_len: int | None = None,
+                                      num_sample_rows: int = 1) -> int:
         """Run one prefill of num_tokens dummy tokens, in sequences of at most max_seq_len (positions past
-        the rotary table would read out of bounds); return the activation memory it peaked at."""
+        the rotary table would read out of bounds), then sample num_sample_rows rows (logits and the
+        sampler's sort for top_p are the largest temporaries of a decode step of max_num_seqs rows);
+        return the memory the two peaked at."""
         from engine.core.sequence import Sequence
         from engine.sampling.params import SamplingParams
 
@@ -80,11 +106,37 @@ class ModelRunner:
         base = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         self.execute(batch, set())
+        with torch.inference_mode():
+            hidden = torch.zeros(num_sample_rows, self.model.config.hidden_size, dtype=self.dtype, device=self.device)
+            row = SamplingRow(SamplingParams(temperature=0.7, top_p=0.9), [], [], None, set())
+            self.sampler.sample(self.model.compute_logits(hidden), [row] * num_sample_rows).result()
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - base
         self.kv_caches = []
         torch.cuda.empty_cache()
         return peak
+
+    def warm_up(self) -> None:
+        """One eager step mixing decodes with a prefill that continues a cached prefix, greedy and
+        sampled rows: the first such step of real traffic then compiles and autotunes nothing."""
+        from engine.core.sequence import Sequence
+        from engine.sampling.params import SamplingParams
+
+        bs = self.block_size
+        shapes = [(bs + 3, 1, 0.0), (5, 1, 0.7), (3 * bs + 1, 2 * bs + 1, 0.0)]  # tokens, new, temperature
+        if sum(-(-n // bs) for n, _, _ in shapes) > self.kv_caches[0].shape[1]:
+            return
+        batch, next_block = [], 0
+        for i, (num_tokens, num_new, temperature) in enumerate(shapes):
+            seq = Sequence(f"warm-up-{i}", [0] * num_tokens, SamplingParams(temperature=temperature))
+            num_blocks = -(-num_tokens // bs)
+            seq.block_table = list(range(next_block, next_block + num_blocks))
+            next_block += num_blocks
+            seq.num_computed_tokens = num_tokens - num_new
+            batch.append(ScheduledSeq(seq, num_new))
+        self.execute(batch, set())
+        for s in batch:
+            self.release(s.seq.request_id)
 
     def generator_for(self, request_id: str, seed: int | None) -> torch.Generator | None:
         if seed is None:
@@ -110,7 +162,12 @@ class ModelRunner:
             eos_token_ids=eos_token_ids,
         )
 
-    def build_metadata(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def build_metadata(
+        self, batch: list[ScheduledSeq], previous: LaunchedStep | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """The step's flat inputs on the device. A decode whose input token is still a placeholder (it
+        was sampled by `previous`, which the host has not seen yet) takes it from previous's device
+        tensor, so building this step never waits for the last one."""
         # Per-token arrays are computed with numpy from per-sequence values: this runs every step for
         # hundreds of sequences, so Python loops over tokens would cost more than the GPU's work.
         bs = self.block_size
@@ -121,6 +178,13 @@ class ModelRunner:
         while num_decodes < len(batch) and query_lens[num_decodes] == 1:
             num_decodes += 1
         input_ids: list[int] = [s.seq.token_ids[start] for s, start in zip(batch[:num_decodes], starts, strict=False)]
+        fed_rows: list[int] = []  # decode rows whose input is previous's sampled token
+        fed_from: list[int] = []
+        if previous is not None:
+            for i in range(num_decodes):
+                if input_ids[i] == PLACEHOLDER_TOKEN:
+                    fed_rows.append(i)
+                    fed_from.append(previous.row_of[batch[i].seq.request_id])
         for s, start, n in zip(batch[num_decodes:], starts[num_decodes:], query_lens[num_decodes:], strict=True):
             input_ids.extend(s.seq.token_ids[start : start + n])
 
@@ -136,7 +200,10 @@ class ModelRunner:
         slots = tables[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
 
         def dev(array: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(array).to(self.device, non_blocking=True)
+            host = torch.from_numpy(array)
+            if self.device.type == "cuda":  # a copy from pinned memory never waits for the GPU
+                host = host.pin_memory()
+            return host.to(self.device, non_blocking=True)
 
         meta = AttentionMetadata(
             slot_mapping=dev(slots),
@@ -149,12 +216,27 @@ class ModelRunner:
             query_lens_cpu=query_lens,
             seq_lens_cpu=seq_lens,
         )
-        return dev(np.asarray(input_ids, dtype=np.int64)), dev(positions), meta
+        ids = dev(np.asarray(input_ids, dtype=np.int64))
+        if input_ids.count(PLACEHOLDER_TOKEN) != len(fed_rows):
+            raise RuntimeError("a step's input holds a token that was never sampled")
+        if fed_rows:
+            assert previous is not None
+            rows, src = dev(np.asarray(fed_rows, dtype=np.int64)), dev(np.asarray(fed_from, dtype=np.int64))
+            ids.index_copy_(0, rows, previous.sample.token_ids.index_select(0, src))
+        return ids, dev(positions), meta
+
+    def execute(self, batch: list[ScheduledSeq], eos_token_ids: set[int]) -> StepResult:
+        """Run one step and wait for its tokens."""
+        return self.launch(batch, eos_token_ids).result()
 
     @torch.inference_mode()
-    def execute(self, batch: list[ScheduledSeq], eos_token_ids: set[int]) -> StepResult:
-        input_ids, positions, meta = self.build_metadata(batch)
-        if self.cuda_graphs is not None and self.cuda_graphs.can_run(meta):
+    def launch(self, batch: list[ScheduledSeq], eos_token_ids: set[int],
+               previous: LaunchedStep | None = None) -> LaunchedStep:
+        """Queue one step (forward, logits, sampling, host copy of the tokens) without waiting for it."""
+        input_ids, positions, meta = self.build_metadata(batch, previous)
+        self.last_step_shape = (meta.num_decodes, int(input_ids.shape[0]))
+        self.last_step_graphed = self.cuda_graphs is not None and self.cuda_graphs.can_run(meta)
+        if self.last_step_graphed:
             hidden = self.cuda_graphs.run(input_ids, positions, meta)
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
@@ -162,16 +244,19 @@ class ModelRunner:
         sample_idx = [i for i, s in enumerate(batch) if s.completes_prompt]
         done = [batch[i] for i in sample_idx]
         if not done:
-            return StepResult([], [], [])
+            return LaunchedStep([], PendingSample(torch.empty(0, dtype=torch.long, device=self.device)))
         if len(done) == hidden.shape[0]:  # all decodes: every row is a last token
             last_hidden = hidden
         else:
             qsl = [0]
             for n in meta.query_lens_cpu:
                 qsl.append(qsl[-1] + n)
-            rows_idx = torch.tensor([qsl[i + 1] - 1 for i in sample_idx]).to(self.device, non_blocking=True)
+            rows_idx = torch.tensor([qsl[i + 1] - 1 for i in sample_idx])
+            if self.device.type == "cuda":
+                rows_idx = rows_idx.pin_memory()
+            rows_idx = rows_idx.to(self.device, non_blocking=True)
             last_hidden = hidden.index_select(0, rows_idx)
         logits = self.model.compute_logits(last_hidden)
         rows = [self._sampling_row(s.seq, eos_token_ids) for s in done]
-        result = self.sampler(logits, rows)
-        return StepResult(done, result.token_ids, result.logprobs)
+        reads = any(r.params.needs_penalties for r in rows)
+        return LaunchedStep(done, self.sampler.sample(logits, rows), reads)

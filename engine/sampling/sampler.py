@@ -5,9 +5,13 @@ Order of operations (as vLLM v1):
   min_tokens    -> eos (unless ignore_eos) and stop_token_ids masked while the output is too short
   penalties     -> repetition (prompt + output tokens), then frequency and presence (output tokens)
   greedy rows   -> argmax
-  other rows    -> temperature, min_p, top_k, top_p, then an inverse-CDF draw
+  other rows    -> temperature, min_p, top_k, top_p, then an inverse-CDF draw (CPU) or an exponential
+                   race (GPU); on the GPU a batch of rows that need only temperature (or greedy)
+                   takes one fused Gumbel-max kernel instead (engine/kernels/gumbel_sample.py)
 
-The whole step costs one host transfer: token ids and logprobs come back to the CPU together.
+The whole step costs one host transfer: token ids and logprobs come back to the CPU together, and
+`Sampler.sample` only starts it (a `PendingSample`), so the engine can queue the next step on the GPU
+before it waits for this one's tokens (async scheduling, see LLMEngine.step).
 """
 
 from __future__ import annotations
@@ -52,6 +56,40 @@ class SampleResult:
     logprobs: list[TokenLogprob | None]  # None for rows that did not ask for logprobs
 
 
+class PendingSample:
+    """One step's sampled tokens, still on the device, with their copy to the host under way.
+
+    `token_ids` (int64 [B], on the device) can feed the next step's inputs before the host sees them;
+    `result()` waits for the copy and unpacks it. Everything that crosses to the host is one tensor:
+    the token ids alone, or (with logprobs) a float64 pack that `unpack` turns into the SampleResult.
+    """
+
+    def __init__(self, token_ids: torch.Tensor, packed: torch.Tensor | None = None, unpack=None) -> None:
+        self.token_ids = token_ids
+        self._unpack = unpack
+        source = token_ids if packed is None else packed
+        self._event: torch.cuda.Event | None = None
+        if source.device.type == "cuda":
+            self._host = torch.empty(source.shape, dtype=source.dtype, pin_memory=True)
+            self._host.copy_(source, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = source
+        self._result: SampleResult | None = None
+
+    def result(self) -> SampleResult:
+        if self._result is None:
+            if self._event is not None:
+                self._event.synchronize()  # releases the GIL while the GPU finishes
+            values = self._host.tolist()
+            if self._unpack is None:
+                self._result = SampleResult(values, [None] * len(values))
+            else:
+                self._result = self._unpack(values)
+        return self._result
+
+
 def seeded_generator(seed: int, device: torch.device | str) -> torch.Generator:
     """A request's own RNG; it must live on the logits' device."""
     return torch.Generator(device=device).manual_seed(seed)
@@ -65,11 +103,18 @@ class Sampler:
     """
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
+        return self.sample(logits, rows).result()
+
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> PendingSample:
+        """Queue the sampling kernels and the host copy; nothing here waits for the device."""
         if not rows:
-            return SampleResult([], [])
+            return PendingSample(torch.empty(0, dtype=torch.long, device=logits.device))
         if _is_plain_greedy(rows):
             # Fast path: one argmax kernel and one host transfer.
-            return SampleResult(logits.argmax(dim=-1).tolist(), [None] * len(rows))
+            return PendingSample(logits.argmax(dim=-1))
+        if logits.is_cuda and _is_plain_temperature(rows, logits.shape[1]):
+            # Temperature only (the common case): one fused read of the logits on the GPU.
+            return PendingSample(_fused_temperature_sample(logits, rows))
 
         # float32 for the arithmetic; every step below is out of place, so the caller's logits stay intact.
         logits = logits.float()
@@ -81,7 +126,7 @@ class Sampler:
         token_ids = _choose_tokens(logits, rows)
 
         if raw_logprobs is None:
-            return SampleResult(token_ids.tolist(), [None] * len(rows))
+            return PendingSample(token_ids)
         return _with_logprobs(token_ids, raw_logprobs, rows, logprob_rows)
 
 
@@ -93,6 +138,41 @@ def _is_plain_greedy(rows: list[SamplingRow]) -> bool:
         and not r.suppressed_token_ids()
         for r in rows
     )
+
+
+def _is_plain_temperature(rows: list[SamplingRow], vocab_size: int) -> bool:
+    """Greedy or temperature rows that need nothing else: no logprobs, penalties, masked stop tokens,
+    min_p, top_k or top_p."""
+    return all(
+        r.params.logprobs is None
+        and not r.params.needs_penalties
+        and r.params.min_p == 0.0
+        and r.params.top_p >= 1.0
+        and (r.params.top_k <= 0 or r.params.top_k >= vocab_size or r.params.greedy)
+        and not r.suppressed_token_ids()
+        for r in rows
+    )
+
+
+def _fused_temperature_sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """The Gumbel-max kernel (engine/kernels/gumbel_sample.py). Unseeded rows key Philox with one fresh
+    draw from the global RNG (plus the row's index); a seeded row with a draw from its own generator."""
+    from engine.kernels.gumbel_sample import gumbel_sample
+
+    device = logits.device
+    base = int(torch.randint(0, 1 << 40, (1,)).item())  # the CPU generator: no device sync
+    # Built on the device (no host copies, no pinned buffers): this runs every step.
+    seeds = torch.arange(base, base + len(rows), dtype=torch.int64, device=device)
+    temperatures = {0.0 if r.params.greedy else r.params.temperature for r in rows}
+    if len(temperatures) == 1:
+        temperature = torch.full((len(rows),), temperatures.pop(), dtype=torch.float32, device=device)
+    else:
+        values = [0.0 if r.params.greedy else r.params.temperature for r in rows]
+        temperature = torch.tensor(values, dtype=torch.float32).pin_memory().to(device, non_blocking=True)
+    for i, row in enumerate(rows):
+        if row.generator is not None:
+            seeds[i : i + 1] = torch.randint(0, 1 << 40, (1,), generator=row.generator, device=device)
+    return gumbel_sample(logits, temperature, seeds)
 
 
 def suppress_stop_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -255,7 +335,7 @@ def _uniforms(rows: list[SamplingRow], device: torch.device) -> torch.Tensor:
 
 
 def _with_logprobs(token_ids: torch.Tensor, raw_logprobs: torch.Tensor, rows: list[SamplingRow],
-                   logprob_rows: list[int]) -> SampleResult:
+                   logprob_rows: list[int]) -> PendingSample:
     """Gather the sampled tokens' raw logprobs and each row's top alternatives; one host transfer."""
     device = token_ids.device
     index = torch.tensor(logprob_rows, dtype=torch.long).to(device, non_blocking=True)
@@ -266,20 +346,23 @@ def _with_logprobs(token_ids: torch.Tensor, raw_logprobs: torch.Tensor, rows: li
     packed = torch.cat([
         token_ids.to(torch.float64), chosen.to(torch.float64),
         top_values.to(torch.float64).flatten(), top_ids.to(torch.float64).flatten(),
-    ]).tolist()
+    ])
     batch, n = len(rows), len(logprob_rows)
-    sampled = [int(t) for t in packed[:batch]]
-    chosen_lp = packed[batch:batch + n]
-    top_lp = packed[batch + n:batch + n + n * num_top]
-    top_tok = packed[batch + n + n * num_top:]
+    wanted = [rows[i].params.logprobs or 0 for i in logprob_rows]
 
-    logprobs: list[TokenLogprob | None] = [None] * batch
-    for j, i in enumerate(logprob_rows):
-        k = rows[i].params.logprobs or 0
-        start = j * num_top
-        top = [(int(top_tok[start + m]), top_lp[start + m]) for m in range(k)]
-        logprobs[i] = TokenLogprob(token_id=sampled[i], logprob=chosen_lp[j], top=top)
-    return SampleResult(sampled, logprobs)
+    def unpack(values: list[float]) -> SampleResult:
+        sampled = [int(t) for t in values[:batch]]
+        chosen_lp = values[batch:batch + n]
+        top_lp = values[batch + n:batch + n + n * num_top]
+        top_tok = values[batch + n + n * num_top:]
+        logprobs: list[TokenLogprob | None] = [None] * batch
+        for j, i in enumerate(logprob_rows):
+            start = j * num_top
+            top = [(int(top_tok[start + m]), top_lp[start + m]) for m in range(wanted[j])]
+            logprobs[i] = TokenLogprob(token_id=sampled[i], logprob=chosen_lp[j], top=top)
+        return SampleResult(sampled, logprobs)
+
+    return PendingSample(token_ids, packed, unpack)
 
 
 def _select_rows(x: torch.Tensor, picked: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -72,6 +72,23 @@ q, k, _ = qkv.clone().split([H * D, KVH * D, KVH * D], -1)
 w = torch.ones(D, dtype=dt)
 q_out, k_out = rotary_embedding(pos, q.view(T, H, D), k.view(T, KVH, D), rot.cos_sin_cache, w, w, 1e-6)
 assert torch.equal(q_out, q_ref) and torch.equal(k_out, k_ref)
+
+from engine.kernels.gumbel_sample import gumbel_sample
+V = 9000  # three chunks of 4096
+logits = torch.randn(6, V).to(dt)
+logits[:, 5000] = float("-inf")
+greedy = gumbel_sample(logits, torch.zeros(6), torch.arange(6))
+assert torch.equal(greedy, logits.float().argmax(dim=1))
+flat = torch.zeros(6, V)
+flat[:, 8999] = float("-inf")
+drawn = gumbel_sample(flat, torch.ones(6), torch.tensor([7, 7, 8, 9, 10, 11]))
+assert drawn[0] == drawn[1] and len(set(drawn.tolist())) > 3 and 8999 not in drawn.tolist()
+probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+n = 3000
+tokens = gumbel_sample(probs.log().repeat(n, 1), torch.ones(n), torch.arange(n) * 1000 + 5)
+counts = torch.bincount(tokens, minlength=4).float()
+chi2 = ((counts - n * probs) ** 2 / (n * probs)).sum().item()
+assert chi2 < 16.3, chi2  # 3 dof, p = 0.001
 print("ok")
 """
 

@@ -61,4 +61,3 @@ def one(objects: list[Manifest], kind: str) -> Manifest:
     found = by_kind(objects, kind)
     assert len(found) == 1, f"expected one {kind}, got {[o['metadata']['name'] for o in found]}"
     return found[0]
-

@@ -230,6 +230,8 @@ def test_operator_rights_cover_every_child_kind_and_nothing_wild(
         assert {"get", "list", "watch", "create", "patch", "delete"} <= verbs, f"{kind}: only {sorted(verbs)}"
     assert {"get", "list", "watch", "patch"} <= grants[("kubellm.io", "modeldeployments")]
     assert "patch" in grants[("kubellm.io", "modeldeployments/status")]
+    # blockOwnerDeletion on the children's owner references (OwnerReferencesPermissionEnforcement).
+    assert grants[("kubellm.io", "modeldeployments/finalizers")] == {"update"}
     assert grants[("", "pods")] == {"get", "list", "watch"}
     peering = ("kopf.dev", "kopfpeerings" if watch else "clusterkopfpeerings")
     assert {"create", "patch", "watch"} <= grants[peering]

@@ -38,15 +38,20 @@ def values_file(tmp_path: Any, values: dict[str, Any]) -> str:
 
 
 def can_i(cluster: Any, account: str, verb: str, resource: str, namespace: str) -> bool:
-    answer = cluster.kubectl("auth", "can-i", verb, resource, "--as", account, "-n", namespace, check=False)
-    return answer.strip() == "yes"
+    """resource may name a subresource: `modeldeployments.kubellm.io/status` (kubectl itself would read
+    the part after the slash as an object's name)."""
+    resource, _, subresource = resource.partition("/")
+    args = ["auth", "can-i", verb, resource, "--as", account, "-n", namespace]
+    if subresource:
+        args.append(f"--subresource={subresource}")
+    return cluster.kubectl(*args, check=False).strip() == "yes"
 
 
 def assert_operator_rights(cluster: Any, account: str, namespace: str) -> None:
     """What the reconciler does, asked of the API server's own authorizer (RBAC as installed)."""
     needed = [
         ("watch", "modeldeployments.kubellm.io"), ("patch", "modeldeployments.kubellm.io"),
-        ("patch", "modeldeployments.kubellm.io/status"),
+        ("patch", "modeldeployments.kubellm.io/status"), ("update", "modeldeployments.kubellm.io/finalizers"),
         ("create", "deployments.apps"), ("patch", "deployments.apps"), ("watch", "deployments.apps"),
         ("create", "services"), ("patch", "services"), ("delete", "services"),
         ("create", "persistentvolumeclaims"), ("create", "horizontalpodautoscalers.autoscaling"),
@@ -62,6 +67,7 @@ def assert_operator_rights(cluster: Any, account: str, namespace: str) -> None:
     forbidden = [
         ("get", "secrets"), ("list", "secrets"), ("create", "pods"), ("delete", "pods"), ("create", "pods/exec"),
         ("create", "modeldeployments.kubellm.io"), ("delete", "modeldeployments.kubellm.io"),
+        ("update", "modeldeployments.kubellm.io"), ("update", "modeldeployments.kubellm.io/scale"),
         ("create", "clusterroles.rbac.authorization.k8s.io"), ("create", "rolebindings.rbac.authorization.k8s.io"),
         ("update", "nodes"), ("create", "customresourcedefinitions.apiextensions.k8s.io"),
     ]  # fmt: skip

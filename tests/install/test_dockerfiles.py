@@ -81,6 +81,15 @@ def test_the_final_image_runs_as_a_non_root_user(dockerfile: Path) -> None:
     )
 
 
+def test_engine_pods_fs_group_is_the_engine_images_group() -> None:
+    """The operator's pod fsGroup makes fresh volumes writable by the image's user; they must agree."""
+    from kubellm_operator.desired import ENGINE_GROUP_ID
+
+    user = stages(ENGINE)[-1].last("USER")
+    assert user is not None and user.partition(":")[2] == str(ENGINE_GROUP_ID)
+    assert f"--uid {ENGINE_GROUP_ID} --user-group" in ENGINE.read_text()  # the home dir and /model-cache
+
+
 def test_engine_image_serves_on_port_8000_with_kubellm_serve() -> None:
     build, final = stages(ENGINE)[0], stages(ENGINE)[-1]
     assert re.fullmatch(r"\$\{CUDA_IMAGE\}", final.base)

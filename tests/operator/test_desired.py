@@ -41,10 +41,13 @@ spec:
   replicas: 1
   selector: {{matchLabels: {SELECTOR}}}
   progressDeadlineSeconds: 1920
+  strategy: {{type: RollingUpdate, rollingUpdate: {{maxSurge: 0, maxUnavailable: 1}}}}
   template:
     metadata: {{labels: {yaml.safe_load(LABELS)}}}
     spec:
       enableServiceLinks: false
+      securityContext: {{fsGroup: 10001, fsGroupChangePolicy: OnRootMismatch}}
+      terminationGracePeriodSeconds: 45
       containers:
       - name: engine
         image: ghcr.io/kubellm/engine:0.1.0
@@ -299,6 +302,51 @@ def test_startup_probe_covers_the_startup_timeout(timeout: int, failures: int) -
     probe = container_of({**MINIMAL, "startupTimeoutSeconds": timeout})["startupProbe"]
     assert probe["periodSeconds"] * probe["failureThreshold"] >= timeout
     assert probe["failureThreshold"] == failures
+
+
+def test_volumes_are_writable_by_the_engine_images_group() -> None:
+    """A fresh PVC's root belongs to root; fsGroup makes the kubelet hand it to the image's user 10001."""
+    pod = pod_of({**MINIMAL, "modelCache": {"persistentVolumeClaim": {"size": "50Gi"}}})
+    assert pod["securityContext"]["fsGroup"] == 10001
+
+
+@pytest.mark.parametrize(
+    ("spec", "rolling_update"),
+    [
+        (MINIMAL, {"maxSurge": 0, "maxUnavailable": 1}),  # a GPU pod: no spare GPU to surge onto
+        (
+            {**MINIMAL, "gpu": {"count": 0}, "modelCache": {"persistentVolumeClaim": {"size": "5Gi"}}},
+            {"maxSurge": 0, "maxUnavailable": 1},  # ReadWriteOnce: a second pod elsewhere can't mount it
+        ),
+        (
+            {**MINIMAL, "gpu": {"count": 0}, "modelCache": {"existingClaim": "weights"}},
+            {"maxSurge": 0, "maxUnavailable": 1},
+        ),
+        (
+            {
+                **MINIMAL,
+                "gpu": {"count": 0},
+                "modelCache": {"persistentVolumeClaim": {"size": "5Gi", "accessModes": ["ReadWriteMany"]}},
+            },
+            {"maxSurge": "25%", "maxUnavailable": "25%"},
+        ),
+        ({**MINIMAL, "gpu": {"count": 0}}, {"maxSurge": "25%", "maxUnavailable": "25%"}),
+    ],
+)
+def test_rollout_surges_only_where_a_surge_pod_can_start(
+    spec: dict[str, Any], rolling_update: dict[str, Any]
+) -> None:
+    strategy = children(spec)["Deployment"]["spec"]["strategy"]
+    assert strategy == {"type": "RollingUpdate", "rollingUpdate": rolling_update}
+
+
+@pytest.mark.parametrize(
+    ("extra_args", "grace"),
+    [([], 45), (["--shutdown-timeout", "120"], 135), (["--shutdown-timeout=7.5"], 23)],
+)
+def test_termination_grace_outlasts_the_engines_drain(extra_args: list[str], grace: int) -> None:
+    pod = pod_of({**MINIMAL, "engine": {"extraArgs": extra_args}})
+    assert pod["terminationGracePeriodSeconds"] == grace
 
 
 def test_engine_image_and_pull_policy() -> None:

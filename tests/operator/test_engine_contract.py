@@ -18,7 +18,7 @@ import requests
 from openai import OpenAI
 
 from kubellm_operator.desired import Owner, desired_children
-from kubellm_operator.engine_args import served_model_name
+from kubellm_operator.engine_args import ENGINE_SHUTDOWN_TIMEOUT_S, served_model_name
 from tests.operator.operator_process import free_port, kubellm_executable
 from tests.operator.samples import sample_spec
 
@@ -138,3 +138,18 @@ def test_seed_client_code_gets_an_answer_under_the_served_name(engine: RunningEn
     assert response.model == served
     assert response.choices[0].message.content.strip()
     assert response.usage.completion_tokens > 0
+
+
+def test_termination_grace_period_outlasts_the_engines_own_drain_default() -> None:
+    """Kubernetes kills the pod terminationGracePeriodSeconds after SIGTERM; the engine drains for
+    --shutdown-timeout first, so the pod must be given longer."""
+    from engine.cli import build_parser
+
+    drain = build_parser().parse_args(["serve"]).shutdown_timeout
+    assert drain == ENGINE_SHUTDOWN_TIMEOUT_S
+    deployment = next(
+        c
+        for c in desired_children(Owner("vllm", "default", "uid"), sample_spec("vllm.yaml"))
+        if c["kind"] == "Deployment"
+    )
+    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= drain + 10

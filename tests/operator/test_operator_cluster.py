@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from tests.cluster.localcluster import KubectlError, LocalCluster
 from tests.cluster.waiting import wait_until
+from tests.operator.cluster_objects import apply, forbid_new_services, get
 from tests.operator.operator_process import OperatorProcess
 from tests.operator.samples import sample
 
@@ -51,19 +51,6 @@ def operator(
 
 
 # --- helpers -------------------------------------------------------------------------------------
-
-
-def apply(cluster: LocalCluster, namespace: str, manifest: dict[str, Any]) -> str:
-    return cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(manifest))
-
-
-def get(cluster: LocalCluster, namespace: str, kind: str, name: str) -> dict[str, Any] | None:
-    try:
-        return cluster.kubectl_json("get", kind, name, "-n", namespace)
-    except KubectlError as error:
-        if "NotFound" in str(error):
-            return None
-        raise
 
 
 def condition(obj: dict[str, Any] | None, kind: str) -> dict[str, Any]:
@@ -289,6 +276,8 @@ def test_more_gpus_than_any_node_has_is_unschedulable(
             "spec.engine.gpuMemoryUtilization",
         ),
         ("x" * 56, {"model": {}}, "so that '<name>-service' is a valid Service name"),
+        ("3b-chat", {"model": {}}, "metadata.name must be a DNS-1035 label"),
+        ("chat.v2", {"model": {}, "service": {"name": "chat"}}, "metadata.name must be a DNS-1035 label"),
         (
             "product",
             {"model": {}, "gpu": {"count": 0, "product": "H100"}},
@@ -375,6 +364,28 @@ def test_someone_elses_object_is_not_taken_over_and_is_retried_with_backoff(
         get(k8s_cluster, ns, "service", "clash-service")["spec"]["selector"]["app.kubernetes.io/instance"]
         == "clash"
     )
+
+
+def test_a_quota_refusal_is_reported_and_retried_until_the_quota_allows_it(
+    k8s_cluster: LocalCluster, k8s_namespace: str, operator: OperatorProcess
+) -> None:
+    ns = k8s_namespace
+    forbid_new_services(k8s_cluster, ns, TIMEOUT_S)
+    apply(k8s_cluster, ns, model_deployment("quota", model={"source": "hf://org/m"}))
+
+    def forbidden() -> dict[str, Any] | None:
+        md = get(k8s_cluster, ns, "md", "quota")
+        return md if condition(md, "Degraded").get("reason") == "Forbidden" else None
+
+    md = wait_until(forbidden, "Degraded=True with reason Forbidden", timeout_s=TIMEOUT_S)
+    assert "exceeded quota: no-services" in condition(md, "Degraded")["message"]
+    assert md["status"]["phase"] == "Degraded"
+    assert operator.alive
+
+    # Raising the quota is all it takes: the operator retries with backoff.
+    k8s_cluster.kubectl("delete", "resourcequota", "no-services", "-n", ns)
+    wait_ready(k8s_cluster, ns, "quota")
+    assert get(k8s_cluster, ns, "service", "quota-service")
 
 
 def test_removed_options_take_their_children_and_deletion_takes_everything(

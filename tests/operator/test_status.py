@@ -181,3 +181,14 @@ def test_same_world_gives_the_same_status_and_keeps_transition_times() -> None:
     ready = compute_status(observe(deployment=deployment(), previous_conditions=previous), T1)
     times = {c.type: c.last_transition_time for c in ready.conditions}
     assert times == {"Ready": T1, "Progressing": T1, "Degraded": T0}  # Degraded stayed False
+
+
+def test_a_problem_the_operator_retries_is_degraded_not_failed() -> None:
+    problem = Problem(
+        "Forbidden", "the API server forbade Service vllm-service: exceeded quota: q, requested: services=1"
+    )
+    status = compute_status(observe(problem=problem, deployment=deployment()), T0)
+    assert status.phase == "Degraded"
+    assert conditions(status)["Degraded"] == ("True", "Forbidden", problem.message)
+    assert conditions(status)["Ready"] == ("False", "Forbidden", problem.message)
+    assert conditions(status)["Progressing"] == ("False", "Forbidden", "retrying with backoff")

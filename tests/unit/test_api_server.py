@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -402,6 +403,34 @@ async def test_chat_template_errors_are_400(client: TestClient, engine: FakeEngi
     assert status == 400 and "Conversation roles must alternate" in err["message"] and engine.submitted == []
 
 
+@pytest.mark.parametrize(
+    ("template", "named"),
+    [
+        ("{{ 1/0 }}", "ZeroDivisionError: division by zero"),
+        ("{{ messages | no_such_filter }}", "No filter named 'no_such_filter'"),
+        ("{% for m in messages %}{{ m.content }}", "syntax error on line 1"),
+        ("{{ range(10**9) | list }}", "OverflowError"),
+        ("{{ '%d' % 'text' }}", "TypeError"),
+    ],
+)
+async def test_broken_request_chat_template_is_400_naming_the_problem(
+    openai_client: AsyncOpenAI, client: TestClient, engine: FakeEngine, template: str, named: str
+) -> None:
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(BadRequestError) as exc:
+        await openai_client.chat.completions.create(
+            model=MODEL, messages=messages, extra_body={"chat_template": template}
+        )
+    err = exc.value.body
+    assert exc.value.status_code == 400 and err["type"] == "invalid_request_error"
+    assert err["param"] == "chat_template"
+    assert err["message"].startswith("The chat_template given in the request") and named in err["message"]
+    assert engine.submitted == []
+    resp = await client.post("/tokenize", json={"messages": messages, "chat_template": template})
+    status, tokenize_err = await error_of(resp)
+    assert status == 400 and tokenize_err["message"] == err["message"]
+
+
 async def test_prompt_longer_than_context_says_both_numbers(
     openai_client: AsyncOpenAI, engine: FakeEngine
 ) -> None:
@@ -485,6 +514,45 @@ async def test_client_disconnect_aborts_the_request(
             break
         await asyncio.sleep(0.02)
     assert engine.aborted == {engine.submitted[0].request_id}
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+async def test_tokenizing_a_long_prompt_does_not_stall_the_server(path: str) -> None:
+    """While one request's prompt is tokenized, others (here /health) are still answered."""
+    tokenizer = make_tokenizer()
+    encode, events = tokenizer.encode, []
+
+    def slow_encode(*args, **kwargs):
+        if not events:  # the prompt (the fake engine encodes its reply later)
+            events.append("encode started")
+            time.sleep(1.0)  # stands in for a very long prompt
+            events.append("encode finished")
+        return encode(*args, **kwargs)
+
+    tokenizer.encode = slow_encode
+    engine = FakeEngine(tokenizer)
+    client = await serve(build_app(engine))
+    try:
+        body = {"messages": [{"role": "user", "content": "hello"}], "prompt": "hello", "max_tokens": 1}
+        body.pop("prompt" if path.endswith("chat/completions") else "messages")
+        slow = asyncio.create_task(client.post(path, json=body))
+        while "encode started" not in events:
+            await asyncio.sleep(0.01)
+        assert (await client.get("/health")).status == 200
+        events.append("health answered")
+        resp = await slow
+        assert resp.status == 200
+        assert events == ["encode started", "health answered", "encode finished"]
+        expected = (
+            encode(
+                tokenizer.apply_chat_template(body["messages"], tokenize=False, add_generation_prompt=True)
+            )
+            if "messages" in body
+            else encode("hello")
+        )
+        assert engine.submitted[0].prompt_token_ids == expected  # the same tokens as on the loop
+    finally:
+        await client.close()
 
 
 async def test_api_key(engine: FakeEngine) -> None:

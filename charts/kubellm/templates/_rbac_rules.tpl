@@ -5,11 +5,17 @@ each of operator.watchNamespaces otherwise. Nothing here allows reading Secrets:
 passed to engine pods by reference (secretKeyRef), which needs no right of the operator's.
 */}}
 {{- define "kubellm.rbac.namespacedRules" -}}
-# ModelDeployments: watch them; patch them for kopf's finalizer and progress annotations.
+# ModelDeployments: watch them; patch them for kopf's progress annotations.
 # No create/delete/update: users own these objects, the operator only reconciles them.
 - apiGroups: [kubellm.io]
   resources: [modeldeployments]
   verbs: [get, list, watch, patch]
+# Children's owner references set blockOwnerDeletion, which OwnerReferencesPermissionEnforcement
+# (on by default in OpenShift) allows only to whoever may update the owner's finalizers. The
+# operator never adds a finalizer: this is the right to block deletion until children are gone.
+- apiGroups: [kubellm.io]
+  resources: [modeldeployments/finalizers]
+  verbs: [update]
 # Their status subresource: phase, replicas, endpoint and conditions, written by merge patch.
 - apiGroups: [kubellm.io]
   resources: [modeldeployments/status]

@@ -1,0 +1,157 @@
+"""Async scheduling (step N+1 queued before step N's tokens are read) changes nothing a client sees:
+the same tokens, text, finish reasons and logprobs as the synchronous engine, under chunked prefill,
+preemption, stops, aborts and prefix caching, and every KV block comes back.
+
+On the CPU the overlap buys nothing, but the bookkeeping (placeholders, tokens fed from the previous
+step, stops seen one step late) is the same code the GPU runs, so it is checked here in CI."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from engine_helpers import make_engine
+
+from engine.outputs import RequestOutput
+from engine.sampling.params import SamplingParams
+
+VOCAB = 49152
+
+
+def prompts_for(n: int, seed: int, lo: int = 1, hi: int = 120) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(VOCAB) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def run_all(engine, requests: list[tuple[list[int], SamplingParams]]) -> dict[str, dict]:
+    """Every request in at once, stepped to the end; what a client would have received for each."""
+    seen: dict[str, dict] = {}
+    for i, (prompt, params) in enumerate(requests):
+        engine.add_request(f"r{i}", prompt, params)
+        seen[f"r{i}"] = {"tokens": [], "text": "", "logprobs": [], "finish": None}
+    while engine.has_unfinished():
+        for out in engine.step():
+            record(seen[out.request_id], out)
+    return seen
+
+
+def record(entry: dict, out: RequestOutput) -> None:
+    assert entry["finish"] is None, "output after the request finished"
+    entry["tokens"] += out.new_token_ids
+    entry["text"] += out.new_text
+    entry["logprobs"] += [(lp.token_id, round(lp.logprob, 4), lp.top) for lp in out.new_logprobs or []]
+    if out.finished:
+        entry["finish"] = (out.finish_reason, out.stop_reason, out.num_output_tokens)
+
+
+def assert_all_blocks_back(engine) -> None:
+    assert not engine.has_unfinished()
+    assert engine.kv.num_free_blocks == engine.kv.pool.num_blocks
+    assert all(r == 0 for r in engine.kv.pool.ref_counts)
+
+
+def mixed_requests(stop_token: int) -> list[tuple[list[int], SamplingParams]]:
+    prompts = prompts_for(16, seed=11)
+    kinds = [
+        SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True),
+        SamplingParams(temperature=0.8, seed=7, max_tokens=17, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=15, repetition_penalty=1.3, frequency_penalty=0.5),
+        SamplingParams(temperature=0.0, max_tokens=30, stop_token_ids=[stop_token]),
+        SamplingParams(temperature=0.0, max_tokens=12, min_tokens=5, logprobs=2),
+        SamplingParams(temperature=0.0, max_tokens=1),
+        SamplingParams(temperature=1.0, seed=3, top_k=20, top_p=0.9, max_tokens=9, logprobs=0),
+        SamplingParams(temperature=0.0, max_tokens=25, stop=["e"]),
+    ]
+    return [(p, kinds[i % len(kinds)]) for i, p in enumerate(prompts)]
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tiny_model_dir):
+    return str(tiny_model_dir("llama"))
+
+
+def frequent_token(llama_dir: str) -> int:
+    """A token the tiny model produces a few tokens into a greedy answer, so a stop on it ends a
+    sequence mid-way (one step late is then visible if the engine got it wrong)."""
+    engine = make_engine(llama_dir, block_size=4)
+    return engine.generate(prompts_for(1, seed=11), SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))[0][4]
+
+
+def test_async_scheduling_gives_what_the_synchronous_engine_gives(llama_dir):
+    requests = mixed_requests(frequent_token(llama_dir))
+    results = {}
+    for mode in (False, True):
+        engine = make_engine(llama_dir, block_size=4, max_num_batched_tokens=64, async_scheduling=mode)
+        results[mode] = run_all(engine, requests)
+        assert_all_blocks_back(engine)
+    assert results[True] == results[False]
+    finishes = [r["finish"][0] for r in results[True].values()]
+    assert "stop" in finishes and "length" in finishes
+
+
+def test_async_scheduling_under_preemption_keeps_tokens_and_returns_every_block(llama_dir):
+    prompts = prompts_for(8, seed=5, lo=10, hi=30)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    reference = make_engine(llama_dir, block_size=4).generate(prompts, params)
+    engine = make_engine(llama_dir, block_size=4, num_gpu_blocks_override=32, max_model_len=128,
+                         async_scheduling=True)  # fmt: skip
+    assert engine.generate(prompts, params) == reference
+    assert engine.metrics.labels(engine.metrics.num_preemptions)._value.get() > 0
+    assert_all_blocks_back(engine)
+
+
+def test_async_scheduling_stops_at_max_model_len(llama_dir):
+    prompt = prompts_for(1, seed=8, lo=50, hi=50)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=1000, ignore_eos=True)
+    outs = {}
+    for mode in (False, True):
+        engine = make_engine(llama_dir, block_size=4, max_model_len=64, async_scheduling=mode)
+        outs[mode] = run_all(engine, [(prompt, params)])["r0"]
+        assert_all_blocks_back(engine)
+    assert outs[True] == outs[False]
+    assert outs[True]["finish"] == ("length", None, 14)
+
+
+def test_abort_with_a_step_in_flight_frees_blocks_and_sends_nothing_more(llama_dir):
+    engine = make_engine(llama_dir, block_size=4, async_scheduling=True)
+    engine.add_request("a", list(range(1, 30)), SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True))
+    engine.add_request("b", list(range(1, 30)), SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    assert engine._in_flight is not None  # a step is queued whose tokens nobody has read
+    out = engine.abort_request("a")
+    assert out is not None and out.finished and out.finish_reason == "abort"
+    later = engine.step()
+    assert [o.request_id for o in later] == ["b"]
+    engine.abort_request("b")
+    while engine.has_unfinished():
+        assert engine.step() == []
+    assert_all_blocks_back(engine)
+
+
+def test_generated_blocks_are_cached_under_their_real_tokens(llama_dir):
+    """Placeholders must never reach a block hash: a follow-up prompt that repeats a generated answer
+    finds those blocks in the prefix cache."""
+    prompt = prompts_for(1, seed=9, lo=16, hi=16)[0]
+    engine = make_engine(llama_dir, block_size=4, async_scheduling=True)
+    answer = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=17, ignore_eos=True))[0]
+    hits_before = engine.metrics.labels(engine.metrics.prefix_cache_hits)._value.get()
+    engine.generate([prompt + answer + [5]], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+    hits = engine.metrics.labels(engine.metrics.prefix_cache_hits)._value.get() - hits_before
+    # 16 prompt tokens + 16 of the 17 answer tokens were computed: 8 full blocks of 4.
+    assert hits == 32
+    assert_all_blocks_back(engine)
+
+
+def test_step_trace_records_every_step(llama_dir, tmp_path, monkeypatch):
+    import json
+
+    path = tmp_path / "steps.jsonl"
+    monkeypatch.setenv("KUBELLM_STEP_TRACE", str(path))
+    engine = make_engine(llama_dir, block_size=4, async_scheduling=True)
+    engine.generate(prompts_for(3, seed=12, lo=5, hi=9), SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    engine.trace.write()
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rows[0]["decodes"] == 0 and rows[0]["prefill_tokens"] > 0
+    assert sum(r["decodes"] for r in rows) == 3 * 3  # the first token of each comes from its prefill
+    assert all(r["launch"] <= r["launched"] <= r["done"] for r in rows)

@@ -1,0 +1,40 @@
+"""kubectl helpers shared by the operator tests that run against the local control plane."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from tests.cluster.localcluster import KubectlError, LocalCluster
+from tests.cluster.waiting import wait_until
+
+
+def apply(cluster: LocalCluster, namespace: str, manifest: dict[str, Any]) -> str:
+    return cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(manifest))
+
+
+def get(cluster: LocalCluster, namespace: str, kind: str, name: str) -> dict[str, Any] | None:
+    try:
+        return cluster.kubectl_json("get", kind, name, "-n", namespace)
+    except KubectlError as error:
+        if "NotFound" in str(error):
+            return None
+        raise
+
+
+def forbid_new_services(cluster: LocalCluster, namespace: str, timeout_s: float) -> None:
+    """A ResourceQuota of zero Services, counted by the quota controller before this returns: from
+    then on the API server answers a Service create with 403 Forbidden (exceeded quota)."""
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "no-services"},
+        "spec": {"hard": {"services": "0"}},
+    }
+    apply(cluster, namespace, quota)
+    wait_until(
+        lambda: (get(cluster, namespace, "resourcequota", "no-services") or {}).get("status", {}).get("hard"),
+        "the quota controller to count the namespace",
+        timeout_s=timeout_s,
+    )

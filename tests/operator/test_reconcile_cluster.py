@@ -1,0 +1,100 @@
+"""The reconciler and its kopf handler in this process, against a real control plane, one step at a time.
+
+No operator process runs here, so nothing races the steps: each test decides when a reconcile (a create
+or update handler) and when a status refresh (a pod event) happens, and reads what reached the API server.
+"""
+
+from pathlib import Path
+from typing import Any
+
+import kopf
+import pytest
+from kubernetes import config
+
+from kubellm_operator.handlers import model_deployment_changed
+from kubellm_operator.kube import Kube
+from kubellm_operator.reconcile import Reconciler
+from tests.cluster.localcluster import LocalCluster
+from tests.cluster.waiting import wait_until
+from tests.operator.cluster_objects import apply, forbid_new_services, get
+from tests.operator.samples import sample
+
+pytestmark = pytest.mark.cluster
+
+CRD_FILE = Path(__file__).resolve().parents[2] / "manifests" / "crd.yaml"
+TIMEOUT_S = 60
+
+
+@pytest.fixture(scope="module")
+def reconciler(k8s_cluster: LocalCluster) -> Reconciler:
+    k8s_cluster.kubectl("apply", "--server-side", "-f", str(CRD_FILE))
+    k8s_cluster.kubectl(
+        "wait", "--for=condition=Established", "crd/modeldeployments.kubellm.io", "--timeout=60s"
+    )
+    return Reconciler(Kube(config.new_client_from_config(config_file=str(k8s_cluster.kubeconfig))))
+
+
+def conditions(md: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in md["status"]["conditions"]}
+
+
+def test_a_pod_event_before_the_new_spec_is_applied_does_not_claim_the_new_generation(
+    k8s_cluster: LocalCluster, k8s_namespace: str, reconciler: Reconciler
+) -> None:
+    ns = k8s_namespace
+    apply(k8s_cluster, ns, sample("vllm.yaml"))
+    reconciler.reconcile(ns, "vllm")
+    wait_until(
+        lambda: (status := reconciler.refresh_status(ns, "vllm")) and status.phase == "Ready",
+        "the pod to be ready",
+        timeout_s=TIMEOUT_S,
+    )
+    assert get(k8s_cluster, ns, "md", "vllm")["status"]["observedGeneration"] == 1
+
+    patch = '{"spec": {"engine": {"maxModelLen": 4096}}}'
+    k8s_cluster.kubectl("patch", "md", "vllm", "-n", ns, "--type=merge", "-p", patch)
+    reconciler.refresh_status(ns, "vllm")  # a pod event that comes before the update handler
+
+    md = get(k8s_cluster, ns, "md", "vllm")
+    assert md["metadata"]["generation"] == 2
+    assert md["status"]["observedGeneration"] == 1, "generation 2 is not applied yet"
+    assert {c["observedGeneration"] for c in md["status"]["conditions"]} == {1}
+    args = get(k8s_cluster, ns, "deployment", "vllm")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--max-model-len" not in args
+
+    reconciler.reconcile(ns, "vllm")  # the update handler applies generation 2
+    assert get(k8s_cluster, ns, "md", "vllm")["status"]["observedGeneration"] == 2
+
+
+def test_a_quota_refusal_is_retried_with_the_servers_words_in_the_status(
+    k8s_cluster: LocalCluster, k8s_namespace: str, reconciler: Reconciler
+) -> None:
+    ns = k8s_namespace
+    forbid_new_services(k8s_cluster, ns, TIMEOUT_S)
+    apply(k8s_cluster, ns, sample("vllm.yaml"))
+    memo = kopf.Memo(reconciler=reconciler)
+
+    with pytest.raises(kopf.TemporaryError) as retried:
+        model_deployment_changed(namespace=ns, name="vllm", memo=memo, retry=0)
+    assert retried.value.delay == 5  # and longer on each further retry
+    md = get(k8s_cluster, ns, "md", "vllm")
+    assert md["status"]["phase"] == "Degraded"
+    degraded = conditions(md)["Degraded"]
+    assert (degraded["status"], degraded["reason"]) == ("True", "Forbidden")
+    assert degraded["message"].startswith("the API server forbade Service vllm-service: ")
+    assert "exceeded quota: no-services" in degraded["message"]  # the API server's own words
+    assert conditions(md)["Progressing"]["message"] == "retrying with backoff"
+
+    # A pod event in between keeps the problem in the status.
+    reconciler.refresh_status(ns, "vllm")
+    assert conditions(get(k8s_cluster, ns, "md", "vllm"))["Degraded"]["reason"] == "Forbidden"
+
+    k8s_cluster.kubectl("delete", "resourcequota", "no-services", "-n", ns)
+    wait_until(
+        lambda: model_deployment_changed(namespace=ns, name="vllm", memo=memo, retry=1) or True,
+        "the retry to succeed once the quota is gone",
+        timeout_s=TIMEOUT_S,
+        ignore=(kopf.TemporaryError,),  # the quota admission may still see the deleted quota for a moment
+    )
+    assert get(k8s_cluster, ns, "service", "vllm-service") is not None
+    assert conditions(get(k8s_cluster, ns, "md", "vllm"))["Degraded"]["reason"] != "Forbidden"
