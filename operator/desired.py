@@ -25,8 +25,12 @@ Manifest = dict[str, Any]
 
 STARTUP_PROBE_PERIOD_SECONDS = 10
 ENGINE_GROUP_ID = 10001  # the engine image's user and group (Dockerfile.engine: USER 10001:10001)
-# Kubernetes kills the pod this long after SIGTERM; the engine needs its drain time and a margin to exit.
-TERMINATION_GRACE_MARGIN_SECONDS = 15
+# On deletion the pod leaves the Service's endpoints while it is sent SIGTERM; proxies and load balancers
+# learn that a few seconds later. Sleeping first keeps the engine answering what they still route to it.
+PRE_STOP_SLEEP_SECONDS = 5
+# Kubernetes kills the pod this long after deletion (preStop included); the engine needs the preStop
+# sleep, its drain time and a margin to exit.
+TERMINATION_GRACE_MARGIN_SECONDS = PRE_STOP_SLEEP_SECONDS + 10
 DSHM_VOLUME = "dshm"
 CACHE_VOLUME = "model-cache"
 
@@ -151,6 +155,8 @@ def engine_container(spec: ModelDeploymentSpec) -> dict[str, Any]:
         "env": invocation.env,
         "ports": [{"name": names.ENGINE_PORT_NAME, "containerPort": names.ENGINE_PORT, "protocol": "TCP"}],
         "resources": container_resources(spec),
+        # The kubelet's own sleep (Kubernetes >= 1.30): no `sleep` binary needed in the image.
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRE_STOP_SLEEP_SECONDS}}},
         "volumeMounts": [
             {"name": DSHM_VOLUME, "mountPath": "/dev/shm"},
             {"name": CACHE_VOLUME, "mountPath": spec.model_cache.mount_path},

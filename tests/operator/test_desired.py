@@ -60,6 +60,7 @@ spec:
         resources:
           requests: {{nvidia.com/gpu: "1"}}
           limits: {{nvidia.com/gpu: "1"}}
+        lifecycle: {{preStop: {{sleep: {{seconds: 5}}}}}}
         volumeMounts:
         - {{name: dshm, mountPath: /dev/shm}}
         - {{name: model-cache, mountPath: /model-cache}}
