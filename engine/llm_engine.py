@@ -218,6 +218,8 @@ class LLMEngine:
 
     def _finish(self, state: RequestState, reason: str, stop_reason: int | str | None, text: str) -> RequestOutput:
         seq, m = state.seq, self.metrics
+        if seq.has_placeholder:  # aborted with a token in flight: it will never be delivered or counted
+            seq.token_ids.pop()
         self.scheduler.finish(seq)
         self.runner.release(seq.request_id)
         del self.requests[seq.request_id]

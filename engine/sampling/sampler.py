@@ -5,9 +5,9 @@ Order of operations (as vLLM v1):
   min_tokens    -> eos (unless ignore_eos) and stop_token_ids masked while the output is too short
   penalties     -> repetition (prompt + output tokens), then frequency and presence (output tokens)
   greedy rows   -> argmax
-  other rows    -> temperature, min_p, top_k, top_p, then an inverse-CDF draw (CPU) or an exponential
-                   race (GPU); on the GPU a batch of rows that need only temperature (or greedy)
-                   takes one fused Gumbel-max kernel instead (engine/kernels/gumbel_sample.py)
+  other rows    -> temperature, min_p, top_k, top_p, then an inverse-CDF draw (CPU) or a Gumbel-max
+                   draw (GPU, engine/kernels/gumbel_sample.py); on the GPU a batch of rows that need
+                   only temperature (or greedy) goes straight to that kernel, which divides itself
 
 The whole step costs one host transfer: token ids and logprobs come back to the CPU together, and
 `Sampler.sample` only starts it (a `PendingSample`), so the engine can queue the next step on the GPU
@@ -155,24 +155,30 @@ def _is_plain_temperature(rows: list[SamplingRow], vocab_size: int) -> bool:
 
 
 def _fused_temperature_sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """The Gumbel-max kernel (engine/kernels/gumbel_sample.py). Unseeded rows key Philox with one fresh
-    draw from the global RNG (plus the row's index); a seeded row with a draw from its own generator."""
+    """The Gumbel-max kernel (engine/kernels/gumbel_sample.py) straight on the logits; it divides by
+    each row's temperature itself (0 = argmax)."""
     from engine.kernels.gumbel_sample import gumbel_sample
 
     device = logits.device
-    base = int(torch.randint(0, 1 << 40, (1,)).item())  # the CPU generator: no device sync
-    # Built on the device (no host copies, no pinned buffers): this runs every step.
-    seeds = torch.arange(base, base + len(rows), dtype=torch.int64, device=device)
     temperatures = {0.0 if r.params.greedy else r.params.temperature for r in rows}
-    if len(temperatures) == 1:
+    if len(temperatures) == 1:  # built on the device: no host copy on this per-step path
         temperature = torch.full((len(rows),), temperatures.pop(), dtype=torch.float32, device=device)
     else:
         values = [0.0 if r.params.greedy else r.params.temperature for r in rows]
         temperature = torch.tensor(values, dtype=torch.float32).pin_memory().to(device, non_blocking=True)
+    return gumbel_sample(logits, temperature, _row_seeds(rows, device))
+
+
+def _row_seeds(rows: list[SamplingRow], device: torch.device) -> torch.Tensor:
+    """Philox keys for the Gumbel kernel, [B] int64 on the device. Unseeded rows: one fresh draw from the
+    global (CPU) RNG plus the row's index. A seeded row: one draw from its own generator per step, so
+    its tokens depend on its seed alone, whichever path (fused or general) its batch takes."""
+    base = int(torch.randint(0, 1 << 40, (1,)).item())  # the CPU generator: no device sync
+    seeds = torch.arange(base, base + len(rows), dtype=torch.int64, device=device)
     for i, row in enumerate(rows):
         if row.generator is not None:
             seeds[i : i + 1] = torch.randint(0, 1 << 40, (1,), generator=row.generator, device=device)
-    return gumbel_sample(logits, temperature, seeds)
+    return seeds
 
 
 def suppress_stop_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -243,9 +249,9 @@ def _sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         logits = torch.where(logits < logits.amax(dim=-1, keepdim=True) + log_min_p, _NEG_INF, logits)
 
     logits = _truncate_top_k_top_p(logits, params)
-    probs = logits.softmax(dim=-1)
     if device.type == "cuda":
-        return _exponential_race(probs, rows)
+        return _gumbel_race(logits, rows)
+    probs = logits.softmax(dim=-1)
     # Inverse CDF: one uniform per row picks the token whose cumulative probability first reaches it
     # (the exponential race needs V random numbers per row; this needs one). float64 so that even a
     # token of probability 1e-12 late in the vocabulary keeps its own slice of the CDF.
@@ -254,15 +260,14 @@ def _sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     return torch.searchsorted(cdf, targets)[:, 0].clamp_(max=logits.shape[1] - 1)
 
 
-def _exponential_race(probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """argmax(p_i / q_i) with q_i ~ Exponential(1) picks token i with probability p_i. On a GPU the V
-    random numbers per row are cheap, and this is a few passes in float32 instead of a float64 cumsum
-    over the whole vocabulary. Seeded rows draw their q from their own generator."""
-    q = torch.empty_like(probs).exponential_()
-    for i, row in enumerate(rows):
-        if row.generator is not None:
-            q[i].exponential_(generator=row.generator)
-    return probs.div_(q).argmax(dim=-1)
+def _gumbel_race(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """On a GPU: the Gumbel-max kernel over the already tempered and truncated logits (temperature 1
+    here), with the same per-row keys as the fused path, so a seeded row draws the same token on either
+    path. One pass in float32 instead of a float64 cumsum over the whole vocabulary."""
+    from engine.kernels.gumbel_sample import gumbel_sample
+
+    ones = torch.ones(len(rows), dtype=torch.float32, device=logits.device)
+    return gumbel_sample(logits.contiguous(), ones, _row_seeds(rows, logits.device))
 
 
 def _truncate_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -290,7 +295,10 @@ def _truncate_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) ->
     if any(params[i].top_p < 1.0 for i in picked):
         p_column = _column([params[i].top_p if params[i].top_p < 1.0 else math.inf for i in picked], sub.device)
         p_threshold, head_mass = _top_p_threshold(sub, ranked, threshold, p_column)
-        if ranked.shape[1] < vocab_size and bool(((k_column >= vocab_size) & (head_mass < p_column)).any()):
+        # Only rows without top_k can need more than the head; on the GPU `ranked` is then already
+        # full width, so the device read below happens only on the CPU, where it costs no sync.
+        unbounded = any(k >= vocab_size for k in ks)
+        if unbounded and ranked.shape[1] < vocab_size and bool(((k_column >= vocab_size) & (head_mass < p_column)).any()):
             ranked = _best_first(sub, vocab_size)  # some row's top_p reaches past the head
             p_threshold, _ = _top_p_threshold(sub, ranked, threshold, p_column)
         threshold = torch.maximum(threshold, p_threshold)

@@ -116,11 +116,13 @@ def test_abort_with_a_step_in_flight_frees_blocks_and_sends_nothing_more(llama_d
     engine = make_engine(llama_dir, block_size=4, async_scheduling=True)
     engine.add_request("a", list(range(1, 30)), SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True))
     engine.add_request("b", list(range(1, 30)), SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True))
-    for _ in range(3):
-        engine.step()
+    delivered = 0
+    for _ in range(4):
+        delivered += sum(len(o.new_token_ids) for o in engine.step() if o.request_id == "a")
     assert engine._in_flight is not None  # a step is queued whose tokens nobody has read
     out = engine.abort_request("a")
     assert out is not None and out.finished and out.finish_reason == "abort"
+    assert out.num_output_tokens == delivered  # usage counts what was delivered, not the token in flight
     later = engine.step()
     assert [o.request_id for o in later] == ["b"]
     engine.abort_request("b")

@@ -249,3 +249,25 @@ def test_logprobs_are_raw_log_softmax_with_sorted_alternatives(device: str) -> N
 def test_empty_batch() -> None:
     result = Sampler()(torch.empty(0, 10), [])
     assert result.token_ids == [] and result.logprobs == []
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_seeded_temperature_row_draws_the_same_whatever_its_neighbours_need(device: str) -> None:
+    """On a GPU a batch of temperature-only rows takes the fused kernel and a batch with a top_p row
+    the general path: a seeded row's tokens must not depend on which one its batch took."""
+    step_logits = torch.randn(12, 3000, generator=torch.Generator().manual_seed(9)).to(device)
+
+    def tokens(neighbour: SamplingParams | None) -> list[int]:
+        target = row(SamplingParams(temperature=0.8, seed=5), generator=seeded_generator(5, device))
+        out = []
+        for step in range(12):
+            rows = [target] + ([row(neighbour)] if neighbour else [])
+            logits = step_logits[step].repeat(len(rows), 1)
+            out.append(Sampler()(logits, rows).token_ids[0])
+        return out
+
+    alone = tokens(None)
+    assert tokens(SamplingParams(temperature=1.0)) == alone
+    assert tokens(SamplingParams(temperature=1.0, top_p=0.9)) == alone
+    assert tokens(SamplingParams(temperature=0.5, logprobs=2)) == alone
+    assert len(set(alone)) > 1
