@@ -81,6 +81,11 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         help="require `Authorization: Bearer KEY` (env KUBELLM_API_KEY / VLLM_API_KEY)",
     )
     a(
+        "--trust-request-chat-template",
+        action="store_true",
+        help="accept `chat_template` in requests (a Jinja template runs on the server: off by default, as in vLLM)",
+    )
+    a(
         "--shutdown-timeout",
         type=float,
         default=30.0,
@@ -177,6 +182,7 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         api_key=args.api_key or None,
         served_model_names=args.served_model_name,
         shutdown_timeout=args.shutdown_timeout,
+        trust_request_chat_template=args.trust_request_chat_template,
     )
     try:
         asyncio.run(run_server(config, options))

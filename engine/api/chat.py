@@ -92,6 +92,7 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     engine = state.engine
     body = await parse_body(request, ChatCompletionRequest)
     model = state.check_model(body.model)
+    state.check_request_chat_template(body.chat_template)
     prompt = await state.off_loop(
         chat_prompt,
         engine.tokenizer,

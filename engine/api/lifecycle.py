@@ -32,6 +32,7 @@ class ServeOptions:
     api_key: str | None = None
     served_model_names: list[str] | None = None
     shutdown_timeout: float = 30.0  # Kubernetes' default grace period is 30 s
+    trust_request_chat_template: bool = False
 
 
 def _display_url(host: str, port: int) -> str:
@@ -67,7 +68,8 @@ async def run_server(config: EngineConfig, options: ServeOptions) -> None:
         raise StartupError(str(exc)) from exc
     await engine.start()
     names = options.served_model_names or [engine.served_model_name]
-    app = build_app(engine, api_key=options.api_key, served_model_names=names, model_root=config.model)
+    app = build_app(engine, api_key=options.api_key, served_model_names=names, model_root=config.model,
+                    trust_request_chat_template=options.trust_request_chat_template)  # fmt: skip
     # handler_cancellation: a client that hangs up mid-request cancels its handler, which aborts the
     # engine request (streams notice on their next write anyway; this covers non-streaming ones).
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=options.shutdown_timeout)

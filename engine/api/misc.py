@@ -67,6 +67,7 @@ async def tokenize(request: web.Request) -> web.Response:
     if isinstance(data, dict) and "messages" in data:
         chat = validate(TokenizeChatRequest, data)
         state.check_model(chat.model)
+        state.check_request_chat_template(chat.chat_template)
         prompt = await state.off_loop(
             chat_prompt,
             tokenizer,

@@ -30,6 +30,7 @@ def build_app(
     api_key: str | None = None,
     served_model_names: list[str] | None = None,
     model_root: str | None = None,
+    trust_request_chat_template: bool = False,
 ) -> web.Application:
     """The OpenAI-compatible server for `engine` (an AsyncEngine, already started by the caller).
 
@@ -40,6 +41,7 @@ def build_app(
         model_names=served_model_names or [engine.served_model_name],
         api_key=api_key,
         model_root=model_root,
+        trust_request_chat_template=trust_request_chat_template,
     )
     # Order matters: errors is outermost so 401/503 raised below are rendered as OpenAI JSON too.
     middlewares = [error_middleware, refuse_while_draining]

@@ -12,7 +12,7 @@ from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 
-from engine.api.errors import model_not_found
+from engine.api.errors import bad_request, model_not_found
 from engine.api.logprobs import TokenTexts
 from engine.metrics import EngineMetrics
 from engine.outputs import RequestOutput
@@ -49,6 +49,7 @@ class ServerState:
     model_names: list[str]  # the first is the name responses carry
     api_key: str | None = None
     model_root: str | None = None  # what --model pointed at, shown in /v1/models
+    trust_request_chat_template: bool = False  # --trust-request-chat-template
     draining: bool = False  # set on SIGTERM: /health goes 503 and new requests are refused
     created: int = field(default_factory=lambda: int(time.time()))
     token_texts: TokenTexts = field(init=False)
@@ -57,6 +58,16 @@ class ServerState:
     def __post_init__(self) -> None:
         self.token_texts = TokenTexts(self.engine.tokenizer)
         self.tokenizer_pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenizer")
+
+    def check_request_chat_template(self, template: str | None) -> None:
+        """A template in the request is Jinja run on this server (sandboxed, but it can still burn CPU
+        and memory): only with --trust-request-chat-template, as vLLM does."""
+        if template is not None and not self.trust_request_chat_template:
+            raise bad_request(
+                "chat_template in a request is refused: this server was not started with "
+                "--trust-request-chat-template.",
+                param="chat_template",
+            )
 
     async def off_loop(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """fn(*args, **kwargs) on a tokenizer thread (its exceptions, e.g. a 400, are raised here)."""

@@ -141,6 +141,14 @@ async def client(engine: FakeEngine) -> AsyncIterator[TestClient]:
 
 
 @pytest.fixture
+async def trusting_client(engine: FakeEngine) -> AsyncIterator[TestClient]:
+    """A server started with --trust-request-chat-template."""
+    client = await serve(build_app(engine, trust_request_chat_template=True))
+    yield client
+    await client.close()
+
+
+@pytest.fixture
 def openai_client(client: TestClient) -> AsyncOpenAI:
     return AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="unused", max_retries=0)
 
@@ -396,10 +404,23 @@ async def test_image_content_part_is_400(client: TestClient) -> None:
     assert status == 400 and err["param"] == "messages[0].content" and "image_url" in err["message"]
 
 
-async def test_chat_template_errors_are_400(client: TestClient, engine: FakeEngine) -> None:
+async def test_a_chat_template_in_the_request_is_refused_unless_trusted(
+    client: TestClient, trusting_client: TestClient, engine: FakeEngine
+) -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}], "chat_template": "{{ messages[0].content }}"}
+    for path in ("/v1/chat/completions", "/tokenize"):
+        status, err = await error_of(await client.post(path, json=body))
+        assert status == 400 and err["param"] == "chat_template"
+        assert "--trust-request-chat-template" in err["message"]
+    assert engine.submitted == []
+    resp = await trusting_client.post("/tokenize", json=body)
+    assert resp.status == 200 and (await resp.json())["count"] > 0
+
+
+async def test_chat_template_errors_are_400(trusting_client: TestClient, engine: FakeEngine) -> None:
     template = "{{ raise_exception('Conversation roles must alternate') }}"
     body = {"messages": [{"role": "user", "content": "hi"}], "chat_template": template}
-    status, err = await error_of(await client.post("/v1/chat/completions", json=body))
+    status, err = await error_of(await trusting_client.post("/v1/chat/completions", json=body))
     assert status == 400 and "Conversation roles must alternate" in err["message"] and engine.submitted == []
 
 
@@ -414,8 +435,10 @@ async def test_chat_template_errors_are_400(client: TestClient, engine: FakeEngi
     ],
 )
 async def test_broken_request_chat_template_is_400_naming_the_problem(
-    openai_client: AsyncOpenAI, client: TestClient, engine: FakeEngine, template: str, named: str
+    trusting_client: TestClient, engine: FakeEngine, template: str, named: str
 ) -> None:
+    client = trusting_client
+    openai_client = AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="unused", max_retries=0)
     messages = [{"role": "user", "content": "hi"}]
     with pytest.raises(BadRequestError) as exc:
         await openai_client.chat.completions.create(
