@@ -61,16 +61,14 @@ class LLMEngine:
         max_num_seqs = config.max_num_seqs or (1024 if on_gpu else 256)
         num_blocks = choose_num_blocks(config, self.runner, self.max_model_len, max_batched, max_num_seqs)
         self.runner.allocate_kv_cache(num_blocks)
-        if loaded.device.type == "cuda":
+        if on_gpu:
             if not config.enforce_eager:
                 self.runner.capture_cuda_graphs(max_num_seqs, self.max_model_len)
             self.runner.warm_up()
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, max_num_seqs, max_batched, self.max_model_len)
         self.requests: dict[str, RequestState] = {}
-        self.async_scheduling = (
-            loaded.device.type == "cuda" if config.async_scheduling is None else config.async_scheduling
-        )
+        self.async_scheduling = on_gpu if config.async_scheduling is None else config.async_scheduling
         self._in_flight: LaunchedStep | None = None  # launched, tokens not yet handled (async only)
         self.trace = StepTrace.from_env()
         m = self.metrics
@@ -135,7 +133,7 @@ class LLMEngine:
             started = time.perf_counter()
             launched = self.runner.launch(sched.scheduled, self.eos_token_ids, previous)
             if self.trace is not None:
-                launched.trace = self.trace.launched(*self.runner.last_step_shape, self.runner.last_step_graphed, started)
+                launched.trace = self.trace.launched(launched.num_decodes, launched.num_tokens, launched.graphed, started)
         if previous is not None:  # the GPU is busy with `launched` meanwhile
             outputs += self._handle_tokens(previous)
         if launched is not None:

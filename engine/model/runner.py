@@ -10,6 +10,7 @@ import torch
 
 from engine.core.scheduler import ScheduledSeq
 from engine.core.sequence import PLACEHOLDER_TOKEN
+from engine.device_copy import to_device
 from engine.model.attention import AttentionMetadata
 from engine.model.cuda_graphs import DecodeCudaGraphs
 from engine.outputs import TokenLogprob
@@ -37,6 +38,10 @@ class LaunchedStep:
     def __init__(self, seqs: list[ScheduledSeq], sample: PendingSample, reads_token_lists: bool = False) -> None:
         self.seqs = seqs
         self.sample = sample
+        # The step's shape, for the step trace: decodes, tokens in all, whether a CUDA graph ran it.
+        self.num_decodes = 0
+        self.num_tokens = 0
+        self.graphed = False
         self.row_of = {s.seq.request_id: i for i, s in enumerate(seqs)}
         # Some sequence's sampling reads its token list (penalties): its next step needs this one's tokens.
         self.reads_token_lists = reads_token_lists
@@ -90,18 +95,12 @@ class ModelRunner:
         the rotary table would read out of bounds), then sample num_sample_rows rows (logits and the
         sampler's sort for top_p are the largest temporaries of a decode step of max_num_seqs rows);
         return the memory the two peaked at."""
-        from engine.core.sequence import Sequence
         from engine.sampling.params import SamplingParams
 
         seq_len = min(num_tokens, max_seq_len or num_tokens)
         lengths = [min(seq_len, num_tokens - start) for start in range(0, num_tokens, seq_len)]
-        blocks = [-(-n // self.block_size) for n in lengths]
-        self.allocate_kv_cache(sum(blocks))
-        batch = []
-        for i, (n, b) in enumerate(zip(lengths, blocks, strict=True)):
-            seq = Sequence(f"profile-{i}", [0] * n, SamplingParams(temperature=0.0))
-            seq.block_table = list(range(sum(blocks[:i]), sum(blocks[:i]) + b))
-            batch.append(ScheduledSeq(seq, n))
+        self.allocate_kv_cache(sum(-(-n // self.block_size) for n in lengths))
+        batch = self._dummy_batch("profile", [(n, n, 0.0) for n in lengths])
         torch.cuda.synchronize(self.device)
         base = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -119,24 +118,30 @@ class ModelRunner:
     def warm_up(self) -> None:
         """One eager step mixing decodes with a prefill that continues a cached prefix, greedy and
         sampled rows: the first such step of real traffic then compiles and autotunes nothing."""
-        from engine.core.sequence import Sequence
-        from engine.sampling.params import SamplingParams
-
         bs = self.block_size
         shapes = [(bs + 3, 1, 0.0), (5, 1, 0.7), (3 * bs + 1, 2 * bs + 1, 0.0)]  # tokens, new, temperature
         if sum(-(-n // bs) for n, _, _ in shapes) > self.kv_caches[0].shape[1]:
             return
+        batch = self._dummy_batch("warm-up", shapes)
+        self.execute(batch, set())
+        for s in batch:
+            self.release(s.seq.request_id)
+
+    def _dummy_batch(self, name: str, shapes: list[tuple[int, int, float]]) -> list[ScheduledSeq]:
+        """Sequences of token 0 for start-up runs, one per (tokens, new tokens, temperature), on
+        consecutive blocks from block 0; each has all but its new tokens already computed."""
+        from engine.core.sequence import Sequence
+        from engine.sampling.params import SamplingParams
+
         batch, next_block = [], 0
         for i, (num_tokens, num_new, temperature) in enumerate(shapes):
-            seq = Sequence(f"warm-up-{i}", [0] * num_tokens, SamplingParams(temperature=temperature))
-            num_blocks = -(-num_tokens // bs)
+            seq = Sequence(f"{name}-{i}", [0] * num_tokens, SamplingParams(temperature=temperature))
+            num_blocks = -(-num_tokens // self.block_size)
             seq.block_table = list(range(next_block, next_block + num_blocks))
             next_block += num_blocks
             seq.num_computed_tokens = num_tokens - num_new
             batch.append(ScheduledSeq(seq, num_new))
-        self.execute(batch, set())
-        for s in batch:
-            self.release(s.seq.request_id)
+        return batch
 
     def generator_for(self, request_id: str, seed: int | None) -> torch.Generator | None:
         if seed is None:
@@ -200,10 +205,7 @@ class ModelRunner:
         slots = tables[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
 
         def dev(array: np.ndarray) -> torch.Tensor:
-            host = torch.from_numpy(array)
-            if self.device.type == "cuda":  # a copy from pinned memory never waits for the GPU
-                host = host.pin_memory()
-            return host.to(self.device, non_blocking=True)
+            return to_device(torch.from_numpy(array), self.device)
 
         meta = AttentionMetadata(
             slot_mapping=dev(slots),
@@ -234,12 +236,18 @@ class ModelRunner:
                previous: LaunchedStep | None = None) -> LaunchedStep:
         """Queue one step (forward, logits, sampling, host copy of the tokens) without waiting for it."""
         input_ids, positions, meta = self.build_metadata(batch, previous)
-        self.last_step_shape = (meta.num_decodes, int(input_ids.shape[0]))
-        self.last_step_graphed = self.cuda_graphs is not None and self.cuda_graphs.can_run(meta)
-        if self.last_step_graphed:
+        graphed = self.cuda_graphs is not None and self.cuda_graphs.can_run(meta)
+        if graphed:
             hidden = self.cuda_graphs.run(input_ids, positions, meta)
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        step = self._sample(batch, hidden, meta, eos_token_ids)
+        step.num_decodes, step.num_tokens, step.graphed = meta.num_decodes, int(input_ids.shape[0]), graphed
+        return step
+
+    def _sample(self, batch: list[ScheduledSeq], hidden: torch.Tensor, meta: AttentionMetadata,
+                eos_token_ids: set[int]) -> LaunchedStep:
+        """LM head and sampler on the last token of each sequence whose prompt is complete."""
         # Only sequences whose prompt is complete need logits: the last token of each.
         sample_idx = [i for i, s in enumerate(batch) if s.completes_prompt]
         done = [batch[i] for i in sample_idx]
@@ -251,10 +259,7 @@ class ModelRunner:
             qsl = [0]
             for n in meta.query_lens_cpu:
                 qsl.append(qsl[-1] + n)
-            rows_idx = torch.tensor([qsl[i + 1] - 1 for i in sample_idx])
-            if self.device.type == "cuda":
-                rows_idx = rows_idx.pin_memory()
-            rows_idx = rows_idx.to(self.device, non_blocking=True)
+            rows_idx = to_device(torch.tensor([qsl[i + 1] - 1 for i in sample_idx]), self.device)
             last_hidden = hidden.index_select(0, rows_idx)
         logits = self.model.compute_logits(last_hidden)
         rows = [self._sampling_row(s.seq, eos_token_ids) for s in done]

@@ -23,6 +23,7 @@ from itertools import chain
 
 import torch
 
+from engine.device_copy import to_device
 from engine.outputs import TokenLogprob
 from engine.sampling.params import SamplingParams
 
@@ -130,26 +131,23 @@ class Sampler:
         return _with_logprobs(token_ids, raw_logprobs, rows, logprob_rows)
 
 
+def _needs_only_logits(row: SamplingRow) -> bool:
+    """No logprobs, penalties or masked stop tokens: the row's token depends on its logits alone."""
+    return row.params.logprobs is None and not row.params.needs_penalties and not row.suppressed_token_ids()
+
+
 def _is_plain_greedy(rows: list[SamplingRow]) -> bool:
-    return all(
-        r.params.greedy
-        and not r.params.needs_penalties
-        and r.params.logprobs is None
-        and not r.suppressed_token_ids()
-        for r in rows
-    )
+    return all(r.params.greedy and _needs_only_logits(r) for r in rows)
 
 
 def _is_plain_temperature(rows: list[SamplingRow], vocab_size: int) -> bool:
-    """Greedy or temperature rows that need nothing else: no logprobs, penalties, masked stop tokens,
-    min_p, top_k or top_p."""
+    """Greedy or temperature rows that need nothing else: besides `_needs_only_logits`, no min_p,
+    top_k or top_p."""
     return all(
-        r.params.logprobs is None
-        and not r.params.needs_penalties
+        _needs_only_logits(r)
         and r.params.min_p == 0.0
         and r.params.top_p >= 1.0
         and (r.params.top_k <= 0 or r.params.top_k >= vocab_size or r.params.greedy)
-        and not r.suppressed_token_ids()
         for r in rows
     )
 
@@ -160,12 +158,11 @@ def _fused_temperature_sample(logits: torch.Tensor, rows: list[SamplingRow]) -> 
     from engine.kernels.gumbel_sample import gumbel_sample
 
     device = logits.device
-    temperatures = {0.0 if r.params.greedy else r.params.temperature for r in rows}
-    if len(temperatures) == 1:  # built on the device: no host copy on this per-step path
-        temperature = torch.full((len(rows),), temperatures.pop(), dtype=torch.float32, device=device)
+    values = [0.0 if r.params.greedy else r.params.temperature for r in rows]
+    if len(set(values)) == 1:  # the usual case, built on the device: no host copy on this per-step path
+        temperature = torch.full((len(rows),), values[0], dtype=torch.float32, device=device)
     else:
-        values = [0.0 if r.params.greedy else r.params.temperature for r in rows]
-        temperature = torch.tensor(values, dtype=torch.float32).pin_memory().to(device, non_blocking=True)
+        temperature = to_device(torch.tensor(values, dtype=torch.float32), device)
     return gumbel_sample(logits, temperature, _row_seeds(rows, device))
 
 
