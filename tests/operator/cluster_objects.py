@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from tests.cluster.localcluster import KubectlError, LocalCluster
 from tests.cluster.waiting import wait_until
+
+CRD_FILE = Path(__file__).resolve().parents[2] / "manifests" / "crd.yaml"
+
+
+def install_crd(cluster: LocalCluster) -> None:
+    """The ModelDeployment CRD from manifests/, applied and Established."""
+    cluster.kubectl("apply", "--server-side", "-f", str(CRD_FILE))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/modeldeployments.kubellm.io", "--timeout=60s")
 
 
 def apply(cluster: LocalCluster, namespace: str, manifest: dict[str, Any]) -> str:

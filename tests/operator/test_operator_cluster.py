@@ -12,13 +12,12 @@ import pytest
 
 from tests.cluster.localcluster import KubectlError, LocalCluster
 from tests.cluster.waiting import wait_until
-from tests.operator.cluster_objects import apply, forbid_new_services, get
+from tests.operator.cluster_objects import apply, forbid_new_services, get, install_crd
 from tests.operator.operator_process import OperatorProcess
 from tests.operator.samples import sample
 
 pytestmark = pytest.mark.cluster
 
-CRD_FILE = Path(__file__).resolve().parents[2] / "manifests" / "crd.yaml"
 LABEL_KEYS = {
     "app.kubernetes.io/name",
     "app.kubernetes.io/instance",
@@ -31,10 +30,7 @@ TIMEOUT_S = 60
 
 @pytest.fixture(scope="module")
 def crds(k8s_cluster: LocalCluster) -> None:
-    k8s_cluster.kubectl("apply", "--server-side", "-f", str(CRD_FILE))
-    k8s_cluster.kubectl(
-        "wait", "--for=condition=Established", "crd/modeldeployments.kubellm.io", "--timeout=60s"
-    )
+    install_crd(k8s_cluster)
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +47,16 @@ def operator(
 
 
 # --- helpers -------------------------------------------------------------------------------------
+
+
+def wait_degraded(cluster: LocalCluster, namespace: str, name: str, reason: str) -> dict[str, Any]:
+    """The ModelDeployment once its Degraded condition carries `reason`."""
+
+    def degraded() -> dict[str, Any] | None:
+        md = get(cluster, namespace, "md", name)
+        return md if condition(md, "Degraded").get("reason") == reason else None
+
+    return wait_until(degraded, f"Degraded=True with reason {reason}", timeout_s=TIMEOUT_S)
 
 
 def condition(obj: dict[str, Any] | None, kind: str) -> dict[str, Any]:
@@ -314,11 +320,7 @@ def test_spec_error_the_schema_cannot_catch_is_reported_not_crashed_on(
     }
     apply(k8s_cluster, ns, model_deployment("odd", model={"source": "hf://org/m"}, affinity=bad_affinity))
 
-    def degraded() -> dict[str, Any] | None:
-        md = get(k8s_cluster, ns, "md", "odd")
-        return md if condition(md, "Degraded").get("reason") == "InvalidSpec" else None
-
-    md = wait_until(degraded, "Degraded=True with reason InvalidSpec", timeout_s=TIMEOUT_S)
+    md = wait_degraded(k8s_cluster, ns, "odd", "InvalidSpec")
     assert md["status"]["phase"] == "Failed"
     message = condition(md, "Degraded")["message"]
     assert message.startswith("the API server refused Deployment odd") and "Near" in message
@@ -346,11 +348,7 @@ def test_someone_elses_object_is_not_taken_over_and_is_retried_with_backoff(
     apply(k8s_cluster, ns, theirs)
     apply(k8s_cluster, ns, model_deployment("clash", model={"source": "hf://org/m"}))
 
-    def conflict() -> dict[str, Any] | None:
-        md = get(k8s_cluster, ns, "md", "clash")
-        return md if condition(md, "Degraded").get("reason") == "ChildConflict" else None
-
-    md = wait_until(conflict, "Degraded=True with reason ChildConflict", timeout_s=TIMEOUT_S)
+    md = wait_degraded(k8s_cluster, ns, "clash", "ChildConflict")
     assert (
         "Service clash-service already exists and is not managed by this ModelDeployment"
         in (condition(md, "Degraded")["message"])
@@ -373,11 +371,7 @@ def test_a_quota_refusal_is_reported_and_retried_until_the_quota_allows_it(
     forbid_new_services(k8s_cluster, ns, TIMEOUT_S)
     apply(k8s_cluster, ns, model_deployment("quota", model={"source": "hf://org/m"}))
 
-    def forbidden() -> dict[str, Any] | None:
-        md = get(k8s_cluster, ns, "md", "quota")
-        return md if condition(md, "Degraded").get("reason") == "Forbidden" else None
-
-    md = wait_until(forbidden, "Degraded=True with reason Forbidden", timeout_s=TIMEOUT_S)
+    md = wait_degraded(k8s_cluster, ns, "quota", "Forbidden")
     assert "exceeded quota: no-services" in condition(md, "Degraded")["message"]
     assert md["status"]["phase"] == "Degraded"
     assert operator.alive

@@ -4,7 +4,6 @@ No operator process runs here, so nothing races the steps: each test decides whe
 or update handler) and when a status refresh (a pod event) happens, and reads what reached the API server.
 """
 
-from pathlib import Path
 from typing import Any
 
 import kopf
@@ -16,21 +15,17 @@ from kubellm_operator.kube import Kube
 from kubellm_operator.reconcile import Reconciler
 from tests.cluster.localcluster import LocalCluster
 from tests.cluster.waiting import wait_until
-from tests.operator.cluster_objects import apply, forbid_new_services, get
+from tests.operator.cluster_objects import apply, forbid_new_services, get, install_crd
 from tests.operator.samples import sample
 
 pytestmark = pytest.mark.cluster
 
-CRD_FILE = Path(__file__).resolve().parents[2] / "manifests" / "crd.yaml"
 TIMEOUT_S = 60
 
 
 @pytest.fixture(scope="module")
 def reconciler(k8s_cluster: LocalCluster) -> Reconciler:
-    k8s_cluster.kubectl("apply", "--server-side", "-f", str(CRD_FILE))
-    k8s_cluster.kubectl(
-        "wait", "--for=condition=Established", "crd/modeldeployments.kubellm.io", "--timeout=60s"
-    )
+    install_crd(k8s_cluster)
     return Reconciler(Kube(config.new_client_from_config(config_file=str(k8s_cluster.kubeconfig))))
 
 
