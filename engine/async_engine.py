@@ -24,6 +24,7 @@ import asyncio
 import logging
 import queue
 import threading
+from collections import deque
 from collections.abc import AsyncIterator
 
 from engine.config import EngineConfig
@@ -34,11 +35,42 @@ from engine.sampling.params import SamplingParams
 log = logging.getLogger(__name__)
 
 
+class _OutputStream:
+    """One request's outputs on their way from _dispatch to generate(): one producer and one consumer,
+    both on the event loop. (asyncio.Queue's generality, bounds, several getters and task counts, was a
+    measurable part of the server's CPU per streamed token.)"""
+
+    __slots__ = ("_items", "_loop", "_waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._items: deque[RequestOutput | BaseException] = deque()
+        self._loop = loop
+        self._waiter: asyncio.Future[None] | None = None  # set while the consumer waits
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self._items.append(item)
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def get_nowait(self) -> RequestOutput | BaseException:
+        return self._items.popleft()
+
+    async def get(self) -> RequestOutput | BaseException:
+        while not self._items:
+            self._waiter = self._loop.create_future()
+            await self._waiter
+        return self._items.popleft()
+
+
 class AsyncEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
-        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._streams: dict[str, _OutputStream] = {}
         # Requests submitted but not yet taken in by the loop: each counter has a single writer thread.
         self._num_submitted = 0
         self._num_taken = 0
@@ -92,7 +124,7 @@ class AsyncEngine:
             raise EngineDeadError(f"the engine loop stopped: {self._dead}")
         if self.engine.num_waiting + self._num_submitted - self._num_taken >= self.config.max_queue:
             raise QueueFullError(f"the server is busy: {self.config.max_queue} requests are already waiting")
-        stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        stream = _OutputStream(asyncio.get_running_loop())
         self._streams[request_id] = stream
         self._num_submitted += 1
         self._inbox.put(("add", (request_id, prompt_token_ids, params)))
@@ -181,8 +213,8 @@ class AsyncEngine:
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is not None:
-                stream.put_nowait(out)
+                stream.put(out)
 
     def _fail_all(self, err: BaseException) -> None:
         for stream in self._streams.values():
-            stream.put_nowait(err)
+            stream.put(err)

@@ -7,7 +7,6 @@ import uuid
 from contextlib import aclosing
 
 from aiohttp import web
-from pydantic import BaseModel
 
 from engine.api.body import parse_body
 from engine.api.generation import ChoiceResult, SubRequest, fan_out, merged_outputs, new_choices, usage
@@ -24,7 +23,7 @@ from engine.api.protocol import (
     DeltaMessage,
 )
 from engine.api.state import STATE
-from engine.api.streaming import stream_sse
+from engine.api.streaming import TextEventTemplate, sse_event, stream_sse
 from engine.outputs import RequestOutput, TokenLogprob
 
 
@@ -45,36 +44,51 @@ class ChatChunks:
         self.head, self.body, self.texts = head, body, texts
         self.choices = new_choices(subs)
         self.started: set[int] = set()
+        self.content_events: dict[int, TextEventTemplate] = {}  # per choice index, made on first use
 
     def _chunk(self, choice: ChatChunkChoice) -> ChatCompletionChunk:
         return ChatCompletionChunk(**self.head, choices=[choice])
 
-    def on_output(self, sub: SubRequest, out: RequestOutput) -> list[BaseModel]:
-        chunks: list[BaseModel] = []
+    def _delta_chunk(
+        self, index: int, content: str | None, logprobs: ChatChoiceLogprobs | None, out: RequestOutput | None
+    ) -> ChatCompletionChunk:
+        choice = ChatChunkChoice(
+            index=index,
+            delta=DeltaMessage(content=content),
+            logprobs=logprobs,
+            finish_reason=out.finish_reason if out and out.finished else None,  # type: ignore[arg-type]
+            stop_reason=out.stop_reason if out and out.finished else None,
+        )
+        return self._chunk(choice)
+
+    def _content_event(self, index: int, content: str) -> bytes:
+        """A delta with content only (no logprobs, not the last): the per-token case, from a template."""
+        template = self.content_events.get(index)
+        if template is None:
+            template = TextEventTemplate(lambda marker: self._delta_chunk(index, marker, None, None))
+            self.content_events[index] = template
+        return template.event(content)
+
+    def on_output(self, sub: SubRequest, out: RequestOutput) -> list[bytes]:
+        events: list[bytes] = []
         if sub.index not in self.started:
             self.started.add(sub.index)
-            chunks.append(
-                self._chunk(
-                    ChatChunkChoice(index=sub.index, delta=DeltaMessage(role="assistant", content=""))
-                )
-            )
-        self.choices[sub.index].add(out)
+            role = ChatChunkChoice(index=sub.index, delta=DeltaMessage(role="assistant", content=""))
+            events.append(sse_event(self._chunk(role)))
+        self.choices[sub.index].count(out)
         logprobs = _logprobs(self.body, self.texts, out.new_logprobs) if out.new_logprobs else None
-        if out.new_text or logprobs is not None or out.finished:
-            choice = ChatChunkChoice(
-                index=sub.index,
-                delta=DeltaMessage(content=out.new_text or None),
-                logprobs=logprobs,
-                finish_reason=out.finish_reason if out.finished else None,  # type: ignore[arg-type]
-                stop_reason=out.stop_reason if out.finished else None,
-            )
-            chunks.append(self._chunk(choice))
-        return chunks
+        if logprobs is None and not out.finished:
+            if out.new_text:  # else text held back (e.g. a possible stop string): nothing to say yet
+                events.append(self._content_event(sub.index, out.new_text))
+        else:
+            events.append(sse_event(self._delta_chunk(sub.index, out.new_text or None, logprobs, out)))
+        return events
 
-    def final(self) -> list[BaseModel]:
+    def final(self) -> list[bytes]:
         if not self.body.include_usage_in_stream:
             return []
-        return [ChatCompletionChunk(**self.head, choices=[], usage=usage(self.choices, self.body.n))]
+        chunk = ChatCompletionChunk(**self.head, choices=[], usage=usage(self.choices, self.body.n))
+        return [sse_event(chunk)]
 
 
 def _choice(result: ChoiceResult, body: ChatCompletionRequest, texts: TokenTexts) -> ChatChoice:

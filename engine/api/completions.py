@@ -7,15 +7,20 @@ import uuid
 from contextlib import aclosing
 
 from aiohttp import web
-from pydantic import BaseModel
 
 from engine.api.body import parse_body
 from engine.api.generation import ChoiceResult, SubRequest, fan_out, merged_outputs, new_choices, usage
 from engine.api.logprobs import TokenTexts, completion_logprobs
 from engine.api.prompts import completion_prompts, resolve_max_tokens
-from engine.api.protocol import CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse
+from engine.api.protocol import (
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+)
 from engine.api.state import STATE
-from engine.api.streaming import stream_sse
+from engine.api.streaming import TextEventTemplate, sse_event, stream_sse
 from engine.outputs import RequestOutput
 
 
@@ -42,8 +47,29 @@ class CompletionChunks:
         self.choices = new_choices(subs)
         self.chars_sent: dict[int, int] = {s.index: 0 for s in subs}
         self.started: set[int] = set()
+        self.text_events: dict[int, TextEventTemplate] = {}  # per choice index, made on first use
 
-    def on_output(self, sub: SubRequest, out: RequestOutput) -> list[BaseModel]:
+    def _chunk(
+        self, index: int, text: str, logprobs: CompletionLogprobs | None, out: RequestOutput | None
+    ) -> CompletionChunk:
+        choice = CompletionChoice(
+            index=index,
+            text=text,
+            logprobs=logprobs,
+            finish_reason=out.finish_reason if out and out.finished else None,  # type: ignore[arg-type]
+            stop_reason=out.stop_reason if out and out.finished else None,
+        )
+        return CompletionChunk(**self.head, choices=[choice])
+
+    def _text_event(self, index: int, text: str) -> bytes:
+        """A chunk with text only (no logprobs, not the last): the per-token case, from a template."""
+        template = self.text_events.get(index)
+        if template is None:
+            template = TextEventTemplate(lambda marker: self._chunk(index, marker, None, None))
+            self.text_events[index] = template
+        return template.event(text)
+
+    def on_output(self, sub: SubRequest, out: RequestOutput) -> list[bytes]:
         prefix = ""
         if sub.index not in self.started:  # echo goes out with the choice's first chunk
             self.started.add(sub.index)
@@ -53,23 +79,17 @@ class CompletionChunks:
         if self.body.logprobs is not None and out.new_logprobs:
             offset = self.chars_sent[sub.index] + len(prefix)
             logprobs = completion_logprobs(self.texts, out.new_logprobs, self.body.logprobs, offset)
-        self.choices[sub.index].add(out)
+        self.choices[sub.index].count(out)
         self.chars_sent[sub.index] += len(text)
-        if not text and logprobs is None and not out.finished:
-            return []  # text held back (e.g. a possible stop string): nothing to say yet
-        choice = CompletionChoice(
-            index=sub.index,
-            text=text,
-            logprobs=logprobs,
-            finish_reason=out.finish_reason if out.finished else None,  # type: ignore[arg-type]
-            stop_reason=out.stop_reason if out.finished else None,
-        )
-        return [CompletionChunk(**self.head, choices=[choice])]
+        if logprobs is None and not out.finished:  # the per-token case
+            # No text: held back (e.g. a possible stop string), nothing to say yet.
+            return [self._text_event(sub.index, text)] if text else []
+        return [sse_event(self._chunk(sub.index, text, logprobs, out))]
 
-    def final(self) -> list[BaseModel]:
+    def final(self) -> list[bytes]:
         if not self.body.include_usage_in_stream:
             return []
-        return [CompletionChunk(**self.head, choices=[], usage=usage(self.choices, self.body.n))]
+        return [sse_event(CompletionChunk(**self.head, choices=[], usage=usage(self.choices, self.body.n)))]
 
 
 def _choice(

@@ -45,6 +45,11 @@ class ChoiceResult:
     def add(self, out: RequestOutput) -> None:
         self.text += out.new_text
         self.logprobs += out.new_logprobs or []
+        self.count(out)
+
+    def count(self, out: RequestOutput) -> None:
+        """Only what usage and the finish need: a stream sends text and logprobs on as they come (and
+        appending to a long text per token is quadratic)."""
         self.num_output_tokens = out.num_output_tokens
         self.num_cached_tokens = out.num_cached_tokens
         if out.finished:

@@ -1,0 +1,145 @@
+"""AsyncEngine's bridge between the engine thread and the event loop, around a scripted LLMEngine: what a
+request's stream yields, merging of outputs that piled up, abort on leaving early, a crash failing streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import aclosing
+
+import pytest
+
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig
+from engine.outputs import EngineDeadError, RequestOutput
+from engine.sampling.params import SamplingParams
+
+
+class ScriptedLLMEngine:
+    """Stands in for LLMEngine: every step emits `per_step` outputs (tokens 1, 2, ...) for each request."""
+
+    def __init__(self, per_step: int = 1, step_s: float = 0.0, crash: Exception | None = None) -> None:
+        self.per_step, self.step_s, self.crash = per_step, step_s, crash
+        self.tokenizer, self.max_model_len = None, 64
+        self.running: dict[str, list[int]] = {}  # request id -> [max_tokens, tokens so far]
+        self.aborted: list[str] = []
+
+    @property
+    def num_waiting(self) -> int:
+        return 0
+
+    def add_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        self.running[request_id] = [params.max_tokens, 0]
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        self.aborted.append(request_id)
+        self.running.pop(request_id, None)
+        return None
+
+    def has_unfinished(self) -> bool:
+        return bool(self.running)
+
+    def step(self) -> list[RequestOutput]:
+        time.sleep(self.step_s)
+        if self.crash is not None:
+            raise self.crash
+        outputs = []
+        for request_id, state in list(self.running.items()):
+            for _ in range(self.per_step):
+                state[1] += 1
+                finished = state[1] == state[0]
+                outputs.append(output(request_id, state[1], finished))
+                if finished:
+                    del self.running[request_id]
+                    break
+        return outputs
+
+
+def output(request_id: str, token: int, finished: bool) -> RequestOutput:
+    return RequestOutput(
+        request_id=request_id,
+        new_token_ids=[token],
+        new_text=f"<{token}>",
+        new_logprobs=None,
+        finished=finished,
+        finish_reason="length" if finished else None,
+        stop_reason=None,
+        num_prompt_tokens=2,
+        num_output_tokens=token,
+        num_cached_tokens=0,
+    )
+
+
+class ScriptedAsyncEngine(AsyncEngine):
+    def __init__(self, llm: ScriptedLLMEngine) -> None:
+        self.llm = llm
+        super().__init__(EngineConfig(model="scripted", served_model_name="scripted"))
+
+    def _load_and_run(self) -> None:  # no model: the scripted engine, then the real loop
+        self.engine = self.llm
+        self._ready.set()
+        self._started.wait()
+        self._run_loop()
+
+
+async def started(llm: ScriptedLLMEngine) -> ScriptedAsyncEngine:
+    engine = ScriptedAsyncEngine(llm)
+    await engine.start()
+    return engine
+
+
+async def collect(engine: AsyncEngine, request_id: str, max_tokens: int) -> list[RequestOutput]:
+    params = SamplingParams(max_tokens=max_tokens)
+    return [out async for out in engine.generate(request_id, [1, 2], params)]
+
+
+async def test_each_step_reaches_the_stream_in_order() -> None:
+    engine = await started(ScriptedLLMEngine(step_s=0.01))
+    try:
+        outs = await collect(engine, "r", 4)
+        tokens = [t for out in outs for t in out.new_token_ids]
+        assert tokens == [1, 2, 3, 4] and "".join(out.new_text for out in outs) == "<1><2><3><4>"
+        assert [out.finished for out in outs][-1] and not any(out.finished for out in outs[:-1])
+        assert engine.num_unfinished == 0 and engine.llm.aborted == []
+    finally:
+        await engine.shutdown(timeout=1)
+
+
+async def test_outputs_that_piled_up_come_as_one_delta() -> None:
+    engine = await started(ScriptedLLMEngine(per_step=3))
+    try:
+        outs = await collect(engine, "r", 3)
+        assert len(outs) == 1
+        merged = outs[0]
+        assert (merged.new_token_ids, merged.new_text) == ([1, 2, 3], "<1><2><3>")
+        assert merged.finished and merged.finish_reason == "length" and merged.num_output_tokens == 3
+    finally:
+        await engine.shutdown(timeout=1)
+
+
+async def test_leaving_the_stream_early_aborts_the_request() -> None:
+    engine = await started(ScriptedLLMEngine(step_s=0.01))
+    try:
+        async with aclosing(engine.generate("r", [1, 2], SamplingParams(max_tokens=1000))) as stream:
+            async for _ in stream:
+                break
+        for _ in range(200):
+            if engine.llm.aborted:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.llm.aborted == ["r"] and engine.num_unfinished == 0
+    finally:
+        await engine.shutdown(timeout=1)
+
+
+async def test_a_crashed_loop_fails_the_waiting_stream() -> None:
+    engine = await started(ScriptedLLMEngine(crash=RuntimeError("boom")))
+    try:
+        with pytest.raises(EngineDeadError, match="boom"):
+            await collect(engine, "r", 3)
+        assert not engine.is_healthy()
+        with pytest.raises(EngineDeadError):
+            await collect(engine, "later", 3)
+    finally:
+        await engine.shutdown(timeout=1)
