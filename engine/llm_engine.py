@@ -150,9 +150,11 @@ class LLMEngine:
 
     def _handle_tokens(self, launched: LaunchedStep) -> list[RequestOutput]:
         """Wait for a launched step's tokens and put them in their sequences' placeholders."""
+        waiting = time.perf_counter() if launched.trace is not None else 0.0
         result = launched.result()
         if launched.trace is not None:
             launched.trace["done"] = time.perf_counter()
+            launched.trace["waited_ms"] = round((launched.trace["done"] - waiting) * 1e3, 3)
         now = time.monotonic()
         outputs: list[RequestOutput] = []
         for scheduled, index, token_id, logprob in zip(

@@ -1,7 +1,10 @@
 """Per-step timeline for performance work: `KUBELLM_STEP_TRACE=/path/trace.jsonl kubellm serve ...`.
 
 One JSON line per step, written when the process exits: when the step was launched, when its tokens
-reached the host, how many decodes and prefill tokens it carried, and whether a CUDA graph ran it.
+reached the host, how many decodes and prefill tokens it carried, whether a CUDA graph ran it, and
+how long Python's garbage collector paused the process since the previous step (`gc_ms`).
+When the host handles the step's tokens it adds `done` (tokens on the host) and `waited_ms` (how long it
+blocked for them: near zero means the host, not the GPU, sets the pace).
 With async scheduling and a busy GPU, the gap between consecutive `done` times is the step's GPU time.
 Off (and free) unless the variable is set.
 """
@@ -9,6 +12,7 @@ Off (and free) unless the variable is set.
 from __future__ import annotations
 
 import atexit
+import gc
 import json
 import os
 import time
@@ -19,7 +23,16 @@ class StepTrace:
     def __init__(self, path: str) -> None:
         self.path = Path(path)
         self.rows: list[dict] = []
+        self._gc_started = 0.0
+        self._gc_seconds = 0.0  # collector pauses not yet attributed to a step
+        gc.callbacks.append(self._on_gc)
         atexit.register(self.write)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self._gc_seconds += time.perf_counter() - self._gc_started
 
     @classmethod
     def from_env(cls) -> StepTrace | None:
@@ -28,7 +41,9 @@ class StepTrace:
 
     def launched(self, num_decodes: int, num_tokens: int, graphed: bool, started: float) -> dict:
         row = {"launch": started, "launched": time.perf_counter(), "decodes": num_decodes,
-               "prefill_tokens": num_tokens - num_decodes, "graph": graphed}  # fmt: skip
+               "prefill_tokens": num_tokens - num_decodes, "graph": graphed,
+               "gc_ms": round(self._gc_seconds * 1e3, 3)}  # fmt: skip
+        self._gc_seconds = 0.0
         self.rows.append(row)
         return row
 

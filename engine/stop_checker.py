@@ -72,6 +72,9 @@ class StopStringChecker:
 
         final=True when the sequence ends for another reason (eos, length): nothing is held back then.
         """
+        if not self.stop:  # the common case, per token per sequence: everything is released at once
+            self.released_text += delta
+            return StopCheck(delta, False, None)
         match = self._find_stop(text, len(delta))
         if match is not None:
             start, stop_str = match

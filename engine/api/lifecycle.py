@@ -8,6 +8,7 @@ and the process exits 0.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from dataclasses import dataclass
@@ -55,6 +56,14 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, on_signal, sig)
 
 
+def freeze_startup_heap() -> None:
+    """Move everything built at start-up (torch, transformers, the model: ~4e5 objects) out of the
+    garbage collector's view. They live until exit, yet each full collection walked them all: a ~0.2 s
+    stall of the engine loop, seen twice in one 13 s W2 run on the GPU (vLLM freezes its heap too)."""
+    gc.collect()
+    gc.freeze()
+
+
 async def run_server(config: EngineConfig, options: ServeOptions) -> None:
     from engine.async_engine import AsyncEngine  # torch comes in here, not at CLI import
     from engine.model.kv_cache_sizing import KVCacheTooSmallError
@@ -70,6 +79,7 @@ async def run_server(config: EngineConfig, options: ServeOptions) -> None:
     names = options.served_model_names or [engine.served_model_name]
     app = build_app(engine, api_key=options.api_key, served_model_names=names, model_root=config.model,
                     trust_request_chat_template=options.trust_request_chat_template)  # fmt: skip
+    freeze_startup_heap()
     # handler_cancellation: a client that hangs up mid-request cancels its handler, which aborts the
     # engine request (streams notice on their next write anyway; this covers non-streaming ones).
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=options.shutdown_timeout)

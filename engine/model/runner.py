@@ -67,6 +67,7 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}  # seeded requests' own RNGs
+        self._constant_rows: dict[str, SamplingRow] = {}  # per request, for rows that never change
         self.cuda_graphs: DecodeCudaGraphs | None = None  # set by capture_cuda_graphs
         if device.type == "cuda":  # Triton RMSNorm / rotary / SiLU-mul behind the same modules
             from engine.kernels.fused_layers import install_fused_layers
@@ -154,18 +155,26 @@ class ModelRunner:
 
     def release(self, request_id: str) -> None:
         self.generators.pop(request_id, None)
+        self._constant_rows.pop(request_id, None)
 
     def _sampling_row(self, seq, eos_token_ids: set[int]) -> SamplingRow:
         p = seq.params
         # Copying a sequence's token lists costs O(length) per step: only rows that read them get them.
         wants_outputs = p.needs_penalties or p.min_tokens > 0
-        return SamplingRow(
+        if not wants_outputs:  # the row never changes: build it once per request, not once per step
+            row = self._constant_rows.get(seq.request_id)
+            if row is not None and row.params is p and row.eos_token_ids is eos_token_ids:
+                return row
+        row = SamplingRow(
             params=p,
             prompt_token_ids=seq.prompt_token_ids if p.needs_penalties else [],
             output_token_ids=seq.output_token_ids if wants_outputs else [],
             generator=self.generator_for(seq.request_id, p.seed),
             eos_token_ids=eos_token_ids,
         )
+        if not wants_outputs:
+            self._constant_rows[seq.request_id] = row
+        return row
 
     def build_metadata(
         self, batch: list[ScheduledSeq], previous: LaunchedStep | None = None

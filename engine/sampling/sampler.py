@@ -28,6 +28,7 @@ from engine.outputs import TokenLogprob
 from engine.sampling.params import SamplingParams
 
 _NEG_INF = float("-inf")
+_NONE_SUPPRESSED: frozenset[int] = frozenset()
 _TOP_P_HEAD = 1024  # on the CPU, top_p first looks at this many best tokens (see _truncate_top_k_top_p)
 
 
@@ -41,10 +42,10 @@ class SamplingRow:
     generator: torch.Generator | None  # per-request (see `seeded_generator`); None = global RNG
     eos_token_ids: set[int]  # suppressed while len(output) < min_tokens (unless ignore_eos)
 
-    def suppressed_token_ids(self) -> set[int]:
+    def suppressed_token_ids(self) -> frozenset[int] | set[int]:
         """Tokens that would end the sequence and so are masked until min_tokens is reached."""
         if len(self.output_token_ids) >= self.params.min_tokens:
-            return set()
+            return _NONE_SUPPRESSED  # shared: asked for every row in every step
         stop_ids = set(self.params.stop_token_ids)
         if not self.params.ignore_eos:
             stop_ids |= self.eos_token_ids

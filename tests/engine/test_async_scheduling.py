@@ -157,3 +157,19 @@ def test_step_trace_records_every_step(llama_dir, tmp_path, monkeypatch):
     assert rows[0]["decodes"] == 0 and rows[0]["prefill_tokens"] > 0
     assert sum(r["decodes"] for r in rows) == 3 * 3  # the first token of each comes from its prefill
     assert all(r["launch"] <= r["launched"] <= r["done"] for r in rows)
+    assert all(r["waited_ms"] >= 0 and r["gc_ms"] >= 0 for r in rows)
+
+
+def test_step_trace_charges_collector_pauses_to_the_next_step(llama_dir, tmp_path, monkeypatch):
+    import gc
+
+    monkeypatch.setenv("KUBELLM_STEP_TRACE", str(tmp_path / "steps.jsonl"))
+    engine = make_engine(llama_dir, block_size=4, async_scheduling=True)
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    engine.generate(prompts_for(1, seed=13, lo=5, hi=9), params)
+    before = len(engine.trace.rows)
+    garbage = [[] for _ in range(200_000)]  # a full collection then has something to walk
+    gc.collect()
+    del garbage
+    engine.generate(prompts_for(1, seed=14, lo=5, hi=9), params)
+    assert engine.trace.rows[before]["gc_ms"] > 0
