@@ -5,13 +5,14 @@ from __future__ import annotations
 import time
 import uuid
 from contextlib import aclosing
+from dataclasses import replace
 
 from aiohttp import web
 
 from engine.api.body import parse_body
 from engine.api.generation import ChoiceResult, SubRequest, fan_out, merged_outputs, new_choices, usage
 from engine.api.logprobs import TokenTexts, completion_logprobs
-from engine.api.prompts import completion_prompts, resolve_max_tokens
+from engine.api.prompts import Prompt, completion_prompts, resolve_max_tokens
 from engine.api.protocol import (
     CompletionChoice,
     CompletionChunk,
@@ -30,6 +31,12 @@ def _echo_text(sub: SubRequest, body: CompletionRequest, tokenizer: object) -> s
     if sub.prompt.text is not None:
         return sub.prompt.text
     return tokenizer.decode(sub.prompt.token_ids)  # type: ignore[attr-defined]
+
+
+def _with_prompt_texts(tokenizer: object, prompts: list[Prompt]) -> list[Prompt]:
+    """Token-id prompts with their decoded text, for echo. A prompt may be thousands of tokens: this
+    runs off the event loop, like encoding does."""
+    return [p if p.text is not None else replace(p, text=tokenizer.decode(p.token_ids)) for p in prompts]  # type: ignore[attr-defined]
 
 
 class CompletionChunks:
@@ -114,6 +121,8 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
     body = await parse_body(request, CompletionRequest)
     model = state.check_model(body.model)
     prompts = await state.off_loop(completion_prompts, engine.tokenizer, body.prompt, body.add_special_tokens)
+    if body.echo:
+        prompts = await state.off_loop(_with_prompt_texts, engine.tokenizer, prompts)
     budgets = [
         resolve_max_tokens(len(p.token_ids), body.max_tokens, engine.max_model_len, "prompt") for p in prompts
     ]

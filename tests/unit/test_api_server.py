@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -275,6 +276,22 @@ async def test_stream_n2_interleaves_both_choices(client: TestClient, engine: Fa
 async def test_echo_returns_prompt_then_completion(openai_client: AsyncOpenAI, tokenizer) -> None:
     resp = await openai_client.completions.create(model=MODEL, prompt="hello world", max_tokens=2, echo=True)
     assert resp.choices[0].text == "hello world" + reply_prefix(tokenizer, 2)
+
+
+async def test_echo_of_token_ids_is_decoded_off_the_event_loop(openai_client: AsyncOpenAI, tokenizer, monkeypatch) -> None:
+    ids = tokenizer.encode("hello world", add_special_tokens=False)
+    threads: list[threading.Thread] = []
+    original = tokenizer.decode
+
+    def decode(token_ids, *args, **kwargs):
+        if list(token_ids) == ids:
+            threads.append(threading.current_thread())
+        return original(token_ids, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "decode", decode)
+    resp = await openai_client.completions.create(model=MODEL, prompt=ids, max_tokens=2, echo=True)
+    assert resp.choices[0].text == "hello world" + reply_prefix(tokenizer, 2)
+    assert threads and threading.main_thread() not in threads  # the event loop runs on the main thread
 
 
 async def test_stop_token_finishes_with_stop_reason(openai_client: AsyncOpenAI, tokenizer) -> None:
