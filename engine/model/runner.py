@@ -13,6 +13,7 @@ from engine.core.sequence import PLACEHOLDER_TOKEN
 from engine.device_copy import to_device
 from engine.model.attention import AttentionMetadata
 from engine.model.cuda_graphs import DecodeCudaGraphs
+from engine.model.input_staging import InputStaging
 from engine.outputs import TokenLogprob
 from engine.sampling.sampler import PendingSample, Sampler, SamplingRow, seeded_generator
 
@@ -68,6 +69,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}  # seeded requests' own RNGs
         self._constant_rows: dict[str, SamplingRow] = {}  # per request, for rows that never change
+        self.staging = InputStaging(device) if device.type == "cuda" else None
         self.cuda_graphs: DecodeCudaGraphs | None = None  # set by capture_cuda_graphs
         if device.type == "cuda":  # Triton RMSNorm / rotary / SiLU-mul behind the same modules
             from engine.kernels.fused_layers import install_fused_layers
@@ -213,28 +215,33 @@ class ModelRunner:
             tables[i, : len(s.seq.block_table)] = s.seq.block_table
         slots = tables[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
 
-        def dev(array: np.ndarray) -> torch.Tensor:
-            return to_device(torch.from_numpy(array), self.device)
-
+        if input_ids.count(PLACEHOLDER_TOKEN) != len(fed_rows):
+            raise RuntimeError("a step's input holds a token that was never sampled")
+        arrays = [slots, qsl.astype(np.int32), np.asarray(seq_lens, dtype=np.int32), tables,
+                  np.asarray(input_ids, dtype=np.int64), positions]  # fmt: skip
+        if fed_rows:
+            arrays += [np.asarray(fed_rows, dtype=np.int64), np.asarray(fed_from, dtype=np.int64)]
+        if self.staging is not None:  # CUDA: two copies from long-lived pinned buffers
+            on_device = self.staging.to_device(arrays)
+        else:
+            on_device = [torch.from_numpy(a) for a in arrays]
+        slot_mapping, query_start_loc, seq_lens_dev, block_tables, ids, positions_dev = on_device[:6]
         meta = AttentionMetadata(
-            slot_mapping=dev(slots),
-            query_start_loc=dev(qsl.astype(np.int32)),
-            seq_lens=dev(np.asarray(seq_lens, dtype=np.int32)),
-            block_tables=dev(tables),
+            slot_mapping=slot_mapping,
+            query_start_loc=query_start_loc,
+            seq_lens=seq_lens_dev,
+            block_tables=block_tables,
             num_decodes=num_decodes,
             max_query_len=max(query_lens),
             max_seq_len=max(seq_lens),
             query_lens_cpu=query_lens,
             seq_lens_cpu=seq_lens,
         )
-        ids = dev(np.asarray(input_ids, dtype=np.int64))
-        if input_ids.count(PLACEHOLDER_TOKEN) != len(fed_rows):
-            raise RuntimeError("a step's input holds a token that was never sampled")
         if fed_rows:
             assert previous is not None
-            rows, src = dev(np.asarray(fed_rows, dtype=np.int64)), dev(np.asarray(fed_from, dtype=np.int64))
+            rows, src = on_device[6:]
             ids.index_copy_(0, rows, previous.sample.token_ids.index_select(0, src))
-        return ids, dev(positions), meta
+        return ids, positions_dev, meta
 
     def execute(self, batch: list[ScheduledSeq], eos_token_ids: set[int]) -> StepResult:
         """Run one step and wait for its tokens."""
