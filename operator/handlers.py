@@ -2,6 +2,7 @@
 
 - the ModelDeployment is created, changed, or found again after an operator restart -> full reconcile;
 - one of its children changes or disappears (a hand edit, a deletion) -> re-apply (drift repair);
+  a child whose status alone moved (a rollout's replica counts, an HPA's metrics) is left alone;
 - one of its pods changes (scheduled, ready, crashing) -> refresh the status.
 
 No finalizers (no deletion handler, no timers): children carry owner references, so Kubernetes
@@ -10,6 +11,7 @@ deletes them with the resource even while the operator is down.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -96,12 +98,37 @@ def _with_retries(action: Callable[[], object]) -> None:
             time.sleep(2**attempt)
 
 
+def _desired_part(body: kopf.Body | dict[str, Any]) -> str:
+    """What a re-apply could put back: labels, annotations and spec (or data), not status."""
+    meta = body.get("metadata", {})
+    kept = {k: v for k, v in body.items() if k not in ("metadata", "status")}
+    return json.dumps([meta.get("labels"), meta.get("annotations"), kept], sort_keys=True, default=str)
+
+
+def _only_status_moved(type: str, body: kopf.Body | dict[str, Any], memo: kopf.Memo) -> bool:
+    """True when a child changed nothing but its status since we last looked (a rollout's replica
+    counts, an HPA's current metrics every sync period): no drift to repair, so no re-apply."""
+    seen: dict[tuple[str, str, str], str] = memo.setdefault("child_parts", {})
+    meta = body.get("metadata", {})
+    key = (body.get("kind", ""), meta.get("namespace", ""), meta.get("name", ""))
+    if type == "DELETED":
+        seen.pop(key, None)
+        return False
+    part = _desired_part(body)
+    if seen.get(key) == part:
+        return True
+    seen[key] = part
+    return False
+
+
 def child_changed(
-    type: str | None, namespace: str, labels: dict[str, str], memo: kopf.Memo, **_: Any
+    type: str | None, namespace: str, labels: dict[str, str], body: kopf.Body, memo: kopf.Memo, **_: Any
 ) -> None:
     owner = _owner_of(labels)
     if type is None or owner is None:
         return  # the initial listing: resume handlers already reconcile every resource
+    if _only_status_moved(type, body, memo):
+        return
     _with_retries(lambda: memo.reconciler.reconcile(namespace, owner, prune=False))
 
 

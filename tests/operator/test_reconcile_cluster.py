@@ -10,7 +10,7 @@ import kopf
 import pytest
 from kubernetes import config
 
-from kubellm_operator.handlers import model_deployment_changed
+from kubellm_operator.handlers import child_changed, model_deployment_changed
 from kubellm_operator.kube import Kube
 from kubellm_operator.reconcile import Reconciler
 from tests.cluster.localcluster import LocalCluster
@@ -93,3 +93,46 @@ def test_a_quota_refusal_is_retried_with_the_servers_words_in_the_status(
     )
     assert get(k8s_cluster, ns, "service", "vllm-service") is not None
     assert conditions(get(k8s_cluster, ns, "md", "vllm"))["Degraded"]["reason"] != "Forbidden"
+
+
+class CountingReconciler:
+    def __init__(self, reconciler: Reconciler) -> None:
+        self.reconciler, self.calls = reconciler, 0
+
+    def reconcile(self, namespace: str, name: str, prune: bool = True) -> Any:
+        self.calls += 1
+        return self.reconciler.reconcile(namespace, name, prune=prune)
+
+
+def test_a_child_whose_status_alone_moved_is_not_re_applied(
+    k8s_cluster: LocalCluster, k8s_namespace: str, reconciler: Reconciler
+) -> None:
+    ns = k8s_namespace
+    apply(k8s_cluster, ns, sample("vllm.yaml"))
+    reconciler.reconcile(ns, "vllm")
+    counting = CountingReconciler(reconciler)
+    memo = kopf.Memo(reconciler=counting)
+
+    def event(kind: str, body: dict[str, Any]) -> None:
+        child_changed(type=kind, namespace=ns, labels=body["metadata"]["labels"], body=body, memo=memo)
+
+    deployment = get(k8s_cluster, ns, "deployment", "vllm")
+    event("ADDED", deployment)
+    assert counting.calls == 1  # first sight: re-applied (a no-op if nothing drifted)
+
+    rolled = {**deployment, "status": {**deployment.get("status", {}), "readyReplicas": 1, "replicas": 1}}
+    rolled["metadata"] = {**deployment["metadata"], "resourceVersion": "999999"}
+    event("MODIFIED", rolled)
+    assert counting.calls == 1  # only the status moved: nothing to put back
+
+    k8s_cluster.kubectl("annotate", "deployment", "vllm", "-n", ns, "someone/edited=by-hand")
+    event("MODIFIED", get(k8s_cluster, ns, "deployment", "vllm"))
+    assert counting.calls == 2  # metadata changed by hand: re-applied
+
+    k8s_cluster.kubectl("patch", "deployment", "vllm", "-n", ns, "--type=merge", "-p", '{"spec": {"replicas": 3}}')
+    event("MODIFIED", get(k8s_cluster, ns, "deployment", "vllm"))
+    assert counting.calls == 3
+    assert get(k8s_cluster, ns, "deployment", "vllm")["spec"]["replicas"] == 1  # drift repaired
+
+    event("DELETED", deployment)
+    assert counting.calls == 4
