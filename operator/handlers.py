@@ -21,17 +21,16 @@ import kopf
 
 from kubellm_operator import names
 from kubellm_operator.kube import ApiError, Kube
-from kubellm_operator.reconcile import Reconciler
+from kubellm_operator.reconcile import CHILD_KINDS, Reconciler
 from kubellm_operator.status import RETRIED_PROBLEMS
 
 log = logging.getLogger(__name__)
 
+# (group, version, plural) of each child kind the reconciler writes: one list (reconcile.CHILD_KINDS)
+# for pruning, watching and the RBAC test. Every child kind's plural is its lower-cased kind + "s".
 CHILD_RESOURCES = [
-    ("apps", "v1", "deployments"),
-    ("", "v1", "services"),
-    ("", "v1", "persistentvolumeclaims"),
-    ("autoscaling", "v2", "horizontalpodautoscalers"),
-    ("policy", "v1", "poddisruptionbudgets"),
+    (api_version.rpartition("/")[0], api_version.rpartition("/")[2], kind.lower() + "s")
+    for api_version, kind in CHILD_KINDS
 ]
 OWNED = {names.MANAGED_BY_LABEL: names.FIELD_MANAGER}
 EVENT_RETRIES = 4  # kopf does not retry event handlers, so transient errors are retried here
