@@ -83,41 +83,29 @@ def _owner_of(labels: dict[str, str]) -> str | None:
     return labels.get(names.INSTANCE_LABEL)
 
 
-def _with_retries(action: Callable[[], object]) -> None:
+def _with_retries(action: Callable[[], object]) -> bool:
+    """Run action, retrying transient API errors; False if it gave up."""
     for attempt in range(EVENT_RETRIES):
         try:
             action()
-            return
+            return True
         except ApiError as error:
             if error.status == 404:
-                return  # the resource went away meanwhile; nothing left to do
+                return True  # the resource went away meanwhile; nothing left to do
             if not error.transient or attempt == EVENT_RETRIES - 1:
                 log.warning("giving up after %d attempts: %s", attempt + 1, error)
-                return
+                return False
             time.sleep(2**attempt)
+    return False
 
 
 def _desired_part(body: kopf.Body | dict[str, Any]) -> str:
-    """What a re-apply could put back: labels, annotations and spec (or data), not status."""
+    """What a re-apply could put back: labels, annotations, owner references and spec (or data), not
+    status."""
     meta = body.get("metadata", {})
     kept = {k: v for k, v in body.items() if k not in ("metadata", "status")}
-    return json.dumps([meta.get("labels"), meta.get("annotations"), kept], sort_keys=True, default=str)
-
-
-def _only_status_moved(type: str, body: kopf.Body | dict[str, Any], memo: kopf.Memo) -> bool:
-    """True when a child changed nothing but its status since we last looked (a rollout's replica
-    counts, an HPA's current metrics every sync period): no drift to repair, so no re-apply."""
-    seen: dict[tuple[str, str, str], str] = memo.setdefault("child_parts", {})
-    meta = body.get("metadata", {})
-    key = (body.get("kind", ""), meta.get("namespace", ""), meta.get("name", ""))
-    if type == "DELETED":
-        seen.pop(key, None)
-        return False
-    part = _desired_part(body)
-    if seen.get(key) == part:
-        return True
-    seen[key] = part
-    return False
+    ours = [meta.get("labels"), meta.get("annotations"), meta.get("ownerReferences"), kept]
+    return json.dumps(ours, sort_keys=True, default=str)
 
 
 def child_changed(
@@ -126,9 +114,16 @@ def child_changed(
     owner = _owner_of(labels)
     if type is None or owner is None:
         return  # the initial listing: resume handlers already reconcile every resource
-    if _only_status_moved(type, body, memo):
+    # kopf keeps one memo per object across its events: what we last saw of this child.
+    part = None if type == "DELETED" else _desired_part(body)
+    if part is not None and memo.get("child_part") == part:
+        # Only the status moved (a rollout's replica counts, an HPA's metrics every sync period): no
+        # drift to put back. A Deployment's status feeds the ModelDeployment's, so refresh that.
+        if body.get("kind") == "Deployment":
+            _with_retries(lambda: memo.reconciler.refresh_status(namespace, owner))
         return
-    _with_retries(lambda: memo.reconciler.reconcile(namespace, owner, prune=False))
+    reapplied = _with_retries(lambda: memo.reconciler.reconcile(namespace, owner, prune=False))
+    memo["child_part"] = part if reapplied else None  # a failed re-apply is tried again next event
 
 
 for _group, _version, _plural in CHILD_RESOURCES:

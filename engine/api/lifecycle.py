@@ -59,7 +59,9 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
 def freeze_startup_heap() -> None:
     """Move everything built at start-up (torch, transformers, the model: ~4e5 objects) out of the
     garbage collector's view. They live until exit, yet each full collection walked them all: a ~0.2 s
-    stall of the engine loop, seen twice in one 13 s W2 run on the GPU (vLLM freezes its heap too)."""
+    stall of the engine loop, seen twice in one 13 s W2 run on the GPU (vLLM freezes its heap too).
+    Frozen objects are never collected, even in cycles: fine for a server that loads one model and
+    exits after shutdown; run_server unfreezes on the way out for callers that go on."""
     gc.collect()
     gc.freeze()
 
@@ -99,4 +101,5 @@ async def run_server(config: EngineConfig, options: ServeOptions) -> None:
     finally:
         await runner.cleanup()  # stops listening, waits for handlers in flight
         await engine.shutdown()
+        gc.unfreeze()
     log.info("shutdown complete")

@@ -108,6 +108,8 @@ class ModelRunner:
         base = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         self.execute(batch, set())
+        for s in batch:
+            self.release(s.seq.request_id)
         with torch.inference_mode():
             hidden = torch.zeros(num_sample_rows, self.model.config.hidden_size, dtype=self.dtype, device=self.device)
             row = SamplingRow(SamplingParams(temperature=0.7, top_p=0.9), [], [], None, set())

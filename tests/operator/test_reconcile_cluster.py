@@ -11,7 +11,7 @@ import pytest
 from kubernetes import config
 
 from kubellm_operator.handlers import child_changed, model_deployment_changed
-from kubellm_operator.kube import Kube
+from kubellm_operator.kube import ApiError, Kube
 from kubellm_operator.reconcile import Reconciler
 from tests.cluster.localcluster import LocalCluster
 from tests.cluster.waiting import wait_until
@@ -97,11 +97,18 @@ def test_a_quota_refusal_is_retried_with_the_servers_words_in_the_status(
 
 class CountingReconciler:
     def __init__(self, reconciler: Reconciler) -> None:
-        self.reconciler, self.calls = reconciler, 0
+        self.reconciler, self.calls, self.refreshes, self.fail_next = reconciler, 0, 0, False
 
     def reconcile(self, namespace: str, name: str, prune: bool = True) -> Any:
         self.calls += 1
+        if self.fail_next:
+            self.fail_next = False
+            raise ApiError(422, "Invalid", "refused once")
         return self.reconciler.reconcile(namespace, name, prune=prune)
+
+    def refresh_status(self, namespace: str, name: str) -> Any:
+        self.refreshes += 1
+        return self.reconciler.refresh_status(namespace, name)
 
 
 def test_a_child_whose_status_alone_moved_is_not_re_applied(
@@ -111,28 +118,38 @@ def test_a_child_whose_status_alone_moved_is_not_re_applied(
     apply(k8s_cluster, ns, sample("vllm.yaml"))
     reconciler.reconcile(ns, "vllm")
     counting = CountingReconciler(reconciler)
-    memo = kopf.Memo(reconciler=counting)
+    memo = kopf.Memo(reconciler=counting)  # kopf keeps one memo per object across its events
 
     def event(kind: str, body: dict[str, Any]) -> None:
         child_changed(type=kind, namespace=ns, labels=body["metadata"]["labels"], body=body, memo=memo)
 
     deployment = get(k8s_cluster, ns, "deployment", "vllm")
     event("ADDED", deployment)
-    assert counting.calls == 1  # first sight: re-applied (a no-op if nothing drifted)
+    assert (counting.calls, counting.refreshes) == (1, 0)  # first sight: re-applied (a no-op if nothing drifted)
 
     rolled = {**deployment, "status": {**deployment.get("status", {}), "readyReplicas": 1, "replicas": 1}}
     rolled["metadata"] = {**deployment["metadata"], "resourceVersion": "999999"}
     event("MODIFIED", rolled)
-    assert counting.calls == 1  # only the status moved: nothing to put back
+    # Only the status moved: nothing to put back, but the ModelDeployment's status follows the Deployment's.
+    assert (counting.calls, counting.refreshes) == (1, 1)
 
     k8s_cluster.kubectl("annotate", "deployment", "vllm", "-n", ns, "someone/edited=by-hand")
     event("MODIFIED", get(k8s_cluster, ns, "deployment", "vllm"))
     assert counting.calls == 2  # metadata changed by hand: re-applied
 
+    orphaned = get(k8s_cluster, ns, "deployment", "vllm")
+    orphaned["metadata"] = {**orphaned["metadata"], "ownerReferences": []}
+    event("MODIFIED", orphaned)
+    assert counting.calls == 3  # an owner reference removed by hand is drift too
+
     k8s_cluster.kubectl("patch", "deployment", "vllm", "-n", ns, "--type=merge", "-p", '{"spec": {"replicas": 3}}')
-    event("MODIFIED", get(k8s_cluster, ns, "deployment", "vllm"))
-    assert counting.calls == 3
+    edited = get(k8s_cluster, ns, "deployment", "vllm")
+    counting.fail_next = True
+    event("MODIFIED", edited)
+    assert counting.calls == 4 and get(k8s_cluster, ns, "deployment", "vllm")["spec"]["replicas"] == 3
+    event("MODIFIED", {**edited, "status": {"replicas": 3}})  # a status-only event after a failed re-apply
+    assert counting.calls == 5  # ... tries again
     assert get(k8s_cluster, ns, "deployment", "vllm")["spec"]["replicas"] == 1  # drift repaired
 
     event("DELETED", deployment)
-    assert counting.calls == 4
+    assert counting.calls == 6
