@@ -23,7 +23,7 @@ from engine.api.protocol import (
     DeltaMessage,
 )
 from engine.api.state import STATE
-from engine.api.streaming import TextEventTemplate, sse_event, stream_sse
+from engine.api.streaming import PerChoiceTextEvents, sse_event, stream_sse
 from engine.outputs import RequestOutput, TokenLogprob
 
 
@@ -44,7 +44,8 @@ class ChatChunks:
         self.head, self.body, self.texts = head, body, texts
         self.choices = new_choices(subs)
         self.started: set[int] = set()
-        self.content_events: dict[int, TextEventTemplate] = {}  # per choice index, made on first use
+        # The per-token case (content only, not the last chunk), from a template per choice.
+        self.content_events = PerChoiceTextEvents(lambda index, text: self._delta_chunk(index, text, None, None))
 
     def _chunk(self, choice: ChatChunkChoice) -> ChatCompletionChunk:
         return ChatCompletionChunk(**self.head, choices=[choice])
@@ -61,14 +62,6 @@ class ChatChunks:
         )
         return self._chunk(choice)
 
-    def _content_event(self, index: int, content: str) -> bytes:
-        """A delta with content only (no logprobs, not the last): the per-token case, from a template."""
-        template = self.content_events.get(index)
-        if template is None:
-            template = TextEventTemplate(lambda marker: self._delta_chunk(index, marker, None, None))
-            self.content_events[index] = template
-        return template.event(content)
-
     def on_output(self, sub: SubRequest, out: RequestOutput) -> list[bytes]:
         events: list[bytes] = []
         if sub.index not in self.started:
@@ -79,7 +72,7 @@ class ChatChunks:
         logprobs = _logprobs(self.body, self.texts, out.new_logprobs) if out.new_logprobs else None
         if logprobs is None and not out.finished:
             if out.new_text:  # else text held back (e.g. a possible stop string): nothing to say yet
-                events.append(self._content_event(sub.index, out.new_text))
+                events.append(self.content_events.event(sub.index, out.new_text))
         else:
             events.append(sse_event(self._delta_chunk(sub.index, out.new_text or None, logprobs, out)))
         return events

@@ -21,7 +21,7 @@ from engine.api.protocol import (
     CompletionResponse,
 )
 from engine.api.state import STATE
-from engine.api.streaming import TextEventTemplate, sse_event, stream_sse
+from engine.api.streaming import PerChoiceTextEvents, sse_event, stream_sse
 from engine.outputs import RequestOutput
 
 
@@ -54,7 +54,8 @@ class CompletionChunks:
         self.choices = new_choices(subs)
         self.chars_sent: dict[int, int] = {s.index: 0 for s in subs}
         self.started: set[int] = set()
-        self.text_events: dict[int, TextEventTemplate] = {}  # per choice index, made on first use
+        # The per-token case (text only, not the last chunk), from a template per choice.
+        self.text_events = PerChoiceTextEvents(lambda index, text: self._chunk(index, text, None, None))
 
     def _chunk(
         self, index: int, text: str, logprobs: CompletionLogprobs | None, out: RequestOutput | None
@@ -67,14 +68,6 @@ class CompletionChunks:
             stop_reason=out.stop_reason if out and out.finished else None,
         )
         return CompletionChunk(**self.head, choices=[choice])
-
-    def _text_event(self, index: int, text: str) -> bytes:
-        """A chunk with text only (no logprobs, not the last): the per-token case, from a template."""
-        template = self.text_events.get(index)
-        if template is None:
-            template = TextEventTemplate(lambda marker: self._chunk(index, marker, None, None))
-            self.text_events[index] = template
-        return template.event(text)
 
     def on_output(self, sub: SubRequest, out: RequestOutput) -> list[bytes]:
         prefix = ""
@@ -90,7 +83,7 @@ class CompletionChunks:
         self.chars_sent[sub.index] += len(text)
         if logprobs is None and not out.finished:  # the per-token case
             # No text: held back (e.g. a possible stop string), nothing to say yet.
-            return [self._text_event(sub.index, text)] if text else []
+            return [self.text_events.event(sub.index, text)] if text else []
         return [sse_event(self._chunk(sub.index, text, logprobs, out))]
 
     def final(self) -> list[bytes]:

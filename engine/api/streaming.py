@@ -57,6 +57,20 @@ class TextEventTemplate:
         return self._head + to_json(text) + self._tail
 
 
+class PerChoiceTextEvents:
+    """A `TextEventTemplate` per choice index, made on first use from make(index, text)."""
+
+    def __init__(self, make: Callable[[int, str], BaseModel]) -> None:
+        self._make = make
+        self._templates: dict[int, TextEventTemplate] = {}
+
+    def event(self, index: int, text: str) -> bytes:
+        template = self._templates.get(index)
+        if template is None:
+            template = self._templates[index] = TextEventTemplate(lambda marker: self._make(index, marker))
+        return template.event(text)
+
+
 async def stream_sse(
     request: web.Request,
     outputs: AsyncIterator[tuple[SubRequest, RequestOutput]],
