@@ -54,25 +54,23 @@ class KVCacheManager:
     def allocate(self, seq: Sequence, num_new_tokens: int, prefix_blocks: list[int] | None = None) -> bool:
         """Give seq room for num_new_tokens more tokens (after taking prefix_blocks from the cache).
         Returns False, changing nothing, when the pool is short."""
-        if not prefix_blocks:  # every decode step of every sequence comes here: the short way first
-            needed = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size) - len(seq.block_table)
-            if needed <= 0:
-                return True
-            if needed > self.pool.num_free:
+        # Every decode step of every sequence comes here (no prefix, usually no new block): keep it short.
+        num_prefix = len(prefix_blocks) if prefix_blocks else 0
+        total = seq.num_computed_tokens + num_prefix * self.block_size + num_new_tokens
+        needed = -(-total // self.block_size) - len(seq.block_table) - num_prefix
+        if prefix_blocks:
+            # Prefix hits that sit in the free queue are not free for us: taking them removes them from it.
+            free_hits = sum(1 for b in prefix_blocks if self.pool.ref_counts[b] == 0)
+            if needed + free_hits > self.pool.num_free:
                 return False
-            seq.block_table.extend(self.pool.allocate() for _ in range(needed))
-            return True
-        # Prefix hits that sit in the free queue are not free for us: taking them removes them from it.
-        free_hits = sum(1 for b in prefix_blocks if self.pool.ref_counts[b] == 0)
-        total = seq.num_computed_tokens + len(prefix_blocks) * self.block_size + num_new_tokens
-        needed = -(-total // self.block_size) - len(seq.block_table) - len(prefix_blocks)
-        if needed + free_hits > self.pool.num_free:
+            for block_id in prefix_blocks:
+                self.pool.touch(block_id)
+            seq.block_table.extend(prefix_blocks)
+            seq.num_computed_tokens += num_prefix * self.block_size
+        elif needed > self.pool.num_free:
             return False
-        for block_id in prefix_blocks:
-            self.pool.touch(block_id)
-        seq.block_table.extend(prefix_blocks)
-        seq.num_computed_tokens += len(prefix_blocks) * self.block_size
-        seq.block_table.extend(self.pool.allocate() for _ in range(max(0, needed)))
+        if needed > 0:
+            seq.block_table.extend(self.pool.allocate() for _ in range(needed))
         return True
 
     def cache_full_blocks(self, seq: Sequence) -> None:
