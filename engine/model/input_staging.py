@@ -50,13 +50,13 @@ class InputStaging:
         self.turn = (self.turn + 1) % _NUM_SETS
         if buffers.copied is not None:
             buffers.copied.synchronize()  # this set's last copies are done (normally long ago)
-        placed: list[tuple[torch.dtype, int, tuple[int, ...]]] = []
+        placed: list[tuple[torch.dtype, int, np.ndarray]] = []
         by_dtype: dict[torch.dtype, list[tuple[int, np.ndarray]]] = {}
         used: dict[torch.dtype, int] = {}
         for array in arrays:
             dtype = _TORCH_DTYPES[array.dtype]
             start = used.get(dtype, 0)
-            placed.append((dtype, start, array.shape))
+            placed.append((dtype, start, array))
             by_dtype.setdefault(dtype, []).append((start, array))
             # Every view starts 128-byte aligned, as a fresh allocation would: Triton specializes its
             # kernels on pointer alignment, and an unaligned input compiled a new variant mid-run.
@@ -71,4 +71,4 @@ class InputStaging:
             dev_of[dtype] = dev
         buffers.copied = torch.cuda.Event()
         buffers.copied.record()
-        return [dev_of[dtype][start : start + int(np.prod(shape))].view(shape) for dtype, start, shape in placed]
+        return [dev_of[dtype][start : start + a.size].view(a.shape) for dtype, start, a in placed]

@@ -103,13 +103,10 @@ class ModelRunner:
         seq_len = min(num_tokens, max_seq_len or num_tokens)
         lengths = [min(seq_len, num_tokens - start) for start in range(0, num_tokens, seq_len)]
         self.allocate_kv_cache(sum(-(-n // self.block_size) for n in lengths))
-        batch = self._dummy_batch("profile", [(n, n, 0.0) for n in lengths])
         torch.cuda.synchronize(self.device)
         base = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        self.execute(batch, set())
-        for s in batch:
-            self.release(s.seq.request_id)
+        self._run_dummy("profile", [(n, n, 0.0) for n in lengths])
         with torch.inference_mode():
             hidden = torch.zeros(num_sample_rows, self.model.config.hidden_size, dtype=self.dtype, device=self.device)
             row = SamplingRow(SamplingParams(temperature=0.7, top_p=0.9), [], [], None, set())
@@ -127,13 +124,10 @@ class ModelRunner:
         shapes = [(bs + 3, 1, 0.0), (5, 1, 0.7), (3 * bs + 1, 2 * bs + 1, 0.0)]  # tokens, new, temperature
         if sum(-(-n // bs) for n, _, _ in shapes) > self.kv_caches[0].shape[1]:
             return
-        batch = self._dummy_batch("warm-up", shapes)
-        self.execute(batch, set())
-        for s in batch:
-            self.release(s.seq.request_id)
+        self._run_dummy("warm-up", shapes)
 
-    def _dummy_batch(self, name: str, shapes: list[tuple[int, int, float]]) -> list[ScheduledSeq]:
-        """Sequences of token 0 for start-up runs, one per (tokens, new tokens, temperature), on
+    def _run_dummy(self, name: str, shapes: list[tuple[int, int, float]]) -> None:
+        """Run one start-up step of sequences of token 0, one per (tokens, new tokens, temperature), on
         consecutive blocks from block 0; each has all but its new tokens already computed."""
         from engine.core.sequence import Sequence
         from engine.sampling.params import SamplingParams
@@ -146,7 +140,9 @@ class ModelRunner:
             next_block += num_blocks
             seq.num_computed_tokens = num_tokens - num_new
             batch.append(ScheduledSeq(seq, num_new))
-        return batch
+        self.execute(batch, set())
+        for s in batch:
+            self.release(s.seq.request_id)
 
     def generator_for(self, request_id: str, seed: int | None) -> torch.Generator | None:
         if seed is None:
