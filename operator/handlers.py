@@ -20,16 +20,16 @@ from typing import Any
 import kopf
 
 from kubellm_operator import names
-from kubellm_operator.kube import ApiError, Kube
+from kubellm_operator.kube import PLURALS, ApiError, Kube
 from kubellm_operator.reconcile import CHILD_KINDS, Reconciler
 from kubellm_operator.status import RETRIED_PROBLEMS
 
 log = logging.getLogger(__name__)
 
 # (group, version, plural) of each child kind the reconciler writes: one list (reconcile.CHILD_KINDS)
-# for pruning, watching and the RBAC test. Every child kind's plural is its lower-cased kind + "s".
+# for pruning, watching and the RBAC test; plurals as the API client spells them (kube.PLURALS).
 CHILD_RESOURCES = [
-    (api_version.rpartition("/")[0], api_version.rpartition("/")[2], kind.lower() + "s")
+    (api_version.rpartition("/")[0], api_version.rpartition("/")[2], PLURALS[kind])
     for api_version, kind in CHILD_KINDS
 ]
 OWNED = {names.MANAGED_BY_LABEL: names.FIELD_MANAGER}

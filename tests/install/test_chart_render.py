@@ -211,6 +211,7 @@ def test_namespaced_install_grants_write_access_only_in_the_watched_namespaces(
 def test_operator_rights_cover_every_child_kind_and_nothing_wild(
     render_chart: RenderChart, watch: list[str]
 ) -> None:
+    from kubellm_operator.kube import PLURALS
     from kubellm_operator.reconcile import CHILD_KINDS
 
     objects = render_chart({"operator": {"watchNamespaces": watch}})
@@ -226,7 +227,7 @@ def test_operator_rights_cover_every_child_kind_and_nothing_wild(
                     grants.setdefault((group, resource), set()).update(rule["verbs"])
     for api_version, kind in CHILD_KINDS:
         group = api_version.rpartition("/")[0]
-        verbs = grants.get((group, kind.lower() + "s"), set())
+        verbs = grants.get((group, PLURALS[kind]), set())
         assert {"get", "list", "watch", "create", "patch", "delete"} <= verbs, f"{kind}: only {sorted(verbs)}"
     assert {"get", "list", "watch", "patch"} <= grants[("kubellm.io", "modeldeployments")]
     assert "patch" in grants[("kubellm.io", "modeldeployments/status")]
