@@ -191,7 +191,7 @@ def suppress_stop_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> torch
                 token_idx.append(token_id)
     if not row_idx:
         return logits
-    index = torch.tensor([row_idx, token_idx], dtype=torch.long).to(logits.device, non_blocking=True)
+    index = to_device(torch.tensor([row_idx, token_idx], dtype=torch.long), logits.device)
     return logits.index_put((index[0], index[1]), torch.tensor(_NEG_INF, device=logits.device))
 
 
@@ -281,7 +281,7 @@ def _truncate_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) ->
         return logits
     sub, index = _select_rows(logits, picked)
     ks = [top_k[i] for i in picked]
-    k_column = torch.tensor(ks, dtype=torch.long).to(sub.device, non_blocking=True)[:, None]
+    k_column = to_device(torch.tensor(ks, dtype=torch.long), sub.device)[:, None]
     # A row with top_k is cut within its best k tokens, so the best max(k) suffice. Otherwise top_p
     # needs the sorted vocabulary; on the CPU, where sorting is slow and a check costs no device sync,
     # first try the best _TOP_P_HEAD tokens, which nearly always hold top_p's mass.
@@ -344,7 +344,7 @@ def _with_logprobs(token_ids: torch.Tensor, raw_logprobs: torch.Tensor, rows: li
                    logprob_rows: list[int]) -> PendingSample:
     """Gather the sampled tokens' raw logprobs and each row's top alternatives; one host transfer."""
     device = token_ids.device
-    index = torch.tensor(logprob_rows, dtype=torch.long).to(device, non_blocking=True)
+    index = to_device(torch.tensor(logprob_rows, dtype=torch.long), device)
     chosen = raw_logprobs.gather(1, token_ids.index_select(0, index)[:, None])[:, 0]
     num_top = max(rows[i].params.logprobs or 0 for i in logprob_rows)
     top_values, top_ids = raw_logprobs.topk(num_top, dim=-1)  # sorted best first
@@ -375,7 +375,7 @@ def _select_rows(x: torch.Tensor, picked: list[int]) -> tuple[torch.Tensor, torc
     """The picked rows of x, and their index (None when every row is picked: no copy needed)."""
     if len(picked) == x.shape[0]:
         return x, None
-    index = torch.tensor(picked, dtype=torch.long).to(x.device, non_blocking=True)
+    index = to_device(torch.tensor(picked, dtype=torch.long), x.device)
     return x.index_select(0, index), index
 
 
@@ -386,7 +386,7 @@ def _merge_rows(x: torch.Tensor, index: torch.Tensor | None, rows: torch.Tensor)
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:
     """Per-row scalars as a [B, 1] float32 column that broadcasts over the vocabulary."""
-    return torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True)[:, None]
+    return to_device(torch.tensor(values, dtype=torch.float32), device)[:, None]
 
 
 def _token_counts(token_lists: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
@@ -397,9 +397,9 @@ def _token_counts(token_lists: list[list[int]], vocab_size: int, device: torch.d
     total = sum(len(t) for t in token_lists)
     counts = torch.zeros(num_rows * vocab_size + 1, dtype=torch.float32, device=device)
     if total:
-        lengths = torch.tensor([len(t) for t in token_lists], dtype=torch.long).to(device, non_blocking=True)
+        lengths = to_device(torch.tensor([len(t) for t in token_lists], dtype=torch.long), device)
         flat = torch.frombuffer(array("q", chain.from_iterable(token_lists)), dtype=torch.long)
-        flat = flat.to(device, non_blocking=True)
+        flat = to_device(flat, device)
         row_of = torch.repeat_interleave(torch.arange(num_rows, device=device), lengths, output_size=total)
         overflow = num_rows * vocab_size  # one extra slot, dropped below, for ids outside the vocabulary
         slots = torch.where(flat < vocab_size, row_of * vocab_size + flat, overflow)
