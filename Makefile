@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # on sys.path (as `python -m`/`-c` put it there); safe-path mode keeps it off.
 export PYTHONSAFEPATH := 1
 
-.PHONY: venv serve test lint unit bench-cpu cluster-up cluster-down cluster-build clean manifests
+.PHONY: venv serve test lint unit cluster-up cluster-down cluster-build clean manifests
 
 # Reinstall only when pyproject.toml changes; the pip cache keeps warm runs fast.
 $(STAMP): pyproject.toml
@@ -31,9 +31,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: $(STAMP) cluster-build
-	$(BIN)/ruff check .
+# `make test` runs the same lint as `make lint` first: CI fails on unformatted code too.
+test: lint cluster-build
 	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+# Quick loop while developing: no control plane, no real-model or GPU tests.
+unit: lint
+	$(BIN)/pytest -q -m "not cluster and not slow and not gpu" $(PYTEST_ARGS)
 
 # The local Kubernetes control plane (tests/cluster/). Built once into ~/.cache/kubellm/k8s (cold: tens of
 # minutes; warm: seconds); `make test` builds it up front so no test spends its timeout compiling Kubernetes.

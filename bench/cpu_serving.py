@@ -75,8 +75,12 @@ async def run_clients(base: str, model: str, clients: int, rounds: int) -> dict:
     async def client(session: aiohttp.ClientSession, i: int) -> None:
         nonlocal tokens
         for r in range(rounds):
-            body = {"model": model, "max_tokens": MAX_TOKENS, "temperature": 0.0,
-                    "messages": [{"role": "user", "content": QUESTIONS[(i + r) % len(QUESTIONS)]}]}
+            body = {
+                "model": model,
+                "max_tokens": MAX_TOKENS,
+                "temperature": 0.0,
+                "messages": [{"role": "user", "content": QUESTIONS[(i + r) % len(QUESTIONS)]}],
+            }
             async with session.post(base + "/v1/chat/completions", json=body) as resp:
                 data = await resp.json()
                 if resp.status != 200:
@@ -90,13 +94,20 @@ async def run_clients(base: str, model: str, clients: int, rounds: int) -> dict:
         start = time.perf_counter()
         await asyncio.gather(*(client(session, i) for i in range(clients)))
         elapsed = time.perf_counter() - start
-    return {"clients": clients, "requests": clients * rounds, "output_tokens": tokens,
-            "seconds": round(elapsed, 2), "tok_per_s": round(tokens / elapsed, 2)}
+    return {
+        "clients": clients,
+        "requests": clients * rounds,
+        "output_tokens": tokens,
+        "seconds": round(elapsed, 2),
+        "tok_per_s": round(tokens / elapsed, 2),
+    }
 
 
 def measure_server(cmd: list[str], port: int, model: str, rounds: int) -> list[dict]:
     env = dict(os.environ, PYTHONSAFEPATH="1")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         asyncio.run(wait_healthy(base, proc))
@@ -117,14 +128,23 @@ def measure_hf_generate(model_dir: Path, dtype: str, runs: int = 3) -> dict:
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
     total, elapsed = 0, 0.0
     for i in range(runs + 1):
-        ids = tok.apply_chat_template([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
-                                      add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
         start = time.perf_counter()
         out = model.generate(**ids, max_new_tokens=MAX_TOKENS, do_sample=False)
         if i:  # first run is warm-up
             elapsed += time.perf_counter() - start
             total += out.shape[1] - ids["input_ids"].shape[1]
-    return {"clients": 1, "output_tokens": total, "seconds": round(elapsed, 2), "tok_per_s": round(total / elapsed, 2)}
+    return {
+        "clients": 1,
+        "output_tokens": total,
+        "seconds": round(elapsed, 2),
+        "tok_per_s": round(total / elapsed, 2),
+    }
 
 
 def main() -> None:
@@ -140,13 +160,30 @@ def main() -> None:
     for dtype in ("auto", "float32", "bfloat16"):
         port = free_port()
         cmd = [str(bindir / "kubellm"), "serve", "--port", str(port), "--host", "127.0.0.1", "--dtype", dtype]
-        rows[f"kubellm serve --dtype {dtype}"] = {"dtype": dtype, "runs": measure_server(cmd, port, name, args.rounds)}
+        rows[f"kubellm serve --dtype {dtype}"] = {
+            "dtype": dtype,
+            "runs": measure_server(cmd, port, name, args.rounds),
+        }
     for dtype in ("float32", "bfloat16"):
         port = free_port()
-        cmd = [str(bindir / "transformers"), "serve", str(model_dir), "--continuous-batching", "--port", str(port),
-               "--host", "127.0.0.1", "--device", "cpu", "--dtype", dtype]
+        cmd = [
+            str(bindir / "transformers"),
+            "serve",
+            str(model_dir),
+            "--continuous-batching",
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--device",
+            "cpu",
+            "--dtype",
+            dtype,
+        ]
         rows[f"transformers serve --continuous-batching ({dtype})"] = {
-            "dtype": dtype, "runs": measure_server(cmd, port, str(model_dir), args.rounds)}
+            "dtype": dtype,
+            "runs": measure_server(cmd, port, str(model_dir), args.rounds),
+        }
     for dtype in ("float32", "bfloat16"):
         rows[f"HF generate ({dtype})"] = {"dtype": dtype, "runs": [measure_hf_generate(model_dir, dtype)]}
 
@@ -154,15 +191,23 @@ def main() -> None:
 
     from engine.model.loader import cpu_has_native_bf16
 
-    result = {"date": date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-              "torch": torch.__version__, "cpu_native_bf16": cpu_has_native_bf16(),
-              "model": name, "max_tokens": MAX_TOKENS, "rounds": args.rounds, "rows": rows}
+    result = {
+        "date": date.today().isoformat(),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "torch": torch.__version__,
+        "cpu_native_bf16": cpu_has_native_bf16(),
+        "model": name,
+        "max_tokens": MAX_TOKENS,
+        "rounds": args.rounds,
+        "rows": rows,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'aggregate output tok/s':58}{'1 client':>10}{'16 clients':>12}")
     for label, row in rows.items():
         runs = {r["clients"]: r["tok_per_s"] for r in row["runs"]}
         print(f"{label:58}{runs.get(1, '-'):>10}{runs.get(16, '-'):>12}")
+
 
 if __name__ == "__main__":
     main()

@@ -250,7 +250,10 @@ def run_ours(path: Path, prompts, max_tokens, args) -> dict:
     startup = time.perf_counter() - started
     engine.generate([[1, 2, 3]], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up, as nano-vllm
     # token ids only, as nano-vllm's benchmark: no detokenization
-    params = [SamplingParams(temperature=TEMPERATURE, ignore_eos=True, max_tokens=n, detokenize=False) for n in max_tokens]
+    params = [
+        SamplingParams(temperature=TEMPERATURE, ignore_eos=True, max_tokens=n, detokenize=False)
+        for n in max_tokens
+    ]
     timer = StepTimer(engine)
     torch.cuda.synchronize()
     started = time.perf_counter()
@@ -280,8 +283,12 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
     parser.add_argument("--enforce-eager", action="store_true")
-    parser.add_argument("--runs", type=int, default=1, help="run kubellm this many times (a fresh engine each)")
-    parser.add_argument("--no-async-scheduling", action="store_true", help="the synchronous engine (for comparison)")
+    parser.add_argument(
+        "--runs", type=int, default=1, help="run kubellm this many times (a fresh engine each)"
+    )
+    parser.add_argument(
+        "--no-async-scheduling", action="store_true", help="the synchronous engine (for comparison)"
+    )
     args = parser.parse_args()
 
     config = qwen3_0_6b_config()

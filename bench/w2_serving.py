@@ -121,7 +121,10 @@ def main() -> None:
         "--server-log", default=None, help="file for the server's output (default: beside --out)"
     )
     parser.add_argument(
-        "--py-spy", type=float, default=0, metavar="SECONDS",
+        "--py-spy",
+        type=float,
+        default=0,
+        metavar="SECONDS",
         help="sample the server with py-spy (if installed) for this long during the first run (raw stacks beside --out)",
     )
     parser.add_argument(

@@ -52,7 +52,7 @@ class IncrementalDetokenizer:
             return ""  # nothing visible yet (e.g. a skipped special token or the first byte of a character)
         if hold_incomplete and window_text.endswith(_REPLACEMENT_CHAR):
             return ""  # a character is still incomplete; its next bytes are in later tokens
-        delta = window_text[len(prefix_text):]
+        delta = window_text[len(prefix_text) :]
         self.text += delta
         # The emitted tokens become the next step's context; older tokens are no longer needed.
         del self.token_ids[: self.read_offset]
@@ -69,6 +69,10 @@ def _fast_decoder(tokenizer: Tokenizer, skip_special_tokens: bool):
     post-processing of its own: the Python wrapper costs more than the decode on a hot path that runs
     once per token per sequence."""
     backend = getattr(tokenizer, "_tokenizer", None)
-    if backend is not None and hasattr(backend, "decode") and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+    if (
+        backend is not None
+        and hasattr(backend, "decode")
+        and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
+    ):
         return lambda ids: backend.decode(ids, skip_special_tokens=skip_special_tokens)
     return lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)

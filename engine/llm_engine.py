@@ -45,7 +45,9 @@ class RequestState:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, loaded: LoadedModel, metrics: EngineMetrics | None = None) -> None:
+    def __init__(
+        self, config: EngineConfig, loaded: LoadedModel, metrics: EngineMetrics | None = None
+    ) -> None:
         self.config = config
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
@@ -53,8 +55,13 @@ class LLMEngine:
         self.eos_token_ids: set[int] = set(loaded.eos_token_ids)
         self.metrics = metrics or EngineMetrics(config.served_model_name or loaded.name)
         self.runner = ModelRunner(
-            loaded.model, loaded.num_layers, loaded.num_kv_heads, loaded.head_dim,
-            loaded.dtype, loaded.device, config.block_size,
+            loaded.model,
+            loaded.num_layers,
+            loaded.num_kv_heads,
+            loaded.head_dim,
+            loaded.dtype,
+            loaded.device,
+            config.block_size,
         )
         on_gpu = loaded.device.type == "cuda"
         max_batched = config.max_num_batched_tokens or (8192 if on_gpu else 2048)
@@ -73,8 +80,13 @@ class LLMEngine:
         self.trace = StepTrace.from_env()
         m = self.metrics
         m.labels(m.kv_cache_blocks_total).set(num_blocks)
-        log.info("KV cache: %d blocks of %d tokens (%.1f MiB), max_num_batched_tokens=%d",
-                 num_blocks, config.block_size, num_blocks * self.runner.bytes_per_block() / 2**20, max_batched)
+        log.info(
+            "KV cache: %d blocks of %d tokens (%.1f MiB), max_num_batched_tokens=%d",
+            num_blocks,
+            config.block_size,
+            num_blocks * self.runner.bytes_per_block() / 2**20,
+            max_batched,
+        )
         self._update_gauges()
 
     # --- requests in and out ---------------------------------------------------------------
@@ -103,7 +115,9 @@ class LLMEngine:
     def num_waiting(self) -> int:
         return self.scheduler.num_waiting
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+    ) -> list[list[int]]:
         """Offline batch generation (like vLLM's LLM.generate): every prompt goes in at once and the
         engine steps until all are done. Returns the output token ids of each prompt, in order."""
         all_params = params if isinstance(params, list) else [params] * len(prompts)
@@ -133,7 +147,9 @@ class LLMEngine:
             started = time.perf_counter()
             launched = self.runner.launch(sched.scheduled, self.eos_token_ids, previous)
             if self.trace is not None:
-                launched.trace = self.trace.launched(launched.num_decodes, launched.num_tokens, launched.graphed, started)
+                launched.trace = self.trace.launched(
+                    launched.num_decodes, launched.num_tokens, launched.graphed, started
+                )
         if previous is not None:  # the GPU is busy with `launched` meanwhile
             outputs += self._handle_tokens(previous)
         if launched is not None:
@@ -168,7 +184,9 @@ class LLMEngine:
         self.metrics.labels(self.metrics.generation_tokens).inc(len(outputs))
         return outputs
 
-    def _accept_token(self, state: RequestState, token_id: int, logprob: TokenLogprob | None, now: float) -> RequestOutput:
+    def _accept_token(
+        self, state: RequestState, token_id: int, logprob: TokenLogprob | None, now: float
+    ) -> RequestOutput:
         """The sequence's newest token is `token_id` (already in place): report it, check stops."""
         seq, params, m = state.seq, state.seq.params, self.metrics
         if state.first_token_time is None:
@@ -181,8 +199,14 @@ class LLMEngine:
         if logprob is not None:
             state.pending_logprobs.append(logprob)
 
-        stop = check_token_stop(token_id, seq.num_output_tokens, params, self.eos_token_ids,
-                                seq.num_prompt_tokens, self.max_model_len)
+        stop = check_token_stop(
+            token_id,
+            seq.num_output_tokens,
+            params,
+            self.eos_token_ids,
+            seq.num_prompt_tokens,
+            self.max_model_len,
+        )
         if not params.detokenize:
             if stop.finished:
                 return self._finish(state, stop.finish_reason, stop.stop_reason, "")
@@ -198,8 +222,14 @@ class LLMEngine:
             return self._finish(state, stop.finish_reason, stop.stop_reason, check.release_text)
         return self._output(state, check.release_text, finished=False, finish_reason=None, stop_reason=None)
 
-    def _output(self, state: RequestState, text: str, finished: bool, finish_reason: str | None,
-                stop_reason: int | str | None) -> RequestOutput:
+    def _output(
+        self,
+        state: RequestState,
+        text: str,
+        finished: bool,
+        finish_reason: str | None,
+        stop_reason: int | str | None,
+    ) -> RequestOutput:
         seq = state.seq
         out = RequestOutput(
             request_id=seq.request_id,
@@ -216,7 +246,9 @@ class LLMEngine:
         state.pending_ids, state.pending_logprobs = [], []
         return out
 
-    def _finish(self, state: RequestState, reason: str, stop_reason: int | str | None, text: str) -> RequestOutput:
+    def _finish(
+        self, state: RequestState, reason: str, stop_reason: int | str | None, text: str
+    ) -> RequestOutput:
         seq, m = state.seq, self.metrics
         if seq.has_placeholder:  # aborted with a token in flight: it will never be delivered or counted
             seq.token_ids.pop()
@@ -244,4 +276,3 @@ class LLMEngine:
         m.labels(m.num_requests_waiting).set(self.scheduler.num_waiting)
         m.labels(m.kv_cache_usage_perc).set(self.kv.usage)
         m.labels(m.kv_cache_blocks_free).set(self.kv.num_free_blocks)
-

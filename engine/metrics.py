@@ -7,27 +7,86 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_LATENCY_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
 
 
 class EngineMetrics:
     def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r, labels = self.registry, ["model_name"]
-        self.num_requests_running = Gauge("vllm:num_requests_running", "Requests in the running batch.", labels, registry=r)
-        self.num_requests_waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", labels, registry=r)
-        self.kv_cache_usage_perc = Gauge("vllm:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0..1).", labels, registry=r)
-        self.kv_cache_blocks_total = Gauge("kubellm:kv_cache_blocks_total", "KV cache blocks in the pool.", labels, registry=r)
-        self.kv_cache_blocks_free = Gauge("kubellm:kv_cache_blocks_free", "KV cache blocks free (incl. cached-evictable).", labels, registry=r)
+        self.num_requests_running = Gauge(
+            "vllm:num_requests_running", "Requests in the running batch.", labels, registry=r
+        )
+        self.num_requests_waiting = Gauge(
+            "vllm:num_requests_waiting", "Requests waiting to be scheduled.", labels, registry=r
+        )
+        self.kv_cache_usage_perc = Gauge(
+            "vllm:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0..1).", labels, registry=r
+        )
+        self.kv_cache_blocks_total = Gauge(
+            "kubellm:kv_cache_blocks_total", "KV cache blocks in the pool.", labels, registry=r
+        )
+        self.kv_cache_blocks_free = Gauge(
+            "kubellm:kv_cache_blocks_free",
+            "KV cache blocks free (incl. cached-evictable).",
+            labels,
+            registry=r,
+        )
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed.", labels, registry=r)
         self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated.", labels, registry=r)
-        self.num_preemptions = Counter("vllm:num_preemptions", "Sequences preempted (recomputed later).", labels, registry=r)
-        self.prefix_cache_queries = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", labels, registry=r)
-        self.prefix_cache_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", labels, registry=r)
-        self.request_success = Counter("vllm:request_success", "Finished requests by reason.", labels + ["finished_reason"], registry=r)
-        self.time_to_first_token = Histogram("vllm:time_to_first_token_seconds", "Time to first token.", labels, buckets=_LATENCY_BUCKETS, registry=r)
-        self.inter_token_latency = Histogram("vllm:inter_token_latency_seconds", "Time between output tokens.", labels, buckets=_LATENCY_BUCKETS, registry=r)
-        self.e2e_request_latency = Histogram("vllm:e2e_request_latency_seconds", "Request latency, arrival to finish.", labels, buckets=_LATENCY_BUCKETS, registry=r)
+        self.num_preemptions = Counter(
+            "vllm:num_preemptions", "Sequences preempted (recomputed later).", labels, registry=r
+        )
+        self.prefix_cache_queries = Counter(
+            "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", labels, registry=r
+        )
+        self.prefix_cache_hits = Counter(
+            "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", labels, registry=r
+        )
+        self.request_success = Counter(
+            "vllm:request_success", "Finished requests by reason.", labels + ["finished_reason"], registry=r
+        )
+        self.time_to_first_token = Histogram(
+            "vllm:time_to_first_token_seconds",
+            "Time to first token.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inter_token_latency = Histogram(
+            "vllm:inter_token_latency_seconds",
+            "Time between output tokens.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e_request_latency = Histogram(
+            "vllm:e2e_request_latency_seconds",
+            "Request latency, arrival to finish.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.model_name = model_name
         self._children: dict[int, object] = {}
 

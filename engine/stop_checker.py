@@ -32,8 +32,14 @@ class TokenStop:
         return self.finish_reason is not None
 
 
-def check_token_stop(token_id: int, num_output_tokens: int, params: SamplingParams, eos_token_ids: set[int],
-                     num_prompt_tokens: int = 0, max_model_len: int | None = None) -> TokenStop:
+def check_token_stop(
+    token_id: int,
+    num_output_tokens: int,
+    params: SamplingParams,
+    eos_token_ids: set[int],
+    num_prompt_tokens: int = 0,
+    max_model_len: int | None = None,
+) -> TokenStop:
     """Decide whether the token just sampled ends the sequence (num_output_tokens counts it).
 
     eos (unless ignore_eos) and stop_token_ids finish with "stop" and, as in vLLM, their text is left out

@@ -45,7 +45,9 @@ class ChatChunks:
         self.choices = new_choices(subs)
         self.started: set[int] = set()
         # The per-token case (content only, not the last chunk), from a template per choice.
-        self.content_events = PerChoiceTextEvents(lambda index, text: self._delta_chunk(index, text, None, None))
+        self.content_events = PerChoiceTextEvents(
+            lambda index, text: self._delta_chunk(index, text, None, None)
+        )
 
     def _chunk(self, choice: ChatChunkChoice) -> ChatCompletionChunk:
         return ChatCompletionChunk(**self.head, choices=[choice])

@@ -50,7 +50,9 @@ class AttentionBackend(Protocol):
         ...
 
 
-def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def write_kv_cache(
+    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     block_size = kv_cache.shape[2]
     flat = kv_cache.view(2, -1, *kv_cache.shape[3:])  # [2, num_blocks * block_size, kvh, d]
     assert flat.shape[1] == kv_cache.shape[1] * block_size
@@ -58,7 +60,9 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slo
     flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
 
 
-def gather_context(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_context(
+    kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V of one sequence's first seq_len tokens: each [seq_len, num_kv_heads, head_dim]."""
     block_size = kv_cache.shape[2]
     n_blocks = (seq_len + block_size - 1) // block_size
@@ -109,8 +113,9 @@ class TorchAttention:
             start += q_len
         return out
 
-    def _decode_plan(self, meta: AttentionMetadata, block_size: int,
-                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    def _decode_plan(
+        self, meta: AttentionMetadata, block_size: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
         """(slots [B * max_len] of every decode's context, padded to the longest; additive mask
         [B, 1, 1, max_len] (0 or -inf) or None when all lengths are equal; max_len), cached for the
         step's metadata."""
@@ -135,7 +140,9 @@ class TorchAttention:
         self._plan_meta, self._plan_key, self._plan = meta, key, (slots, mask, max_len)
         return self._plan
 
-    def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def _decode(
+        self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
         b, num_heads, d = q.shape
         _, _, block_size, num_kv_heads, _ = kv_cache.shape
         slots, mask, max_len = self._decode_plan(meta, block_size, q.dtype)
@@ -147,6 +154,7 @@ class TorchAttention:
         # head (h // group, as transformers' repeat_kv pairs them) attend as `group` queries of that
         # head, so SDPA neither repeats K/V nor takes its slower GQA path.
         group = num_heads // num_kv_heads
-        out = F.scaled_dot_product_attention(q.view(b, num_kv_heads, group, d), keys, values, attn_mask=mask,
-                                             scale=scale)
+        out = F.scaled_dot_product_attention(
+            q.view(b, num_kv_heads, group, d), keys, values, attn_mask=mask, scale=scale
+        )
         return out.reshape(b, num_heads, d)

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
 class KVCacheTooSmallError(ValueError):
     """The configured KV cache cannot hold one sequence of max_model_len tokens."""
 
@@ -22,15 +23,22 @@ class KVCacheTooSmallError(ValueError):
 CPU_DEFAULT_KV_BYTES = 1 << 30  # 1 GiB: plenty for a small model on a laptop
 
 
-def choose_num_blocks(config: EngineConfig, runner: ModelRunner, max_model_len: int, max_batched_tokens: int,
-                      max_num_seqs: int = 1) -> int:
+def choose_num_blocks(
+    config: EngineConfig,
+    runner: ModelRunner,
+    max_model_len: int,
+    max_batched_tokens: int,
+    max_num_seqs: int = 1,
+) -> int:
     per_block = runner.bytes_per_block()
     if config.num_gpu_blocks_override is not None:
         num_blocks = config.num_gpu_blocks_override
     elif config.kv_cache_memory is not None:
         num_blocks = config.kv_cache_memory // per_block
     elif runner.device.type == "cuda":
-        num_blocks = _profile_cuda_blocks(config, runner, per_block, max_batched_tokens, max_model_len, max_num_seqs)
+        num_blocks = _profile_cuda_blocks(
+            config, runner, per_block, max_batched_tokens, max_model_len, max_num_seqs
+        )
     else:
         num_blocks = CPU_DEFAULT_KV_BYTES // per_block
     min_blocks = -(-max_model_len // config.block_size)
@@ -44,7 +52,12 @@ def choose_num_blocks(config: EngineConfig, runner: ModelRunner, max_model_len: 
 
 
 def _profile_cuda_blocks(
-    config: EngineConfig, runner: ModelRunner, per_block: int, num_tokens: int, max_model_len: int, max_num_seqs: int
+    config: EngineConfig,
+    runner: ModelRunner,
+    per_block: int,
+    num_tokens: int,
+    max_model_len: int,
+    max_num_seqs: int,
 ) -> int:
     device = runner.device
     torch.cuda.synchronize(device)
@@ -53,7 +66,17 @@ def _profile_cuda_blocks(
     peak_extra = runner.profile_peak_activation_bytes(num_tokens, max_model_len, max_num_seqs)
     free, total = torch.cuda.mem_get_info(device)
     used_by_others = total - free - torch.cuda.memory_reserved(device)
-    budget = total * config.gpu_memory_utilization - used_by_others - torch.cuda.memory_allocated(device) - peak_extra
-    log.info("GPU memory: total %.1f GiB, weights+buffers %.1f GiB, activation peak %.2f GiB, KV budget %.1f GiB",
-             total / 2**30, torch.cuda.memory_allocated(device) / 2**30, peak_extra / 2**30, budget / 2**30)
+    budget = (
+        total * config.gpu_memory_utilization
+        - used_by_others
+        - torch.cuda.memory_allocated(device)
+        - peak_extra
+    )
+    log.info(
+        "GPU memory: total %.1f GiB, weights+buffers %.1f GiB, activation peak %.2f GiB, KV budget %.1f GiB",
+        total / 2**30,
+        torch.cuda.memory_allocated(device) / 2**30,
+        peak_extra / 2**30,
+        budget / 2**30,
+    )
     return max(0, int(budget // per_block))

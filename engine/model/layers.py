@@ -75,7 +75,9 @@ class CastLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.matmul_dtype)
         if self.packed is not None:
-            out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.packed, None, "none", [], "")
+            out = torch.ops.mkldnn._linear_pointwise(
+                x.reshape(-1, x.shape[-1]), self.packed, None, "none", [], ""
+            )
             out = out.view(*x.shape[:-1], out.shape[-1])
         else:
             out = F.linear(x, self.weight)

@@ -36,7 +36,9 @@ class LaunchedStep:
     reads that token from `sample.token_ids` on the device (row `row_of[request_id]`).
     """
 
-    def __init__(self, seqs: list[ScheduledSeq], sample: PendingSample, reads_token_lists: bool = False) -> None:
+    def __init__(
+        self, seqs: list[ScheduledSeq], sample: PendingSample, reads_token_lists: bool = False
+    ) -> None:
         self.seqs = seqs
         self.sample = sample
         # The step's shape, for the step trace: decodes, tokens in all, whether a CUDA graph ran it.
@@ -56,8 +58,16 @@ class LaunchedStep:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, num_layers: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device, block_size: int) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        block_size: int,
+    ) -> None:
         self.model = model
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
@@ -90,10 +100,13 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         shape = (2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        self.kv_caches = [
+            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)
+        ]
 
-    def profile_peak_activation_bytes(self, num_tokens: int, max_seq_len: int | None = None,
-                                      num_sample_rows: int = 1) -> int:
+    def profile_peak_activation_bytes(
+        self, num_tokens: int, max_seq_len: int | None = None, num_sample_rows: int = 1
+    ) -> int:
         """Run one prefill of num_tokens dummy tokens, in sequences of at most max_seq_len (positions past
         the rotary table would read out of bounds), then sample num_sample_rows rows (logits and the
         sampler's sort for top_p are the largest temporaries of a decode step of max_num_seqs rows);
@@ -108,7 +121,9 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats(self.device)
         self._run_dummy("profile", [(n, n, 0.0) for n in lengths])
         with torch.inference_mode():
-            hidden = torch.zeros(num_sample_rows, self.model.config.hidden_size, dtype=self.dtype, device=self.device)
+            hidden = torch.zeros(
+                num_sample_rows, self.model.config.hidden_size, dtype=self.dtype, device=self.device
+            )
             row = SamplingRow(SamplingParams(temperature=0.7, top_p=0.9), [], [], None, set())
             self.sampler.sample(self.model.compute_logits(hidden), [row] * num_sample_rows).result()
         torch.cuda.synchronize(self.device)
@@ -191,7 +206,9 @@ class ModelRunner:
         num_decodes = 0
         while num_decodes < len(batch) and query_lens[num_decodes] == 1:
             num_decodes += 1
-        input_ids: list[int] = [s.seq.token_ids[start] for s, start in zip(batch[:num_decodes], starts, strict=False)]
+        input_ids: list[int] = [
+            s.seq.token_ids[start] for s, start in zip(batch[:num_decodes], starts, strict=False)
+        ]
         fed_rows: list[int] = []  # decode rows whose input is previous's sampled token
         fed_from: list[int] = []
         if previous is not None:
@@ -199,14 +216,18 @@ class ModelRunner:
                 if input_ids[i] == PLACEHOLDER_TOKEN:
                     fed_rows.append(i)
                     fed_from.append(previous.row_of[batch[i].seq.request_id])
-        for s, start, n in zip(batch[num_decodes:], starts[num_decodes:], query_lens[num_decodes:], strict=True):
+        for s, start, n in zip(
+            batch[num_decodes:], starts[num_decodes:], query_lens[num_decodes:], strict=True
+        ):
             input_ids.extend(s.seq.token_ids[start : start + n])
 
         q_lens = np.asarray(query_lens, dtype=np.int64)
         qsl = np.zeros(len(batch) + 1, dtype=np.int64)
         np.cumsum(q_lens, out=qsl[1:])
         seq_of_token = np.repeat(np.arange(len(batch)), q_lens)
-        positions = np.arange(qsl[-1], dtype=np.int64) + np.repeat(np.asarray(starts, dtype=np.int64) - qsl[:-1], q_lens)
+        positions = np.arange(qsl[-1], dtype=np.int64) + np.repeat(
+            np.asarray(starts, dtype=np.int64) - qsl[:-1], q_lens
+        )
         max_blocks = max(len(s.seq.block_table) for s in batch)
         tables = np.zeros((len(batch), max_blocks), dtype=np.int32)
         for i, s in enumerate(batch):
@@ -246,8 +267,9 @@ class ModelRunner:
         return self.launch(batch, eos_token_ids).result()
 
     @torch.inference_mode()
-    def launch(self, batch: list[ScheduledSeq], eos_token_ids: set[int],
-               previous: LaunchedStep | None = None) -> LaunchedStep:
+    def launch(
+        self, batch: list[ScheduledSeq], eos_token_ids: set[int], previous: LaunchedStep | None = None
+    ) -> LaunchedStep:
         """Queue one step (forward, logits, sampling, host copy of the tokens) without waiting for it."""
         input_ids, positions, meta = self.build_metadata(batch, previous)
         graphed = self.cuda_graphs is not None and self.cuda_graphs.can_run(meta)
@@ -259,8 +281,13 @@ class ModelRunner:
         step.num_decodes, step.num_tokens, step.graphed = meta.num_decodes, int(input_ids.shape[0]), graphed
         return step
 
-    def _sample(self, batch: list[ScheduledSeq], hidden: torch.Tensor, meta: AttentionMetadata,
-                eos_token_ids: set[int]) -> LaunchedStep:
+    def _sample(
+        self,
+        batch: list[ScheduledSeq],
+        hidden: torch.Tensor,
+        meta: AttentionMetadata,
+        eos_token_ids: set[int],
+    ) -> LaunchedStep:
         """LM head and sampler on the last token of each sequence whose prompt is complete."""
         # Only sequences whose prompt is complete need logits: the last token of each.
         sample_idx = [i for i, s in enumerate(batch) if s.completes_prompt]

@@ -184,7 +184,9 @@ def _convert_gguf_into(gguf: ModelSource, staging: Path, final: Path) -> None:
     try:
         hf_config = gguf.load_config()
         if not getattr(hf_config, "architectures", None):  # GGUF configs lack it; other tools need it
-            hf_config.architectures = [ARCHITECTURE_OF_MODEL_TYPE.get(hf_config.model_type, "LlamaForCausalLM")]
+            hf_config.architectures = [
+                ARCHITECTURE_OF_MODEL_TYPE.get(hf_config.model_type, "LlamaForCausalLM")
+            ]
         hf_config.save_pretrained(staging)
         gguf.load_tokenizer().save_pretrained(staging)
         state = dict(gguf.iter_weights())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.structured.spec import StructuredOutputSpec
+
 
 @dataclass
 class SamplingParams:
@@ -24,6 +26,7 @@ class SamplingParams:
     logprobs: int | None = None  # number of top alternatives; 0 = only the sampled token's logprob
     skip_special_tokens: bool = True
     detokenize: bool = True  # offline callers that want token ids only skip the text (and stop strings)
+    structured: StructuredOutputSpec | None = None  # grammar-constrained output (engine/structured/)
 
     @property
     def greedy(self) -> bool:

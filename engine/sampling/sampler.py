@@ -291,12 +291,18 @@ def _truncate_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) ->
     ranked = _best_first(sub, width)
     threshold = _top_k_threshold(ranked, k_column, vocab_size)
     if any(params[i].top_p < 1.0 for i in picked):
-        p_column = _column([params[i].top_p if params[i].top_p < 1.0 else math.inf for i in picked], sub.device)
+        p_column = _column(
+            [params[i].top_p if params[i].top_p < 1.0 else math.inf for i in picked], sub.device
+        )
         p_threshold, head_mass = _top_p_threshold(sub, ranked, threshold, p_column)
         # Only rows without top_k can need more than the head; on the GPU `ranked` is then already
         # full width, so the device read below happens only on the CPU, where it costs no sync.
         unbounded = any(k >= vocab_size for k in ks)
-        if unbounded and ranked.shape[1] < vocab_size and bool(((k_column >= vocab_size) & (head_mass < p_column)).any()):
+        if (
+            unbounded
+            and ranked.shape[1] < vocab_size
+            and bool(((k_column >= vocab_size) & (head_mass < p_column)).any())
+        ):
             ranked = _best_first(sub, vocab_size)  # some row's top_p reaches past the head
             p_threshold, _ = _top_p_threshold(sub, ranked, threshold, p_column)
         threshold = torch.maximum(threshold, p_threshold)
@@ -316,8 +322,9 @@ def _top_k_threshold(ranked: torch.Tensor, k_column: torch.Tensor, vocab_size: i
     return torch.where(k_column < vocab_size, kth, _NEG_INF)
 
 
-def _top_p_threshold(logits: torch.Tensor, ranked: torch.Tensor, k_threshold: torch.Tensor,
-                     p_column: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _top_p_threshold(
+    logits: torch.Tensor, ranked: torch.Tensor, k_threshold: torch.Tensor, p_column: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The lowest logit of each row's top_p head (within its top_k cut), and the mass `ranked` covers."""
     # Normalise over the whole top_k-cut row (fixed length V, ties at the cut included), never over the
     # `ranked` columns, whose count depends on the batch.
@@ -340,8 +347,9 @@ def _uniforms(rows: list[SamplingRow], device: torch.device) -> torch.Tensor:
     return 1.0 - u
 
 
-def _with_logprobs(token_ids: torch.Tensor, raw_logprobs: torch.Tensor, rows: list[SamplingRow],
-                   logprob_rows: list[int]) -> PendingSample:
+def _with_logprobs(
+    token_ids: torch.Tensor, raw_logprobs: torch.Tensor, rows: list[SamplingRow], logprob_rows: list[int]
+) -> PendingSample:
     """Gather the sampled tokens' raw logprobs and each row's top alternatives; one host transfer."""
     device = token_ids.device
     index = to_device(torch.tensor(logprob_rows, dtype=torch.long), device)
@@ -349,18 +357,22 @@ def _with_logprobs(token_ids: torch.Tensor, raw_logprobs: torch.Tensor, rows: li
     num_top = max(rows[i].params.logprobs or 0 for i in logprob_rows)
     top_values, top_ids = raw_logprobs.topk(num_top, dim=-1)  # sorted best first
     # Pack everything in float64 (exact for token ids) so it crosses to the host in one copy.
-    packed = torch.cat([
-        token_ids.to(torch.float64), chosen.to(torch.float64),
-        top_values.to(torch.float64).flatten(), top_ids.to(torch.float64).flatten(),
-    ])
+    packed = torch.cat(
+        [
+            token_ids.to(torch.float64),
+            chosen.to(torch.float64),
+            top_values.to(torch.float64).flatten(),
+            top_ids.to(torch.float64).flatten(),
+        ]
+    )
     batch, n = len(rows), len(logprob_rows)
     wanted = [rows[i].params.logprobs or 0 for i in logprob_rows]
 
     def unpack(values: list[float]) -> SampleResult:
         sampled = [int(t) for t in values[:batch]]
-        chosen_lp = values[batch:batch + n]
-        top_lp = values[batch + n:batch + n + n * num_top]
-        top_tok = values[batch + n + n * num_top:]
+        chosen_lp = values[batch : batch + n]
+        top_lp = values[batch + n : batch + n + n * num_top]
+        top_tok = values[batch + n + n * num_top :]
         logprobs: list[TokenLogprob | None] = [None] * batch
         for j, i in enumerate(logprob_rows):
             start = j * num_top

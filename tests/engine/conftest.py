@@ -39,5 +39,3 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer) -> Callable[[str], Path]
         return made[family]
 
     return make
-
-

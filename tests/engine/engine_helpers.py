@@ -22,8 +22,15 @@ def smollm2_dir() -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
-_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
+_TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+)
 
 TINY_CONFIGS: dict[str, Callable[[int], transformers.PretrainedConfig]] = {
     "llama": lambda vocab: transformers.LlamaConfig(vocab_size=vocab, **_TINY),

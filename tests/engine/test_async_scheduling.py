@@ -74,7 +74,9 @@ def frequent_token(llama_dir: str) -> int:
     """A token the tiny model produces a few tokens into a greedy answer, so a stop on it ends a
     sequence mid-way (one step late is then visible if the engine got it wrong)."""
     engine = make_engine(llama_dir, block_size=4)
-    return engine.generate(prompts_for(1, seed=11), SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))[0][4]
+    return engine.generate(
+        prompts_for(1, seed=11), SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    )[0][4]
 
 
 def test_async_scheduling_gives_what_the_synchronous_engine_gives(llama_dir):
@@ -114,8 +116,12 @@ def test_async_scheduling_stops_at_max_model_len(llama_dir):
 
 def test_abort_with_a_step_in_flight_frees_blocks_and_sends_nothing_more(llama_dir):
     engine = make_engine(llama_dir, block_size=4, async_scheduling=True)
-    engine.add_request("a", list(range(1, 30)), SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True))
-    engine.add_request("b", list(range(1, 30)), SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True))
+    engine.add_request(
+        "a", list(range(1, 30)), SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
+    )
+    engine.add_request(
+        "b", list(range(1, 30)), SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
+    )
     delivered = 0
     for _ in range(4):
         delivered += sum(len(o.new_token_ids) for o in engine.step() if o.request_id == "a")
@@ -151,7 +157,9 @@ def test_step_trace_records_every_step(llama_dir, tmp_path, monkeypatch):
     path = tmp_path / "steps.jsonl"
     monkeypatch.setenv("KUBELLM_STEP_TRACE", str(path))
     engine = make_engine(llama_dir, block_size=4, async_scheduling=True)
-    engine.generate(prompts_for(3, seed=12, lo=5, hi=9), SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    engine.generate(
+        prompts_for(3, seed=12, lo=5, hi=9), SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    )
     engine.trace.write()
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert rows[0]["decodes"] == 0 and rows[0]["prefill_tokens"] > 0

@@ -49,8 +49,11 @@ def test_mixed_model_layout(tiny_model_dir, native_bf16):
 
     explicit = load_model(EngineConfig(model=path, device="cpu", dtype="float32")).model
     assert explicit.low_precision_logits is None
-    assert all(type(m) is nn.Linear and m.weight.dtype == torch.float32
-               for m in explicit.model.modules() if isinstance(m, nn.Linear))
+    assert all(
+        type(m) is nn.Linear and m.weight.dtype == torch.float32
+        for m in explicit.model.modules()
+        if isinstance(m, nn.Linear)
+    )
 
 
 def test_low_precision_logits_are_exact_where_greedy_looks():
@@ -80,8 +83,9 @@ def test_tiny_models_in_mixed_precision_follow_float32(tiny_model_dir, native_bf
     path = str(tiny_model_dir("llama"))
     prompts = [[5, 17, 300, 41, 9], list(range(100, 140))]
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-    mixed = LLMEngine(config := EngineConfig(model=path, device="cpu", dtype="auto", block_size=4),
-                      load_model(config))
+    mixed = LLMEngine(
+        config := EngineConfig(model=path, device="cpu", dtype="auto", block_size=4), load_model(config)
+    )
     assert mixed.runner.kv_caches[0].dtype == torch.bfloat16
     assert mixed.generate(prompts, params) == make_engine(path, block_size=4).generate(prompts, params)
 
@@ -93,8 +97,12 @@ def test_embedded_smollm2_in_mixed_precision_ends_its_turn_like_float32(smollm2_
     float32's leading logits are never near-tied, the same opening before the first near-tie (step 8 of
     the Kubernetes answer: ' enables' 21.177 vs ' allows' 21.133), and each answer ends its turn."""
     chats = ["Name three prime numbers.", "What is Kubernetes?", "Write a haiku about GPUs."]
-    prompts = [smollm2_tokenizer.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True,
-                                                     return_dict=False) for c in chats]
+    prompts = [
+        smollm2_tokenizer.apply_chat_template(
+            [{"role": "user", "content": c}], add_generation_prompt=True, return_dict=False
+        )
+        for c in chats
+    ]
     params = SamplingParams(temperature=0.0, max_tokens=400)
     config = EngineConfig(model=None, device="cpu", dtype="auto")
     mixed = LLMEngine(config, load_model(config))

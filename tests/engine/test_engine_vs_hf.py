@@ -14,9 +14,15 @@ from engine.sampling.params import SamplingParams
 
 def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     ids = torch.tensor([prompt])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 def greedy(max_tokens: int) -> SamplingParams:
@@ -101,12 +107,17 @@ def test_embedded_smollm2_greedy_matches_transformers(smollm2_tokenizer):
     # transformers' own dequantization of the GGUF (the loader keeps it as a plain HF directory)
     source = resolve_model_source(None)
     hf = transformers.AutoModelForCausalLM.from_pretrained(
-        source.directory, gguf_file=source.gguf_file, torch_dtype=torch.float32).eval()
+        source.directory, gguf_file=source.gguf_file, torch_dtype=torch.float32
+    ).eval()
     engine = make_engine(None)
     chats = ["What is Kubernetes?", "Write a haiku about GPUs.", "Name three prime numbers."]
-    prompts = [smollm2_tokenizer.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True)
-               for c in chats]
-    prompts = [list(p["input_ids"]) if isinstance(p, dict) or hasattr(p, "keys") else list(p) for p in prompts]
+    prompts = [
+        smollm2_tokenizer.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True)
+        for c in chats
+    ]
+    prompts = [
+        list(p["input_ids"]) if isinstance(p, dict) or hasattr(p, "keys") else list(p) for p in prompts
+    ]
     ours = engine.generate(prompts, greedy(16))
     theirs = [hf_greedy(hf, p, 16) for p in prompts]
     assert ours == theirs

@@ -125,7 +125,10 @@ def test_a_child_whose_status_alone_moved_is_not_re_applied(
 
     deployment = get(k8s_cluster, ns, "deployment", "vllm")
     event("ADDED", deployment)
-    assert (counting.calls, counting.refreshes) == (1, 0)  # first sight: re-applied (a no-op if nothing drifted)
+    assert (counting.calls, counting.refreshes) == (
+        1,
+        0,
+    )  # first sight: re-applied (a no-op if nothing drifted)
 
     rolled = {**deployment, "status": {**deployment.get("status", {}), "readyReplicas": 1, "replicas": 1}}
     rolled["metadata"] = {**deployment["metadata"], "resourceVersion": "999999"}
@@ -142,7 +145,9 @@ def test_a_child_whose_status_alone_moved_is_not_re_applied(
     event("MODIFIED", orphaned)
     assert counting.calls == 3  # an owner reference removed by hand is drift too
 
-    k8s_cluster.kubectl("patch", "deployment", "vllm", "-n", ns, "--type=merge", "-p", '{"spec": {"replicas": 3}}')
+    k8s_cluster.kubectl(
+        "patch", "deployment", "vllm", "-n", ns, "--type=merge", "-p", '{"spec": {"replicas": 3}}'
+    )
     edited = get(k8s_cluster, ns, "deployment", "vllm")
     counting.fail_next = True
     event("MODIFIED", edited)

@@ -278,7 +278,9 @@ async def test_echo_returns_prompt_then_completion(openai_client: AsyncOpenAI, t
     assert resp.choices[0].text == "hello world" + reply_prefix(tokenizer, 2)
 
 
-async def test_echo_of_token_ids_is_decoded_off_the_event_loop(openai_client: AsyncOpenAI, tokenizer, monkeypatch) -> None:
+async def test_echo_of_token_ids_is_decoded_off_the_event_loop(
+    openai_client: AsyncOpenAI, tokenizer, monkeypatch
+) -> None:
     ids = tokenizer.encode("hello world", add_special_tokens=False)
     threads: list[threading.Thread] = []
     original = tokenizer.decode

@@ -15,8 +15,13 @@ from engine.detokenizer import IncrementalDetokenizer
 
 MIXED_TEXT = "Hello 世界! 🎉🚀 naïve café — 你好，朋友。 🇫🇷 👩‍💻 done.\n\n  indented"
 SP_CORPUS = [
-    "The quick brown fox jumps over the lazy dog.", "Hello world, hello there!", "naïve café — déjà vu",
-    "你好，世界。我们是朋友。", "emoji 🎉🚀 party", "  two  spaces and\nnewlines\n\n", "world peace, worldly words",
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello world, hello there!",
+    "naïve café — déjà vu",
+    "你好，世界。我们是朋友。",
+    "emoji 🎉🚀 party",
+    "  two  spaces and\nnewlines\n\n",
+    "world peace, worldly words",
 ]
 
 
@@ -35,13 +40,21 @@ def sentencepiece() -> PreTrainedTokenizerFast:
     """A Llama/Mistral-style tokenizer built offline: "▁" word marks, byte fallback, first space stripped."""
     tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
-    tok.decoder = decoders.Sequence([
-        decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0),
-    ])
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
     byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
     trainer = trainers.BpeTrainer(
-        vocab_size=520, special_tokens=["<unk>", "<s>", "</s>", *byte_tokens], show_progress=False,
-        initial_alphabet=list("▁abcdefghijklmnopqrstuvwxyz"), limit_alphabet=40,
+        vocab_size=520,
+        special_tokens=["<unk>", "<s>", "</s>", *byte_tokens],
+        show_progress=False,
+        initial_alphabet=list("▁abcdefghijklmnopqrstuvwxyz"),
+        limit_alphabet=40,
     )
     tok.train_from_iterator(SP_CORPUS * 10, trainer)
     # The trainer only seeds a vocabulary through special tokens; make the byte tokens ordinary vocabulary
@@ -52,8 +65,9 @@ def sentencepiece() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def stream(tokenizer: PreTrainedTokenizerBase, prompt: list[int], output: list[int],
-           skip_special_tokens: bool = True) -> tuple[list[str], IncrementalDetokenizer]:
+def stream(
+    tokenizer: PreTrainedTokenizerBase, prompt: list[int], output: list[int], skip_special_tokens: bool = True
+) -> tuple[list[str], IncrementalDetokenizer]:
     detok = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens)
     deltas = [detok.add(t) for t in output]
     deltas.append(detok.flush())
@@ -72,8 +86,10 @@ def test_random_token_streams_equal_full_decode_smollm2(smollm2: PreTrainedToken
     for _ in range(150):
         prompt = encode(smollm2, rng.choice(prompts))
         # Mix whole-vocabulary tokens, byte tokens (low ids, often half a character) and real text pieces.
-        output = [rng.choice([rng.randrange(vocab), rng.randrange(400), rng.choice(text_tokens)])
-                  for _ in range(rng.randrange(1, 40))]
+        output = [
+            rng.choice([rng.randrange(vocab), rng.randrange(400), rng.choice(text_tokens)])
+            for _ in range(rng.randrange(1, 40))
+        ]
         for skip in (True, False):
             deltas, detok = stream(smollm2, prompt, output, skip)
             expected = smollm2.decode(output, skip_special_tokens=skip)
@@ -146,13 +162,13 @@ def test_sentencepiece_stream_equals_full_decode(sentencepiece: PreTrainedTokeni
         prompt_text = sentencepiece.decode(prompt)
         full_text = sentencepiece.decode(prompt + output)
         assert full_text.startswith(prompt_text)
-        assert detok.text == full_text[len(prompt_text):]
+        assert detok.text == full_text[len(prompt_text) :]
 
 
 def test_sentencepiece_spaces_and_characters_stream_right(sentencepiece: PreTrainedTokenizerFast) -> None:
     ids = encode(sentencepiece, "Hello world, 世界 🎉 naïve")
     words = encode(sentencepiece, "Hello")
-    assert ids[:len(words)] == words
-    deltas, detok = stream(sentencepiece, words, ids[len(words):])
+    assert ids[: len(words)] == words
+    deltas, detok = stream(sentencepiece, words, ids[len(words) :])
     assert detok.text == " world, 世界 🎉 naïve"
     assert not any("\ufffd" in d for d in deltas)

@@ -10,14 +10,26 @@ import torch
 from engine.sampling.params import SamplingParams
 from engine.sampling.sampler import Sampler, SamplingRow, apply_penalties, seeded_generator
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")),
+]
 EOS = 0
 
 
-def row(params: SamplingParams, output: list[int] | None = None, prompt: list[int] | None = None,
-        generator: torch.Generator | None = None) -> SamplingRow:
-    return SamplingRow(params=params, prompt_token_ids=prompt or [], output_token_ids=output or [],
-                       generator=generator, eos_token_ids={EOS})
+def row(
+    params: SamplingParams,
+    output: list[int] | None = None,
+    prompt: list[int] | None = None,
+    generator: torch.Generator | None = None,
+) -> SamplingRow:
+    return SamplingRow(
+        params=params,
+        prompt_token_ids=prompt or [],
+        output_token_ids=output or [],
+        generator=generator,
+        eos_token_ids={EOS},
+    )
 
 
 def logits_from_probs(probs: list[float], batch: int, device: str) -> torch.Tensor:
@@ -30,7 +42,9 @@ def counts_of(token_ids: list[int], vocab_size: int) -> list[int]:
 
 def chi_square(observed: list[int], expected_probs: list[float]) -> float:
     total = sum(observed)
-    return sum((o - total * p) ** 2 / (total * p) for o, p in zip(observed, expected_probs, strict=True) if p > 0)
+    return sum(
+        (o - total * p) ** 2 / (total * p) for o, p in zip(observed, expected_probs, strict=True) if p > 0
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -65,8 +79,10 @@ def test_greedy_rows_stay_greedy_in_a_mixed_batch(device: str) -> None:
 def test_sampler_leaves_callers_logits_untouched() -> None:
     logits = torch.randn(3, 50)
     before = logits.clone()
-    rows = [row(SamplingParams(temperature=0.7, top_k=5, repetition_penalty=1.3, logprobs=2), output=[1, 2])
-            for _ in range(3)]
+    rows = [
+        row(SamplingParams(temperature=0.7, top_k=5, repetition_penalty=1.3, logprobs=2), output=[1, 2])
+        for _ in range(3)
+    ]
     Sampler()(logits, rows)
     assert torch.equal(logits, before)
 
@@ -110,7 +126,9 @@ def test_top_k_top_p_min_p_keep_only_the_allowed_tokens(device: str) -> None:
     logits = logits_from_probs(probs, draws, device)
     cases = {
         "top_k=2": SamplingParams(top_k=2),
-        "top_p=0.7": SamplingParams(top_p=0.7),  # 0.5 < 0.7 so token 1 is needed; 0.8 >= 0.7 so token 2 is not
+        "top_p=0.7": SamplingParams(
+            top_p=0.7
+        ),  # 0.5 < 0.7 so token 1 is needed; 0.8 >= 0.7 so token 2 is not
         "min_p=0.5": SamplingParams(min_p=0.5),  # threshold 0.25: tokens 0 and 1
     }
     for name, params in cases.items():
@@ -125,7 +143,9 @@ def test_top_p_applies_after_top_k(device: str) -> None:
     torch.manual_seed(6)
     probs = [0.3, 0.3, 0.2, 0.2]
     # top_k=3 renormalises to [0.375, 0.375, 0.25]; top_p=0.5 then keeps tokens 0 and 1.
-    tokens = Sampler()(logits_from_probs(probs, 2000, device), [row(SamplingParams(top_k=3, top_p=0.5))] * 2000)
+    tokens = Sampler()(
+        logits_from_probs(probs, 2000, device), [row(SamplingParams(top_k=3, top_p=0.5))] * 2000
+    )
     counts = counts_of(tokens.token_ids, len(probs))
     assert counts[2] == counts[3] == 0 and min(counts[:2]) > 800
 
@@ -186,10 +206,17 @@ def run_steps(rows_per_step: int, position: int, steps: int, device: str) -> lis
     params = SamplingParams(temperature=0.9, top_p=0.95, top_k=40, seed=42)
     target = row(params, prompt=[1, 2], generator=seeded_generator(42, device))
     # Other rows with top_p but no top_k change how the batch is truncated (a full sort, not a top-k).
-    others = [row(SamplingParams(temperature=1.0, top_p=0.8 if i % 3 == 0 else 1.0, seed=i if i % 2 else None),
-                  generator=seeded_generator(i, device) if i % 2 else None) for i in range(rows_per_step - 1)]
+    others = [
+        row(
+            SamplingParams(temperature=1.0, top_p=0.8 if i % 3 == 0 else 1.0, seed=i if i % 2 else None),
+            generator=seeded_generator(i, device) if i % 2 else None,
+        )
+        for i in range(rows_per_step - 1)
+    ]
     # bf16 logits, as models produce them: ties are common, also at the top_k cut.
-    step_logits = torch.randn(steps, 256, generator=torch.Generator().manual_seed(7)).to(device, torch.bfloat16)
+    step_logits = torch.randn(steps, 256, generator=torch.Generator().manual_seed(7)).to(
+        device, torch.bfloat16
+    )
     for step in range(steps):
         rows = others[:position] + [target] + others[position:]
         logits = torch.randn(len(rows), 256, device=device).to(torch.bfloat16)
@@ -211,9 +238,13 @@ def test_seeded_request_reproduces_alone_and_in_any_batch(device: str) -> None:
 @pytest.mark.parametrize("device", DEVICES)
 def test_different_seeds_give_different_samples(device: str) -> None:
     logits = torch.zeros(1, 1000, device=device)  # uniform: two seeds agreeing 10 times is ~impossible
+
     def tokens(seed: int) -> list[int]:
         gen = seeded_generator(seed, device)
-        return [Sampler()(logits, [row(SamplingParams(seed=seed), generator=gen)]).token_ids[0] for _ in range(10)]
+        return [
+            Sampler()(logits, [row(SamplingParams(seed=seed), generator=gen)]).token_ids[0] for _ in range(10)
+        ]
+
     assert tokens(1) == tokens(1)
     assert tokens(1) != tokens(2)
 

@@ -156,8 +156,11 @@ def test_random_workloads_never_leak_blocks_or_stall():
         seqs = []
         for i in range(rng.randint(1, 12)):
             n_prompt = rng.randint(1, max(1, capacity // 2))
-            seq = Sequence(f"t{trial}-{i}", [rng.randint(0, 3) for _ in range(n_prompt)],
-                           SamplingParams(max_tokens=rng.randint(1, max(1, capacity - n_prompt))))
+            seq = Sequence(
+                f"t{trial}-{i}",
+                [rng.randint(0, 3) for _ in range(n_prompt)],
+                SamplingParams(max_tokens=rng.randint(1, max(1, capacity - n_prompt))),
+            )
             seqs.append(seq)
             sched.add(seq)
         drain(sched)

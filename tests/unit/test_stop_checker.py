@@ -30,7 +30,9 @@ def test_partial_stop_string_is_held_back_across_chunks() -> None:
 
 
 def test_include_stop_str_in_output_releases_the_stop_string() -> None:
-    results = feed(StopStringChecker(["\n\nUser:"], include_stop_str_in_output=True), ["Hello\n", "\nUs", "er:", "x"])
+    results = feed(
+        StopStringChecker(["\n\nUser:"], include_stop_str_in_output=True), ["Hello\n", "\nUs", "er:", "x"]
+    )
     assert [r.release_text for r in results] == ["Hello", "", "\n\nUser:"]
     assert results[-1].stopped
 
@@ -79,9 +81,14 @@ def test_any_chunking_streams_exactly_the_truncated_text() -> None:
     rng = random.Random(0)
     for _ in range(500):
         text = "".join(rng.choice("ab\n:") for _ in range(rng.randrange(0, 30)))
-        stops = ["".join(rng.choice("ab\n:") for _ in range(rng.randrange(1, 5))) for _ in range(rng.randrange(1, 3))]
+        stops = [
+            "".join(rng.choice("ab\n:") for _ in range(rng.randrange(1, 5)))
+            for _ in range(rng.randrange(1, 3))
+        ]
         include = rng.random() < 0.5
-        cuts = sorted(rng.sample(range(1, len(text)), k=min(len(text) - 1, rng.randrange(0, 8)))) if text else []
+        cuts = (
+            sorted(rng.sample(range(1, len(text)), k=min(len(text) - 1, rng.randrange(0, 8)))) if text else []
+        )
         deltas = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
         checker = StopStringChecker(stops, include_stop_str_in_output=include)
         results = feed(checker, deltas, final=True)
@@ -108,8 +115,9 @@ def test_ignore_eos_keeps_going() -> None:
 def test_stop_token_id_is_the_stop_reason() -> None:
     params = SamplingParams(stop_token_ids=[7, 9])
     assert check_token_stop(9, 1, params, {EOS}) == TokenStop("stop", 9, False)
-    assert check_token_stop(9, 1, SamplingParams(stop_token_ids=[9], include_stop_str_in_output=True),
-                            {EOS}).include_token_text
+    assert check_token_stop(
+        9, 1, SamplingParams(stop_token_ids=[9], include_stop_str_in_output=True), {EOS}
+    ).include_token_text
 
 
 def test_min_tokens_defers_eos_and_stop_tokens() -> None:
