@@ -54,6 +54,13 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         "float32 with bfloat16 matmuls and KV cache; float32 on other CPUs",
     )
     a("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    a(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        default=1,
+        help="GPUs (ranks) each holding 1/N of every layer; one worker process per rank",
+    )
     a("--max-model-len", type=int)
     a("--max-num-seqs", type=int, help="sequences batched at once (default: 1024 on a GPU, 256 on the CPU)")
     a("--max-num-batched-tokens", type=int)
@@ -158,6 +165,7 @@ def engine_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             enable_prefix_caching=args.enable_prefix_caching,
             enforce_eager=args.enforce_eager,
             async_scheduling=args.async_scheduling,
+            tensor_parallel_size=args.tensor_parallel_size,
             max_queue=args.max_queue,
             seed=args.seed,
             trust_remote_code=args.trust_remote_code,

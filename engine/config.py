@@ -27,6 +27,8 @@ class EngineConfig(BaseModel):
     # Queue step N+1 on the device before reading step N's tokens (None = on for CUDA, off for the CPU,
     # where the forward itself runs on the engine thread and there is nothing to overlap with).
     async_scheduling: bool | None = None
+    # One worker process per GPU, each holding 1/N of every layer (vLLM's --tensor-parallel-size).
+    tensor_parallel_size: int = Field(default=1, ge=1)
     max_queue: int = Field(default=1024, ge=1)  # waiting requests beyond this get 429
     seed: int = 0
     trust_remote_code: bool = False
