@@ -47,7 +47,9 @@ class LoadedModel:
 def load_model(config: EngineConfig, attn_backend: AttentionBackend | None = None) -> LoadedModel:
     started = time.monotonic()
     if config.tensor_parallel_size > 1:  # the sharded workers are not built yet (issue 11)
-        raise ModelLoadError(f"--tensor-parallel-size {config.tensor_parallel_size}: only 1 is supported so far")
+        raise ModelLoadError(
+            f"--tensor-parallel-size {config.tensor_parallel_size}: only 1 is supported so far"
+        )
     source = resolve_model_source(config.model, config.revision)
     log.info("loading model %s", source.label)
     hf_config = source.load_config(config.trust_remote_code)
