@@ -26,11 +26,15 @@ import queue
 import threading
 from collections import deque
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from engine.config import EngineConfig
 from engine.metrics import EngineMetrics
 from engine.outputs import EngineDeadError, QueueFullError, RequestOutput, merge_outputs
 from engine.sampling.params import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.distributed.driver import TensorParallelDriver
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +87,7 @@ class AsyncEngine:
         self._ready = threading.Event()
         self._started = threading.Event()
         self._load_error: BaseException | None = None
+        self._tensor_parallel: TensorParallelDriver | None = None  # rank 0's driver of the other ranks
         self._thread = threading.Thread(target=self._load_and_run, name="engine-loop", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -100,6 +105,9 @@ class AsyncEngine:
             loaded = load_model(self.config)
             self.metrics = EngineMetrics(self.config.served_model_name or loaded.name)
             self.engine = LLMEngine(self.config, loaded, self.metrics)
+            self._tensor_parallel = loaded.tp
+            if loaded.tp is not None:  # a tensor-parallel rank that dies fails every request in flight
+                loaded.tp.on_death.append(self._fail_on_rank_death)
         except BaseException as exc:  # handed to the constructor, which raises it in the caller's thread
             self._load_error = exc
             return
@@ -165,6 +173,8 @@ class AsyncEngine:
         self._started.set()  # a loop that never started must still see the stop
         self._inbox.put(("wake", None))
         await asyncio.to_thread(self._thread.join, 10)
+        if self._tensor_parallel is not None:  # stop the other ranks now rather than at exit
+            await asyncio.to_thread(self._tensor_parallel.close)
 
     # --- the engine loop thread --------------------------------------------------------------
 
@@ -216,6 +226,12 @@ class AsyncEngine:
             stream = self._streams.get(out.request_id)
             if stream is not None:
                 stream.put(out)
+
+    def _fail_on_rank_death(self, message: str) -> None:
+        """From the tensor-parallel watchdog thread, which then ends the process."""
+        self._dead = RuntimeError(message)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(message))
 
     def _fail_all(self, err: BaseException) -> None:
         for stream in self._streams.values():

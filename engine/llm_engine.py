@@ -62,6 +62,7 @@ class LLMEngine:
             loaded.dtype,
             loaded.device,
             config.block_size,
+            tp=loaded.tp,  # rank 0 under tensor parallelism: the other ranks repeat the runner's calls
         )
         on_gpu = loaded.device.type == "cuda"
         max_batched = config.max_num_batched_tokens or (8192 if on_gpu else 2048)
@@ -88,6 +89,10 @@ class LLMEngine:
             max_batched,
         )
         self._update_gauges()
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks, if any (the server does it at exit)."""
+        self.runner.close()
 
     # --- requests in and out ---------------------------------------------------------------
 

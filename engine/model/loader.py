@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -18,7 +20,11 @@ from engine.model.llama import (
     LlamaForCausalLM,
     head_dim_of,
 )
+from engine.model.sharding import Shard
 from engine.model.sources import ModelLoadError, ModelSource, resolve_model_source
+
+if TYPE_CHECKING:
+    from engine.distributed.driver import TensorParallelDriver
 
 __all__ = ["LoadedModel", "ModelLoadError", "load_model"]
 
@@ -40,29 +46,40 @@ class LoadedModel:
     device: torch.device
     max_model_len: int
     num_layers: int
-    num_kv_heads: int
+    num_kv_heads: int  # this rank's: its share of the KV cache
     head_dim: int
     precision: str = ""  # for the log: "float32", or what mixed precision keeps in which dtype
+    tp: TensorParallelDriver | None = None  # rank 0 under tensor parallelism: the other ranks
 
 
-def load_model(config: EngineConfig, attn_backend: AttentionBackend | None = None) -> LoadedModel:
+def load_model(
+    config: EngineConfig, attn_backend: AttentionBackend | None = None, shard: Shard | None = None
+) -> LoadedModel:
+    """Rank 0 (``shard`` None): with --tensor-parallel-size N > 1 it also starts ranks 1..N-1
+    (LoadedModel.tp), which call this with their own ``shard``. Every rank reads only its slices."""
     started = time.monotonic()
-    if config.tensor_parallel_size > 1:  # the sharded workers are not built yet (issue 11)
-        raise ModelLoadError(
-            f"--tensor-parallel-size {config.tensor_parallel_size}: only 1 is supported so far"
-        )
-    source = resolve_model_source(config.model, config.revision)
+    source = resolve_model_source(config.model, config.revision)  # rank 0 converts a GGUF first
     log.info("loading model %s", source.label)
     hf_config = source.load_config(config.trust_remote_code)
     check_supported(hf_config, source)
     device = resolve_device(config.device)
+    tp = None
+    if shard is None:
+        check_tensor_parallel(config.tensor_parallel_size, hf_config, device)
+        if config.tensor_parallel_size > 1:
+            from engine.distributed.driver import TensorParallelDriver
+
+            tp = TensorParallelDriver(config, device)
+        shard = Shard(0, config.tensor_parallel_size)
+    elif device.type == "cuda":
+        device = torch.device("cuda", shard.rank)
     dtype = resolve_dtype(config.dtype, hf_config, device)
     matmul_dtype = resolve_matmul_dtype(config.dtype, device)
     max_model_len = resolve_max_model_len(config.max_model_len, hf_config)
     if attn_backend is None:
         attn_backend = default_attention_backend(device)
 
-    kit = LayerKit.for_device(device, matmul_dtype)
+    kit = LayerKit.for_device(device, matmul_dtype, shard)
     model = LlamaForCausalLM(hf_config, attn_backend, dtype, device, max_positions=max_model_len, kit=kit)
     num_params = sum(p.numel() for p in model.parameters())  # before packed weights leave the parameters
     try:
@@ -76,6 +93,8 @@ def load_model(config: EngineConfig, attn_backend: AttentionBackend | None = Non
         precision = f"{precision} with {str(matmul_dtype).removeprefix('torch.')} matmuls and KV cache"
     if kit.fused:
         precision += ", fused Triton layers"
+    if shard.size > 1:
+        precision += f", tensor-parallel rank {shard.rank} of {shard.size}"
     tokenizer = source.load_tokenizer(config.tokenizer, config.trust_remote_code)
     if tokenizer.chat_template is None:
         log.warning("%s has no chat template: /v1/chat/completions will be refused", source.label)
@@ -96,10 +115,34 @@ def load_model(config: EngineConfig, attn_backend: AttentionBackend | None = Non
         device=device,
         max_model_len=max_model_len,
         num_layers=hf_config.num_hidden_layers,
-        num_kv_heads=hf_config.num_key_value_heads,
+        num_kv_heads=kit.local_heads(hf_config.num_key_value_heads),
         head_dim=head_dim_of(hf_config),
         precision=precision,
+        tp=tp,
     )
+
+
+def check_tensor_parallel(size: int, hf_config: PretrainedConfig, device: torch.device) -> None:
+    """One line naming both numbers for a tensor-parallel size this model or machine cannot take."""
+    if size == 1:
+        return
+    heads, kv_heads = hf_config.num_attention_heads, hf_config.num_key_value_heads
+    if heads % size:
+        raise ModelLoadError(f"--tensor-parallel-size {size} must divide the model's {heads} attention heads")
+    if kv_heads % size and size % kv_heads:
+        raise ModelLoadError(
+            f"--tensor-parallel-size {size} must divide the model's {kv_heads} KV heads or be a multiple of them"
+        )
+    if hf_config.intermediate_size % size:
+        raise ModelLoadError(
+            f"--tensor-parallel-size {size} must divide the model's intermediate size {hf_config.intermediate_size}"
+        )
+    if device.type == "cuda" and torch.cuda.device_count() < size:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        shown = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
+        raise ModelLoadError(
+            f"--tensor-parallel-size {size} needs {size} GPUs, but {torch.cuda.device_count()} are visible{shown}"
+        )
 
 
 def check_supported(hf_config: PretrainedConfig, source: ModelSource) -> None:
