@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -124,3 +125,36 @@ def test_a_rank_that_dies_ends_the_server_with_an_error(launch_kubellm, tiny_lla
     log = srv.log_tail(20000)
     assert f"tensor-parallel rank 1 (pid {worker}) exited with code -9" in log, log
     wait_gone([worker, srv.proc.pid])
+
+
+def test_a_size_that_does_not_divide_the_heads_is_one_startup_line(tmp_path) -> None:
+    from conftest import kubellm_command
+
+    # the embedded SmolLM2 has 9 attention heads
+    proc = subprocess.run(
+        [*kubellm_command(), "serve", "--device", "cpu", "-tp", "2", "--port", "0"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if "ERROR" in line]
+    assert (
+        len(lines) == 1 and "--tensor-parallel-size 2 must divide the model's 9 attention heads" in lines[0]
+    )
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_over_three_ranks_answers_like_one(launch_kubellm) -> None:
+    """SmolLM2-135M (9 heads, 3 KV heads) split three ways, from the GGUF's cached conversion."""
+    flags = ["--device", "cpu", "--dtype", "float32", "--kv-cache-memory", "256MiB", "--max-model-len", "2048"]  # fmt: skip
+    chat = [{"role": "user", "content": "What is Kubernetes?"}]
+
+    def answer(server: KubellmServer) -> str:
+        client = OpenAI(base_url=server.api_url, api_key="x", max_retries=0, timeout=300)
+        model = client.models.list().data[0].id
+        resp = client.chat.completions.create(model=model, messages=chat, max_tokens=24, temperature=0)
+        return resp.choices[0].message.content
+
+    three = answer(launch_kubellm("--tensor-parallel-size", "3", *flags, startup_timeout=600))
+    assert three == answer(launch_kubellm(*flags, startup_timeout=600))
+    assert "Kubernetes" in three
