@@ -36,7 +36,8 @@ ROOT_RULES = [
     },
 ]
 
-# Rules across spec fields (`self` is the spec; the API server has filled in its defaults).
+# Rules across spec fields (`self` is the spec; the API server has filled in its defaults). A
+# messageExpression, where given, is what the API server says; the message is for the docs.
 SPEC_RULES = [
     {
         "rule": "!has(self.gpu.product) || !has(self.gpu.count) || self.gpu.count > 0",
@@ -45,6 +46,7 @@ SPEC_RULES = [
     },
     {
         "rule": "!has(self.gpu.count) || self.gpu.count == 0 || self.gpu.count >= self.engine.tensorParallelSize",
+        "message": "spec.gpu.count must be at least spec.engine.tensorParallelSize (or 0: the CPU)",
         "messageExpression": "'spec.gpu.count (' + string(self.gpu.count) + ') must be at least "
         "spec.engine.tensorParallelSize (' + string(self.engine.tensorParallelSize) + '): each tensor-parallel "
         "rank needs its own GPU'",
@@ -52,6 +54,7 @@ SPEC_RULES = [
     },
     {
         "rule": "!has(self.gpu.count) || self.gpu.count % self.engine.tensorParallelSize == 0",
+        "message": "spec.gpu.count must be a multiple of spec.engine.tensorParallelSize",
         "messageExpression": "'spec.gpu.count (' + string(self.gpu.count) + ') must be a multiple of "
         "spec.engine.tensorParallelSize (' + string(self.engine.tensorParallelSize) + ')'",
         "fieldPath": ".gpu.count",

@@ -338,7 +338,9 @@ class ModelDeploymentSpec(SpecModel):
         description="How long a pod may take to load the model before it is restarted (sizes the startup probe).",
     )
     autoscaling: AutoscalingSpec | None = Field(
-        None, description="A HorizontalPodAutoscaler (autoscaling/v2) on this resource's scale subresource."
+        None,
+        description="A HorizontalPodAutoscaler (autoscaling/v2) that scales the engine Deployment between minReplicas "
+        "and maxReplicas. Excludes spec.replicas.",
     )
     disruption_budget: DisruptionBudgetSpec | None = Field(
         None, description="A PodDisruptionBudget for the pods."
