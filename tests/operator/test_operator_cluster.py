@@ -281,7 +281,7 @@ def test_more_gpus_than_any_node_has_is_unschedulable(
             {"model": {}, "engine": {"gpuMemoryUtilization": 2}},
             "spec.engine.gpuMemoryUtilization",
         ),
-        ("x" * 56, {"model": {}}, "so that '<name>-service' is a valid Service name"),
+        ("x" * 56, {"model": {}}, 'metadata.name: Invalid value: "object": metadata.name must be at most 55'),
         ("3b-chat", {"model": {}}, "metadata.name must be a DNS-1035 label"),
         ("chat.v2", {"model": {}, "service": {"name": "chat"}}, "metadata.name must be a DNS-1035 label"),
         (
@@ -297,19 +297,19 @@ def test_more_gpus_than_any_node_has_is_unschedulable(
         (
             "few-gpus",
             {"model": {}, "engine": {"tensorParallelSize": 4}, "gpu": {"count": 2}},
-            'spec.gpu.count: Invalid value: "integer": spec.gpu.count (2) must be at least '
-            "spec.engine.tensorParallelSize (4)",
+            'spec.gpu.count: Invalid value: "object": spec.gpu.count must be at least '
+            "spec.engine.tensorParallelSize",
         ),
         (
             "odd-gpus",
             {"model": {}, "engine": {"tensorParallelSize": 2}, "gpu": {"count": 3}},
-            'spec.gpu.count: Invalid value: "integer": spec.gpu.count (3) must be a multiple of '
-            "spec.engine.tensorParallelSize (2)",
+            'spec.gpu.count: Invalid value: "object": spec.gpu.count must be a multiple of '
+            "spec.engine.tensorParallelSize",
         ),
         (
             "fixed-and-scaled",
             {"model": {}, "replicas": 2, "resources": {"cpu": 1}, "autoscaling": {"maxReplicas": 3}},
-            'spec.replicas: Invalid value: "integer": set spec.replicas or spec.autoscaling, not both',
+            'spec.replicas: Invalid value: "object": set spec.replicas or spec.autoscaling, not both',
         ),
     ],
 )
