@@ -158,6 +158,7 @@ def test_sample_gives_a_gpu_deployment_and_service_that_become_ready(
     assert status["phase"] == "Ready"
     assert status["endpoint"] == f"http://vllm-service.{ns}.svc.cluster.local:8000/v1"
     assert status["servedModelName"] == "meta-llama/Llama-3.2-3B-Instruct"
+    assert (status["gpusPerReplica"], status["desiredReplicas"], status["readyOfDesired"]) == (1, 1, "1/1")
     assert (
         status["selector"]
         == "app.kubernetes.io/component=engine,app.kubernetes.io/instance=vllm,app.kubernetes.io/name=kubellm"
@@ -255,6 +256,27 @@ def test_more_gpus_than_any_node_has_is_unschedulable(
     assert "Insufficient nvidia.com/gpu" in ready["message"]  # the scheduler's own words
     assert condition(md, "Degraded")["status"] == "True"
     assert md["status"]["phase"] == "Degraded"
+
+
+def test_a_tensor_parallel_replica_holds_its_gpus_on_one_node(
+    k8s_cluster: LocalCluster, k8s_namespace: str, operator: OperatorProcess
+) -> None:
+    ns = k8s_namespace
+    spec = {
+        "model": {"source": "hf://meta-llama/Llama-3.3-70B-Instruct"},
+        "engine": {"tensorParallelSize": 4},
+    }
+    apply(k8s_cluster, ns, model_deployment("tp4", **spec))
+    md = wait_ready(k8s_cluster, ns, "tp4")
+    assert md["status"]["gpusPerReplica"] == 4
+    [pod] = engine_pods(k8s_cluster, ns, "tp4")
+    [container] = pod["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"  # a whole 4-GPU fake node
+    assert container["args"][container["args"].index("--tensor-parallel-size") + 1] == "4"
+    shm = next(v for v in pod["spec"]["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"]["sizeLimit"] == "16Gi"
+    table = k8s_cluster.kubectl("get", "md", "tp4", "-n", ns, "-o", "wide")
+    assert table.splitlines()[0].split()[-1] == "GPUS" and table.splitlines()[1].split()[-1] == "4"
 
 
 @pytest.mark.parametrize(
