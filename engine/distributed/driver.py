@@ -42,6 +42,7 @@ def backend_for(device: torch.device) -> str:
 
 
 def init_process_group(device: torch.device, rendezvous: str, rank: int, size: int) -> None:
+    """Join the tensor-parallel group (every rank calls this; it returns once all have)."""
     if device.type == "cuda":
         torch.cuda.set_device(rank)
     else:  # the ranks share the cores: without this each would run as many threads as there are cores
@@ -59,6 +60,7 @@ class TensorParallelDriver:
         self.device = device
         self.on_death: list[Callable[[str], None]] = []  # called from the watchdog thread
         self._closing = threading.Event()
+        self._threads_before = torch.get_num_threads()  # init_process_group shares the cores on the CPU
         self._store_dir = tempfile.mkdtemp(prefix="kubellm-tp-")
         rendezvous = f"file://{self._store_dir}/store"
         context = mp.get_context("spawn")
@@ -131,6 +133,7 @@ class TensorParallelDriver:
         self._stop_workers(graceful=True)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        torch.set_num_threads(self._threads_before)
         shutil.rmtree(self._store_dir, ignore_errors=True)
         log.info("tensor-parallel ranks stopped")
 

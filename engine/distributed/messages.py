@@ -37,9 +37,9 @@ class StepArrays:
     block_tables: np.ndarray  # [S, max_blocks] int32
     input_ids: np.ndarray  # [T] int64; placeholders where `fed` says rank 0 broadcasts the real ids
     positions: np.ndarray  # [T] int64
-    sample_rows: (
-        np.ndarray
-    )  # [R] int64: token rows whose logits are computed (last token of each sampled sequence)
+    # [R] int64, filled under tensor parallelism: token rows whose logits are computed (the last
+    # token of each sequence sampled this step)
+    sample_rows: np.ndarray
     num_decodes: int
     fed: bool  # some input ids are tokens still on rank 0's device (async scheduling)
 

@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import signal
 import sys
 from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from engine.config import EngineConfig
 from engine.distributed.messages import Op, StepArrays
+
+if TYPE_CHECKING:
+    from engine.model.runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +38,7 @@ def run_worker(
         force=True,
     )
     try:
-        runner, max_model_len = _set_up(config, rank, rendezvous)
+        runner = _set_up(config, rank, rendezvous)
         Follower(config, runner, messages).run()
     except EOFError:  # rank 0 went away without a word: nothing left to serve
         sys.exit(0)
@@ -43,7 +48,7 @@ def run_worker(
     torch.distributed.destroy_process_group()
 
 
-def _set_up(config: EngineConfig, rank: int, rendezvous: str):
+def _set_up(config: EngineConfig, rank: int, rendezvous: str) -> ModelRunner:
     from engine.distributed.driver import init_process_group
     from engine.model.loader import load_model, resolve_device
     from engine.model.runner import ModelRunner
@@ -54,11 +59,10 @@ def _set_up(config: EngineConfig, rank: int, rendezvous: str):
         device = torch.device("cuda", rank)
     init_process_group(device, rendezvous, rank, config.tensor_parallel_size)
     loaded = load_model(config, shard=Shard(rank, config.tensor_parallel_size))
-    runner = ModelRunner(
+    return ModelRunner(
         loaded.model, loaded.num_layers, loaded.num_kv_heads, loaded.head_dim, loaded.dtype, loaded.device,
         config.block_size,
     )  # fmt: skip
-    return runner, loaded.max_model_len
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -68,8 +72,6 @@ def _die_with_parent(parent_pid: int) -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         return
-    import os
-
     if os.getppid() != parent_pid:  # rank 0 died before the prctl took effect
         os._exit(1)
 
@@ -77,7 +79,7 @@ def _die_with_parent(parent_pid: int) -> None:
 class Follower:
     """Rank r's loop: one message, one call on the runner, in rank 0's order."""
 
-    def __init__(self, config: EngineConfig, runner, messages: Connection) -> None:
+    def __init__(self, config: EngineConfig, runner: ModelRunner, messages: Connection) -> None:
         self.config = config
         self.runner = runner
         self.messages = messages

@@ -13,6 +13,7 @@ says *how* it runs. Later layer kinds (FP8 linears, MoE experts) plug into the s
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,14 +40,7 @@ class LayerKit:
         cls, device: torch.device, matmul_dtype: torch.dtype | None = None, shard: Shard | None = None
     ) -> LayerKit:
         """Fused Triton layers on CUDA where Triton imports; plain torch elsewhere."""
-        fused = False
-        if device.type == "cuda":
-            try:
-                import engine.kernels.fused_layers  # noqa: F401
-            except ImportError:
-                fused = False
-            else:
-                fused = True
+        fused = device.type == "cuda" and importlib.util.find_spec("triton") is not None
         return cls(fused=fused, matmul_dtype=matmul_dtype, shard=shard or Shard())
 
     # --- elementwise layers ------------------------------------------------------------------

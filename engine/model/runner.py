@@ -280,7 +280,9 @@ class ModelRunner:
 
         if input_ids.count(PLACEHOLDER_TOKEN) != len(fed_rows):
             raise RuntimeError("a step's input holds a token that was never sampled")
-        sampled = np.asarray([s.completes_prompt for s in batch], dtype=bool)
+        sample_rows = np.empty(0, dtype=np.int64)
+        if self.tp is not None:  # the other ranks compute these rows' logits too (rank 0's in _sample)
+            sample_rows = qsl[1:][np.asarray([s.completes_prompt for s in batch], dtype=bool)] - 1
         arrays = StepArrays(
             slot_mapping=slots,
             query_start_loc=qsl.astype(np.int32),
@@ -288,7 +290,7 @@ class ModelRunner:
             block_tables=tables,
             input_ids=np.asarray(input_ids, dtype=np.int64),
             positions=positions,
-            sample_rows=qsl[1:][sampled] - 1,
+            sample_rows=sample_rows,
             num_decodes=num_decodes,
             fed=bool(fed_rows),
         )
