@@ -26,6 +26,7 @@ class SubRequest:
     request_id: str
     prompt: Prompt
     params: SamplingParams
+    cache_salt: str | None = None
 
 
 @dataclass
@@ -101,13 +102,17 @@ def usage(choices: dict[int, ChoiceResult], n: int) -> UsageInfo:
     )
 
 
+def _generate(engine: ServingEngine, sub: SubRequest) -> AsyncIterator[RequestOutput]:
+    return engine.generate(sub.request_id, sub.prompt.token_ids, sub.params, cache_salt=sub.cache_salt)
+
+
 async def merged_outputs(
     engine: ServingEngine, subs: list[SubRequest]
 ) -> AsyncIterator[tuple[SubRequest, RequestOutput]]:
     """Outputs of all sub-requests as they arrive. Use inside `aclosing(...)` so an early exit aborts."""
     if len(subs) == 1:  # the common case needs no tasks
         sub = subs[0]
-        async with aclosing(engine.generate(sub.request_id, sub.prompt.token_ids, sub.params)) as stream:
+        async with aclosing(_generate(engine, sub)) as stream:
             async for out in stream:
                 yield sub, out
         return
@@ -116,7 +121,7 @@ async def merged_outputs(
 
     async def pump(sub: SubRequest) -> None:
         try:
-            async with aclosing(engine.generate(sub.request_id, sub.prompt.token_ids, sub.params)) as stream:
+            async with aclosing(_generate(engine, sub)) as stream:
                 async for out in stream:
                     queue.put_nowait((sub, out))
             queue.put_nowait((sub, None))
@@ -149,5 +154,5 @@ def fan_out(
         for i in range(request.n):
             index = p * request.n + i
             params = sampling_params(request, max_tokens=budget, logprobs=logprobs, choice=i)
-            subs.append(SubRequest(index, f"{base_id}-{index}", prompt, params))
+            subs.append(SubRequest(index, f"{base_id}-{index}", prompt, params, request.cache_salt))
     return subs

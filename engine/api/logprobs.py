@@ -59,9 +59,3 @@ def completion_logprobs(
         text_offset += len(text)
     return out
 
-
-def extend_completion_logprobs(into: CompletionLogprobs, more: CompletionLogprobs) -> None:
-    into.tokens += more.tokens
-    into.token_logprobs += more.token_logprobs
-    into.top_logprobs += more.top_logprobs
-    into.text_offset += more.text_offset

@@ -125,7 +125,7 @@ def test_abort_with_a_step_in_flight_frees_blocks_and_sends_nothing_more(llama_d
     delivered = 0
     for _ in range(4):
         delivered += sum(len(o.new_token_ids) for o in engine.step() if o.request_id == "a")
-    assert engine._in_flight is not None  # a step is queued whose tokens nobody has read
+    assert engine.pipeline.has_in_flight  # a step is queued whose tokens nobody has read
     out = engine.abort_request("a")
     assert out is not None and out.finished and out.finish_reason == "abort"
     assert out.num_output_tokens == delivered  # usage counts what was delivered, not the token in flight
