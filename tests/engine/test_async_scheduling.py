@@ -151,6 +151,32 @@ def test_generated_blocks_are_cached_under_their_real_tokens(llama_dir):
     assert_all_blocks_back(engine)
 
 
+def test_every_hashed_block_holds_known_tokens_of_its_request(llama_dir, monkeypatch):
+    """No token in flight (nor any id the request does not end up with) ever reaches a prefix-cache key,
+    under chunked prefill, stops seen one step late, penalties, aborts and preemption."""
+    from engine.core import kv_cache_manager
+
+    hashed: list[tuple[int, ...]] = []
+    real = kv_cache_manager.chain_hash
+
+    def recording(parent: bytes, tokens: list[int]) -> bytes:
+        hashed.append(tuple(tokens))
+        return real(parent, tokens)
+
+    monkeypatch.setattr(kv_cache_manager, "chain_hash", recording)
+    requests = mixed_requests(frequent_token(llama_dir))
+    engine = make_engine(llama_dir, block_size=4, max_num_batched_tokens=64, num_gpu_blocks_override=48,
+                         max_model_len=192, async_scheduling=True)  # fmt: skip
+    seen = run_all(engine, requests)
+    assert engine.metrics.labels(engine.metrics.num_preemptions)._value.get() > 0
+    assert_all_blocks_back(engine)
+    blocks = set()
+    for (prompt, _), result in zip(requests, seen.values(), strict=True):
+        tokens = prompt + result["tokens"]
+        blocks |= {tuple(tokens[i : i + 4]) for i in range(0, len(tokens) - 3, 4)}
+    assert hashed and set(hashed) <= blocks
+
+
 def test_step_trace_records_every_step(llama_dir, tmp_path, monkeypatch):
     import json
 

@@ -146,3 +146,23 @@ async def test_a_crashed_loop_fails_the_waiting_stream() -> None:
             await collect(engine, "later", 3)
     finally:
         await engine.shutdown(timeout=1)
+
+
+async def test_cache_salt_reaches_the_engine() -> None:
+    engine = await started(ScriptedLLMEngine())
+    try:
+        params = SamplingParams(max_tokens=1)
+        [out async for out in engine.generate("salted", [1, 2], params, cache_salt="tenant-a")]
+        [out async for out in engine.generate("plain", [1, 2], params)]
+        assert engine.llm.salts == {"salted": "tenant-a", "plain": None}
+    finally:
+        await engine.shutdown(timeout=1)
+
+
+def test_a_load_error_is_raised_by_the_constructor() -> None:
+    class Broken(AsyncEngine):
+        def _build_engine(self):
+            raise OSError("no such model")
+
+    with pytest.raises(OSError, match="no such model"):
+        Broken(EngineConfig(model="missing"))
