@@ -58,4 +58,3 @@ def completion_logprobs(
         out.text_offset.append(text_offset)
         text_offset += len(text)
     return out
-
