@@ -12,23 +12,28 @@ per salt otherwise, so requests with different salts never share a block.
 from __future__ import annotations
 
 import hashlib
-from array import array
+import struct
+from collections.abc import Callable
+from functools import lru_cache
 
 BlockHash = bytes  # 32 bytes of SHA-256
 
-# Token ids as unsigned 32-bit integers: every vocabulary fits, and a negative id (a placeholder, a bug)
-# cannot be hashed at all (array raises OverflowError).
-_TOKEN_TYPECODE = "I"
+# Token ids as little-endian unsigned 32-bit integers: every vocabulary fits, and a negative id (a
+# placeholder, a bug) cannot be hashed at all (struct.error). One precompiled packer per length.
+_packers: dict[int, Callable[..., bytes]] = {}
 
 
 def chain_hash(parent: BlockHash, tokens: list[int]) -> BlockHash:
-    return hashlib.sha256(parent + array(_TOKEN_TYPECODE, tokens).tobytes()).digest()
+    pack = _packers.get(len(tokens))
+    if pack is None:
+        pack = _packers[len(tokens)] = struct.Struct(f"<{len(tokens)}I").pack
+    return hashlib.sha256(parent + pack(*tokens)).digest()
 
 
+@lru_cache(maxsize=1024)  # tenants reuse their salt; the cache only saves one SHA-256 per request
 def root_hash(cache_salt: str | None) -> BlockHash:
     """The parent of a sequence's first block."""
     if cache_salt is None:
         return hashlib.sha256(b"kubellm-prefix-cache-root").digest()
-    return hashlib.sha256(
-        b"kubellm-prefix-cache-salt\0" + cache_salt.encode("utf-8", "surrogatepass")
-    ).digest()
+    salt = cache_salt.encode("utf-8", "surrogatepass")
+    return hashlib.sha256(b"kubellm-prefix-cache-salt\0" + salt).digest()

@@ -8,7 +8,7 @@ tokens whose ids are known are ever hashed, and only computed ones are published
 
 from __future__ import annotations
 
-from engine.core.block_hash import BlockHash, chain_hash, root_hash
+from engine.core.block_hash import chain_hash, root_hash
 from engine.core.block_pool import BlockPool
 from engine.core.sequence import Sequence
 
@@ -41,36 +41,32 @@ class KVCacheManager:
     def usage(self) -> float:
         return self.pool.usage
 
-    def _parent_of(self, seq: Sequence, block_index: int) -> BlockHash:
-        return seq.block_hashes[block_index - 1] if block_index else root_hash(seq.cache_salt)
-
-    def _block_tokens(self, seq: Sequence, block_index: int) -> list[int]:
-        return seq.token_ids[block_index * self.block_size : (block_index + 1) * self.block_size]
-
     def _hash_blocks(self, seq: Sequence, upto_tokens: int) -> None:
         """Extend seq.block_hashes over every full block within its first upto_tokens tokens. token_ids
         holds known ids only (tokens in flight are counted, not stored), so nothing else can be hashed."""
-        upto_tokens = min(upto_tokens, len(seq.token_ids))
-        while (len(seq.block_hashes) + 1) * self.block_size <= upto_tokens:
-            i = len(seq.block_hashes)
-            seq.block_hashes.append(chain_hash(self._parent_of(seq, i), self._block_tokens(seq, i)))
+        bs, hashes, tokens = self.block_size, seq.block_hashes, seq.token_ids
+        parent = hashes[-1] if hashes else root_hash(seq.cache_salt)
+        for i in range(len(hashes), min(upto_tokens, len(tokens)) // bs):
+            parent = chain_hash(parent, tokens[i * bs : (i + 1) * bs])
+            hashes.append(parent)
 
     def match_prefix(self, seq: Sequence) -> PrefixHit:
         """Cached blocks holding this sequence's longest known prefix. At least one token is left
         to compute, because the model must still produce logits for the last prompt position."""
         if not self.enable_prefix_caching:
             return NO_PREFIX_HIT
-        num_blocks = (seq.num_tokens - 1) // self.block_size
-        self._hash_blocks(seq, num_blocks * self.block_size)
+        bs, tokens = self.block_size, seq.token_ids
+        num_blocks = (seq.num_tokens - 1) // bs
+        self._hash_blocks(seq, num_blocks * bs)
         hits: list[int] = []
-        for i in range(min(num_blocks, len(seq.block_hashes))):
-            block_id = self.pool.lookup(
-                seq.block_hashes[i], self._parent_of(seq, i), tuple(self._block_tokens(seq, i))
-            )
+        parent = root_hash(seq.cache_salt)
+        for i, block_hash in enumerate(seq.block_hashes[:num_blocks]):
+            block_id = self.pool.lookup(block_hash, parent, tuple(tokens[i * bs : (i + 1) * bs]))
             if block_id is None:
                 break
             hits.append(block_id)
-        return PrefixHit(hits, self.block_size) if hits else NO_PREFIX_HIT
+            parent = block_hash
+        return PrefixHit(hits, bs) if hits else NO_PREFIX_HIT
 
     def allocate(self, seq: Sequence, num_new_tokens: int, prefix: PrefixHit = NO_PREFIX_HIT) -> bool:
         """Give seq room for num_new_tokens more tokens (after taking the prefix hit's blocks).
@@ -103,14 +99,13 @@ class KVCacheManager:
         num_full = seq.num_cacheable_tokens // self.block_size
         if num_full <= seq.num_registered_blocks:
             return
-        self._hash_blocks(seq, num_full * self.block_size)
-        for i in range(seq.num_registered_blocks, num_full):
-            self.pool.register(
-                seq.block_table[i],
-                seq.block_hashes[i],
-                self._parent_of(seq, i),
-                tuple(self._block_tokens(seq, i)),
-            )
+        bs, hashes, tokens = self.block_size, seq.block_hashes, seq.token_ids
+        self._hash_blocks(seq, num_full * bs)
+        first = seq.num_registered_blocks
+        parent = hashes[first - 1] if first else root_hash(seq.cache_salt)
+        for i in range(first, num_full):
+            self.pool.register(seq.block_table[i], hashes[i], parent, tuple(tokens[i * bs : (i + 1) * bs]))
+            parent = hashes[i]
         seq.num_registered_blocks = num_full
 
     def free(self, seq: Sequence) -> None:
