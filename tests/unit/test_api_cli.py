@@ -76,6 +76,18 @@ def test_every_default_comes_from_engine_config(monkeypatch: pytest.MonkeyPatch)
     assert "77 on a GPU, 11 on the CPU" in " ".join(serve_help.split())
 
 
+def test_docs_quote_the_defaults_engine_config_resolves() -> None:
+    from engine.config import EngineConfig
+
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    architecture = " ".join((docs / "ARCHITECTURE.md").read_text().split())
+    seqs, tokens = EngineConfig.DEFAULT_MAX_NUM_SEQS, EngineConfig.DEFAULT_MAX_NUM_BATCHED_TOKENS
+    assert f"defaults to {seqs['cuda']} on a GPU and {seqs['cpu']} on the CPU" in architecture
+    assert f"the token budget to {tokens['cuda']} and {tokens['cpu']}" in architecture
+    operations = " ".join((docs / "operations.md").read_text().split())
+    assert f"`--shutdown-timeout` ({EngineConfig.DEFAULT_SHUTDOWN_TIMEOUT_S:g} s)" in operations
+
+
 @pytest.mark.parametrize(
     "argv",
     [
