@@ -2,7 +2,7 @@
 the same tokens, text, finish reasons and logprobs as the synchronous engine, under chunked prefill,
 preemption, stops, aborts and prefix caching, and every KV block comes back.
 
-On the CPU the overlap buys nothing, but the bookkeeping (placeholders, tokens fed from the previous
+On the CPU the overlap buys nothing, but the bookkeeping (tokens in flight, tokens fed from the previous
 step, stops seen one step late) is the same code the GPU runs, so it is checked here in CI."""
 
 from __future__ import annotations
