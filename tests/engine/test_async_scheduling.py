@@ -177,6 +177,25 @@ def test_every_hashed_block_holds_known_tokens_of_its_request(llama_dir, monkeyp
     assert hashed and set(hashed) <= blocks
 
 
+def test_min_tokens_boundary_is_the_same_with_a_token_in_flight(llama_dir):
+    """min_tokens masks stop tokens while the output is shorter: the length must count the token in
+    flight. The stop token is the one greedy decoding picks 4th, so with min_tokens=3 it may end the
+    sequence exactly there; an off-by-one would mask it once more and run on."""
+    prompt = prompts_for(1, seed=21, lo=12, hi=12)[0]
+    sync = make_engine(llama_dir, block_size=4, async_scheduling=False)
+    free_run = sync.generate([prompt], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))[0]
+    stop = free_run[3]
+    assert stop not in free_run[:3]
+    params = SamplingParams(
+        temperature=0.0, max_tokens=8, min_tokens=3, stop_token_ids=[stop], ignore_eos=True
+    )
+    expected = run_all(sync, [(prompt, params)])["r0"]
+    assert expected["tokens"] == free_run[:4] and expected["finish"] == ("stop", stop, 4)
+    engine = make_engine(llama_dir, block_size=4, async_scheduling=True)
+    assert run_all(engine, [(prompt, params)])["r0"] == expected
+    assert_all_blocks_back(engine)
+
+
 def test_step_trace_records_every_step(llama_dir, tmp_path, monkeypatch):
     import json
 
