@@ -20,6 +20,7 @@ M = TypeVar("M", bound=BaseModel)
 # Deep enough for any real request (JSON schemas, tool parameters), far below the interpreter's
 # recursion limit that pydantic, Jinja and the encoders rely on.
 MAX_JSON_DEPTH = 64
+_SCALARS = frozenset({int, float, bool, type(None)})
 
 
 async def read_json(request: web.Request) -> Any:
@@ -78,7 +79,7 @@ def check_json_value(data: Any) -> None:
                     raise _not_text(path)
                 if isinstance(item, str | dict | list):
                     stack.append((item, (*path, key)))
-        else:
+        elif not _SCALARS.issuperset(map(type, value)):  # token-id lists: one C-level pass, skipped
             for index, item in enumerate(value):
                 if isinstance(item, str | dict | list):
                     stack.append((item, (*path, index)))
