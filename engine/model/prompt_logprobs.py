@@ -69,7 +69,7 @@ def launch_prompt_logprobs(
     hidden: torch.Tensor,
     query_lens: list[int],
     num_decodes: int,
-    compute_logits: Callable[[torch.Tensor], torch.Tensor],
+    compute_logits: Callable[[torch.Tensor], torch.Tensor | None],
 ) -> PendingPromptLogprobs | None:
     """Queue the prompt logprobs of this step's chunks that need them; None when none do (the usual).
 
@@ -92,9 +92,10 @@ def launch_prompt_logprobs(
         chosen, top_values, top_ids = [], [], []
         for lo in range(0, end - start, _ROWS_PER_SLICE):
             hi = min(lo + _ROWS_PER_SLICE, end - start)
-            logprobs = torch.log_softmax(
-                compute_logits(hidden[first_row + lo : first_row + hi]).float(), dim=-1
-            )
+            logits = compute_logits(hidden[first_row + lo : first_row + hi])
+            if logits is None:  # a tensor-parallel rank other than 0: it joined the gather, rank 0 keeps it
+                continue
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
             target = targets[lo:hi, None]
             picked = logprobs.gather(1, target)
             rank = (logprobs > picked).sum(dim=-1, keepdim=True) + 1  # vLLM's: 1 = the model's best guess
@@ -102,6 +103,8 @@ def launch_prompt_logprobs(
             values, ids = logprobs.topk(max(num_top, 1), dim=-1)
             top_values.append(values)
             top_ids.append(ids)
+        if not chosen:
+            continue
         parts.append(
             (seq.request_id, start + 1, num_top, torch.cat(chosen), torch.cat(top_values), torch.cat(top_ids))
         )
