@@ -23,7 +23,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.metrics import EngineMetrics
 from engine.model.kv_cache_sizing import choose_num_blocks
 from engine.model.loader import LoadedModel
-from engine.model.runner import ModelRunner
+from engine.model.runner import LaunchedStep, ModelRunner
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.sampling.params import SamplingParams
 from engine.step_trace import StepTrace
@@ -41,6 +41,8 @@ class RequestState:
     last_token_time: float | None = None
     pending_ids: list[int] = field(default_factory=list)  # sampled this step, not yet reported
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    # With params.prompt_logprobs: filled by position as prefill chunks run, sent with the first output.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class LLMEngine:
@@ -82,6 +84,7 @@ class LLMEngine:
             self.eos_token_ids,
             self.async_scheduling,
             self._accept_token,
+            self._store_prompt_logprobs,
             self.trace,
         )
         m = self.metrics
@@ -112,6 +115,7 @@ class LLMEngine:
             seq=seq,
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens),
             stop_strings=StopStringChecker(params.stop, params.include_stop_str_in_output),
+            prompt_logprobs=[None] * len(prompt_token_ids) if params.prompt_logprobs is not None else None,
         )
         self.scheduler.add(seq)
 
@@ -152,6 +156,15 @@ class LLMEngine:
         self.metrics.labels(self.metrics.generation_tokens).inc(len(outputs))  # one output per token read
         self._update_gauges()
         return outputs
+
+    def _store_prompt_logprobs(self, launched: LaunchedStep) -> None:
+        """A step's prompt logprobs (requests that asked), read before its tokens: the first output carries them."""
+        assert launched.prompt_logprobs is not None
+        for span in launched.prompt_logprobs.result():
+            state = self.requests.get(span.request_id)
+            if state is not None and state.prompt_logprobs is not None:
+                end = span.first_token + len(span.entries)
+                state.prompt_logprobs[span.first_token : end] = span.entries
 
     def _accept_token(
         self, seq: Sequence, token_id: int, logprob: TokenLogprob | None, now: float
@@ -211,8 +224,10 @@ class LLMEngine:
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=seq.num_output_tokens,
             num_cached_tokens=seq.num_cached_tokens,
+            prompt_logprobs=state.prompt_logprobs,
         )
         state.pending_ids, state.pending_logprobs = [], []
+        state.prompt_logprobs = None  # sent once, with the first output
         return out
 
     def _finish(

@@ -106,7 +106,9 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.num_output_placeholders:  # preempted with a token in flight: recompute once it is known
                 break
-            hit = self.kv.match_prefix(seq) if seq.num_computed_tokens == 0 else NO_PREFIX_HIT
+            # A request for prompt logprobs needs every prompt token computed: no prefix cache for it.
+            use_cache = seq.num_computed_tokens == 0 and seq.params.prompt_logprobs is None
+            hit = self.kv.match_prefix(seq) if use_cache else NO_PREFIX_HIT
             num_cached = hit.num_tokens
             num_new = min(seq.num_tokens - num_cached, budget)
             if not self.kv.allocate(seq, num_new, hit):

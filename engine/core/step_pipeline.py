@@ -37,6 +37,8 @@ if TYPE_CHECKING:  # the core stays importable without torch
 # Called for each token read, in order: (sequence, token id, its logprob entry, read time) -> the
 # request's output delta (the engine's stop checks and detokenization; it may finish the sequence).
 AcceptToken = Callable[[Sequence, int, "TokenLogprob | None", float], "RequestOutput"]
+# Called once per read step that computed prompt logprobs (requests that asked), before its tokens.
+AcceptPromptLogprobs = Callable[["LaunchedStep"], None]
 
 
 def in_flight_token_is_last(seq: Sequence, max_model_len: int | None) -> bool:
@@ -64,6 +66,7 @@ class StepPipeline:
         eos_token_ids: set[int],
         overlap: bool,
         accept: AcceptToken,
+        accept_prompt_logprobs: AcceptPromptLogprobs,
         trace: StepTrace | None = None,
     ) -> None:
         self.scheduler = scheduler
@@ -71,6 +74,7 @@ class StepPipeline:
         self.eos_token_ids = eos_token_ids
         self.overlap = overlap  # async scheduling: launch step N+1 before reading step N's tokens
         self.accept = accept
+        self.accept_prompt_logprobs = accept_prompt_logprobs
         self.trace = trace
         self.in_flight: LaunchedStep | None = None  # launched, tokens not read yet (overlap only)
         self.in_flight_reads_tokens = False  # rule 5 holds for the step in flight
@@ -120,6 +124,8 @@ class StepPipeline:
             launched.trace["done"] = time.perf_counter()
             launched.trace["waited_ms"] = round((launched.trace["done"] - waiting) * 1e3, 3)
         now = time.monotonic()
+        if launched.prompt_logprobs is not None:  # before the tokens: the first output carries them
+            self.accept_prompt_logprobs(launched)
         outputs: list[RequestOutput] = []
         for scheduled, token_id, logprob in zip(result.seqs, result.token_ids, result.logprobs, strict=True):
             seq = scheduled.seq
