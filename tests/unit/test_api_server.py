@@ -692,7 +692,7 @@ async def test_every_route_but_probes_and_scrapes_needs_the_key(engine: FakeEngi
     checked = set()
     try:
         for route in app.router.routes():
-            path = route.resource.canonical.replace("{model}", MODEL) if route.resource else ""
+            path = route.resource.canonical.replace("{id}", MODEL) if route.resource else ""
             if route.method == "HEAD" or path in ("/health", "/metrics", "/version"):
                 continue
             for headers in ({}, {"Authorization": "Bearer s3cre"}, {"Authorization": "Bearer s3cret\u00e9"}):
