@@ -40,6 +40,7 @@ class StepArrays:
     # [R] int64, filled under tensor parallelism: token rows whose logits are computed (the last
     # token of each sequence sampled this step)
     sample_rows: np.ndarray
+    prompt_rows: np.ndarray  # [P, 2] int64, likewise: (first row, rows) of each prompt-logprobs chunk
     num_decodes: int
     fed: bool  # some input ids are tokens still on rank 0's device (async scheduling)
 
@@ -47,29 +48,21 @@ class StepArrays:
 
     def pack(self) -> bytes:
         s, b = self.block_tables.shape
-        header = [
-            Op.STEP,
-            len(self.input_ids),
-            s,
-            b,
-            self.num_decodes,
-            len(self.sample_rows),
-            int(self.fed),
-            0,
-        ]
+        counts = [len(self.input_ids), s, b, self.num_decodes, len(self.sample_rows), int(self.fed)]
+        header = [Op.STEP, *counts, len(self.prompt_rows)]
         parts = [header, self.slot_mapping, self.query_start_loc, self.seq_lens, self.block_tables.reshape(-1),
-                 self.input_ids, self.positions, self.sample_rows]  # fmt: skip
+                 self.input_ids, self.positions, self.sample_rows, self.prompt_rows.reshape(-1)]  # fmt: skip
         return np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]).tobytes()
 
     @classmethod
     def unpack(cls, message: np.ndarray) -> StepArrays:
-        _, t, s, b, num_decodes, r, fed, _ = (int(x) for x in message[: cls.HEADER])
-        sizes = [t, s + 1, s, s * b, t, t, r]
+        _, t, s, b, num_decodes, r, fed, p = (int(x) for x in message[: cls.HEADER])
+        sizes = [t, s + 1, s, s * b, t, t, r, 2 * p]
         chunks, at = [], cls.HEADER
         for n in sizes:
             chunks.append(message[at : at + n])
             at += n
-        slots, qsl, seq_lens, tables, ids, positions, rows = chunks
+        slots, qsl, seq_lens, tables, ids, positions, rows, prompt_rows = chunks
         return cls(
             slot_mapping=slots.copy(),
             query_start_loc=qsl.astype(np.int32),
@@ -78,6 +71,7 @@ class StepArrays:
             input_ids=ids.copy(),
             positions=positions.copy(),
             sample_rows=rows.copy(),
+            prompt_rows=prompt_rows.reshape(p, 2),
             num_decodes=num_decodes,
             fed=bool(fed),
         )

@@ -20,6 +20,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.distributed.messages import Op, StepArrays
+from engine.model.prompt_logprobs import join_prompt_logprob_gathers
 
 if TYPE_CHECKING:
     from engine.model.runner import ModelRunner
@@ -118,3 +119,5 @@ class Follower:
         if len(arrays.sample_rows):
             rows = torch.from_numpy(arrays.sample_rows).to(runner.device)
             runner.model.compute_logits(hidden.index_select(0, rows))  # this rank's block, sent to rank 0
+        if len(arrays.prompt_rows):  # prompt logprobs: the same slices as rank 0's, in the same order
+            join_prompt_logprob_gathers(hidden, arrays.prompt_rows.tolist(), runner.model.compute_logits)

@@ -53,21 +53,28 @@ def variant_dir(tmp_path_factory, smollm2_tokenizer):
 
 
 def run(engine: LLMEngine, params: SamplingParams) -> dict[int, tuple[list[int], list]]:
+    """Per prompt: output ids, and the logprobs of the outputs then (with prompt_logprobs) the prompt's."""
     for i, prompt in enumerate(PROMPTS):
         engine.add_request(f"r{i}", prompt, params)
     out: dict[int, tuple[list[int], list]] = {i: ([], []) for i in range(len(PROMPTS))}
+    prompts: dict[int, list] = {}
     while engine.has_unfinished():
         for o in engine.step():
             ids, logprobs = out[int(o.request_id[1:])]
             ids.extend(o.new_token_ids)
             logprobs.extend(o.new_logprobs or [])
+            if o.prompt_logprobs is not None:
+                prompts[int(o.request_id[1:])] = o.prompt_logprobs[1:]  # the first token has none
+    for i, entries in prompts.items():
+        out[i][1].extend(entries)
     return out
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_two_ranks_give_the_tokens_and_logprobs_of_one(variant_dir, name):
     path = str(variant_dir(name))
-    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=3)
+    # prompt logprobs too: their rows go through every rank's LM head, in the same slices
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=3, prompt_logprobs=2)
     base = dict(model=path, device="cpu", dtype="float32", block_size=4)
     one = LLMEngine(config := EngineConfig(**base), load_model(config))
     expected = run(one, params)
@@ -82,6 +89,7 @@ def test_two_ranks_give_the_tokens_and_logprobs_of_one(variant_dir, name):
     finally:
         two.close()
     assert not two.runner.tp.workers[0].is_alive() and two.runner.tp.workers[0].exitcode == 0
+    assert all(len(lp) == 10 + len(PROMPTS[i]) - 1 for i, (_, lp) in expected.items())
     for i in expected:
         assert got[i][0] == expected[i][0], f"prompt {i}"
         for ours, theirs in zip(got[i][1], expected[i][1], strict=True):

@@ -54,6 +54,7 @@ class Submitted:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    cache_salt: str | None = None
 
 
 @dataclass
@@ -78,11 +79,15 @@ class FakeEngine:
         self.aborted.add(request_id)
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         if self.full_after is not None and len(self.submitted) >= self.full_after:
             raise QueueFullError("queue full")
-        self.submitted.append(Submitted(request_id, prompt_token_ids, params))
+        self.submitted.append(Submitted(request_id, prompt_token_ids, params, cache_salt))
         reply = self.tokenizer.encode(REPLY, add_special_tokens=False)
         finished = False
         try:
@@ -344,6 +349,20 @@ async def test_sampling_fields_reach_the_engine(openai_client: AsyncOpenAI, engi
     assert p.ignore_eos and p.include_stop_str_in_output and not p.skip_special_tokens and p.logprobs is None
 
 
+async def test_cache_salt_reaches_the_engine_for_every_choice(
+    openai_client: AsyncOpenAI, engine: FakeEngine
+) -> None:
+    await openai_client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2, n=2,
+        extra_body={"cache_salt": "tenant-a"},
+    )  # fmt: skip
+    await openai_client.completions.create(
+        model=MODEL, prompt=["one", "two"], max_tokens=2, extra_body={"cache_salt": "tenant-b"}
+    )
+    await openai_client.completions.create(model=MODEL, prompt="unsalted", max_tokens=2)
+    assert [s.cache_salt for s in engine.submitted] == ["tenant-a"] * 2 + ["tenant-b"] * 2 + [None]
+
+
 # ---------------------------------------------------------------- logprobs
 
 
@@ -394,6 +413,8 @@ async def error_of(resp) -> tuple[int, dict]:
         ({"prompt": "hi", "n": 0}, "n"),
         ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
         ({"prompt": "hi", "logprobs": 21}, "logprobs"),
+        ({"prompt": "hi", "cache_salt": ""}, "cache_salt"),
+        ({"prompt": "hi", "cache_salt": 7}, "cache_salt"),
         ({"prompt": 42}, "prompt"),
         ({"prompt": []}, "prompt"),
         ({}, "prompt"),
@@ -647,6 +668,39 @@ async def test_served_model_aliases(engine: FakeEngine) -> None:
     try:
         resp = await client.post("/v1/completions", json={"model": "alias", "prompt": "hi", "max_tokens": 1})
         assert resp.status == 200 and (await resp.json())["model"] == "primary"
+    finally:
+        await client.close()
+
+
+async def test_models_retrieve_hf_style_names(engine: FakeEngine) -> None:
+    client = await serve(build_app(engine, served_model_names=["org/model-1b", "alias"]))
+    try:
+        sdk = AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="unused", max_retries=0)
+        card = await sdk.models.retrieve("org/model-1b")
+        assert (card.id, card.object) == ("org/model-1b", "model")
+        assert (await sdk.models.retrieve("alias")).id == "alias"
+        with pytest.raises(NotFoundError) as info:
+            await sdk.models.retrieve("org/other")
+        assert info.value.code == "model_not_found" and info.value.param == "model"
+    finally:
+        await client.close()
+
+
+async def test_every_route_but_probes_and_scrapes_needs_the_key(engine: FakeEngine) -> None:
+    app = build_app(engine, api_key="s3cret")
+    client = await serve(app)
+    checked = set()
+    try:
+        for route in app.router.routes():
+            path = route.resource.canonical.replace("{id}", MODEL) if route.resource else ""
+            if route.method == "HEAD" or path in ("/health", "/metrics", "/version"):
+                continue
+            for headers in ({}, {"Authorization": "Bearer s3cre"}, {"Authorization": "Bearer s3cret\u00e9"}):
+                resp = await client.request(route.method, path, json={}, headers=headers)
+                status, err = await error_of(resp)
+                assert status == 401 and err["code"] == "invalid_api_key", (route.method, path, headers)
+            checked.add(path)
+        assert {"/v1/completions", "/v1/chat/completions", "/v1/models", f"/v1/models/{MODEL}"} <= checked
     finally:
         await client.close()
 
