@@ -13,7 +13,7 @@ Weights are packed where it saves kernel launches: q/k/v in one ``qkv_proj``, ga
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -40,9 +40,9 @@ class LlamaFamilyVariant:
         attention_bias = bool(getattr(config, "attention_bias", False))
         if config.model_type == "qwen2":  # q/k/v always carry a bias, o never does
             return cls(qkv_bias=True, o_bias=False, mlp_bias=False, qk_norm=False)
-        if config.model_type == "qwen3":
+        if config.model_type in ("qwen3", "qwen3_moe"):
             return cls(qkv_bias=attention_bias, o_bias=attention_bias, mlp_bias=False, qk_norm=True)
-        if config.model_type == "mistral":
+        if config.model_type in ("mistral", "mixtral"):
             return cls(qkv_bias=False, o_bias=False, mlp_bias=False, qk_norm=False)
         return cls(
             qkv_bias=attention_bias,
@@ -112,6 +112,10 @@ class LlamaMLP(nn.Module):
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
+# Builds one decoder layer's MLP from its index: the dense LlamaMLP, or (MoE families) a sparse block.
+MlpFactory = Callable[[int], nn.Module]
+
+
 class LlamaDecoderLayer(nn.Module):
     def __init__(
         self,
@@ -119,12 +123,13 @@ class LlamaDecoderLayer(nn.Module):
         variant: LlamaFamilyVariant,
         rotary: RotaryEmbedding,
         attn_backend: AttentionBackend,
+        mlp: nn.Module,
     ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = LlamaAttention(config, variant, rotary, attn_backend)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config, variant)
+        self.mlp = mlp
 
     def forward(
         self,
@@ -152,11 +157,13 @@ class LlamaModel(nn.Module):
         variant: LlamaFamilyVariant,
         rotary: RotaryEmbedding,
         attn_backend: AttentionBackend,
+        mlp_factory: MlpFactory,
     ) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, variant, rotary, attn_backend) for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, variant, rotary, attn_backend, mlp_factory(i))
+            for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -186,7 +193,9 @@ _PACKED_SHARDS = {
 
 
 class LlamaForCausalLM(nn.Module):
-    """Parameters are allocated uninitialised (meta device, then ``to_empty``): call ``load_weights``."""
+    """Parameters are allocated uninitialised (meta device, then ``to_empty``): call ``load_weights``.
+    ``mlp_factory`` gives each decoder layer its MLP (default: the dense LlamaMLP); it runs on the meta
+    device like the rest of the model."""
 
     def __init__(
         self,
@@ -195,6 +204,7 @@ class LlamaForCausalLM(nn.Module):
         dtype: torch.dtype,
         device: torch.device | str,
         max_positions: int | None = None,
+        mlp_factory: MlpFactory | None = None,
     ) -> None:
         super().__init__()
         device = torch.device(device)
@@ -210,7 +220,8 @@ class LlamaForCausalLM(nn.Module):
             device,
         )
         with _default_dtype(dtype), torch.device("meta"):
-            self.model = LlamaModel(hf_config, self.variant, rotary, attn_backend)
+            mlp_factory = mlp_factory or (lambda _: LlamaMLP(hf_config, self.variant))
+            self.model = LlamaModel(hf_config, self.variant, rotary, attn_backend, mlp_factory)
             self.lm_head = nn.Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
         self.to_empty(device=device)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))

@@ -11,12 +11,11 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from engine.config import EngineConfig
 from engine.model.attention import AttentionBackend, TorchAttention
-from engine.model.llama import (
-    SUPPORTED_ARCHITECTURES,
-    SUPPORTED_MODEL_TYPES,
-    LlamaForCausalLM,
-    head_dim_of,
-)
+from engine.model.llama import SUPPORTED_ARCHITECTURES as LLAMA_ARCHITECTURES
+from engine.model.llama import SUPPORTED_MODEL_TYPES as LLAMA_MODEL_TYPES
+from engine.model.llama import LlamaForCausalLM, head_dim_of
+from engine.model.moe import MOE_MODEL_TYPES, unsupported_moe_features
+from engine.model.moe_family import MOE_ARCHITECTURES, MoeForCausalLM
 from engine.model.sources import ModelLoadError, ModelSource, resolve_model_source
 
 __all__ = ["LoadedModel", "ModelLoadError", "load_model"]
@@ -24,6 +23,8 @@ __all__ = ["LoadedModel", "ModelLoadError", "load_model"]
 log = logging.getLogger(__name__)
 
 FALLBACK_MAX_MODEL_LEN = 2048  # for configs that do not state max_position_embeddings
+SUPPORTED_ARCHITECTURES = LLAMA_ARCHITECTURES + MOE_ARCHITECTURES
+SUPPORTED_MODEL_TYPES = LLAMA_MODEL_TYPES + MOE_MODEL_TYPES
 
 
 @dataclass
@@ -61,7 +62,8 @@ def load_model(config: EngineConfig, attn_backend: AttentionBackend | None = Non
     if attn_backend is None:
         attn_backend = default_attention_backend(device)
 
-    model = LlamaForCausalLM(hf_config, attn_backend, dtype, device, max_positions=max_model_len)
+    model_class = MoeForCausalLM if hf_config.model_type in MOE_MODEL_TYPES else LlamaForCausalLM
+    model = model_class(hf_config, attn_backend, dtype, device, max_positions=max_model_len)
     try:
         model.load_weights(source.iter_weights())
     except ValueError as exc:  # a checkpoint that does not fit the config: say which model
@@ -114,6 +116,13 @@ def check_supported(hf_config: PretrainedConfig, source: ModelSource) -> None:
         raise ModelLoadError(
             f"{source.label}: unsupported {found}; supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
+    if hf_config.model_type in MOE_MODEL_TYPES:
+        features = unsupported_moe_features(hf_config)
+        if features:
+            raise ModelLoadError(
+                f"{source.label}: this {hf_config.model_type} model uses {'; '.join(features)}, "
+                "which kubellm's MoE layers do not support"
+            )
 
 
 def resolve_device(requested: str) -> torch.device:

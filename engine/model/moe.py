@@ -138,6 +138,22 @@ class MoeExperts(nn.Module):
             tensor.narrow(0, start, self.inter)
         )
 
+    def load_fused_checkpoint_tensor(self, part: str, tensor: torch.Tensor) -> list[tuple[str, int]]:
+        """All experts at once from transformers 5's fused layout: gate_up [E, 2I, H] (gate rows, then
+        up rows) or down [E, H, I]. Returns the (part, expert) pairs filled."""
+        self._expect(tensor, (self.num_experts, *tensor.shape[1:]))
+        filled = []
+        for e in range(self.num_experts):
+            if part == "down":
+                self.load_checkpoint_tensor("down", e, tensor[e])
+                filled.append(("down", e))
+            else:
+                gate, up = tensor[e].chunk(2, dim=0)
+                self.load_checkpoint_tensor("gate", e, gate)
+                self.load_checkpoint_tensor("up", e, up)
+                filled += [("gate", e), ("up", e)]
+        return filled
+
     @staticmethod
     def _expect(tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
         if tuple(tensor.shape) != shape:
@@ -181,8 +197,8 @@ class ExpertTensor:
     """Where one checkpoint tensor of a MoE block goes."""
 
     experts_prefix: str  # our module path, e.g. "model.layers.3.mlp.experts"
-    part: str  # gate, up or down
-    expert: int
+    part: str  # gate, up or down of one expert; gate_up or down of all (transformers 5's fused layout)
+    expert: int | None  # None: all experts, fused
 
 
 # checkpoint projection name -> part (Mixtral's w1/w3/w2 are gate/up/down)
@@ -202,14 +218,16 @@ def checkpoint_name(hf_name: str) -> str:
 
 
 def expert_tensor(name: str) -> ExpertTensor | None:
-    """``...mlp.experts.7.gate_proj.weight`` -> its target; None for anything that is not an expert
-    weight (the router ``mlp.gate.weight`` is an ordinary parameter). Hub checkpoints name each expert
-    apart; transformers 5 writes them that way too."""
+    """``...mlp.experts.7.gate_proj.weight`` (hub checkpoints, and what transformers 5 saves) or
+    ``...mlp.experts.gate_up_proj`` (transformers 5's in-memory state dict) -> its target; None for
+    anything that is not an expert weight (the router ``mlp.gate.weight`` is an ordinary parameter)."""
     head, sep, tail = name.partition(".experts.")
     if not sep:
         return None
     prefix = head + ".experts"
     parts = tail.split(".")
+    if len(parts) == 1 and parts[0] in ("gate_up_proj", "down_proj"):
+        return ExpertTensor(prefix, "gate_up" if parts[0] == "gate_up_proj" else "down", None)
     if len(parts) == 3 and parts[0].isdigit() and parts[1] in _EXPERT_PARTS and parts[2] == "weight":
         return ExpertTensor(prefix, _EXPERT_PARTS[parts[1]], int(parts[0]))
     return None
