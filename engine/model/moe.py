@@ -10,9 +10,10 @@ Two implementations of the experts share those parameters: ``TorchMoeExperts`` (
 experts some token chose, the CPU path, the same arithmetic as transformers) and ``FusedMoeExperts``
 (engine.kernels.fused_moe: two grouped Triton GEMMs, CUDA graph capturable).
 
-Tensor parallelism (tp_size ranks) splits every expert's intermediate dimension, as the dense MLP's
-column/row split does: rank r holds gate/up rows and down columns [r*I/tp, (r+1)*I/tp) of every expert,
-loads only those from the checkpoint, and its output is a partial sum the caller all-reduces.
+Both are built by engine.model.layer_kit.LayerKit.moe_experts. Tensor parallelism splits every
+expert's intermediate dimension, as the dense MLP's column/row split does: rank r of N holds gate/up
+rows and down columns [r*I/N, (r+1)*I/N) of every expert, reads only those from the checkpoint, and the
+block all-reduces its partial sums (one all-reduce per layer, as the dense MLP's down projection).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
+
+from engine.model.linear import all_reduce
+from engine.model.sharding import CheckpointTensor, Shard, as_checkpoint_tensor, copy_checked
 
 MOE_MODEL_TYPES = ("qwen3_moe", "mixtral")
 
@@ -90,7 +94,7 @@ class TopKRouter(nn.Module):
 
     def __init__(self, hidden_size: int, spec: MoeSpec) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(spec.num_experts, hidden_size))
+        self.weight = nn.Parameter(torch.empty(spec.num_experts, hidden_size), requires_grad=False)
         self.top_k = spec.top_k
         self.renormalize = spec.renormalize
 
@@ -105,57 +109,67 @@ class TopKRouter(nn.Module):
 
 class MoeExperts(nn.Module):
     """The experts' weights (this rank's share of each expert's intermediate dimension) and where each
-    checkpoint tensor goes; subclasses compute."""
+    checkpoint tensor goes; subclasses compute. With a ``matmul_dtype`` (CPU mixed precision) the
+    weights are kept in it, as the mixed-precision linears' are."""
 
-    def __init__(self, hidden_size: int, spec: MoeSpec, tp_rank: int = 0, tp_size: int = 1) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        spec: MoeSpec,
+        shard: Shard | None = None,
+        matmul_dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
-        if spec.intermediate_size % tp_size:
-            raise ValueError(
-                f"moe intermediate size {spec.intermediate_size} is not divisible by "
-                f"tensor parallel size {tp_size}"
-            )
+        self.shard = shard or Shard()
+        self.inter_start, self.inter = self.shard.even(spec.intermediate_size, "moe_intermediate_size")
+        self.full_inter = spec.intermediate_size
         self.num_experts = spec.num_experts
         self.hidden_size = hidden_size
-        self.inter = spec.intermediate_size // tp_size  # this rank's share
-        self.tp_rank = tp_rank
-        self.tp_size = tp_size
-        self.gate_up_proj = nn.Parameter(torch.empty(spec.num_experts, 2 * self.inter, hidden_size))
-        self.down_proj = nn.Parameter(torch.empty(spec.num_experts, hidden_size, self.inter))
+        dtype = matmul_dtype or torch.get_default_dtype()
+        self.gate_up_proj = nn.Parameter(
+            torch.empty(spec.num_experts, 2 * self.inter, hidden_size, dtype=dtype), requires_grad=False
+        )
+        self.down_proj = nn.Parameter(
+            torch.empty(spec.num_experts, hidden_size, self.inter, dtype=dtype), requires_grad=False
+        )
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def load_checkpoint_tensor(self, part: str, expert: int, tensor: torch.Tensor) -> None:
-        """Copy this rank's slice of one expert's gate or up ([I, H]: rows) or down ([H, I]: columns)."""
-        start = self.tp_rank * self.inter
+    def load_checkpoint_tensor(self, part: str, expert: int, tensor: torch.Tensor | CheckpointTensor) -> None:
+        """Read this rank's slice of one expert's gate or up ([I, H]: rows) or down ([H, I]: columns)."""
+        tensor = as_checkpoint_tensor(tensor)
         if part == "down":
-            self._expect(tensor, (self.hidden_size, self.inter * self.tp_size))
-            self.down_proj.data[expert].copy_(tensor.narrow(1, start, self.inter))
+            self._expect(tensor, (self.hidden_size, self.full_inter))
+            source = tensor.read(1, self.inter_start, self.inter)
+            copy_checked(self.down_proj.data[expert], source, tuple(tensor.shape))
             return
-        self._expect(tensor, (self.inter * self.tp_size, self.hidden_size))
+        self._expect(tensor, (self.full_inter, self.hidden_size))
         offset = 0 if part == "gate" else self.inter
-        self.gate_up_proj.data[expert, offset : offset + self.inter].copy_(
-            tensor.narrow(0, start, self.inter)
-        )
+        target = self.gate_up_proj.data[expert, offset : offset + self.inter]
+        copy_checked(target, tensor.read(0, self.inter_start, self.inter), tuple(tensor.shape))
 
-    def load_fused_checkpoint_tensor(self, part: str, tensor: torch.Tensor) -> list[tuple[str, int]]:
+    def load_fused_checkpoint_tensor(
+        self, part: str, tensor: torch.Tensor | CheckpointTensor
+    ) -> list[tuple[str, int]]:
         """All experts at once from transformers 5's fused layout: gate_up [E, 2I, H] (gate rows, then
         up rows) or down [E, H, I]. Returns the (part, expert) pairs filled."""
-        self._expect(tensor, (self.num_experts, *tensor.shape[1:]))
+        whole = as_checkpoint_tensor(tensor).read()
+        self._expect(whole, (self.num_experts, *whole.shape[1:]))
         filled = []
         for e in range(self.num_experts):
             if part == "down":
-                self.load_checkpoint_tensor("down", e, tensor[e])
+                self.load_checkpoint_tensor("down", e, whole[e])
                 filled.append(("down", e))
             else:
-                gate, up = tensor[e].chunk(2, dim=0)
+                gate, up = whole[e].chunk(2, dim=0)
                 self.load_checkpoint_tensor("gate", e, gate)
                 self.load_checkpoint_tensor("up", e, up)
                 filled += [("gate", e), ("up", e)]
         return filled
 
     @staticmethod
-    def _expect(tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
+    def _expect(tensor: torch.Tensor | CheckpointTensor, shape: tuple[int, ...]) -> None:
         if tuple(tensor.shape) != shape:
             raise ValueError(f"checkpoint shape {tuple(tensor.shape)} != expected {shape}")
 
@@ -180,7 +194,7 @@ class TorchMoeExperts(MoeExperts):
 
 class SparseMoeBlock(nn.Module):
     """Router (``gate``, as checkpoints name it) then experts: [T, H] -> [T, H]. Under tensor
-    parallelism the result is this rank's partial sum."""
+    parallelism the ranks' partial sums are all-reduced (the router is replicated)."""
 
     def __init__(self, hidden_size: int, spec: MoeSpec, experts: MoeExperts) -> None:
         super().__init__()
@@ -189,7 +203,8 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         topk_weights, topk_ids = self.gate(x)
-        return self.experts(x, topk_weights, topk_ids)
+        out = self.experts(x, topk_weights, topk_ids)
+        return all_reduce(out) if self.experts.shard.size > 1 else out
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """Qwen3-MoE and Mixtral: the Llama family's decoder with the MLP replaced by a sparse MoE block.
 
 Attention, norms, rotary, embedding and head are the Llama family's (Qwen3-MoE attends like Qwen3,
-with q/k norms; Mixtral like Mistral). What differs is read from the config by engine.model.moe.MoeSpec:
-how many experts, how many each token takes, whether their weights are renormalised, and (Qwen3-MoE's
-``mlp_only_layers`` / ``decoder_sparse_step``) which layers keep a dense MLP.
+with q/k norms; Mixtral like Mistral), built by the same LayerKit. What differs is read from the config
+by engine.model.moe.MoeSpec: how many experts, how many each token takes, whether their weights are
+renormalised, and (Qwen3-MoE's ``mlp_only_layers`` / ``decoder_sparse_step``) which layers keep a dense
+MLP. The experts come from ``kit.moe_experts``: the fused Triton kernel on CUDA, a plain loop on the CPU.
 """
 
 from __future__ import annotations
@@ -11,74 +12,35 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 import torch
-from transformers import PretrainedConfig
+from torch import nn
 
-from engine.model.attention import AttentionBackend
-from engine.model.llama import LlamaFamilyVariant, LlamaForCausalLM, LlamaMLP
-from engine.model.moe import (
-    MoeExperts,
-    MoeSpec,
-    SparseMoeBlock,
-    TorchMoeExperts,
-    checkpoint_name,
-    expert_tensor,
-)
+from engine.model.llama import LlamaForCausalLM
+from engine.model.moe import MoeExperts, MoeSpec, SparseMoeBlock, checkpoint_name, expert_tensor
+from engine.model.sharding import CheckpointTensor
 
 MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM", "MixtralForCausalLM")
 
 
-def experts_class_for(device: torch.device) -> type[MoeExperts]:
-    """The fused Triton kernel on CUDA (where Triton imports), the plain-torch loop elsewhere."""
-    if device.type == "cuda":
-        try:
-            from engine.kernels.fused_moe_layer import FusedMoeExperts
-        except ImportError:
-            return TorchMoeExperts
-        return FusedMoeExperts
-    return TorchMoeExperts
-
-
 class MoeForCausalLM(LlamaForCausalLM):
-    def __init__(
-        self,
-        hf_config: PretrainedConfig,
-        attn_backend: AttentionBackend,
-        dtype: torch.dtype,
-        device: torch.device | str,
-        max_positions: int | None = None,
-    ) -> None:
-        spec = MoeSpec.from_config(hf_config)
-        variant = LlamaFamilyVariant.from_config(hf_config)
-        experts_class = experts_class_for(torch.device(device))
-
-        def mlp(layer: int) -> torch.nn.Module:
-            if layer not in spec.sparse_layers:  # Qwen3-MoE's dense layers
-                return LlamaMLP(hf_config, variant)
-            return SparseMoeBlock(hf_config.hidden_size, spec, experts_class(hf_config.hidden_size, spec))
-
-        super().__init__(hf_config, attn_backend, dtype, device, max_positions, mlp_factory=mlp)
-        self.moe_spec = spec
+    def build_mlp(self, layer_index: int) -> nn.Module:
+        spec = MoeSpec.from_config(self.config)
+        if layer_index not in spec.sparse_layers:  # Qwen3-MoE's dense layers
+            return super().build_mlp(layer_index)
+        hidden = self.config.hidden_size
+        return SparseMoeBlock(hidden, spec, self.kit.moe_experts(hidden, spec))
 
     def expert_banks(self) -> Iterator[tuple[str, MoeExperts]]:
         for name, module in self.named_modules():
             if isinstance(module, MoeExperts):
                 yield name, module
 
-    def use_matmul_dtype(self, dtype: torch.dtype) -> None:
-        """CPU mixed precision: as the dense families, plus the experts' weights in `dtype` (their
-        loop then runs its matmuls there). The router keeps the model's dtype."""
-        super().use_matmul_dtype(dtype)
-        for _, experts in self.expert_banks():
-            experts.gate_up_proj.data = experts.gate_up_proj.data.to(dtype)
-            experts.down_proj.data = experts.down_proj.data.to(dtype)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Expert tensors go to their bank (each expert's gate, up and down into its slices of the
-        packed parameters); everything else is the Llama family's."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | CheckpointTensor]]) -> None:
+        """Expert tensors go to their bank (each expert's gate, up and down into this rank's slices of
+        the packed parameters); everything else is the Llama family's."""
         banks = dict(self.expert_banks())
         loaded: set[tuple[str, str, int]] = set()
 
-        def dense_weights() -> Iterator[tuple[str, torch.Tensor]]:
+        def dense_weights() -> Iterator[tuple[str, torch.Tensor | CheckpointTensor]]:
             for hf_name, tensor in weights:
                 name = checkpoint_name(hf_name)
                 target = expert_tensor(name)
@@ -109,5 +71,6 @@ class MoeForCausalLM(LlamaForCausalLM):
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} expert tensors, e.g. {', '.join(missing[:5])}")
 
-    def _expected_shards(self) -> set[tuple[str, str]]:
-        return {(name, shard) for name, shard in super()._expected_shards() if ".experts." not in name}
+    def _expected_parts(self) -> set[tuple[str, str]]:
+        # the experts' parameters are checked by load_weights, expert by expert
+        return {(name, part) for name, part in super()._expected_parts() if ".experts." not in name}

@@ -13,9 +13,11 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBl
 
 from engine.config import EngineConfig
 from engine.model.attention import TorchAttention
+from engine.model.layer_kit import LayerKit
 from engine.model.loader import ModelLoadError, load_model
 from engine.model.moe import MoeExperts, MoeSpec, SparseMoeBlock, TorchMoeExperts
 from engine.model.moe_family import MoeForCausalLM
+from engine.model.sharding import Shard
 
 SMALL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
 
@@ -149,7 +151,7 @@ def test_a_tensor_parallel_rank_holds_its_share_of_every_expert():
     torch.manual_seed(1)
     gate, up, down = torch.randn(8, 24, 32), torch.randn(8, 24, 32), torch.randn(8, 32, 24)
     whole = TorchMoeExperts(32, spec)
-    ranks = [TorchMoeExperts(32, spec, tp_rank=r, tp_size=3) for r in range(3)]
+    ranks = [TorchMoeExperts(32, spec, Shard(rank=r, size=3)) for r in range(3)]
     for bank in [whole, *ranks]:
         for e in range(8):
             bank.load_checkpoint_tensor("gate", e, gate[e])
@@ -163,23 +165,28 @@ def test_a_tensor_parallel_rank_holds_its_share_of_every_expert():
     weights, ids = torch.rand(5, 3), torch.stack([torch.randperm(8)[:3] for _ in range(5)])
     partial = sum(bank(x, weights, ids) for bank in ranks)
     torch.testing.assert_close(partial, whole(x, weights, ids), rtol=1e-5, atol=1e-4)
-    with pytest.raises(ValueError, match="not divisible by tensor parallel size 5"):
-        MoeExperts(32, spec, tp_rank=0, tp_size=5)
+    with pytest.raises(
+        ValueError, match="moe_intermediate_size 24 is not divisible by --tensor-parallel-size 5"
+    ):
+        MoeExperts(32, spec, Shard(rank=0, size=5))
 
 
-def test_cpu_mixed_precision_keeps_the_router_and_casts_the_experts():
+def test_cpu_mixed_precision_keeps_the_router_and_runs_the_experts_in_bfloat16():
     config = qwen3_moe()
-    model = MoeForCausalLM(config, TorchAttention(), torch.float32, "cpu")
-    model.load_weights(random_state(config).items())
-    x = torch.randn(6, config.hidden_size)
-    block = model.model.layers[0].mlp
-    with torch.no_grad():
-        full = block(x)
-        model.use_matmul_dtype(torch.bfloat16)
-        mixed = block(x)
+    state = random_state(config)
+    full = MoeForCausalLM(config, TorchAttention(), torch.float32, "cpu")
+    mixed = MoeForCausalLM(
+        config, TorchAttention(), torch.float32, "cpu", kit=LayerKit(matmul_dtype=torch.bfloat16)
+    )
+    for model in (full, mixed):
+        model.load_weights(state.items())
+    block = mixed.model.layers[0].mlp
     assert block.experts.gate_up_proj.dtype == torch.bfloat16 and block.gate.weight.dtype == torch.float32
-    assert mixed.dtype == torch.float32
-    torch.testing.assert_close(mixed, full, rtol=0.05, atol=0.05 * full.abs().max().item())
+    x = torch.randn(6, config.hidden_size)
+    with torch.no_grad():
+        expected, got = full.model.layers[0].mlp(x), block(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05 * expected.abs().max().item())
 
 
 @pytest.mark.parametrize(
@@ -202,3 +209,15 @@ def test_qwen2_moe_is_refused_naming_the_supported_moe_architectures(tmp_path):
         load_model(EngineConfig(model=str(tmp_path), device="cpu"))
     assert "Qwen2MoeForCausalLM" in str(err.value)
     assert "Qwen3MoeForCausalLM" in str(err.value) and "MixtralForCausalLM" in str(err.value)
+
+
+def test_the_kit_builds_fused_experts_for_cuda_and_the_loop_for_the_cpu():
+    pytest.importorskip("triton")
+    from engine.kernels.fused_moe_layer import FusedMoeExperts
+
+    config = mixtral()
+    cuda_kit = LayerKit.for_device(torch.device("cuda"))  # built on the CPU: constructing needs no GPU
+    for kit, kind in ((cuda_kit, FusedMoeExperts), (LayerKit(), TorchMoeExperts)):
+        model = MoeForCausalLM(config, TorchAttention(), torch.float32, "cpu", kit=kit)
+        banks = [m for m in model.modules() if isinstance(m, MoeExperts)]
+        assert len(banks) == config.num_hidden_layers and all(type(b) is kind for b in banks)
