@@ -3,7 +3,8 @@
 ``fused_experts(x, w13, w2, topk_weights, topk_ids)`` computes, for every token t and each of its top_k
 experts e with routing weight p, ``sum_j p * w2[e] @ (silu(gate) * up)`` where ``[gate; up] = w13[e] @ x[t]``:
 
-1. slots (token, j) are sorted by expert and padded to whole blocks (engine.kernels.moe_align);
+1. slots (token, j) are sorted by expert and padded to whole blocks (engine.kernels.moe_align: one
+   Triton program for decode batches, torch ops for prefill);
 2. one launch computes gate and up for every slot block against its expert's ``w13`` rows and writes
    ``silu(gate) * up`` (two accumulators per program, so the [slots, 2I] product never reaches memory);
 3. one launch multiplies that by each slot's expert's ``w2`` and scales by the routing weight;
@@ -25,7 +26,12 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.moe_align import ExpertAlignment, align_slots_by_expert
+from engine.kernels.moe_align import (
+    SMALL_MAX_SLOTS,
+    ExpertAlignment,
+    align_slots_by_expert,
+    align_slots_by_expert_small,
+)
 
 
 @triton.jit
@@ -167,7 +173,9 @@ def fused_experts(
         return torch.empty_like(x)
     num_slots = num_tokens * top_k
     cfg = config or choose_block_config(num_slots, num_experts)
-    align = align_slots_by_expert(topk_ids, num_experts, cfg.block_m)
+    align = (align_slots_by_expert_small if num_slots <= SMALL_MAX_SLOTS else align_slots_by_expert)(
+        topk_ids, num_experts, cfg.block_m
+    )
     activated = torch.empty((num_slots, inter), dtype=x.dtype, device=x.device)
     _grouped_gemm(x, w13, activated, align, top_k, cfg, gated=True, weights=None)
     per_slot = torch.empty((num_slots, hidden), dtype=x.dtype, device=x.device)

@@ -5,8 +5,11 @@ runs blocks of BLOCK_M slots that all belong to one expert, so the slots are sor
 expert's run is padded up to a multiple of BLOCK_M with a sentinel slot (``num_slots``), which the
 kernel masks out.
 
-Built from torch ops whose output shapes depend only on the number of tokens (never on the routing),
-and without a device-to-host copy, so a decode step that uses it can be captured in a CUDA graph.
+Output shapes depend only on the number of tokens (never on the routing) and nothing is copied to the
+host, so a decode step that aligns can be captured in a CUDA graph. Two ways to the same result:
+``align_slots_by_expert`` (about 25 torch ops: sort, counts, prefix sums, scatter), for prefill-sized
+batches, and ``align_slots_by_expert_small`` (one Triton program that walks the experts), for decode
+batches, where 25 launches in each of 48 layers would cost as much as the step's weight reads.
 """
 
 from __future__ import annotations
@@ -14,6 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
+
+SMALL_MAX_SLOTS = 4096  # one program holds every slot id in registers up to here (512 tokens x top 8)
 
 
 @dataclass(frozen=True)
@@ -61,3 +68,46 @@ def align_slots_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int
         num_slots=num_slots,
         block_m=block_m,
     )
+
+
+@triton.jit
+def _align_small_kernel(
+    ids_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr, num_slots, num_experts,
+    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    # One program: for each expert in turn, its slots (in slot order) then sentinel padding to a whole
+    # block, and its blocks' expert id. Entries past num_padded are left unwritten: nothing reads them.
+    offs = tl.arange(0, BLOCK_S)
+    ids = tl.load(ids_ptr + offs, mask=offs < num_slots, other=-1)
+    pad = tl.arange(0, BLOCK_M)
+    start = tl.full([], 0, tl.int32)
+    for expert in range(num_experts):
+        hit = (ids == expert).to(tl.int32)
+        count = tl.sum(hit, axis=0)
+        if count > 0:
+            rank = tl.cumsum(hit, axis=0) - 1
+            tl.store(sorted_ptr + start + rank, offs, mask=hit > 0)
+            padded = (count + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+            tl.store(sorted_ptr + start + count + pad, tl.full([BLOCK_M], 0, tl.int32) + num_slots,
+                     mask=pad < padded - count)  # fmt: skip
+            for block in range(start // BLOCK_M, (start + padded) // BLOCK_M):
+                tl.store(block_expert_ptr + block, expert)
+            start += padded
+    tl.store(num_padded_ptr, start)
+
+
+def align_slots_by_expert_small(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertAlignment:
+    """What align_slots_by_expert computes, in one launch, for at most SMALL_MAX_SLOTS slots; entries
+    past num_padded are unset."""
+    num_slots = topk_ids.numel()
+    assert num_slots <= SMALL_MAX_SLOTS
+    max_padded = max_padded_slots(num_slots, num_experts, block_m)
+    device = topk_ids.device
+    sorted_slots = torch.empty(max_padded, dtype=torch.int32, device=device)
+    block_expert = torch.empty(max_padded // block_m, dtype=torch.int32, device=device)
+    num_padded = torch.empty(1, dtype=torch.int32, device=device)
+    _align_small_kernel[(1,)](
+        topk_ids.reshape(-1), sorted_slots, block_expert, num_padded, num_slots, num_experts,
+        BLOCK_M=block_m, BLOCK_S=max(16, triton.next_power_of_2(num_slots)),
+    )  # fmt: skip
+    return ExpertAlignment(sorted_slots, block_expert, num_padded, num_slots, block_m)

@@ -71,3 +71,22 @@ def test_fused_moe_replays_in_a_cuda_graph_with_new_routing():
     graph.replay()
     skewed.w13, skewed.w2, skewed.x = spread.w13, spread.w2, spread.x
     assert relative_error(out, reference_moe(skewed)) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("num_tokens", [1, 7, 64, 512])
+@pytest.mark.parametrize("num_experts, top_k", [(8, 2), (128, 8)])
+def test_one_program_alignment_equals_the_torch_alignment(num_tokens, num_experts, top_k):
+    """Decode batches align in one Triton program, prefill batches with torch ops: same result."""
+    from engine.kernels.fused_moe import choose_block_config
+    from engine.kernels.moe_align import align_slots_by_expert, align_slots_by_expert_small
+
+    case = make_moe_case(
+        num_tokens, num_experts, top_k, hidden=16, inter=16, dtype=torch.bfloat16, device="cuda"
+    )
+    block_m = choose_block_config(num_tokens * top_k, num_experts).block_m
+    a = align_slots_by_expert(case.topk_ids, num_experts, block_m)
+    b = align_slots_by_expert_small(case.topk_ids, num_experts, block_m)
+    n = int(a.num_padded)
+    assert n == int(b.num_padded)
+    assert torch.equal(a.sorted_slots[:n], b.sorted_slots[:n])
+    assert torch.equal(a.block_expert[: n // block_m], b.block_expert[: n // block_m])

@@ -1,5 +1,5 @@
-"""The fused MoE kernel's indexing and masking (slot sorting, padding, the gated first GEMM, the
-weighted second one), checked on the CPU through Triton's interpreter against the float32 reference,
+"""The fused MoE kernel's indexing and masking (slot sorting and padding, both ways; the gated first
+GEMM; the weighted second one), checked on the CPU through Triton's interpreter against the float32 reference,
 in a fresh process (the interpreter must be on before the kernel is defined). Tiny shapes, float32 and
 float16, each of the three block configurations, uneven routing. The GPU covers real sizes
 (test_fused_moe.py)."""
@@ -22,7 +22,7 @@ SCRIPT = r"""
 import torch
 from moe_reference import make_moe_case, reference_moe, relative_error
 from engine.kernels.fused_moe import choose_block_config, fused_experts
-from engine.kernels.moe_align import align_slots_by_expert
+from engine.kernels.moe_align import align_slots_by_expert, align_slots_by_expert_small
 
 f16, f32 = torch.float16, torch.float32
 # tokens, experts, top_k, hidden, inter, dtype, skew_to, expected block_m
@@ -49,6 +49,19 @@ assert n == 16, n
 assert slots == [1, 4, 8, 8] + [3, 8, 8, 8] + [0, 2, 5, 6] + [7, 8, 8, 8], slots
 assert a.block_expert[: n // 4].tolist() == [0, 1, 2, 3]
 assert set(a.sorted_slots[n:].tolist()) <= {8}
+
+# the one-program Triton alignment (decode batches) gives the torch one's result, unused experts and
+# an expert holding every token included
+g = torch.Generator().manual_seed(0)
+for tokens, experts, top_k, block_m in [(1, 8, 2, 16), (3, 128, 8, 16), (40, 4, 2, 4), (100, 64, 8, 32), (9, 6, 1, 16)]:
+    ids = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(tokens)])
+    if top_k == 1:
+        ids[:] = 2
+    a, b = align_slots_by_expert(ids, experts, block_m), align_slots_by_expert_small(ids, experts, block_m)
+    n = int(a.num_padded)
+    assert n == int(b.num_padded), (tokens, experts, n, int(b.num_padded))
+    assert torch.equal(a.sorted_slots[:n], b.sorted_slots[:n]), (tokens, experts)
+    assert torch.equal(a.block_expert[: n // block_m], b.block_expert[: n // block_m]), (tokens, experts)
 print("ok")
 """
 
