@@ -13,7 +13,13 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+# as test_kernels_on_cpu_interpreter: Triton 3.6's interpreter cannot take loop bounds computed from
+# loaded values (the one-program alignment has them); the CI's Triton (3.9) runs these kernels as they are
+pytestmark = pytest.mark.skipif(
+    tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 9),
+    reason="needs Triton >= 3.9's interpreter",
+)
 
 HERE = Path(__file__).parent
 REPO = HERE.parent.parent
