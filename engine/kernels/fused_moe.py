@@ -34,7 +34,8 @@ from engine.kernels.moe_align import (
 )
 
 
-@triton.jit
+# Per-step integers are not specialised on (divisibility by 16 would compile new variants mid-run).
+@triton.jit(do_not_specialize=["num_slots", "max_padded"])
 def _moe_gemm_kernel(
     a_ptr,  # [rows, K]: tokens (first GEMM, a slot reads row slot // TOP_K) or slots (second GEMM)
     b_ptr,  # [E, N or 2N, K]

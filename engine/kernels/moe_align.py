@@ -70,7 +70,7 @@ def align_slots_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_slots"])
 def _align_small_kernel(
     ids_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr, num_slots, num_experts,
     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,

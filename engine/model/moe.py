@@ -4,7 +4,7 @@
 Mixtral). Its parameters keep transformers' fused layout: ``experts.gate_up_proj`` [E, 2I, H] (each
 expert's gate rows, then its up rows) and ``experts.down_proj`` [E, H, I]; checkpoints name each
 expert's projections apart (``experts.3.gate_proj.weight``, Mixtral's ``w1``/``w3``/``w2``), and
-``checkpoint_target`` says where each lands.
+``expert_tensor`` says where each lands.
 
 Two implementations of the experts share those parameters: ``TorchMoeExperts`` (a loop over the
 experts some token chose, the CPU path, the same arithmetic as transformers) and ``FusedMoeExperts``
