@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import SMOLLM2_GGUF, TINY_SERVER_FLAGS, smollm2_dir
 from openai import OpenAI
+
+# Fixtures from conftest.py: launch_kubellm, tiny_llama_dir (whose tokenizer is SmolLM2's, reused here)
+SERVER_FLAGS = ["--device", "cpu", "--kv-cache-memory", "64MiB", "--dtype", "float32"]
 
 MOE_CONFIGS = {
     "qwen3_moe": lambda vocab: transformers.Qwen3MoeConfig(
@@ -30,8 +32,8 @@ QUESTIONS = ["Tell me a story about a cat.", "What is Kubernetes?", "Name three 
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> transformers.PreTrainedTokenizerBase:
-    return transformers.AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF)
+def tokenizer(tiny_llama_dir: Path) -> transformers.PreTrainedTokenizerBase:
+    return transformers.AutoTokenizer.from_pretrained(tiny_llama_dir)
 
 
 def save_tiny_moe(family: str, tokenizer, path: Path) -> transformers.PreTrainedModel:
@@ -51,8 +53,7 @@ def save_tiny_moe(family: str, tokenizer, path: Path) -> transformers.PreTrained
 @pytest.mark.parametrize("family", sorted(MOE_CONFIGS))
 def test_served_moe_chat_equals_transformers_greedy(family, tokenizer, tmp_path, launch_kubellm):
     hf = save_tiny_moe(family, tokenizer, tmp_path / family)
-    srv = launch_kubellm(str(tmp_path / family), "--served-model-name", family, "--dtype", "float32",
-                         *TINY_SERVER_FLAGS)  # fmt: skip
+    srv = launch_kubellm(str(tmp_path / family), "--served-model-name", family, *SERVER_FLAGS)
     client = OpenAI(base_url=srv.api_url, api_key="not-needed", max_retries=0)
     assert [m.id for m in client.models.list().data] == [family]
 
