@@ -70,30 +70,46 @@ def align_slots_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int
     )
 
 
-@triton.jit(do_not_specialize=["num_slots"])
+@triton.jit(do_not_specialize=["num_slots", "num_blocks"])
 def _align_small_kernel(
-    ids_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr, num_slots, num_experts,
-    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+    ids_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr, num_slots, num_blocks,
+    NUM_EXPERTS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
 ):  # fmt: skip
-    # One program: for each expert in turn, its slots (in slot order) then sentinel padding to a whole
-    # block, and its blocks' expert id. Entries past num_padded are left unwritten: nothing reads them.
-    offs = tl.arange(0, BLOCK_S)
-    ids = tl.load(ids_ptr + offs, mask=offs < num_slots, other=-1)
+    # One program, every expert at once (a [CHUNK slots, experts] one-hot per chunk of slots): a loop
+    # over the experts would serialise one reduction per expert. Entries past num_padded are left
+    # unwritten: nothing reads them.
+    experts = tl.arange(0, BLOCK_E)
+    rows = tl.arange(0, CHUNK)
+    counts = tl.zeros([BLOCK_E], dtype=tl.int32)  # slots per expert
+    for first in range(0, num_slots, CHUNK):
+        ids = tl.load(ids_ptr + first + rows, mask=first + rows < num_slots, other=-1)
+        counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    run_end = tl.cumsum(padded, axis=0)  # each expert's run, padded to whole blocks, ends here
+    run_start = run_end - padded
+    tl.store(num_padded_ptr, tl.sum(padded, axis=0))
+
+    # each slot goes to its expert's run start + the number of earlier slots that chose that expert
+    seen = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for first in range(0, num_slots, CHUNK):
+        ids = tl.load(ids_ptr + first + rows, mask=first + rows < num_slots, other=-1)
+        hit = (ids[:, None] == experts[None, :]).to(tl.int32)
+        earlier = tl.cumsum(hit, axis=0) - hit + seen[None, :]
+        destination = tl.sum(hit * (run_start[None, :] + earlier), axis=1)
+        tl.store(sorted_ptr + destination, first + rows, mask=first + rows < num_slots)
+        seen += tl.sum(hit, axis=0)
+
+    # the sentinel in each run's padding
     pad = tl.arange(0, BLOCK_M)
-    start = tl.full([], 0, tl.int32)
-    for expert in range(num_experts):
-        hit = (ids == expert).to(tl.int32)
-        count = tl.sum(hit, axis=0)
-        if count > 0:
-            rank = tl.cumsum(hit, axis=0) - 1
-            tl.store(sorted_ptr + start + rank, offs, mask=hit > 0)
-            padded = (count + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-            tl.store(sorted_ptr + start + count + pad, tl.full([BLOCK_M], 0, tl.int32) + num_slots,
-                     mask=pad < padded - count)  # fmt: skip
-            for block in range(start // BLOCK_M, (start + padded) // BLOCK_M):
-                tl.store(block_expert_ptr + block, expert)
-            start += padded
-    tl.store(num_padded_ptr, start)
+    sentinel = tl.zeros([BLOCK_E, BLOCK_M], dtype=tl.int32) + num_slots
+    tl.store(sorted_ptr + (run_start + counts)[:, None] + pad[None, :], sentinel,
+             mask=pad[None, :] < (padded - counts)[:, None])  # fmt: skip
+
+    # block b belongs to the expert whose run holds b * BLOCK_M: the number of runs ending at or before it
+    for first in range(0, num_blocks, CHUNK):
+        blocks = first + rows
+        owner = tl.sum((run_end[None, :] <= blocks[:, None] * BLOCK_M).to(tl.int32), axis=1)
+        tl.store(block_expert_ptr + blocks, tl.minimum(owner, NUM_EXPERTS - 1), mask=blocks < num_blocks)
 
 
 def align_slots_by_expert_small(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertAlignment:
@@ -106,8 +122,10 @@ def align_slots_by_expert_small(topk_ids: torch.Tensor, num_experts: int, block_
     sorted_slots = torch.empty(max_padded, dtype=torch.int32, device=device)
     block_expert = torch.empty(max_padded // block_m, dtype=torch.int32, device=device)
     num_padded = torch.empty(1, dtype=torch.int32, device=device)
+    block_e = max(16, triton.next_power_of_2(num_experts))
     _align_small_kernel[(1,)](
-        topk_ids.reshape(-1), sorted_slots, block_expert, num_padded, num_slots, num_experts,
-        BLOCK_M=block_m, BLOCK_S=max(16, triton.next_power_of_2(num_slots)),
+        topk_ids.reshape(-1), sorted_slots, block_expert, num_padded, num_slots, max_padded // block_m,
+        NUM_EXPERTS=num_experts, BLOCK_E=block_e, BLOCK_M=block_m, CHUNK=max(16, 8192 // block_e),
+        num_warps=8 if num_slots > 256 else 4,
     )  # fmt: skip
     return ExpertAlignment(sorted_slots, block_expert, num_padded, num_slots, block_m)
