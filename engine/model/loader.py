@@ -18,6 +18,7 @@ from engine.model.llama import (
     LlamaForCausalLM,
     head_dim_of,
 )
+from engine.model.quantization import UnsupportedQuantizationError, prepare_quantization
 from engine.model.sources import ModelLoadError, ModelSource, resolve_model_source
 
 __all__ = ["LoadedModel", "ModelLoadError", "load_model"]
@@ -62,7 +63,12 @@ def load_model(config: EngineConfig, attn_backend: AttentionBackend | None = Non
     if attn_backend is None:
         attn_backend = default_attention_backend(device)
 
-    kit = LayerKit.for_device(device, matmul_dtype)
+    try:
+        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        quantization = prepare_quantization(config.quantization, hf_config, device.type, capability)
+    except UnsupportedQuantizationError as exc:
+        raise ModelLoadError(f"{source.label}: {exc}") from exc
+    kit = LayerKit.for_device(device, matmul_dtype, quantization=quantization)
     model = LlamaForCausalLM(hf_config, attn_backend, dtype, device, max_positions=max_model_len, kit=kit)
     num_params = sum(p.numel() for p in model.parameters())  # before packed weights leave the parameters
     try:
@@ -76,6 +82,8 @@ def load_model(config: EngineConfig, attn_backend: AttentionBackend | None = Non
         precision = f"{precision} with {str(matmul_dtype).removeprefix('torch.')} matmuls and KV cache"
     if kit.fused:
         precision += ", fused Triton layers"
+    if quantization is not None:
+        precision += f", {quantization.describe()}"
     tokenizer = source.load_tokenizer(config.tokenizer, config.trust_remote_code)
     if tokenizer.chat_template is None:
         log.warning("%s has no chat template: /v1/chat/completions will be refused", source.label)
