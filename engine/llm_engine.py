@@ -62,6 +62,7 @@ class LLMEngine:
             loaded.dtype,
             loaded.device,
             config.block_size,
+            kv_cache_dtype=loaded.kv_cache_dtype,
         )
         on_gpu = loaded.device.type == "cuda"
         max_batched = config.max_num_batched_tokens or (8192 if on_gpu else 2048)
