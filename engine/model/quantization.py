@@ -57,6 +57,8 @@ class Fp8Scheme:
     def describe(self) -> str:
         how = "dequantized to the model dtype" if self.dequantize else "FP8 GEMMs"
         acts = {"dynamic": "dynamic per-token", "static": "static", "none": "unquantized"}[self.activations]
+        if self.dequantize:
+            acts = "float"  # the checkpoint's activation scheme applies only to FP8 GEMMs
         strategy = f"block {self.block[0]}x{self.block[1]}" if self.block else f"per-{self.weight_strategy}"
         return f"FP8 ({self.source}: {strategy} weight scales, {acts} activations; {how})"
 
