@@ -19,7 +19,9 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 FP8_KV_DTYPE = torch.float8_e4m3fn
-KV_SCALE_NAME = re.compile(r"model\.layers\.(\d+)\.self_attn\.(?:attn\.)?(k|v)(?:_scale|_proj\.output_scale)$")
+KV_SCALE_NAME = re.compile(
+    r"model\.layers\.(\d+)\.self_attn\.(?:attn\.)?(k|v)(?:_scale|_proj\.output_scale)$"
+)
 
 
 def resolve_kv_cache_dtype(
