@@ -21,9 +21,8 @@ from engine.model.sources import ModelLoadError
 
 
 def engine_with(path, kv_cache_dtype: str, **overrides) -> LLMEngine:
-    config = EngineConfig(
-        model=str(path), device="cpu", block_size=4, kv_cache_dtype=kv_cache_dtype, **overrides
-    )
+    model = None if path is None else str(path)  # None: the embedded SmolLM2
+    config = EngineConfig(model=model, device="cpu", block_size=4, kv_cache_dtype=kv_cache_dtype, **overrides)
     return LLMEngine(config, load_model(config))
 
 
