@@ -64,6 +64,7 @@ class LLMEngine:
             loaded.device,
             config.block_size,
             tp=loaded.tp,  # rank 0 under tensor parallelism: the other ranks repeat the runner's calls
+            kv_cache_dtype=loaded.kv_cache_dtype,
         )
         device = loaded.device.type
         max_batched = config.max_num_batched_tokens_on(device)

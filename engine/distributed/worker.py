@@ -62,7 +62,7 @@ def _set_up(config: EngineConfig, rank: int, rendezvous: str) -> ModelRunner:
     loaded = load_model(config, shard=Shard(rank, config.tensor_parallel_size))
     return ModelRunner(
         loaded.model, loaded.num_layers, loaded.num_kv_heads, loaded.head_dim, loaded.dtype, loaded.device,
-        config.block_size,
+        config.block_size, kv_cache_dtype=loaded.kv_cache_dtype,
     )  # fmt: skip
 
 
