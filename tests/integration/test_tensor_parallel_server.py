@@ -13,11 +13,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import TINY_SERVER_FLAGS, KubellmServer
 from openai import APIError, OpenAI
 from test_openai_server import metrics, wait_until_idle
 
 MODEL = "tiny-llama"
+TINY_SERVER_FLAGS = ["--device", "cpu", "--kv-cache-memory", "64MiB"]  # as conftest's
 USER = [{"role": "user", "content": "Tell me a story about a cat."}]
 
 
@@ -25,7 +25,7 @@ def tp_args(model_dir: Path) -> list[str]:
     return [str(model_dir), "--served-model-name", MODEL, "--tensor-parallel-size", "2", *TINY_SERVER_FLAGS]
 
 
-def worker_pids(server: KubellmServer) -> list[int]:
+def worker_pids(server) -> list[int]:
     match = re.search(
         r"tensor parallel: 2 ranks \(gloo\), worker pids \[(\d+)\]", server.log_path.read_text()
     )
@@ -49,10 +49,8 @@ def wait_gone(pids: list[int], timeout: float = 30) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_llama_dir, tmp_path_factory):
-    from conftest import running_kubellm
-
-    with running_kubellm(tp_args(tiny_llama_dir), tmp_path_factory.mktemp("tp-server")) as srv:
+def server(tiny_llama_dir, tmp_path_factory, server_tools):
+    with server_tools.running_kubellm(tp_args(tiny_llama_dir), tmp_path_factory.mktemp("tp-server")) as srv:
         yield srv
 
 
@@ -127,12 +125,10 @@ def test_a_rank_that_dies_ends_the_server_with_an_error(launch_kubellm, tiny_lla
     wait_gone([worker, srv.proc.pid])
 
 
-def test_a_size_that_does_not_divide_the_heads_is_one_startup_line(tmp_path) -> None:
-    from conftest import kubellm_command
-
+def test_a_size_that_does_not_divide_the_heads_is_one_startup_line(tmp_path, server_tools) -> None:
     # the embedded SmolLM2 has 9 attention heads
     proc = subprocess.run(
-        [*kubellm_command(), "serve", "--device", "cpu", "-tp", "2", "--port", "0"],
+        [*server_tools.kubellm_command(), "serve", "--device", "cpu", "-tp", "2", "--port", "0"],
         capture_output=True, text=True, cwd=tmp_path, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 1, proc.stderr[-3000:]
@@ -149,7 +145,7 @@ def test_embedded_smollm2_over_three_ranks_answers_like_one(launch_kubellm) -> N
     flags = ["--device", "cpu", "--dtype", "float32", "--kv-cache-memory", "256MiB", "--max-model-len", "2048"]  # fmt: skip
     chat = [{"role": "user", "content": "What is Kubernetes?"}]
 
-    def answer(server: KubellmServer) -> str:
+    def answer(server) -> str:
         client = OpenAI(base_url=server.api_url, api_key="x", max_retries=0, timeout=300)
         model = client.models.list().data[0].id
         resp = client.chat.completions.create(model=model, messages=chat, max_tokens=24, temperature=0)
