@@ -19,6 +19,8 @@ class Llama3JsonToolParser(ToolParser):
         body = text.lstrip()
         if body.startswith(PYTHON_TAG):
             body = body[len(PYTHON_TAG) :].lstrip()
+            if not body and not final:
+                return ParsedOutput("")
         elif not final and PYTHON_TAG.startswith(body):
             return ParsedOutput("")  # empty, or the tag arriving piece by piece
         if not body.startswith("{"):
