@@ -9,11 +9,11 @@ from contextlib import aclosing
 from aiohttp import web
 
 from engine.api.body import parse_body
+from engine.api.chat_generation import prepare_chat
 from engine.api.choice_output import ChoiceOutput, OutputDelta, ParsedChoice
-from engine.api.generation import ChoiceResult, SubRequest, fan_out, merged_outputs, new_choices, usage
+from engine.api.generation import ChoiceResult, SubRequest, merged_outputs, new_choices, usage
 from engine.api.logprobs import TokenTexts, chat_logprobs
-from engine.api.output_plan import OutputPlan, plan_output
-from engine.api.prompts import chat_prompt, resolve_max_tokens
+from engine.api.output_plan import OutputPlan
 from engine.api.protocol import (
     ChatChoice,
     ChatChoiceLogprobs,
@@ -161,40 +161,14 @@ def _choice(
     )
 
 
-def apply_plan(subs: list[SubRequest], plan: OutputPlan) -> None:
-    for sub in subs:
-        if plan.structured is not None:
-            sub.params.structured = plan.structured
-        if plan.keeps_special_tokens:  # the tool-call markers are special tokens
-            sub.params.skip_special_tokens = False
-
-
 async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     engine = state.engine
     body = await parse_body(request, ChatCompletionRequest)
-    model = state.check_model(body.model)
-    state.check_request_chat_template(body.chat_template)
-    response_format = (body.response_format or {}).get("type", "text") != "text"
-    plan = plan_output(
-        body.tools, body.effective_tool_choice, body.parallel_tool_calls, state.tool_options, response_format
-    )
-    prompt = await state.off_loop(
-        chat_prompt,
-        engine.tokenizer,
-        body.messages,
-        add_generation_prompt=body.add_generation_prompt,
-        continue_final_message=body.continue_final_message,
-        add_special_tokens=body.add_special_tokens,
-        chat_template=body.chat_template,
-        chat_template_kwargs=body.chat_template_kwargs,
-        tools=[t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
-    )
-    budget = resolve_max_tokens(len(prompt.token_ids), body.output_limit, engine.max_model_len, "messages")
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    subs = fan_out(request_id, body, [prompt], [budget], body.num_logprobs)
-    apply_plan(subs, plan)
-    head = {"id": request_id, "created": int(time.time()), "model": model}
+    generation = await prepare_chat(state, body, request_id)
+    plan, subs = generation.plan, generation.subs
+    head = {"id": request_id, "created": int(time.time()), "model": generation.model}
 
     async with aclosing(merged_outputs(engine, subs)) as outputs:
         if body.stream:
@@ -205,7 +179,7 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
         async for sub, out in outputs:
             results[sub.index].add(out)
 
-    parsing = plan.reasoning is not None or plan.make_tool_parser is not None
+    parsing = generation.parses_output
     choices = [
         _choice(
             results[s.index], body, state.token_texts, ChoiceOutput(plan, s.prompt.text) if parsing else None

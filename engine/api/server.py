@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from engine.api import chat, completions, misc
+from engine.api import chat, completions, misc, responses
 from engine.api.auth import auth_middleware
 from engine.api.errors import Handler, error_middleware, shutting_down
 from engine.api.output_plan import ServerToolOptions
@@ -61,4 +61,5 @@ def build_app(
     app.router.add_post("/detokenize", misc.detokenize)
     app.router.add_post("/v1/completions", completions.create_completion)
     app.router.add_post("/v1/chat/completions", chat.create_chat_completion)
+    app.router.add_post("/v1/responses", responses.create_response)
     return app

@@ -4,17 +4,14 @@ against a server whose model writes scripted replies (tests/unit/tool_serving.py
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
-from openai import AsyncOpenAI, BadRequestError
+from openai import BadRequestError
 
 from engine.api.output_plan import ServerToolOptions
-from engine.api.server import build_app
 from engine.reasoning.think_tags import REASONING_PARSERS
 from engine.sampling.params import SamplingParams
-from tests.unit.tool_serving import MODEL, ScriptedEngine, qwen_style_tokenizer
+from tests.unit.tool_serving import MODEL
 
 WEATHER_TOOL = {
     "type": "function",
@@ -38,36 +35,11 @@ HERMES_CALL = (
 )
 TWO_CALLS = HERMES_CALL + '\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
 FINAL_ANSWER = "It is 21 degrees in Paris."
-AUTO = ServerToolOptions("hermes", enable_auto_tool_choice=True)
 
 
 def weather_agent(prompt: str, params: SamplingParams) -> str:
     """Calls get_weather, then answers once the tool's result is in the prompt."""
     return FINAL_ANSWER if "<tool_response>" in prompt else HERMES_CALL
-
-
-class Served:
-    def __init__(self, engine: ScriptedEngine, client: TestClient) -> None:
-        self.engine, self.client = engine, client
-        self.url = str(client.make_url("/v1"))
-        self.openai = AsyncOpenAI(base_url=self.url, api_key="unused", max_retries=0)
-
-
-@pytest.fixture
-async def serve() -> AsyncIterator[Callable]:
-    clients: list[TestClient] = []
-
-    async def start(script: Callable[[str, SamplingParams], str] | str, options=AUTO) -> Served:
-        reply = script if callable(script) else (lambda prompt, params: script)
-        engine = ScriptedEngine(qwen_style_tokenizer(), reply)
-        client = TestClient(TestServer(build_app(engine, tool_options=options)))
-        await client.start_server()
-        clients.append(client)
-        return Served(engine, client)
-
-    yield start
-    for client in clients:
-        await client.close()
 
 
 # ---------------------------------------------------------------- openai SDK: tool_choice

@@ -12,14 +12,20 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from openai import AsyncOpenAI
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from engine.api.output_plan import ServerToolOptions
+from engine.api.server import build_app
 from engine.metrics import EngineMetrics
 from engine.outputs import RequestOutput
 from engine.sampling.params import SamplingParams
 
 MODEL = "scripted"
+AUTO = ServerToolOptions("hermes", enable_auto_tool_choice=True)
 
 # Qwen2.5's template, shortened: tools in the system turn, calls as <tool_call> JSON, results as
 # <tool_response> in a user turn; enable_thinking=false closes an empty <think> as Qwen3's does.
@@ -122,3 +128,27 @@ class ScriptedEngine:
                 num_output_tokens=i + 1,
                 num_cached_tokens=0,
             )
+
+
+class Served:
+    def __init__(self, engine: ScriptedEngine, client: TestClient) -> None:
+        self.engine, self.client = engine, client
+        self.url = str(client.make_url("/v1"))
+        self.openai = AsyncOpenAI(base_url=self.url, api_key="unused", max_retries=0)
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Callable]:
+    clients: list[TestClient] = []
+
+    async def start(script: Callable[[str, SamplingParams], str] | str, options=AUTO) -> Served:
+        reply = script if callable(script) else (lambda prompt, params: script)
+        engine = ScriptedEngine(qwen_style_tokenizer(), reply)
+        client = TestClient(TestServer(build_app(engine, tool_options=options)))
+        await client.start_server()
+        clients.append(client)
+        return Served(engine, client)
+
+    yield start
+    for client in clients:
+        await client.close()
