@@ -165,6 +165,8 @@ def configure_logging(level: str, fmt: str) -> None:
 
 
 def engine_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> EngineConfig:
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        parser.error("--enable-auto-tool-choice requires --tool-call-parser")
     if args.model and args.model_arg and args.model != args.model_arg:
         parser.error(f"the model is given twice: {args.model_arg!r} and --model {args.model!r}")
     try:
@@ -189,6 +191,7 @@ def engine_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             max_queue=args.max_queue,
             seed=args.seed,
             trust_remote_code=args.trust_remote_code,
+            reasoning_parser=args.reasoning_parser,
         )
     except ValidationError as exc:
         problems = "; ".join(
@@ -203,8 +206,6 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from engine.api.lifecycle import ServeOptions, StartupError, run_server
 
     config = engine_config(args, parser)
-    if args.enable_auto_tool_choice and not args.tool_call_parser:
-        parser.error("--enable-auto-tool-choice requires --tool-call-parser")
     configure_logging(args.log_level, args.log_format)
     options = ServeOptions(
         host=args.host,
@@ -215,7 +216,6 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         trust_request_chat_template=args.trust_request_chat_template,
         tool_call_parser=args.tool_call_parser,
         enable_auto_tool_choice=args.enable_auto_tool_choice,
-        reasoning_parser=args.reasoning_parser,
     )
     try:
         asyncio.run(run_server(config, options))

@@ -6,7 +6,7 @@ both check, render and constrain a request the same way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from engine.api.generation import SubRequest, fan_out
 from engine.api.output_plan import OutputPlan, plan_output
@@ -54,6 +54,9 @@ async def prepare_chat(state: ServerState, body: ChatCompletionRequest, request_
         tools=[t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
     )
     budget = resolve_max_tokens(len(prompt.token_ids), body.output_limit, engine.max_model_len, "messages")
+    if plan.structured is not None and plan.reasoning is not None:
+        after = not plan.reasoning.closed_in_prompt(prompt.text)
+        plan.structured = replace(plan.structured, after_reasoning=after)
     subs = fan_out(request_id, body, [prompt], [budget], body.num_logprobs)
     apply_plan(subs, plan)
     return ChatGeneration(model, plan, subs)

@@ -37,13 +37,12 @@ class ServeOptions:
     trust_request_chat_template: bool = False
     tool_call_parser: str | None = None  # --tool-call-parser (vLLM's names)
     enable_auto_tool_choice: bool = False
-    reasoning_parser: str | None = None  # --reasoning-parser
 
 
-def tool_options(options: ServeOptions) -> ServerToolOptions:
+def tool_options(options: ServeOptions, config: EngineConfig) -> ServerToolOptions:
     from engine.reasoning.think_tags import REASONING_PARSERS
 
-    reasoning = REASONING_PARSERS[options.reasoning_parser] if options.reasoning_parser else None
+    reasoning = REASONING_PARSERS[config.reasoning_parser] if config.reasoning_parser else None
     return ServerToolOptions(options.tool_call_parser, options.enable_auto_tool_choice, reasoning)
 
 
@@ -92,7 +91,7 @@ async def run_server(config: EngineConfig, options: ServeOptions) -> None:
     names = options.served_model_names or [engine.served_model_name]
     app = build_app(engine, api_key=options.api_key, served_model_names=names, model_root=config.model,
                     trust_request_chat_template=options.trust_request_chat_template,
-                    tool_options=tool_options(options))  # fmt: skip
+                    tool_options=tool_options(options, config))  # fmt: skip
     freeze_startup_heap()
     # handler_cancellation: a client that hangs up mid-request cancels its handler, which aborts the
     # engine request (streams notice on their next write anyway; this covers non-streaming ones).

@@ -30,6 +30,11 @@ class ThinkTagFormat:
         tail = (prompt_text or "").rstrip()
         return tail.endswith(self.start)
 
+    def closed_in_prompt(self, prompt_text: str | None) -> bool:
+        """The template already closed the thinking (Qwen3 with enable_thinking=false): the answer
+        starts at the first token."""
+        return (prompt_text or "").rstrip().endswith(self.end)
+
 
 class ReasoningSplitter:
     def __init__(self, fmt: ThinkTagFormat, starts_thinking: bool) -> None:

@@ -299,3 +299,15 @@ async def test_litellm_hosted_vllm_tools(serve) -> None:
     call = resp.choices[0].message.tool_calls[0]
     assert call.function.name == "get_weather" and json.loads(call.function.arguments)["city"] == "Paris"
     assert resp.choices[0].finish_reason == "tool_calls"
+
+
+async def test_grammar_starts_at_once_when_the_template_closed_the_thinking(serve) -> None:
+    s = await serve('[{"name": "get_weather", "parameters": {"city": "Paris"}}]', options=QWEN3)
+    await s.openai.chat.completions.create(
+        model=MODEL,
+        messages=USER,
+        tools=[WEATHER_TOOL],
+        tool_choice="required",
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}},
+    )
+    assert not s.engine.submitted[0].params.structured.after_reasoning
