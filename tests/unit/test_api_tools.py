@@ -311,3 +311,23 @@ async def test_grammar_starts_at_once_when_the_template_closed_the_thinking(serv
         extra_body={"chat_template_kwargs": {"enable_thinking": False}},
     )
     assert not s.engine.submitted[0].params.structured.after_reasoning
+
+
+async def test_sdk_parse_with_a_pydantic_function_tool(serve) -> None:
+    import openai
+    from pydantic import BaseModel
+
+    class GetWeather(BaseModel):
+        city: str
+
+    s = await serve('{"city": "Paris"}')
+    completion = await s.openai.chat.completions.parse(
+        model=MODEL,
+        messages=USER,
+        tools=[openai.pydantic_function_tool(GetWeather)],
+        tool_choice={"type": "function", "function": {"name": "GetWeather"}},
+    )
+    (call,) = completion.choices[0].message.tool_calls
+    assert call.function.parsed_arguments == GetWeather(city="Paris")
+    schema = json.loads(s.engine.submitted[0].params.structured.value)
+    assert schema["properties"] == {"city": {"title": "City", "type": "string"}}
