@@ -331,3 +331,20 @@ async def test_sdk_parse_with_a_pydantic_function_tool(serve) -> None:
     assert call.function.parsed_arguments == GetWeather(city="Paris")
     schema = json.loads(s.engine.submitted[0].params.structured.value)
     assert schema["properties"] == {"city": {"title": "City", "type": "string"}}
+
+
+async def test_each_of_n_streamed_choices_has_its_calls(serve) -> None:
+    s = await serve(HERMES_CALL)
+    stream = await s.openai.chat.completions.create(
+        model=MODEL, messages=USER, tools=[WEATHER_TOOL], n=2, stream=True
+    )
+    arguments: dict[int, str] = {0: "", 1: ""}
+    finish: dict[int, str] = {}
+    async for chunk in stream:
+        choice = chunk.choices[0]
+        for call in choice.delta.tool_calls or []:
+            arguments[choice.index] += call.function.arguments or ""
+        if choice.finish_reason:
+            finish[choice.index] = choice.finish_reason
+    assert arguments == {0: '{"city": "Paris", "unit": "c"}', 1: '{"city": "Paris", "unit": "c"}'}
+    assert finish == {0: "tool_calls", 1: "tool_calls"}
