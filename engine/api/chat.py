@@ -11,8 +11,8 @@ from aiohttp import web
 from engine.api.body import parse_body
 from engine.api.chat_generation import prepare_chat
 from engine.api.choice_output import ChoiceOutput, OutputDelta, ParsedChoice
-from engine.api.generation import ChoiceResult, SubRequest, merged_outputs, new_choices, usage
-from engine.api.logprobs import TokenTexts, chat_logprobs
+from engine.api.generation import ChoiceResult, SubRequest, merged_outputs, new_choices, pick_choices, usage
+from engine.api.logprobs import TokenTexts, chat_logprobs, prompt_logprobs
 from engine.api.output_plan import OutputPlan
 from engine.api.protocol import (
     ChatChoice,
@@ -78,6 +78,7 @@ class ChatChunks:
         self.head, self.body, self.texts = head, body, texts
         self.choices = new_choices(subs)
         self.started: set[int] = set()
+        self.continuous_usage = body.continuous_usage_in_stream
         self.outputs: dict[int, ChoiceOutput] = {}
         if plan is not None and (plan.reasoning or plan.make_tool_parser):
             self.outputs = {s.index: ChoiceOutput(plan, s.prompt.text) for s in subs}
@@ -87,7 +88,8 @@ class ChatChunks:
         )
 
     def _chunk(self, choice: ChatChunkChoice) -> ChatCompletionChunk:
-        return ChatCompletionChunk(**self.head, choices=[choice])
+        chunk_usage = usage(self.choices.values()) if self.continuous_usage else None
+        return ChatCompletionChunk(**self.head, choices=[choice], usage=chunk_usage)
 
     def _delta_chunk(
         self, index: int, content: str | None, logprobs: ChatChoiceLogprobs | None, out: RequestOutput | None
@@ -122,7 +124,7 @@ class ChatChunks:
                     stop_reason=out.stop_reason if out.finished else None,
                 )
                 events.append(sse_event(self._chunk(choice)))
-        elif logprobs is None and not out.finished:
+        elif logprobs is None and not out.finished and not self.continuous_usage:
             if out.new_text:  # else text held back (e.g. a possible stop string): nothing to say yet
                 events.append(self.content_events.event(sub.index, out.new_text))
         else:
@@ -132,7 +134,7 @@ class ChatChunks:
     def final(self) -> list[bytes]:
         if not self.body.include_usage_in_stream:
             return []
-        chunk = ChatCompletionChunk(**self.head, choices=[], usage=usage(self.choices, self.body.n))
+        chunk = ChatCompletionChunk(**self.head, choices=[], usage=usage(self.choices.values()))
         return [sse_event(chunk)]
 
 
@@ -179,12 +181,13 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
         async for sub, out in outputs:
             results[sub.index].add(out)
 
+    picked = pick_choices(subs, results, body.n)
     parsing = generation.parses_output
     choices = [
-        _choice(
-            results[s.index], body, state.token_texts, ChoiceOutput(plan, s.prompt.text) if parsing else None
-        )
-        for s in subs
+        _choice(result, body, state.token_texts, ChoiceOutput(plan, sub.prompt.text) if parsing else None)
+        for sub, result in picked
     ]
-    response = ChatCompletionResponse(**head, choices=choices, usage=usage(results, body.n))
+    response = ChatCompletionResponse(**head, choices=choices, usage=usage(results.values()))
+    if body.prompt_logprobs is not None:  # vLLM puts them on the response: the choices share the prompt
+        response.prompt_logprobs = prompt_logprobs(state.token_texts, results[subs[0].index].prompt_logprobs)
     return web.Response(text=response.model_dump_json(), content_type="application/json")

@@ -57,6 +57,6 @@ async def prepare_chat(state: ServerState, body: ChatCompletionRequest, request_
     if plan.structured is not None and plan.reasoning is not None:
         after = not plan.reasoning.closed_in_prompt(prompt.text)
         plan.structured = replace(plan.structured, after_reasoning=after)
-    subs = fan_out(request_id, body, [prompt], [budget], body.num_logprobs)
+    subs = fan_out(request_id, body, [prompt], [budget], body.num_logprobs, body.prompt_logprobs)
     apply_plan(subs, plan)
     return ChatGeneration(model, plan, subs)

@@ -11,9 +11,9 @@ from aiohttp import web
 from pydantic import BaseModel
 from pydantic_core import to_json
 
-from engine.api.errors import from_engine_error, internal_error
+from engine.api.errors import error_json, from_engine_error, internal_error
 from engine.api.generation import SubRequest
-from engine.api.protocol import ErrorInfo, ErrorResponse
+from engine.api.protocol import ErrorInfo
 from engine.outputs import RequestOutput
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ async def stream_sse(
             if error_event is not None:
                 await response.write(error_event(mapped.info))
             else:
-                await response.write(sse_event(ErrorResponse(error=mapped.info)))
+                await response.write(b"data: " + error_json(mapped.info, mapped.status).encode() + b"\n\n")
         if terminator:
             await response.write(terminator)
         await response.write_eof()
