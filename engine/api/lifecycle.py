@@ -33,7 +33,7 @@ class ServeOptions:
     port: int = 8000
     api_key: str | None = None
     served_model_names: list[str] | None = None
-    shutdown_timeout: float = 30.0  # Kubernetes' default grace period is 30 s
+    shutdown_timeout: float = EngineConfig.DEFAULT_SHUTDOWN_TIMEOUT_S
     trust_request_chat_template: bool = False
     tool_call_parser: str | None = None  # --tool-call-parser (vLLM's names)
     enable_auto_tool_choice: bool = False
