@@ -107,7 +107,11 @@ class ScriptedEngine:
         pass
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         prompt = self.tokenizer.decode(prompt_token_ids)
         self.submitted.append(Submitted(prompt, params))
