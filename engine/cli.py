@@ -60,6 +60,20 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     )
     a("--device", choices=["auto", "cpu", "cuda"], default=default("device"))
     a(
+        "--quantization",
+        "-q",
+        choices=["fp8"],
+        help="fp8: FP8 linear layers (W8A8: weights per output channel, activations per token) from a float "
+        "checkpoint, on GPUs of compute capability 8.9+ (emulated on the CPU); FP8 checkpoints need no flag",
+    )
+    a(
+        "--kv-cache-dtype",
+        choices=["auto", "fp8", "fp8_e4m3"],
+        default="auto",
+        help="fp8 (= fp8_e4m3): the KV cache in float8 e4m3 with a scale per layer, twice the tokens; "
+        "auto: the model's dtype",
+    )
+    a(
         "--tensor-parallel-size",
         "-tp",
         type=int,
@@ -195,6 +209,8 @@ def engine_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             revision=args.revision,
             dtype=args.dtype,
             device=args.device,
+            quantization=args.quantization,
+            kv_cache_dtype=args.kv_cache_dtype,
             max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,

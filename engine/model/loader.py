@@ -11,6 +11,7 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from engine.config import EngineConfig
 from engine.model.attention import AttentionBackend, TorchAttention
+from engine.model.kv_cache_quant import apply_kv_scales, resolve_kv_cache_dtype, split_kv_scales
 from engine.model.layer_kit import LayerKit
 from engine.model.llama import (
     SUPPORTED_ARCHITECTURES,
@@ -18,6 +19,7 @@ from engine.model.llama import (
     LlamaForCausalLM,
     head_dim_of,
 )
+from engine.model.quantization import prepare_quantization
 from engine.model.sources import ModelLoadError, ModelSource, resolve_model_source
 
 __all__ = ["LoadedModel", "ModelLoadError", "load_model"]
@@ -43,6 +45,7 @@ class LoadedModel:
     num_kv_heads: int
     head_dim: int
     precision: str = ""  # for the log: "float32", or what mixed precision keeps in which dtype
+    kv_cache_dtype: torch.dtype | None = None  # float8 e4m3 under --kv-cache-dtype fp8; None: `dtype`
 
 
 def load_model(config: EngineConfig, attn_backend: AttentionBackend | None = None) -> LoadedModel:
@@ -62,11 +65,18 @@ def load_model(config: EngineConfig, attn_backend: AttentionBackend | None = Non
     if attn_backend is None:
         attn_backend = default_attention_backend(device)
 
-    kit = LayerKit.for_device(device, matmul_dtype)
+    try:
+        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        quantization = prepare_quantization(config.quantization, hf_config, device.type, capability)
+        cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, matmul_dtype or dtype, capability)
+    except ValueError as exc:  # UnsupportedQuantizationError among them
+        raise ModelLoadError(f"{source.label}: {exc}") from exc
+    kit = LayerKit.for_device(device, matmul_dtype, quantization=quantization)
     model = LlamaForCausalLM(hf_config, attn_backend, dtype, device, max_positions=max_model_len, kit=kit)
     num_params = sum(p.numel() for p in model.parameters())  # before packed weights leave the parameters
+    kv_scales: dict[tuple[int, str], float] = {}  # the checkpoint's FP8 KV cache scales, if any
     try:
-        model.load_weights(source.iter_weights())
+        model.load_weights(split_kv_scales(source.iter_weights(), kv_scales))
     except ValueError as exc:  # a checkpoint that does not fit the config: say which model
         raise ModelLoadError(f"{source.label}: {exc}") from exc
     model.eval()
@@ -74,8 +84,13 @@ def load_model(config: EngineConfig, attn_backend: AttentionBackend | None = Non
     if matmul_dtype is not None:
         kv_cache_dtype = matmul_dtype
         precision = f"{precision} with {str(matmul_dtype).removeprefix('torch.')} matmuls and KV cache"
+    apply_kv_scales(model, kv_scales, fp8_cache=cache_dtype != kv_cache_dtype)
+    if cache_dtype != kv_cache_dtype:
+        precision += ", FP8 (e4m3) KV cache"
     if kit.fused:
         precision += ", fused Triton layers"
+    if quantization is not None:
+        precision += f", {quantization.describe()}"
     tokenizer = source.load_tokenizer(config.tokenizer, config.trust_remote_code)
     if tokenizer.chat_template is None:
         log.warning("%s has no chat template: /v1/chat/completions will be refused", source.label)
@@ -99,6 +114,7 @@ def load_model(config: EngineConfig, attn_backend: AttentionBackend | None = Non
         num_kv_heads=hf_config.num_key_value_heads,
         head_dim=head_dim_of(hf_config),
         precision=precision,
+        kv_cache_dtype=cache_dtype,
     )
 
 
