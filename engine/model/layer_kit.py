@@ -23,6 +23,7 @@ from torch import nn
 
 from engine.model.layers import RMSNorm, RotaryEmbedding, SiluAndMul
 from engine.model.linear import Linear, MixedPrecisionLinear
+from engine.model.moe import MoeExperts, MoeSpec, TorchMoeExperts
 from engine.model.quantization import Fp8Scheme
 from engine.model.sharding import Parallel, Part, Shard
 from engine.model.vocab import LMHead, LowPrecisionLMHead, VocabEmbedding
@@ -110,6 +111,15 @@ class LayerKit:
             )  # fmt: skip
         cls = Linear if self.matmul_dtype is None else MixedPrecisionLinear
         return cls(in_features, out_features, bias, parallel, parts, self.shard, self.matmul_dtype)
+
+    def moe_experts(self, hidden_size: int, spec: MoeSpec) -> MoeExperts:
+        """A mixture-of-experts layer's experts: the fused Triton kernel on CUDA, a loop over the chosen
+        experts otherwise; each rank holds its share of every expert's intermediate dimension."""
+        if self.fused:
+            from engine.kernels.fused_moe_layer import FusedMoeExperts
+
+            return FusedMoeExperts(hidden_size, spec, self.shard, self.matmul_dtype)
+        return TorchMoeExperts(hidden_size, spec, self.shard, self.matmul_dtype)
 
     def embedding(self, vocab_size: int, hidden_size: int) -> VocabEmbedding:
         """Token embedding, split over the ranks by vocabulary rows."""

@@ -49,9 +49,9 @@ class LlamaFamilyVariant:
         attention_bias = bool(getattr(config, "attention_bias", False))
         if config.model_type == "qwen2":  # q/k/v always carry a bias, o never does
             return cls(qkv_bias=True, o_bias=False, mlp_bias=False, qk_norm=False)
-        if config.model_type == "qwen3":
+        if config.model_type in ("qwen3", "qwen3_moe"):
             return cls(qkv_bias=attention_bias, o_bias=attention_bias, mlp_bias=False, qk_norm=True)
-        if config.model_type == "mistral":
+        if config.model_type in ("mistral", "mixtral"):
             return cls(qkv_bias=False, o_bias=False, mlp_bias=False, qk_norm=False)
         return cls(
             qkv_bias=attention_bias,

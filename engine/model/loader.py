@@ -13,12 +13,11 @@ from engine.config import EngineConfig
 from engine.model.attention import AttentionBackend, TorchAttention
 from engine.model.kv_cache_quant import apply_kv_scales, resolve_kv_cache_dtype, split_kv_scales
 from engine.model.layer_kit import LayerKit
-from engine.model.llama import (
-    SUPPORTED_ARCHITECTURES,
-    SUPPORTED_MODEL_TYPES,
-    LlamaForCausalLM,
-    head_dim_of,
-)
+from engine.model.llama import SUPPORTED_ARCHITECTURES as LLAMA_ARCHITECTURES
+from engine.model.llama import SUPPORTED_MODEL_TYPES as LLAMA_MODEL_TYPES
+from engine.model.llama import LlamaForCausalLM, head_dim_of
+from engine.model.moe import MOE_MODEL_TYPES, unsupported_moe_features
+from engine.model.moe_family import MOE_ARCHITECTURES, MoeForCausalLM
 from engine.model.quantization import prepare_quantization
 from engine.model.sources import ModelLoadError, ModelSource, resolve_model_source
 
@@ -27,6 +26,8 @@ __all__ = ["LoadedModel", "ModelLoadError", "load_model"]
 log = logging.getLogger(__name__)
 
 FALLBACK_MAX_MODEL_LEN = 2048  # for configs that do not state max_position_embeddings
+SUPPORTED_ARCHITECTURES = LLAMA_ARCHITECTURES + MOE_ARCHITECTURES
+SUPPORTED_MODEL_TYPES = LLAMA_MODEL_TYPES + MOE_MODEL_TYPES
 
 
 @dataclass
@@ -65,6 +66,13 @@ def load_model(config: EngineConfig, attn_backend: AttentionBackend | None = Non
     if attn_backend is None:
         attn_backend = default_attention_backend(device)
 
+    if hf_config.model_type in MOE_MODEL_TYPES and (
+        config.quantization or getattr(hf_config, "quantization_config", None)
+    ):  # the FP8 layers are linears; the experts' packed weights have no FP8 path yet
+        raise ModelLoadError(
+            f"{source.label}: quantized {hf_config.model_type} models (FP8 checkpoints or --quantization) "
+            "are not supported yet; serve the bfloat16 checkpoint without --quantization"
+        )
     try:
         capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
         quantization = prepare_quantization(config.quantization, hf_config, device.type, capability)
@@ -72,7 +80,8 @@ def load_model(config: EngineConfig, attn_backend: AttentionBackend | None = Non
     except ValueError as exc:  # UnsupportedQuantizationError among them
         raise ModelLoadError(f"{source.label}: {exc}") from exc
     kit = LayerKit.for_device(device, matmul_dtype, quantization=quantization)
-    model = LlamaForCausalLM(hf_config, attn_backend, dtype, device, max_positions=max_model_len, kit=kit)
+    model_class = MoeForCausalLM if hf_config.model_type in MOE_MODEL_TYPES else LlamaForCausalLM
+    model = model_class(hf_config, attn_backend, dtype, device, max_positions=max_model_len, kit=kit)
     num_params = sum(p.numel() for p in model.parameters())  # before packed weights leave the parameters
     kv_scales: dict[tuple[int, str], float] = {}  # the checkpoint's FP8 KV cache scales, if any
     try:
@@ -133,6 +142,13 @@ def check_supported(hf_config: PretrainedConfig, source: ModelSource) -> None:
         raise ModelLoadError(
             f"{source.label}: unsupported {found}; supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
+    if hf_config.model_type in MOE_MODEL_TYPES:
+        features = unsupported_moe_features(hf_config)
+        if features:
+            raise ModelLoadError(
+                f"{source.label}: this {hf_config.model_type} model uses {'; '.join(features)}, "
+                "which kubellm's MoE layers do not support"
+            )
 
 
 def resolve_device(requested: str) -> torch.device:
