@@ -50,6 +50,9 @@ class EngineConfig(BaseModel):
     max_queue: int = Field(default=1024, ge=1)  # waiting requests beyond this get 429
     seed: int = 0
     trust_remote_code: bool = False
+    # --reasoning-parser: the HTTP layer splits the thinking off; the engine starts a grammar meant for
+    # the answer (tools, response_format) after the thinking's end tag.
+    reasoning_parser: Literal["qwen3", "deepseek_r1"] | None = None
 
     def max_num_seqs_on(self, device: DeviceType) -> int:
         return self.max_num_seqs or self.DEFAULT_MAX_NUM_SEQS[device]

@@ -103,12 +103,23 @@ def test_docs_quote_the_defaults_engine_config_resolves() -> None:
         ["--device", "tpu"],
         ["--quantization", "awq"],
         ["--kv-cache-dtype", "fp8_e5m2"],
+        ["--enable-auto-tool-choice"],  # needs --tool-call-parser, as in vLLM
+        ["--tool-call-parser", "nope"],
+        ["--reasoning-parser", "nope"],
     ],
 )
 def test_bad_values_exit_with_usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         config_of(*argv)
     assert exc.value.code == 2 and "kubellm serve" in capsys.readouterr().err
+
+
+def test_tool_and_reasoning_flags() -> None:
+    args = build_parser().parse_args(
+        ["serve", "--tool-call-parser", "hermes", "--enable-auto-tool-choice", "--reasoning-parser", "qwen3"]
+    )
+    assert (args.tool_call_parser, args.enable_auto_tool_choice) == ("hermes", True)
+    assert engine_config(args, args.command_parser).reasoning_parser == "qwen3"
 
 
 def test_byte_sizes() -> None:
