@@ -18,7 +18,7 @@ from engine.model.layer_kit import LayerKit
 from engine.model.llama import SUPPORTED_ARCHITECTURES as LLAMA_ARCHITECTURES
 from engine.model.llama import SUPPORTED_MODEL_TYPES as LLAMA_MODEL_TYPES
 from engine.model.llama import LlamaForCausalLM, head_dim_of
-from engine.model.moe import MOE_MODEL_TYPES, unsupported_moe_features
+from engine.model.moe import MOE_MODEL_TYPES, MoeSpec, unsupported_moe_features
 from engine.model.moe_family import MOE_ARCHITECTURES, MoeForCausalLM
 from engine.model.quantization import prepare_quantization
 from engine.model.sharding import Shard
@@ -151,10 +151,6 @@ def check_tensor_parallel(size: int, hf_config: PretrainedConfig, device: torch.
     """One line naming both numbers for a tensor-parallel size this model or machine cannot take."""
     if size == 1:
         return
-    if hf_config.model_type in MOE_MODEL_TYPES:  # the experts are not split yet
-        raise ModelLoadError(
-            f"--tensor-parallel-size {size}: {hf_config.model_type} models run on one GPU only so far"
-        )
     heads, kv_heads = hf_config.num_attention_heads, hf_config.num_key_value_heads
     if heads % size:
         raise ModelLoadError(f"--tensor-parallel-size {size} must divide the model's {heads} attention heads")
@@ -166,6 +162,12 @@ def check_tensor_parallel(size: int, hf_config: PretrainedConfig, device: torch.
         raise ModelLoadError(
             f"--tensor-parallel-size {size} must divide the model's intermediate size {hf_config.intermediate_size}"
         )
+    if hf_config.model_type in MOE_MODEL_TYPES:  # each rank holds 1/N of every expert's intermediate dim
+        expert_inter = MoeSpec.from_config(hf_config).intermediate_size
+        if expert_inter % size:
+            raise ModelLoadError(
+                f"--tensor-parallel-size {size} must divide the model's expert intermediate size {expert_inter}"
+            )
     if device.type == "cuda" and torch.cuda.device_count() < size:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         shown = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""

@@ -1,7 +1,8 @@
 """Tensor parallelism on the CPU (gloo, 2 processes): TP=2 gives the same greedy tokens as TP=1, with
 logprobs within float tolerance, for tiny random Llama (one KV head, so both ranks hold it; a vocabulary
-that does not split evenly), Qwen2 (q/k/v biases) and Qwen3 (q/k norms, tied embeddings, async
-scheduling). Plus the start-up checks and which slice each rank holds."""
+that does not split evenly), Qwen2 (q/k/v biases), Qwen3 (q/k norms, tied embeddings, async
+scheduling), Qwen3-MoE (one sparse, one dense layer) and Mixtral (each rank holds half of every expert's
+intermediate dimension). Plus the start-up checks and which slice each rank holds."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from engine_helpers import TINY_CONFIGS
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.model.loader import ModelLoadError, check_tensor_parallel, load_model
+from engine.model.moe import MoeSpec, SparseMoeBlock
 from engine.model.sharding import Part, Shard
 from engine.sampling.params import SamplingParams
 
@@ -24,6 +26,8 @@ VARIANTS = {
     "llama-one-kv-head-odd-vocab": ("llama", {"num_key_value_heads": 1}, {}),
     "qwen2-biases": ("qwen2", {}, {}),
     "qwen3-tied-async": ("qwen3", {"tie_word_embeddings": True}, {"async_scheduling": True}),
+    "qwen3-moe-one-dense-layer": ("qwen3_moe", {"mlp_only_layers": [1]}, {}),
+    "mixtral": ("mixtral", {}, {}),
 }
 
 
@@ -84,6 +88,10 @@ def test_two_ranks_give_the_tokens_and_logprobs_of_one(variant_dir, name):
     try:
         assert two.runner.tp is not None and len(two.runner.tp.workers) == 1
         assert two.runner.num_kv_heads == max(1, config_kv_heads(path) // 2)
+        hf_config = transformers.AutoConfig.from_pretrained(path)
+        if VARIANTS[name][0] in ("qwen3_moe", "mixtral"):  # rank 0 holds half of every expert
+            block = next(m for m in two.runner.model.modules() if isinstance(m, SparseMoeBlock))
+            assert block.experts.inter == MoeSpec.from_config(hf_config).intermediate_size // 2
         got = run(two, params)
         assert two.kv.usage == 0.0  # every block came back
     finally:
@@ -118,6 +126,24 @@ def test_start_up_refuses_sizes_the_model_or_machine_cannot_take(monkeypatch):
         match=r"--tensor-parallel-size 2 needs 2 GPUs, but 1 are visible \(CUDA_VISIBLE_DEVICES=0\)",
     ):
         check_tensor_parallel(2, config, cuda)
+
+
+def test_start_up_refuses_a_size_that_does_not_divide_the_experts():
+    cpu = torch.device("cpu")
+    qwen3_moe = TINY_CONFIGS["qwen3_moe"](100)  # 4 heads, 2 KV heads, intermediate 128
+    qwen3_moe.moe_intermediate_size = 42
+    check_tensor_parallel(2, qwen3_moe, cpu)
+    with pytest.raises(
+        ModelLoadError, match="--tensor-parallel-size 4 must divide the model's expert intermediate size 42"
+    ):
+        check_tensor_parallel(4, qwen3_moe, cpu)
+    mixtral = TINY_CONFIGS["mixtral"](100)
+    mixtral.intermediate_size = 38  # Mixtral's experts are intermediate_size wide
+    check_tensor_parallel(2, mixtral, cpu)
+    with pytest.raises(
+        ModelLoadError, match="--tensor-parallel-size 4 must divide the model's intermediate size 38"
+    ):
+        check_tensor_parallel(4, mixtral, cpu)
 
 
 def test_a_bad_size_is_a_startup_error_before_any_worker_starts(variant_dir):
