@@ -7,7 +7,9 @@ Contract used by the HTTP layer (engine/api/):
     engine.tokenizer                        # Hugging Face tokenizer (chat template, encode/decode)
     engine.served_model_name: str
     engine.max_model_len: int
+    engine.vocab_size: int                  # the model's logits width (token ids are below it)
     engine.metrics: EngineMetrics
+    await engine.compile_grammar(spec)      # structured output: compiled off the loop (GrammarError)
     engine.is_healthy() -> bool
     async for out in engine.generate(request_id, prompt_token_ids, sampling_params):
         ...                                 # RequestOutput deltas; the last has finished=True
@@ -31,6 +33,8 @@ from engine.config import EngineConfig
 from engine.metrics import EngineMetrics
 from engine.outputs import EngineDeadError, QueueFullError, RequestOutput, merge_outputs
 from engine.sampling.params import SamplingParams
+from engine.structured.compiler import GrammarError
+from engine.structured.spec import StructuredOutputSpec
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +95,7 @@ class AsyncEngine:
         self.served_model_name = config.served_model_name or self.engine.loaded.name
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
+        self.vocab_size = self.engine.vocab_size
 
     def _load_and_run(self) -> None:
         from engine.llm_engine import LLMEngine
@@ -152,6 +157,12 @@ class AsyncEngine:
             if not finished:  # client went away or the task was cancelled: free its blocks now
                 self._inbox.put(("abort", request_id))
 
+    async def compile_grammar(self, spec: StructuredOutputSpec) -> None:
+        """Compile (or find cached) the grammar of a request before adding it, on the grammar threads:
+        a slow schema delays only its own request, and a bad one raises GrammarError here, before
+        generation starts. The engine then finds it in the cache."""
+        await asyncio.wrap_future(self.engine.grammars.submit(spec))
+
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
@@ -165,6 +176,8 @@ class AsyncEngine:
         self._started.set()  # a loop that never started must still see the stop
         self._inbox.put(("wake", None))
         await asyncio.to_thread(self._thread.join, 10)
+        if hasattr(self, "engine"):
+            self.engine.grammars.shutdown()
 
     # --- the engine loop thread --------------------------------------------------------------
 
@@ -201,7 +214,11 @@ class AsyncEngine:
         if kind == "add":
             request_id, prompt, params = payload  # type: ignore[misc]
             self._num_taken += 1
-            self.engine.add_request(request_id, prompt, params)
+            try:
+                self.engine.add_request(request_id, prompt, params)
+            except GrammarError as exc:  # not compiled by the caller first: that request fails, not the loop
+                assert self._loop is not None
+                self._loop.call_soon_threadsafe(self._fail_one, request_id, exc)
         elif kind == "abort":
             out = self.engine.abort_request(payload)  # type: ignore[arg-type]
             if out is not None:  # a stream still listening (abort() called directly) gets its end
@@ -216,6 +233,11 @@ class AsyncEngine:
             stream = self._streams.get(out.request_id)
             if stream is not None:
                 stream.put(out)
+
+    def _fail_one(self, request_id: str, err: BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.put(err)
 
     def _fail_all(self, err: BaseException) -> None:
         for stream in self._streams.values():

@@ -28,7 +28,9 @@ from engine.model.runner import LaunchedStep, ModelRunner
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.sampling.params import SamplingParams
 from engine.step_trace import StepTrace
-from engine.stop_checker import StopStringChecker, check_token_stop
+from engine.stop_checker import StopStringChecker, TokenStop, check_token_stop
+from engine.structured.compiler import GrammarCompiler
+from engine.structured.matcher import GrammarState
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,14 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, max_num_seqs, max_batched, self.max_model_len)
         self.requests: dict[str, RequestState] = {}
+        # Structured outputs: grammars compile on their own threads (the HTTP layer awaits them before
+        # adding a request); the bitmask covers the logits' full width, padding included.
+        self.vocab_size: int = loaded.hf_config.vocab_size
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, sorted(self.eos_token_ids))
+        self.num_constrained = 0  # unfinished requests with a grammar: 0 = steps look for none
+        # Set by a reasoning parser: the token ids that end the thinking section, after which a grammar
+        # with `after_reasoning` starts to apply. None = such grammars apply from the first token.
+        self.reasoning_end_token_ids: tuple[int, ...] | None = None
         self.async_scheduling = on_gpu if config.async_scheduling is None else config.async_scheduling
         self._in_flight: LaunchedStep | None = None  # launched, tokens not yet handled (async only)
         self.trace = StepTrace.from_env()
@@ -95,6 +105,12 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"duplicate request id {request_id!r}")
         seq = Sequence(request_id, prompt_token_ids, params)
+        if params.structured is not None:
+            # A cache hit when the HTTP layer compiled it first; raises GrammarError otherwise.
+            compiled = self.grammars.compile(params.structured)
+            after = self.reasoning_end_token_ids if params.structured.after_reasoning else None
+            seq.grammar = GrammarState(compiled, after)
+            self.num_constrained += 1
         self.requests[request_id] = RequestState(
             seq=seq,
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens),
@@ -145,7 +161,9 @@ class LLMEngine:
         launched = None
         if not sched.is_empty:
             started = time.perf_counter()
-            launched = self.runner.launch(sched.scheduled, self.eos_token_ids, previous)
+            launched = self.runner.launch(
+                sched.scheduled, self.eos_token_ids, previous, with_grammars=self.num_constrained > 0
+            )
             if self.trace is not None:
                 launched.trace = self.trace.launched(
                     launched.num_decodes, launched.num_tokens, launched.graphed, started
@@ -207,6 +225,10 @@ class LLMEngine:
             seq.num_prompt_tokens,
             self.max_model_len,
         )
+        if seq.grammar is not None:
+            stop = self._grammar_stop(seq.grammar, token_id, stop)
+            if stop.finish_reason == "abort":
+                return self._finish(state, "abort", None, "")
         if not params.detokenize:
             if stop.finished:
                 return self._finish(state, stop.finish_reason, stop.stop_reason, "")
@@ -221,6 +243,18 @@ class LLMEngine:
         if stop.finished:
             return self._finish(state, stop.finish_reason, stop.stop_reason, check.release_text)
         return self._output(state, check.release_text, finished=False, finish_reason=None, stop_reason=None)
+
+    def _grammar_stop(self, grammar: GrammarState, token_id: int, stop: TokenStop) -> TokenStop:
+        """Advance the grammar; a completed grammar ends the sequence even under ignore_eos."""
+        grammar.accept(token_id)
+        if grammar.rejected:
+            # Only reachable when every allowed token was masked (e.g. min_tokens hid the only stop
+            # token the finished grammar allows): the output can no longer match, so it ends here.
+            log.warning("grammar rejected token %d: request ends (finish_reason abort)", token_id)
+            return TokenStop("abort", None, False)
+        if not stop.finished and grammar.is_terminated:
+            return TokenStop("stop", None, False)
+        return stop
 
     def _output(
         self,
@@ -250,6 +284,8 @@ class LLMEngine:
         self, state: RequestState, reason: str, stop_reason: int | str | None, text: str
     ) -> RequestOutput:
         seq, m = state.seq, self.metrics
+        if seq.params.structured is not None:
+            self.num_constrained -= 1
         if seq.has_placeholder:  # aborted with a token in flight: it will never be delivered or counted
             seq.token_ids.pop()
         self.scheduler.finish(seq)

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from engine.api.body import parse_body
 from engine.api.generation import ChoiceResult, SubRequest, fan_out, merged_outputs, new_choices, usage
+from engine.api.logit_bias import checked_logit_bias
 from engine.api.logprobs import TokenTexts, chat_logprobs
 from engine.api.prompts import chat_prompt, resolve_max_tokens
 from engine.api.protocol import (
@@ -24,6 +25,7 @@ from engine.api.protocol import (
 )
 from engine.api.state import STATE
 from engine.api.streaming import PerChoiceTextEvents, sse_event, stream_sse
+from engine.api.structured_outputs import compiled_structured_spec
 from engine.outputs import RequestOutput, TokenLogprob
 
 
@@ -114,7 +116,9 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     )
     budget = resolve_max_tokens(len(prompt.token_ids), body.output_limit, engine.max_model_len, "messages")
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    subs = fan_out(request_id, body, [prompt], [budget], body.num_logprobs)
+    logit_bias = checked_logit_bias(body.logit_bias_ids, engine.vocab_size)
+    structured = await compiled_structured_spec(engine, body)
+    subs = fan_out(request_id, body, [prompt], [budget], body.num_logprobs, structured, logit_bias)
     head = {"id": request_id, "created": int(time.time()), "model": model}
 
     async with aclosing(merged_outputs(engine, subs)) as outputs:

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from engine.api.body import parse_body
 from engine.api.generation import ChoiceResult, SubRequest, fan_out, merged_outputs, new_choices, usage
+from engine.api.logit_bias import checked_logit_bias
 from engine.api.logprobs import TokenTexts, completion_logprobs
 from engine.api.prompts import Prompt, completion_prompts, resolve_max_tokens
 from engine.api.protocol import (
@@ -22,6 +23,7 @@ from engine.api.protocol import (
 )
 from engine.api.state import STATE
 from engine.api.streaming import PerChoiceTextEvents, sse_event, stream_sse
+from engine.api.structured_outputs import compiled_structured_spec
 from engine.outputs import RequestOutput
 
 
@@ -120,7 +122,9 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
         resolve_max_tokens(len(p.token_ids), body.max_tokens, engine.max_model_len, "prompt") for p in prompts
     ]
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    subs = fan_out(request_id, body, prompts, budgets, body.logprobs)
+    logit_bias = checked_logit_bias(body.logit_bias_ids, engine.vocab_size)
+    structured = await compiled_structured_spec(engine, body)
+    subs = fan_out(request_id, body, prompts, budgets, body.logprobs, structured, logit_bias)
     head = {"id": request_id, "created": int(time.time()), "model": model}
 
     async with aclosing(merged_outputs(engine, subs)) as outputs:

@@ -16,6 +16,7 @@ from engine.api.protocol import PromptTokensDetails, SamplingFields, UsageInfo
 from engine.api.state import ServingEngine
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.sampling.params import SamplingParams
+from engine.structured.spec import StructuredOutputSpec
 
 _INT64_MAX = 2**63 - 1
 
@@ -57,7 +58,13 @@ class ChoiceResult:
 
 
 def sampling_params(
-    request: SamplingFields, *, max_tokens: int, logprobs: int | None, choice: int
+    request: SamplingFields,
+    *,
+    max_tokens: int,
+    logprobs: int | None,
+    choice: int,
+    structured: StructuredOutputSpec | None = None,
+    logit_bias: dict[int, float] | None = None,
 ) -> SamplingParams:
     seed = request.seed
     if seed is not None and choice:
@@ -81,6 +88,8 @@ def sampling_params(
         ignore_eos=request.ignore_eos,
         logprobs=logprobs,
         skip_special_tokens=request.skip_special_tokens,
+        structured=structured,
+        logit_bias=logit_bias,
     )
 
 
@@ -141,13 +150,27 @@ async def merged_outputs(
 
 
 def fan_out(
-    base_id: str, request: SamplingFields, prompts: list[Prompt], max_tokens: list[int], logprobs: int | None
+    base_id: str,
+    request: SamplingFields,
+    prompts: list[Prompt],
+    max_tokens: list[int],
+    logprobs: int | None,
+    structured: StructuredOutputSpec | None = None,
+    logit_bias: dict[int, float] | None = None,
 ) -> list[SubRequest]:
-    """request.n sub-requests per prompt, ids `<base_id>-<choice index>`; max_tokens is per prompt."""
+    """request.n sub-requests per prompt, ids `<base_id>-<choice index>`; max_tokens is per prompt.
+    Each choice gets its own grammar state in the engine (over one compiled grammar)."""
     subs = []
     for p, (prompt, budget) in enumerate(zip(prompts, max_tokens, strict=True)):
         for i in range(request.n):
             index = p * request.n + i
-            params = sampling_params(request, max_tokens=budget, logprobs=logprobs, choice=i)
+            params = sampling_params(
+                request,
+                max_tokens=budget,
+                logprobs=logprobs,
+                choice=i,
+                structured=structured,
+                logit_bias=logit_bias,
+            )
             subs.append(SubRequest(index, f"{base_id}-{index}", prompt, params))
     return subs

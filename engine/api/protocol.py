@@ -11,6 +11,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
+from engine.api.logit_bias import parse_logit_bias
+from engine.api.structured_outputs import StructuredOutputFields
+
 FinishReason = Literal["stop", "length", "abort"]
 MAX_LOGPROBS = 20
 
@@ -21,8 +24,10 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
-    """Fields both completions and chat accept, with OpenAI's ranges and vLLM's extras."""
+class SamplingFields(StructuredOutputFields):
+    """Fields both completions and chat accept, with OpenAI's ranges and vLLM's extras (the structured
+    output fields, `response_format` and vLLM's `structured_outputs` / `guided_*`, come from
+    StructuredOutputFields)."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -62,10 +67,14 @@ class SamplingFields(BaseModel):
 
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        if value:
-            raise ValueError("logit_bias is not supported")
+    def _check_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        parse_logit_bias(value)
         return value
+
+    @property
+    def logit_bias_ids(self) -> dict[int, float] | None:
+        """logit_bias with int token ids (not yet checked against the vocabulary: see api/logit_bias)."""
+        return parse_logit_bias(self.logit_bias)
 
     @model_validator(mode="after")
     def _check_stream_options(self) -> SamplingFields:
@@ -175,15 +184,12 @@ class ChatCompletionRequest(SamplingFields):
     add_special_tokens: bool = False  # the chat template already adds BOS where the model wants it
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
 
     @model_validator(mode="after")
     def _check_chat_fields(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError("response_format other than 'text' is not supported")
         if self.tools:
             raise ValueError("tools are not supported")
         if self.add_generation_prompt and self.continue_final_message:

@@ -17,6 +17,7 @@ from engine.api.logprobs import TokenTexts
 from engine.metrics import EngineMetrics
 from engine.outputs import RequestOutput
 from engine.sampling.params import SamplingParams
+from engine.structured.spec import StructuredOutputSpec
 
 T = TypeVar("T")
 
@@ -32,9 +33,12 @@ class ServingEngine(Protocol):
     tokenizer: Any
     served_model_name: str
     max_model_len: int
+    vocab_size: int
     metrics: EngineMetrics
 
     def is_healthy(self) -> bool: ...
+
+    async def compile_grammar(self, spec: StructuredOutputSpec) -> None: ...
 
     def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams

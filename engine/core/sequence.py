@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import TYPE_CHECKING
 
 from engine.sampling.params import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.structured.matcher import GrammarState
 
 # Stands in for a token the GPU has sampled but the host has not read yet (async scheduling): it
 # counts towards the sequence's length, so the next step can be scheduled before the token is known.
@@ -32,6 +36,9 @@ class Sequence:
         self.block_hashes: list[int] = []  # chained hashes of this sequence's full blocks, in order
         self.num_registered_blocks = 0  # leading blocks already published to the prefix cache
         self.arrival_time = time.monotonic()
+        # Structured output: where the output stands in its grammar (set by the engine; advanced as each
+        # token becomes known, so it always matches the known output tokens).
+        self.grammar: GrammarState | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,6 +17,9 @@ from engine.model.cuda_graphs import DecodeCudaGraphs
 from engine.model.input_staging import InputStaging
 from engine.outputs import TokenLogprob
 from engine.sampling.sampler import PendingSample, Sampler, SamplingRow, seeded_generator
+
+if TYPE_CHECKING:
+    from engine.structured.bitmask import BitmaskBuilder
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +50,8 @@ class LaunchedStep:
         self.num_tokens = 0
         self.graphed = False
         self.row_of = {s.seq.request_id: i for i, s in enumerate(seqs)}
-        # Some sequence's sampling reads its token list (penalties): its next step needs this one's tokens.
+        # Some sequence's sampling reads its token list (penalties) or its grammar state: its next step
+        # needs this one's tokens.
         self.reads_token_lists = reads_token_lists
         self.placeholders: list[int | None] = []  # where each token goes in its sequence (set by the engine)
         self.trace: dict | None = None  # this step's StepTrace row, when tracing
@@ -81,6 +86,7 @@ class ModelRunner:
         self._constant_rows: dict[str, SamplingRow] = {}  # per request, for rows that never change
         self.staging = InputStaging(device) if device.type == "cuda" else None
         self.cuda_graphs: DecodeCudaGraphs | None = None  # set by capture_cuda_graphs
+        self.bitmasks: BitmaskBuilder | None = None  # made at the first step with a grammar
         if device.type == "cuda":  # Triton RMSNorm / rotary / SiLU-mul behind the same modules
             from engine.kernels.fused_layers import install_fused_layers
 
@@ -268,16 +274,21 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(
-        self, batch: list[ScheduledSeq], eos_token_ids: set[int], previous: LaunchedStep | None = None
+        self,
+        batch: list[ScheduledSeq],
+        eos_token_ids: set[int],
+        previous: LaunchedStep | None = None,
+        with_grammars: bool = False,
     ) -> LaunchedStep:
-        """Queue one step (forward, logits, sampling, host copy of the tokens) without waiting for it."""
+        """Queue one step (forward, logits, sampling, host copy of the tokens) without waiting for it.
+        with_grammars: some sequence in the engine has a grammar (else none is looked for)."""
         input_ids, positions, meta = self.build_metadata(batch, previous)
         graphed = self.cuda_graphs is not None and self.cuda_graphs.can_run(meta)
         if graphed:
             hidden = self.cuda_graphs.run(input_ids, positions, meta)
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        step = self._sample(batch, hidden, meta, eos_token_ids)
+        step = self._sample(batch, hidden, meta, eos_token_ids, with_grammars)
         step.num_decodes, step.num_tokens, step.graphed = meta.num_decodes, int(input_ids.shape[0]), graphed
         return step
 
@@ -287,6 +298,7 @@ class ModelRunner:
         hidden: torch.Tensor,
         meta: AttentionMetadata,
         eos_token_ids: set[int],
+        with_grammars: bool = False,
     ) -> LaunchedStep:
         """LM head and sampler on the last token of each sequence whose prompt is complete."""
         # Only sequences whose prompt is complete need logits: the last token of each.
@@ -305,4 +317,15 @@ class ModelRunner:
         logits = self.model.compute_logits(last_hidden)
         rows = [self._sampling_row(s.seq, eos_token_ids) for s in done]
         reads = any(r.params.needs_penalties for r in rows)
-        return LaunchedStep(done, self.sampler.sample(logits, rows), reads)
+        grammar = None
+        if with_grammars:
+            constrained = [(i, s.seq.grammar) for i, s in enumerate(done) if s.seq.grammar is not None]
+            if constrained:
+                # The next step's bitmask needs this step's tokens: the engine reads them first.
+                reads = True
+                if self.bitmasks is None:
+                    from engine.structured.bitmask import BitmaskBuilder  # xgrammar: only when used
+
+                    self.bitmasks = BitmaskBuilder(logits.shape[1], self.device)
+                grammar = self.bitmasks.build(constrained)
+        return LaunchedStep(done, self.sampler.sample(logits, rows, grammar), reads)
