@@ -106,7 +106,9 @@ class GrammarCompiler:
             if spec.kind == "json_schema":
                 return compiler.compile_json_schema(spec.value, max_whitespace_cnt=MAX_WHITESPACE_RUN)
             if spec.kind == "json_object":
-                return compiler.compile_json_schema(json_object_schema(), max_whitespace_cnt=MAX_WHITESPACE_RUN)
+                return compiler.compile_json_schema(
+                    json_object_schema(), max_whitespace_cnt=MAX_WHITESPACE_RUN
+                )
             if spec.kind == "regex":
                 return compiler.compile_regex(spec.value)
             if spec.kind == "choice":
