@@ -174,17 +174,22 @@ class StructuredOutputFields(BaseModel):
 
 
 async def compiled_structured_spec(engine: Any, body: StructuredOutputFields) -> StructuredOutputSpec | None:
-    """The request's spec with its grammar compiled (cached) off the event loop; a grammar that does not
-    compile is a 400 naming the field, before anything is generated."""
-    from engine.api.errors import bad_request  # (errors imports protocol, which imports this module)
-    from engine.structured.compiler import GrammarError
-
+    """The request's spec with its grammar compiled (cached) off the event loop, or None."""
     requested = body.structured_request
     if requested is None:
         return None
     spec, field = requested
+    await compile_spec(engine, spec, field)
+    return spec
+
+
+async def compile_spec(engine: Any, spec: StructuredOutputSpec, field: str) -> None:
+    """Compile `spec` (cached) on the engine's grammar threads; one that does not compile is a 400 naming
+    `field` (the request field it came from) and the problem, before anything is generated."""
+    from engine.api.errors import bad_request  # (errors imports protocol, which imports this module)
+    from engine.structured.compiler import GrammarError
+
     try:
         await engine.compile_grammar(spec)
     except GrammarError as exc:
         raise bad_request(f"{field}: {exc}", param=field) from None
-    return spec
