@@ -15,6 +15,7 @@ from engine.device_copy import to_device
 from engine.model.attention import AttentionMetadata
 from engine.model.cuda_graphs import DecodeCudaGraphs
 from engine.model.input_staging import InputStaging
+from engine.model.prompt_logprobs import PendingPromptLogprobs, launch_prompt_logprobs
 from engine.outputs import TokenLogprob
 from engine.sampling.sampler import PendingSample, Sampler, SamplingRow, seeded_generator
 
@@ -54,6 +55,7 @@ class LaunchedStep:
         # needs this one's tokens.
         self.reads_token_lists = reads_token_lists
         self.placeholders: list[int | None] = []  # where each token goes in its sequence (set by the engine)
+        self.prompt_logprobs: PendingPromptLogprobs | None = None  # for requests that asked (rare)
         self.trace: dict | None = None  # this step's StepTrace row, when tracing
 
     def result(self) -> StepResult:
@@ -87,10 +89,6 @@ class ModelRunner:
         self.staging = InputStaging(device) if device.type == "cuda" else None
         self.cuda_graphs: DecodeCudaGraphs | None = None  # set by capture_cuda_graphs
         self.bitmasks: BitmaskBuilder | None = None  # made at the first step with a grammar
-        if device.type == "cuda":  # Triton RMSNorm / rotary / SiLU-mul behind the same modules
-            from engine.kernels.fused_layers import install_fused_layers
-
-            install_fused_layers(model)
 
     def capture_cuda_graphs(self, max_batch_size: int, max_model_len: int) -> None:
         """Once the KV cache is allocated for good: capture decode steps as CUDA graphs."""
@@ -289,6 +287,9 @@ class ModelRunner:
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
         step = self._sample(batch, hidden, meta, eos_token_ids, with_grammars)
+        step.prompt_logprobs = launch_prompt_logprobs(
+            batch, hidden, meta.query_lens_cpu, meta.num_decodes, self.model.compute_logits
+        )
         step.num_decodes, step.num_tokens, step.graphed = meta.num_decodes, int(input_ids.shape[0]), graphed
         return step
 
