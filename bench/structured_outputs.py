@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # w1_offline's model shape
 
 from engine.config import EngineConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
@@ -96,8 +95,16 @@ COMPILE_SCHEMAS = {
 def random_qwen3_with_a_real_tokenizer() -> str:
     """W1's Qwen3-0.6B shape with random weights, but the embedded model's real BPE tokenizer (a grammar
     needs tokens that spell JSON; W1's word-level "t0".."tN" tokens cannot): vocabulary 49,152."""
+    import importlib.util
+
     import transformers
-    from w1_offline import qwen3_0_6b_config
+
+    # W1's model shape, loaded by path: bench/ on sys.path would shadow packages (bench/kernels.py).
+    spec = importlib.util.spec_from_file_location("w1_offline", Path(__file__).parent / "w1_offline.py")
+    assert spec is not None and spec.loader is not None
+    w1 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(w1)
+    qwen3_0_6b_config = w1.qwen3_0_6b_config
 
     from engine.model.sources import resolve_model_source
 

@@ -87,6 +87,7 @@ SCHEMAS: dict[str, dict] = {
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~5 minutes on 2 idle cores; a busy CI box needs more
 async def test_200_hot_completions_all_validate(launch_kubellm) -> None:
     srv = launch_kubellm(
         "--device", "cpu", "--max-model-len", "1024", "--kv-cache-memory", "640MiB", startup_timeout=600
