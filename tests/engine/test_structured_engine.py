@@ -148,14 +148,14 @@ def test_max_tokens_cut_is_length(llama_dir):
     spec = StructuredOutputSpec("regex", "a{40}")
     params = SamplingParams(structured=spec, max_tokens=3, temperature=0.0)
     assert run_all(engine, [(prompts_for(1, seed=7)[0], params)])["r0"]["finish"] == ("length", None, 3)
-    assert engine.num_constrained == 0
+    assert engine.pipeline.num_constrained == 0
 
 
 def test_an_uncompilable_spec_is_refused_at_add(llama_dir):
     engine = make_engine(llama_dir, block_size=4)
     with pytest.raises(GrammarError, match="regex does not compile"):
         engine.add_request("bad", [1, 2, 3], SamplingParams(structured=StructuredOutputSpec("regex", "([")))
-    assert not engine.has_unfinished() and engine.num_constrained == 0
+    assert not engine.has_unfinished() and engine.pipeline.num_constrained == 0
 
 
 def test_grammar_after_reasoning_waits_for_the_end_of_thinking(llama_dir):
