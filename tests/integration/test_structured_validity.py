@@ -92,7 +92,7 @@ async def test_200_hot_completions_all_validate(launch_kubellm) -> None:
     srv = launch_kubellm(
         "--device", "cpu", "--max-model-len", "1024", "--kv-cache-memory", "640MiB", startup_timeout=600
     )  # fmt: skip
-    client = AsyncOpenAI(base_url=srv.api_url, api_key="unused", max_retries=0, timeout=900)
+    client = AsyncOpenAI(base_url=srv.api_url, api_key="unused", max_retries=0, timeout=1700)
     model = (await client.models.list()).data[0].id
 
     async def draw(name: str, schema: dict):
