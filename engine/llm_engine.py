@@ -65,6 +65,7 @@ class LLMEngine:
             loaded.dtype,
             loaded.device,
             config.block_size,
+            kv_cache_dtype=loaded.kv_cache_dtype,
         )
         device = loaded.device.type
         max_batched = config.max_num_batched_tokens_on(device)

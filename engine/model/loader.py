@@ -11,13 +11,14 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from engine.config import EngineConfig
 from engine.model.attention import AttentionBackend, TorchAttention
+from engine.model.kv_cache_quant import apply_kv_scales, resolve_kv_cache_dtype, split_kv_scales
 from engine.model.layer_kit import LayerKit
-from engine.model.llama import (
-    SUPPORTED_ARCHITECTURES,
-    SUPPORTED_MODEL_TYPES,
-    LlamaForCausalLM,
-    head_dim_of,
-)
+from engine.model.llama import SUPPORTED_ARCHITECTURES as LLAMA_ARCHITECTURES
+from engine.model.llama import SUPPORTED_MODEL_TYPES as LLAMA_MODEL_TYPES
+from engine.model.llama import LlamaForCausalLM, head_dim_of
+from engine.model.moe import MOE_MODEL_TYPES, unsupported_moe_features
+from engine.model.moe_family import MOE_ARCHITECTURES, MoeForCausalLM
+from engine.model.quantization import prepare_quantization
 from engine.model.sources import ModelLoadError, ModelSource, resolve_model_source
 
 __all__ = ["LoadedModel", "ModelLoadError", "load_model"]
@@ -25,6 +26,8 @@ __all__ = ["LoadedModel", "ModelLoadError", "load_model"]
 log = logging.getLogger(__name__)
 
 FALLBACK_MAX_MODEL_LEN = 2048  # for configs that do not state max_position_embeddings
+SUPPORTED_ARCHITECTURES = LLAMA_ARCHITECTURES + MOE_ARCHITECTURES
+SUPPORTED_MODEL_TYPES = LLAMA_MODEL_TYPES + MOE_MODEL_TYPES
 
 
 @dataclass
@@ -43,6 +46,7 @@ class LoadedModel:
     num_kv_heads: int
     head_dim: int
     precision: str = ""  # for the log: "float32", or what mixed precision keeps in which dtype
+    kv_cache_dtype: torch.dtype | None = None  # float8 e4m3 under --kv-cache-dtype fp8; None: `dtype`
 
 
 def load_model(config: EngineConfig, attn_backend: AttentionBackend | None = None) -> LoadedModel:
@@ -62,11 +66,26 @@ def load_model(config: EngineConfig, attn_backend: AttentionBackend | None = Non
     if attn_backend is None:
         attn_backend = default_attention_backend(device)
 
-    kit = LayerKit.for_device(device, matmul_dtype)
-    model = LlamaForCausalLM(hf_config, attn_backend, dtype, device, max_positions=max_model_len, kit=kit)
-    num_params = sum(p.numel() for p in model.parameters())  # before packed weights leave the parameters
+    if hf_config.model_type in MOE_MODEL_TYPES and (
+        config.quantization or getattr(hf_config, "quantization_config", None)
+    ):  # the FP8 layers are linears; the experts' packed weights have no FP8 path yet
+        raise ModelLoadError(
+            f"{source.label}: quantized {hf_config.model_type} models (FP8 checkpoints or --quantization) "
+            "are not supported yet; serve the bfloat16 checkpoint without --quantization"
+        )
     try:
-        model.load_weights(source.iter_weights())
+        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        quantization = prepare_quantization(config.quantization, hf_config, device.type, capability)
+        cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, matmul_dtype or dtype, capability)
+    except ValueError as exc:  # UnsupportedQuantizationError among them
+        raise ModelLoadError(f"{source.label}: {exc}") from exc
+    kit = LayerKit.for_device(device, matmul_dtype, quantization=quantization)
+    model_class = MoeForCausalLM if hf_config.model_type in MOE_MODEL_TYPES else LlamaForCausalLM
+    model = model_class(hf_config, attn_backend, dtype, device, max_positions=max_model_len, kit=kit)
+    num_params = sum(p.numel() for p in model.parameters())  # before packed weights leave the parameters
+    kv_scales: dict[tuple[int, str], float] = {}  # the checkpoint's FP8 KV cache scales, if any
+    try:
+        model.load_weights(split_kv_scales(source.iter_weights(), kv_scales))
     except ValueError as exc:  # a checkpoint that does not fit the config: say which model
         raise ModelLoadError(f"{source.label}: {exc}") from exc
     model.eval()
@@ -74,8 +93,13 @@ def load_model(config: EngineConfig, attn_backend: AttentionBackend | None = Non
     if matmul_dtype is not None:
         kv_cache_dtype = matmul_dtype
         precision = f"{precision} with {str(matmul_dtype).removeprefix('torch.')} matmuls and KV cache"
+    apply_kv_scales(model, kv_scales, fp8_cache=cache_dtype != kv_cache_dtype)
+    if cache_dtype != kv_cache_dtype:
+        precision += ", FP8 (e4m3) KV cache"
     if kit.fused:
         precision += ", fused Triton layers"
+    if quantization is not None:
+        precision += f", {quantization.describe()}"
     tokenizer = source.load_tokenizer(config.tokenizer, config.trust_remote_code)
     if tokenizer.chat_template is None:
         log.warning("%s has no chat template: /v1/chat/completions will be refused", source.label)
@@ -99,6 +123,7 @@ def load_model(config: EngineConfig, attn_backend: AttentionBackend | None = Non
         num_kv_heads=hf_config.num_key_value_heads,
         head_dim=head_dim_of(hf_config),
         precision=precision,
+        kv_cache_dtype=cache_dtype,
     )
 
 
@@ -117,6 +142,13 @@ def check_supported(hf_config: PretrainedConfig, source: ModelSource) -> None:
         raise ModelLoadError(
             f"{source.label}: unsupported {found}; supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
+    if hf_config.model_type in MOE_MODEL_TYPES:
+        features = unsupported_moe_features(hf_config)
+        if features:
+            raise ModelLoadError(
+                f"{source.label}: this {hf_config.model_type} model uses {'; '.join(features)}, "
+                "which kubellm's MoE layers do not support"
+            )
 
 
 def resolve_device(requested: str) -> torch.device:

@@ -67,12 +67,14 @@ class ModelRunner:
         dtype: torch.dtype,
         device: torch.device,
         block_size: int,
+        kv_cache_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.dtype = dtype
+        self.kv_cache_dtype = kv_cache_dtype or dtype  # float8 e4m3 under --kv-cache-dtype fp8
         self.device = device
         self.block_size = block_size
         self.kv_caches: list[torch.Tensor] = []
@@ -92,13 +94,13 @@ class ModelRunner:
         self.cuda_graphs.capture()
 
     def bytes_per_block(self) -> int:
-        elem = torch.empty((), dtype=self.dtype).element_size()
+        elem = torch.empty((), dtype=self.kv_cache_dtype).element_size()
         return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         shape = (2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
         self.kv_caches = [
-            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)
+            torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device) for _ in range(self.num_layers)
         ]
 
     def profile_peak_activation_bytes(

@@ -125,7 +125,6 @@ def test_completion_validation_messages_name_the_field(data: dict, expected: str
             {"messages": USER, "logprobs": True, "top_logprobs": 25},
             "top_logprobs: Input should be less than or equal to 20",
         ),
-        ({"messages": USER, "tools": [{"type": "function"}]}, "tools are not supported"),
         ({"messages": USER, "response_format": {"type": "yaml"}}, "response_format.type: Input should be"),
         (
             {"messages": USER, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
@@ -135,6 +134,7 @@ def test_completion_validation_messages_name_the_field(data: dict, expected: str
             {"messages": USER, "structured_outputs": {"regex": "a", "backend": "x"}},
             "structured_outputs.backend",
         ),
+        ({"messages": USER, "tools": [{"type": "function"}]}, "tools[0].function: Field required"),
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content: content must be a string"),
     ],
 )
