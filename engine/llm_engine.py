@@ -83,8 +83,8 @@ class LLMEngine:
         # adding a request); the bitmask covers the logits' full width, padding included.
         self.vocab_size: int = loaded.hf_config.vocab_size
         self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, sorted(self.eos_token_ids))
-        # Set by a reasoning parser: the token ids that end the thinking section, after which a grammar
-        # with `after_reasoning` starts to apply. None = such grammars apply from the first token.
+        # The token ids that end the thinking section, after which a grammar with `after_reasoning` starts
+        # to apply. None = the tokens of "</think>" (qwen3 / deepseek_r1 style reasoning).
         self.reasoning_end_token_ids: tuple[int, ...] | None = None
         self.async_scheduling = config.async_scheduling_on(device)
         self.trace = StepTrace.from_env()
@@ -124,7 +124,7 @@ class LLMEngine:
         if params.structured is not None:
             # A cache hit when the HTTP layer compiled it first; raises GrammarError otherwise.
             compiled = self.grammars.compile(params.structured)
-            after = self.reasoning_end_token_ids if params.structured.after_reasoning else None
+            after = self._reasoning_end_ids() if params.structured.after_reasoning else None
             seq.grammar = GrammarState(compiled, after)
             self.pipeline.num_constrained += 1
         self.requests[request_id] = RequestState(
@@ -223,6 +223,11 @@ class LLMEngine:
         if stop.finished:
             return self._finish(state, stop.finish_reason, stop.stop_reason, check.release_text)
         return self._output(state, check.release_text, finished=False, finish_reason=None, stop_reason=None)
+
+    def _reasoning_end_ids(self) -> tuple[int, ...]:
+        if self.reasoning_end_token_ids is None:
+            self.reasoning_end_token_ids = tuple(self.tokenizer.encode("</think>", add_special_tokens=False))
+        return self.reasoning_end_token_ids
 
     def _grammar_stop(self, grammar: GrammarState, token_id: int, stop: TokenStop) -> TokenStop:
         """Advance the grammar; a completed grammar ends the sequence even under ignore_eos."""
