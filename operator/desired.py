@@ -157,6 +157,9 @@ def engine_container(spec: ModelDeploymentSpec) -> dict[str, Any]:
         "resources": container_resources(spec),
         # The kubelet's own sleep (Kubernetes >= 1.30): no `sleep` binary needed in the image.
         "lifecycle": {"preStop": {"sleep": {"seconds": PRE_STOP_SLEEP_SECONDS}}},
+        # An engine that exits with an error leaves its last log lines in the container's lastState,
+        # where the status (and `kubectl describe pod`) shows why it crashed.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "volumeMounts": [
             {"name": DSHM_VOLUME, "mountPath": "/dev/shm"},
             {"name": CACHE_VOLUME, "mountPath": spec.model_cache.mount_path},

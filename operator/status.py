@@ -131,8 +131,18 @@ def _stuck_container(pods: list[dict[str, Any]]) -> Problem | None:
                 message = f"pod {_pod_name(pod)}: {waiting['reason']}"
                 if waiting.get("message"):
                     message += f": {waiting['message']}"
+                if last_words := _last_log_line(container):
+                    message += f"; last log line: {last_words}"
                 return Problem(waiting["reason"], message)
     return None
+
+
+def _last_log_line(container: dict[str, Any]) -> str | None:
+    """The crashed engine's own last words: the kubelet keeps its last log lines as the termination
+    message (terminationMessagePolicy FallbackToLogsOnError)."""
+    message = container.get("lastState", {}).get("terminated", {}).get("message") or ""
+    lines = [line.strip() for line in message.replace("\r", "\n").splitlines() if line.strip()]
+    return lines[-1] if lines else None
 
 
 def _deadline_exceeded(deployment_status: dict[str, Any]) -> str | None:

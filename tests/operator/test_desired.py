@@ -61,6 +61,7 @@ spec:
           requests: {{nvidia.com/gpu: "1"}}
           limits: {{nvidia.com/gpu: "1"}}
         lifecycle: {{preStop: {{sleep: {{seconds: 5}}}}}}
+        terminationMessagePolicy: FallbackToLogsOnError
         volumeMounts:
         - {{name: dshm, mountPath: /dev/shm}}
         - {{name: model-cache, mountPath: /model-cache}}
