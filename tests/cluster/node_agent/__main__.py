@@ -1,4 +1,6 @@
-"""`python -m tests.cluster.node_agent --kubeconfig K --workdir W [--node-name local-cpu-0]`.
+"""The node agent: runs the pods bound to one node of the local control plane as local processes.
+
+    python -m tests.cluster.node_agent --kubeconfig K --workdir W [--node-name local-cpu-0]
 
 Run by LocalCluster.start_cpu_node(); the repository root must be on sys.path after the standard library
 (operator/ would shadow it otherwise), so LocalCluster starts it with `-c` and sys.path.append."""

@@ -10,6 +10,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from tests.cluster.node_agent.container_run import rfc3339
 from tests.cluster.node_agent.kube import KubeApi, KubeError
 from tests.cluster.node_agent.node import (
@@ -106,7 +108,7 @@ class NodeAgent:
                         self.forget(pod["metadata"]["uid"])
                     else:
                         self.observe(pod)
-            except (KubeError, OSError, TimeoutError) as error:
+            except (KubeError, OSError, TimeoutError, aiohttp.ClientError, ValueError) as error:
                 log.warning("pod watch interrupted: %r; listing again", error)
                 await asyncio.sleep(1)
 

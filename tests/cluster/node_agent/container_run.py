@@ -90,6 +90,9 @@ class ContainerRun:
                 if await self._back_off(crashed=False):
                     return
                 continue
+            if self.worker.stopping.is_set():  # deleted while starting: stop it like the others
+                grace = self.worker.pod["spec"].get("terminationGracePeriodSeconds", 30)
+                await self.stop(time.monotonic() + grace)
             started_at = time.time()
             exit_code = await self._run_until_exit()
             terminated = self._terminated(exit_code, started_at)
@@ -189,7 +192,9 @@ class ContainerRun:
         return ProbeTarget(pod_ip=self.worker.pod_ip, ports=ports, launch=self.launch)
 
     def _spawn_probe(self, kind: str, initial: bool | None, on_result: Any) -> None:
-        worker = ProbeWorker(self.spec[kind], self._probe_target(), initial, on_result)
+        # The startup probe ends with its first success; the others run as long as the container.
+        until_success = kind == "startupProbe"
+        worker = ProbeWorker(self.spec[kind], self._probe_target(), initial, on_result, until_success)
         self.probe_tasks.append(asyncio.create_task(worker.run(), name=f"{self.name}-{kind}"))
 
     def _start_probes(self) -> None:

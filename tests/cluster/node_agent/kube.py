@@ -99,6 +99,11 @@ class KubeApi:
         async with self.session.get(self.server + path, params=query, timeout=timeout) as response:
             if response.status >= 400:
                 raise KubeError(response.status, await response.text())
-            async for line in response.content:
-                if line.strip():
-                    yield json.loads(line)
+            buffered = b""
+            # Chunks, not readline(): one event (a whole object) may be longer than aiohttp's line limit.
+            async for chunk in response.content.iter_any():
+                buffered += chunk
+                *lines, buffered = buffered.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        yield json.loads(line)

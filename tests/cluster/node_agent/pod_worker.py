@@ -113,12 +113,15 @@ class PodWorker:
             self.log.info("starting on %s", self.pod_ip)
             supervisors = [asyncio.create_task(c.supervise(volumes)) for c in self.containers]
             stop = asyncio.create_task(self.stopping.wait())
-            await asyncio.wait([stop, asyncio.gather(*supervisors)], return_when=asyncio.FIRST_COMPLETED)
+            every = asyncio.gather(*supervisors)
+            await asyncio.wait([stop, every], return_when=asyncio.FIRST_COMPLETED)
+            if every.done() and every.exception() is not None:
+                self.log.error("a container supervisor failed", exc_info=every.exception())
             if not self.stopping.is_set():
                 self.log.info("every container ended: the pod is %s", self.pod["status"].get("phase"))
                 await self.stopping.wait()
             await self._stop_containers()
-            await asyncio.gather(*supervisors, return_exceptions=True)
+            await asyncio.gather(every, return_exceptions=True)
             stop.cancel()
         await self._remove()
 

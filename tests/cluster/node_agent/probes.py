@@ -94,8 +94,10 @@ class ProbeWorker:
         target: ProbeTarget,
         initial: bool | None,
         on_result: Callable[[bool, str], Awaitable[None]],
+        until_success: bool = False,
     ) -> None:
         self.probe = probe
+        self.until_success = until_success
         self.target = target
         self.result = initial
         self.on_result = on_result
@@ -109,6 +111,8 @@ class ProbeWorker:
             started = asyncio.get_running_loop().time()
             ok, message = await probe_once(self.probe, self.target)
             await self._record(ok, message)
+            if self.until_success and self.result is True:
+                return
             elapsed = asyncio.get_running_loop().time() - started
             await asyncio.sleep(max(0.0, period - elapsed))
 
