@@ -51,6 +51,10 @@ class NodeAgent:
             for worker in self.workers.values():
                 for container in worker.containers:
                     container.kill_now()
+            tasks = list(self.tasks.values())
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     # --- the node --------------------------------------------------------------------------------
 

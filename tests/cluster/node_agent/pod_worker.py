@@ -112,18 +112,30 @@ class PodWorker:
         if volumes is not None:
             self.log.info("starting on %s", self.pod_ip)
             supervisors = [asyncio.create_task(c.supervise(volumes)) for c in self.containers]
-            stop = asyncio.create_task(self.stopping.wait())
-            every = asyncio.gather(*supervisors)
-            await asyncio.wait([stop, every], return_when=asyncio.FIRST_COMPLETED)
-            if every.done() and every.exception() is not None:
-                self.log.error("a container supervisor failed", exc_info=every.exception())
+            try:
+                await self._until_stopping(supervisors)
+                await self._stop_containers()
+            finally:
+                for supervisor in supervisors:
+                    supervisor.cancel()  # a no-op for those that ended; the agent stopping cancels the rest
+                for supervisor in await asyncio.gather(*supervisors, return_exceptions=True):
+                    if isinstance(supervisor, Exception):
+                        self.log.error("a container supervisor failed", exc_info=supervisor)
+        await self._remove()
+
+    async def _until_stopping(self, supervisors: list[asyncio.Task[None]]) -> None:
+        """Until the pod is deleted; containers that end for good (restartPolicy) leave it to its phase."""
+        stop = asyncio.create_task(self.stopping.wait())
+        try:
+            running = set(supervisors)
+            while running and not self.stopping.is_set():
+                _, running = await asyncio.wait({stop, *running}, return_when=asyncio.FIRST_COMPLETED)
+                running.discard(stop)
             if not self.stopping.is_set():
                 self.log.info("every container ended: the pod is %s", self.pod["status"].get("phase"))
                 await self.stopping.wait()
-            await self._stop_containers()
-            await asyncio.gather(every, return_exceptions=True)
+        finally:
             stop.cancel()
-        await self._remove()
 
     async def _prepare_volumes(self) -> dict[str, Path] | None:
         while not self.stopping.is_set():
