@@ -213,5 +213,5 @@ def test_deletion_runs_pre_stop_then_sigterm_then_sigkill_after_the_grace_period
     sigterm_at = float(
         next(line for line in events.read_text().splitlines() if line.startswith("SIGTERM")).split()[1]
     )
-    assert 2 <= sigterm_at - deleted_at < 4  # after the 2 s preStop sleep
-    assert 6 <= removed_after < 15  # SIGKILL at the end of the 6 s grace period, then removed
+    assert 2 <= sigterm_at - deleted_at < 6  # after the 2 s preStop sleep
+    assert 6 <= removed_after < 20  # SIGKILL at the end of the 6 s grace period, then removed

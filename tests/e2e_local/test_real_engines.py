@@ -149,6 +149,7 @@ def test_spec_change_rolls_out_without_failed_requests(
     k8s_cluster: LocalCluster, namespace: str, served_model: str
 ) -> None:
     api = endpoint_client(k8s_cluster)
+    (old_address,) = ready_addresses(api, namespace, SERVICE)
     old_pods = {p["metadata"]["name"] for p in engine_pods(k8s_cluster, namespace, NAME)}
     stop = threading.Event()
     served_by: list[str] = []
@@ -179,23 +180,22 @@ def test_spec_change_rolls_out_without_failed_requests(
         apply(k8s_cluster, namespace, cpu_model_deployment(NAME, engine={"maxModelLen": 1024}))
 
         def rolled() -> bool:
-            pods = engine_pods(k8s_cluster, namespace, NAME)
-            names = {p["metadata"]["name"] for p in pods}
-            md = get(k8s_cluster, namespace, "md", NAME)
-            return (
-                not names & old_pods
-                and condition(md, "Ready").get("status") == "True"
-                and condition(md, "Progressing").get("reason") == "RolloutComplete"
-            )
+            names = {p["metadata"]["name"] for p in engine_pods(k8s_cluster, namespace, NAME)}
+            status = k8s_cluster.kubectl_json("get", "deployment", NAME, "-n", namespace)["status"]
+            counts = [status.get(key) for key in ("replicas", "updatedReplicas", "readyReplicas")]
+            return not names & old_pods and counts == [1, 1, 1]
 
         wait_until(rolled, "the rollout to replace the engine pod", timeout_s=LOAD_TIMEOUT_S, interval_s=1)
-        time.sleep(1)  # a few requests against the new pod alone
+        wait_until(lambda: set(served_by) - {old_address}, "a request served by the new pod", timeout_s=120)
     finally:
         stop.set()
         sender.join(timeout=150)
     assert failures == [], failures
-    assert len(set(served_by)) == 2, (
-        f"requests were served by {sorted(set(served_by))}, not the old and new pod"
+    assert old_address in served_by and len(set(served_by)) == 2, f"served by {sorted(set(served_by))}"
+    wait_until(
+        lambda: condition(get(k8s_cluster, namespace, "md", NAME), "Ready").get("status") == "True",
+        "the ModelDeployment Ready on the new pod",
+        timeout_s=60,
     )
     (pod,) = engine_pods(k8s_cluster, namespace, NAME)
     assert "1024" in pod["spec"]["containers"][0]["args"]
