@@ -99,6 +99,8 @@ async def prepare_volumes(
     configMap, secret, downwardAPI and projected volumes (the service account token) are written out;
     hostPath is the path itself (this machine is the host). Claims need a volume plugin: not here."""
     namespace = pod["metadata"]["namespace"]
+    if pod["spec"].get("initContainers"):  # refused where it shows, rather than skipped silently
+        raise LaunchError("CreateContainerConfigError", "init containers are not supported by the node agent")
     directories: dict[str, Path] = {}
     for volume in pod["spec"].get("volumes", []):
         name = volume["name"]
