@@ -15,39 +15,69 @@ from kubellm_operator import names
 from kubellm_operator.schema import structural_schema
 from kubellm_operator.spec import ModelDeploymentSpec, ModelDeploymentStatus
 
-# Rules on the whole object: only here can CEL see metadata.name next to the spec.
+# Rules on the whole object: only here can CEL see metadata.name next to the spec. Each names the field
+# to blame (fieldPath), so the API server says `metadata.name: Invalid value: ...`, not `<nil>: ...`.
 ROOT_RULES = [
     {
         "rule": "self.metadata.name.size() <= 63",
         "message": "metadata.name must be at most 63 characters (it becomes a label value)",
+        "fieldPath": ".metadata.name",
     },
     {
         "rule": f"self.metadata.name.matches('{names.DNS_1035_LABEL}')",
         "message": names.DNS_1035_MESSAGE,
+        "fieldPath": ".metadata.name",
     },
     {
         "rule": "has(self.spec.service.name) || self.metadata.name.size() <= 55",
         "message": "metadata.name must be at most 55 characters so that '<name>-service' is a valid "
         "Service name; or set spec.service.name",
+        "fieldPath": ".metadata.name",
     },
+]
+
+# Rules across spec fields (`self` is the spec; the API server has filled in its defaults). Static
+# messages: a messageExpression that prints the numbers exceeds the API server's CEL cost budget.
+SPEC_RULES = [
     {
-        "rule": "!has(self.spec.gpu.product) || self.spec.gpu.count > 0",
+        "rule": "!has(self.gpu.product) || !has(self.gpu.count) || self.gpu.count > 0",
         "message": "spec.gpu.product needs spec.gpu.count > 0",
+        "fieldPath": ".gpu.product",
     },
     {
-        "rule": "!has(self.spec.autoscaling) || has(self.spec.resources.cpu) || "
-        "(has(self.spec.autoscaling.podMetric) && !has(self.spec.autoscaling.targetCPUUtilizationPercentage))",
+        "rule": "!has(self.gpu.count) || self.gpu.count == 0 || self.gpu.count >= self.engine.tensorParallelSize",
+        "message": "spec.gpu.count must be at least spec.engine.tensorParallelSize: each rank needs its own GPU (or 0: the CPU)",
+        "fieldPath": ".gpu.count",
+    },
+    {
+        # Only where the rule above holds, so one mistake gives one message.
+        "rule": "!has(self.gpu.count) || self.gpu.count < self.engine.tensorParallelSize || "
+        "self.gpu.count % self.engine.tensorParallelSize == 0",
+        "message": "spec.gpu.count must be a multiple of spec.engine.tensorParallelSize",
+        "fieldPath": ".gpu.count",
+    },
+    {
+        "rule": "!has(self.autoscaling) || !has(self.replicas)",
+        "message": "set spec.replicas or spec.autoscaling, not both: with autoscaling the "
+        "HorizontalPodAutoscaler sets the pod count (between minReplicas and maxReplicas)",
+        "fieldPath": ".replicas",
+    },
+    {
+        "rule": "!has(self.autoscaling) || has(self.resources.cpu) || "
+        "(has(self.autoscaling.podMetric) && !has(self.autoscaling.targetCPUUtilizationPercentage))",
         "message": "CPU-based autoscaling needs spec.resources.cpu (utilization is measured against the request)",
+        "fieldPath": ".autoscaling",
     },
 ]
 
 PRINTER_COLUMNS = [
     {"name": "Model", "type": "string", "jsonPath": ".status.servedModelName"},
     {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
+    {"name": "Replicas", "type": "string", "jsonPath": ".status.readyOfDesired"},
     {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "priority": 1},
-    {"name": "Replicas", "type": "integer", "jsonPath": ".status.readyReplicas", "priority": 1},
+    {"name": "GPUs", "type": "integer", "jsonPath": ".status.gpusPerReplica", "priority": 1},
 ]
 
 
@@ -55,6 +85,7 @@ def model_deployment_crd() -> dict[str, Any]:
     spec_schema = {
         "description": "What to serve and how: the desired state.",
         **structural_schema(ModelDeploymentSpec),
+        "x-kubernetes-validations": SPEC_RULES,
     }
     status_schema = {
         "description": "What the operator observes; written by the operator only.",
@@ -96,7 +127,12 @@ def model_deployment_crd() -> dict[str, Any]:
                             "properties": {
                                 "apiVersion": {"type": "string"},
                                 "kind": {"type": "string"},
-                                "metadata": {"type": "object"},
+                                # Only metadata.name may be constrained here; declared so rules can blame it,
+                                # with its bound so the CEL cost estimate of the rules on it stays small.
+                                "metadata": {
+                                    "type": "object",
+                                    "properties": {"name": {"type": "string", "maxLength": 63}},
+                                },
                                 "spec": spec_schema,
                                 "status": status_schema,
                             },
@@ -110,9 +146,8 @@ def model_deployment_crd() -> dict[str, Any]:
     }
 
 
-def peering_crd(kind: str, scope: str) -> dict[str, Any]:
+def peering_crd(kind: str, plural: str, scope: str) -> dict[str, Any]:
     """kopf keeps its peers' keep-alives in these objects' status (see docs.kopf.dev, peering)."""
-    plural = kind.lower() + "s"
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -143,8 +178,8 @@ def peering_crd(kind: str, scope: str) -> dict[str, Any]:
 def all_crds() -> list[dict[str, Any]]:
     return [
         model_deployment_crd(),
-        peering_crd("ClusterKopfPeering", "Cluster"),
-        peering_crd("KopfPeering", "Namespaced"),
+        peering_crd("ClusterKopfPeering", "clusterkopfpeerings", "Cluster"),
+        peering_crd("KopfPeering", "kopfpeerings", "Namespaced"),
     ]
 
 

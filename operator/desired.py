@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from kubernetes.utils.quantity import parse_quantity
+
 from kubellm_operator import names
 from kubellm_operator.engine_args import engine_invocation, shutdown_timeout
 from kubellm_operator.spec import (
@@ -33,6 +35,27 @@ PRE_STOP_SLEEP_SECONDS = 5
 TERMINATION_GRACE_MARGIN_SECONDS = PRE_STOP_SLEEP_SECONDS + 10
 DSHM_VOLUME = "dshm"
 CACHE_VOLUME = "model-cache"
+TMP_VOLUME = "tmp"
+TMP_SIZE_LIMIT = "2Gi"  # scratch space beside the read-only root: Triton's compiler stubs, Python temp files
+
+# Pod Security `restricted` (the strictest standard) by default; spec.podSecurityContext and
+# spec.securityContext replace single fields.
+DEFAULT_POD_SECURITY_CONTEXT: dict[str, Any] = {
+    "runAsNonRoot": True,
+    "runAsUser": ENGINE_GROUP_ID,
+    "runAsGroup": ENGINE_GROUP_ID,
+    # Volumes (a fresh PVC's root is owned by root) are made writable by the image's group; the
+    # ownership walk of a large model cache happens only when its root does not match already.
+    "fsGroup": ENGINE_GROUP_ID,
+    "fsGroupChangePolicy": "OnRootMismatch",
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+DEFAULT_CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    # The engine writes only under the model cache (cache_env) and /tmp.
+    "readOnlyRootFilesystem": True,
+}
 
 
 @dataclass(frozen=True)
@@ -81,12 +104,15 @@ def _metadata(owner: Owner, name: str) -> dict[str, Any]:
 
 
 def deployment(owner: Owner, spec: ModelDeploymentSpec) -> Manifest:
+    deployment_spec: dict[str, Any] = {}
+    if spec.fixed_replicas is not None:  # else the autoscaler owns the count (and never fights an apply)
+        deployment_spec["replicas"] = spec.fixed_replicas
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": _metadata(owner, owner.name),
         "spec": {
-            "replicas": spec.replicas,
+            **deployment_spec,
             "selector": {"matchLabels": names.selector_labels(owner.name)},
             # A slow model load must not read as a stalled rollout before the startup probe gives up.
             "progressDeadlineSeconds": max(600, spec.startup_timeout_seconds + 120),
@@ -113,7 +139,7 @@ def rollout_strategy(spec: ModelDeploymentSpec) -> dict[str, Any]:
         cache.persistent_volume_claim is not None
         and not shared & set(cache.persistent_volume_claim.access_modes)
     )
-    if spec.gpu.count > 0 or single_writer_claim:
+    if spec.gpus_per_replica > 0 or single_writer_claim:
         return {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
     return {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"}}
 
@@ -122,9 +148,9 @@ def pod_spec(owner: Owner, spec: ModelDeploymentSpec) -> dict[str, Any]:
     pod: dict[str, Any] = {
         # Service links would inject <NAME>_SERVICE_PORT=tcp://... variables that engines may misread.
         "enableServiceLinks": False,
-        # Volumes (a fresh PVC's root is owned by root) are made writable by the image's group; the
-        # ownership walk of a large model cache happens only when its root does not match already.
-        "securityContext": {"fsGroup": ENGINE_GROUP_ID, "fsGroupChangePolicy": "OnRootMismatch"},
+        # The engine never calls the Kubernetes API: no token in the pod for an attacker to use.
+        "automountServiceAccountToken": False,
+        "securityContext": {**DEFAULT_POD_SECURITY_CONTEXT, **(spec.pod_security_context or {})},
         "terminationGracePeriodSeconds": math.ceil(shutdown_timeout(spec)) + TERMINATION_GRACE_MARGIN_SECONDS,
         "containers": [engine_container(spec)],
         "volumes": volumes(owner, spec),
@@ -160,24 +186,36 @@ def engine_container(spec: ModelDeploymentSpec) -> dict[str, Any]:
         # An engine that exits with an error leaves its last log lines in the container's lastState,
         # where the status (and `kubectl describe pod`) shows why it crashed.
         "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {**DEFAULT_CONTAINER_SECURITY_CONTEXT, **(spec.security_context or {})},
         "volumeMounts": [
             {"name": DSHM_VOLUME, "mountPath": "/dev/shm"},
+            {"name": TMP_VOLUME, "mountPath": "/tmp"},
             {"name": CACHE_VOLUME, "mountPath": spec.model_cache.mount_path},
         ],
         **probes(spec),
     }
 
 
+def ephemeral_storage(spec: ModelDeploymentSpec) -> str:
+    """The node disk the pod's emptyDirs may fill (/tmp and an emptyDir cache), reserved at scheduling so
+    multi-GB weights never land on a node without room for them (and get the pod evicted)."""
+    total = parse_quantity(TMP_SIZE_LIMIT)
+    if spec.cache_size_limit is not None:
+        total += parse_quantity(spec.cache_size_limit)
+    return f"{math.ceil(total / 2**20)}Mi"
+
+
 def container_resources(spec: ModelDeploymentSpec) -> dict[str, Any]:
-    requests: dict[str, str] = {}
+    requests: dict[str, str] = {"ephemeral-storage": ephemeral_storage(spec)}
     limits: dict[str, str] = {}
     if spec.resources.cpu is not None:
         requests["cpu"] = str(spec.resources.cpu)
     if spec.resources.memory is not None:
         # Memory as request and limit: an engine that outgrows its node's share is better killed than swapping.
         requests["memory"] = limits["memory"] = str(spec.resources.memory)
-    if spec.gpu.count > 0:
-        requests[spec.gpu.resource_name] = limits[spec.gpu.resource_name] = str(spec.gpu.count)
+    if spec.gpus_per_replica > 0:
+        gpus = str(spec.gpus_per_replica)
+        requests[spec.gpu.resource_name] = limits[spec.gpu.resource_name] = gpus
     resources: dict[str, Any] = {}
     if requests:
         resources["requests"] = requests
@@ -205,8 +243,9 @@ def probes(spec: ModelDeploymentSpec) -> dict[str, Any]:
 
 
 def volumes(owner: Owner, spec: ModelDeploymentSpec) -> list[dict[str, Any]]:
-    shm = {"name": DSHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": str(spec.shm_size)}}
-    return [shm, {"name": CACHE_VOLUME, **cache_volume_source(owner, spec)}]
+    shm = {"name": DSHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm_size_limit}}
+    tmp = {"name": TMP_VOLUME, "emptyDir": {"sizeLimit": TMP_SIZE_LIMIT}}
+    return [shm, tmp, {"name": CACHE_VOLUME, **cache_volume_source(owner, spec)}]
 
 
 def cache_volume_source(owner: Owner, spec: ModelDeploymentSpec) -> dict[str, Any]:
@@ -215,15 +254,12 @@ def cache_volume_source(owner: Owner, spec: ModelDeploymentSpec) -> dict[str, An
         return {"persistentVolumeClaim": {"claimName": names.cache_claim_name(owner.name)}}
     if cache.existing_claim is not None:
         return {"persistentVolumeClaim": {"claimName": cache.existing_claim}}
-    empty_dir: dict[str, Any] = {}
-    if cache.empty_dir is not None and cache.empty_dir.size_limit is not None:
-        empty_dir["sizeLimit"] = str(cache.empty_dir.size_limit)
-    return {"emptyDir": empty_dir}
+    return {"emptyDir": {"sizeLimit": spec.cache_size_limit}}
 
 
 def pod_tolerations(spec: ModelDeploymentSpec) -> list[dict[str, Any]]:
     tolerations = []
-    if spec.gpu.count > 0:
+    if spec.gpus_per_replica > 0:
         # GPU nodes are commonly tainted with the GPU resource's name so only GPU pods land there.
         tolerations.append({"key": spec.gpu.resource_name, "operator": "Exists", "effect": "NoSchedule"})
     tolerations += [t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations]
@@ -232,7 +268,7 @@ def pod_tolerations(spec: ModelDeploymentSpec) -> list[dict[str, Any]]:
 
 def pod_affinity(spec: ModelDeploymentSpec) -> dict[str, Any] | None:
     affinity = copy.deepcopy(spec.affinity) if spec.affinity else None
-    if spec.gpu.product is None or spec.gpu.count == 0:
+    if spec.gpu.product is None or spec.gpus_per_replica == 0:
         return affinity
     affinity = affinity or {}
     requirement = {"key": GPU_PRODUCT_LABEL, "operator": "In", "values": [spec.gpu.product]}
@@ -284,6 +320,8 @@ def cache_claim(owner: Owner, claim: NewClaim) -> Manifest:
 
 
 def autoscaler(owner: Owner, scaling: AutoscalingSpec) -> Manifest:
+    """Scales the Deployment directly: with autoscaling, spec.replicas is refused (CRD rule) and the
+    operator leaves the Deployment's replicas to the autoscaler."""
     metrics: list[dict[str, Any]] = []
     cpu_target = scaling.target_cpu_utilization_percentage
     if cpu_target is None and scaling.pod_metric is None:
@@ -308,9 +346,7 @@ def autoscaler(owner: Owner, scaling: AutoscalingSpec) -> Manifest:
         "kind": "HorizontalPodAutoscaler",
         "metadata": _metadata(owner, owner.name),
         "spec": {
-            # The autoscaler scales the ModelDeployment (its scale subresource), not the Deployment,
-            # so spec.replicas stays the one source of truth the operator applies.
-            "scaleTargetRef": {"apiVersion": names.API_VERSION, "kind": names.KIND, "name": owner.name},
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": owner.name},
             "minReplicas": scaling.min_replicas,
             "maxReplicas": scaling.max_replicas,
             "metrics": metrics,

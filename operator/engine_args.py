@@ -46,7 +46,9 @@ def engine_args(spec: ModelDeploymentSpec) -> list[str]:
     if spec.model.source is not None:  # no --model: the engine serves its embedded model
         args += ["--model", spec.model.source]
     args += ["--served-model-name", served_model_name(spec.model)]
-    args += ["--device", "cuda" if spec.gpu.count > 0 else "cpu"]
+    args += ["--device", "cuda" if spec.gpus_per_replica > 0 else "cpu"]
+    if engine.tensor_parallel_size > 1:
+        args += ["--tensor-parallel-size", str(engine.tensor_parallel_size)]
     optional: list[tuple[str, object]] = [
         ("--max-model-len", engine.max_model_len),
         ("--max-num-seqs", engine.max_num_seqs),
@@ -62,8 +64,29 @@ def engine_args(spec: ModelDeploymentSpec) -> list[str]:
     return args + list(engine.extra_args)
 
 
+def cache_env(mount_path: str) -> dict[str, str]:
+    """Every cache the engine (and the libraries under it) writes, on the model cache volume: a restarted
+    pod reuses the downloads, GGUF conversions and compiled kernels, and the root filesystem stays
+    read-only. Anything else goes to /tmp (an emptyDir)."""
+    root = mount_path.rstrip("/") or "/"
+
+    def under(name: str) -> str:
+        return f"{root.rstrip('/')}/{name}"
+
+    return {
+        "HF_HOME": root,  # Hugging Face downloads (hf:// sources)
+        "KUBELLM_CACHE_DIR": under("kubellm"),  # the engine's own: GGUF conversions
+        "TRITON_CACHE_DIR": under("triton"),  # compiled Triton kernels (default ~/.triton/cache)
+        "TORCHINDUCTOR_CACHE_DIR": under("torchinductor"),  # torch.compile (default /tmp/torchinductor_*)
+        "CUDA_CACHE_PATH": under("nv-compute-cache"),  # the driver's PTX JIT cache (default ~/.nv)
+        "XDG_CACHE_HOME": under("xdg"),  # any other library's ~/.cache
+    }
+
+
 def engine_env(spec: ModelDeploymentSpec) -> list[dict[str, Any]]:
-    env: dict[str, dict[str, Any]] = {"HF_HOME": {"name": "HF_HOME", "value": spec.model_cache.mount_path}}
+    env: dict[str, dict[str, Any]] = {
+        name: {"name": name, "value": value} for name, value in cache_env(spec.model_cache.mount_path).items()
+    }
     if spec.model.hf_token_secret is not None:
         env["HF_TOKEN"] = _from_secret(
             "HF_TOKEN", spec.model.hf_token_secret.name, spec.model.hf_token_secret.key

@@ -48,7 +48,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     selector = f"{names.MANAGED_BY_LABEL}={names.FIELD_MANAGER}"
     for group, version, plural in [*CHILD_RESOURCES, ("", "v1", "pods")]:
         settings.watching.label_selectors[group, version, plural] = selector
-    if memo.get("reconciler") is None:  # main.run passes one in; `kopf run` does not
+    if memo.get("reconciler") is None:  # main.main passes one in; `kopf run` does not
         memo.reconciler = Reconciler(Kube.from_environment())
 
 

@@ -103,6 +103,3 @@ def main(argv: list[str] | None = None) -> int:
         memo=kopf.Memo(reconciler=Reconciler(kube)),
     )
     return 0
-
-
-run = main  # the name the operator issue's brief uses

@@ -17,6 +17,17 @@ DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"  # set by NVIDIA GPU feature discovery
 EMBEDDED_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
+# Default size of an emptyDir model cache: a replica's weights must fit in its GPUs' memory, so one 80 GB
+# GPU's worth per GPU holds them (plus compile caches); CPU models are small; the embedded model's GGUF
+# and its float32 conversion take about 1 GB.
+DEFAULT_CACHE_GI_PER_GPU = 80
+DEFAULT_CPU_CACHE_GI = 20
+EMBEDDED_CACHE_GI = 4
+# /dev/shm: 2Gi for one engine process; NCCL and the tensor-parallel workers' shared memory need more
+# per rank.
+DEFAULT_SHM_GI = 2
+SHM_GI_PER_TP_RANK = 4
+
 # hf://org/name[@revision], or an absolute path inside the container (a mounted volume).
 SOURCE_PATTERN = r"^(hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9._/-]+)?|/\S*)$"
 QUANTITY_PATTERN = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
@@ -79,6 +90,15 @@ class EnvVar(SpecModel):
 
 
 class EngineSpec(SpecModel):
+    tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        description=(
+            "--tensor-parallel-size: GPUs that share each layer of the model (one engine process per GPU "
+            "in the pod). gpu.count defaults to it; pick the smallest N whose N GPUs hold the weights "
+            "plus room for the KV cache (docs/operations.md, Tensor parallelism)."
+        ),
+    )
     image: str = Field(DEFAULT_ENGINE_IMAGE, min_length=1, description="Engine container image.")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
         "IfNotPresent", description="Image pull policy of the engine container."
@@ -120,8 +140,13 @@ class EngineSpec(SpecModel):
 
 
 class GpuSpec(SpecModel):
-    count: int = Field(
-        1, ge=0, description="GPUs per pod (limits of `resourceName`). 0 runs the engine on the CPU."
+    count: int | None = Field(
+        None,
+        ge=0,
+        description=(
+            "GPUs per pod (limits of `resourceName`). Unset: engine.tensorParallelSize. Otherwise at least "
+            "tensorParallelSize and a multiple of it; 0 runs the engine on the CPU."
+        ),
     )
     resource_name: str = Field(
         DEFAULT_GPU_RESOURCE,
@@ -175,7 +200,14 @@ class NewClaim(SpecModel):
 
 
 class EmptyDirCache(SpecModel):
-    size_limit: Quantity | None = Field(None, description="Upper bound of the emptyDir's size.")
+    size_limit: Quantity | None = Field(
+        None,
+        description=(
+            "Upper bound of the emptyDir's size, also requested as the pod's ephemeral-storage (the node's "
+            f"disk). Unset: {DEFAULT_CACHE_GI_PER_GPU}Gi per GPU of a replica (what fits in its GPUs' "
+            f"memory), {DEFAULT_CPU_CACHE_GI}Gi on the CPU, {EMBEDDED_CACHE_GI}Gi for the embedded model."
+        ),
+    )
 
 
 class ModelCacheSpec(SpecModel):
@@ -195,9 +227,15 @@ class ModelCacheSpec(SpecModel):
     mount_path: str = Field(
         "/model-cache",
         pattern=r"^/.*",
-        description="Where the cache is mounted in the engine container; HF_HOME points here.",
+        description=(
+            "Where the cache is mounted in the engine container. HF_HOME points here, and every other "
+            "cache the engine writes (GGUF conversions, Triton and torch compile caches) lives below it, "
+            "so a restarted pod reuses them and the root filesystem can stay read-only."
+        ),
     )
-    empty_dir: EmptyDirCache | None = Field(None, description="A scratch emptyDir (the default).")
+    empty_dir: EmptyDirCache | None = Field(
+        None, description="A scratch emptyDir on the node's disk (the default), sized by sizeLimit."
+    )
     persistent_volume_claim: NewClaim | None = Field(
         None,
         description="A new PVC `<metadata.name>-model-cache`, owned by (and deleted with) this resource.",
@@ -249,8 +287,13 @@ class DisruptionBudgetSpec(SpecModel):
 class ModelDeploymentSpec(SpecModel):
     model: ModelSource = Field(description="What to serve and under which name.")
     engine: EngineSpec = defaulted(EngineSpec, "The engine container: image, `kubellm serve` arguments, env.")
-    replicas: int = Field(
-        1, ge=0, description="Engine pods. Written by `kubectl scale` and the autoscaler (scale subresource)."
+    replicas: int | None = Field(
+        None,
+        ge=0,
+        description=(
+            "Engine pods (unset: 1). Written by `kubectl scale` too (scale subresource). Not allowed with "
+            "autoscaling, whose HorizontalPodAutoscaler sets the pod count."
+        ),
     )
     gpu: GpuSpec = defaulted(GpuSpec, "GPUs per pod, their resource name and type.")
     resources: ComputeResources = defaulted(ComputeResources, "CPU and memory of the engine container.")
@@ -266,41 +309,122 @@ class ModelDeploymentSpec(SpecModel):
     runtime_class_name: str | None = Field(None, description="Pod runtimeClassName (e.g. nvidia).")
     service: ServiceSpec = defaulted(ServiceSpec, "The Service in front of the engine pods.")
     model_cache: ModelCacheSpec = defaulted(ModelCacheSpec, "Volume for downloaded weights (HF_HOME).")
-    shm_size: Quantity = Field("2Gi", description="Size of the memory-backed /dev/shm.")
+    shm_size: Quantity | None = Field(
+        None,
+        description=(
+            f"Size of the memory-backed /dev/shm (counts against the pod's memory). Unset: {DEFAULT_SHM_GI}Gi "
+            f"with one GPU, {SHM_GI_PER_TP_RANK}Gi per rank with tensor parallelism (NCCL needs it)."
+        ),
+    )
+    pod_security_context: dict[str, Any] | None = Field(
+        None,
+        description=(
+            "Fields of the pod's securityContext (Kubernetes PodSecurityContext) that replace the "
+            "operator's defaults, which meet Pod Security `restricted`: runAsNonRoot, runAsUser and "
+            "runAsGroup 10001 (the engine image's user), fsGroup 10001, seccompProfile RuntimeDefault."
+        ),
+    )
+    security_context: dict[str, Any] | None = Field(
+        None,
+        description=(
+            "Fields of the engine container's securityContext (Kubernetes SecurityContext) that replace "
+            "the operator's defaults: allowPrivilegeEscalation false, capabilities drop ALL, "
+            "readOnlyRootFilesystem true (the engine writes only to the model cache and /tmp)."
+        ),
+    )
     startup_timeout_seconds: int = Field(
         1800,
         ge=10,
         description="How long a pod may take to load the model before it is restarted (sizes the startup probe).",
     )
     autoscaling: AutoscalingSpec | None = Field(
-        None, description="A HorizontalPodAutoscaler (autoscaling/v2) on this resource's scale subresource."
+        None,
+        description="A HorizontalPodAutoscaler (autoscaling/v2) that scales the engine Deployment between minReplicas "
+        "and maxReplicas. Excludes spec.replicas.",
     )
     disruption_budget: DisruptionBudgetSpec | None = Field(
         None, description="A PodDisruptionBudget for the pods."
     )
 
+    # Defaults that depend on other fields, resolved once here for the operator and the status.
+    @property
+    def gpus_per_replica(self) -> int:
+        return self.engine.tensor_parallel_size if self.gpu.count is None else self.gpu.count
+
+    @property
+    def fixed_replicas(self) -> int | None:
+        """The pod count the operator sets; None when the autoscaler owns it."""
+        if self.autoscaling is not None:
+            return None
+        return 1 if self.replicas is None else self.replicas
+
+    @property
+    def shm_size_limit(self) -> str:
+        if self.shm_size is not None:
+            return str(self.shm_size)
+        tp = self.engine.tensor_parallel_size
+        return f"{DEFAULT_SHM_GI if tp == 1 else SHM_GI_PER_TP_RANK * tp}Gi"
+
+    @property
+    def cache_size_limit(self) -> str | None:
+        """The emptyDir cache's size; None when the cache is a claim (its size is the claim's)."""
+        cache = self.model_cache
+        if cache.persistent_volume_claim is not None or cache.existing_claim is not None:
+            return None
+        if cache.empty_dir is not None and cache.empty_dir.size_limit is not None:
+            return str(cache.empty_dir.size_limit)
+        if self.model.source is None:
+            return f"{EMBEDDED_CACHE_GI}Gi"
+        if self.gpus_per_replica == 0:
+            return f"{DEFAULT_CPU_CACHE_GI}Gi"
+        return f"{DEFAULT_CACHE_GI_PER_GPU * self.engine.tensor_parallel_size}Gi"
+
+
+# metav1.Condition's own validation (k8s.io/apimachinery/pkg/apis/meta/v1/types.go).
+CONDITION_TYPE_PATTERN = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$"
+CONDITION_REASON_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
+
 
 class Condition(SpecModel):
-    type: str = Field(description="Ready, Progressing or Degraded.")
-    status: Literal["True", "False", "Unknown"]
-    reason: str = Field(description="One CamelCase word, e.g. Unschedulable.")
-    message: str = Field("", description="What a person should know.")
-    last_transition_time: str = Field(description="When status last changed (RFC 3339).")
-    observed_generation: int | None = Field(None, description="The generation this condition describes.")
+    """A metav1.Condition, as `kubectl wait --for=condition=Ready` and other tools expect."""
+
+    type: str = Field(
+        max_length=316, pattern=CONDITION_TYPE_PATTERN, description="Ready, Progressing or Degraded."
+    )
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(
+        min_length=1,
+        max_length=1024,
+        pattern=CONDITION_REASON_PATTERN,
+        description="One CamelCase word a program can match, e.g. Unschedulable.",
+    )
+    message: str = Field("", max_length=32768, description="What a person should know.")
+    last_transition_time: str = Field(
+        description="When status last changed (RFC 3339).", json_schema_extra={"format": "date-time"}
+    )
+    observed_generation: int | None = Field(
+        None, ge=0, description="The metadata.generation this condition describes."
+    )
 
 
 class ModelDeploymentStatus(SpecModel):
     phase: Literal["Pending", "Progressing", "Ready", "Degraded", "Failed", "ScaledDown"] = Field(
         "Pending", description="One-word summary of the conditions."
     )
+    desired_replicas: int = Field(
+        0, description="Engine pods wanted: spec.replicas, or the autoscaler's current choice."
+    )
     replicas: int = Field(0, description="Engine pods that exist.")
     ready_replicas: int = Field(0, description="Engine pods that pass their readiness probe.")
     updated_replicas: int = Field(0, description="Engine pods that run the current spec.")
+    ready_of_desired: str = Field("", description="`<ready>/<desired>` pods, as `kubectl get` shows it.")
+    gpus_per_replica: int = Field(0, description="GPUs each engine pod holds (0: it runs on the CPU).")
     selector: str = Field("", description="Label selector of the engine pods (for the scale subresource).")
     endpoint: str = Field("", description="OpenAI base URL inside the cluster.")
     served_model_name: str = Field("", description="The `model` name clients use.")
     observed_generation: int = Field(0, description="The metadata.generation this status describes.")
     conditions: list[Condition] = Field(
         default_factory=list,
+        description="Ready, Progressing and Degraded, as metav1.Condition.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )

@@ -70,9 +70,11 @@ def compute_status(observed: Observed, now: str) -> ModelDeploymentStatus:
     spec = observed.spec
     status = ModelDeploymentStatus(
         phase=_phase(observed, facts, conditions),
+        desired_replicas=facts.desired,
         replicas=facts.replicas,
         ready_replicas=facts.ready,
         updated_replicas=facts.updated,
+        ready_of_desired=f"{facts.ready}/{facts.desired}",
         selector=names.selector_string(observed.name),
         observed_generation=observed.generation,
         conditions=conditions,
@@ -82,6 +84,7 @@ def compute_status(observed: Observed, now: str) -> ModelDeploymentStatus:
             service_name(observed.name, spec), observed.namespace, spec.service.port
         )
         status.served_model_name = served_model_name(spec.model)
+        status.gpus_per_replica = spec.gpus_per_replica
     return status
 
 
@@ -92,6 +95,7 @@ class _Facts:
     ready: int
     updated: int
     rollout_observed: bool  # the Deployment controller has seen the current Deployment spec
+    failed_create: str | None  # the API server's refusal of a pod (Pod Security, quota, LimitRange)
     unschedulable: str | None  # the scheduler's message
     stuck_container: Problem | None
     deadline_exceeded: str | None
@@ -103,15 +107,35 @@ def _facts(observed: Observed) -> _Facts:
     generation = deployment.get("metadata", {}).get("generation", 0)
     pods = [pod for pod in observed.pods if not pod.get("metadata", {}).get("deletionTimestamp")]
     return _Facts(
-        desired=observed.spec.replicas if observed.spec else 0,
+        desired=_desired_replicas(observed.spec, deployment),
         replicas=status.get("replicas", 0),
         ready=status.get("readyReplicas", 0),
         updated=status.get("updatedReplicas", 0),
         rollout_observed=bool(deployment) and status.get("observedGeneration", 0) >= generation,
+        failed_create=_failed_create(status),
         unschedulable=_unschedulable_message(pods),
         stuck_container=_stuck_container(pods),
         deadline_exceeded=_deadline_exceeded(status),
     )
+
+
+def _desired_replicas(spec: ModelDeploymentSpec | None, deployment: dict[str, Any]) -> int:
+    if spec is None:
+        return 0
+    if spec.fixed_replicas is not None:
+        return spec.fixed_replicas
+    # The autoscaler's choice, on the Deployment it scales; its lower bound until it has made one.
+    assert spec.autoscaling is not None
+    return deployment.get("spec", {}).get("replicas", spec.autoscaling.min_replicas)
+
+
+def _failed_create(deployment_status: dict[str, Any]) -> str | None:
+    """The Deployment's ReplicaFailure condition: its ReplicaSet could not create a pod, and says why in
+    the API server's words (at once, not after the progress deadline)."""
+    for condition in deployment_status.get("conditions", []):
+        if condition.get("type") == "ReplicaFailure" and condition.get("status") == "True":
+            return condition.get("message") or "the ReplicaSet could not create a pod"
+    return None
 
 
 def _unschedulable_message(pods: list[dict[str, Any]]) -> str | None:
@@ -166,6 +190,8 @@ def _ready(observed: Observed, facts: _Facts) -> tuple[str, str, str]:
     summary = f"{facts.ready}/{facts.desired} replicas ready"
     if facts.ready >= facts.desired:
         return "True", "AllReplicasReady", summary
+    if facts.failed_create:
+        return "False", "FailedCreate", facts.failed_create
     if facts.unschedulable:
         return "False", "Unschedulable", facts.unschedulable
     if facts.stuck_container:
@@ -195,6 +221,8 @@ def _progressing(observed: Observed, facts: _Facts) -> tuple[str, str, str]:
 def _degraded(observed: Observed, facts: _Facts) -> tuple[str, str, str]:
     if observed.problem is not None:
         return "True", observed.problem.reason, observed.problem.message
+    if facts.failed_create:
+        return "True", "FailedCreate", facts.failed_create
     if facts.unschedulable:
         return "True", "Unschedulable", facts.unschedulable
     if facts.stuck_container:

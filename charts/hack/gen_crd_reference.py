@@ -143,14 +143,16 @@ def render(crd: Schema) -> str:
         "Defaults are filled in by the API server; rules are checked by it when you apply.",
         "",
     ]
-    if schema.get("x-kubernetes-validations"):
-        lines += ["Rules on the whole resource, checked by the API server:", ""]
-        lines += [
-            f"- {rule.get('message', '`' + rule['rule'] + '`')}"
-            for rule in schema["x-kubernetes-validations"]
-        ]
-        lines += [""]
     properties = schema["properties"]
+    # (where the rule sits, the rule): fieldPath is relative to the node that holds the rule.
+    rules = [("", rule) for rule in schema.get("x-kubernetes-validations", [])]
+    rules += [("spec", rule) for rule in properties["spec"].get("x-kubernetes-validations", [])]
+    if rules:
+        lines += ["Rules across fields, checked by the API server (its error names the field):", ""]
+        for base, rule in rules:
+            field = (base + rule.get("fieldPath", "")).lstrip(".") or base or "the resource"
+            lines.append(f"- `{field}`: {rule.get('message', '`' + rule['rule'] + '`')}")
+        lines += [""]
     lines += section("spec", properties["spec"], "spec")
     if "status" in properties:
         lines += section("status (written by the operator)", properties["status"], "status")

@@ -1,16 +1,14 @@
 """Fused Triton versions of engine.model.layers' RMSNorm, SiluAndMul and RotaryEmbedding, behind the
-same call signatures, swapped into a built model in place.
+same call signatures. engine.model.layer_kit.LayerKit builds these instead of the plain modules when
+the model is built for CUDA (``LayerKit.fused``), so model code needs no GPU branches.
 
-The swap changes each module's class only: parameters, buffers and the rotary table stay where they
-are, so it can run after weights are loaded, and model code needs no GPU branches. Decode steps of a
-small model are short enough that plain torch's ~40 elementwise launches per layer cost more than
-the layer's matrix products; fused, they are 4.
+Decode steps of a small model are short enough that plain torch's ~40 elementwise launches per layer
+cost more than the layer's matrix products; fused, they are 4.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from engine.kernels.rmsnorm import rms_norm
 from engine.kernels.rotary import rotary_embedding
@@ -36,22 +34,3 @@ class FusedRotaryEmbedding(RotaryEmbedding):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # In place: q and k are fresh per step (views of the qkv projection or the q/k norm outputs).
         return rotary_embedding(positions, q, k, self.cos_sin_cache)
-
-
-_FUSED: dict[type[nn.Module], type[nn.Module]] = {
-    RMSNorm: FusedRMSNorm,
-    SiluAndMul: FusedSiluAndMul,
-    RotaryEmbedding: FusedRotaryEmbedding,
-}
-
-
-def install_fused_layers(model: nn.Module) -> int:
-    """Swap every plain RMSNorm / SiluAndMul / RotaryEmbedding in `model` for its fused twin.
-    Returns how many modules were swapped. CUDA only: the kernels are Triton."""
-    swapped = 0
-    for module in model.modules():
-        fused = _FUSED.get(type(module))
-        if fused is not None:
-            module.__class__ = fused
-            swapped += 1
-    return swapped

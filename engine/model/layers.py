@@ -1,20 +1,18 @@
 """Building blocks shared by the model families: RMSNorm, rotary embedding, SiLU-and-mul.
 
-Each is a small module with a plain-torch forward, so a fused GPU kernel can replace one piece at a
-time without touching the model code.
+Each is a small module with a plain-torch forward; engine.kernels.fused_layers holds fused Triton
+twins with the same signatures, and engine.model.layer_kit.LayerKit picks one or the other when the
+model is built.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 
 class RMSNorm(nn.Module):
@@ -51,99 +49,6 @@ class SiluAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
-
-
-class CastLinear(nn.Linear):
-    """A linear layer whose weight is stored in a lower precision than the model's activations.
-
-    CPU mixed precision (see engine.model.loader.resolve_matmul_dtype): the weight is bfloat16 and
-    the input is rounded to bfloat16 just before the matmul, which runs on AMX / AVX512-BF16 with
-    float32 accumulation. The result stays bfloat16 (a bfloat16 matmul rounds it anyway): where it
-    meets the float32 residual stream (the add inside the next RMSNorm), type promotion makes the sum
-    float32, and where it goes on to another low-precision op (rotary then the bfloat16 KV cache and
-    attention, SiLU-and-mul then the down projection) no cast is spent. A bias stays float32 and
-    makes the output float32.
-
-    The weight is kept in oneDNN's blocked layout where this torch build can (``packed``; ``weight``
-    is then None): oneDNN then does not reorder the weight on every call, which at decode batch sizes
-    makes the memory-bound matmul up to twice as fast.
-    """
-
-    matmul_dtype: torch.dtype
-    packed: torch.Tensor | None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.matmul_dtype)
-        if self.packed is not None:
-            out = torch.ops.mkldnn._linear_pointwise(
-                x.reshape(-1, x.shape[-1]), self.packed, None, "none", [], ""
-            )
-            out = out.view(*x.shape[:-1], out.shape[-1])
-        else:
-            out = F.linear(x, self.weight)
-        return out if self.bias is None else out + self.bias
-
-
-def cast_linear_weights(module: nn.Module, dtype: torch.dtype) -> int:
-    """Turn every plain nn.Linear under `module` into a CastLinear with `dtype` weights (biases keep
-    their dtype); returns how many. Run it after the weights are loaded."""
-    cast = 0
-    for m in module.modules():
-        if type(m) is nn.Linear:
-            weight = m.weight.detach().to(dtype)
-            m.__class__ = CastLinear
-            m.matmul_dtype = dtype
-            m.packed = pack_for_matmul(weight)
-            m.weight = None if m.packed is not None else nn.Parameter(weight, requires_grad=False)
-            cast += 1
-    return cast
-
-
-def pack_for_matmul(weight: torch.Tensor) -> torch.Tensor | None:
-    """`weight` [out, in] in oneDNN's blocked layout for torch.ops.mkldnn._linear_pointwise (the ops
-    torch's own CPU inductor uses for frozen linear weights), or None where they are missing, or do
-    not reproduce F.linear, or the weight is not on the CPU."""
-    reorder = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
-    if weight.device.type != "cpu" or reorder is None or not torch.backends.mkldnn.is_available():
-        return None
-    try:
-        packed = reorder(weight, 16)  # tuned for a batch of 16 rows; any batch is computed correctly
-        probe = torch.randn(5, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
-        got = torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
-    except (RuntimeError, AttributeError, TypeError) as exc:
-        log.info("no oneDNN weight packing (%s): plain F.linear", exc)
-        return None
-    if not torch.allclose(got.float(), F.linear(probe, weight).float(), rtol=1e-2, atol=1e-2):
-        return None
-    return packed
-
-
-class LowPrecisionLogits:
-    """The LM head as a low-precision matmul whose leading logits are then recomputed exactly.
-
-    A bfloat16 matmul returns bfloat16 results: at a logit of 20 their spacing is 0.125, so near-ties
-    between the best tokens (common: several steps in every long answer of a small model) become exact
-    ties, greedy decoding picks the wrong one and the answer drifts (see engine.model.loader). Here the
-    full [N, vocab] product runs in bfloat16 (with oneDNN-packed weights about 5x faster than float32
-    on AMX; the head is a fifth of a small model's weights), then the ``top_k`` largest logits of each
-    row are recomputed in float32 from the float32 hidden state and float32 head weights and written
-    back. Greedy choices and the probabilities that matter for sampling are float32's; the tail of the
-    distribution keeps bfloat16's error (relative 2**-8 or so).
-    """
-
-    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, top_k: int = 16) -> None:
-        self.weight = weight  # float32 [vocab, hidden], shared with the embedding when tied
-        self.head = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-        self.head.weight = nn.Parameter(weight.detach(), requires_grad=False)
-        cast_linear_weights(self.head, dtype)
-        self.top_k = min(top_k, weight.shape[0])
-
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        hidden = hidden.float()
-        logits = self.head(hidden).float()
-        top = logits.topk(self.top_k, dim=-1, sorted=False).indices  # [N, k]
-        exact = torch.bmm(self.weight[top], hidden[:, :, None]).squeeze(-1)  # [N, k, H] @ [N, H, 1]
-        return logits.scatter_(1, top, exact)
 
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -243,6 +148,7 @@ class RotaryEmbedding(nn.Module):
         # position * inv_freq in float32, the same product transformers takes, so angles agree bit for bit
         freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
         self.cos_sin_cache = torch.cat([freqs.cos() * scale, freqs.sin() * scale], dim=-1).to(device)
+        self._last_cos_sin: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # see _cos_sin
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
@@ -258,7 +164,7 @@ class RotaryEmbedding(nn.Module):
         call with the same positions tensor (the runner builds a new one per step and does not refill
         it in place; the GPU's fused rotary does not come here).
         """
-        cached = getattr(self, "_last_cos_sin", None)
+        cached = self._last_cos_sin
         if cached is not None and cached[0] is positions:
             return cached[1], cached[2]
         cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)  # each [T, head_dim // 2]

@@ -9,6 +9,12 @@ context. That is exact whenever the context is shorter than the window.
 
 Weights are packed where it saves kernel launches: q/k/v in one ``qkv_proj``, gate/up in one
 ``gate_up_proj``; ``load_weights`` maps Hugging Face names onto those slices.
+
+Every layer is built by a ``LayerKit`` (engine.model.layer_kit) that the loader chose from the config:
+what is written here is what runs. Under tensor parallelism (``kit.shard``) q/k/v and gate/up are
+column-parallel, o and down row-parallel (one all-reduce each), the embedding and LM head split by
+vocabulary rows; each rank holds num_heads / N query heads and its KV heads (one, replicated, when
+the ranks outnumber the KV heads).
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from engine.model.attention import AttentionBackend, AttentionMetadata
-from engine.model.layers import LowPrecisionLogits, RMSNorm, RotaryEmbedding, SiluAndMul, cast_linear_weights
+from engine.model.layer_kit import LayerKit
+from engine.model.layers import RotaryEmbedding
+from engine.model.sharding import CheckpointTensor, Parallel, Part, as_checkpoint_tensor, load_replicated
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -69,20 +77,35 @@ class LlamaAttention(nn.Module):
         self,
         config: PretrainedConfig,
         variant: LlamaFamilyVariant,
+        kit: LayerKit,
         rotary: RotaryEmbedding,
         attn_backend: AttentionBackend,
     ) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = head_dim_of(config)
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
-        self.scale = self.head_dim**-0.5
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=variant.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=variant.o_bias)
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if variant.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if variant.qk_norm else None
+        head_dim = head_dim_of(config)
+        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = head_dim
+        self.num_heads = kit.local_heads(heads)  # this rank's; all of them without tensor parallelism
+        self.num_kv_heads = kit.local_heads(kv_heads)
+        self.q_size = self.num_heads * head_dim
+        self.kv_size = self.num_kv_heads * head_dim
+        self.scale = head_dim**-0.5
+        self.qkv_proj = kit.linear(
+            config.hidden_size,
+            (heads + 2 * kv_heads) * head_dim,
+            bias=variant.qkv_bias,
+            parallel=Parallel.COLUMN,
+            parts=[
+                Part("q", heads * head_dim, heads),
+                Part("k", kv_heads * head_dim, kv_heads),
+                Part("v", kv_heads * head_dim, kv_heads),
+            ],
+        )
+        self.o_proj = kit.linear(
+            heads * head_dim, config.hidden_size, bias=variant.o_bias, parallel=Parallel.ROW
+        )
+        self.q_norm = kit.rms_norm(head_dim, config.rms_norm_eps) if variant.qk_norm else None
+        self.k_norm = kit.rms_norm(head_dim, config.rms_norm_eps) if variant.qk_norm else None
         self.rotary = rotary
         self.attn_backend = attn_backend
 
@@ -101,30 +124,35 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: PretrainedConfig, variant: LlamaFamilyVariant) -> None:
+    def __init__(self, config: PretrainedConfig, variant: LlamaFamilyVariant, kit: LayerKit) -> None:
         super().__init__()
         inter = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * inter, bias=variant.mlp_bias)
-        self.down_proj = nn.Linear(inter, config.hidden_size, bias=variant.mlp_bias)
-        self.act = SiluAndMul()
+        self.gate_up_proj = kit.linear(
+            config.hidden_size,
+            2 * inter,
+            bias=variant.mlp_bias,
+            parallel=Parallel.COLUMN,
+            parts=[Part("gate", inter), Part("up", inter)],
+        )
+        self.down_proj = kit.linear(inter, config.hidden_size, bias=variant.mlp_bias, parallel=Parallel.ROW)
+        self.act = kit.silu_and_mul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
+    """Attention then a feed-forward block, each behind an RMSNorm. The feed-forward block is built by
+    the family (``LlamaForCausalLM.build_mlp``): a dense MLP here, experts in a mixture-of-experts family."""
+
     def __init__(
-        self,
-        config: PretrainedConfig,
-        variant: LlamaFamilyVariant,
-        rotary: RotaryEmbedding,
-        attn_backend: AttentionBackend,
+        self, config: PretrainedConfig, kit: LayerKit, self_attn: LlamaAttention, mlp: nn.Module
     ) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, variant, rotary, attn_backend)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config, variant)
+        self.input_layernorm = kit.rms_norm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = self_attn
+        self.post_attention_layernorm = kit.rms_norm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = mlp
 
     def forward(
         self,
@@ -146,19 +174,11 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(
-        self,
-        config: PretrainedConfig,
-        variant: LlamaFamilyVariant,
-        rotary: RotaryEmbedding,
-        attn_backend: AttentionBackend,
-    ) -> None:
+    def __init__(self, config: PretrainedConfig, kit: LayerKit, layers: Iterable[nn.Module]) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, variant, rotary, attn_backend) for _ in range(config.num_hidden_layers)
-        )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.embed_tokens = kit.embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(layers)
+        self.norm = kit.rms_norm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
         self,
@@ -175,8 +195,8 @@ class LlamaModel(nn.Module):
         return x
 
 
-# HF checkpoint name fragment -> (our packed parameter fragment, shard name)
-_PACKED_SHARDS = {
+# HF checkpoint name fragment -> (our packed parameter fragment, part name)
+_PACKED_PARTS = {
     ".q_proj.": (".qkv_proj.", "q"),
     ".k_proj.": (".qkv_proj.", "k"),
     ".v_proj.": (".qkv_proj.", "v"),
@@ -186,7 +206,11 @@ _PACKED_SHARDS = {
 
 
 class LlamaForCausalLM(nn.Module):
-    """Parameters are allocated uninitialised (meta device, then ``to_empty``): call ``load_weights``."""
+    """Parameters are allocated uninitialised (meta device, then ``to_empty``): call ``load_weights``.
+
+    Every layer comes from ``kit`` (engine.model.layer_kit.LayerKit), chosen from the config by the
+    loader: plain torch by default, fused Triton layers on CUDA, bfloat16 linears for CPU mixed
+    precision, this rank's slices under tensor parallelism."""
 
     def __init__(
         self,
@@ -195,14 +219,16 @@ class LlamaForCausalLM(nn.Module):
         dtype: torch.dtype,
         device: torch.device | str,
         max_positions: int | None = None,
+        kit: LayerKit | None = None,
     ) -> None:
         super().__init__()
         device = torch.device(device)
         self.config = hf_config
         self.variant = LlamaFamilyVariant.from_config(hf_config)
+        self.kit = kit or LayerKit()
         # one rotary table shared by every layer, built on the real device (the meta device below holds
         # only parameter shapes)
-        rotary = RotaryEmbedding(
+        rotary = self.kit.rotary(
             head_dim_of(hf_config),
             rope_parameters_of(hf_config),
             max_positions or hf_config.max_position_embeddings,
@@ -210,23 +236,26 @@ class LlamaForCausalLM(nn.Module):
             device,
         )
         with _default_dtype(dtype), torch.device("meta"):
-            self.model = LlamaModel(hf_config, self.variant, rotary, attn_backend)
-            self.lm_head = nn.Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
+            layers = [
+                LlamaDecoderLayer(
+                    hf_config,
+                    self.kit,
+                    LlamaAttention(hf_config, self.variant, self.kit, rotary, attn_backend),
+                    self.build_mlp(i),
+                )
+                for i in range(hf_config.num_hidden_layers)
+            ]
+            self.model = LlamaModel(hf_config, self.kit, layers)
+            self.lm_head = self.kit.lm_head(hf_config.vocab_size, hf_config.hidden_size)
         self.to_empty(device=device)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:  # after to_empty, which would give each user its own copy
             self.lm_head.weight = self.model.embed_tokens.weight
         self.requires_grad_(False)
-        self.low_precision_logits: LowPrecisionLogits | None = None  # set by use_matmul_dtype
 
-    def use_matmul_dtype(self, dtype: torch.dtype) -> None:
-        """Mixed precision, after the weights are loaded: every linear layer of the decoder keeps its
-        weight in `dtype` and runs its matmul there (CastLinear: the input is rounded just before; the
-        output joins the residual stream in the model's dtype by type promotion); the LM head runs in
-        `dtype` too, with the leading logits of each row recomputed in the model's dtype
-        (LowPrecisionLogits). Embedding, norms, rotary and the residual stream keep the model's dtype."""
-        cast_linear_weights(self.model, dtype)
-        self.low_precision_logits = LowPrecisionLogits(self.lm_head.weight, dtype)
+    def build_mlp(self, layer_index: int) -> nn.Module:
+        """The feed-forward block of one decoder layer (mixture-of-experts families override this)."""
+        return LlamaMLP(self.config, self.variant, self.kit)
 
     def forward(
         self,
@@ -237,64 +266,55 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:  # [T, hidden]
         return self.model(input_ids, positions, kv_caches, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] -> float32 logits [N, vocab]."""
-        if self.low_precision_logits is not None:
-            return self.low_precision_logits(hidden)
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """hidden [N, hidden] -> float32 logits [N, vocab]; None on tensor-parallel ranks other than 0
+        (they send their block of the vocabulary to rank 0)."""
+        return self.lm_head(hidden)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy Hugging Face-named tensors into our (packed) parameters; every parameter must be filled."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | CheckpointTensor]]) -> None:
+        """Copy Hugging Face-named tensors into our (packed, sharded) parameters; every parameter must
+        be filled. Each layer reads only its own slice of a tensor (``load_weight``)."""
         params = dict(self.named_parameters())
-        expected = self._expected_shards()
+        expected = self._expected_parts()
         loaded: set[tuple[str, str]] = set()
         for hf_name, tensor in weights:
             if "rotary_emb.inv_freq" in hf_name:
                 continue
             if hf_name == "lm_head.weight" and self.tie_word_embeddings:
                 continue  # tied: the embedding already is the head
-            name, shard = _our_name(hf_name)
+            name, part = _our_name(hf_name)
             if name not in params:
                 raise ValueError(f"checkpoint tensor {hf_name!r} has no place in {type(self).__name__}")
-            target = self._shard_view(params[name], name, shard)
-            if target.shape != tensor.shape:
-                raise ValueError(
-                    f"{hf_name}: checkpoint shape {tuple(tensor.shape)} != expected {tuple(target.shape)}"
-                )
-            target.copy_(tensor)
-            loaded.add((name, shard))
+            module_name, _, param_name = name.rpartition(".")
+            load_weight = getattr(self.get_submodule(module_name), "load_weight", None)
+            try:
+                if load_weight is not None:
+                    load_weight(param_name, as_checkpoint_tensor(tensor), part)
+                else:
+                    load_replicated(params[name], as_checkpoint_tensor(tensor))
+            except ValueError as exc:
+                raise ValueError(f"{hf_name}: {exc}") from exc
+            loaded.add((name, part))
         missing = sorted(f"{n}[{s}]" if s else n for n, s in expected - loaded)
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {', '.join(missing[:5])}")
+        for module in self.modules():  # e.g. pack bfloat16 weights for oneDNN, now that they are final
+            finish_loading = getattr(module, "finish_loading", None)
+            if finish_loading is not None:
+                finish_loading()
 
-    def _shard_view(self, param: torch.Tensor, name: str, shard: str) -> torch.Tensor:
-        if not shard:
-            return param.data
-        start, size = self._shard_ranges(name)[shard]
-        return param.data.narrow(0, start, size)
-
-    def _shard_ranges(self, name: str) -> dict[str, tuple[int, int]]:
-        if ".qkv_proj." in name:
-            attn = self.model.layers[0].self_attn
-            q, kv = attn.q_size, attn.kv_size
-            return {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}
-        inter = self.config.intermediate_size
-        return {"gate": (0, inter), "up": (inter, inter)}
-
-    def _expected_shards(self) -> set[tuple[str, str]]:
+    def _expected_parts(self) -> set[tuple[str, str]]:
         expected: set[tuple[str, str]] = set()
         for name, _ in self.named_parameters():  # tied parameters are listed once
-            if ".qkv_proj." in name or ".gate_up_proj." in name:
-                expected.update((name, shard) for shard in self._shard_ranges(name))
-            else:
-                expected.add((name, ""))
+            module = self.get_submodule(name.rpartition(".")[0])
+            expected.update((name, part) for part in getattr(module, "parts", ("",)))
         return expected
 
 
 def _our_name(hf_name: str) -> tuple[str, str]:
-    for fragment, (packed, shard) in _PACKED_SHARDS.items():
+    for fragment, (packed, part) in _PACKED_PARTS.items():
         if fragment in hf_name:
-            return hf_name.replace(fragment, packed), shard
+            return hf_name.replace(fragment, packed), part
     return hf_name, ""
 
 

@@ -11,6 +11,7 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from engine.config import EngineConfig
 from engine.model.attention import AttentionBackend, TorchAttention
+from engine.model.layer_kit import LayerKit
 from engine.model.llama import (
     SUPPORTED_ARCHITECTURES,
     SUPPORTED_MODEL_TYPES,
@@ -61,18 +62,20 @@ def load_model(config: EngineConfig, attn_backend: AttentionBackend | None = Non
     if attn_backend is None:
         attn_backend = default_attention_backend(device)
 
-    model = LlamaForCausalLM(hf_config, attn_backend, dtype, device, max_positions=max_model_len)
+    kit = LayerKit.for_device(device, matmul_dtype)
+    model = LlamaForCausalLM(hf_config, attn_backend, dtype, device, max_positions=max_model_len, kit=kit)
+    num_params = sum(p.numel() for p in model.parameters())  # before packed weights leave the parameters
     try:
         model.load_weights(source.iter_weights())
     except ValueError as exc:  # a checkpoint that does not fit the config: say which model
         raise ModelLoadError(f"{source.label}: {exc}") from exc
     model.eval()
-    num_params = sum(p.numel() for p in model.parameters())  # before packed weights leave the parameters
     kv_cache_dtype, precision = dtype, str(dtype).removeprefix("torch.")
     if matmul_dtype is not None:
-        model.use_matmul_dtype(matmul_dtype)
         kv_cache_dtype = matmul_dtype
         precision = f"{precision} with {str(matmul_dtype).removeprefix('torch.')} matmuls and KV cache"
+    if kit.fused:
+        precision += ", fused Triton layers"
     tokenizer = source.load_tokenizer(config.tokenizer, config.trust_remote_code)
     if tokenizer.chat_template is None:
         log.warning("%s has no chat template: /v1/chat/completions will be refused", source.label)
@@ -153,7 +156,7 @@ def resolve_matmul_dtype(requested: str, device: torch.device) -> torch.dtype | 
     float32 ends after 185 or 301). Rounding only the float32 model's logits to bfloat16 reproduces
     that; rounding its weights to bfloat16, or running its matmuls in bfloat16 with float32 logits,
     does not (docs/BENCHMARKS.md, CPU). So the LM head's matmul runs in bfloat16 here too, but each
-    row's leading logits are recomputed in float32 (LowPrecisionLogits).
+    row's leading logits are recomputed in float32 (engine.model.vocab.LowPrecisionLMHead).
     """
     if requested == "auto" and device.type == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16

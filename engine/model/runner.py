@@ -81,10 +81,6 @@ class ModelRunner:
         self._constant_rows: dict[str, SamplingRow] = {}  # per request, for rows that never change
         self.staging = InputStaging(device) if device.type == "cuda" else None
         self.cuda_graphs: DecodeCudaGraphs | None = None  # set by capture_cuda_graphs
-        if device.type == "cuda":  # Triton RMSNorm / rotary / SiLU-mul behind the same modules
-            from engine.kernels.fused_layers import install_fused_layers
-
-            install_fused_layers(model)
 
     def capture_cuda_graphs(self, max_batch_size: int, max_model_len: int) -> None:
         """Once the KV cache is allocated for good: capture decode steps as CUDA graphs."""

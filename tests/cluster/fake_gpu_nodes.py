@@ -17,10 +17,18 @@ class FakeGpuNode:
     gpu_product: str = H100
     cpu: str = "64"
     memory: str = "512Gi"
+    # Local NVMe, as GPU nodes have: engine pods request their emptyDir cache as ephemeral-storage.
+    ephemeral_storage: str = "3Ti"
     pods: str = "110"
 
     def manifest(self) -> dict[str, Any]:
-        resources = {"cpu": self.cpu, "memory": self.memory, "pods": self.pods, GPU_RESOURCE: str(self.gpus)}
+        resources = {
+            "cpu": self.cpu,
+            "memory": self.memory,
+            "ephemeral-storage": self.ephemeral_storage,
+            "pods": self.pods,
+            GPU_RESOURCE: str(self.gpus),
+        }
         return {
             "apiVersion": "v1",
             "kind": "Node",

@@ -9,6 +9,7 @@ One engine Deployment serves the first three tests (each engine loads the embedd
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 import urllib.request
@@ -36,13 +37,20 @@ NAME = "smollm2"
 SERVICE = f"{NAME}-service"
 LOAD_TIMEOUT_S = 300  # an engine loads the embedded model in seconds, more on a busy 2-core machine
 PROMPT = [{"role": "user", "content": "What is Kubernetes?"}]
+ENGINE_CACHE = Path(os.environ.get("KUBELLM_CACHE_DIR") or Path.home() / ".cache" / "kubellm")
 
 
-def cpu_model_deployment(name: str, **spec: Any) -> dict[str, Any]:
-    """The shipped CPU sample, pinned to local-cpu-0 (where pods really run) with a small CPU request."""
+def cpu_model_deployment(name: str, engine: dict[str, Any] | None = None, **spec: Any) -> dict[str, Any]:
+    """The shipped CPU sample, pinned to local-cpu-0 (where pods really run) with a small CPU request.
+
+    The engine converts the embedded GGUF model once into KUBELLM_CACHE_DIR; pointing that at this machine's
+    cache (the container's filesystem is the host's) spares each pod the conversion, as a pre-filled cache
+    volume would."""
     resource = sample("cpu-smollm2.yaml")
     resource["metadata"]["name"] = name
+    host_cache = {"name": "KUBELLM_CACHE_DIR", "value": str(ENGINE_CACHE)}
     resource["spec"] |= {**LOCAL_NODE_PLACEMENT, "resources": {"cpu": "250m", "memory": "3Gi"}, **spec}
+    resource["spec"]["engine"] = {**resource["spec"].get("engine", {}), **(engine or {}), "env": [host_cache]}
     return resource
 
 

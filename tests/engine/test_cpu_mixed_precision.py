@@ -7,13 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 from engine_helpers import make_engine
-from torch import nn
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.model import loader
-from engine.model.layers import CastLinear, LowPrecisionLogits
+from engine.model.linear import Linear, MixedPrecisionLinear
 from engine.model.loader import load_model, resolve_matmul_dtype
+from engine.model.sharding import InMemoryTensor, Shard
+from engine.model.vocab import LMHead, LowPrecisionLMHead
 from engine.sampling.params import SamplingParams
 
 
@@ -38,21 +39,23 @@ def test_mixed_model_layout(tiny_model_dir, native_bf16):
     loaded = load_model(EngineConfig(model=path, device="cpu", dtype="auto"))
     model = loaded.model
     assert loaded.dtype == torch.bfloat16  # the runner allocates the KV cache in it
-    linears = [m for m in model.model.modules() if isinstance(m, nn.Linear)]
-    assert linears and all(type(m) is CastLinear and m.matmul_dtype == torch.bfloat16 for m in linears)
+    linears = [m for m in model.model.modules() if isinstance(m, Linear)]
+    assert linears and all(
+        type(m) is MixedPrecisionLinear and m.matmul_dtype == torch.bfloat16 for m in linears
+    )
     # bfloat16 weights, in oneDNN's blocked layout where torch has it
-    assert all((m.packed if m.weight is None else m.weight).dtype == torch.bfloat16 for m in linears)
+    assert all((m.packed_weight if m.weight is None else m.weight).dtype == torch.bfloat16 for m in linears)
     assert model.model.layers[0].self_attn.qkv_proj.bias.dtype == torch.float32
     assert model.model.embed_tokens.weight.dtype == torch.float32
     assert model.model.norm.weight.dtype == torch.float32
-    assert model.low_precision_logits is not None
+    assert type(model.lm_head) is LowPrecisionLMHead
 
     explicit = load_model(EngineConfig(model=path, device="cpu", dtype="float32")).model
-    assert explicit.low_precision_logits is None
+    assert type(explicit.lm_head) is LMHead
     assert all(
-        type(m) is nn.Linear and m.weight.dtype == torch.float32
+        type(m) is Linear and m.weight.dtype == torch.float32
         for m in explicit.model.modules()
-        if isinstance(m, nn.Linear)
+        if isinstance(m, Linear)
     )
 
 
@@ -69,7 +72,10 @@ def test_low_precision_logits_are_exact_where_greedy_looks():
     rounded = torch.nn.functional.linear(h.bfloat16(), weight.bfloat16()).float()
     assert (rounded.argmax(-1) != exact.argmax(-1)).any()  # the failure this guards against
 
-    logits = LowPrecisionLogits(weight, torch.bfloat16, top_k=16)(h)
+    head = LowPrecisionLMHead(vocab, hidden, Shard(), torch.bfloat16, top_k=16)
+    head.load_weight("weight", InMemoryTensor(weight), "")
+    head.finish_loading()
+    logits = head(h)
     assert torch.equal(logits.argmax(-1), exact.argmax(-1))
     top = exact.topk(8, dim=-1).indices  # well inside the 16 recomputed (the 16th may differ by rounding)
     torch.testing.assert_close(logits.gather(1, top), exact.gather(1, top), rtol=1e-5, atol=1e-5)
@@ -106,7 +112,7 @@ def test_embedded_smollm2_in_mixed_precision_ends_its_turn_like_float32(smollm2_
     params = SamplingParams(temperature=0.0, max_tokens=400)
     config = EngineConfig(model=None, device="cpu", dtype="auto")
     mixed = LLMEngine(config, load_model(config))
-    assert mixed.runner.model.low_precision_logits is not None
+    assert type(mixed.runner.model.lm_head) is LowPrecisionLMHead
     fp32 = make_engine(None)
     end_of_turn = smollm2_tokenizer.convert_tokens_to_ids("<|im_end|>")
     for prompt in prompts:

@@ -43,8 +43,14 @@ def test_helm_lint_is_clean(helm: Path) -> None:
         {},
         {"models": [VLLM_MODEL], "operator": {"replicas": 2, "verbose": True}},
         {"operator": {"watchNamespaces": ["team-a", "team-b"]}, "createNamespace": True},
+        *(yaml.safe_load(p.read_text()) for p in sorted((CHART / "ci").glob("*-values.yaml"))),
     ],
-    ids=["defaults", "with-model", "namespaced"],
+    ids=[
+        "defaults",
+        "with-model",
+        "namespaced",
+        *(p.stem for p in sorted((CHART / "ci").glob("*-values.yaml"))),
+    ],
 )
 def test_every_rendered_object_is_valid_kubernetes(render_chart: RenderChart, values: dict) -> None:
     """Strict schemas of the API server's own release: unknown or mistyped fields fail here."""
@@ -236,3 +242,34 @@ def test_operator_rights_cover_every_child_kind_and_nothing_wild(
     assert grants[("", "pods")] == {"get", "list", "watch"}
     peering = ("kopf.dev", "kopfpeerings" if watch else "clusterkopfpeerings")
     assert {"create", "patch", "watch"} <= grants[peering]
+
+
+def test_network_policy_admits_only_the_listed_peers_to_every_engine_pod(render_chart: RenderChart) -> None:
+    from kubellm_operator import names
+
+    assert not by_kind(render_chart(), "NetworkPolicy")  # off by default
+    prometheus = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    values = {
+        "networkPolicy": {"enabled": True, "from": [prometheus]},
+        "operator": {"watchNamespaces": ["team-a", "team-b"]},
+    }
+    policies = by_kind(render_chart(values), "NetworkPolicy")
+    assert sorted(p["metadata"]["namespace"] for p in policies) == ["kubellm-system", "team-a", "team-b"]
+    for policy in policies:
+        selected = policy["spec"]["podSelector"]["matchLabels"]
+        # Exactly what the operator puts on every engine pod, whatever the ModelDeployment.
+        assert selected.items() <= names.child_labels("any-model").items()
+        assert "app.kubernetes.io/instance" not in selected
+        assert policy["spec"]["policyTypes"] == ["Ingress"]  # egress stays open: Hub downloads
+        [rule] = policy["spec"]["ingress"]
+        assert rule["from"] == [prometheus]
+        assert rule["ports"] == [{"port": names.ENGINE_PORT_NAME, "protocol": "TCP"}]
+    default_peers = by_kind(render_chart({"networkPolicy": {"enabled": True}}), "NetworkPolicy")
+    assert [p["spec"]["ingress"][0]["from"] for p in default_peers] == [[{"podSelector": {}}]]
+
+
+def test_chart_has_maintainers_and_an_icon() -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["maintainers"] and all(m["name"] for m in chart["maintainers"])
+    assert chart["icon"].startswith("https://") and chart["icon"].endswith("/charts/kubellm/icon.svg")
+    assert (CHART / "icon.svg").read_text().lstrip().startswith("<svg")

@@ -140,7 +140,9 @@ def test_helm_install_upgrade_uninstall(k8s_cluster: Any, k8s_namespace: str, tm
     # The API server filled in the CRD's defaults: the object is a real, valid ModelDeployment.
     model = k8s_cluster.kubectl_json("get", "modeldeployment", "vllm", "-n", ns)
     assert model["spec"]["model"]["source"] == "hf://meta-llama/Llama-3.2-3B-Instruct"
-    assert model["spec"]["replicas"] == 1 and model["spec"]["service"]["port"] == 8000
+    assert (
+        model["spec"]["gpu"]["resourceName"] == "nvidia.com/gpu" and model["spec"]["service"]["port"] == 8000
+    )
 
     # Upgrade: scale the operator, change one model, add another.
     helm(k8s_cluster, "upgrade", release, str(CHART), "-n", ns, "--wait=false", "-f", values_file(tmp_path, {

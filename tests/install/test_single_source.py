@@ -88,8 +88,15 @@ def test_the_samples_the_issue_promises_exist() -> None:
     )
     assert having(
         lambda _, spec: (
-            spec.get("gpu", {}).get("count") == 2
+            ModelDeploymentSpec.model_validate(spec).gpus_per_replica == 2
             and "persistentVolumeClaim" in spec.get("modelCache", {})
             and "autoscaling" in spec
         )
     ), "2 GPUs + PVC cache + autoscaling sample"
+    assert having(
+        lambda _, spec: (
+            spec["model"].get("source") == "hf://meta-llama/Llama-3.3-70B-Instruct"
+            and spec["engine"]["tensorParallelSize"] == 4
+            and ModelDeploymentSpec.model_validate(spec).gpus_per_replica == 4
+        )
+    ), "70B sample with tensor parallelism 4"

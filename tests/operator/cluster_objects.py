@@ -32,18 +32,20 @@ def get(cluster: LocalCluster, namespace: str, kind: str, name: str) -> dict[str
         raise
 
 
-def forbid_new_services(cluster: LocalCluster, namespace: str, timeout_s: float) -> None:
-    """A ResourceQuota of zero Services, counted by the quota controller before this returns: from
-    then on the API server answers a Service create with 403 Forbidden (exceeded quota)."""
-    quota = {
-        "apiVersion": "v1",
-        "kind": "ResourceQuota",
-        "metadata": {"name": "no-services"},
-        "spec": {"hard": {"services": "0"}},
-    }
+def apply_quota(
+    cluster: LocalCluster, namespace: str, name: str, hard: dict[str, str], timeout_s: float
+) -> None:
+    """A ResourceQuota, counted by the quota controller before this returns: from then on the API server
+    answers a create beyond it with 403 Forbidden (exceeded quota)."""
+    quota = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": name}, "spec": {"hard": hard}}
     apply(cluster, namespace, quota)
     wait_until(
-        lambda: (get(cluster, namespace, "resourcequota", "no-services") or {}).get("status", {}).get("hard"),
+        lambda: (get(cluster, namespace, "resourcequota", name) or {}).get("status", {}).get("hard"),
         "the quota controller to count the namespace",
         timeout_s=timeout_s,
     )
+
+
+def forbid_new_services(cluster: LocalCluster, namespace: str, timeout_s: float) -> None:
+    """A ResourceQuota `no-services` of zero Services."""
+    apply_quota(cluster, namespace, "no-services", {"services": "0"}, timeout_s)

@@ -50,7 +50,9 @@ def test_status_and_scale_subresources() -> None:
 
 def test_printer_columns() -> None:
     default_columns = [c["name"] for c in VERSION["additionalPrinterColumns"] if not c.get("priority")]
-    assert default_columns == ["Model", "Ready", "Endpoint", "Age"]
+    assert default_columns == ["Model", "Ready", "Replicas", "Endpoint", "Age"]
+    replicas = next(c for c in VERSION["additionalPrinterColumns"] if c["name"] == "Replicas")
+    assert replicas["jsonPath"] == ".status.readyOfDesired"  # "1/2", as `kubectl get deploy` shows READY
 
 
 def walk(node: dict[str, Any], path: str = ""):
@@ -135,9 +137,41 @@ def test_cel_rules_name_real_fields() -> None:
         for path, node in walk(SCHEMA)
         if "x-kubernetes-validations" in node
     }
-    assert set(rules) == {"", ".spec.modelCache", ".spec.autoscaling"}
+    assert set(rules) == {"", ".spec", ".spec.modelCache", ".spec.autoscaling"}
     assert any("self.minReplicas <= self.maxReplicas" == r["rule"] for r in rules[".spec.autoscaling"])
     fields = {path for path, _ in walk(SCHEMA)}
-    for rule in rules[""]:
-        for field in re.findall(r"self(\.spec(?:\.\w+)+)", rule["rule"]):
-            assert field in fields, f"{rule['rule']} names {field}, which the schema lacks"
+    for path in ("", ".spec"):
+        for rule in rules[path]:
+            for field, call in re.findall(r"self((?:\.\w+)+)(\(?)", rule["rule"]):
+                if call:  # self.metadata.name.size(): a method of the last field
+                    field = field.rpartition(".")[0]
+                assert path + field in fields, f"{rule['rule']} names {path + field}, which the schema lacks"
+
+
+def test_rules_on_whole_objects_blame_a_field() -> None:
+    """Without fieldPath the API server reports `<nil>: Invalid value: "object"`."""
+    fields = {path for path, _ in walk(SCHEMA)}
+    for path in ("", ".spec"):
+        node = SCHEMA if not path else SPEC_SCHEMA
+        for rule in node["x-kubernetes-validations"]:
+            assert path + rule["fieldPath"] in fields, rule
+            assert rule.get("message") or rule.get("messageExpression"), rule
+
+
+def test_conditions_are_metav1_conditions() -> None:
+    condition = SCHEMA["properties"]["status"]["properties"]["conditions"]["items"]
+    assert set(condition["required"]) >= {"type", "status", "reason", "lastTransitionTime"}
+    props = condition["properties"]
+    assert props["lastTransitionTime"]["format"] == "date-time"
+    assert props["reason"]["pattern"] == "^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
+    assert props["status"]["enum"] == ["True", "False", "Unknown"]
+    assert props["observedGeneration"] == {
+        "description": "The metadata.generation this condition describes.",
+        "type": "integer",
+        "minimum": 0,
+    }
+
+
+def test_peering_crds_have_kopfs_plural_names() -> None:
+    names = {crd["spec"]["names"]["kind"]: crd["spec"]["names"]["plural"] for crd in all_crds()[1:]}
+    assert names == {"ClusterKopfPeering": "clusterkopfpeerings", "KopfPeering": "kopfpeerings"}

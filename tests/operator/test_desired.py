@@ -46,7 +46,14 @@ spec:
     metadata: {{labels: {yaml.safe_load(LABELS)}}}
     spec:
       enableServiceLinks: false
-      securityContext: {{fsGroup: 10001, fsGroupChangePolicy: OnRootMismatch}}
+      automountServiceAccountToken: false
+      securityContext:
+        runAsNonRoot: true
+        runAsUser: 10001
+        runAsGroup: 10001
+        fsGroup: 10001
+        fsGroupChangePolicy: OnRootMismatch
+        seccompProfile: {{type: RuntimeDefault}}
       terminationGracePeriodSeconds: 45
       containers:
       - name: engine
@@ -55,15 +62,26 @@ spec:
         command: [kubellm, serve]
         args: [--host, 0.0.0.0, --port, "8000", --model, "hf://meta-llama/Llama-3.2-3B-Instruct",
                --served-model-name, meta-llama/Llama-3.2-3B-Instruct, --device, cuda]
-        env: [{{name: HF_HOME, value: /model-cache}}]
+        env:
+        - {{name: HF_HOME, value: /model-cache}}
+        - {{name: KUBELLM_CACHE_DIR, value: /model-cache/kubellm}}
+        - {{name: TRITON_CACHE_DIR, value: /model-cache/triton}}
+        - {{name: TORCHINDUCTOR_CACHE_DIR, value: /model-cache/torchinductor}}
+        - {{name: CUDA_CACHE_PATH, value: /model-cache/nv-compute-cache}}
+        - {{name: XDG_CACHE_HOME, value: /model-cache/xdg}}
         ports: [{{name: http, containerPort: 8000, protocol: TCP}}]
         resources:
-          requests: {{nvidia.com/gpu: "1"}}
+          requests: {{ephemeral-storage: 83968Mi, nvidia.com/gpu: "1"}}
           limits: {{nvidia.com/gpu: "1"}}
         lifecycle: {{preStop: {{sleep: {{seconds: 5}}}}}}
         terminationMessagePolicy: FallbackToLogsOnError
+        securityContext:
+          allowPrivilegeEscalation: false
+          capabilities: {{drop: [ALL]}}
+          readOnlyRootFilesystem: true
         volumeMounts:
         - {{name: dshm, mountPath: /dev/shm}}
+        - {{name: tmp, mountPath: /tmp}}
         - {{name: model-cache, mountPath: /model-cache}}
         startupProbe:
           httpGet: {{path: /health, port: http}}
@@ -82,7 +100,8 @@ spec:
           failureThreshold: 3
       volumes:
       - {{name: dshm, emptyDir: {{medium: Memory, sizeLimit: 2Gi}}}}
-      - {{name: model-cache, emptyDir: {{}}}}
+      - {{name: tmp, emptyDir: {{sizeLimit: 2Gi}}}}
+      - {{name: model-cache, emptyDir: {{sizeLimit: 80Gi}}}}
       tolerations:
       - {{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}}
 """
@@ -135,7 +154,10 @@ def test_cpu_sample_has_no_gpu_and_serves_the_embedded_model() -> None:
     assert container["args"][container["args"].index("--served-model-name") + 1] == (
         "HuggingFaceTB/SmolLM2-135M-Instruct"
     )
-    assert container["resources"] == {"requests": {"cpu": "2", "memory": "4Gi"}, "limits": {"memory": "4Gi"}}
+    assert container["resources"] == {
+        "requests": {"ephemeral-storage": "6144Mi", "cpu": "2", "memory": "4Gi"},  # 4Gi cache + 2Gi /tmp
+        "limits": {"memory": "4Gi"},
+    }
     assert "tolerations" not in pod
     assert service["metadata"]["name"] == "smollm2-service"
 
@@ -171,7 +193,7 @@ def test_gpus_count_resource_name_and_toleration_follow_the_spec() -> None:
 def test_cpu_and_memory_are_requests_and_memory_is_also_a_limit() -> None:
     container = container_of({**MINIMAL, "resources": {"cpu": 8, "memory": "64Gi"}})
     assert container["resources"] == {
-        "requests": {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "1"},
+        "requests": {"ephemeral-storage": "83968Mi", "cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "1"},
         "limits": {"memory": "64Gi", "nvidia.com/gpu": "1"},
     }
 
@@ -257,7 +279,7 @@ def test_service_name_type_and_port_override() -> None:
 @pytest.mark.parametrize(
     ("cache", "volume"),
     [
-        ({}, {"emptyDir": {}}),
+        ({}, {"emptyDir": {"sizeLimit": "80Gi"}}),
         ({"emptyDir": {"sizeLimit": "20Gi"}}, {"emptyDir": {"sizeLimit": "20Gi"}}),
         ({"existingClaim": "weights"}, {"persistentVolumeClaim": {"claimName": "weights"}}),
         (
@@ -268,7 +290,7 @@ def test_service_name_type_and_port_override() -> None:
 )
 def test_model_cache_volume(cache: dict[str, Any], volume: dict[str, Any]) -> None:
     pod = pod_of({**MINIMAL, "modelCache": cache})
-    assert pod["volumes"][1] == {"name": "model-cache", **volume}
+    assert pod["volumes"][2] == {"name": "model-cache", **volume}
 
 
 def test_new_cache_claim_size_class_and_access_modes() -> None:
@@ -362,12 +384,18 @@ def test_replicas() -> None:
     assert children({**MINIMAL, "replicas": 3})["Deployment"]["spec"]["replicas"] == 3
 
 
-def test_cpu_autoscaler_targets_the_model_deployment() -> None:
+def test_replicas_default_to_one() -> None:
+    assert children(MINIMAL)["Deployment"]["spec"]["replicas"] == 1
+
+
+def test_cpu_autoscaler_scales_the_deployment_whose_replicas_the_operator_leaves_alone() -> None:
     spec = {**MINIMAL, "resources": {"cpu": 4}, "autoscaling": {"minReplicas": 2, "maxReplicas": 5}}
     hpa = children(spec)["HorizontalPodAutoscaler"]
+    # Applying a replica count would fight the autoscaler's on every reconcile.
+    assert "replicas" not in children(spec)["Deployment"]["spec"]
     assert hpa["apiVersion"] == "autoscaling/v2"
     assert hpa["spec"] == {
-        "scaleTargetRef": {"apiVersion": "kubellm.io/v1alpha1", "kind": "ModelDeployment", "name": "vllm"},
+        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "vllm"},
         "minReplicas": 2,
         "maxReplicas": 5,
         "metrics": [
@@ -410,3 +438,104 @@ def test_gpu_autoscaled_sample_has_every_optional_child() -> None:
         "HorizontalPodAutoscaler",
         "PodDisruptionBudget",
     ]
+
+
+# --- Pod Security, caches and disk (issue 16) ---------------------------------------------------------
+
+
+def test_pods_meet_pod_security_restricted_by_default() -> None:
+    pod = pod_of(MINIMAL)
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]) == (10001, 10001)
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["containers"][0]["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
+    }
+
+
+def test_security_contexts_are_overridable_field_by_field() -> None:
+    pod = pod_of(
+        {
+            **MINIMAL,
+            "podSecurityContext": {"runAsUser": 2000, "supplementalGroups": [44]},
+            "securityContext": {"readOnlyRootFilesystem": False, "capabilities": {"add": ["IPC_LOCK"]}},
+        }
+    )
+    assert pod["securityContext"]["runAsUser"] == 2000 and pod["securityContext"]["supplementalGroups"] == [
+        44
+    ]
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}  # the rest stays
+    container = pod["containers"][0]["securityContext"]
+    assert container["readOnlyRootFilesystem"] is False
+    assert container["capabilities"] == {"add": ["IPC_LOCK"]}
+    assert container["allowPrivilegeEscalation"] is False
+
+
+def test_every_engine_cache_lives_on_the_cache_volume_and_tmp_is_an_empty_dir() -> None:
+    container = container_of({**MINIMAL, "modelCache": {"mountPath": "/weights"}})
+    env = {var["name"]: var["value"] for var in container["env"]}
+    assert env["HF_HOME"] == "/weights"
+    for name in ("KUBELLM_CACHE_DIR", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "CUDA_CACHE_PATH"):
+        assert env[name].startswith("/weights/"), name
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert mounts == {"/dev/shm": "dshm", "/tmp": "tmp", "/weights": "model-cache"}
+    tmp = next(v for v in pod_of(MINIMAL)["volumes"] if v["name"] == "tmp")
+    assert tmp == {"name": "tmp", "emptyDir": {"sizeLimit": "2Gi"}}
+
+
+@pytest.mark.parametrize(
+    ("spec", "cache_limit", "ephemeral"),
+    [
+        (MINIMAL, "80Gi", "83968Mi"),  # one GPU: its memory's worth of weights, + 2Gi /tmp
+        ({**MINIMAL, "engine": {"tensorParallelSize": 4}}, "320Gi", "329728Mi"),
+        ({**MINIMAL, "gpu": {"count": 0}}, "20Gi", "22528Mi"),
+        ({"model": {}, "gpu": {"count": 0}}, "4Gi", "6144Mi"),  # the embedded model
+        ({**MINIMAL, "modelCache": {"emptyDir": {"sizeLimit": "500G"}}}, "500G", "478886Mi"),
+        ({**MINIMAL, "modelCache": {"existingClaim": "weights"}}, None, "2048Mi"),
+    ],
+)
+def test_emptydir_cache_is_bounded_and_its_disk_requested(
+    spec: dict[str, Any], cache_limit: str | None, ephemeral: str
+) -> None:
+    pod = pod_of(spec)
+    cache = next(v for v in pod["volumes"] if v["name"] == "model-cache")
+    assert cache.get("emptyDir", {}).get("sizeLimit") == cache_limit
+    assert pod["containers"][0]["resources"]["requests"]["ephemeral-storage"] == ephemeral
+
+
+# --- tensor parallelism (issue 11) -------------------------------------------------------------------
+
+
+def test_tensor_parallel_size_sets_the_flag_the_gpus_and_a_bigger_shm() -> None:
+    pod = pod_of({**MINIMAL, "engine": {"tensorParallelSize": 4}})
+    container = pod["containers"][0]
+    args = container["args"]
+    assert args[args.index("--tensor-parallel-size") + 1] == "4"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == "4"
+    shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
+
+
+def test_one_gpu_has_no_tensor_parallel_flag_and_2gi_shm() -> None:
+    pod = pod_of(MINIMAL)
+    assert "--tensor-parallel-size" not in pod["containers"][0]["args"]
+    assert next(v for v in pod["volumes"] if v["name"] == "dshm")["emptyDir"]["sizeLimit"] == "2Gi"
+
+
+def test_explicit_gpu_count_and_shm_win_over_the_tensor_parallel_defaults() -> None:
+    spec = {**MINIMAL, "engine": {"tensorParallelSize": 2}, "gpu": {"count": 4}, "shmSize": "1Gi"}
+    pod = pod_of(spec)
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    assert next(v for v in pod["volumes"] if v["name"] == "dshm")["emptyDir"]["sizeLimit"] == "1Gi"
+
+
+def test_tensor_parallel_on_the_cpu() -> None:
+    container = container_of({**MINIMAL, "engine": {"tensorParallelSize": 2}, "gpu": {"count": 0}})
+    args = container["args"]
+    assert args[args.index("--device") + 1] == "cpu"
+    assert args[args.index("--tensor-parallel-size") + 1] == "2"
+    assert "nvidia.com/gpu" not in container["resources"]["requests"]

@@ -86,4 +86,6 @@ def test_user_env_overrides_the_operators_by_name() -> None:
         {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
     ]
     result = invocation({"model": {}, "engine": {"env": env}})
-    assert result.env == env  # HF_HOME replaced in place, no duplicate names
+    assert result.env[0] == env[0]  # HF_HOME replaced in place
+    assert result.env[-1] == env[1]
+    assert len({var["name"] for var in result.env}) == len(result.env)  # no duplicate names

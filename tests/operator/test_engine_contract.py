@@ -3,7 +3,9 @@ generates for the CPU sample run as a local process, pass the pod's probes, and 
 client code under the served model name the status advertises.
 
 Like the kubelet, the test only swaps what a pod gets from its surroundings: the port (a free one
-instead of the pod's own 8000) and the model cache volume (a temp dir at HF_HOME).
+instead of the pod's own 8000), the model cache volume (a temp dir where the pod mounts it) and /tmp (a
+temp dir as TMPDIR). HOME is an empty temp dir that must stay empty: in the pod the root filesystem is
+read-only, so every cache has to land on the cache volume.
 """
 
 import os
@@ -43,11 +45,15 @@ def resolve_command(command: list[str]) -> list[str]:
 
 
 class RunningEngine:
-    def __init__(self, process: subprocess.Popen, port: int, container: dict, log: Path) -> None:
+    def __init__(
+        self, process: subprocess.Popen, port: int, container: dict, log: Path, cache: Path, home: Path
+    ) -> None:
         self.process = process
         self.port = port
         self.container = container
         self.log = log
+        self.cache = cache
+        self.home = home
 
     @property
     def url(self) -> str:
@@ -62,20 +68,23 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningEngine]:
     args[args.index("--port") + 1] = str(port)
 
     cache_dir = tmp_path_factory.mktemp("model-cache")
-    env = dict(os.environ)
+    [mount] = [m["mountPath"] for m in container["volumeMounts"] if m["name"] == "model-cache"]
+    home = tmp_path_factory.mktemp("home")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XDG_", "KUBELLM_", "TRITON_", "HF_"))}
+    env |= {"HOME": str(home), "TMPDIR": str(tmp_path_factory.mktemp("tmp"))}
     for var in container["env"]:
         assert "value" in var, (
             f"{var['name']} comes from the cluster ({var}); the CPU sample should need none"
         )
-        env[var["name"]] = var["value"]
-    env["HF_HOME"] = str(cache_dir)  # the volume mounted at HF_HOME in the pod
+        # The cache volume is mounted here instead of at its path in the pod.
+        env[var["name"]] = var["value"].replace(mount, str(cache_dir), 1)
 
     log = tmp_path_factory.mktemp("engine") / "engine.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
             resolve_command(container["command"]) + args, env=env, stdout=out, stderr=subprocess.STDOUT
         )
-    running = RunningEngine(process, port, container, log)
+    running = RunningEngine(process, port, container, log, cache_dir, home)
     try:
         wait_for_probe(running, container["startupProbe"])
         yield running
@@ -153,3 +162,12 @@ def test_termination_grace_period_outlasts_the_engines_own_drain_default() -> No
         if c["kind"] == "Deployment"
     )
     assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= drain + 10
+
+
+def test_the_engine_writes_its_caches_on_the_cache_volume_and_nothing_in_home(engine: RunningEngine) -> None:
+    """The embedded model's GGUF conversion is cached on the volume (a restart reuses it); HOME, which is
+    read-only in the pod, is untouched."""
+    requests.get(f"{engine.url}/health", timeout=5).raise_for_status()
+    converted = list((engine.cache / "kubellm" / "gguf").glob("*/model.safetensors"))
+    assert converted, sorted(str(p.relative_to(engine.cache)) for p in engine.cache.rglob("*"))[:20]
+    assert sorted(engine.home.rglob("*")) == []

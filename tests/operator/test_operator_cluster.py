@@ -12,7 +12,7 @@ import pytest
 
 from tests.cluster.localcluster import KubectlError, LocalCluster
 from tests.cluster.waiting import wait_until
-from tests.operator.cluster_objects import apply, forbid_new_services, get, install_crd
+from tests.operator.cluster_objects import apply, apply_quota, forbid_new_services, get, install_crd
 from tests.operator.operator_process import OperatorProcess
 from tests.operator.samples import sample
 
@@ -158,6 +158,7 @@ def test_sample_gives_a_gpu_deployment_and_service_that_become_ready(
     assert status["phase"] == "Ready"
     assert status["endpoint"] == f"http://vllm-service.{ns}.svc.cluster.local:8000/v1"
     assert status["servedModelName"] == "meta-llama/Llama-3.2-3B-Instruct"
+    assert (status["gpusPerReplica"], status["desiredReplicas"], status["readyOfDesired"]) == (1, 1, "1/1")
     assert (
         status["selector"]
         == "app.kubernetes.io/component=engine,app.kubernetes.io/instance=vllm,app.kubernetes.io/name=kubellm"
@@ -165,8 +166,8 @@ def test_sample_gives_a_gpu_deployment_and_service_that_become_ready(
 
     table = k8s_cluster.kubectl("get", "md", "-n", ns)
     header, row = table.splitlines()[:2]
-    assert header.split()[:5] == ["NAME", "MODEL", "READY", "ENDPOINT", "AGE"]
-    assert row.split()[:4] == ["vllm", "meta-llama/Llama-3.2-3B-Instruct", "True", status["endpoint"]]
+    assert header.split()[:6] == ["NAME", "MODEL", "READY", "REPLICAS", "ENDPOINT", "AGE"]
+    assert row.split()[:5] == ["vllm", "meta-llama/Llama-3.2-3B-Instruct", "True", "1/1", status["endpoint"]]
 
 
 def test_kubectl_scale_goes_through_the_scale_subresource(
@@ -257,6 +258,27 @@ def test_more_gpus_than_any_node_has_is_unschedulable(
     assert md["status"]["phase"] == "Degraded"
 
 
+def test_a_tensor_parallel_replica_holds_its_gpus_on_one_node(
+    k8s_cluster: LocalCluster, k8s_namespace: str, operator: OperatorProcess
+) -> None:
+    ns = k8s_namespace
+    spec = {
+        "model": {"source": "hf://meta-llama/Llama-3.3-70B-Instruct"},
+        "engine": {"tensorParallelSize": 4},
+    }
+    apply(k8s_cluster, ns, model_deployment("tp4", **spec))
+    md = wait_ready(k8s_cluster, ns, "tp4")
+    assert md["status"]["gpusPerReplica"] == 4
+    [pod] = engine_pods(k8s_cluster, ns, "tp4")
+    [container] = pod["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"  # a whole 4-GPU fake node
+    assert container["args"][container["args"].index("--tensor-parallel-size") + 1] == "4"
+    shm = next(v for v in pod["spec"]["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"]["sizeLimit"] == "16Gi"
+    table = k8s_cluster.kubectl("get", "md", "tp4", "-n", ns, "-o", "wide")
+    assert table.splitlines()[0].split()[-1] == "GPUS" and table.splitlines()[1].split()[-1] == "4"
+
+
 @pytest.mark.parametrize(
     ("name", "spec", "message"),
     [
@@ -281,7 +303,7 @@ def test_more_gpus_than_any_node_has_is_unschedulable(
             {"model": {}, "engine": {"gpuMemoryUtilization": 2}},
             "spec.engine.gpuMemoryUtilization",
         ),
-        ("x" * 56, {"model": {}}, "so that '<name>-service' is a valid Service name"),
+        ("x" * 56, {"model": {}}, 'metadata.name: Invalid value: "object": metadata.name must be at most 55'),
         ("3b-chat", {"model": {}}, "metadata.name must be a DNS-1035 label"),
         ("chat.v2", {"model": {}, "service": {"name": "chat"}}, "metadata.name must be a DNS-1035 label"),
         (
@@ -292,7 +314,24 @@ def test_more_gpus_than_any_node_has_is_unschedulable(
         (
             "cpu-scaling",
             {"model": {}, "autoscaling": {"maxReplicas": 2}},
-            "CPU-based autoscaling needs spec.resources.cpu",
+            'spec.autoscaling: Invalid value: "object": CPU-based autoscaling needs spec.resources.cpu',
+        ),
+        (
+            "few-gpus",
+            {"model": {}, "engine": {"tensorParallelSize": 4}, "gpu": {"count": 2}},
+            'spec.gpu.count: Invalid value: "object": spec.gpu.count must be at least '
+            "spec.engine.tensorParallelSize",
+        ),
+        (
+            "odd-gpus",
+            {"model": {}, "engine": {"tensorParallelSize": 2}, "gpu": {"count": 3}},
+            'spec.gpu.count: Invalid value: "object": spec.gpu.count must be a multiple of '
+            "spec.engine.tensorParallelSize",
+        ),
+        (
+            "fixed-and-scaled",
+            {"model": {}, "replicas": 2, "resources": {"cpu": 1}, "autoscaling": {"maxReplicas": 3}},
+            'spec.replicas: Invalid value: "object": set spec.replicas or spec.autoscaling, not both',
         ),
     ],
 )
@@ -302,6 +341,7 @@ def test_invalid_resource_is_refused_with_a_readable_message(
     with pytest.raises(KubectlError) as refused:
         apply(k8s_cluster, k8s_namespace, model_deployment(name, **spec))
     assert message in str(refused.value)
+    assert "<nil>" not in str(refused.value)  # every rule names the field it is about
     assert get(k8s_cluster, k8s_namespace, "md", name) is None
 
 
@@ -382,6 +422,65 @@ def test_a_quota_refusal_is_reported_and_retried_until_the_quota_allows_it(
     assert get(k8s_cluster, ns, "service", "quota-service")
 
 
+# The Deployment's ReplicaFailure condition reaches the status within seconds, not after the ~32 minutes
+# of the progress deadline (which is what the operator waited for before).
+REFUSAL_TIMEOUT_S = 30
+
+
+def test_pods_refused_by_pod_security_are_reported_at_once_and_fixing_the_spec_recovers(
+    k8s_cluster: LocalCluster, k8s_namespace: str, operator: OperatorProcess
+) -> None:
+    ns = k8s_namespace
+    k8s_cluster.kubectl("label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted")
+    # A user override that the namespace's policy does not allow.
+    escalating = {"allowPrivilegeEscalation": True}
+    apply(
+        k8s_cluster, ns, model_deployment("psa", model={"source": "hf://org/m"}, securityContext=escalating)
+    )
+
+    def refused() -> dict[str, Any] | None:
+        md = get(k8s_cluster, ns, "md", "psa")
+        return md if condition(md, "Degraded").get("reason") == "FailedCreate" else None
+
+    md = wait_until(refused, "Degraded=True with reason FailedCreate", timeout_s=REFUSAL_TIMEOUT_S)
+    assert md["status"]["phase"] == "Degraded"
+    assert condition(md, "Ready")["status"] == "False"
+    message = condition(md, "Degraded")["message"]
+    assert (
+        'violates PodSecurity "restricted:latest": allowPrivilegeEscalation != false' in message
+    )  # the server's
+
+    k8s_cluster.kubectl(
+        "patch",
+        "md",
+        "psa",
+        "-n",
+        ns,
+        "--type=json",
+        "-p",
+        '[{"op": "remove", "path": "/spec/securityContext"}]',
+    )
+    md = wait_ready(k8s_cluster, ns, "psa")  # the operator's defaults meet `restricted`
+    assert condition(md, "Degraded")["status"] == "False"
+
+
+def test_pods_refused_by_a_resource_quota_are_reported_at_once(
+    k8s_cluster: LocalCluster, k8s_namespace: str, operator: OperatorProcess
+) -> None:
+    ns = k8s_namespace
+    apply_quota(k8s_cluster, ns, "no-gpus", {"requests.nvidia.com/gpu": "0"}, TIMEOUT_S)
+    apply(k8s_cluster, ns, model_deployment("gpuquota", model={"source": "hf://org/m"}))
+
+    def refused() -> dict[str, Any] | None:
+        md = get(k8s_cluster, ns, "md", "gpuquota")
+        return md if condition(md, "Ready").get("reason") == "FailedCreate" else None
+
+    md = wait_until(refused, "Ready=False with reason FailedCreate", timeout_s=REFUSAL_TIMEOUT_S)
+    message = condition(md, "Degraded")["message"]
+    assert "exceeded quota: no-gpus" in message and "requests.nvidia.com/gpu" in message
+    assert md["status"]["phase"] == "Degraded"
+
+
 def test_removed_options_take_their_children_and_deletion_takes_everything(
     k8s_cluster: LocalCluster, k8s_namespace: str, operator: OperatorProcess
 ) -> None:
@@ -407,11 +506,7 @@ def test_removed_options_take_their_children_and_deletion_takes_everything(
         timeout_s=TIMEOUT_S,
     )
     hpa = get(k8s_cluster, ns, "hpa", "full")
-    assert hpa["spec"]["scaleTargetRef"] == {
-        "apiVersion": "kubellm.io/v1alpha1",
-        "kind": "ModelDeployment",
-        "name": "full",
-    }
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "full"}
 
     k8s_cluster.kubectl(
         "patch", "md", "full", "-n", ns, "--type=merge", "-p", '{"spec": {"disruptionBudget": null}}'

@@ -192,3 +192,63 @@ def test_a_problem_the_operator_retries_is_degraded_not_failed() -> None:
     assert conditions(status)["Degraded"] == ("True", "Forbidden", problem.message)
     assert conditions(status)["Ready"] == ("False", "Forbidden", problem.message)
     assert conditions(status)["Progressing"] == ("False", "Forbidden", "retrying with backoff")
+
+
+POD_SECURITY_REFUSAL = (
+    'pods "vllm-5d8f7c9b4-x2x9z" is forbidden: violates PodSecurity "restricted:latest": '
+    'allowPrivilegeEscalation != false (container "engine" must set securityContext.allowPrivilegeEscalation=false)'
+)
+
+
+def refused(deployment_: dict[str, Any]) -> dict[str, Any]:
+    deployment_["status"]["conditions"] = [
+        {"type": "Progressing", "status": "True", "reason": "NewReplicaSetCreated", "message": "..."},
+        {
+            "type": "ReplicaFailure",
+            "status": "True",
+            "reason": "FailedCreate",
+            "message": POD_SECURITY_REFUSAL,
+        },
+    ]
+    return deployment_
+
+
+def test_a_pod_the_api_server_refuses_is_degraded_at_once_with_its_words() -> None:
+    """The ReplicaSet's FailedCreate (Pod Security, ResourceQuota, LimitRange) shows up on the Deployment
+    as ReplicaFailure long before its progress deadline."""
+    status = compute_status(observe(deployment=refused(deployment(replicas=0, ready=0, updated=0))), T0)
+    assert status.phase == "Degraded"
+    assert conditions(status)["Ready"] == ("False", "FailedCreate", POD_SECURITY_REFUSAL)
+    assert conditions(status)["Degraded"] == ("True", "FailedCreate", POD_SECURITY_REFUSAL)
+
+
+def test_a_cleared_replica_failure_is_forgotten() -> None:
+    cleared = refused(deployment())
+    cleared["status"]["conditions"][1]["status"] = "False"
+    assert compute_status(observe(deployment=cleared), T0).phase == "Ready"
+
+
+def test_replica_counts_and_gpus_per_replica_for_the_printer_columns() -> None:
+    spec = ModelDeploymentSpec.model_validate(
+        {"model": {"source": "hf://meta-llama/Llama-3.3-70B-Instruct"}, "engine": {"tensorParallelSize": 4}}
+    )
+    status = compute_status(observe(spec=spec, deployment=deployment(replicas=1, ready=0, updated=1)), T0)
+    assert (status.desired_replicas, status.ready_of_desired, status.gpus_per_replica) == (1, "0/1", 4)
+
+
+def test_autoscaled_desired_count_is_the_autoscalers() -> None:
+    spec = ModelDeploymentSpec.model_validate(
+        {
+            "model": {},
+            "autoscaling": {
+                "minReplicas": 2,
+                "maxReplicas": 6,
+                "podMetric": {"name": "m", "targetAverageValue": 1},
+            },
+        }
+    )
+    scaled = deployment(replicas=3, ready=3, updated=3)
+    scaled["spec"] = {"replicas": 5}
+    status = compute_status(observe(spec=spec, deployment=scaled), T0)
+    assert (status.desired_replicas, status.ready_of_desired, status.phase) == (5, "3/5", "Progressing")
+    assert compute_status(observe(spec=spec), T0).desired_replicas == 2  # no Deployment yet: the minimum

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
+import tempfile
 from typing import Any
 
 from tests.cluster.node_agent.pod_network import NODE_IP, POD_NETWORK
@@ -50,7 +52,13 @@ def node_conditions(now: str) -> list[dict[str, Any]]:
 
 
 def node_status(now: str) -> dict[str, Any]:
-    resources = {"cpu": str(os.cpu_count() or 1), "memory": str(_memory_bytes()), "pods": "110"}
+    resources = {
+        "cpu": str(os.cpu_count() or 1),
+        "memory": str(_memory_bytes()),
+        # The filesystem holding the pods' emptyDirs, as the kubelet reports its root filesystem.
+        "ephemeral-storage": str(shutil.disk_usage(tempfile.gettempdir()).total),
+        "pods": "110",
+    }
     return {
         "capacity": resources,
         "allocatable": resources,

@@ -1,0 +1,113 @@
+"""LayerKit: the one object a model family asks for its layers, chosen from the config when the model
+is built (as the attention backend is).
+
+What it decides, and nothing else:
+- ``fused``: Triton RMSNorm / SiLU-and-mul / rotary (CUDA) or the plain-torch modules (CPU, tests);
+- ``matmul_dtype``: CPU mixed precision, linear layers and the LM head with bfloat16 weights in oneDNN's
+  packed layout (engine.model.linear.MixedPrecisionLinear, engine.model.vocab.LowPrecisionLMHead);
+- ``shard``: which 1/N of every layer this tensor-parallel rank holds (engine.model.sharding).
+
+A family says *what* each layer is (``kit.linear(..., parallel=Parallel.COLUMN, parts=...)``); the kit
+says *how* it runs. Later layer kinds (FP8 linears, MoE experts) plug into the same factories.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.model.layers import RMSNorm, RotaryEmbedding, SiluAndMul
+from engine.model.linear import Linear, MixedPrecisionLinear
+from engine.model.sharding import Parallel, Part, Shard
+from engine.model.vocab import LMHead, LowPrecisionLMHead, VocabEmbedding
+
+__all__ = ["LayerKit", "Parallel", "Part"]
+
+
+@dataclass(frozen=True)
+class LayerKit:
+    fused: bool = False
+    matmul_dtype: torch.dtype | None = None
+    shard: Shard = field(default_factory=Shard)
+
+    @classmethod
+    def for_device(
+        cls, device: torch.device, matmul_dtype: torch.dtype | None = None, shard: Shard | None = None
+    ) -> LayerKit:
+        """Fused Triton layers on CUDA where Triton imports; plain torch elsewhere."""
+        fused = False
+        if device.type == "cuda":
+            try:
+                import engine.kernels.fused_layers  # noqa: F401
+            except ImportError:
+                fused = False
+            else:
+                fused = True
+        return cls(fused=fused, matmul_dtype=matmul_dtype, shard=shard or Shard())
+
+    # --- elementwise layers ------------------------------------------------------------------
+
+    def rms_norm(self, hidden_size: int, eps: float) -> RMSNorm:
+        if self.fused:
+            from engine.kernels.fused_layers import FusedRMSNorm
+
+            return FusedRMSNorm(hidden_size, eps)
+        return RMSNorm(hidden_size, eps)
+
+    def silu_and_mul(self) -> SiluAndMul:
+        if self.fused:
+            from engine.kernels.fused_layers import FusedSiluAndMul
+
+            return FusedSiluAndMul()
+        return SiluAndMul()
+
+    def rotary(
+        self,
+        head_dim: int,
+        rope_parameters: dict[str, Any],
+        max_positions: int,
+        max_position_embeddings: int,
+        device: torch.device,
+    ) -> RotaryEmbedding:
+        cls = RotaryEmbedding
+        if self.fused:
+            from engine.kernels.fused_layers import FusedRotaryEmbedding
+
+            cls = FusedRotaryEmbedding
+        return cls(head_dim, rope_parameters, max_positions, max_position_embeddings, device)
+
+    # --- layers with weights -----------------------------------------------------------------
+
+    def linear(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool,
+        parallel: Parallel = Parallel.REPLICATED,
+        parts: Sequence[Part] = (),
+    ) -> Linear:
+        """``y = x W^T + b``. COLUMN splits the outputs over the ranks (each packed part on its own,
+        heads whole), ROW splits the inputs and all-reduces the outputs, REPLICATED keeps it whole."""
+        cls = Linear if self.matmul_dtype is None else MixedPrecisionLinear
+        return cls(in_features, out_features, bias, parallel, parts, self.shard, self.matmul_dtype)
+
+    def embedding(self, vocab_size: int, hidden_size: int) -> VocabEmbedding:
+        """Token embedding, split over the ranks by vocabulary rows."""
+        return VocabEmbedding(vocab_size, hidden_size, self.shard)
+
+    def lm_head(self, vocab_size: int, hidden_size: int) -> nn.Module:
+        """hidden [N, hidden] -> float32 logits [N, vocab] (gathered on rank 0 when sharded)."""
+        if self.matmul_dtype is not None:
+            return LowPrecisionLMHead(vocab_size, hidden_size, self.shard, self.matmul_dtype)
+        return LMHead(vocab_size, hidden_size, self.shard)
+
+    # --- what a family needs to size its attention --------------------------------------------
+
+    def local_heads(self, num_heads: int) -> int:
+        """Heads of a `num_heads` projection this rank holds (one, replicated, when ranks outnumber heads)."""
+        return self.shard.heads(num_heads)[1]

@@ -1,0 +1,73 @@
+"""Layers are chosen when the model is built (engine.model.layer_kit), never swapped afterwards: the
+model that runs is the model llama.py constructs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from engine_helpers import TINY_CONFIGS
+from torch import nn
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.model import llama, loader
+from engine.model.attention import TorchAttention
+from engine.model.layer_kit import LayerKit
+from engine.model.layers import RMSNorm, RotaryEmbedding, SiluAndMul
+from engine.model.linear import Linear, MixedPrecisionLinear
+from engine.model.vocab import LMHead, LowPrecisionLMHead
+from engine.sampling.params import SamplingParams
+
+
+def module_types(model: nn.Module) -> dict[str, type]:
+    return {name: type(m) for name, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "auto"])  # "auto" is mixed precision (forced below)
+def test_no_module_changes_class_after_the_model_is_built(tiny_model_dir, monkeypatch, dtype):
+    monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: True)
+    built: list[tuple[nn.Module, dict[str, type]]] = []
+    construct = llama.LlamaForCausalLM.__init__
+
+    def recording_init(self, *args, **kwargs):
+        construct(self, *args, **kwargs)
+        built.append((self, module_types(self)))
+
+    monkeypatch.setattr(llama.LlamaForCausalLM, "__init__", recording_init)
+    config = EngineConfig(model=str(tiny_model_dir("qwen2")), device="cpu", dtype=dtype, block_size=4)
+    engine = LLMEngine(config, loader.load_model(config))
+    engine.generate([[5, 17, 300]], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+    [(model, types_when_built)] = built
+    assert model is engine.runner.model
+    assert module_types(model) == types_when_built
+
+
+def test_mixed_precision_layers_are_built_as_such():
+    config = TINY_CONFIGS["llama"](512)
+    model = llama.LlamaForCausalLM(
+        config, TorchAttention(), torch.float32, "cpu", kit=LayerKit(matmul_dtype=torch.bfloat16)
+    )  # before any weight is loaded
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert len(linears) == 4 * config.num_hidden_layers
+    assert all(type(m) is MixedPrecisionLinear and m.weight.dtype == torch.bfloat16 for m in linears)
+    assert type(model.lm_head) is LowPrecisionLMHead and model.lm_head.weight.dtype == torch.float32
+
+    plain = llama.LlamaForCausalLM(config, TorchAttention(), torch.float32, "cpu")
+    assert all(type(m) is Linear for m in plain.modules() if isinstance(m, Linear))
+    assert type(plain.lm_head) is LMHead
+
+
+def test_cuda_builds_fused_layers():
+    pytest.importorskip("triton")
+    from engine.kernels.fused_layers import FusedRMSNorm, FusedRotaryEmbedding, FusedSiluAndMul
+
+    kit = LayerKit.for_device(torch.device("cuda"))
+    assert kit.fused and kit.matmul_dtype is None
+    assert not LayerKit.for_device(torch.device("cpu")).fused
+    # built on the CPU: constructing needs no GPU
+    model = llama.LlamaForCausalLM(
+        TINY_CONFIGS["qwen3"](512), TorchAttention(), torch.float32, "cpu", kit=kit
+    )
+    kinds = {type(m) for m in model.modules()}
+    assert {FusedRMSNorm, FusedSiluAndMul, FusedRotaryEmbedding} <= kinds
+    assert not {RMSNorm, SiluAndMul, RotaryEmbedding} & kinds
