@@ -134,6 +134,8 @@ def test_pod_runs_with_its_ip_env_volumes_and_endpoints(
     (endpoint,) = wait_until(endpoints, "the Service's EndpointSlice", timeout_s=30)
     assert endpoint["addresses"] == [pod_ip] and endpoint["conditions"]["ready"] is True
     assert endpoint["targetRef"]["name"] == "web"
+    # `kubectl logs` reaches the agent through the API server, as it reaches a kubelet.
+    assert f"listening on {pod_ip}:8080" in k8s_cluster.kubectl("logs", "web", "-n", ns)
 
 
 def test_crash_loop_backs_off_with_the_last_log_lines_as_message(
@@ -179,6 +181,12 @@ def test_failed_liveness_probe_restarts_the_container(
     container = wait_until(restarted, "the liveness probe to kill the container", timeout_s=60)
     # The program exits 0 on SIGTERM: the kubelet's stop, not a crash of its own.
     assert container["lastState"]["terminated"]["exitCode"] == 0
+    wait_until(
+        lambda: get_pod(k8s_cluster, ns, "sick")["status"]["containerStatuses"][0]["restartCount"] >= 1,
+        "the restart",
+        timeout_s=30,
+    )
+    assert "SIGTERM" in k8s_cluster.kubectl("logs", "sick", "-n", ns, "--previous")
 
 
 def test_deletion_runs_pre_stop_then_sigterm_then_sigkill_after_the_grace_period(

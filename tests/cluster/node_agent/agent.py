@@ -12,8 +12,9 @@ from typing import Any
 
 import aiohttp
 
-from tests.cluster.node_agent.container_run import rfc3339
+from tests.cluster.node_agent.container_run import ContainerRun, rfc3339
 from tests.cluster.node_agent.kube import KubeApi, KubeError
+from tests.cluster.node_agent.kubelet_api import self_signed_tls, serve_kubelet_api
 from tests.cluster.node_agent.node import (
     LEASE_RENEW_S,
     STATUS_REPORT_S,
@@ -22,7 +23,7 @@ from tests.cluster.node_agent.node import (
     node_manifest,
     node_status,
 )
-from tests.cluster.node_agent.pod_network import PodAddresses, ensure_pod_network
+from tests.cluster.node_agent.pod_network import NODE_IP, PodAddresses, ensure_pod_network
 from tests.cluster.node_agent.pod_worker import PodWorker
 
 log = logging.getLogger("node-agent")
@@ -41,13 +42,18 @@ class NodeAgent:
         self.workers: dict[str, PodWorker] = {}  # by pod UID
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.node_uid = ""
+        self.workdir = workdir
+        self.kubelet_port = 0
 
     async def run(self) -> None:
         ensure_pod_network()
+        tls = self_signed_tls(self.workdir / "kubelet-tls", NODE_IP)
+        kubelet_api, self.kubelet_port = await serve_kubelet_api(NODE_IP, tls, self.container)
         await self.register()
         try:
             await asyncio.gather(self.heartbeat(), self.watch_pods())
         finally:
+            await kubelet_api.cleanup()
             for worker in self.workers.values():
                 for container in worker.containers:
                     container.kill_now()
@@ -61,11 +67,14 @@ class NodeAgent:
     async def register(self) -> None:
         path = f"/api/v1/nodes/{self.node_name}"
         try:
-            node = await self.api.create("/api/v1/nodes", node_manifest(self.node_name, rfc3339()))
+            manifest = node_manifest(self.node_name, rfc3339(), self.kubelet_port)
+            node = await self.api.create("/api/v1/nodes", manifest)
         except KubeError as error:
             if error.status != 409:
                 raise
-            node = await self.api.merge_patch(f"{path}/status", {"status": node_status(rfc3339())})
+            node = await self.api.merge_patch(
+                f"{path}/status", {"status": node_status(rfc3339(), self.kubelet_port)}
+            )
         self.node_uid = node["metadata"]["uid"]
         log.info("registered node %s", self.node_name)
 
@@ -92,6 +101,13 @@ class NodeAgent:
                 )
                 last_status = time.monotonic()
             await asyncio.sleep(LEASE_RENEW_S)
+
+    def container(self, namespace: str, pod: str, name: str) -> ContainerRun | None:
+        for worker in self.workers.values():
+            metadata = worker.pod["metadata"]
+            if (metadata["namespace"], metadata["name"]) == (namespace, pod):
+                return next((c for c in worker.containers if c.name == name), None)
+        return None
 
     # --- its pods --------------------------------------------------------------------------------
 

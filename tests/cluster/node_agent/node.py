@@ -51,7 +51,7 @@ def node_conditions(now: str) -> list[dict[str, Any]]:
     return [*conditions, {**ready, "lastHeartbeatTime": now, "lastTransitionTime": now}]
 
 
-def node_status(now: str) -> dict[str, Any]:
+def node_status(now: str, kubelet_port: int) -> dict[str, Any]:
     resources = {
         "cpu": str(os.cpu_count() or 1),
         "memory": str(_memory_bytes()),
@@ -63,10 +63,9 @@ def node_status(now: str) -> dict[str, Any]:
         "capacity": resources,
         "allocatable": resources,
         "conditions": node_conditions(now),
-        "addresses": [
-            {"type": "InternalIP", "address": NODE_IP},
-            {"type": "Hostname", "address": LOCAL_NODE_NAME},
-        ],
+        # No Hostname address: the API server would try it first (for `kubectl logs`) and no DNS knows it.
+        "addresses": [{"type": "InternalIP", "address": NODE_IP}],
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": kubelet_port}},
         "nodeInfo": {
             "architecture": "amd64" if platform.machine() == "x86_64" else platform.machine(),
             "operatingSystem": "linux",
@@ -82,8 +81,9 @@ def node_status(now: str) -> dict[str, Any]:
     }
 
 
-def node_manifest(name: str, now: str) -> dict[str, Any]:
-    arch = node_status(now)["nodeInfo"]["architecture"]
+def node_manifest(name: str, now: str, kubelet_port: int) -> dict[str, Any]:
+    status = node_status(now, kubelet_port)
+    arch = status["nodeInfo"]["architecture"]
     return {
         "apiVersion": "v1",
         "kind": "Node",
@@ -98,7 +98,7 @@ def node_manifest(name: str, now: str) -> dict[str, Any]:
             },
         },
         "spec": {"podCIDR": str(POD_NETWORK), "podCIDRs": [str(POD_NETWORK)], "taints": [LOCAL_NODE_TAINT]},
-        "status": node_status(now),
+        "status": status,
     }
 
 
