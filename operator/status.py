@@ -27,9 +27,9 @@ STUCK_WAITING_REASONS = {
 
 
 # Problems that are not the spec's fault and may go away by themselves (someone else's object is deleted,
-# a quota is raised, a webhook or RBAC is fixed): the operator retries with backoff, and the phase is
+# a quota is raised, a webhook or RBAC is fixed, a CRD is installed): the operator retries with backoff, and the phase is
 # Degraded rather than Failed.
-RETRIED_PROBLEMS = {"ChildConflict", "Forbidden"}
+RETRIED_PROBLEMS = {"ChildConflict", "Forbidden", "CRDNotInstalled"}
 
 
 @dataclass(frozen=True)
