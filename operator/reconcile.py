@@ -123,7 +123,7 @@ class Reconciler:
         for manifest in desired:
             applied = self._apply_child(owner, manifest)
             if isinstance(applied, Problem):
-                return applied, deployment  # children applied before it stay, and so does their status
+                return applied, None
             if manifest["kind"] == "Deployment":
                 deployment = applied  # the apply response carries the Deployment's status
         if prune:
