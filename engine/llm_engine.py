@@ -42,6 +42,8 @@ class RequestState:
     last_token_time: float | None = None
     pending_ids: list[int] = field(default_factory=list)  # sampled this step, not yet reported
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    # With params.prompt_logprobs: filled by position as prefill chunks run, sent with the first output.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class LLMEngine:
@@ -102,6 +104,7 @@ class LLMEngine:
             seq=seq,
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens),
             stop_strings=StopStringChecker(params.stop, params.include_stop_str_in_output),
+            prompt_logprobs=[None] * len(prompt_token_ids) if params.prompt_logprobs is not None else None,
         )
         self.scheduler.add(seq)
 
@@ -175,6 +178,8 @@ class LLMEngine:
             launched.trace["done"] = time.perf_counter()
             launched.trace["waited_ms"] = round((launched.trace["done"] - waiting) * 1e3, 3)
         now = time.monotonic()
+        if launched.prompt_logprobs is not None:  # before the tokens: the first output carries them
+            self._store_prompt_logprobs(launched)
         outputs: list[RequestOutput] = []
         for scheduled, index, token_id, logprob in zip(
             result.seqs, launched.placeholders, result.token_ids, result.logprobs, strict=True
@@ -186,6 +191,14 @@ class LLMEngine:
             outputs.append(self._accept_token(state, token_id, logprob, now))
         self.metrics.labels(self.metrics.generation_tokens).inc(len(outputs))
         return outputs
+
+    def _store_prompt_logprobs(self, launched: LaunchedStep) -> None:
+        assert launched.prompt_logprobs is not None
+        for span in launched.prompt_logprobs.result():
+            state = self.requests.get(span.request_id)
+            if state is not None and state.prompt_logprobs is not None:
+                end = span.first_token + len(span.entries)
+                state.prompt_logprobs[span.first_token : end] = span.entries
 
     def _accept_token(
         self, state: RequestState, token_id: int, logprob: TokenLogprob | None, now: float
@@ -245,8 +258,10 @@ class LLMEngine:
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=seq.num_output_tokens,
             num_cached_tokens=seq.num_cached_tokens,
+            prompt_logprobs=state.prompt_logprobs,
         )
         state.pending_ids, state.pending_logprobs = [], []
+        state.prompt_logprobs = None  # sent once, with the first output
         return out
 
     def _finish(

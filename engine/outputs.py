@@ -10,6 +10,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)  # best first; empty unless asked
+    rank: int | None = None  # the token's rank in the vocabulary (1 = best); set for prompt logprobs
 
 
 @dataclass
@@ -24,6 +25,8 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int  # total so far
     num_cached_tokens: int  # prompt tokens served from the prefix cache
+    # With params.prompt_logprobs, on the request's first output: one per prompt token, the first None.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 def merge_outputs(first: RequestOutput, later: RequestOutput) -> RequestOutput:
@@ -42,6 +45,7 @@ def merge_outputs(first: RequestOutput, later: RequestOutput) -> RequestOutput:
         num_prompt_tokens=later.num_prompt_tokens,
         num_output_tokens=later.num_output_tokens,
         num_cached_tokens=later.num_cached_tokens,
+        prompt_logprobs=first.prompt_logprobs if first.prompt_logprobs is not None else later.prompt_logprobs,
     )
 
 

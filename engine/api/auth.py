@@ -17,6 +17,19 @@ def _unauthorized(message: str) -> APIError:
     return APIError(401, message, type="invalid_request_error", code="invalid_api_key")
 
 
+def key_matches(token: str, expected: bytes) -> bool:
+    """Constant-time comparison: response timing must not reveal how much of the key matched.
+
+    Header values arrive decoded with surrogateescape, so a non-UTF-8 byte is a lone surrogate here;
+    encoding it back the same way gives the exact bytes sent, which simply don't match (401, not 500).
+    """
+    try:
+        sent = token.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a character no byte sequence could have produced
+        return False
+    return hmac.compare_digest(sent, expected)
+
+
 def auth_middleware(api_key: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
     expected = api_key.encode()
 
@@ -27,8 +40,7 @@ def auth_middleware(api_key: str) -> Callable[[web.Request, Handler], Awaitable[
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise _unauthorized("Missing API key: send it as 'Authorization: Bearer <key>'.")
-        # Constant-time comparison: response timing must not reveal how much of the key matched.
-        if not hmac.compare_digest(token.strip().encode(), expected):
+        if not key_matches(token.strip(), expected):
             raise _unauthorized("Incorrect API key provided.")
         return await handler(request)
 

@@ -9,8 +9,16 @@ from contextlib import aclosing
 from aiohttp import web
 
 from engine.api.body import parse_body
-from engine.api.generation import ChoiceResult, SubRequest, fan_out, merged_outputs, new_choices, usage
-from engine.api.logprobs import TokenTexts, chat_logprobs
+from engine.api.generation import (
+    ChoiceResult,
+    SubRequest,
+    fan_out,
+    merged_outputs,
+    new_choices,
+    pick_choices,
+    usage,
+)
+from engine.api.logprobs import TokenTexts, chat_logprobs, prompt_logprobs
 from engine.api.prompts import chat_prompt, resolve_max_tokens
 from engine.api.protocol import (
     ChatChoice,
@@ -44,13 +52,15 @@ class ChatChunks:
         self.head, self.body, self.texts = head, body, texts
         self.choices = new_choices(subs)
         self.started: set[int] = set()
+        self.continuous_usage = body.continuous_usage_in_stream
         # The per-token case (content only, not the last chunk), from a template per choice.
         self.content_events = PerChoiceTextEvents(
             lambda index, text: self._delta_chunk(index, text, None, None)
         )
 
     def _chunk(self, choice: ChatChunkChoice) -> ChatCompletionChunk:
-        return ChatCompletionChunk(**self.head, choices=[choice])
+        chunk_usage = usage(self.choices.values()) if self.continuous_usage else None
+        return ChatCompletionChunk(**self.head, choices=[choice], usage=chunk_usage)
 
     def _delta_chunk(
         self, index: int, content: str | None, logprobs: ChatChoiceLogprobs | None, out: RequestOutput | None
@@ -72,7 +82,7 @@ class ChatChunks:
             events.append(sse_event(self._chunk(role)))
         self.choices[sub.index].count(out)
         logprobs = _logprobs(self.body, self.texts, out.new_logprobs) if out.new_logprobs else None
-        if logprobs is None and not out.finished:
+        if logprobs is None and not out.finished and not self.continuous_usage:
             if out.new_text:  # else text held back (e.g. a possible stop string): nothing to say yet
                 events.append(self.content_events.event(sub.index, out.new_text))
         else:
@@ -82,7 +92,7 @@ class ChatChunks:
     def final(self) -> list[bytes]:
         if not self.body.include_usage_in_stream:
             return []
-        chunk = ChatCompletionChunk(**self.head, choices=[], usage=usage(self.choices, self.body.n))
+        chunk = ChatCompletionChunk(**self.head, choices=[], usage=usage(self.choices.values()))
         return [sse_event(chunk)]
 
 
@@ -114,7 +124,7 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     )
     budget = resolve_max_tokens(len(prompt.token_ids), body.output_limit, engine.max_model_len, "messages")
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    subs = fan_out(request_id, body, [prompt], [budget], body.num_logprobs)
+    subs = fan_out(request_id, body, [prompt], [budget], body.num_logprobs, body.prompt_logprobs)
     head = {"id": request_id, "created": int(time.time()), "model": model}
 
     async with aclosing(merged_outputs(engine, subs)) as outputs:
@@ -126,6 +136,9 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
         async for sub, out in outputs:
             results[sub.index].add(out)
 
-    choices = [_choice(results[s.index], body, state.token_texts) for s in subs]
-    response = ChatCompletionResponse(**head, choices=choices, usage=usage(results, body.n))
+    picked = pick_choices(subs, results, body.n)
+    choices = [_choice(result, body, state.token_texts) for _, result in picked]
+    response = ChatCompletionResponse(**head, choices=choices, usage=usage(results.values()))
+    if body.prompt_logprobs is not None:  # vLLM puts them on the response: the choices share the prompt
+        response.prompt_logprobs = prompt_logprobs(state.token_texts, results[subs[0].index].prompt_logprobs)
     return web.Response(text=response.model_dump_json(), content_type="application/json")

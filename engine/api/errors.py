@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -35,9 +36,37 @@ class APIError(Exception):
         return error_response(self.status, self.info)
 
 
+# What a client gets if even the error could not be rendered (it never should: see error_response).
+_LAST_RESORT = json.dumps(
+    {"error": {"message": "The request could not be processed.", "type": "invalid_request_error",
+               "param": None, "code": None}}
+)  # fmt: skip
+
+
+def safe_text(text: str) -> str:
+    """text with anything that is not valid Unicode (lone surrogates echoed from a request) replaced."""
+    return text if text.isascii() else text.encode("utf-8", "replace").decode("utf-8")
+
+
+def error_json(info: ErrorInfo, status: int = 400) -> str:
+    """OpenAI's error JSON. It must not fail on any input: the message may quote the request."""
+    try:
+        clean = info.model_copy(
+            update={
+                "message": safe_text(info.message),
+                "param": None if info.param is None else safe_text(info.param),
+                "code": safe_text(info.code) if isinstance(info.code, str) else info.code,
+            }
+        )
+        body = ErrorResponse(error=clean).model_dump_json()
+    except Exception:
+        log.exception("could not render an error response (status %d)", status)
+        body = _LAST_RESORT
+    return body
+
+
 def error_response(status: int, info: ErrorInfo) -> web.Response:
-    body = ErrorResponse(error=info).model_dump_json()
-    return web.Response(status=status, text=body, content_type="application/json")
+    return web.Response(status=status, text=error_json(info, status), content_type="application/json")
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -69,25 +98,46 @@ def internal_error() -> APIError:
     )
 
 
-def _field_path(loc: tuple[int | str, ...]) -> str:
+def field_path(loc: tuple[int | str, ...]) -> str:
     path = ""
     for part in loc:
         path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
     return path
 
 
+def _short_repr(value: object, limit: int = 100) -> str:
+    # A rejected field may be a megabyte long; the message quotes its head.
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def from_validation_error(exc: ValidationError) -> APIError:
-    """pydantic's errors as one readable sentence per field: `temperature: Input should be ... (got 3)`."""
+    """pydantic's errors as one readable sentence per field: `temperature: Input should be ... (got 3)`.
+
+    Whole-request checks (protocol.py raises them as PydanticCustomError with a `param` in their
+    context) name that field as `param`, and their error type becomes OpenAI's `code`.
+    """
     messages: list[str] = []
     first_param: str | None = None
+    code: str | None = None
     for err in exc.errors(include_url=False):
-        field = _field_path(err["loc"])
+        field = field_path(err["loc"])
+        named = (err.get("ctx") or {}).get("param")
+        if named and not field:
+            first_param = first_param or str(named)
+            if err["type"] != "value_error":
+                code = code or err["type"]
         first_param = first_param or field or None
         text = err["msg"].removeprefix("Value error, ")
-        if err["type"] not in ("missing", "value_error") and not isinstance(err.get("input"), dict | list):
-            text += f" (got {err.get('input')!r})"
+        input_value = err.get("input")
+        if (
+            err["type"] not in ("missing", "value_error")
+            and not named
+            and not isinstance(input_value, dict | list)
+        ):
+            text += f" (got {_short_repr(input_value)})"
         messages.append(f"{field}: {text}" if field else text)
-    return bad_request("; ".join(messages), param=first_param)
+    return bad_request("; ".join(messages), param=first_param, code=code)
 
 
 def from_engine_error(exc: Exception) -> APIError | None:

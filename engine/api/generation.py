@@ -1,4 +1,5 @@
-"""One API request becomes one engine request per choice (n per prompt); their outputs are merged here.
+"""One API request becomes one engine request per candidate (n, or best_of, per prompt); their outputs
+are merged here, and with best_of the n most likely candidates of each prompt become its choices.
 
 Leaving the merged stream early (client gone, handler cancelled, error) closes every engine stream,
 which aborts those requests in the engine and frees their KV blocks at once.
@@ -7,9 +8,9 @@ which aborts those requests in the engine and frees their KV blocks at once.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from engine.api.prompts import Prompt
 from engine.api.protocol import PromptTokensDetails, SamplingFields, UsageInfo
@@ -22,10 +23,11 @@ _INT64_MAX = 2**63 - 1
 
 @dataclass
 class SubRequest:
-    index: int  # the choice index in the response
+    index: int  # the choice index in the response (with best_of: the candidate's, until picked)
     request_id: str
     prompt: Prompt
     params: SamplingParams
+    prompt_index: int = 0  # which of the request's prompts
 
 
 @dataclass
@@ -34,8 +36,11 @@ class ChoiceResult:
 
     index: int
     num_prompt_tokens: int
+    prompt_index: int = 0
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    cumulative_logprob: float = 0.0  # of the output tokens: what best_of ranks by
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     finished: bool = False
@@ -44,7 +49,9 @@ class ChoiceResult:
 
     def add(self, out: RequestOutput) -> None:
         self.text += out.new_text
-        self.logprobs += out.new_logprobs or []
+        for lp in out.new_logprobs or []:
+            self.logprobs.append(lp)
+            self.cumulative_logprob += lp.logprob
         self.count(out)
 
     def count(self, out: RequestOutput) -> None:
@@ -52,12 +59,19 @@ class ChoiceResult:
         appending to a long text per token is quadratic)."""
         self.num_output_tokens = out.num_output_tokens
         self.num_cached_tokens = out.num_cached_tokens
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         if out.finished:
             self.finished, self.finish_reason, self.stop_reason = True, out.finish_reason, out.stop_reason
 
 
 def sampling_params(
-    request: SamplingFields, *, max_tokens: int, logprobs: int | None, choice: int
+    request: SamplingFields,
+    *,
+    max_tokens: int,
+    logprobs: int | None,
+    choice: int,
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     seed = request.seed
     if seed is not None and choice:
@@ -80,19 +94,22 @@ def sampling_params(
         include_stop_str_in_output=request.include_stop_str_in_output,
         ignore_eos=request.ignore_eos,
         logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
         skip_special_tokens=request.skip_special_tokens,
     )
 
 
 def new_choices(subs: list[SubRequest]) -> dict[int, ChoiceResult]:
-    return {s.index: ChoiceResult(s.index, len(s.prompt.token_ids)) for s in subs}
+    return {s.index: ChoiceResult(s.index, len(s.prompt.token_ids), s.prompt_index) for s in subs}
 
 
-def usage(choices: dict[int, ChoiceResult], n: int) -> UsageInfo:
-    # The n choices of one prompt share it: its tokens are counted once (choice indexes p*n .. p*n+n-1).
-    firsts = [c for c in choices.values() if c.index % n == 0]
+def usage(choices: Iterable[ChoiceResult]) -> UsageInfo:
+    """The choices of one prompt share it: its tokens are counted once. Every candidate's output counts
+    (with best_of, those not returned too: they were generated, as OpenAI bills them)."""
+    choices = list(choices)
+    firsts = list({c.prompt_index: c for c in reversed(choices)}.values())
     prompt_tokens = sum(c.num_prompt_tokens for c in firsts)
-    completion_tokens = sum(c.num_output_tokens for c in choices.values())
+    completion_tokens = sum(c.num_output_tokens for c in choices)
     return UsageInfo(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
@@ -141,13 +158,44 @@ async def merged_outputs(
 
 
 def fan_out(
-    base_id: str, request: SamplingFields, prompts: list[Prompt], max_tokens: list[int], logprobs: int | None
+    base_id: str,
+    request: SamplingFields,
+    prompts: list[Prompt],
+    max_tokens: list[int],
+    logprobs: int | None,
+    prompt_logprobs: int | None = None,
 ) -> list[SubRequest]:
-    """request.n sub-requests per prompt, ids `<base_id>-<choice index>`; max_tokens is per prompt."""
+    """request.num_candidates sub-requests per prompt, ids `<base_id>-<index>`; max_tokens is per prompt.
+
+    With best_of > n every candidate computes its tokens' logprobs (at least the sampled one's), which
+    best_of ranks by; the response shows them only if the request asked.
+    """
+    per_prompt = request.num_candidates
+    if per_prompt > request.n and logprobs is None:
+        logprobs = 0
     subs = []
     for p, (prompt, budget) in enumerate(zip(prompts, max_tokens, strict=True)):
-        for i in range(request.n):
-            index = p * request.n + i
-            params = sampling_params(request, max_tokens=budget, logprobs=logprobs, choice=i)
-            subs.append(SubRequest(index, f"{base_id}-{index}", prompt, params))
+        for i in range(per_prompt):
+            index = p * per_prompt + i
+            params = sampling_params(
+                request, max_tokens=budget, logprobs=logprobs, choice=i, prompt_logprobs=prompt_logprobs
+            )
+            subs.append(SubRequest(index, f"{base_id}-{index}", prompt, params, prompt_index=p))
     return subs
+
+
+def pick_choices(
+    subs: list[SubRequest], results: dict[int, ChoiceResult], n: int
+) -> list[tuple[SubRequest, ChoiceResult]]:
+    """The returned choices, in order: for each prompt its n candidates with the highest cumulative
+    logprob (all of them without best_of), renumbered p*n .. p*n+n-1."""
+    by_prompt: dict[int, list[SubRequest]] = {}
+    for sub in subs:
+        by_prompt.setdefault(sub.prompt_index, []).append(sub)
+    picked = []
+    for p, candidates in sorted(by_prompt.items()):
+        if len(candidates) > n:  # stable: ties keep the earlier candidate
+            candidates = sorted(candidates, key=lambda s: -results[s.index].cumulative_logprob)[:n]
+        for j, sub in enumerate(candidates):
+            picked.append((sub, replace(results[sub.index], index=p * n + j)))
+    return picked

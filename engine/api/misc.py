@@ -1,4 +1,4 @@
-"""Everything besides generation: /health, /metrics, /version, /v1/models, /tokenize, /detokenize."""
+"""Everything besides generation: /health, /metrics, /version, /v1/models[/{id}], /tokenize, /detokenize."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pydantic import BaseModel
 
 from engine import __version__
 from engine.api.body import read_json, validate
-from engine.api.errors import engine_dead, shutting_down
+from engine.api.errors import engine_dead, model_not_found, shutting_down
 from engine.api.prompts import chat_prompt, check_token_ids, encode_text
 from engine.api.protocol import (
     DetokenizeRequest,
@@ -45,18 +45,27 @@ async def version(request: web.Request) -> web.Response:
     return web.json_response({"version": __version__})
 
 
-async def list_models(request: web.Request) -> web.Response:
+def _model_card(request: web.Request, name: str) -> ModelCard:
     state = request.app[STATE]
-    cards = [
-        ModelCard(
-            id=name,
-            created=state.created,
-            root=state.model_root or state.model_name,
-            max_model_len=state.engine.max_model_len,
-        )
-        for name in state.model_names
-    ]
-    return _json(ModelList(data=cards))
+    return ModelCard(
+        id=name,
+        created=state.created,
+        root=state.model_root or state.model_name,
+        max_model_len=state.engine.max_model_len,
+    )
+
+
+async def list_models(request: web.Request) -> web.Response:
+    names = request.app[STATE].model_names
+    return _json(ModelList(data=[_model_card(request, name) for name in names]))
+
+
+async def retrieve_model(request: web.Request) -> web.Response:
+    """GET /v1/models/{id} (the SDK's models.retrieve); ids may contain '/', as HF names do."""
+    name = request.match_info["model"]
+    if name not in request.app[STATE].model_names:
+        raise model_not_found(name)
+    return _json(_model_card(request, name))
 
 
 async def tokenize(request: web.Request) -> web.Response:

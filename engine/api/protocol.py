@@ -10,6 +10,7 @@ import time
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic_core import PydanticCustomError
 
 FinishReason = Literal["stop", "length", "abort"]
 MAX_LOGPROBS = 20
@@ -19,6 +20,26 @@ MAX_LOGPROBS = 20
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: usage (so far) in every chunk
+
+
+# OpenAI fields this server does not implement: a request that sets one gets a 400 naming it, rather
+# than an answer that silently ignored what was asked.
+UNSUPPORTED_FIELDS: dict[str, str] = {
+    "functions": "use tools instead of the deprecated functions",
+    "function_call": "use tool_choice instead of the deprecated function_call",
+    "audio": "this server produces text only",
+    "prediction": "predicted outputs are not supported",
+    "web_search_options": "web search is not supported",
+}
+
+
+def _unsupported_field_error(name: str, why: str) -> PydanticCustomError:
+    return PydanticCustomError(
+        "unsupported_parameter",
+        "Unsupported parameter: '{name}' is not supported by this server ({why}).",
+        {"name": name, "why": why, "param": name},
+    )
 
 
 class SamplingFields(BaseModel):
@@ -37,8 +58,15 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    user: str | None = None  # accepted; OpenAI uses it for abuse monitoring, we have no use for it
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = (
+        Field(default=None, max_length=16)
+    )  # accepted, as OpenAI's (up to 16 pairs); nothing is stored
+    # OpenAI's legacy completions field; vLLM's extension to chat. best_of candidates, the n with the
+    # highest cumulative logprob returned.
+    best_of: int | None = Field(default=None, ge=1, le=128)
     # vLLM extras
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # per prompt token, first None
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0)
@@ -67,19 +95,74 @@ class SamplingFields(BaseModel):
             raise ValueError("logit_bias is not supported")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, why in UNSUPPORTED_FIELDS.items():
+                if data.get(name) is not None:
+                    raise _unsupported_field_error(name, why)
+            modalities = data.get("modalities")
+            if modalities is not None and modalities != ["text"]:
+                raise _unsupported_field_error("modalities", "this server produces text only")
+        return data
+
     @model_validator(mode="after")
     def _check_stream_options(self) -> SamplingFields:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
+        if self.best_of is not None:
+            if self.best_of < self.n:
+                raise PydanticCustomError(
+                    "value_error",
+                    "best_of must be greater than or equal to n (got best_of={best_of}, n={n})",
+                    {"best_of": self.best_of, "n": self.n, "param": "best_of"},
+                )
+            if self.stream and self.best_of > self.n:
+                raise PydanticCustomError(
+                    "value_error",
+                    "best_of cannot be used with stream: the best candidates are known only at the end",
+                    {"param": "best_of"},
+                )
+        if self.stream and self.prompt_logprobs is not None:  # as vLLM: they'd have no chunk to go in
+            raise PydanticCustomError(
+                "value_error",
+                "prompt_logprobs are not available when stream is true",
+                {"param": "prompt_logprobs"},
+            )
         return self
+
+    @property
+    def num_candidates(self) -> int:
+        """Sequences generated per prompt: best_of when given, else n."""
+        return self.best_of or self.n
 
     @property
     def include_usage_in_stream(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    @property
+    def continuous_usage_in_stream(self) -> bool:
+        return self.stream_options is not None and self.stream_options.continuous_usage_stats
+
 
 def _is_token_ids(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def _check_one_token_limit(data: Any) -> Any:
+    # OpenAI's own answer when a client sends both names (LangChain sometimes does).
+    if (
+        isinstance(data, dict)
+        and data.get("max_tokens") is not None
+        and data.get("max_completion_tokens") is not None
+    ):
+        raise PydanticCustomError(
+            "invalid_parameter_combination",
+            "Setting 'max_tokens' and 'max_completion_tokens' at the same time is not supported.",
+            {"param": "max_tokens"},
+        )
+    return data
 
 
 # ---------------------------------------------------------------- requests: completions
@@ -88,6 +171,7 @@ def _is_token_ids(value: Any) -> bool:
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
+    max_completion_tokens: int | None = Field(default=None, ge=1)  # the newer name, as in chat
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
@@ -117,13 +201,28 @@ class CompletionRequest(SamplingFields):
             raise ValueError("suffix is not supported")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_token_limit(cls, data: Any) -> Any:
+        return _check_one_token_limit(data)
+
     @model_validator(mode="after")
     def _check_lengths(self) -> CompletionRequest:
-        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+        limit = self.output_limit
+        if limit is not None and self.min_tokens > limit:
             raise ValueError("min_tokens must be less than or equal to max_tokens")
-        if self.echo and self.logprobs is not None:
-            raise ValueError("echo together with logprobs is not supported (no prompt logprobs)")
         return self
+
+    @property
+    def output_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        """Prompt logprobs to compute: prompt_logprobs, or logprobs when echo returns the prompt."""
+        if self.prompt_logprobs is not None:
+            return self.prompt_logprobs
+        return self.logprobs if self.echo else None
 
 
 # ---------------------------------------------------------------- requests: chat
@@ -177,6 +276,11 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_token_limit(cls, data: Any) -> Any:
+        return _check_one_token_limit(data)
 
     @model_validator(mode="after")
     def _check_chat_fields(self) -> ChatCompletionRequest:
@@ -289,12 +393,21 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's entry in `prompt_logprobs`, keyed by token id."""
+
+    logprob: float
+    rank: int | None = None  # 1 = the model's most likely token there
+    decoded_token: str
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None  # vLLM extra: the stop string / token that ended it
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None  # vLLM extra, when asked
 
 
 class CompletionResponse(BaseModel):
@@ -358,6 +471,7 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str | None = None
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None  # vLLM extra, when asked
 
 
 class DeltaMessage(BaseModel):

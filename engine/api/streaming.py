@@ -11,9 +11,8 @@ from aiohttp import web
 from pydantic import BaseModel
 from pydantic_core import to_json
 
-from engine.api.errors import from_engine_error, internal_error
+from engine.api.errors import error_json, from_engine_error, internal_error
 from engine.api.generation import SubRequest
-from engine.api.protocol import ErrorResponse
 from engine.outputs import RequestOutput
 
 log = logging.getLogger(__name__)
@@ -99,7 +98,7 @@ async def stream_sse(
             if mapped is None:
                 log.exception("error while streaming %s", request_id)
                 mapped = internal_error()
-            await response.write(sse_event(ErrorResponse(error=mapped.info)))
+            await response.write(b"data: " + error_json(mapped.info, mapped.status).encode() + b"\n\n")
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
     except ConnectionResetError:

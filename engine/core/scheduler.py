@@ -101,7 +101,9 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.has_placeholder:  # preempted with a token in flight: recompute once it is known
                 break
-            prefix_blocks = self.kv.match_prefix(seq) if seq.num_computed_tokens == 0 else []
+            # A request for prompt logprobs needs every prompt token computed: no prefix cache for it.
+            use_cache = seq.num_computed_tokens == 0 and seq.params.prompt_logprobs is None
+            prefix_blocks = self.kv.match_prefix(seq) if use_cache else []
             num_cached = len(prefix_blocks) * self.kv.block_size
             num_new = min(seq.num_tokens - num_cached, budget)
             if not self.kv.allocate(seq, num_new, prefix_blocks):

@@ -14,6 +14,7 @@ from engine.device_copy import to_device
 from engine.model.attention import AttentionMetadata
 from engine.model.cuda_graphs import DecodeCudaGraphs
 from engine.model.input_staging import InputStaging
+from engine.model.prompt_logprobs import PendingPromptLogprobs, launch_prompt_logprobs
 from engine.outputs import TokenLogprob
 from engine.sampling.sampler import PendingSample, Sampler, SamplingRow, seeded_generator
 
@@ -49,6 +50,7 @@ class LaunchedStep:
         # Some sequence's sampling reads its token list (penalties): its next step needs this one's tokens.
         self.reads_token_lists = reads_token_lists
         self.placeholders: list[int | None] = []  # where each token goes in its sequence (set by the engine)
+        self.prompt_logprobs: PendingPromptLogprobs | None = None  # for requests that asked (rare)
         self.trace: dict | None = None  # this step's StepTrace row, when tracing
 
     def result(self) -> StepResult:
@@ -274,6 +276,9 @@ class ModelRunner:
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
         step = self._sample(batch, hidden, meta, eos_token_ids)
+        step.prompt_logprobs = launch_prompt_logprobs(
+            batch, hidden, meta.query_lens_cpu, meta.num_decodes, self.model.compute_logits
+        )
         step.num_decodes, step.num_tokens, step.graphed = meta.num_decodes, int(input_ids.shape[0]), graphed
         return step
 

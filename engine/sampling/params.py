@@ -24,6 +24,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives; 0 = only the sampled token's logprob
+    prompt_logprobs: int | None = None  # the same for each prompt token (skips the prefix cache)
     skip_special_tokens: bool = True
     detokenize: bool = True  # offline callers that want token ids only skip the text (and stop strings)
     structured: StructuredOutputSpec | None = None  # grammar-constrained output (engine/structured/)

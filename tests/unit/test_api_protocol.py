@@ -36,12 +36,37 @@ def test_completion_defaults_follow_openai() -> None:
     assert (params.temperature, params.top_p, params.top_k, params.seed) == (1.0, 1.0, 0, None)
 
 
-def test_chat_max_completion_tokens_wins_over_max_tokens() -> None:
-    req = ChatCompletionRequest.model_validate(
-        {"messages": USER, "max_tokens": 5, "max_completion_tokens": 9}
-    )
+def test_max_completion_tokens_is_the_output_limit() -> None:
+    req = ChatCompletionRequest.model_validate({"messages": USER, "max_completion_tokens": 9})
     assert req.output_limit == 9
     assert ChatCompletionRequest.model_validate({"messages": USER}).output_limit is None
+    assert CompletionRequest.model_validate({"prompt": "x", "max_completion_tokens": 7}).output_limit == 7
+    assert CompletionRequest.model_validate({"prompt": "x"}).output_limit == 16
+
+
+@pytest.mark.parametrize("model", [CompletionRequest, ChatCompletionRequest])
+def test_max_tokens_and_max_completion_tokens_together_is_openais_400(model: type) -> None:
+    data = {"prompt": "x", "messages": USER, "max_tokens": 5, "max_completion_tokens": 9}
+    with pytest.raises(ValidationError) as info:
+        model.model_validate(data)
+    error = from_validation_error(info.value)
+    assert error.info.message == (
+        "Setting 'max_tokens' and 'max_completion_tokens' at the same time is not supported."
+    )
+    assert (error.info.param, error.info.code) == ("max_tokens", "invalid_parameter_combination")
+
+
+def test_echo_with_logprobs_asks_for_prompt_logprobs() -> None:
+    req = CompletionRequest.model_validate({"prompt": "hi", "echo": True, "logprobs": 2})
+    assert req.num_prompt_logprobs == 2
+    assert CompletionRequest.model_validate({"prompt": "hi", "logprobs": 2}).num_prompt_logprobs is None
+    assert CompletionRequest.model_validate({"prompt": "hi", "prompt_logprobs": 0}).num_prompt_logprobs == 0
+
+
+def test_user_metadata_and_seed_are_accepted() -> None:
+    data = {"user": "u-1", "metadata": {"team": "a"}, "seed": 7}
+    assert CompletionRequest.model_validate({"prompt": "hi", **data}).seed == 7
+    assert ChatCompletionRequest.model_validate({"messages": USER, **data}).metadata == {"team": "a"}
 
 
 @pytest.mark.parametrize(
@@ -66,7 +91,13 @@ def test_chat_max_completion_tokens_wins_over_max_tokens() -> None:
             {"prompt": "hi", "max_tokens": 2, "min_tokens": 3},
             "min_tokens must be less than or equal to max_tokens",
         ),
-        ({"prompt": "hi", "echo": True, "logprobs": 1}, "echo together with logprobs is not supported"),
+        ({"prompt": "hi", "n": 3, "best_of": 2}, "best_of must be greater than or equal to n"),
+        ({"prompt": "hi", "best_of": 2, "stream": True}, "best_of cannot be used with stream"),
+        ({"prompt": "hi", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs are not available"),
+        ({"prompt": "hi", "prompt_logprobs": 21}, "prompt_logprobs: Input should be less than or equal"),
+        ({"prompt": "hi", "metadata": {"k": "v" * 513}}, "metadata.k: String should have at most 512"),
+        ({"prompt": "hi", "functions": [{"name": "f"}]}, "Unsupported parameter: 'functions'"),
+        ({"prompt": "hi", "modalities": ["text", "audio"]}, "Unsupported parameter: 'modalities'"),
         ({"prompt": "hi", "logit_bias": {"1": 2}}, "logit_bias: logit_bias is not supported"),
         (
             {"prompt": "hi", "stream_options": {"include_usage": True}},

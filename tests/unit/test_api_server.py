@@ -651,6 +651,39 @@ async def test_served_model_aliases(engine: FakeEngine) -> None:
         await client.close()
 
 
+async def test_models_retrieve_hf_style_names(engine: FakeEngine) -> None:
+    client = await serve(build_app(engine, served_model_names=["org/model-1b", "alias"]))
+    try:
+        sdk = AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="unused", max_retries=0)
+        card = await sdk.models.retrieve("org/model-1b")
+        assert (card.id, card.object) == ("org/model-1b", "model")
+        assert (await sdk.models.retrieve("alias")).id == "alias"
+        with pytest.raises(NotFoundError) as info:
+            await sdk.models.retrieve("org/other")
+        assert info.value.code == "model_not_found" and info.value.param == "model"
+    finally:
+        await client.close()
+
+
+async def test_every_route_but_probes_and_scrapes_needs_the_key(engine: FakeEngine) -> None:
+    app = build_app(engine, api_key="s3cret")
+    client = await serve(app)
+    checked = set()
+    try:
+        for route in app.router.routes():
+            path = route.resource.canonical.replace("{model}", MODEL) if route.resource else ""
+            if route.method == "HEAD" or path in ("/health", "/metrics", "/version"):
+                continue
+            for headers in ({}, {"Authorization": "Bearer s3cre"}, {"Authorization": "Bearer s3cret\u00e9"}):
+                resp = await client.request(route.method, path, json={}, headers=headers)
+                status, err = await error_of(resp)
+                assert status == 401 and err["code"] == "invalid_api_key", (route.method, path, headers)
+            checked.add(path)
+        assert {"/v1/completions", "/v1/chat/completions", "/v1/models", f"/v1/models/{MODEL}"} <= checked
+    finally:
+        await client.close()
+
+
 async def test_tokenize_and_detokenize(client: TestClient, tokenizer) -> None:
     body = await (
         await client.post("/tokenize", json={"prompt": "hello world", "return_token_strs": True})

@@ -142,7 +142,7 @@ def reference_completion_events(
         )
         events.append(sse_event(CompletionChunk(**HEAD, choices=[choice])))
     if body.include_usage_in_stream:
-        events.append(sse_event(CompletionChunk(**HEAD, choices=[], usage=usage(results, body.n))))
+        events.append(sse_event(CompletionChunk(**HEAD, choices=[], usage=usage(results.values()))))
     return events
 
 
@@ -171,7 +171,7 @@ def reference_chat_events(
             )
             events.append(sse_event(ChatCompletionChunk(**HEAD, choices=[choice])))
     if body.include_usage_in_stream:
-        events.append(sse_event(ChatCompletionChunk(**HEAD, choices=[], usage=usage(results, body.n))))
+        events.append(sse_event(ChatCompletionChunk(**HEAD, choices=[], usage=usage(results.values()))))
     return events
 
 
