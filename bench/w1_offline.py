@@ -168,7 +168,7 @@ class StepTimer:
         self.rows: list[dict] = []
         self._current: dict = {}
         for obj, name in ((engine, "step"), (engine.scheduler, "schedule"), (engine.runner, "launch"),
-                          (engine.runner, "build_metadata"), (engine, "_handle_tokens")):  # fmt: skip
+                          (engine.runner, "build_metadata"), (engine.pipeline, "_read")):  # fmt: skip
             setattr(obj, name, self._timed(getattr(obj, name), name))
         self._restore = PendingSample.result
         PendingSample.result = self._timed(PendingSample.result, "wait")
@@ -205,7 +205,7 @@ class StepTimer:
             out[label] = {"steps": len(rows), "seconds": total(rows, "step"), "schedule_s": total(rows, "schedule"),
                           "build_inputs_s": total(rows, "build_metadata"),
                           "launch_rest_s": total(rows, "launch") - total(rows, "build_metadata"),
-                          "handle_tokens_s": total(rows, "_handle_tokens"),
+                          "handle_tokens_s": total(rows, "_read"),
                           "of_which_wait_for_gpu_s": total(rows, "wait")}  # fmt: skip
         out["steps_with_prefill_detail"] = [
             {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in other_rows[:40]

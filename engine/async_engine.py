@@ -9,7 +9,7 @@ Contract used by the HTTP layer (engine/api/):
     engine.max_model_len: int
     engine.metrics: EngineMetrics
     engine.is_healthy() -> bool
-    async for out in engine.generate(request_id, prompt_token_ids, sampling_params):
+    async for out in engine.generate(request_id, prompt_token_ids, sampling_params, cache_salt=None):
         ...                                 # RequestOutput deltas; the last has finished=True
         # leaving the loop early (client gone, task cancelled) aborts the request and frees its blocks
     engine.abort(request_id)
@@ -26,13 +26,41 @@ import queue
 import threading
 from collections import deque
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from engine.config import EngineConfig
 from engine.metrics import EngineMetrics
 from engine.outputs import EngineDeadError, QueueFullError, RequestOutput, merge_outputs
 from engine.sampling.params import SamplingParams
 
+if TYPE_CHECKING:  # imported on the engine thread (torch is heavy; the CLI must start without it)
+    from engine.llm_engine import LLMEngine
+
 log = logging.getLogger(__name__)
+
+
+# Messages from the event loop to the engine thread.
+@dataclass(frozen=True, slots=True)
+class AddRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    cache_salt: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AbortRequest:
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Wake:
+    """Nothing to do: wakes an idle loop so it sees that it is stopping."""
+
+
+InboxMessage = AddRequest | AbortRequest | Wake
 
 
 class _OutputStream:
@@ -69,43 +97,44 @@ class _OutputStream:
 class AsyncEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[InboxMessage] = queue.SimpleQueue()
         self._streams: dict[str, _OutputStream] = {}
         # Requests submitted but not yet taken in by the loop: each counter has a single writer thread.
         self._num_submitted = 0
         self._num_taken = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the event loop outputs are delivered to
+        self._started = threading.Event()  # start() (or shutdown()) was called: the loop may run
         self._stopping = threading.Event()
-        self._dead: BaseException | None = None
-        # The engine thread loads the model itself and then runs the loop: all torch work stays on one
+        self._dead: BaseException | None = None  # what crashed the loop
+        # The engine thread builds the engine itself and then runs the loop: all torch work stays on one
         # thread. (CPU matmuls ran ~35% slower when the model was loaded on one thread and run on
         # another: two OpenMP thread pools then compete for the cores.)
-        self._ready = threading.Event()
-        self._started = threading.Event()
-        self._load_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._load_and_run, name="engine-loop", daemon=True)
+        built: Future[LLMEngine] = Future()
+        self._thread = threading.Thread(
+            target=self._build_and_run, args=(built,), name="engine-loop", daemon=True
+        )
         self._thread.start()
-        self._ready.wait()
-        if self._load_error is not None:
-            raise self._load_error
-        self.served_model_name = config.served_model_name or self.engine.loaded.name
-        self.tokenizer = self.engine.tokenizer
-        self.max_model_len = self.engine.max_model_len
+        self.engine: LLMEngine = built.result()  # a load error is raised here, in the caller's thread
+        self.metrics: EngineMetrics = self.engine.metrics
+        self.served_model_name: str = config.served_model_name or self.engine.loaded.name
+        self.tokenizer: Any = self.engine.tokenizer
+        self.max_model_len: int = self.engine.max_model_len
 
-    def _load_and_run(self) -> None:
+    def _build_engine(self) -> LLMEngine:
+        """Runs on the engine thread."""
         from engine.llm_engine import LLMEngine
         from engine.model.loader import load_model
 
+        return LLMEngine(self.config, load_model(self.config))
+
+    def _build_and_run(self, built: Future[LLMEngine]) -> None:
         try:
-            loaded = load_model(self.config)
-            self.metrics = EngineMetrics(self.config.served_model_name or loaded.name)
-            self.engine = LLMEngine(self.config, loaded, self.metrics)
+            engine = self._build_engine()
         except BaseException as exc:  # handed to the constructor, which raises it in the caller's thread
-            self._load_error = exc
+            built.set_exception(exc)
             return
-        finally:
-            self._ready.set()
-        self._started.wait()
+        built.set_result(engine)
+        self._started.wait()  # by then the constructor has returned: self.engine is set
         self._run_loop()
 
     async def start(self) -> None:
@@ -120,7 +149,11 @@ class AsyncEngine:
         return len(self._streams)
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         if self._dead is not None:
             raise EngineDeadError(f"the engine loop stopped: {self._dead}")
@@ -129,7 +162,7 @@ class AsyncEngine:
         stream = _OutputStream(asyncio.get_running_loop())
         self._streams[request_id] = stream
         self._num_submitted += 1
-        self._inbox.put(("add", (request_id, prompt_token_ids, params)))
+        self._inbox.put(AddRequest(request_id, prompt_token_ids, params, cache_salt))
         finished = False
         try:
             while True:
@@ -150,10 +183,10 @@ class AsyncEngine:
         finally:
             self._streams.pop(request_id, None)
             if not finished:  # client went away or the task was cancelled: free its blocks now
-                self._inbox.put(("abort", request_id))
+                self._inbox.put(AbortRequest(request_id))
 
     def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
+        self._inbox.put(AbortRequest(request_id))
 
     async def shutdown(self, timeout: float | None = None) -> None:
         """Let in-flight requests finish (up to timeout seconds), then stop the loop."""
@@ -163,7 +196,7 @@ class AsyncEngine:
             await asyncio.sleep(0.05)
         self._stopping.set()
         self._started.set()  # a loop that never started must still see the stop
-        self._inbox.put(("wake", None))
+        self._inbox.put(Wake())
         await asyncio.to_thread(self._thread.join, 10)
 
     # --- the engine loop thread --------------------------------------------------------------
@@ -187,23 +220,24 @@ class AsyncEngine:
 
     def _drain_inbox(self, block: bool) -> None:
         try:
-            kind, payload = self._inbox.get(block=block)
+            message = self._inbox.get(block=block)
         except queue.Empty:
             return
         while True:
-            self._handle(kind, payload)
+            self._handle(message)
             try:
-                kind, payload = self._inbox.get_nowait()
+                message = self._inbox.get_nowait()
             except queue.Empty:
                 return
 
-    def _handle(self, kind: str, payload: object) -> None:
-        if kind == "add":
-            request_id, prompt, params = payload  # type: ignore[misc]
+    def _handle(self, message: InboxMessage) -> None:
+        if isinstance(message, AddRequest):
             self._num_taken += 1
-            self.engine.add_request(request_id, prompt, params)
-        elif kind == "abort":
-            out = self.engine.abort_request(payload)  # type: ignore[arg-type]
+            self.engine.add_request(
+                message.request_id, message.prompt_token_ids, message.params, message.cache_salt
+            )
+        elif isinstance(message, AbortRequest):
+            out = self.engine.abort_request(message.request_id)
             if out is not None:  # a stream still listening (abort() called directly) gets its end
                 self._deliver([out])
 

@@ -30,6 +30,7 @@ def byte_size(text: str) -> int:
 
 def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     a = serve.add_argument
+    default = EngineConfig.default  # every engine default is EngineConfig's
     a("model_arg", nargs="?", metavar="MODEL", help="same as --model (as in `vllm serve MODEL`)")
     a(
         "--model",
@@ -49,39 +50,56 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     a(
         "--dtype",
         choices=["auto", "float32", "float16", "bfloat16"],
-        default="auto",
+        default=default("dtype"),
         help="auto: bfloat16 (float16 for float16 checkpoints) on GPUs; on CPUs with AMX / AVX512-BF16, "
         "float32 with bfloat16 matmuls and KV cache; float32 on other CPUs",
     )
-    a("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    a("--device", choices=["auto", "cpu", "cuda"], default=default("device"))
     a(
         "--tensor-parallel-size",
         "-tp",
         type=int,
-        default=1,
+        default=default("tensor_parallel_size"),
         help="GPUs (ranks) each holding 1/N of every layer; one worker process per rank",
     )
     a("--max-model-len", type=int)
-    a("--max-num-seqs", type=int, help="sequences batched at once (default: 1024 on a GPU, 256 on the CPU)")
-    a("--max-num-batched-tokens", type=int)
-    a("--block-size", type=int, default=16)
-    a("--gpu-memory-utilization", type=float, default=0.9)
+    a(
+        "--max-num-seqs",
+        type=int,
+        help=f"sequences batched at once (default: {EngineConfig.per_device_default('max_num_seqs')})",
+    )
+    a(
+        "--max-num-batched-tokens",
+        type=int,
+        help=f"tokens computed in one step (default: {EngineConfig.per_device_default('max_num_batched_tokens')})",
+    )
+    a("--block-size", type=int, default=default("block_size"))
+    a("--gpu-memory-utilization", type=float, default=default("gpu_memory_utilization"))
     a(
         "--kv-cache-memory",
         type=byte_size,
         help="KV cache size (bytes, or 4GiB); overrides utilization sizing",
     )
     a("--num-gpu-blocks-override", type=int, help="force the KV cache to this many blocks (testing)")
-    a("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    a(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=default("enable_prefix_caching"),
+    )
     a("--enforce-eager", action="store_true", help="no CUDA graphs")
     a(
         "--async-scheduling",
         action=argparse.BooleanOptionalAction,
-        default=None,
+        default=default("async_scheduling"),
         help="build the next step while the GPU runs this one (default: on with CUDA)",
     )
-    a("--max-queue", type=int, default=1024, help="waiting requests beyond this are answered 429")
-    a("--seed", type=int, default=0)
+    a(
+        "--max-queue",
+        type=int,
+        default=default("max_queue"),
+        help="waiting requests beyond this are answered 429",
+    )
+    a("--seed", type=int, default=default("seed"))
     a(
         "--api-key",
         default=os.environ.get("KUBELLM_API_KEY") or os.environ.get("VLLM_API_KEY"),
@@ -95,8 +113,8 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     a(
         "--shutdown-timeout",
         type=float,
-        default=30.0,
-        help="seconds to let in-flight requests finish on SIGTERM",
+        default=EngineConfig.DEFAULT_SHUTDOWN_TIMEOUT_S,
+        help=f"seconds to let in-flight requests finish on SIGTERM (default: {EngineConfig.DEFAULT_SHUTDOWN_TIMEOUT_S:g})",
     )
     a(
         "--log-level",

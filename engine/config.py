@@ -1,13 +1,27 @@
-"""Engine configuration: one validated object built from the CLI (or tests)."""
+"""Engine configuration: one validated object built from the CLI (or tests).
+
+Every default lives here once. Those that depend on the device (a GPU batches far more than a CPU)
+are None on the object and resolved by the `*_on(device)` methods; the CLI's help text, the operator
+(kubellm_operator imports this module: it must stay free of torch) and the docs read them from here.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, Field
 
+DeviceType = Literal["cuda", "cpu"]
+
 
 class EngineConfig(BaseModel):
+    # vLLM's defaults for its OpenAI server on H100-class GPUs, and on the CPU.
+    DEFAULT_MAX_NUM_SEQS: ClassVar[dict[DeviceType, int]] = {"cuda": 1024, "cpu": 256}
+    DEFAULT_MAX_NUM_BATCHED_TOKENS: ClassVar[dict[DeviceType, int]] = {"cuda": 8192, "cpu": 2048}
+    # Seconds in-flight requests may take to finish on SIGTERM (`kubellm serve --shutdown-timeout`):
+    # Kubernetes' default grace period. The operator sizes terminationGracePeriodSeconds from it.
+    DEFAULT_SHUTDOWN_TIMEOUT_S: ClassVar[float] = 30.0
+
     model: str | None = None  # None = the embedded SmolLM2-135M-Instruct
     served_model_name: str | None = None  # defaults to the model's own name
     tokenizer: str | None = None
@@ -15,9 +29,8 @@ class EngineConfig(BaseModel):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_model_len: int | None = Field(default=None, ge=16)
-    # None: 1024 on a GPU, 256 on the CPU (vLLM's defaults for its OpenAI server on H100-class GPUs / CPU).
-    max_num_seqs: int | None = Field(default=None, ge=1)
-    max_num_batched_tokens: int | None = Field(default=None, ge=16)
+    max_num_seqs: int | None = Field(default=None, ge=1)  # None: DEFAULT_MAX_NUM_SEQS[device]
+    max_num_batched_tokens: int | None = Field(default=None, ge=16)  # None: ..._BATCHED_TOKENS[device]
     block_size: int = Field(default=16, ge=1)
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
     kv_cache_memory: int | None = Field(default=None, ge=0)  # bytes; overrides utilization sizing
@@ -32,3 +45,26 @@ class EngineConfig(BaseModel):
     max_queue: int = Field(default=1024, ge=1)  # waiting requests beyond this get 429
     seed: int = 0
     trust_remote_code: bool = False
+
+    def max_num_seqs_on(self, device: DeviceType) -> int:
+        return self.max_num_seqs or self.DEFAULT_MAX_NUM_SEQS[device]
+
+    def max_num_batched_tokens_on(self, device: DeviceType) -> int:
+        return self.max_num_batched_tokens or self.DEFAULT_MAX_NUM_BATCHED_TOKENS[device]
+
+    def async_scheduling_on(self, device: DeviceType) -> bool:
+        return device == "cuda" if self.async_scheduling is None else self.async_scheduling
+
+    @classmethod
+    def default(cls, field: str) -> object:
+        """A field's default, for the CLI's own defaults and help."""
+        return cls.model_fields[field].default
+
+    @classmethod
+    def per_device_default(cls, field: Literal["max_num_seqs", "max_num_batched_tokens"]) -> str:
+        """A device-dependent default in words ("1024 on a GPU, 256 on the CPU"), for help and docs."""
+        defaults = {
+            "max_num_seqs": cls.DEFAULT_MAX_NUM_SEQS,
+            "max_num_batched_tokens": cls.DEFAULT_MAX_NUM_BATCHED_TOKENS,
+        }[field]
+        return f"{defaults['cuda']} on a GPU, {defaults['cpu']} on the CPU"

@@ -1,11 +1,9 @@
 """LLMEngine: the synchronous heart. Owns the model runner, the scheduler and per-request state;
 each `step()` schedules one batch, runs it, and turns sampled tokens into RequestOutput deltas.
 
-With async scheduling (the CUDA default) a step queues its batch on the GPU and then handles the
-*previous* step's tokens while the GPU works, so the host's share of a step (scheduling, building
-inputs, stop checks, detokenization) overlaps the device's instead of adding to it. Sequences carry a
-placeholder for the token in flight; stop conditions are seen one step late, and the one extra token a
-finished sequence may have computed is dropped.
+How steps are launched and read, async scheduling included (the CUDA default: the next step is queued
+on the GPU before this one's tokens are read), is engine/core/step_pipeline.py's business; this file
+turns each token read into what the client sees (stop checks, detokenization, metrics).
 
 It is driven by one thread (AsyncEngine's loop); nothing here is thread-safe by itself.
 """
@@ -20,6 +18,7 @@ from engine.config import EngineConfig
 from engine.core.kv_cache_manager import KVCacheManager
 from engine.core.scheduler import Scheduler, SchedulerOutput
 from engine.core.sequence import Sequence
+from engine.core.step_pipeline import StepPipeline
 from engine.detokenizer import IncrementalDetokenizer
 from engine.metrics import EngineMetrics
 from engine.model.kv_cache_sizing import choose_num_blocks
@@ -65,21 +64,29 @@ class LLMEngine:
             loaded.device,
             config.block_size,
         )
-        on_gpu = loaded.device.type == "cuda"
-        max_batched = config.max_num_batched_tokens or (8192 if on_gpu else 2048)
-        max_num_seqs = config.max_num_seqs or (1024 if on_gpu else 256)
+        device = loaded.device.type
+        max_batched = config.max_num_batched_tokens_on(device)
+        max_num_seqs = config.max_num_seqs_on(device)
         num_blocks = choose_num_blocks(config, self.runner, self.max_model_len, max_batched, max_num_seqs)
         self.runner.allocate_kv_cache(num_blocks)
-        if on_gpu:
+        if device == "cuda":
             if not config.enforce_eager:
                 self.runner.capture_cuda_graphs(max_num_seqs, self.max_model_len)
             self.runner.warm_up()
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, max_num_seqs, max_batched, self.max_model_len)
         self.requests: dict[str, RequestState] = {}
-        self.async_scheduling = on_gpu if config.async_scheduling is None else config.async_scheduling
-        self._in_flight: LaunchedStep | None = None  # launched, tokens not yet handled (async only)
+        self.async_scheduling = config.async_scheduling_on(device)
         self.trace = StepTrace.from_env()
+        self.pipeline = StepPipeline(
+            self.scheduler,
+            self.runner,
+            self.eos_token_ids,
+            self.async_scheduling,
+            self._accept_token,
+            self._store_prompt_logprobs,
+            self.trace,
+        )
         m = self.metrics
         m.labels(m.kv_cache_blocks_total).set(num_blocks)
         m.set_cache_config(
@@ -96,10 +103,17 @@ class LLMEngine:
 
     # --- requests in and out ---------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        cache_salt: str | None = None,
+    ) -> None:
+        """cache_salt: prefix-cache blocks are shared only between requests with the same salt (vLLM's)."""
         if request_id in self.requests:
             raise ValueError(f"duplicate request id {request_id!r}")
-        seq = Sequence(request_id, prompt_token_ids, params)
+        seq = Sequence(request_id, prompt_token_ids, params, cache_salt)
         self.requests[request_id] = RequestState(
             seq=seq,
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens),
@@ -115,7 +129,7 @@ class LLMEngine:
         return self._finish(state, "abort", None, "")
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or self._in_flight is not None
+        return self.scheduler.has_unfinished() or self.pipeline.has_in_flight
 
     @property
     def num_waiting(self) -> int:
@@ -140,59 +154,14 @@ class LLMEngine:
     # --- one step ----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        outputs: list[RequestOutput] = []
-        previous, self._in_flight = self._in_flight, None
-        if previous is not None and previous.reads_token_lists:
-            # Penalties count every output token: the one in flight must be known before building.
-            outputs += self._handle_tokens(previous)
-            previous = None
-        sched = self.scheduler.schedule()
+        sched, outputs = self.pipeline.step()
         self._record_schedule(sched)
-        launched = None
-        if not sched.is_empty:
-            started = time.perf_counter()
-            launched = self.runner.launch(sched.scheduled, self.eos_token_ids, previous)
-            if self.trace is not None:
-                launched.trace = self.trace.launched(
-                    launched.num_decodes, launched.num_tokens, launched.graphed, started
-                )
-        if previous is not None:  # the GPU is busy with `launched` meanwhile
-            outputs += self._handle_tokens(previous)
-        if launched is not None:
-            self.scheduler.update_after_step(sched)
-            launched.placeholders = [
-                None if s.seq.is_finished else s.seq.append_placeholder() for s in launched.seqs
-            ]
-            if self.async_scheduling:
-                self._in_flight = launched
-            else:
-                outputs += self._handle_tokens(launched)
+        self.metrics.labels(self.metrics.generation_tokens).inc(len(outputs))  # one output per token read
         self._update_gauges()
         return outputs
 
-    def _handle_tokens(self, launched: LaunchedStep) -> list[RequestOutput]:
-        """Wait for a launched step's tokens and put them in their sequences' placeholders."""
-        waiting = time.perf_counter() if launched.trace is not None else 0.0
-        result = launched.result()
-        if launched.trace is not None:
-            launched.trace["done"] = time.perf_counter()
-            launched.trace["waited_ms"] = round((launched.trace["done"] - waiting) * 1e3, 3)
-        now = time.monotonic()
-        if launched.prompt_logprobs is not None:  # before the tokens: the first output carries them
-            self._store_prompt_logprobs(launched)
-        outputs: list[RequestOutput] = []
-        for scheduled, index, token_id, logprob in zip(
-            result.seqs, launched.placeholders, result.token_ids, result.logprobs, strict=True
-        ):
-            state = self.requests.get(scheduled.seq.request_id)
-            if index is None or state is None or state.seq is not scheduled.seq:
-                continue  # finished or aborted while the step ran: its extra token is dropped
-            scheduled.seq.set_token(index, token_id)
-            outputs.append(self._accept_token(state, token_id, logprob, now))
-        self.metrics.labels(self.metrics.generation_tokens).inc(len(outputs))
-        return outputs
-
     def _store_prompt_logprobs(self, launched: LaunchedStep) -> None:
+        """A step's prompt logprobs (requests that asked), read before its tokens: the first output carries them."""
         assert launched.prompt_logprobs is not None
         for span in launched.prompt_logprobs.result():
             state = self.requests.get(span.request_id)
@@ -201,10 +170,10 @@ class LLMEngine:
                 state.prompt_logprobs[span.first_token : end] = span.entries
 
     def _accept_token(
-        self, state: RequestState, token_id: int, logprob: TokenLogprob | None, now: float
+        self, seq: Sequence, token_id: int, logprob: TokenLogprob | None, now: float
     ) -> RequestOutput:
         """The sequence's newest token is `token_id` (already in place): report it, check stops."""
-        seq, params, m = state.seq, state.seq.params, self.metrics
+        state, params, m = self.requests[seq.request_id], seq.params, self.metrics
         if state.first_token_time is None:
             state.first_token_time = now
             m.labels(m.time_to_first_token).observe(now - seq.arrival_time)
@@ -268,9 +237,7 @@ class LLMEngine:
         self, state: RequestState, reason: str, stop_reason: int | str | None, text: str
     ) -> RequestOutput:
         seq, m = state.seq, self.metrics
-        if seq.has_placeholder:  # aborted with a token in flight: it will never be delivered or counted
-            seq.token_ids.pop()
-        self.scheduler.finish(seq)
+        self.scheduler.finish(seq)  # a token still in flight will be dropped when its step is read
         self.runner.release(seq.request_id)
         del self.requests[seq.request_id]
         m.request_success.labels(model_name=m.model_name, finished_reason=reason).inc()

@@ -9,12 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from engine.config import EngineConfig  # torch-free: the engine's defaults, for the operator too
 from kubellm_operator import names
 from kubellm_operator.spec import EMBEDDED_MODEL_NAME, ModelDeploymentSpec, ModelSource
 
 ENGINE_COMMAND = ["kubellm", "serve"]
 API_KEY_ENV = "KUBELLM_API_KEY"  # `kubellm serve` reads its --api-key default from here
-ENGINE_SHUTDOWN_TIMEOUT_S = 30.0  # `kubellm serve --shutdown-timeout` default: the drain on SIGTERM
+ENGINE_SHUTDOWN_TIMEOUT_S = EngineConfig.DEFAULT_SHUTDOWN_TIMEOUT_S  # the engine's drain on SIGTERM
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from engine.config import EngineConfig  # torch-free: the engine's defaults are quoted from it
+
 DEFAULT_ENGINE_IMAGE = "ghcr.io/kubellm/engine:0.1.0"
 DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"  # set by NVIDIA GPU feature discovery
@@ -109,7 +111,8 @@ class EngineSpec(SpecModel):
     max_num_seqs: int | None = Field(
         None,
         ge=1,
-        description="--max-num-seqs: sequences batched at once. Unset: the engine's default (1024 on a GPU, 256 on the CPU).",
+        description="--max-num-seqs: sequences batched at once. Unset: the engine's default "
+        f"({EngineConfig.per_device_default('max_num_seqs')}).",
     )
     max_num_batched_tokens: int | None = Field(
         None, ge=16, description="--max-num-batched-tokens: token budget of one step. Unset: engine default."

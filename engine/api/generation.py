@@ -28,6 +28,7 @@ class SubRequest:
     prompt: Prompt
     params: SamplingParams
     prompt_index: int = 0  # which of the request's prompts
+    cache_salt: str | None = None
 
 
 @dataclass
@@ -118,13 +119,17 @@ def usage(choices: Iterable[ChoiceResult]) -> UsageInfo:
     )
 
 
+def _generate(engine: ServingEngine, sub: SubRequest) -> AsyncIterator[RequestOutput]:
+    return engine.generate(sub.request_id, sub.prompt.token_ids, sub.params, cache_salt=sub.cache_salt)
+
+
 async def merged_outputs(
     engine: ServingEngine, subs: list[SubRequest]
 ) -> AsyncIterator[tuple[SubRequest, RequestOutput]]:
     """Outputs of all sub-requests as they arrive. Use inside `aclosing(...)` so an early exit aborts."""
     if len(subs) == 1:  # the common case needs no tasks
         sub = subs[0]
-        async with aclosing(engine.generate(sub.request_id, sub.prompt.token_ids, sub.params)) as stream:
+        async with aclosing(_generate(engine, sub)) as stream:
             async for out in stream:
                 yield sub, out
         return
@@ -133,7 +138,7 @@ async def merged_outputs(
 
     async def pump(sub: SubRequest) -> None:
         try:
-            async with aclosing(engine.generate(sub.request_id, sub.prompt.token_ids, sub.params)) as stream:
+            async with aclosing(_generate(engine, sub)) as stream:
                 async for out in stream:
                     queue.put_nowait((sub, out))
             queue.put_nowait((sub, None))
@@ -180,7 +185,11 @@ def fan_out(
             params = sampling_params(
                 request, max_tokens=budget, logprobs=logprobs, choice=i, prompt_logprobs=prompt_logprobs
             )
-            subs.append(SubRequest(index, f"{base_id}-{index}", prompt, params, prompt_index=p))
+            subs.append(
+                SubRequest(
+                    index, f"{base_id}-{index}", prompt, params, prompt_index=p, cache_salt=request.cache_salt
+                )
+            )
     return subs
 
 

@@ -32,7 +32,7 @@ class ServeOptions:
     port: int = 8000
     api_key: str | None = None
     served_model_names: list[str] | None = None
-    shutdown_timeout: float = 30.0  # Kubernetes' default grace period is 30 s
+    shutdown_timeout: float = EngineConfig.DEFAULT_SHUTDOWN_TIMEOUT_S
     trust_request_chat_template: bool = False
 
 

@@ -62,7 +62,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def retrieve_model(request: web.Request) -> web.Response:
     """GET /v1/models/{id} (the SDK's models.retrieve); ids may contain '/', as HF names do."""
-    name = request.match_info["model"]
+    name = request.match_info["id"]
     if name not in request.app[STATE].model_names:
         raise model_not_found(name)
     return _json(_model_card(request, name))

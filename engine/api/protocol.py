@@ -75,6 +75,8 @@ class SamplingFields(BaseModel):
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None  # a negative id would index from the end
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # Prefix-cache isolation (vLLM's): requests share cached prompt blocks only when their salts are equal.
+    cache_salt: str | None = Field(default=None, min_length=1)
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -54,7 +54,7 @@ def build_app(
     app.router.add_get("/metrics", misc.metrics)
     app.router.add_get("/version", misc.version)
     app.router.add_get("/v1/models", misc.list_models)
-    app.router.add_get("/v1/models/{model:.+}", misc.retrieve_model)
+    app.router.add_get("/v1/models/{id:.+}", misc.retrieve_model)
     app.router.add_post("/tokenize", misc.tokenize)
     app.router.add_post("/detokenize", misc.detokenize)
     app.router.add_post("/v1/completions", completions.create_completion)

@@ -1,22 +1,31 @@
 """The pool of KV cache blocks: reference counts, free list, and the prefix-cache index.
 
-A block whose ref count drops to zero goes to the back of the free queue but keeps its hash, so a
+A block whose ref count drops to zero goes to the back of the free queue but stays cached, so a
 later request with the same prefix can take it back; allocation evicts from the front (least
 recently freed), which is LRU eviction of cached prefixes.
+
+The index maps a block's key (engine/core/block_hash.py) to the block, and each cached block keeps
+what its key was computed from (its parent's key and its token ids): a lookup is a hit only when those
+compare equal too, so a hash collision costs a recomputation, never another request's K/V.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 
+from engine.core.block_hash import BlockHash
+
+BlockContent = tuple[BlockHash, tuple[int, ...]]  # (parent block's key, the block's token ids)
+
 
 class BlockPool:
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         self.ref_counts: list[int] = [0] * num_blocks
-        self.block_hash: list[int | None] = [None] * num_blocks
+        self.block_hash: list[BlockHash | None] = [None] * num_blocks  # set while the block is cached
+        self.block_content: list[BlockContent | None] = [None] * num_blocks  # what that key stands for
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.cached: dict[BlockHash, int] = {}  # block key -> block id
 
     @property
     def num_free(self) -> int:
@@ -33,11 +42,16 @@ class BlockPool:
             if self.cached.get(old_hash) == block_id:
                 del self.cached[old_hash]
             self.block_hash[block_id] = None
+            self.block_content[block_id] = None
         self.ref_counts[block_id] = 1
         return block_id
 
-    def lookup(self, block_hash: int) -> int | None:
-        return self.cached.get(block_hash)
+    def lookup(self, block_hash: BlockHash, parent: BlockHash, tokens: tuple[int, ...]) -> int | None:
+        """The cached block computed from exactly `tokens` after the prefix keyed `parent`, if any."""
+        block_id = self.cached.get(block_hash)
+        if block_id is None or self.block_content[block_id] != (parent, tokens):
+            return None
+        return block_id
 
     def touch(self, block_id: int) -> None:
         """Take one more reference to a (possibly free but still cached) block."""
@@ -51,13 +65,11 @@ class BlockPool:
         if self.ref_counts[block_id] == 0:
             self.free_queue[block_id] = None
 
-    def register_hash(self, block_id: int, block_hash: int) -> None:
-        """Make a full block findable by its prefix hash (first writer wins)."""
+    def register(
+        self, block_id: int, block_hash: BlockHash, parent: BlockHash, tokens: tuple[int, ...]
+    ) -> None:
+        """Make a full block findable by its key (first writer wins)."""
         if self.block_hash[block_id] is None and block_hash not in self.cached:
             self.block_hash[block_id] = block_hash
+            self.block_content[block_id] = (parent, tokens)
             self.cached[block_hash] = block_id
-
-    def reset_prefix_cache(self) -> None:
-        for block_id in range(self.num_blocks):
-            self.block_hash[block_id] = None
-        self.cached.clear()

@@ -1,18 +1,30 @@
-"""Per-sequence block tables over the shared BlockPool, with prefix caching by chained block hashes.
+"""Per-sequence block tables over the shared BlockPool, with prefix caching by chained block keys.
 
-A full block's hash covers its own tokens and, through its parent's hash, every token before it,
-so equal hashes mean equal prefixes and the block's K/V can be shared.
+A full block's key covers its own tokens and, through its parent's key, every token before it (and
+the request's cache_salt), so equal keys mean equal prefixes and the block's K/V can be shared. Only
+tokens whose ids are known are ever hashed, and only computed ones are published
+(`Sequence.num_cacheable_tokens`).
 """
 
 from __future__ import annotations
 
+from engine.core.block_hash import chain_hash, root_hash
 from engine.core.block_pool import BlockPool
 from engine.core.sequence import Sequence
 
 
-def chain_hash(parent_hash: int | None, tokens: list[int]) -> int:
-    # Python's hash of a tuple of ints is deterministic (no per-process salt for ints).
-    return hash((parent_hash, tuple(tokens)))
+class PrefixHit:
+    """What `match_prefix` found: the scheduler reads how many tokens it covers and hands it back to
+    `allocate`; the blocks themselves stay the cache manager's business."""
+
+    __slots__ = ("_blocks", "num_tokens")
+
+    def __init__(self, blocks: list[int], block_size: int) -> None:
+        self._blocks = blocks
+        self.num_tokens = len(blocks) * block_size
+
+
+NO_PREFIX_HIT = PrefixHit([], 0)
 
 
 class KVCacheManager:
@@ -29,34 +41,40 @@ class KVCacheManager:
     def usage(self) -> float:
         return self.pool.usage
 
-    def _update_hashes(self, seq: Sequence, upto_tokens: int) -> None:
-        """Extend seq.block_hashes to cover every full block within its first upto_tokens tokens."""
-        bs = self.block_size
-        while (len(seq.block_hashes) + 1) * bs <= upto_tokens:
-            i = len(seq.block_hashes)
-            parent = seq.block_hashes[-1] if seq.block_hashes else None
-            seq.block_hashes.append(chain_hash(parent, seq.token_ids[i * bs : (i + 1) * bs]))
+    def _hash_blocks(self, seq: Sequence, upto_tokens: int) -> None:
+        """Extend seq.block_hashes over every full block within its first upto_tokens tokens. token_ids
+        holds known ids only (tokens in flight are counted, not stored), so nothing else can be hashed."""
+        bs, hashes, tokens = self.block_size, seq.block_hashes, seq.token_ids
+        parent = hashes[-1] if hashes else root_hash(seq.cache_salt)
+        for i in range(len(hashes), min(upto_tokens, len(tokens)) // bs):
+            parent = chain_hash(parent, tokens[i * bs : (i + 1) * bs])
+            hashes.append(parent)
 
-    def match_prefix(self, seq: Sequence) -> list[int]:
+    def match_prefix(self, seq: Sequence) -> PrefixHit:
         """Cached blocks holding this sequence's longest known prefix. At least one token is left
         to compute, because the model must still produce logits for the last prompt position."""
         if not self.enable_prefix_caching:
-            return []
-        self._update_hashes(seq, seq.num_tokens - 1)
+            return NO_PREFIX_HIT
+        bs, tokens = self.block_size, seq.token_ids
+        num_blocks = (seq.num_tokens - 1) // bs
+        self._hash_blocks(seq, num_blocks * bs)
         hits: list[int] = []
-        for block_hash in seq.block_hashes:
-            block_id = self.pool.lookup(block_hash)
+        parent = root_hash(seq.cache_salt)
+        for i, block_hash in enumerate(seq.block_hashes[:num_blocks]):
+            block_id = self.pool.lookup(block_hash, parent, tuple(tokens[i * bs : (i + 1) * bs]))
             if block_id is None:
                 break
             hits.append(block_id)
-        return hits
+            parent = block_hash
+        return PrefixHit(hits, bs) if hits else NO_PREFIX_HIT
 
-    def allocate(self, seq: Sequence, num_new_tokens: int, prefix_blocks: list[int] | None = None) -> bool:
-        """Give seq room for num_new_tokens more tokens (after taking prefix_blocks from the cache).
+    def allocate(self, seq: Sequence, num_new_tokens: int, prefix: PrefixHit = NO_PREFIX_HIT) -> bool:
+        """Give seq room for num_new_tokens more tokens (after taking the prefix hit's blocks).
         Returns False, changing nothing, when the pool is short."""
         # Every decode step of every sequence comes here (no prefix, usually no new block): keep it short.
-        num_prefix = len(prefix_blocks) if prefix_blocks else 0
-        total = seq.num_computed_tokens + num_prefix * self.block_size + num_new_tokens
+        prefix_blocks = prefix._blocks
+        num_prefix = len(prefix_blocks)
+        total = seq.num_computed_tokens + prefix.num_tokens + num_new_tokens
         needed = -(-total // self.block_size) - len(seq.block_table) - num_prefix
         if prefix_blocks:
             # Prefix hits that sit in the free queue are not free for us: taking them removes them from it.
@@ -66,7 +84,7 @@ class KVCacheManager:
             for block_id in prefix_blocks:
                 self.pool.touch(block_id)
             seq.block_table.extend(prefix_blocks)
-            seq.num_computed_tokens += num_prefix * self.block_size
+            seq.num_computed_tokens += prefix.num_tokens
         elif needed > self.pool.num_free:
             return False
         if needed > 0:
@@ -74,15 +92,20 @@ class KVCacheManager:
         return True
 
     def cache_full_blocks(self, seq: Sequence) -> None:
-        """After a step, publish the blocks that became full so later requests can share them."""
+        """Publish the blocks that became full of computed, known tokens so later requests can share
+        them. Idempotent: called after each step and again when a token in flight becomes known."""
         if not self.enable_prefix_caching:
             return
-        num_full = seq.num_computed_tokens // self.block_size
+        num_full = seq.num_cacheable_tokens // self.block_size
         if num_full <= seq.num_registered_blocks:
             return
-        self._update_hashes(seq, seq.num_computed_tokens)
-        for i in range(seq.num_registered_blocks, num_full):
-            self.pool.register_hash(seq.block_table[i], seq.block_hashes[i])
+        bs, hashes, tokens = self.block_size, seq.block_hashes, seq.token_ids
+        self._hash_blocks(seq, num_full * bs)
+        first = seq.num_registered_blocks
+        parent = hashes[first - 1] if first else root_hash(seq.cache_salt)
+        for i in range(first, num_full):
+            self.pool.register(seq.block_table[i], hashes[i], parent, tuple(tokens[i * bs : (i + 1) * bs]))
+            parent = hashes[i]
         seq.num_registered_blocks = num_full
 
     def free(self, seq: Sequence) -> None:

@@ -7,9 +7,9 @@ Policy, top to bottom in `schedule`:
 2. Then waiting sequences, FIFO, while the token budget, `max_num_seqs` and free blocks allow,
    each taking what it can of the prefix cache first. Nothing is admitted in a step that preempted.
 
-With async scheduling a running sequence may end in a placeholder (a token the GPU sampled in the
-step still in flight). It decodes like any other, unless that token is certain to be its last
-(max_tokens or max_model_len reached): then it sits out until the engine finishes it.
+With async scheduling a running sequence may have a token in flight (sampled by the step still
+running, counted in `num_output_placeholders`). It decodes like any other, unless that token is
+certain to be its last: then it sits out (engine/core/step_pipeline.py has every such rule).
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.core.kv_cache_manager import KVCacheManager
+from engine.core.kv_cache_manager import NO_PREFIX_HIT, KVCacheManager
 from engine.core.sequence import Sequence, SequenceStatus
+from engine.core.step_pipeline import in_flight_token_is_last
 
 
 @dataclass
@@ -84,7 +85,11 @@ class Scheduler:
 
         for seq in list(self.running):
             # status is WAITING for a sequence preempted earlier in this loop
-            if seq.status is not SequenceStatus.RUNNING or budget == 0 or self._ends_with_pending(seq):
+            if (
+                seq.status is not SequenceStatus.RUNNING
+                or budget == 0
+                or in_flight_token_is_last(seq, self.max_model_len)
+            ):
                 continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.kv.allocate(seq, num_new):
@@ -99,14 +104,14 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             seq = self.waiting[0]
-            if seq.has_placeholder:  # preempted with a token in flight: recompute once it is known
+            if seq.num_output_placeholders:  # preempted with a token in flight: recompute once it is known
                 break
             # A request for prompt logprobs needs every prompt token computed: no prefix cache for it.
             use_cache = seq.num_computed_tokens == 0 and seq.params.prompt_logprobs is None
-            prefix_blocks = self.kv.match_prefix(seq) if use_cache else []
-            num_cached = len(prefix_blocks) * self.kv.block_size
+            hit = self.kv.match_prefix(seq) if use_cache else NO_PREFIX_HIT
+            num_cached = hit.num_tokens
             num_new = min(seq.num_tokens - num_cached, budget)
-            if not self.kv.allocate(seq, num_new, prefix_blocks):
+            if not self.kv.allocate(seq, num_new, hit):
                 break
             self.waiting.popleft()
             if not seq.admitted:  # count a prompt once, not again after a preemption
@@ -123,13 +128,6 @@ class Scheduler:
         out.scheduled.sort(key=lambda s: s.num_new_tokens != 1 or not s.completes_prompt)
         return out
 
-    def _ends_with_pending(self, seq: Sequence) -> bool:
-        """The token in flight is certain to finish this sequence: computing past it is wasted work."""
-        if not seq.has_placeholder:
-            return False
-        at_end = self.max_model_len is not None and seq.num_tokens >= self.max_model_len
-        return at_end or seq.num_output_tokens >= seq.params.max_tokens
-
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.kv.free(seq)
@@ -137,12 +135,17 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def update_after_step(self, out: SchedulerOutput) -> None:
-        """The model ran: the scheduled tokens are now in the cache."""
+        """The step is launched: the scheduled tokens are (as far as the next step is concerned) in the cache."""
         for s in out.scheduled:
-            if s.seq.is_finished:  # finished (or aborted) while the step ran: its blocks are gone
+            if s.seq.is_finished:  # finished (or aborted) since it was scheduled: its blocks are gone
                 continue
             s.seq.num_computed_tokens += s.num_new_tokens
             self.kv.cache_full_blocks(s.seq)
+
+    def append_token(self, seq: Sequence, token_id: int) -> None:
+        """A sampled token's id is known: it joins the sequence, and blocks it completes are published."""
+        seq.append_token(token_id)
+        self.kv.cache_full_blocks(seq)
 
     def finish(self, seq: Sequence) -> None:
         """Finished or aborted: its blocks go back to the pool at once."""

@@ -7,10 +7,6 @@ import time
 
 from engine.sampling.params import SamplingParams
 
-# Stands in for a token the GPU has sampled but the host has not read yet (async scheduling): it
-# counts towards the sequence's length, so the next step can be scheduled before the token is known.
-PLACEHOLDER_TOKEN = -1
-
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
@@ -19,26 +15,44 @@ class SequenceStatus(enum.Enum):
 
 
 class Sequence:
-    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        cache_salt: str | None = None,
+    ) -> None:
         self.request_id = request_id
         self.params = params
+        self.cache_salt = cache_salt  # requests share prefix-cache blocks only with the same salt
         self.status = SequenceStatus.WAITING
-        self.token_ids: list[int] = list(prompt_token_ids)  # prompt followed by output
+        self.token_ids: list[int] = list(prompt_token_ids)  # prompt, then every output token read so far
         self.num_prompt_tokens = len(prompt_token_ids)
+        # Tokens sampled on the device whose ids the host has not read yet (async scheduling): they count
+        # towards the length the scheduler sees, but are never in token_ids (engine/core/step_pipeline.py).
+        self.num_output_placeholders = 0
         self.num_computed_tokens = 0  # tokens whose K/V are already in the cache
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first schedule
         self.admitted = False  # scheduled at least once (prompt stats are counted then, not after preemption)
         self.block_table: list[int] = []
-        self.block_hashes: list[int] = []  # chained hashes of this sequence's full blocks, in order
+        self.block_hashes: list[bytes] = []  # chained keys of this sequence's full blocks, in order
         self.num_registered_blocks = 0  # leading blocks already published to the prefix cache
         self.arrival_time = time.monotonic()
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Its length as the scheduler sees it: known tokens and those still in flight."""
+        return len(self.token_ids) + self.num_output_placeholders
+
+    @property
+    def num_cacheable_tokens(self) -> int:
+        """Leading tokens that may be hashed and shared: their K/V are computed *and* their ids are known
+        (a token in flight may already be computed, as the input of the step after the one sampling it)."""
+        return min(self.num_computed_tokens, len(self.token_ids))
 
     @property
     def num_output_tokens(self) -> int:
+        """Output tokens read so far (what usage reports); tokens in flight are not counted."""
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
@@ -56,20 +70,9 @@ class Sequence:
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
 
-    def append_placeholder(self) -> int:
-        """Reserve the next token's place; returns its index, for `set_token` once it is known."""
-        self.token_ids.append(PLACEHOLDER_TOKEN)
-        return len(self.token_ids) - 1
-
-    def set_token(self, index: int, token_id: int) -> None:
-        self.token_ids[index] = token_id
-
-    @property
-    def has_placeholder(self) -> bool:
-        return bool(self.token_ids) and self.token_ids[-1] == PLACEHOLDER_TOKEN
-
     def __repr__(self) -> str:
         return (
             f"Sequence({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
-            f"computed={self.num_computed_tokens}, blocks={len(self.block_table)})"
+            f"in_flight={self.num_output_placeholders}, computed={self.num_computed_tokens}, "
+            f"blocks={len(self.block_table)})"
         )

@@ -9,7 +9,6 @@ import numpy as np
 import torch
 
 from engine.core.scheduler import ScheduledSeq
-from engine.core.sequence import PLACEHOLDER_TOKEN
 from engine.device_copy import to_device
 from engine.model.attention import AttentionMetadata
 from engine.model.cuda_graphs import DecodeCudaGraphs
@@ -33,13 +32,11 @@ class StepResult:
 class LaunchedStep:
     """A step queued on the device: its sampled tokens exist there before the host has them.
 
-    The next step may already be built from it: a sequence whose newest token is still a placeholder
+    The next step may already be built from it: a sequence whose newest token is still in flight
     reads that token from `sample.token_ids` on the device (row `row_of[request_id]`).
     """
 
-    def __init__(
-        self, seqs: list[ScheduledSeq], sample: PendingSample, reads_token_lists: bool = False
-    ) -> None:
+    def __init__(self, seqs: list[ScheduledSeq], sample: PendingSample) -> None:
         self.seqs = seqs
         self.sample = sample
         # The step's shape, for the step trace: decodes, tokens in all, whether a CUDA graph ran it.
@@ -47,9 +44,6 @@ class LaunchedStep:
         self.num_tokens = 0
         self.graphed = False
         self.row_of = {s.seq.request_id: i for i, s in enumerate(seqs)}
-        # Some sequence's sampling reads its token list (penalties): its next step needs this one's tokens.
-        self.reads_token_lists = reads_token_lists
-        self.placeholders: list[int | None] = []  # where each token goes in its sequence (set by the engine)
         self.prompt_logprobs: PendingPromptLogprobs | None = None  # for requests that asked (rare)
         self.trace: dict | None = None  # this step's StepTrace row, when tracing
 
@@ -192,9 +186,9 @@ class ModelRunner:
     def build_metadata(
         self, batch: list[ScheduledSeq], previous: LaunchedStep | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """The step's flat inputs on the device. A decode whose input token is still a placeholder (it
-        was sampled by `previous`, which the host has not seen yet) takes it from previous's device
-        tensor, so building this step never waits for the last one."""
+        """The step's flat inputs on the device. A decode whose input token is still in flight (sampled
+        by `previous`, which the host has not read yet: it is past the end of token_ids) takes it from
+        previous's device tensor, so building this step never waits for the last one."""
         # Per-token arrays are computed with numpy from per-sequence values: this runs every step for
         # hundreds of sequences, so Python loops over tokens would cost more than the GPU's work.
         bs = self.block_size
@@ -204,19 +198,25 @@ class ModelRunner:
         num_decodes = 0
         while num_decodes < len(batch) and query_lens[num_decodes] == 1:
             num_decodes += 1
-        input_ids: list[int] = [
-            s.seq.token_ids[start] for s, start in zip(batch[:num_decodes], starts, strict=False)
-        ]
+        input_ids: list[int] = []
         fed_rows: list[int] = []  # decode rows whose input is previous's sampled token
         fed_from: list[int] = []
-        if previous is not None:
-            for i in range(num_decodes):
-                if input_ids[i] == PLACEHOLDER_TOKEN:
-                    fed_rows.append(i)
-                    fed_from.append(previous.row_of[batch[i].seq.request_id])
+        for i in range(num_decodes):
+            tokens, start = batch[i].seq.token_ids, starts[i]
+            if start < len(tokens):
+                input_ids.append(tokens[start])
+                continue
+            row = previous.row_of.get(batch[i].seq.request_id) if previous is not None else None
+            if row is None:
+                raise RuntimeError(f"{batch[i].seq!r}: its input token was never sampled")
+            input_ids.append(0)  # overwritten on the device
+            fed_rows.append(i)
+            fed_from.append(row)
         for s, start, n in zip(
             batch[num_decodes:], starts[num_decodes:], query_lens[num_decodes:], strict=True
         ):
+            if start + n > len(s.seq.token_ids):  # only a decode's input may be in flight
+                raise RuntimeError(f"{s.seq!r}: a prefill chunk reaches past its known tokens")
             input_ids.extend(s.seq.token_ids[start : start + n])
 
         q_lens = np.asarray(query_lens, dtype=np.int64)
@@ -232,8 +232,6 @@ class ModelRunner:
             tables[i, : len(s.seq.block_table)] = s.seq.block_table
         slots = tables[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
 
-        if input_ids.count(PLACEHOLDER_TOKEN) != len(fed_rows):
-            raise RuntimeError("a step's input holds a token that was never sampled")
         arrays = [slots, qsl.astype(np.int32), np.asarray(seq_lens, dtype=np.int32), tables,
                   np.asarray(input_ids, dtype=np.int64), positions]  # fmt: skip
         if fed_rows:
@@ -305,5 +303,4 @@ class ModelRunner:
             last_hidden = hidden.index_select(0, rows_idx)
         logits = self.model.compute_logits(last_hidden)
         rows = [self._sampling_row(s.seq, eos_token_ids) for s in done]
-        reads = any(r.params.needs_penalties for r in rows)
-        return LaunchedStep(done, self.sampler.sample(logits, rows), reads)
+        return LaunchedStep(done, self.sampler.sample(logits, rows))

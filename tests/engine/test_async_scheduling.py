@@ -2,7 +2,7 @@
 the same tokens, text, finish reasons and logprobs as the synchronous engine, under chunked prefill,
 preemption, stops, aborts and prefix caching, and every KV block comes back.
 
-On the CPU the overlap buys nothing, but the bookkeeping (placeholders, tokens fed from the previous
+On the CPU the overlap buys nothing, but the bookkeeping (tokens in flight, tokens fed from the previous
 step, stops seen one step late) is the same code the GPU runs, so it is checked here in CI."""
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def test_abort_with_a_step_in_flight_frees_blocks_and_sends_nothing_more(llama_d
     delivered = 0
     for _ in range(4):
         delivered += sum(len(o.new_token_ids) for o in engine.step() if o.request_id == "a")
-    assert engine._in_flight is not None  # a step is queued whose tokens nobody has read
+    assert engine.pipeline.has_in_flight  # a step is queued whose tokens nobody has read
     out = engine.abort_request("a")
     assert out is not None and out.finished and out.finish_reason == "abort"
     assert out.num_output_tokens == delivered  # usage counts what was delivered, not the token in flight
@@ -148,6 +148,51 @@ def test_generated_blocks_are_cached_under_their_real_tokens(llama_dir):
     hits = engine.metrics.labels(engine.metrics.prefix_cache_hits)._value.get() - hits_before
     # 16 prompt tokens + 16 of the 17 answer tokens were computed: 8 full blocks of 4.
     assert hits == 32
+    assert_all_blocks_back(engine)
+
+
+def test_every_hashed_block_holds_known_tokens_of_its_request(llama_dir, monkeypatch):
+    """No token in flight (nor any id the request does not end up with) ever reaches a prefix-cache key,
+    under chunked prefill, stops seen one step late, penalties, aborts and preemption."""
+    from engine.core import kv_cache_manager
+
+    hashed: list[tuple[int, ...]] = []
+    real = kv_cache_manager.chain_hash
+
+    def recording(parent: bytes, tokens: list[int]) -> bytes:
+        hashed.append(tuple(tokens))
+        return real(parent, tokens)
+
+    monkeypatch.setattr(kv_cache_manager, "chain_hash", recording)
+    requests = mixed_requests(frequent_token(llama_dir))
+    engine = make_engine(llama_dir, block_size=4, max_num_batched_tokens=64, num_gpu_blocks_override=48,
+                         max_model_len=192, async_scheduling=True)  # fmt: skip
+    seen = run_all(engine, requests)
+    assert engine.metrics.labels(engine.metrics.num_preemptions)._value.get() > 0
+    assert_all_blocks_back(engine)
+    blocks = set()
+    for (prompt, _), result in zip(requests, seen.values(), strict=True):
+        tokens = prompt + result["tokens"]
+        blocks |= {tuple(tokens[i : i + 4]) for i in range(0, len(tokens) - 3, 4)}
+    assert hashed and set(hashed) <= blocks
+
+
+def test_min_tokens_boundary_is_the_same_with_a_token_in_flight(llama_dir):
+    """min_tokens masks stop tokens while the output is shorter: the length must count the token in
+    flight. The stop token is the one greedy decoding picks 4th, so with min_tokens=3 it may end the
+    sequence exactly there; an off-by-one would mask it once more and run on."""
+    prompt = prompts_for(1, seed=21, lo=12, hi=12)[0]
+    sync = make_engine(llama_dir, block_size=4, async_scheduling=False)
+    free_run = sync.generate([prompt], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))[0]
+    stop = free_run[3]
+    assert stop not in free_run[:3]
+    params = SamplingParams(
+        temperature=0.0, max_tokens=8, min_tokens=3, stop_token_ids=[stop], ignore_eos=True
+    )
+    expected = run_all(sync, [(prompt, params)])["r0"]
+    assert expected["tokens"] == free_run[:4] and expected["finish"] == ("stop", stop, 4)
+    engine = make_engine(llama_dir, block_size=4, async_scheduling=True)
+    assert run_all(engine, [(prompt, params)])["r0"] == expected
     assert_all_blocks_back(engine)
 
 

@@ -152,6 +152,31 @@ def test_completion_prompt_forms_agree(client: OpenAI, server) -> None:
     assert id_batch.usage.prompt_tokens == len(ids) + 2 and id_batch.usage.completion_tokens == 16
 
 
+def test_prefix_cache_is_shared_only_within_a_cache_salt(client: OpenAI) -> None:
+    """vLLM's `cache_salt`: a tenant's cached prompt blocks serve its own later requests, never another
+    tenant's (nor unsalted requests); the answer is the same either way."""
+    system = "You are a terse assistant for the accounting team. Answer in one short sentence. " * 3
+
+    def ask(question: str, salt: str | None) -> tuple[str, int, int]:
+        chat = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
+            max_tokens=4, extra_body={} if salt is None else {"cache_salt": salt}, **GREEDY,
+        )  # fmt: skip
+        usage = chat.usage
+        return chat.choices[0].message.content, usage.prompt_tokens_details.cached_tokens, usage.prompt_tokens
+
+    answer, cached, prompt_tokens = ask("What is a ledger?", "team-a")
+    assert cached == 0 and prompt_tokens > 48  # several full blocks of 16
+    assert ask("What is a ledger?", "team-b") == (answer, 0, prompt_tokens)
+    assert ask("What is a ledger?", None) == (answer, 0, prompt_tokens)
+    again, cached, _ = ask("What is a ledger?", "team-a")
+    assert again == answer and cached == (prompt_tokens - 1) // 16 * 16
+    _, cached, _ = ask("What is an invoice?", "team-b")  # the shared system prompt, in team-b's cache
+    assert cached >= 48
+    with pytest.raises(openai.BadRequestError, match="cache_salt"):
+        ask("What is a ledger?", "")  # an empty salt is refused, as vLLM does
+
+
 def test_completion_n2_streamed(client: OpenAI) -> None:
     stream = client.completions.create(
         model=MODEL,

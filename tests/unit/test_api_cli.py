@@ -48,6 +48,46 @@ def test_defaults_serve_the_embedded_model() -> None:
     assert config_of("--model", "m").model == "m"
 
 
+def test_every_default_comes_from_engine_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI, the server and the operator carry no copies of the engine's defaults."""
+    from engine.api.lifecycle import ServeOptions
+    from engine.config import EngineConfig
+    from kubellm_operator.engine_args import ENGINE_SHUTDOWN_TIMEOUT_S
+    from kubellm_operator.spec import EngineSpec
+
+    assert config_of() == EngineConfig()  # every flag's default is the config field's
+    assert EngineConfig().max_num_seqs_on("cuda") == 1024 and EngineConfig().max_num_seqs_on("cpu") == 256
+    assert EngineConfig().max_num_batched_tokens_on("cuda") == 8192
+    assert EngineConfig().max_num_batched_tokens_on("cpu") == 2048
+    assert EngineConfig(max_num_seqs=7).max_num_seqs_on("cuda") == 7
+    assert EngineConfig().async_scheduling_on("cuda") and not EngineConfig().async_scheduling_on("cpu")
+    assert (
+        ServeOptions().shutdown_timeout
+        == ENGINE_SHUTDOWN_TIMEOUT_S
+        == EngineConfig.DEFAULT_SHUTDOWN_TIMEOUT_S
+    )
+    assert "1024 on a GPU, 256 on the CPU" in EngineSpec.model_fields["max_num_seqs"].description
+
+    monkeypatch.setattr(EngineConfig, "DEFAULT_MAX_NUM_SEQS", {"cuda": 77, "cpu": 11})
+    monkeypatch.setattr(EngineConfig, "DEFAULT_SHUTDOWN_TIMEOUT_S", 12.0)
+    parser = build_parser()
+    assert parser.parse_args(["serve"]).shutdown_timeout == 12.0
+    serve_help = parser._subparsers._group_actions[0].choices["serve"].format_help()
+    assert "77 on a GPU, 11 on the CPU" in " ".join(serve_help.split())
+
+
+def test_docs_quote_the_defaults_engine_config_resolves() -> None:
+    from engine.config import EngineConfig
+
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    architecture = " ".join((docs / "ARCHITECTURE.md").read_text().split())
+    seqs, tokens = EngineConfig.DEFAULT_MAX_NUM_SEQS, EngineConfig.DEFAULT_MAX_NUM_BATCHED_TOKENS
+    assert f"defaults to {seqs['cuda']} on a GPU and {seqs['cpu']} on the CPU" in architecture
+    assert f"the token budget to {tokens['cuda']} and {tokens['cpu']}" in architecture
+    operations = " ".join((docs / "operations.md").read_text().split())
+    assert f"`--shutdown-timeout` ({EngineConfig.DEFAULT_SHUTDOWN_TIMEOUT_S:g} s)" in operations
+
+
 @pytest.mark.parametrize(
     "argv",
     [

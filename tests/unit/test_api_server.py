@@ -54,6 +54,7 @@ class Submitted:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    cache_salt: str | None = None
 
 
 @dataclass
@@ -78,11 +79,15 @@ class FakeEngine:
         self.aborted.add(request_id)
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         if self.full_after is not None and len(self.submitted) >= self.full_after:
             raise QueueFullError("queue full")
-        self.submitted.append(Submitted(request_id, prompt_token_ids, params))
+        self.submitted.append(Submitted(request_id, prompt_token_ids, params, cache_salt))
         reply = self.tokenizer.encode(REPLY, add_special_tokens=False)
         finished = False
         try:
@@ -344,6 +349,20 @@ async def test_sampling_fields_reach_the_engine(openai_client: AsyncOpenAI, engi
     assert p.ignore_eos and p.include_stop_str_in_output and not p.skip_special_tokens and p.logprobs is None
 
 
+async def test_cache_salt_reaches_the_engine_for_every_choice(
+    openai_client: AsyncOpenAI, engine: FakeEngine
+) -> None:
+    await openai_client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2, n=2,
+        extra_body={"cache_salt": "tenant-a"},
+    )  # fmt: skip
+    await openai_client.completions.create(
+        model=MODEL, prompt=["one", "two"], max_tokens=2, extra_body={"cache_salt": "tenant-b"}
+    )
+    await openai_client.completions.create(model=MODEL, prompt="unsalted", max_tokens=2)
+    assert [s.cache_salt for s in engine.submitted] == ["tenant-a"] * 2 + ["tenant-b"] * 2 + [None]
+
+
 # ---------------------------------------------------------------- logprobs
 
 
@@ -394,6 +413,8 @@ async def error_of(resp) -> tuple[int, dict]:
         ({"prompt": "hi", "n": 0}, "n"),
         ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
         ({"prompt": "hi", "logprobs": 21}, "logprobs"),
+        ({"prompt": "hi", "cache_salt": ""}, "cache_salt"),
+        ({"prompt": "hi", "cache_salt": 7}, "cache_salt"),
         ({"prompt": 42}, "prompt"),
         ({"prompt": []}, "prompt"),
         ({}, "prompt"),
@@ -671,7 +692,7 @@ async def test_every_route_but_probes_and_scrapes_needs_the_key(engine: FakeEngi
     checked = set()
     try:
         for route in app.router.routes():
-            path = route.resource.canonical.replace("{model}", MODEL) if route.resource else ""
+            path = route.resource.canonical.replace("{id}", MODEL) if route.resource else ""
             if route.method == "HEAD" or path in ("/health", "/metrics", "/version"):
                 continue
             for headers in ({}, {"Authorization": "Bearer s3cre"}, {"Authorization": "Bearer s3cret\u00e9"}):

@@ -12,6 +12,7 @@ import pytest
 
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
+from engine.metrics import EngineMetrics
 from engine.outputs import EngineDeadError, RequestOutput
 from engine.sampling.params import SamplingParams
 
@@ -22,15 +23,20 @@ class ScriptedLLMEngine:
     def __init__(self, per_step: int = 1, step_s: float = 0.0, crash: Exception | None = None) -> None:
         self.per_step, self.step_s, self.crash = per_step, step_s, crash
         self.tokenizer, self.max_model_len = None, 64
+        self.metrics = EngineMetrics("scripted")
         self.running: dict[str, list[int]] = {}  # request id -> [max_tokens, tokens so far]
         self.aborted: list[str] = []
+        self.salts: dict[str, str | None] = {}  # request id -> the cache_salt it was added with
 
     @property
     def num_waiting(self) -> int:
         return 0
 
-    def add_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+    def add_request(
+        self, request_id: str, prompt: list[int], params: SamplingParams, cache_salt: str | None = None
+    ) -> None:
         self.running[request_id] = [params.max_tokens, 0]
+        self.salts[request_id] = cache_salt
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         self.aborted.append(request_id)
@@ -76,11 +82,8 @@ class ScriptedAsyncEngine(AsyncEngine):
         self.llm = llm
         super().__init__(EngineConfig(model="scripted", served_model_name="scripted"))
 
-    def _load_and_run(self) -> None:  # no model: the scripted engine, then the real loop
-        self.engine = self.llm
-        self._ready.set()
-        self._started.wait()
-        self._run_loop()
+    def _build_engine(self) -> ScriptedLLMEngine:  # no model: the scripted engine, then the real loop
+        return self.llm
 
 
 async def started(llm: ScriptedLLMEngine) -> ScriptedAsyncEngine:
@@ -143,3 +146,23 @@ async def test_a_crashed_loop_fails_the_waiting_stream() -> None:
             await collect(engine, "later", 3)
     finally:
         await engine.shutdown(timeout=1)
+
+
+async def test_cache_salt_reaches_the_engine() -> None:
+    engine = await started(ScriptedLLMEngine())
+    try:
+        params = SamplingParams(max_tokens=1)
+        [out async for out in engine.generate("salted", [1, 2], params, cache_salt="tenant-a")]
+        [out async for out in engine.generate("plain", [1, 2], params)]
+        assert engine.llm.salts == {"salted": "tenant-a", "plain": None}
+    finally:
+        await engine.shutdown(timeout=1)
+
+
+def test_a_load_error_is_raised_by_the_constructor() -> None:
+    class Broken(AsyncEngine):
+        def _build_engine(self):
+            raise OSError("no such model")
+
+    with pytest.raises(OSError, match="no such model"):
+        Broken(EngineConfig(model="missing"))
