@@ -25,6 +25,7 @@ from tests.cluster.binaries import ClusterBinaries
 from tests.cluster.components import ClusterLayout, ClusterPorts
 from tests.cluster.fake_gpu_nodes import FakeGpuNode, default_gpu_nodes
 from tests.cluster.kubeconfig import write_admin_kubeconfig
+from tests.cluster.node_agent.pod_network import remove_pod_network
 from tests.cluster.pki import generate_pki
 from tests.cluster.ports import free_loopback_ports
 from tests.cluster.processes import ManagedProcess
@@ -168,6 +169,12 @@ class LocalCluster:
         self._wait(lambda: self._node_ready(api, LOCAL_NODE_NAME), f"node {LOCAL_NODE_NAME} Ready", timeout_s)
         return LOCAL_NODE_NAME
 
+    def stop_cpu_node(self) -> None:
+        """Stops the node agent (its containers and pod network go with it); start_cpu_node() brings it back."""
+        for process in [p for p in self.processes if p.name == NODE_AGENT]:
+            process.stop()
+            self.processes.remove(process)
+
     def _launch(self, name: str, argv: list[str]) -> None:
         process = ManagedProcess(name, argv, self.workdir / f"{name}.log")
         process.start(self.die_with_parent)
@@ -200,9 +207,13 @@ class LocalCluster:
 
     def stop(self, remove_workdir: bool = True) -> None:
         """Stops the processes, newest first (KWOK ... etcd), and removes the work dir with its logs."""
+        had_cpu_node = any(process.name == NODE_AGENT for process in self.processes)
         for process in reversed(self.processes):
             process.stop()
         self.processes.clear()
+        if had_cpu_node:
+            # The agent removes its pod network as it stops; this is for an agent that was killed outright.
+            remove_pod_network()
         if remove_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 

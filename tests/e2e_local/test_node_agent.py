@@ -1,4 +1,4 @@
-"""The node agent runs pods for real: processes with their own IP, env and volumes, probes deciding
+"""The node agent runs pods for real: processes in their own network namespace with their own IP, env and volumes, probes deciding
 readiness, EndpointSlices built by the controller-manager, restarts with back-off, termination messages
 from the logs, and deletion through preStop, SIGTERM, the grace period and SIGKILL (tests/cluster/README.md)."""
 
@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -16,12 +17,13 @@ import yaml
 
 from tests.cluster.localcluster import LocalCluster
 from tests.cluster.node_agent.node import LOCAL_NODE_PLACEMENT
-from tests.cluster.node_agent.pod_network import POD_NETWORK
+from tests.cluster.node_agent.pod_network import NETNS_PREFIX, POD_NETWORK, netns_name
 from tests.cluster.waiting import wait_until
 
 pytestmark = pytest.mark.cluster
 
 PROGRAM = str(Path(__file__).with_name("pod_program.py"))
+LOOPBACK_ALIVE = "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/alive', timeout=1)"
 
 
 def program_pod(name: str, args: list[str], **container: Any) -> dict[str, Any]:
@@ -52,6 +54,17 @@ def apply(cluster: LocalCluster, namespace: str, *objects: dict[str, Any]) -> No
 
 def get_pod(cluster: LocalCluster, namespace: str, name: str) -> dict[str, Any]:
     return cluster.kubectl_json("get", "pod", name, "-n", namespace)
+
+
+def ip(*args: str) -> str:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=True).stdout
+
+
+def pod_network_left() -> list[str]:
+    """kubellm-* network namespaces and 10.245/16 addresses on this machine (there should be none)."""
+    names = [line.split()[0] for line in ip("netns", "list").splitlines() if line.startswith(NETNS_PREFIX)]
+    addresses = [line for line in ip("-o", "addr").splitlines() if " 10.245." in line]
+    return names + addresses
 
 
 def condition(pod: dict[str, Any], type_: str) -> str | None:
@@ -86,6 +99,8 @@ def test_pod_runs_with_its_ip_env_volumes_and_endpoints(
         ],
         volumeMounts=[{"name": "data", "mountPath": "/data"}],
         readinessProbe={"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 1},
+        # An exec probe runs in the pod's network namespace: its 127.0.0.1 is the pod's own.
+        startupProbe={"exec": {"command": ["python3", "-c", LOOPBACK_ALIVE]}, "periodSeconds": 1},
     )
     pod["spec"]["volumes"] = [{"name": "data", "emptyDir": {}}]
     service = {
@@ -119,8 +134,12 @@ def test_pod_runs_with_its_ip_env_volumes_and_endpoints(
     env = seen["env"]
     assert (env["POD_NAME"], env["POD_NAMESPACE"], env["POD_IP"]) == ("web", ns, pod_ip)
     assert env["GREETING"] == "hi" and env["WHO"] == f"web in {ns}" and env["HOSTNAME"] == "web"
-    # The wildcard listen address became the pod's IP; the emptyDir's mountPath became its directory.
-    assert seen["argv"][1:3] == ["--host", pod_ip]
+    # The pod is a host of its own: a network namespace whose eth0 has the pod's IP, behind the agent's
+    # bridge; the root namespace has no pod address. The emptyDir's mountPath became its directory.
+    assert seen["argv"][1:3] == ["--host", "0.0.0.0"]
+    netns = netns_name(running["metadata"]["uid"])
+    assert f"inet {pod_ip}/16" in ip("-n", netns, "-o", "addr", "show", "dev", "eth0")
+    assert pod_ip not in ip("-o", "addr") and "10.245." not in ip("-o", "addr", "show", "dev", "lo")
     data_dir = Path(env["DATA_FILE"]).parent
     assert data_dir.is_dir() and data_dir != Path("/data")
 
@@ -135,7 +154,7 @@ def test_pod_runs_with_its_ip_env_volumes_and_endpoints(
     assert endpoint["addresses"] == [pod_ip] and endpoint["conditions"]["ready"] is True
     assert endpoint["targetRef"]["name"] == "web"
     # `kubectl logs` reaches the agent through the API server, as it reaches a kubelet.
-    assert f"listening on {pod_ip}:8080" in k8s_cluster.kubectl("logs", "web", "-n", ns)
+    assert "listening on 0.0.0.0:8080" in k8s_cluster.kubectl("logs", "web", "-n", ns)
 
 
 def test_crash_loop_backs_off_with_the_last_log_lines_as_message(
@@ -207,6 +226,8 @@ def test_deletion_runs_pre_stop_then_sigterm_then_sigkill_after_the_grace_period
     wait_until(
         lambda: events.exists() and "listening" in events.read_text(), "the program to start", timeout_s=60
     )
+    netns = netns_name(get_pod(k8s_cluster, ns, "stubborn")["metadata"]["uid"])
+    assert netns in ip("netns", "list")
 
     deleted_at = time.time()
     k8s_cluster.kubectl("delete", "pod", "stubborn", "-n", ns, "--wait=false")
@@ -218,8 +239,26 @@ def test_deletion_runs_pre_stop_then_sigterm_then_sigkill_after_the_grace_period
         timeout_s=30,
     )
     removed_after = time.time() - deleted_at
+    assert netns not in ip("netns", "list")  # the pod's network namespace went with it
     sigterm_at = float(
         next(line for line in events.read_text().splitlines() if line.startswith("SIGTERM")).split()[1]
     )
     assert 2 <= sigterm_at - deleted_at < 6  # after the 2 s preStop sleep
     assert 6 <= removed_after < 20  # SIGKILL at the end of the 6 s grace period, then removed
+
+
+def test_stopping_the_agent_removes_the_pod_network(
+    k8s_cluster: LocalCluster, k8s_namespace: str, k8s_cpu_node: str
+) -> None:
+    apply(k8s_cluster, k8s_namespace, program_pod("web", []))
+    wait_until(
+        lambda: get_pod(k8s_cluster, k8s_namespace, "web")["status"].get("phase") == "Running",
+        "the pod to run",
+        timeout_s=60,
+    )
+    assert pod_network_left()  # the pod's namespace and the bridge's gateway address
+    k8s_cluster.stop_cpu_node()
+    try:
+        assert pod_network_left() == []
+    finally:
+        k8s_cluster.start_cpu_node()  # for the tests after this one

@@ -44,7 +44,7 @@ def test_expansion_follows_kubernetes_rules() -> None:
     assert expand("$(A)-$(B)-$(C)-$$(A)-$$", env) == "1-x y-$(C)-$(A)-$"
 
 
-def test_engine_container_runs_the_venvs_kubellm_on_the_pod_ip_with_volumes_mapped(tmp_path: Path) -> None:
+def test_engine_container_runs_the_venvs_kubellm_with_volumes_mapped(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     container = {
         "name": "engine",
@@ -60,7 +60,7 @@ def test_engine_container_runs_the_venvs_kubellm_on_the_pod_ip_with_volumes_mapp
     }
     result = launch(container, {"/model-cache": cache, "/dev/shm": tmp_path / "shm"}, tmp_path)
     assert result.argv == [
-        COMMANDS["kubellm"], "serve", "--host", POD_IP, "--port", "8000", "--model", f"{cache}/m.gguf", f"--x={POD_IP}",
+        COMMANDS["kubellm"], "serve", "--host", "0.0.0.0", "--port", "8000", "--model", f"{cache}/m.gguf", "--x=::",
     ]  # fmt: skip
     assert result.env["HF_HOME"] == str(cache) and result.env["HF_TOKEN"] == "secret"
     assert (
@@ -75,7 +75,7 @@ def test_known_image_without_command_uses_its_entrypoint_and_unknown_ones_fail(t
     assert image_repository("ghcr.io/kubellm/engine:0.1.0") == "ghcr.io/kubellm/engine"
     assert image_repository("localhost:5000/engine@sha256:ab") == "localhost:5000/engine"
     result = launch({"name": "e", "image": "ghcr.io/kubellm/engine:0.1.0"}, {}, tmp_path)
-    assert result.argv == [COMMANDS["kubellm"], "serve", "--host", POD_IP, "--port", "8000"]
+    assert result.argv == [COMMANDS["kubellm"], "serve", "--host", "0.0.0.0", "--port", "8000"]
     with pytest.raises(LaunchError, match="no known entrypoint"):
         launch({"name": "e", "image": "nginx:1"}, {}, tmp_path)
     with pytest.raises(LaunchError, match='secret "nope" not found'):

@@ -16,6 +16,7 @@ from tests.cluster.node_agent.container_run import ContainerRun, rfc3339
 from tests.cluster.node_agent.kube import KubeApi, KubeError
 from tests.cluster.node_agent.kubelet_api import self_signed_tls, serve_kubelet_api
 from tests.cluster.node_agent.node import (
+    KUBELET_API_HOST,
     LEASE_RENEW_S,
     STATUS_REPORT_S,
     lease_manifest,
@@ -23,7 +24,14 @@ from tests.cluster.node_agent.node import (
     node_manifest,
     node_status,
 )
-from tests.cluster.node_agent.pod_network import NODE_IP, PodAddresses, ensure_pod_network
+from tests.cluster.node_agent.pod_network import (
+    PodAddresses,
+    PodNetworkUnavailable,
+    add_pod_netns,
+    ensure_pod_network,
+    remove_pod_netns,
+    remove_pod_network,
+)
 from tests.cluster.node_agent.pod_worker import PodWorker
 
 log = logging.getLogger("node-agent")
@@ -47,8 +55,15 @@ class NodeAgent:
 
     async def run(self) -> None:
         ensure_pod_network()
-        tls = self_signed_tls(self.workdir / "kubelet-tls", NODE_IP)
-        kubelet_api, self.kubelet_port = await serve_kubelet_api(NODE_IP, tls, self.container)
+        try:
+            await self._run()
+        finally:
+            remove_pod_network()
+
+    async def _run(self) -> None:
+        # The API server reaches the kubelet API on loopback (the Node's Hostname address).
+        tls = self_signed_tls(self.workdir / "kubelet-tls", KUBELET_API_HOST)
+        kubelet_api, self.kubelet_port = await serve_kubelet_api(KUBELET_API_HOST, tls, self.container)
         await self.register()
         try:
             await asyncio.gather(self.heartbeat(), self.watch_pods())
@@ -157,10 +172,15 @@ class NodeAgent:
 
     async def _run_worker(self, worker: PodWorker) -> None:
         try:
+            worker.netns = await asyncio.to_thread(add_pod_netns, worker.uid, worker.pod_ip)
             await worker.run()
+        except PodNetworkUnavailable as error:
+            worker.log.error("no pod network: %s", error)
         except Exception:
             pass  # logged by the worker; its pod stays as it last was
         finally:
+            if worker.netns:
+                await asyncio.to_thread(remove_pod_netns, worker.netns)
             self.addresses.release(worker.pod_ip)
             self.workers.pop(worker.uid, None)
             self.tasks.pop(worker.uid, None)

@@ -3,8 +3,8 @@
 There is no image and no mount namespace, so three things are mapped (the README's "container mapping"):
 - the image is not pulled: `command` (or the image's known entrypoint) runs from this machine, with the
   tools named in COMMANDS taken from the Python environment running the agent (`kubellm` is the venv's);
-- a wildcard listen address (`0.0.0.0`, `::`) in args means "every address of the pod's network
-  namespace", which on this node is the pod's IP: it is replaced by the pod IP;
+- the process runs in the pod's network namespace (pod_network: `ip netns exec`), so `0.0.0.0` is the
+  pod's own addresses, as in a real pod;
 - a volume's mountPath (in args, env values and workingDir, as a whole value or a path prefix) is
   replaced by the volume's directory on this machine (`/dev/shm` stays: it is this machine's).
 """
@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.cluster.node_agent.pod_network import in_netns
+
 VENV_BIN = Path(sys.executable).parent
 COMMANDS = {
     "kubellm": str(VENV_BIN / "kubellm"),
@@ -35,7 +37,6 @@ IMAGE_ENTRYPOINTS: dict[str, tuple[list[str], list[str]]] = {
 IMAGE_ENV = {"PYTHONUNBUFFERED": "1"}
 # From the agent's environment: the container's filesystem is this machine's, caches included.
 PASSED_THROUGH = ("HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "XDG_CACHE_HOME", "KUBELLM_CACHE_DIR")
-WILDCARD_ADDRESSES = ("0.0.0.0", "::")
 UNSHADOWED_MOUNTS = ("/dev/shm",)
 
 ObjectReader = Callable[[str, str], Awaitable[dict[str, Any] | None]]  # (kind path, name) -> object
@@ -55,6 +56,10 @@ class ContainerLaunch:
     env: dict[str, str]
     cwd: Path
     mounts: dict[str, Path]
+    netns: str = ""  # the pod's network namespace: the process and its exec probes and hooks run there
+
+    def in_pod(self, argv: list[str]) -> list[str]:
+        return in_netns(self.netns, argv)
 
 
 def image_repository(image: str) -> str:
@@ -155,15 +160,6 @@ def _map_paths(value: str, mounts: dict[str, Path]) -> str:
     return value
 
 
-def _map_wildcard(arg: str, pod_ip: str) -> str:
-    for wildcard in WILDCARD_ADDRESSES:
-        if arg == wildcard:
-            return pod_ip
-        if arg.endswith("=" + wildcard):
-            return arg[: -len(wildcard)] + pod_ip
-    return arg
-
-
 def _executable(name: str) -> str:
     if name in COMMANDS:
         return COMMANDS[name]
@@ -185,9 +181,9 @@ async def container_launch(
     mounts: dict[str, Path],
     rootfs: Path,
     read: ObjectReader,
+    netns: str = "",
 ) -> ContainerLaunch:
     """Everything needed to start `container` of `pod` (whose status already has its podIP)."""
-    pod_ip = pod["status"]["podIP"]
     own_env = await container_env(pod, container, read)
     env = {name: os.environ[name] for name in PASSED_THROUGH if name in os.environ}
     env |= {
@@ -206,7 +202,7 @@ async def container_launch(
             )
         command, args = known[0], args if args is not None else known[1]
     argv = [expand(part, own_env) for part in [*command, *(args or [])]]
-    argv = [_map_wildcard(_map_paths(arg, mounts), pod_ip) for arg in argv]
+    argv = [_map_paths(arg, mounts) for arg in argv]
     argv[0] = _executable(argv[0])
     cwd = rootfs
     if container.get("workingDir"):
@@ -214,4 +210,4 @@ async def container_launch(
         # Outside every volume, the directory lives in the container's own scratch "root filesystem".
         cwd = Path(mapped) if mapped != container["workingDir"] else rootfs / mapped.lstrip("/")
         cwd.mkdir(parents=True, exist_ok=True)
-    return ContainerLaunch(argv=argv, env=env, cwd=cwd, mounts=mounts)
+    return ContainerLaunch(argv=argv, env=env, cwd=cwd, mounts=mounts, netns=netns)

@@ -138,7 +138,7 @@ class ContainerRun:
         with open(log_path, "ab") as log:
             try:
                 self.process = await asyncio.create_subprocess_exec(
-                    *self.launch.argv,
+                    *self.launch.in_pod(self.launch.argv),
                     env=self.launch.env,
                     cwd=self.launch.cwd,
                     stdin=asyncio.subprocess.DEVNULL,
@@ -264,7 +264,7 @@ class ContainerRun:
         elif "exec" in hook:
             assert self.launch is not None
             process = await asyncio.create_subprocess_exec(
-                *map_exec_argv(hook["exec"]["command"], self.launch),
+                *self.launch.in_pod(map_exec_argv(hook["exec"]["command"], self.launch)),
                 env=self.launch.env,
                 cwd=self.launch.cwd,
                 stdout=asyncio.subprocess.DEVNULL,

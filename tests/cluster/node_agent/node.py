@@ -11,6 +11,8 @@ from typing import Any
 from tests.cluster.node_agent.pod_network import NODE_IP, POD_NETWORK
 
 LOCAL_NODE_NAME = "local-cpu-0"
+# The kubelet API (`kubectl logs`) listens on loopback: the API server stays off the pod network.
+KUBELET_API_HOST = "127.0.0.1"
 # Pods land on this node only when they ask to (a toleration, and a nodeSelector on the hostname label):
 # the operator tests' CPU pods stay on KWOK's nodes, where nothing runs.
 LOCAL_NODE_TAINT = {"key": "kubellm.io/local-node", "value": "true", "effect": "NoSchedule"}
@@ -63,8 +65,11 @@ def node_status(now: str, kubelet_port: int) -> dict[str, Any]:
         "capacity": resources,
         "allocatable": resources,
         "conditions": node_conditions(now),
-        # No Hostname address: the API server would try it first (for `kubectl logs`) and no DNS knows it.
-        "addresses": [{"type": "InternalIP", "address": NODE_IP}],
+        # The API server tries Hostname first (for `kubectl logs`): it is the kubelet API's loopback address.
+        "addresses": [
+            {"type": "InternalIP", "address": NODE_IP},
+            {"type": "Hostname", "address": KUBELET_API_HOST},
+        ],
         "daemonEndpoints": {"kubeletEndpoint": {"Port": kubelet_port}},
         "nodeInfo": {
             "architecture": "amd64" if platform.machine() == "x86_64" else platform.machine(),

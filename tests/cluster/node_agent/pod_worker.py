@@ -27,6 +27,7 @@ class PodWorker:
         self.pod = pod
         self.uid: str = pod["metadata"]["uid"]
         self.pod_ip = pod_ip
+        self.netns = ""  # the pod's network namespace, made by the agent before run()
         metadata = pod["metadata"]
         self.pod_dir = pods_dir / f"{metadata['namespace']}_{metadata['name']}_{self.uid}"
         self.log = logging.getLogger(f"pod {metadata['namespace']}/{metadata['name']}")
@@ -68,7 +69,7 @@ class PodWorker:
         rootfs = self.pod_dir / "rootfs" / spec["name"]
         rootfs.mkdir(parents=True, exist_ok=True)
         mounts = container_mounts(spec, volumes)
-        return await container_launch(self.pod, spec, mounts, rootfs, self.read_object)
+        return await container_launch(self.pod, spec, mounts, rootfs, self.read_object, self.netns)
 
     async def publish(self) -> None:
         """Writes the status computed from the containers, unless nothing changed."""

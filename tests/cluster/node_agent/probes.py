@@ -50,7 +50,7 @@ async def _tcp_socket(action: dict[str, Any], target: ProbeTarget, timeout_s: fl
 
 async def _exec(action: dict[str, Any], target: ProbeTarget, timeout_s: float) -> tuple[bool, str]:
     process = await asyncio.create_subprocess_exec(
-        *map_exec_argv(action["command"], target.launch),
+        *target.launch.in_pod(map_exec_argv(action["command"], target.launch)),
         env=target.launch.env,
         cwd=target.launch.cwd,
         stdout=asyncio.subprocess.PIPE,
