@@ -16,7 +16,8 @@
 
 `k8s_cpu_node` (session scope) -> str: the name of a node whose pods REALLY run, `local-cpu-0`: the node
   agent (tests/cluster/node_agent, see tests/cluster/README.md) runs their containers as local processes
-  with pod IPs from 10.245.0.0/16 on the loopback interface, probes them and writes their status, so
+  each in its own network namespace (pod IPs from 10.245.0.0/16 behind a bridge), probes them and writes
+  their status, so
   Services get real EndpointSlices. The node is tainted kubellm.io/local-node=true:NoSchedule; a pod goes
   there with that toleration and nodeSelector kubernetes.io/hostname=local-cpu-0 (LOCAL_NODE_PLACEMENT).
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tests.cluster.binaries import ClusterBinaries
 from tests.cluster.localcluster import NODE_AGENT, LocalCluster
+from tests.cluster.node_agent.pod_network import remove_pod_network
 from tests.cluster.processes import stop_process_group
 
 STATE_FILE = "state.json"
@@ -50,6 +51,8 @@ def down(workdir: Path) -> None:
         for name in reversed(list(state["pids"])):
             if name in live:
                 stop_process_group(live[name])
+        if NODE_AGENT in state["pids"]:
+            remove_pod_network()  # the agent removes it as it stops; this is for one killed outright
     shutil.rmtree(workdir, ignore_errors=True)
     print(f"local cluster in {workdir} is down", file=sys.stderr)
 

@@ -147,7 +147,7 @@ def test_chat_through_the_services_endpoint_slice(
     response = client.chat.completions.create(model=served_model, messages=PROMPT, max_tokens=8)
     assert response.choices[0].message.content
     assert response.model == served_model
-    # The container runs `kubellm serve` exactly as the operator wrote it (the wildcard host aside).
+    # The container runs `kubellm serve` exactly as the operator wrote it, in the pod's network namespace.
     container = pod["spec"]["containers"][0]
     assert container["command"] == ["kubellm", "serve"]
     assert "--served-model-name" in container["args"] and served_model in container["args"]
