@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests.cluster.node_agent import pod_network
 from tests.cluster.node_agent.container_launch import (
     COMMANDS,
     LaunchError,
@@ -130,3 +131,21 @@ def test_probe_verdict_flips_only_after_its_threshold() -> None:
 
     asyncio.run(scenario())
     assert verdicts == [True, False, False]
+
+
+def test_pod_processes_run_in_the_pods_network_namespace_and_names_fit_the_kernel(tmp_path: Path) -> None:
+    uid = "0f8e5a34-1c2d-4b5e-9f00-123456789abc"
+    netns = pod_network.netns_name(uid)
+    assert netns == "kubellm-0f8e5a341c2d" and len(pod_network._host_veth(netns)) <= 15  # IFNAMSIZ - 1
+    result = asyncio.run(
+        container_launch(
+            pod(), {"name": "e", "image": "ghcr.io/kubellm/engine:0.1"}, {}, tmp_path, no_objects, netns
+        )
+    )
+    assert result.in_pod(result.argv) == ["ip", "netns", "exec", netns, *result.argv]
+
+
+def test_missing_iproute2_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pod_network.shutil, "which", lambda name: None)
+    with pytest.raises(pod_network.PodNetworkUnavailable, match="apt-get install -y iproute2"):
+        pod_network.ensure_pod_network()
