@@ -36,6 +36,7 @@ from engine.outputs import EngineDeadError, QueueFullError, RequestOutput, merge
 from engine.sampling.params import SamplingParams
 
 if TYPE_CHECKING:  # imported on the engine thread (torch is heavy; the CLI must start without it)
+    from engine.distributed.driver import TensorParallelDriver
     from engine.llm_engine import LLMEngine
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,7 @@ class AsyncEngine:
         # The engine thread builds the engine itself and then runs the loop: all torch work stays on one
         # thread. (CPU matmuls ran ~35% slower when the model was loaded on one thread and run on
         # another: two OpenMP thread pools then compete for the cores.)
+        self._tensor_parallel: TensorParallelDriver | None = None  # rank 0's driver of the other ranks
         built: Future[LLMEngine] = Future()
         self._thread = threading.Thread(
             target=self._build_and_run, args=(built,), name="engine-loop", daemon=True
@@ -125,7 +127,11 @@ class AsyncEngine:
         from engine.llm_engine import LLMEngine
         from engine.model.loader import load_model
 
-        return LLMEngine(self.config, load_model(self.config))
+        loaded = load_model(self.config)
+        self._tensor_parallel = loaded.tp
+        if loaded.tp is not None:  # a tensor-parallel rank that dies fails every request in flight
+            loaded.tp.on_death.append(self._fail_on_rank_death)
+        return LLMEngine(self.config, loaded)
 
     def _build_and_run(self, built: Future[LLMEngine]) -> None:
         try:
@@ -198,6 +204,8 @@ class AsyncEngine:
         self._started.set()  # a loop that never started must still see the stop
         self._inbox.put(Wake())
         await asyncio.to_thread(self._thread.join, 10)
+        if self._tensor_parallel is not None:  # stop the other ranks now rather than at exit
+            await asyncio.to_thread(self._tensor_parallel.close)
 
     # --- the engine loop thread --------------------------------------------------------------
 
@@ -250,6 +258,12 @@ class AsyncEngine:
             stream = self._streams.get(out.request_id)
             if stream is not None:
                 stream.put(out)
+
+    def _fail_on_rank_death(self, message: str) -> None:
+        """From the tensor-parallel watchdog thread, which then ends the process."""
+        self._dead = RuntimeError(message)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(message))
 
     def _fail_all(self, err: BaseException) -> None:
         for stream in self._streams.values():

@@ -17,6 +17,10 @@ from pydantic import ValidationError
 from engine import __version__
 from engine.config import EngineConfig
 
+# Names only (the parsers themselves are imported with the engine): vLLM's names.
+TOOL_CALL_PARSERS = ["hermes", "llama3_json", "mistral"]
+REASONING_PARSERS = ["qwen3", "deepseek_r1"]
+
 _SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
 
 
@@ -55,6 +59,20 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         "float32 with bfloat16 matmuls and KV cache; float32 on other CPUs",
     )
     a("--device", choices=["auto", "cpu", "cuda"], default=default("device"))
+    a(
+        "--quantization",
+        "-q",
+        choices=["fp8"],
+        help="fp8: FP8 linear layers (W8A8: weights per output channel, activations per token) from a float "
+        "checkpoint, on GPUs of compute capability 8.9+ (emulated on the CPU); FP8 checkpoints need no flag",
+    )
+    a(
+        "--kv-cache-dtype",
+        choices=["auto", "fp8", "fp8_e4m3"],
+        default="auto",
+        help="fp8 (= fp8_e4m3): the KV cache in float8 e4m3 with a scale per layer, twice the tokens; "
+        "auto: the model's dtype",
+    )
     a(
         "--tensor-parallel-size",
         "-tp",
@@ -111,6 +129,22 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         help="accept `chat_template` in requests (a Jinja template runs on the server: off by default, as in vLLM)",
     )
     a(
+        "--tool-call-parser",
+        choices=TOOL_CALL_PARSERS,
+        help="read tool calls in the model's own format for tool_choice auto (vLLM's names: hermes for "
+        "Qwen2.5/Qwen3/Hermes, llama3_json for Llama 3.1/3.2, mistral)",
+    )
+    a(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help="allow tool_choice auto (needs --tool-call-parser), as in vLLM",
+    )
+    a(
+        "--reasoning-parser",
+        choices=REASONING_PARSERS,
+        help="split <think>...</think> into reasoning_content (qwen3, deepseek_r1)",
+    )
+    a(
         "--shutdown-timeout",
         type=float,
         default=EngineConfig.DEFAULT_SHUTDOWN_TIMEOUT_S,
@@ -163,6 +197,8 @@ def configure_logging(level: str, fmt: str) -> None:
 
 
 def engine_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> EngineConfig:
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        parser.error("--enable-auto-tool-choice requires --tool-call-parser")
     if args.model and args.model_arg and args.model != args.model_arg:
         parser.error(f"the model is given twice: {args.model_arg!r} and --model {args.model!r}")
     try:
@@ -173,6 +209,8 @@ def engine_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             revision=args.revision,
             dtype=args.dtype,
             device=args.device,
+            quantization=args.quantization,
+            kv_cache_dtype=args.kv_cache_dtype,
             max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
@@ -187,6 +225,7 @@ def engine_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             max_queue=args.max_queue,
             seed=args.seed,
             trust_remote_code=args.trust_remote_code,
+            reasoning_parser=args.reasoning_parser,
         )
     except ValidationError as exc:
         problems = "; ".join(
@@ -209,6 +248,8 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         served_model_names=args.served_model_name,
         shutdown_timeout=args.shutdown_timeout,
         trust_request_chat_template=args.trust_request_chat_template,
+        tool_call_parser=args.tool_call_parser,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
     )
     try:
         asyncio.run(run_server(config, options))

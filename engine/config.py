@@ -42,9 +42,17 @@ class EngineConfig(BaseModel):
     async_scheduling: bool | None = None
     # One worker process per GPU, each holding 1/N of every layer (vLLM's --tensor-parallel-size).
     tensor_parallel_size: int = Field(default=1, ge=1)
+    # FP8 linears from a float checkpoint (vLLM's --quantization fp8); FP8 checkpoints need no flag.
+    quantization: Literal["fp8"] | None = None
+    # The KV cache's dtype: "auto" = the model's (see engine.model.loader); fp8 / fp8_e4m3 = float8 e4m3
+    # with a scale per layer (vLLM's names), twice the tokens in the same memory.
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3"] = "auto"
     max_queue: int = Field(default=1024, ge=1)  # waiting requests beyond this get 429
     seed: int = 0
     trust_remote_code: bool = False
+    # --reasoning-parser: the HTTP layer splits the thinking off; the engine starts a grammar meant for
+    # the answer (tools, response_format) after the thinking's end tag.
+    reasoning_parser: Literal["qwen3", "deepseek_r1"] | None = None
 
     def max_num_seqs_on(self, device: DeviceType) -> int:
         return self.max_num_seqs or self.DEFAULT_MAX_NUM_SEQS[device]

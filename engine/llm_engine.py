@@ -63,6 +63,8 @@ class LLMEngine:
             loaded.dtype,
             loaded.device,
             config.block_size,
+            tp=loaded.tp,  # rank 0 under tensor parallelism: the other ranks repeat the runner's calls
+            kv_cache_dtype=loaded.kv_cache_dtype,
         )
         device = loaded.device.type
         max_batched = config.max_num_batched_tokens_on(device)
@@ -100,6 +102,10 @@ class LLMEngine:
             max_batched,
         )
         self._update_gauges()
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks, if any (the server does it at exit)."""
+        self.runner.close()
 
     # --- requests in and out ---------------------------------------------------------------
 

@@ -56,6 +56,8 @@ def engine_args(spec: ModelDeploymentSpec) -> list[str]:
         ("--max-num-batched-tokens", engine.max_num_batched_tokens),
         ("--gpu-memory-utilization", engine.gpu_memory_utilization),
         ("--dtype", engine.dtype),
+        ("--quantization", engine.quantization),
+        ("--kv-cache-dtype", engine.kv_cache_dtype),
     ]
     args += [part for flag, value in optional if value is not None for part in (flag, str(value))]
     if engine.enable_prefix_caching is not None:

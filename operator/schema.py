@@ -40,6 +40,9 @@ def _convert(node: JsonSchema, defs: dict[str, JsonSchema]) -> JsonSchema:
         elif key == "additionalProperties":
             # `dict[str, Any]`: a free-form Kubernetes object (affinity, valueFrom) kept as written.
             out["x-kubernetes-preserve-unknown-fields"] = True
+        elif key == "const":
+            # a one-value Literal; Kubernetes schemas have no `const`, an enum of one says the same
+            out["enum"] = [value]
         elif key in EXCLUSIVE_BOUNDS:
             # JSON Schema's numeric bound is OpenAPI v3.0's boolean flag next to minimum/maximum.
             out[EXCLUSIVE_BOUNDS[key]] = value

@@ -126,6 +126,21 @@ class EngineSpec(SpecModel):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = Field(
         None, description="--dtype of weights and activations. Unset: auto."
     )
+    quantization: Literal["fp8"] | None = Field(
+        None,
+        description=(
+            "--quantization: fp8 runs the linear layers in FP8 (weights per output channel, activations per "
+            "token; GPUs of compute capability 8.9+) from a float checkpoint. Unset: none; FP8 checkpoints "
+            "(compressed-tensors, Hugging Face fp8) run as published without it."
+        ),
+    )
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3"] | None = Field(
+        None,
+        description=(
+            "--kv-cache-dtype: fp8 (= fp8_e4m3) keeps the KV cache in float8 e4m3 with a scale per layer, "
+            "twice the tokens in the same memory. Unset: auto (the model's dtype)."
+        ),
+    )
     enable_prefix_caching: bool | None = Field(
         None, description="--enable-prefix-caching / --no-enable-prefix-caching. Unset: engine default (on)."
     )

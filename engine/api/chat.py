@@ -9,17 +9,11 @@ from contextlib import aclosing
 from aiohttp import web
 
 from engine.api.body import parse_body
-from engine.api.generation import (
-    ChoiceResult,
-    SubRequest,
-    fan_out,
-    merged_outputs,
-    new_choices,
-    pick_choices,
-    usage,
-)
+from engine.api.chat_generation import prepare_chat
+from engine.api.choice_output import ChoiceOutput, OutputDelta, ParsedChoice
+from engine.api.generation import ChoiceResult, SubRequest, merged_outputs, new_choices, pick_choices, usage
 from engine.api.logprobs import TokenTexts, chat_logprobs, prompt_logprobs
-from engine.api.prompts import chat_prompt, resolve_max_tokens
+from engine.api.output_plan import OutputPlan
 from engine.api.protocol import (
     ChatChoice,
     ChatChoiceLogprobs,
@@ -28,7 +22,11 @@ from engine.api.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatResponseMessage,
+    DeltaFunctionCall,
     DeltaMessage,
+    DeltaToolCall,
+    FunctionCall,
+    ToolCall,
 )
 from engine.api.state import STATE
 from engine.api.streaming import PerChoiceTextEvents, sse_event, stream_sse
@@ -43,16 +41,47 @@ def _logprobs(
     return ChatChoiceLogprobs(content=chat_logprobs(texts, logprobs or [], body.num_logprobs))
 
 
+def _finish_reason(finish_reason: str | None, num_tool_calls: int) -> str | None:
+    return "tool_calls" if num_tool_calls and finish_reason == "stop" else finish_reason
+
+
+def _delta_message(delta: OutputDelta) -> DeltaMessage:
+    calls = [
+        DeltaToolCall(
+            index=c.index,
+            id=c.id,
+            type="function" if c.id else None,
+            function=DeltaFunctionCall(name=c.name, arguments=c.arguments if c.id or c.arguments else None),
+        )
+        for c in delta.tool_calls
+    ]
+    return DeltaMessage(
+        content=delta.content or None, reasoning_content=delta.reasoning or None, tool_calls=calls or None
+    )
+
+
 class ChatChunks:
-    """Streaming: a role chunk per choice, then content deltas; the last carries finish_reason."""
+    """Streaming: a role chunk per choice, then content deltas; the last carries finish_reason.
+
+    With a reasoning parser or tools, each choice's text goes through its ChoiceOutput, which splits
+    it into reasoning, content and tool-call deltas.
+    """
 
     def __init__(
-        self, head: dict, body: ChatCompletionRequest, subs: list[SubRequest], texts: TokenTexts
+        self,
+        head: dict,
+        body: ChatCompletionRequest,
+        subs: list[SubRequest],
+        texts: TokenTexts,
+        plan: OutputPlan | None = None,
     ) -> None:
         self.head, self.body, self.texts = head, body, texts
         self.choices = new_choices(subs)
         self.started: set[int] = set()
         self.continuous_usage = body.continuous_usage_in_stream
+        self.outputs: dict[int, ChoiceOutput] = {}
+        if plan is not None and (plan.reasoning or plan.make_tool_parser):
+            self.outputs = {s.index: ChoiceOutput(plan, s.prompt.text) for s in subs}
         # The per-token case (content only, not the last chunk), from a template per choice.
         self.content_events = PerChoiceTextEvents(
             lambda index, text: self._delta_chunk(index, text, None, None)
@@ -82,7 +111,20 @@ class ChatChunks:
             events.append(sse_event(self._chunk(role)))
         self.choices[sub.index].count(out)
         logprobs = _logprobs(self.body, self.texts, out.new_logprobs) if out.new_logprobs else None
-        if logprobs is None and not out.finished and not self.continuous_usage:
+        parsed = self.outputs.get(sub.index)
+        if parsed is not None:
+            delta = _delta_message(parsed.feed(out.new_text, out.finished))
+            if delta.model_dump() or logprobs is not None or out.finished:
+                finish = _finish_reason(out.finish_reason, parsed.num_tool_calls) if out.finished else None
+                choice = ChatChunkChoice(
+                    index=sub.index,
+                    delta=delta,
+                    logprobs=logprobs,
+                    finish_reason=finish,  # type: ignore[arg-type]
+                    stop_reason=out.stop_reason if out.finished else None,
+                )
+                events.append(sse_event(self._chunk(choice)))
+        elif logprobs is None and not out.finished and not self.continuous_usage:
             if out.new_text:  # else text held back (e.g. a possible stop string): nothing to say yet
                 events.append(self.content_events.event(sub.index, out.new_text))
         else:
@@ -96,12 +138,27 @@ class ChatChunks:
         return [sse_event(chunk)]
 
 
-def _choice(result: ChoiceResult, body: ChatCompletionRequest, texts: TokenTexts) -> ChatChoice:
+def _message(parsed: ParsedChoice) -> ChatResponseMessage:
+    calls = [
+        ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+        for c in parsed.tool_calls
+    ]
+    return ChatResponseMessage(content=parsed.content, reasoning_content=parsed.reasoning, tool_calls=calls)
+
+
+def _choice(
+    result: ChoiceResult, body: ChatCompletionRequest, texts: TokenTexts, output: ChoiceOutput | None
+) -> ChatChoice:
+    if output is None:
+        message, num_calls = ChatResponseMessage(content=result.text), 0
+    else:
+        message = _message(output.parse(result.text))
+        num_calls = len(message.tool_calls)
     return ChatChoice(
         index=result.index,
-        message=ChatResponseMessage(content=result.text),
+        message=message,
         logprobs=_logprobs(body, texts, result.logprobs),
-        finish_reason=result.finish_reason,  # type: ignore[arg-type]
+        finish_reason=_finish_reason(result.finish_reason, num_calls),  # type: ignore[arg-type]
         stop_reason=result.stop_reason,
     )
 
@@ -110,34 +167,26 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     engine = state.engine
     body = await parse_body(request, ChatCompletionRequest)
-    model = state.check_model(body.model)
-    state.check_request_chat_template(body.chat_template)
-    prompt = await state.off_loop(
-        chat_prompt,
-        engine.tokenizer,
-        body.messages,
-        add_generation_prompt=body.add_generation_prompt,
-        continue_final_message=body.continue_final_message,
-        add_special_tokens=body.add_special_tokens,
-        chat_template=body.chat_template,
-        chat_template_kwargs=body.chat_template_kwargs,
-    )
-    budget = resolve_max_tokens(len(prompt.token_ids), body.output_limit, engine.max_model_len, "messages")
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    subs = fan_out(request_id, body, [prompt], [budget], body.num_logprobs, body.prompt_logprobs)
-    head = {"id": request_id, "created": int(time.time()), "model": model}
+    generation = await prepare_chat(state, body, request_id)
+    plan, subs = generation.plan, generation.subs
+    head = {"id": request_id, "created": int(time.time()), "model": generation.model}
 
     async with aclosing(merged_outputs(engine, subs)) as outputs:
         if body.stream:
             return await stream_sse(
-                request, outputs, ChatChunks(head, body, subs, state.token_texts), request_id
+                request, outputs, ChatChunks(head, body, subs, state.token_texts, plan), request_id
             )
         results = new_choices(subs)
         async for sub, out in outputs:
             results[sub.index].add(out)
 
     picked = pick_choices(subs, results, body.n)
-    choices = [_choice(result, body, state.token_texts) for _, result in picked]
+    parsing = generation.parses_output
+    choices = [
+        _choice(result, body, state.token_texts, ChoiceOutput(plan, sub.prompt.text) if parsing else None)
+        for sub, result in picked
+    ]
     response = ChatCompletionResponse(**head, choices=choices, usage=usage(results.values()))
     if body.prompt_logprobs is not None:  # vLLM puts them on the response: the choices share the prompt
         response.prompt_logprobs = prompt_logprobs(state.token_texts, results[subs[0].index].prompt_logprobs)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from engine.api.output_plan import ServerToolOptions
 from engine.api.server import build_app
 from engine.api.state import STATE
 from engine.config import EngineConfig
@@ -34,6 +35,15 @@ class ServeOptions:
     served_model_names: list[str] | None = None
     shutdown_timeout: float = EngineConfig.DEFAULT_SHUTDOWN_TIMEOUT_S
     trust_request_chat_template: bool = False
+    tool_call_parser: str | None = None  # --tool-call-parser (vLLM's names)
+    enable_auto_tool_choice: bool = False
+
+
+def tool_options(options: ServeOptions, config: EngineConfig) -> ServerToolOptions:
+    from engine.reasoning.think_tags import REASONING_PARSERS
+
+    reasoning = REASONING_PARSERS[config.reasoning_parser] if config.reasoning_parser else None
+    return ServerToolOptions(options.tool_call_parser, options.enable_auto_tool_choice, reasoning)
 
 
 def _display_url(host: str, port: int) -> str:
@@ -80,7 +90,8 @@ async def run_server(config: EngineConfig, options: ServeOptions) -> None:
     await engine.start()
     names = options.served_model_names or [engine.served_model_name]
     app = build_app(engine, api_key=options.api_key, served_model_names=names, model_root=config.model,
-                    trust_request_chat_template=options.trust_request_chat_template)  # fmt: skip
+                    trust_request_chat_template=options.trust_request_chat_template,
+                    tool_options=tool_options(options, config))  # fmt: skip
     freeze_startup_heap()
     # handler_cancellation: a client that hangs up mid-request cancels its handler, which aborts the
     # engine request (streams notice on their next write anyway; this covers non-streaming ones).

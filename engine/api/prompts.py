@@ -17,6 +17,7 @@ _RESERVED_TEMPLATE_KWARGS = {
     "return_dict",
     "add_generation_prompt",
     "continue_final_message",
+    "tools",
 }
 
 
@@ -70,6 +71,7 @@ def chat_prompt(
     add_special_tokens: bool,
     chat_template: str | None,
     chat_template_kwargs: dict[str, Any] | None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> Prompt:
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise bad_request(
@@ -84,6 +86,7 @@ def chat_prompt(
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
             chat_template=chat_template,
+            tools=tools,
             **extra,
         )
     except Exception as exc:

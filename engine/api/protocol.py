@@ -6,13 +6,14 @@ every field we do read is range-checked here so the engine can trust it.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
 
-FinishReason = Literal["stop", "length", "abort"]
+FinishReason = Literal["stop", "length", "abort", "tool_calls"]
 MAX_LOGPROBS = 20
 
 # ---------------------------------------------------------------- requests: shared pieces
@@ -235,12 +236,52 @@ class TextContentPart(BaseModel):
     text: str
 
 
+FUNCTION_NAME_PATTERN = r"^[a-zA-Z0-9_.-]{1,64}$"
+
+
+class FunctionDefinition(BaseModel):
+    name: str = Field(pattern=FUNCTION_NAME_PATTERN)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; omitted = no arguments
+    strict: bool | None = None
+
+
+class ChatTool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON object as text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")  # tool_calls, tool_call_id, ... reach the template
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant: the calls it made
+    tool_call_id: str | None = None  # tool: the call this message answers
 
     @field_validator("content", mode="before")
     @classmethod
@@ -262,6 +303,13 @@ class ChatMessage(BaseModel):
     def for_template(self) -> dict[str, Any]:
         message = self.model_dump(exclude_none=True)
         message["content"] = self.text() or ""
+        for call in message.get("tool_calls") or []:
+            # Templates (Qwen, Llama 3.1, Mistral) render arguments as a mapping (`| tojson`, `.items()`);
+            # OpenAI sends them as JSON text. As vLLM does: decoded for the template when they decode.
+            try:
+                call["function"]["arguments"] = json.loads(call["function"]["arguments"])
+            except ValueError:
+                pass
         return message
 
 
@@ -277,7 +325,9 @@ class ChatCompletionRequest(SamplingFields):
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: ToolChoice | None = None  # default: "auto" with tools, "none" without
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="before")
     @classmethod
@@ -290,14 +340,27 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("top_logprobs requires logprobs to be true")
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise ValueError("response_format other than 'text' is not supported")
-        if self.tools:
-            raise ValueError("tools are not supported")
+        if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
+            raise ValueError("tool_choice is only allowed when tools are specified")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            names = [t.function.name for t in self.tools or []]
+            if self.tool_choice.function.name not in names:
+                raise ValueError(
+                    f"tool_choice names the function {self.tool_choice.function.name!r}, "
+                    f"which is not among the tools ({', '.join(names)})"
+                )
         if self.add_generation_prompt and self.continue_final_message:
             raise ValueError("add_generation_prompt and continue_final_message cannot both be true")
         limit = self.output_limit
         if limit is not None and self.min_tokens > limit:
             raise ValueError("min_tokens must be less than or equal to max_completion_tokens")
         return self
+
+    @property
+    def effective_tool_choice(self) -> str | NamedToolChoice:
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
 
     @property
     def output_limit(self) -> int | None:
@@ -454,7 +517,27 @@ class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
-    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    reasoning_content: str | None = None  # vLLM's: the thinking, when a reasoning parser runs
+
+
+class OmitNone(BaseModel):
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: Any) -> dict[str, Any]:
+        # OpenAI's deltas carry only what changed: {"content": "Hi"}, not {"role": null, ...}.
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class DeltaFunctionCall(OmitNone):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(OmitNone):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
 
 
 class ChatChoice(BaseModel):
@@ -476,14 +559,11 @@ class ChatCompletionResponse(BaseModel):
     prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None  # vLLM extra, when asked
 
 
-class DeltaMessage(BaseModel):
+class DeltaMessage(OmitNone):
     role: Literal["assistant"] | None = None
     content: str | None = None
-
-    @model_serializer(mode="wrap")
-    def _omit_unset(self, handler: Any) -> dict[str, Any]:
-        # OpenAI's deltas carry only what changed: {"content": "Hi"}, not {"role": null, ...}.
-        return {k: v for k, v in handler(self).items() if v is not None}
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):

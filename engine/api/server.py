@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from engine.api import chat, completions, misc
+from engine.api import chat, completions, misc, responses
 from engine.api.auth import auth_middleware
 from engine.api.errors import Handler, error_middleware, shutting_down
+from engine.api.output_plan import ServerToolOptions
 from engine.api.state import STATE, ServerState, ServingEngine
 
 MAX_BODY_BYTES = 64 * 2**20  # long prompts as token ids are big JSON; aiohttp's default is 1 MiB
@@ -31,6 +32,7 @@ def build_app(
     served_model_names: list[str] | None = None,
     model_root: str | None = None,
     trust_request_chat_template: bool = False,
+    tool_options: ServerToolOptions | None = None,
 ) -> web.Application:
     """The OpenAI-compatible server for `engine` (an AsyncEngine, already started by the caller).
 
@@ -42,6 +44,7 @@ def build_app(
         api_key=api_key,
         model_root=model_root,
         trust_request_chat_template=trust_request_chat_template,
+        tool_options=tool_options or ServerToolOptions(),
     )
     # Order matters: errors is outermost so 401/503 raised below are rendered as OpenAI JSON too.
     middlewares = [error_middleware, refuse_while_draining]
@@ -59,4 +62,5 @@ def build_app(
     app.router.add_post("/detokenize", misc.detokenize)
     app.router.add_post("/v1/completions", completions.create_completion)
     app.router.add_post("/v1/chat/completions", chat.create_chat_completion)
+    app.router.add_post("/v1/responses", responses.create_response)
     return app

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from engine.api.errors import bad_request, model_not_found
 from engine.api.logprobs import TokenTexts
+from engine.api.output_plan import ServerToolOptions
 from engine.metrics import EngineMetrics
 from engine.outputs import RequestOutput
 from engine.sampling.params import SamplingParams
@@ -54,6 +55,8 @@ class ServerState:
     api_key: str | None = None
     model_root: str | None = None  # what --model pointed at, shown in /v1/models
     trust_request_chat_template: bool = False  # --trust-request-chat-template
+    # --tool-call-parser, --enable-auto-tool-choice, --reasoning-parser
+    tool_options: ServerToolOptions = field(default_factory=ServerToolOptions)
     draining: bool = False  # set on SIGTERM: /health goes 503 and new requests are refused
     created: int = field(default_factory=lambda: int(time.time()))
     token_texts: TokenTexts = field(init=False)

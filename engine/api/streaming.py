@@ -13,6 +13,7 @@ from pydantic_core import to_json
 
 from engine.api.errors import error_json, from_engine_error, internal_error
 from engine.api.generation import SubRequest
+from engine.api.protocol import ErrorInfo
 from engine.outputs import RequestOutput
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,12 @@ async def stream_sse(
     outputs: AsyncIterator[tuple[SubRequest, RequestOutput]],
     builder: ChunkBuilder,
     request_id: str,
+    *,
+    error_event: Callable[[ErrorInfo], bytes] | None = None,
+    terminator: bytes = b"data: [DONE]\n\n",
 ) -> web.StreamResponse:
+    """error_event / terminator: how an error inside the stream and its end are written (the
+    Responses API has its own typed error event and no [DONE])."""
     # Wait for the first output before sending headers, so a full queue or a dead engine is still
     # answered with its own status (429/503) rather than an error inside a 200 stream.
     item = await anext(outputs, None)
@@ -98,8 +104,12 @@ async def stream_sse(
             if mapped is None:
                 log.exception("error while streaming %s", request_id)
                 mapped = internal_error()
-            await response.write(b"data: " + error_json(mapped.info, mapped.status).encode() + b"\n\n")
-        await response.write(b"data: [DONE]\n\n")
+            if error_event is not None:
+                await response.write(error_event(mapped.info))
+            else:
+                await response.write(b"data: " + error_json(mapped.info, mapped.status).encode() + b"\n\n")
+        if terminator:
+            await response.write(terminator)
         await response.write_eof()
     except ConnectionResetError:
         # The caller's `aclosing(outputs)` then aborts the engine requests and frees their blocks.

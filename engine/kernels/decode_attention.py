@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.reshape_and_cache import is_fp8_cache
+
 LOG2_E = 1.4426950408889634
 
 
@@ -26,6 +28,7 @@ def _decode_kernel(
     v_cache_ptr,
     block_tables_ptr,
     seq_lens_ptr,
+    kv_scales_ptr,  # [2] float32: K and V scales of an FP8 cache (unused otherwise)
     out_ptr,
     part_out_ptr,  # [num_seqs, num_heads, num_splits, HEAD_DIM] float32 (split path only)
     part_lse_ptr,  # [num_seqs, num_heads, num_splits] float32, log2 domain (split path only)
@@ -46,6 +49,7 @@ def _decode_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FP8_KV: tl.constexpr,  # float8 cache: K/V converted to q's dtype, their scales folded in
     SPLIT: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -70,6 +74,8 @@ def _decode_kernel(
         other=0.0,
     )
 
+    if FP8_KV:
+        scale_log2 = scale_log2 * tl.load(kv_scales_ptr)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
@@ -84,6 +90,9 @@ def _decode_kernel(
         kv_mask = tok_mask[:, None] & dim_mask[None, :]
         k = tl.load(k_cache_ptr + rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        if FP8_KV:
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
 
         # scores [GROUP_PAD, BLOCK_N], in the log2 domain (exp2 is cheaper than exp)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
@@ -98,6 +107,8 @@ def _decode_kernel(
     out_mask = head_mask[:, None] & dim_mask[None, :]
     nonempty = l_i > 0
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    if FP8_KV:
+        out = out * tl.load(kv_scales_ptr + 1)
     if SPLIT:
         row = (seq * num_heads + heads).to(tl.int64) * num_splits + split
         tl.store(part_out_ptr + row[:, None] * HEAD_DIM_PAD + dims[None, :], out, mask=out_mask)
@@ -173,6 +184,7 @@ def decode_attention(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
+    kv_scales: torch.Tensor | None = None,  # [2] float32, for a float8 cache
 ) -> torch.Tensor:
     num_seqs, num_heads, head_dim = q.shape
     if num_seqs == 0:
@@ -196,6 +208,7 @@ def decode_attention(
         v_cache,
         block_tables,
         seq_lens,
+        kv_scales if kv_scales is not None else seq_lens,
         out,
         part_out,
         part_lse,
@@ -216,6 +229,7 @@ def decode_attention(
         BLOCK_SIZE=kv_cache.shape[2],
         BLOCK_N=block_n,
         DOT_PRECISION=dot_precision(q.dtype),
+        FP8_KV=is_fp8_cache(kv_cache, kv_scales),
         SPLIT=split,
         num_warps=num_warps,
         num_stages=num_stages,

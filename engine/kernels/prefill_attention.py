@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels.decode_attention import LOG2_E, dot_precision
+from engine.kernels.reshape_and_cache import is_fp8_cache
 
 
 # Integer arguments that change from step to step are not specialized on (Triton would otherwise compile a
@@ -24,6 +25,7 @@ def _prefill_kernel(
     v_cache_ptr,
     block_tables_ptr,
     seq_lens_ptr,
+    kv_scales_ptr,  # [2] float32: K and V scales of an FP8 cache (unused otherwise)
     query_start_loc_ptr,
     out_ptr,
     first_seq,
@@ -43,6 +45,7 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FP8_KV: tl.constexpr,  # float8 cache: K/V converted to q's dtype, their scales folded in
 ):
     seq = first_seq + tl.program_id(0)
     head = tl.program_id(1)
@@ -65,6 +68,8 @@ def _prefill_kernel(
     # Absolute position of each query token; padded rows past q_len see the whole context, never nothing.
     q_pos = prefix_len + m_offs
 
+    if FP8_KV:
+        scale_log2 = scale_log2 * tl.load(kv_scales_ptr)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
@@ -81,6 +86,9 @@ def _prefill_kernel(
         kv_mask = tok_mask[:, None] & dim_mask[None, :]
         k = tl.load(k_cache_ptr + rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        if FP8_KV:
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
 
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         causal = (toks[None, :] <= q_pos[:, None]) & tok_mask[None, :]
@@ -93,6 +101,8 @@ def _prefill_kernel(
         m_i = m_new
 
     out = acc / l_i[:, None]
+    if FP8_KV:
+        out = out * tl.load(kv_scales_ptr + 1)
     o_rows = (q_start + m_offs).to(tl.int64) * stride_o_tok + head * stride_o_head
     tl.store(
         out_ptr + o_rows[:, None] + dims[None, :],
@@ -115,6 +125,7 @@ def prefill_attention(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
+    kv_scales: torch.Tensor | None = None,  # [2] float32, for a float8 cache
 ) -> torch.Tensor:
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_seqs = seq_lens.shape[0] - first_seq
@@ -130,6 +141,7 @@ def prefill_attention(
         v_cache,
         block_tables,
         seq_lens,
+        kv_scales if kv_scales is not None else seq_lens,
         query_start_loc,
         out,
         first_seq,
@@ -149,6 +161,7 @@ def prefill_attention(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         DOT_PRECISION=dot_precision(q.dtype),
+        FP8_KV=is_fp8_cache(kv_cache, kv_scales),
         num_warps=num_warps,
         num_stages=num_stages,
     )

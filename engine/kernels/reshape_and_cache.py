@@ -2,6 +2,7 @@
 
 Cache layout ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (see engine/model/attention.py).
 A negative slot means "padding token, write nothing" so a CUDA graph can run a fixed-size batch.
+An FP8 cache (``FP8_KV``) stores K / kv_scales[0] and V / kv_scales[1], clamped to e4m3's range.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ def _reshape_and_cache_kernel(
     k_cache_ptr,
     v_cache_ptr,
     slot_mapping_ptr,
+    kv_scales_ptr,  # [2] float32: the K and V scales of an FP8 cache (unused otherwise)
     stride_k_tok,
     stride_k_head,
     stride_v_tok,
@@ -30,6 +32,7 @@ def _reshape_and_cache_kernel(
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    FP8_KV: tl.constexpr,
 ):
     tok = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
@@ -52,14 +55,22 @@ def _reshape_and_cache_kernel(
 
     k = tl.load(src_k, mask=mask)
     v = tl.load(src_v, mask=mask)
+    if FP8_KV:
+        k = tl.clamp(k.to(tl.float32) / tl.load(kv_scales_ptr), -448.0, 448.0)
+        v = tl.clamp(v.to(tl.float32) / tl.load(kv_scales_ptr + 1), -448.0, 448.0)
     tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def reshape_and_cache(
-    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kv_scales: torch.Tensor | None = None,
 ) -> None:
-    """k, v: [num_tokens, num_kv_heads, head_dim] (last dim contiguous); slot_mapping: [num_tokens]."""
+    """k, v: [num_tokens, num_kv_heads, head_dim] (last dim contiguous); slot_mapping: [num_tokens];
+    kv_scales: [2] float32 for a float8 cache."""
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0:
         return
@@ -72,6 +83,7 @@ def reshape_and_cache(
         k_cache,
         v_cache,
         slot_mapping,
+        kv_scales if kv_scales is not None else slot_mapping,
         k.stride(0),
         k.stride(1),
         v.stride(0),
@@ -84,4 +96,12 @@ def reshape_and_cache(
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
         BLOCK_SIZE=kv_cache.shape[2],
+        FP8_KV=is_fp8_cache(kv_cache, kv_scales),
     )
+
+
+def is_fp8_cache(kv_cache: torch.Tensor, kv_scales: torch.Tensor | None) -> bool:
+    if kv_cache.dtype != torch.float8_e4m3fn:
+        return False
+    assert kv_scales is not None and kv_scales.dtype == torch.float32, "an FP8 KV cache needs its scales"
+    return True

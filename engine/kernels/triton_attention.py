@@ -33,8 +33,9 @@ class TritonAttention:
         meta: AttentionMetadata,
         scale: float,
         out: torch.Tensor | None = None,
+        kv_scales: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        reshape_and_cache(k, v, kv_cache, meta.slot_mapping)
+        reshape_and_cache(k, v, kv_cache, meta.slot_mapping, kv_scales)
         if out is None:
             out = torch.empty_like(q)
         num_decodes = meta.num_decodes
@@ -50,6 +51,7 @@ class TritonAttention:
                 scale,
                 out[:num_decodes],
                 num_splits=num_splits,
+                kv_scales=kv_scales,
             )
         if meta.num_seqs > num_decodes:
             prefill_attention(
@@ -62,5 +64,6 @@ class TritonAttention:
                 scale,
                 out,
                 first_seq=num_decodes,
+                kv_scales=kv_scales,
             )
         return out

@@ -44,20 +44,44 @@ class AttentionBackend(Protocol):
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         meta: AttentionMetadata,
         scale: float,
+        kv_scales: torch.Tensor | None = None,  # [2] float32: K and V scales of a float8 cache
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         """Write k/v into the cache at meta.slot_mapping, then attend causally over each sequence's
-        whole context (its cached prefix plus the new tokens)."""
+        whole context (its cached prefix plus the new tokens). A float8 cache holds K / kv_scales[0]
+        and V / kv_scales[1] (engine.model.kv_cache_quant)."""
         ...
 
 
+FP8_KV = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+
 def write_kv_cache(
-    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kv_scales: torch.Tensor | None = None,
 ) -> None:
     block_size = kv_cache.shape[2]
     flat = kv_cache.view(2, -1, *kv_cache.shape[3:])  # [2, num_blocks * block_size, kvh, d]
     assert flat.shape[1] == kv_cache.shape[1] * block_size
-    flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
-    flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+    if kv_cache.dtype == FP8_KV:
+        assert kv_scales is not None, "a float8 KV cache needs its scales"
+        k = (k.float() / kv_scales[0]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_KV)
+        v = (v.float() / kv_scales[1]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_KV)
+        # torch's CPU index kernels do not take float8: move its bytes
+        flat, k, v = flat.view(torch.uint8), k.view(torch.uint8), v.view(torch.uint8)
+    flat[0].index_copy_(0, slot_mapping, k.to(flat.dtype))
+    flat[1].index_copy_(0, slot_mapping, v.to(flat.dtype))
+
+
+def read_kv(cached: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
+    """Cached K or V in `dtype`: times its scale from a float8 cache, as is otherwise."""
+    if cached.dtype != FP8_KV:
+        return cached
+    assert scale is not None
+    return cached.to(dtype) * scale.to(dtype)
 
 
 def gather_context(
@@ -67,9 +91,10 @@ def gather_context(
     block_size = kv_cache.shape[2]
     n_blocks = (seq_len + block_size - 1) // block_size
     blocks = block_table[:n_blocks].long()
-    k = kv_cache[0, blocks].flatten(0, 1)[:seq_len]
-    v = kv_cache[1, blocks].flatten(0, 1)[:seq_len]
-    return k, v
+    cache = kv_cache.view(torch.uint8) if kv_cache.dtype == FP8_KV else kv_cache  # see write_kv_cache
+    k = cache[0, blocks].flatten(0, 1)[:seq_len]
+    v = cache[1, blocks].flatten(0, 1)[:seq_len]
+    return k.view(kv_cache.dtype), v.view(kv_cache.dtype)
 
 
 class TorchAttention:
@@ -90,19 +115,24 @@ class TorchAttention:
         self._plan_key: tuple | None = None
         self._plan: tuple[torch.Tensor, torch.Tensor | None, int] | None = None
 
-    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        write_kv_cache(k, v, kv_cache, meta.slot_mapping)
-        dtype = kv_cache.dtype
+    def forward(
+        self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float, kv_scales: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        write_kv_cache(k, v, kv_cache, meta.slot_mapping, kv_scales)
+        # a float8 cache is read back into the activations' dtype (it is storage, not arithmetic)
+        dtype = q.dtype if kv_cache.dtype == FP8_KV else kv_cache.dtype
         nd = meta.num_decodes
         if nd == meta.num_seqs:  # a decode-only step (most steps): no output buffer to copy into
-            return self._decode(q.to(dtype), kv_cache, meta, scale).to(q.dtype)
+            return self._decode(q.to(dtype), kv_cache, meta, scale, kv_scales).to(q.dtype)
         out = torch.empty_like(q)
         if nd:
-            out[:nd] = self._decode(q[:nd].to(dtype), kv_cache, meta, scale)
+            out[:nd] = self._decode(q[:nd].to(dtype), kv_cache, meta, scale, kv_scales)
         start = nd
         for i in range(nd, meta.num_seqs):
             q_len, seq_len = meta.query_lens_cpu[i], meta.seq_lens_cpu[i]
             kc, vc = gather_context(kv_cache, meta.block_tables[i], seq_len)
+            if kv_scales is not None:
+                kc, vc = read_kv(kc, dtype, kv_scales[0]), read_kv(vc, dtype, kv_scales[1])
             qs = q[start : start + q_len].to(dtype).transpose(0, 1)  # [H, q_len, D]
             kc, vc = kc.transpose(0, 1), vc.transpose(0, 1)  # [KVH, seq_len, D]
             # query token j sits at absolute position seq_len - q_len + j
@@ -141,15 +171,36 @@ class TorchAttention:
         return self._plan
 
     def _decode(
-        self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        kv_scales: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b, num_heads, d = q.shape
         _, _, block_size, num_kv_heads, _ = kv_cache.shape
         slots, mask, max_len = self._decode_plan(meta, block_size, q.dtype)
         flat = kv_cache.view(2, -1, num_kv_heads * d)  # [2, num_slots, KVH * D]: rows are whole tokens
+        if flat.dtype == FP8_KV:
+            flat = flat.view(torch.uint8)  # see write_kv_cache
         # [B, KVH, L, D] copies of each sequence's context, padded to the longest
-        keys = flat[0].index_select(0, slots).view(b, max_len, num_kv_heads, d).transpose(1, 2)
-        values = flat[1].index_select(0, slots).view(b, max_len, num_kv_heads, d).transpose(1, 2)
+        keys = (
+            flat[0]
+            .index_select(0, slots)
+            .view(kv_cache.dtype)
+            .view(b, max_len, num_kv_heads, d)
+            .transpose(1, 2)
+        )
+        values = (
+            flat[1]
+            .index_select(0, slots)
+            .view(kv_cache.dtype)
+            .view(b, max_len, num_kv_heads, d)
+            .transpose(1, 2)
+        )
+        if kv_scales is not None:
+            keys, values = read_kv(keys, q.dtype, kv_scales[0]), read_kv(values, q.dtype, kv_scales[1])
         # Grouped-query attention with the group folded into the query length: the q heads of one kv
         # head (h // group, as transformers' repeat_kv pairs them) attend as `group` queries of that
         # head, so SDPA neither repeats K/V nor takes its slower GQA path.

@@ -1,5 +1,7 @@
 """How many KV blocks to allocate: an explicit override, --kv-cache-memory, or (on CUDA) what is left
-of --gpu-memory-utilization after the weights and a forward pass's peak activations."""
+of --gpu-memory-utilization after the weights and a forward pass's peak activations. Under tensor
+parallelism every rank sizes its own (a block holds each rank's share of the KV heads) and all take
+the smallest count."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.config import EngineConfig
+from engine.distributed.messages import Op
 
 if TYPE_CHECKING:
     from engine.model.runner import ModelRunner
@@ -30,6 +33,7 @@ def choose_num_blocks(
     max_batched_tokens: int,
     max_num_seqs: int = 1,
 ) -> int:
+    runner.tell_ranks(Op.SIZE_KV_CACHE, max_model_len, max_batched_tokens, max_num_seqs)
     per_block = runner.bytes_per_block()
     if config.num_gpu_blocks_override is not None:
         num_blocks = config.num_gpu_blocks_override
@@ -41,6 +45,7 @@ def choose_num_blocks(
         )
     else:
         num_blocks = CPU_DEFAULT_KV_BYTES // per_block
+    num_blocks = min_over_ranks(num_blocks)  # every rank holds its heads of every block
     min_blocks = -(-max_model_len // config.block_size)
     if num_blocks < min_blocks:
         raise KVCacheTooSmallError(
@@ -49,6 +54,16 @@ def choose_num_blocks(
             f"--gpu-memory-utilization) or lower --max-model-len."
         )
     return num_blocks
+
+
+def min_over_ranks(num_blocks: int) -> int:
+    """The smallest of every tensor-parallel rank's count (this one's without tensor parallelism)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return num_blocks
+    backend = torch.distributed.get_backend()
+    count = torch.tensor([num_blocks], dtype=torch.int64, device="cuda" if backend == "nccl" else "cpu")
+    torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MIN)
+    return int(count.item())
 
 
 def _profile_cuda_blocks(

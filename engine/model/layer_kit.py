@@ -5,7 +5,8 @@ What it decides, and nothing else:
 - ``fused``: Triton RMSNorm / SiLU-and-mul / rotary (CUDA) or the plain-torch modules (CPU, tests);
 - ``matmul_dtype``: CPU mixed precision, linear layers and the LM head with bfloat16 weights in oneDNN's
   packed layout (engine.model.linear.MixedPrecisionLinear, engine.model.vocab.LowPrecisionLMHead);
-- ``shard``: which 1/N of every layer this tensor-parallel rank holds (engine.model.sharding).
+- ``shard``: which 1/N of every layer this tensor-parallel rank holds (engine.model.sharding);
+- ``quantization``: FP8 linear layers (engine.model.fp8) under an Fp8Scheme (engine.model.quantization).
 
 A family says *what* each layer is (``kit.linear(..., parallel=Parallel.COLUMN, parts=...)``); the kit
 says *how* it runs. Later layer kinds (FP8 linears, MoE experts) plug into the same factories.
@@ -13,6 +14,7 @@ says *how* it runs. Later layer kinds (FP8 linears, MoE experts) plug into the s
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +24,8 @@ from torch import nn
 
 from engine.model.layers import RMSNorm, RotaryEmbedding, SiluAndMul
 from engine.model.linear import Linear, MixedPrecisionLinear
+from engine.model.moe import MoeExperts, MoeSpec, TorchMoeExperts
+from engine.model.quantization import Fp8Scheme
 from engine.model.sharding import Parallel, Part, Shard
 from engine.model.vocab import LMHead, LowPrecisionLMHead, VocabEmbedding
 
@@ -33,21 +37,19 @@ class LayerKit:
     fused: bool = False
     matmul_dtype: torch.dtype | None = None
     shard: Shard = field(default_factory=Shard)
+    quantization: Fp8Scheme | None = None  # the decoder's linears in FP8; the LM head never is
 
     @classmethod
     def for_device(
-        cls, device: torch.device, matmul_dtype: torch.dtype | None = None, shard: Shard | None = None
+        cls,
+        device: torch.device,
+        matmul_dtype: torch.dtype | None = None,
+        shard: Shard | None = None,
+        quantization: Fp8Scheme | None = None,
     ) -> LayerKit:
         """Fused Triton layers on CUDA where Triton imports; plain torch elsewhere."""
-        fused = False
-        if device.type == "cuda":
-            try:
-                import engine.kernels.fused_layers  # noqa: F401
-            except ImportError:
-                fused = False
-            else:
-                fused = True
-        return cls(fused=fused, matmul_dtype=matmul_dtype, shard=shard or Shard())
+        fused = device.type == "cuda" and importlib.util.find_spec("triton") is not None
+        return cls(fused=fused, matmul_dtype=matmul_dtype, shard=shard or Shard(), quantization=quantization)
 
     # --- elementwise layers ------------------------------------------------------------------
 
@@ -93,8 +95,25 @@ class LayerKit:
     ) -> Linear:
         """``y = x W^T + b``. COLUMN splits the outputs over the ranks (each packed part on its own,
         heads whole), ROW splits the inputs and all-reduces the outputs, REPLICATED keeps it whole."""
+        if self.quantization is not None:
+            from engine.model.fp8 import Fp8Linear
+
+            out_dtype = torch.get_default_dtype()  # the model's: layers are built under it
+            return Fp8Linear(
+                in_features, out_features, bias, parallel, parts, self.shard, self.quantization, out_dtype,
+                self.matmul_dtype,
+            )  # fmt: skip
         cls = Linear if self.matmul_dtype is None else MixedPrecisionLinear
         return cls(in_features, out_features, bias, parallel, parts, self.shard, self.matmul_dtype)
+
+    def moe_experts(self, hidden_size: int, spec: MoeSpec) -> MoeExperts:
+        """A mixture-of-experts layer's experts: the fused Triton kernel on CUDA, a loop over the chosen
+        experts otherwise; each rank holds its share of every expert's intermediate dimension."""
+        if self.fused:
+            from engine.kernels.fused_moe_layer import FusedMoeExperts
+
+            return FusedMoeExperts(hidden_size, spec, self.shard, self.matmul_dtype)
+        return TorchMoeExperts(hidden_size, spec, self.shard, self.matmul_dtype)
 
     def embedding(self, vocab_size: int, hidden_size: int) -> VocabEmbedding:
         """Token embedding, split over the ranks by vocabulary rows."""

@@ -28,6 +28,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from engine.model.attention import AttentionBackend, AttentionMetadata
+from engine.model.kv_cache_quant import KVCacheScales
 from engine.model.layer_kit import LayerKit
 from engine.model.layers import RotaryEmbedding
 from engine.model.sharding import CheckpointTensor, Parallel, Part, as_checkpoint_tensor, load_replicated
@@ -48,9 +49,9 @@ class LlamaFamilyVariant:
         attention_bias = bool(getattr(config, "attention_bias", False))
         if config.model_type == "qwen2":  # q/k/v always carry a bias, o never does
             return cls(qkv_bias=True, o_bias=False, mlp_bias=False, qk_norm=False)
-        if config.model_type == "qwen3":
+        if config.model_type in ("qwen3", "qwen3_moe"):
             return cls(qkv_bias=attention_bias, o_bias=attention_bias, mlp_bias=False, qk_norm=True)
-        if config.model_type == "mistral":
+        if config.model_type in ("mistral", "mixtral"):
             return cls(qkv_bias=False, o_bias=False, mlp_bias=False, qk_norm=False)
         return cls(
             qkv_bias=attention_bias,
@@ -108,6 +109,7 @@ class LlamaAttention(nn.Module):
         self.k_norm = kit.rms_norm(head_dim, config.rms_norm_eps) if variant.qk_norm else None
         self.rotary = rotary
         self.attn_backend = attn_backend
+        self.kv_scales = KVCacheScales()  # read only by an FP8 KV cache (--kv-cache-dtype fp8)
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
@@ -119,7 +121,7 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
-        out = self.attn_backend.forward(q, k, v, kv_cache, meta, self.scale)
+        out = self.attn_backend.forward(q, k, v, kv_cache, meta, self.scale, kv_scales=self.kv_scales.scales)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 

@@ -3,28 +3,37 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from engine.config import EngineConfig
 from engine.model.attention import AttentionBackend, TorchAttention
+from engine.model.kv_cache_quant import apply_kv_scales, resolve_kv_cache_dtype, split_kv_scales
 from engine.model.layer_kit import LayerKit
-from engine.model.llama import (
-    SUPPORTED_ARCHITECTURES,
-    SUPPORTED_MODEL_TYPES,
-    LlamaForCausalLM,
-    head_dim_of,
-)
+from engine.model.llama import SUPPORTED_ARCHITECTURES as LLAMA_ARCHITECTURES
+from engine.model.llama import SUPPORTED_MODEL_TYPES as LLAMA_MODEL_TYPES
+from engine.model.llama import LlamaForCausalLM, head_dim_of
+from engine.model.moe import MOE_MODEL_TYPES, unsupported_moe_features
+from engine.model.moe_family import MOE_ARCHITECTURES, MoeForCausalLM
+from engine.model.quantization import prepare_quantization
+from engine.model.sharding import Shard
 from engine.model.sources import ModelLoadError, ModelSource, resolve_model_source
+
+if TYPE_CHECKING:
+    from engine.distributed.driver import TensorParallelDriver
 
 __all__ = ["LoadedModel", "ModelLoadError", "load_model"]
 
 log = logging.getLogger(__name__)
 
 FALLBACK_MAX_MODEL_LEN = 2048  # for configs that do not state max_position_embeddings
+SUPPORTED_ARCHITECTURES = LLAMA_ARCHITECTURES + MOE_ARCHITECTURES
+SUPPORTED_MODEL_TYPES = LLAMA_MODEL_TYPES + MOE_MODEL_TYPES
 
 
 @dataclass
@@ -40,33 +49,60 @@ class LoadedModel:
     device: torch.device
     max_model_len: int
     num_layers: int
-    num_kv_heads: int
+    num_kv_heads: int  # this rank's: its share of the KV cache
     head_dim: int
     precision: str = ""  # for the log: "float32", or what mixed precision keeps in which dtype
+    tp: TensorParallelDriver | None = None  # rank 0 under tensor parallelism: the other ranks
+    kv_cache_dtype: torch.dtype | None = None  # float8 e4m3 under --kv-cache-dtype fp8; None: `dtype`
 
 
-def load_model(config: EngineConfig, attn_backend: AttentionBackend | None = None) -> LoadedModel:
+def load_model(
+    config: EngineConfig, attn_backend: AttentionBackend | None = None, shard: Shard | None = None
+) -> LoadedModel:
+    """Rank 0 (``shard`` None): with --tensor-parallel-size N > 1 it also starts ranks 1..N-1
+    (LoadedModel.tp), which call this with their own ``shard``. Every rank reads only its slices."""
     started = time.monotonic()
-    if config.tensor_parallel_size > 1:  # the sharded workers are not built yet (issue 11)
-        raise ModelLoadError(
-            f"--tensor-parallel-size {config.tensor_parallel_size}: only 1 is supported so far"
-        )
-    source = resolve_model_source(config.model, config.revision)
+    source = resolve_model_source(config.model, config.revision)  # rank 0 converts a GGUF first
     log.info("loading model %s", source.label)
     hf_config = source.load_config(config.trust_remote_code)
     check_supported(hf_config, source)
     device = resolve_device(config.device)
+    tp = None
+    if shard is None:
+        check_tensor_parallel(config.tensor_parallel_size, hf_config, device)
+        if config.tensor_parallel_size > 1:
+            from engine.distributed.driver import TensorParallelDriver
+
+            tp = TensorParallelDriver(config, device)
+        shard = Shard(0, config.tensor_parallel_size)
+    elif device.type == "cuda":
+        device = torch.device("cuda", shard.rank)
     dtype = resolve_dtype(config.dtype, hf_config, device)
     matmul_dtype = resolve_matmul_dtype(config.dtype, device)
     max_model_len = resolve_max_model_len(config.max_model_len, hf_config)
     if attn_backend is None:
         attn_backend = default_attention_backend(device)
 
-    kit = LayerKit.for_device(device, matmul_dtype)
-    model = LlamaForCausalLM(hf_config, attn_backend, dtype, device, max_positions=max_model_len, kit=kit)
-    num_params = sum(p.numel() for p in model.parameters())  # before packed weights leave the parameters
+    if hf_config.model_type in MOE_MODEL_TYPES and (
+        config.quantization or getattr(hf_config, "quantization_config", None)
+    ):  # the FP8 layers are linears; the experts' packed weights have no FP8 path yet
+        raise ModelLoadError(
+            f"{source.label}: quantized {hf_config.model_type} models (FP8 checkpoints or --quantization) "
+            "are not supported yet; serve the bfloat16 checkpoint without --quantization"
+        )
     try:
-        model.load_weights(source.iter_weights())
+        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        quantization = prepare_quantization(config.quantization, hf_config, device.type, capability)
+        cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, matmul_dtype or dtype, capability)
+    except ValueError as exc:  # UnsupportedQuantizationError among them
+        raise ModelLoadError(f"{source.label}: {exc}") from exc
+    kit = LayerKit.for_device(device, matmul_dtype, shard, quantization=quantization)
+    model_class = MoeForCausalLM if hf_config.model_type in MOE_MODEL_TYPES else LlamaForCausalLM
+    model = model_class(hf_config, attn_backend, dtype, device, max_positions=max_model_len, kit=kit)
+    num_params = sum(p.numel() for p in model.parameters())  # before packed weights leave the parameters
+    kv_scales: dict[tuple[int, str], float] = {}  # the checkpoint's FP8 KV cache scales, if any
+    try:
+        model.load_weights(split_kv_scales(source.iter_weights(), kv_scales))
     except ValueError as exc:  # a checkpoint that does not fit the config: say which model
         raise ModelLoadError(f"{source.label}: {exc}") from exc
     model.eval()
@@ -74,8 +110,15 @@ def load_model(config: EngineConfig, attn_backend: AttentionBackend | None = Non
     if matmul_dtype is not None:
         kv_cache_dtype = matmul_dtype
         precision = f"{precision} with {str(matmul_dtype).removeprefix('torch.')} matmuls and KV cache"
+    apply_kv_scales(model, kv_scales, fp8_cache=cache_dtype != kv_cache_dtype)
+    if cache_dtype != kv_cache_dtype:
+        precision += ", FP8 (e4m3) KV cache"
     if kit.fused:
         precision += ", fused Triton layers"
+    if quantization is not None:
+        precision += f", {quantization.describe()}"
+    if shard.size > 1:
+        precision += f", tensor-parallel rank {shard.rank} of {shard.size}"
     tokenizer = source.load_tokenizer(config.tokenizer, config.trust_remote_code)
     if tokenizer.chat_template is None:
         log.warning("%s has no chat template: /v1/chat/completions will be refused", source.label)
@@ -96,10 +139,39 @@ def load_model(config: EngineConfig, attn_backend: AttentionBackend | None = Non
         device=device,
         max_model_len=max_model_len,
         num_layers=hf_config.num_hidden_layers,
-        num_kv_heads=hf_config.num_key_value_heads,
+        num_kv_heads=kit.local_heads(hf_config.num_key_value_heads),
         head_dim=head_dim_of(hf_config),
         precision=precision,
+        tp=tp,
+        kv_cache_dtype=cache_dtype,
     )
+
+
+def check_tensor_parallel(size: int, hf_config: PretrainedConfig, device: torch.device) -> None:
+    """One line naming both numbers for a tensor-parallel size this model or machine cannot take."""
+    if size == 1:
+        return
+    if hf_config.model_type in MOE_MODEL_TYPES:  # the experts are not split yet
+        raise ModelLoadError(
+            f"--tensor-parallel-size {size}: {hf_config.model_type} models run on one GPU only so far"
+        )
+    heads, kv_heads = hf_config.num_attention_heads, hf_config.num_key_value_heads
+    if heads % size:
+        raise ModelLoadError(f"--tensor-parallel-size {size} must divide the model's {heads} attention heads")
+    if kv_heads % size and size % kv_heads:
+        raise ModelLoadError(
+            f"--tensor-parallel-size {size} must divide the model's {kv_heads} KV heads or be a multiple of them"
+        )
+    if hf_config.intermediate_size % size:
+        raise ModelLoadError(
+            f"--tensor-parallel-size {size} must divide the model's intermediate size {hf_config.intermediate_size}"
+        )
+    if device.type == "cuda" and torch.cuda.device_count() < size:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        shown = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
+        raise ModelLoadError(
+            f"--tensor-parallel-size {size} needs {size} GPUs, but {torch.cuda.device_count()} are visible{shown}"
+        )
 
 
 def check_supported(hf_config: PretrainedConfig, source: ModelSource) -> None:
@@ -117,6 +189,13 @@ def check_supported(hf_config: PretrainedConfig, source: ModelSource) -> None:
         raise ModelLoadError(
             f"{source.label}: unsupported {found}; supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
+    if hf_config.model_type in MOE_MODEL_TYPES:
+        features = unsupported_moe_features(hf_config)
+        if features:
+            raise ModelLoadError(
+                f"{source.label}: this {hf_config.model_type} model uses {'; '.join(features)}, "
+                "which kubellm's MoE layers do not support"
+            )
 
 
 def resolve_device(requested: str) -> torch.device:

@@ -11,7 +11,7 @@ Requests that ask skip the prefix cache (engine/core/scheduler.py): a cached tok
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -77,17 +77,9 @@ def launch_prompt_logprobs(
     predicts only the first output token.
     """
     parts = []
-    row = num_decodes
-    for scheduled, n in zip(batch[num_decodes:], query_lens[num_decodes:], strict=True):
-        seq, first_row = scheduled.seq, row
-        row += n
+    for scheduled, first_row, start, end in _chunks_that_ask(batch, query_lens, num_decodes):
+        seq = scheduled.seq
         num_top = seq.params.prompt_logprobs
-        if num_top is None or seq.num_output_tokens > 0:
-            continue
-        start = seq.num_computed_tokens
-        end = min(start + n, seq.num_prompt_tokens - 1)  # positions whose next token is a prompt token
-        if end <= start:
-            continue
         targets = to_device(torch.tensor(seq.token_ids[start + 1 : end + 1], dtype=torch.long), hidden.device)
         chosen, top_values, top_ids = [], [], []
         for lo in range(0, end - start, _ROWS_PER_SLICE):
@@ -109,3 +101,39 @@ def launch_prompt_logprobs(
             (seq.request_id, start + 1, num_top, torch.cat(chosen), torch.cat(top_values), torch.cat(top_ids))
         )
     return PendingPromptLogprobs(parts) if parts else None
+
+
+def _chunks_that_ask(
+    batch: list[ScheduledSeq], query_lens: list[int], num_decodes: int
+) -> Iterator[tuple[ScheduledSeq, int, int, int]]:
+    """(scheduled, first hidden row, first position, end position) of each chunk to evaluate."""
+    row = num_decodes
+    for scheduled, n in zip(batch[num_decodes:], query_lens[num_decodes:], strict=True):
+        seq, first_row = scheduled.seq, row
+        row += n
+        if seq.params.prompt_logprobs is None or seq.num_output_tokens > 0:
+            continue
+        start = seq.num_computed_tokens
+        end = min(start + n, seq.num_prompt_tokens - 1)  # positions whose next token is a prompt token
+        if end > start:
+            yield scheduled, first_row, start, end
+
+
+def prompt_logprob_rows(
+    batch: list[ScheduledSeq], query_lens: list[int], num_decodes: int
+) -> list[tuple[int, int]]:
+    """(first hidden row, rows) of each chunk launch_prompt_logprobs evaluates: what the other
+    tensor-parallel ranks must put through the LM head with rank 0 (join_prompt_logprob_gathers)."""
+    return [(first, end - start) for _, first, start, end in _chunks_that_ask(batch, query_lens, num_decodes)]
+
+
+def join_prompt_logprob_gathers(
+    hidden: torch.Tensor,
+    rows: list[tuple[int, int]],
+    compute_logits: Callable[[torch.Tensor], torch.Tensor | None],
+) -> None:
+    """A tensor-parallel rank other than 0: the LM head over the same rows, in the same slices, as
+    rank 0's launch_prompt_logprobs, so that every gather of the logits has all its ranks."""
+    for first, count in rows:
+        for lo in range(0, count, _ROWS_PER_SLICE):
+            compute_logits(hidden[first + lo : first + min(lo + _ROWS_PER_SLICE, count)])

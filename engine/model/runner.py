@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from engine.core.scheduler import ScheduledSeq
 from engine.device_copy import to_device
+from engine.distributed.messages import Op, StepArrays, control
 from engine.model.attention import AttentionMetadata
 from engine.model.cuda_graphs import DecodeCudaGraphs
 from engine.model.input_staging import InputStaging
-from engine.model.prompt_logprobs import PendingPromptLogprobs, launch_prompt_logprobs
+from engine.model.prompt_logprobs import PendingPromptLogprobs, launch_prompt_logprobs, prompt_logprob_rows
 from engine.outputs import TokenLogprob
 from engine.sampling.sampler import PendingSample, Sampler, SamplingRow, seeded_generator
+
+if TYPE_CHECKING:
+    from engine.distributed.driver import TensorParallelDriver
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +68,15 @@ class ModelRunner:
         dtype: torch.dtype,
         device: torch.device,
         block_size: int,
+        tp: TensorParallelDriver | None = None,
+        kv_cache_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.dtype = dtype
+        self.kv_cache_dtype = kv_cache_dtype or dtype  # float8 e4m3 under --kv-cache-dtype fp8
         self.device = device
         self.block_size = block_size
         self.kv_caches: list[torch.Tensor] = []
@@ -77,9 +85,22 @@ class ModelRunner:
         self._constant_rows: dict[str, SamplingRow] = {}  # per request, for rows that never change
         self.staging = InputStaging(device) if device.type == "cuda" else None
         self.cuda_graphs: DecodeCudaGraphs | None = None  # set by capture_cuda_graphs
+        # Rank 0 under tensor parallelism: the other ranks repeat this runner's public calls (tell_ranks).
+        self.tp = tp
+
+    def tell_ranks(self, op: Op, *args: int) -> None:
+        """Under tensor parallelism, have the other ranks make the same call on their runners."""
+        if self.tp is not None:
+            self.tp.send(control(op, *args))
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do without them)."""
+        if self.tp is not None:
+            self.tp.close()
 
     def capture_cuda_graphs(self, max_batch_size: int, max_model_len: int) -> None:
         """Once the KV cache is allocated for good: capture decode steps as CUDA graphs."""
+        self.tell_ranks(Op.CAPTURE_CUDA_GRAPHS, max_batch_size, max_model_len)
         self.cuda_graphs = DecodeCudaGraphs(
             self.model, self.kv_caches, min(max_batch_size, 512), max_model_len, self.block_size,
             self.model.config.hidden_size, self.dtype, self.device,
@@ -87,13 +108,17 @@ class ModelRunner:
         self.cuda_graphs.capture()
 
     def bytes_per_block(self) -> int:
-        elem = torch.empty((), dtype=self.dtype).element_size()
+        elem = torch.empty((), dtype=self.kv_cache_dtype).element_size()
         return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.tell_ranks(Op.ALLOCATE_KV_CACHE, num_blocks)
+        self._allocate_kv_cache(num_blocks)
+
+    def _allocate_kv_cache(self, num_blocks: int) -> None:
         shape = (2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
         self.kv_caches = [
-            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)
+            torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device) for _ in range(self.num_layers)
         ]
 
     def profile_peak_activation_bytes(
@@ -107,7 +132,7 @@ class ModelRunner:
 
         seq_len = min(num_tokens, max_seq_len or num_tokens)
         lengths = [min(seq_len, num_tokens - start) for start in range(0, num_tokens, seq_len)]
-        self.allocate_kv_cache(sum(-(-n // self.block_size) for n in lengths))
+        self._allocate_kv_cache(sum(-(-n // self.block_size) for n in lengths))
         torch.cuda.synchronize(self.device)
         base = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -117,7 +142,9 @@ class ModelRunner:
                 num_sample_rows, self.model.config.hidden_size, dtype=self.dtype, device=self.device
             )
             row = SamplingRow(SamplingParams(temperature=0.7, top_p=0.9), [], [], None, set())
-            self.sampler.sample(self.model.compute_logits(hidden), [row] * num_sample_rows).result()
+            logits = self.model.compute_logits(hidden)  # None on tensor-parallel ranks but the first
+            if logits is not None:
+                self.sampler.sample(logits, [row] * num_sample_rows).result()
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - base
         self.kv_caches = []
@@ -127,6 +154,7 @@ class ModelRunner:
     def warm_up(self) -> None:
         """One eager step mixing decodes with a prefill that continues a cached prefix, greedy and
         sampled rows: the first such step of real traffic then compiles and autotunes nothing."""
+        self.tell_ranks(Op.WARM_UP)
         bs = self.block_size
         shapes = [(bs + 3, 1, 0.0), (5, 1, 0.7), (3 * bs + 1, 2 * bs + 1, 0.0)]  # tokens, new, temperature
         if sum(-(-n // bs) for n, _, _ in shapes) > self.kv_caches[0].shape[1]:
@@ -147,7 +175,7 @@ class ModelRunner:
             next_block += num_blocks
             seq.num_computed_tokens = num_tokens - num_new
             batch.append(ScheduledSeq(seq, num_new))
-        self.execute(batch, set())
+        self.launch(batch, set(), tell_ranks=False).result()  # every rank runs its own dummy steps
         for s in batch:
             self.release(s.seq.request_id)
 
@@ -184,11 +212,34 @@ class ModelRunner:
         return row
 
     def build_metadata(
-        self, batch: list[ScheduledSeq], previous: LaunchedStep | None = None
+        self, batch: list[ScheduledSeq], previous: LaunchedStep | None = None, tell_ranks: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """The step's flat inputs on the device. A decode whose input token is still in flight (sampled
         by `previous`, which the host has not read yet: it is past the end of token_ids) takes it from
-        previous's device tensor, so building this step never waits for the last one."""
+        previous's device tensor, so building this step never waits for the last one. Under tensor
+        parallelism the other ranks get the same inputs (the host arrays as one message, then any such
+        tokens by broadcast)."""
+        arrays, fed_rows, fed_from = self.step_arrays(batch, previous)
+        tell = tell_ranks and self.tp is not None
+        if tell:
+            self.tp.send(arrays.pack())
+        extra = (
+            [np.asarray(fed_rows, dtype=np.int64), np.asarray(fed_from, dtype=np.int64)] if fed_rows else []
+        )
+        ids, positions, meta, on_device = self.device_inputs(arrays, extra)
+        if fed_rows:
+            assert previous is not None
+            rows, src = on_device
+            ids.index_copy_(0, rows, previous.sample.token_ids.index_select(0, src))
+            if tell:
+                self.tp.broadcast_input_ids(ids)
+        return ids, positions, meta
+
+    def step_arrays(
+        self, batch: list[ScheduledSeq], previous: LaunchedStep | None = None
+    ) -> tuple[StepArrays, list[int], list[int]]:
+        """The step's inputs as host arrays, and which decode rows take their input token from
+        `previous`'s sampled tokens (and from which of its rows)."""
         # Per-token arrays are computed with numpy from per-sequence values: this runs every step for
         # hundreds of sequences, so Python loops over tokens would cost more than the GPU's work.
         bs = self.block_size
@@ -232,31 +283,53 @@ class ModelRunner:
             tables[i, : len(s.seq.block_table)] = s.seq.block_table
         slots = tables[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
 
-        arrays = [slots, qsl.astype(np.int32), np.asarray(seq_lens, dtype=np.int32), tables,
-                  np.asarray(input_ids, dtype=np.int64), positions]  # fmt: skip
-        if fed_rows:
-            arrays += [np.asarray(fed_rows, dtype=np.int64), np.asarray(fed_from, dtype=np.int64)]
+        sample_rows = np.empty(0, dtype=np.int64)
+        prompt_rows = np.empty((0, 2), dtype=np.int64)
+        if self.tp is not None:  # the other ranks compute these rows' logits too (rank 0's in _sample)
+            sample_rows = qsl[1:][np.asarray([s.completes_prompt for s in batch], dtype=bool)] - 1
+            spans = prompt_logprob_rows(batch, query_lens, num_decodes)
+            prompt_rows = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+        arrays = StepArrays(
+            slot_mapping=slots,
+            query_start_loc=qsl.astype(np.int32),
+            seq_lens=np.asarray(seq_lens, dtype=np.int32),
+            block_tables=tables,
+            input_ids=np.asarray(input_ids, dtype=np.int64),
+            positions=positions,
+            sample_rows=sample_rows,
+            prompt_rows=prompt_rows,
+            num_decodes=num_decodes,
+            fed=bool(fed_rows),
+        )
+        return arrays, fed_rows, fed_from
+
+    def device_inputs(
+        self, arrays: StepArrays, extra: list[np.ndarray] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[torch.Tensor]]:
+        """input_ids, positions and the attention metadata on the device, plus `extra` arrays copied
+        along with them."""
+        host = [arrays.slot_mapping, arrays.query_start_loc, arrays.seq_lens, arrays.block_tables,
+                arrays.input_ids, arrays.positions, *(extra or [])]  # fmt: skip
         if self.staging is not None:  # CUDA: two copies from long-lived pinned buffers
-            on_device = self.staging.to_device(arrays)
+            on_device = self.staging.to_device(host)
         else:
-            on_device = [torch.from_numpy(a) for a in arrays]
+            on_device = [torch.from_numpy(a) for a in host]
         slot_mapping, query_start_loc, seq_lens_dev, block_tables, ids, positions_dev = on_device[:6]
+        qsl = arrays.query_start_loc
+        query_lens = (qsl[1:] - qsl[:-1]).tolist()
+        seq_lens = arrays.seq_lens.tolist()
         meta = AttentionMetadata(
             slot_mapping=slot_mapping,
             query_start_loc=query_start_loc,
             seq_lens=seq_lens_dev,
             block_tables=block_tables,
-            num_decodes=num_decodes,
+            num_decodes=arrays.num_decodes,
             max_query_len=max(query_lens),
             max_seq_len=max(seq_lens),
             query_lens_cpu=query_lens,
             seq_lens_cpu=seq_lens,
         )
-        if fed_rows:
-            assert previous is not None
-            rows, src = on_device[6:]
-            ids.index_copy_(0, rows, previous.sample.token_ids.index_select(0, src))
-        return ids, positions_dev, meta
+        return ids, positions_dev, meta, on_device[6:]
 
     def execute(self, batch: list[ScheduledSeq], eos_token_ids: set[int]) -> StepResult:
         """Run one step and wait for its tokens."""
@@ -264,21 +337,29 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(
-        self, batch: list[ScheduledSeq], eos_token_ids: set[int], previous: LaunchedStep | None = None
+        self,
+        batch: list[ScheduledSeq],
+        eos_token_ids: set[int],
+        previous: LaunchedStep | None = None,
+        tell_ranks: bool = True,
     ) -> LaunchedStep:
         """Queue one step (forward, logits, sampling, host copy of the tokens) without waiting for it."""
-        input_ids, positions, meta = self.build_metadata(batch, previous)
+        input_ids, positions, meta = self.build_metadata(batch, previous, tell_ranks)
         graphed = self.cuda_graphs is not None and self.cuda_graphs.can_run(meta)
-        if graphed:
-            hidden = self.cuda_graphs.run(input_ids, positions, meta)
-        else:
-            hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        hidden = self.forward(input_ids, positions, meta, graphed)
         step = self._sample(batch, hidden, meta, eos_token_ids)
         step.prompt_logprobs = launch_prompt_logprobs(
             batch, hidden, meta.query_lens_cpu, meta.num_decodes, self.model.compute_logits
         )
         step.num_decodes, step.num_tokens, step.graphed = meta.num_decodes, int(input_ids.shape[0]), graphed
         return step
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, graphed: bool
+    ) -> torch.Tensor:
+        if graphed:
+            return self.cuda_graphs.run(input_ids, positions, meta)
+        return self.model(input_ids, positions, self.kv_caches, meta)
 
     def _sample(
         self,
@@ -302,5 +383,7 @@ class ModelRunner:
             rows_idx = to_device(torch.tensor([qsl[i + 1] - 1 for i in sample_idx]), self.device)
             last_hidden = hidden.index_select(0, rows_idx)
         logits = self.model.compute_logits(last_hidden)
+        if logits is None:  # a tensor-parallel rank but the first: rank 0 samples
+            return LaunchedStep(done, PendingSample(torch.empty(0, dtype=torch.long, device=self.device)))
         rows = [self._sampling_row(s.seq, eos_token_ids) for s in done]
         return LaunchedStep(done, self.sampler.sample(logits, rows))

@@ -52,6 +52,8 @@ ARCHITECTURE_OF_MODEL_TYPE = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
 }
 
 
@@ -86,7 +88,7 @@ class ModelSource:
             return GenerationConfig.from_pretrained(self.directory)
         return GenerationConfig.from_model_config(hf_config)
 
-    def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_weights(self) -> Iterator[tuple[str, torch.Tensor | SafetensorsTensor]]:
         if self.gguf_file is not None:
             return _iter_gguf_weights(self.directory, self.gguf_file)
         return _iter_safetensors_weights(self.directory)
@@ -254,7 +256,7 @@ def safetensors_files(directory: Path) -> list[Path]:
     return files
 
 
-def _iter_safetensors_weights(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_safetensors_weights(directory: Path) -> Iterator[tuple[str, SafetensorsTensor]]:
     from safetensors import safe_open
 
     files = safetensors_files(directory)
@@ -267,8 +269,31 @@ def _iter_safetensors_weights(directory: Path) -> Iterator[tuple[str, torch.Tens
             log.info("loading weights from %s (%d/%d)", file.name, i, len(files))
             with safe_open(file, framework="pt") as f:
                 for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                    yield name, f.get_tensor(name)
+                    yield name, SafetensorsTensor(f, name)
                     progress.update(1)
+
+
+class SafetensorsTensor:
+    """One tensor of an open safetensors file, read whole or in slices (engine.model.sharding's
+    CheckpointTensor): a tensor-parallel rank reads only the rows or columns it holds. Valid while the
+    iteration that yielded it is on this tensor."""
+
+    def __init__(self, file, name: str) -> None:
+        self.file = file  # safetensors' safe_open handle
+        self.name = name
+        self.lazy = file.get_slice(name)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.lazy.get_shape())
+
+    def read(self, dim: int = 0, start: int = 0, length: int | None = None) -> torch.Tensor:
+        size = self.shape[dim]
+        length = size - start if length is None else length
+        if start == 0 and length == size:
+            return self.file.get_tensor(self.name)
+        rows = slice(start, start + length)
+        return self.lazy[rows] if dim == 0 else self.lazy[:, rows]
 
 
 def _iter_gguf_weights(directory: Path, gguf_file: str) -> Iterator[tuple[str, torch.Tensor]]:

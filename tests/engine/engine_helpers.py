@@ -37,6 +37,12 @@ TINY_CONFIGS: dict[str, Callable[[int], transformers.PretrainedConfig]] = {
     "qwen2": lambda vocab: transformers.Qwen2Config(vocab_size=vocab, **_TINY),
     "qwen3": lambda vocab: transformers.Qwen3Config(vocab_size=vocab, head_dim=32, **_TINY),
     "mistral": lambda vocab: transformers.MistralConfig(vocab_size=vocab, **_TINY),
+    "qwen3_moe": lambda vocab: transformers.Qwen3MoeConfig(
+        vocab_size=vocab, head_dim=32, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, **_TINY
+    ),
+    "mixtral": lambda vocab: transformers.MixtralConfig(
+        vocab_size=vocab, num_local_experts=4, num_experts_per_tok=2, **_TINY
+    ),
 }
 
 

@@ -34,7 +34,7 @@ def random_prompts(n: int, vocab: int, seed: int, lo: int = 1, hi: int = 60) -> 
     return [[rng.randrange(vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "qwen3_moe", "mixtral"])
 def test_greedy_matches_transformers(family, tiny_model_dir):
     path = tiny_model_dir(family)
     hf = hf_model(path)

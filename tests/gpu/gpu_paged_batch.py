@@ -143,3 +143,30 @@ def assert_close_to_reference(out: torch.Tensor, ref: torch.Tensor, rel_tol: flo
     row_err = (out - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-3)
     worst = row_err.max()
     assert worst < 8 * rel_tol, f"worst (token, head) row relative error {worst:.2e}"
+
+
+def fp8_round_trip(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """What an FP8 (e4m3) KV cache with this scale gives back for x, in float32."""
+    return (x.float() / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float() * scale
+
+
+def as_fp8_kv_batch(
+    batch: PagedBatch, k_scale: float, v_scale: float
+) -> tuple[PagedBatch, torch.Tensor, torch.Tensor]:
+    """(the batch over a float8 cache holding its cached K / k_scale and V / v_scale, the [2] float32
+    scales, the float32 reference output: attention over K/V rounded through FP8)."""
+    cache = batch.kv_cache.float()
+    fp8_cache = (
+        torch.stack([cache[0] / k_scale, cache[1] / v_scale]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    )
+    rounded = PagedBatch(
+        q=batch.q,
+        k=fp8_round_trip(batch.k, k_scale).to(batch.k.dtype),
+        v=fp8_round_trip(batch.v, v_scale).to(batch.v.dtype),
+        kv_cache=torch.stack([fp8_cache[0].float() * k_scale, fp8_cache[1].float() * v_scale]),
+        meta=batch.meta,
+        scale=batch.scale,
+    )
+    fp8 = PagedBatch(batch.q, batch.k, batch.v, fp8_cache, batch.meta, batch.scale)
+    scales = torch.tensor([k_scale, v_scale], dtype=torch.float32, device=batch.q.device)
+    return fp8, scales, reference_attention(rounded)

@@ -193,3 +193,18 @@ def launch_tiny_llama(tiny_llama_dir: Path, launch_kubellm) -> Callable[..., Kub
         )
 
     return launch
+
+
+@dataclass(frozen=True)
+class ServerTools:
+    """This module's helpers for test modules that start servers their own way (a test module cannot
+    import `conftest` by name when another folder's conftest is loaded in the same session)."""
+
+    running_kubellm: Callable[..., object]
+    kubellm_command: Callable[[], list[str]]
+    tiny_server_flags: list[str]
+
+
+@pytest.fixture(scope="session")
+def server_tools() -> ServerTools:
+    return ServerTools(running_kubellm, kubellm_command, TINY_SERVER_FLAGS)

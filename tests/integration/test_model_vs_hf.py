@@ -1,6 +1,6 @@
 """Our Llama-family model, loaded by our loader, gives the logits transformers gives.
 
-Tiny random Llama / Mistral / Qwen2 / Qwen3 checkpoints are written to disk in the test (sharded
+Tiny random Llama / Mistral / Qwen2 / Qwen3 / Qwen3-MoE / Mixtral checkpoints are written to disk in the test (sharded
 safetensors + tokenizer + generation config), loaded through ``load_model`` and run over a real paged
 KV cache (block size 4, scattered blocks) with the torch attention backend: a full prefill, then
 greedy decode steps one token at a time. Every step's logits must match transformers' forward over
@@ -21,9 +21,11 @@ from transformers import (
     GenerationConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 from engine.config import EngineConfig
@@ -193,6 +195,22 @@ TINY_CONFIGS = {
             "factor": 4.0,
             "original_max_position_embeddings": 64,
         },
+    ),
+    # 8 experts, top 2 without renormalisation; layer 1 keeps a dense MLP (mlp_only_layers)
+    "qwen3_moe": lambda: Qwen3MoeConfig(
+        **COMMON,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=48,
+        norm_topk_prob=False,
+        mlp_only_layers=[1],
+    ),
+    # 4 experts, top 2 (always renormalised), untied head
+    "mixtral": lambda: MixtralConfig(
+        **COMMON, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2
     ),
 }
 

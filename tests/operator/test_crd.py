@@ -69,6 +69,7 @@ def test_schema_is_structural() -> None:
     """What the API server demands of a CRD schema: every node typed, no $ref, no nulls."""
     for path, node in walk(SCHEMA):
         assert "$ref" not in node and "title" not in node, path
+        assert "const" not in node, path  # not in Kubernetes' JSONSchemaProps: an enum of one instead
         if node.get("x-kubernetes-int-or-string"):
             assert node["anyOf"] == [{"type": "integer"}, {"type": "string"}], path
         else:
@@ -101,6 +102,8 @@ def test_samples_validate_against_the_schema(sample_file: str) -> None:
         {"model": {}, "service": {"type": "ExternalName"}},
         {"model": {}, "replicas": -1},
         {"model": {}, "shmSize": "lots"},
+        {"model": {}, "engine": {"quantization": "awq"}},
+        {"model": {}, "engine": {"kvCacheDtype": "fp8_e5m2"}},
     ],
 )
 def test_schema_rejects_bad_specs(bad_spec: dict[str, Any]) -> None:

@@ -40,7 +40,8 @@ def test_command_is_kubellm_serve_on_port_8000() -> None:
 
 def test_engine_flags_are_passed_only_when_set() -> None:
     bare = invocation({"model": {"source": "hf://org/model"}}).args
-    for name in ("--max-model-len", "--max-num-seqs", "--dtype", "--gpu-memory-utilization"):
+    for name in ("--max-model-len", "--max-num-seqs", "--dtype", "--gpu-memory-utilization",
+                 "--quantization", "--kv-cache-dtype"):  # fmt: skip
         assert name not in bare
     engine = {
         "maxModelLen": 8192,
@@ -48,6 +49,8 @@ def test_engine_flags_are_passed_only_when_set() -> None:
         "maxNumBatchedTokens": 4096,
         "gpuMemoryUtilization": 0.85,
         "dtype": "bfloat16",
+        "quantization": "fp8",
+        "kvCacheDtype": "fp8",
         "enablePrefixCaching": False,
         "extraArgs": ["--block-size", "32"],
     }
@@ -57,6 +60,8 @@ def test_engine_flags_are_passed_only_when_set() -> None:
     assert flag(args, "--max-num-batched-tokens") == "4096"
     assert flag(args, "--gpu-memory-utilization") == "0.85"
     assert flag(args, "--dtype") == "bfloat16"
+    assert flag(args, "--quantization") == "fp8"
+    assert flag(args, "--kv-cache-dtype") == "fp8"
     assert "--no-enable-prefix-caching" in args
     assert args[-2:] == ["--block-size", "32"]
 

@@ -42,6 +42,12 @@ def test_vllm_style_flags_reach_engine_config() -> None:
     assert (cfg.enable_prefix_caching, cfg.max_queue, cfg.enforce_eager, cfg.seed) == (False, 3, True, 7)
 
 
+def test_fp8_flags_reach_engine_config() -> None:
+    cfg = config_of("--quantization", "fp8", "--kv-cache-dtype", "fp8_e4m3")
+    assert (cfg.quantization, cfg.kv_cache_dtype) == ("fp8", "fp8_e4m3")
+    assert (config_of().quantization, config_of().kv_cache_dtype) == (None, "auto")
+
+
 def test_defaults_serve_the_embedded_model() -> None:
     cfg = config_of()
     assert cfg.model is None and cfg.enable_prefix_caching and cfg.device == "auto"
@@ -95,12 +101,25 @@ def test_docs_quote_the_defaults_engine_config_resolves() -> None:
         ["--gpu-memory-utilization", "1.5"],
         ["a", "--model", "b"],
         ["--device", "tpu"],
+        ["--quantization", "awq"],
+        ["--kv-cache-dtype", "fp8_e5m2"],
+        ["--enable-auto-tool-choice"],  # needs --tool-call-parser, as in vLLM
+        ["--tool-call-parser", "nope"],
+        ["--reasoning-parser", "nope"],
     ],
 )
 def test_bad_values_exit_with_usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         config_of(*argv)
     assert exc.value.code == 2 and "kubellm serve" in capsys.readouterr().err
+
+
+def test_tool_and_reasoning_flags() -> None:
+    args = build_parser().parse_args(
+        ["serve", "--tool-call-parser", "hermes", "--enable-auto-tool-choice", "--reasoning-parser", "qwen3"]
+    )
+    assert (args.tool_call_parser, args.enable_auto_tool_choice) == ("hermes", True)
+    assert engine_config(args, args.command_parser).reasoning_parser == "qwen3"
 
 
 def test_byte_sizes() -> None:

@@ -120,7 +120,7 @@ def test_completion_validation_messages_name_the_field(data: dict, expected: str
             {"messages": USER, "logprobs": True, "top_logprobs": 25},
             "top_logprobs: Input should be less than or equal to 20",
         ),
-        ({"messages": USER, "tools": [{"type": "function"}]}, "tools are not supported"),
+        ({"messages": USER, "tools": [{"type": "function"}]}, "tools[0].function: Field required"),
         ({"messages": USER, "response_format": {"type": "json_object"}}, "response_format other than 'text'"),
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content: content must be a string"),
     ],

@@ -1,0 +1,64 @@
+"""FP8 GEMM shapes of the 8B model: bfloat16 F.linear against Fp8Linear's two FP8 paths (torch._scaled_mm
+with row-wise scales, and the Triton kernel of engine/kernels/fp8_gemm.py, per channel and with 128x128
+block scales), activation quantization included, per token count. Decides which path a shape takes
+(engine/model/fp8.py uses _scaled_mm for per-channel weights); needs a GPU of compute capability 8.9+.
+
+    python bench/fp8_gemm.py [--tokens 1 16 64 256 1024 4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+from engine.kernels.fp8_gemm import fp8_gemm
+from engine.model.fp8 import quantize_rows
+
+SHAPES = {  # Llama-3-8B's linears: (out, in)
+    "qkv_proj": (6144, 4096),
+    "o_proj": (4096, 4096),
+    "gate_up_proj": (28672, 4096),
+    "down_proj": (4096, 14336),
+}
+
+
+def scaled_mm(x: torch.Tensor, wq: torch.Tensor, ws_row: torch.Tensor) -> torch.Tensor:
+    xq, xs = quantize_rows(x)
+    return torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws_row, out_dtype=torch.bfloat16)
+
+
+def triton_gemm(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, group: int | None) -> torch.Tensor:
+    xq, xs = quantize_rows(x, group)
+    return fp8_gemm(xq, xs, wq, ws, torch.bfloat16, group)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 256, 1024, 4096])
+    args = parser.parse_args()
+    for name, (n, k) in SHAPES.items():
+        w = torch.randn(n, k, device="cuda") * 0.02
+        w_bf16 = w.bfloat16()
+        wq, ws = quantize_rows(w)
+        wq_block, ws_block = quantize_rows(w, 128)
+        ws_row = ws.reshape(1, n).contiguous()
+        for m in args.tokens:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            paths = {
+                "bf16": partial(F.linear, x, w_bf16),
+                "scaled_mm": partial(scaled_mm, x, wq, ws_row),
+                "triton_channel": partial(triton_gemm, x, wq, ws, None),
+                "triton_block": partial(triton_gemm, x, wq_block, ws_block, 128),
+            }
+            row: dict[str, object] = {"layer": name, "tokens": m}
+            row.update({f"{label}_us": round(do_bench(fn) * 1e3, 1) for label, fn in paths.items()})
+            print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,305 @@
+"""W5, a mixture-of-experts model served through HTTP: `kubellm serve` with the Qwen3-30B-A3B shape
+(48 layers, 128 experts of intermediate size 768, 8 active per token; random bf16 weights) and the W2
+load client (500 ShareGPT-like requests, seed 0, at QPS=inf and 32 QPS). Then, in this process:
+decode steps (captured CUDA graphs, CUDA-event timed) against their bandwidth floor, and transformers'
+own MoE forward (`generate`, static batches; its default experts implementation) as the baseline.
+
+    python3 bench/w5_moe.py --out bench/results/w5_moe_gpu.json
+
+Needs one GPU that holds the 61 GB of weights plus a KV cache (an H200; an 80 GB H100 runs it with
+`--num-layers 24`, which halves the model, and says so in the results). The checkpoint (61 GB) is
+written to /dev/shm when it has room (the serving machines' disks are small), else to the temp dir.
+
+The floor of a decode step of B sequences at context C reads, once: every non-expert weight (attention,
+norms, routers, the LM head), the experts the step's tokens chose (expected distinct experts per layer
+for uniform routing, E * (1 - (1 - k/E)^B): random routers spread tokens about evenly), and B * C
+tokens of K/V, at the measured device-to-device copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import gc
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors.torch import save_file
+
+HERE = Path(__file__).resolve().parent
+sys.path.append(str(HERE))  # appended: bench/kernels.py must not shadow the `kernels` package
+
+from load_client import run_load, sharegpt_like_requests  # noqa: E402
+from w1_offline import copy_bandwidth, time_decode_forward, word_level_tokenizer  # noqa: E402
+
+SERVED_NAME = "qwen3-30b-a3b"
+DECODE_SHAPES = ((1, 1024), (16, 1024), (64, 1024), (256, 1024))  # batch, context
+
+
+def qwen3_30b_a3b_config(num_layers: int = 48) -> transformers.Qwen3MoeConfig:
+    return transformers.Qwen3MoeConfig(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+        num_hidden_layers=num_layers, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+        num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+        max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        bos_token_id=151643, eos_token_id=151645,
+    )  # fmt: skip
+
+
+def write_random_checkpoint(config: transformers.Qwen3MoeConfig, path: Path, device: str = "cuda") -> None:
+    """Hugging Face-named bf16 tensors as the hub stores Qwen3-MoE (each expert apart), N(0, 0.02),
+    norms at 1, one safetensors shard per 2 layers (2.5 GB of host memory at a time)."""
+    h, inter, e = config.hidden_size, config.moe_intermediate_size, config.num_experts
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, device=device, generator=gen, dtype=torch.bfloat16) * 0.02).cpu()
+
+    def ones(n: int) -> torch.Tensor:
+        return torch.ones(n, dtype=torch.bfloat16)
+
+    shards: list[dict[str, torch.Tensor]] = [
+        {"model.embed_tokens.weight": rand(config.vocab_size, h), "model.norm.weight": ones(h),
+         "lm_head.weight": rand(config.vocab_size, h)}
+    ]  # fmt: skip
+    weight_map: dict[str, str] = {}
+    num_shards = 1 + -(-config.num_hidden_layers // 2)
+
+    def save(n: int, tensors: dict[str, torch.Tensor]) -> None:
+        name = f"model-{n + 1:05d}-of-{num_shards:05d}.safetensors"
+        save_file(tensors, str(path / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+
+    save(0, shards.pop())
+    for n, first in enumerate(range(0, config.num_hidden_layers, 2), start=1):
+        tensors: dict[str, torch.Tensor] = {}
+        for i in range(first, min(first + 2, config.num_hidden_layers)):
+            p = f"model.layers.{i}."
+            tensors.update({
+                p + "self_attn.q_proj.weight": rand(q, h), p + "self_attn.k_proj.weight": rand(kv, h),
+                p + "self_attn.v_proj.weight": rand(kv, h), p + "self_attn.o_proj.weight": rand(h, q),
+                p + "self_attn.q_norm.weight": ones(config.head_dim), p + "self_attn.k_norm.weight": ones(config.head_dim),
+                p + "input_layernorm.weight": ones(h), p + "post_attention_layernorm.weight": ones(h),
+                p + "mlp.gate.weight": rand(e, h),  # random routers: tokens spread about evenly
+            })  # fmt: skip
+            for x in range(e):
+                tensors[p + f"mlp.experts.{x}.gate_proj.weight"] = rand(inter, h)
+                tensors[p + f"mlp.experts.{x}.up_proj.weight"] = rand(inter, h)
+                tensors[p + f"mlp.experts.{x}.down_proj.weight"] = rand(h, inter)
+        save(n, tensors)
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config.save_pretrained(path)
+    word_level_tokenizer(config.vocab_size).save_pretrained(path)
+
+
+def checkpoint_parent(config: transformers.Qwen3MoeConfig) -> str | None:
+    needed = 2 * parameter_counts(config)["total"] * 1.05
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and shutil.disk_usage(shm).free > needed else None
+
+
+def parameter_counts(config: transformers.Qwen3MoeConfig) -> dict[str, int]:
+    h, layers, e, k = (
+        config.hidden_size,
+        config.num_hidden_layers,
+        config.num_experts,
+        config.num_experts_per_tok,
+    )
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    attention = h * (q + 2 * kv) + q * h + 2 * config.head_dim + 2 * h + e * h  # with norms and router
+    expert = 3 * h * config.moe_intermediate_size
+    return {"non_expert_per_layer": attention, "per_expert": expert, "lm_head": config.vocab_size * h,
+            "total": layers * (attention + e * expert) + 2 * config.vocab_size * h + h,
+            "active": layers * (attention + k * expert) + 2 * config.vocab_size * h + h}  # fmt: skip
+
+
+def decode_step_floor_ms(
+    config: transformers.Qwen3MoeConfig, batch: int, context: int, copy_bw: float
+) -> float:
+    counts = parameter_counts(config)
+    e, k, layers = config.num_experts, config.num_experts_per_tok, config.num_hidden_layers
+    distinct = e * (1 - (1 - k / e) ** batch)
+    weight_bytes = 2 * (
+        layers * (counts["non_expert_per_layer"] + distinct * counts["per_expert"]) + counts["lm_head"]
+    )
+    kv_bytes = batch * context * 2 * layers * config.num_key_value_heads * config.head_dim * 2
+    return (weight_bytes + kv_bytes) / copy_bw * 1e3
+
+
+def wait_until_ready(url: str, server: subprocess.Popen, timeout: float) -> None:
+    # (w2_serving has the same; importing it would put bench/ first on sys.path, see above)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"kubellm serve exited with {server.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise TimeoutError("kubellm serve did not become ready")
+
+
+def serve_and_load(path: Path, args, vocab_size: int, result: dict) -> None:
+    url = f"http://127.0.0.1:{args.port}"
+    command = [sys.executable, "-m", "engine.cli", "serve", "--model", str(path), "--served-model-name", SERVED_NAME,
+               "--dtype", "bfloat16", "--max-model-len", "4096", "--port", str(args.port), *args.serve_args]  # fmt: skip
+    log_path = Path(args.out).with_suffix(".server.log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, cwd=HERE.parent, env=os.environ
+        )
+        try:
+            wait_until_ready(url, server, timeout=900)
+            result["server_startup_s"] = time.perf_counter() - started
+            print(f"server ready in {result['server_startup_s']:.0f}s", flush=True)
+            warm = sharegpt_like_requests(16, vocab_size, seed=99)
+            asyncio.run(
+                run_load(url, SERVED_NAME, warm, math.inf)
+            )  # first-request effects out of the numbers
+            specs = sharegpt_like_requests(args.num_requests, vocab_size, seed=0)
+            for qps in args.qps:
+                summary = asyncio.run(run_load(url, SERVED_NAME, specs, qps, seed=0))
+                result["runs"].append(summary)
+                print(json.dumps(summary), flush=True)
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+def decode_steps_against_floor(path: Path, config, copy_bw: float) -> list[dict]:
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+    from engine.model.loader import load_model
+
+    engine_config = EngineConfig(model=str(path), device="cuda", dtype="bfloat16", max_model_len=4096,
+                                 max_num_seqs=256, gpu_memory_utilization=0.9)  # fmt: skip
+    engine = LLMEngine(engine_config, load_model(engine_config))
+    rows = []
+    for batch, context in DECODE_SHAPES:
+        measured = time_decode_forward(engine, batch, context)
+        floor = decode_step_floor_ms(config, batch, context, copy_bw)
+        rows.append({"batch": batch, "context": context, "measured_ms": measured, "floor_ms": floor,
+                     "pct_of_floor": None if measured is None else 100 * floor / measured})  # fmt: skip
+        print(rows[-1], flush=True)
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows
+
+
+def hf_static_generate(path: Path, num_requests: int, vocab_size: int, batch_size: int = 64) -> dict:
+    """transformers `generate` over the first requests of the same workload, left-padded static batches
+    of 64, each batch decoding to its longest output (greedy, no eos)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+    model.generation_config.eos_token_id = None
+    specs = sharegpt_like_requests(num_requests, vocab_size, seed=0)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for i in range(0, len(specs), batch_size):
+        batch = specs[i : i + batch_size]
+        width = max(len(s.prompt_token_ids) for s in batch)
+        ids = torch.tensor(
+            [[0] * (width - len(s.prompt_token_ids)) + s.prompt_token_ids for s in batch], device="cuda"
+        )
+        mask = (torch.arange(width, device="cuda")[None, :] >= width - torch.tensor(
+            [len(s.prompt_token_ids) for s in batch], device="cuda")[:, None]).long()  # fmt: skip
+        with torch.no_grad():
+            model.generate(ids, attention_mask=mask, max_new_tokens=max(s.max_tokens for s in batch),
+                           do_sample=False, pad_token_id=0)  # fmt: skip
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    output_tokens = sum(s.max_tokens for s in specs)  # what the requests asked for (padding rows not counted)
+    implementation = getattr(model.config, "_experts_implementation", None)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"requests": len(specs), "seconds": seconds, "request_throughput": len(specs) / seconds,
+            "output_token_throughput": output_tokens / seconds, "experts_implementation": implementation}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/results/w5_moe_gpu.json")
+    parser.add_argument("--num-requests", type=int, default=500)
+    parser.add_argument("--qps", type=float, nargs="+", default=[math.inf, 32.0])
+    parser.add_argument("--num-layers", type=int, default=48, help="fewer layers for GPUs under ~100 GB")
+    parser.add_argument(
+        "--hf-requests", type=int, default=64, help="requests for the transformers baseline (0: skip)"
+    )
+    parser.add_argument("--port", type=int, default=8325)
+    parser.add_argument(
+        "--serve-args", nargs=argparse.REMAINDER, default=[], help="extra `kubellm serve` flags"
+    )
+    args = parser.parse_args()
+
+    config = qwen3_30b_a3b_config(args.num_layers)
+    props = torch.cuda.get_device_properties(0)
+    copy_bw = copy_bandwidth()
+    counts = parameter_counts(config)
+    result: dict = {"device": props.name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+                    "transformers": transformers.__version__, "copy_bandwidth_TBps": copy_bw / 1e12,
+                    "model": f"Qwen3-30B-A3B shape ({args.num_layers} layers), random bf16 weights",
+                    "parameters": counts, "runs": []}  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every part: a later failure keeps the earlier numbers
+        out.write_text(json.dumps(result, indent=1))
+
+    print(f"{props.name}; copy bandwidth {copy_bw / 1e12:.2f} TB/s; {counts['total'] / 1e9:.1f}B parameters, "
+          f"{counts['active'] / 1e9:.1f}B active", flush=True)  # fmt: skip
+    with tempfile.TemporaryDirectory(dir=checkpoint_parent(config)) as tmp:
+        path = Path(tmp)
+        started = time.perf_counter()
+        write_random_checkpoint(config, path)
+        torch.cuda.empty_cache()
+        result["checkpoint_write_s"] = time.perf_counter() - started
+        serve_and_load(path, args, config.vocab_size, result)
+        save()
+        result["decode_steps"] = decode_steps_against_floor(path, config, copy_bw)
+        save()
+        if args.hf_requests:
+            try:
+                result["hf_static_generate"] = hf_static_generate(path, args.hf_requests, config.vocab_size)
+            except Exception as exc:  # a baseline failing must not lose our own numbers
+                result["hf_static_generate"] = {"error": repr(exc)[:500]}
+            save()
+
+    print(f"\nW5 on {props.name}, {result['model']}, {args.num_requests} requests:")
+    for r in result["runs"]:
+        print(
+            f"  QPS={r['qps']}: {r['request_throughput']:.1f} req/s, {r['output_token_throughput']:.0f} output tok/s, "
+            f"TTFT p50/p99 {r['ttft_ms']['p50']:.0f}/{r['ttft_ms']['p99']:.0f} ms, "
+            f"TPOT p50/p99 {r['tpot_ms']['p50']:.1f}/{r['tpot_ms']['p99']:.1f} ms, errors {r['errors']}"
+        )
+    for row in result["decode_steps"]:
+        print(
+            f"  decode step {row['batch']} x {row['context']}: {row['measured_ms']} ms, floor {row['floor_ms']:.2f} ms"
+        )
+    hf = result.get("hf_static_generate", {})
+    if "request_throughput" in hf:
+        print(f"  transformers generate (first {hf['requests']}): {hf['request_throughput']:.2f} req/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""FP8 linear layers as engine.model.layer_kit builds them under an ``Fp8Scheme``
+(engine.model.quantization), and the FP8 (e4m3) quantization they use.
+
+Whatever the checkpoint's layout, a layer keeps one scale per (output row, group of ``group_k`` input
+features): ``weight_scale`` [out, 1] for per-channel and per-tensor scales (a per-tensor scale is
+repeated over its part's rows, which is exact and keeps each packed part's own scale), [out,
+ceil(in / group_k)] for block scales (each row takes its block's scale). Any packing (q/k/v, gate/up)
+and any tensor-parallel slice of rows then reads its scales like its weight rows.
+
+How it runs is chosen when it is built (``scheme.dequantize``):
+- FP8 GEMMs (CUDA, compute capability >= 8.9): activations are quantized per token (per token and
+  group of ``group_k`` features for block weights), then ``torch._scaled_mm`` with row-wise scales
+  (per-channel weights, shapes it takes) or the Triton GEMM of engine.kernels.fp8_gemm (block scales);
+- dequantized (CPU, older GPUs, weight-only schemes): at the end of loading the weight becomes
+  float8 * scale in the model's dtype (bfloat16 and oneDNN-packed under CPU mixed precision) and
+  the layer is an ordinary matmul. With ``--quantization fp8`` on the CPU that is a weight-only
+  emulation: the weights carry FP8's rounding, the activations are not quantized.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.model.linear import Linear, all_reduce, pack_for_matmul
+from engine.model.quantization import FP8_MAX, Fp8Scheme
+from engine.model.sharding import CheckpointTensor, Parallel, Part, Shard, copy_checked
+
+log = logging.getLogger(__name__)
+
+FP8 = torch.float8_e4m3fn
+MIN_SCALE = 1e-12  # an all-zero row or token still gets a usable scale
+
+
+def quantize_rows(w: torch.Tensor, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """float [rows, k] -> (float8 [rows, k], float32 scales [rows, groups]) with one scale per row
+    (group None) or per row and `group` consecutive columns; float8 * scale ~= w."""
+    rows, k = w.shape
+    g = group or k
+    groups = -(-k // g)
+    padded = F.pad(w.float(), (0, groups * g - k)).view(rows, groups, g)
+    scale = (padded.abs().amax(dim=-1) / FP8_MAX).clamp_(min=MIN_SCALE)  # [rows, groups]
+    q = (padded / scale[:, :, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+    q = q.view(rows, groups * g)
+    return (q if groups * g == k else q[:, :k].contiguous()), scale
+
+
+def dequantize_rows(
+    q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, group: int | None = None
+) -> torch.Tensor:
+    """float8 [rows, k] with scales [rows, groups] (one per row, or per row and `group` columns) ->
+    `dtype` [rows, k]."""
+    k = q.shape[1]
+    g = group or k
+    return (q.float() * scale.float().repeat_interleave(g, dim=1)[:, :k]).to(dtype)
+
+
+class Fp8Linear(Linear):
+    """``y = x W^T + b`` with W in float8 e4m3 and its scales (see the module docstring), in this
+    rank's slice (engine.model.linear.Linear's COLUMN / ROW / REPLICATED).
+
+    Parameters, named as in the checkpoint: ``weight`` (float8 [out, in]; the model's dtype while a
+    float checkpoint loads under --quantization fp8), the weight scale (``scheme.scale_name``:
+    float32 [out, groups]), and with static activations ``input_scale`` (float32, one per packed part;
+    the largest is used, as every part quantizes the same input).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        parallel: Parallel,
+        parts: Sequence[Part],
+        shard: Shard,
+        scheme: Fp8Scheme,
+        out_dtype: torch.dtype,
+        matmul_dtype: torch.dtype | None = None,
+    ) -> None:
+        load_dtype = FP8 if scheme.serialized else out_dtype
+        super().__init__(in_features, out_features, bias, parallel, parts, shard, load_dtype)
+        self.scheme = scheme
+        self.out_dtype = out_dtype  # the activations' dtype
+        self.matmul_dtype = matmul_dtype  # CPU mixed precision: dequantize to this instead
+        self.group_k = scheme.group_k
+        if self.group_k is not None and self.reduce and (self.input_start % self.group_k):
+            raise ValueError(
+                f"a row-parallel slice starting at input feature {self.input_start} splits a "
+                f"{self.group_k}-wide FP8 scale block: use a --tensor-parallel-size that divides the blocks"
+            )
+        groups = 1 if self.group_k is None else -(-self.in_features // self.group_k)
+        # Held under the checkpoint's name (weight_scale or weight_scale_inv; `row_scales` reads it): a
+        # parameter the checkpoint must fill, or a buffer finish_loading fills (--quantization fp8).
+        scale = torch.empty(self.out_features, groups, dtype=torch.float32)
+        if scheme.serialized:
+            self.register_parameter(scheme.scale_name, nn.Parameter(scale, requires_grad=False))
+        else:
+            self.register_buffer(scheme.scale_name, scale)
+        self.input_scale: nn.Parameter | None = None
+        if scheme.activations == "static":
+            self.input_scale = nn.Parameter(
+                torch.empty(len(self.slices), dtype=torch.float32), requires_grad=False
+            )
+        self.static_input_scale: torch.Tensor | None = None  # set by finish_loading
+        self.packed_weight: torch.Tensor | None = None  # CPU mixed precision, dequantized (finish_loading)
+        self.use_scaled_mm = False  # set by finish_loading on CUDA: torch._scaled_mm takes these shapes
+        self.weight_scale_row: torch.Tensor | None = None  # [1, out], the scales as _scaled_mm takes them
+
+    @property
+    def row_scales(self) -> torch.Tensor:
+        return getattr(self, self.scheme.scale_name)
+
+    def load_weight(self, param_name: str, tensor: CheckpointTensor, part: str) -> None:
+        if param_name == "weight" or param_name == "bias":
+            return super().load_weight(param_name, tensor, part)
+        s = self.slices[part]
+        if param_name == "input_scale":
+            assert self.input_scale is not None
+            self.input_scale.data[list(self.slices).index(part)] = tensor.read().float().reshape(())
+            return
+        assert param_name == self.scheme.scale_name, param_name
+        target = self.row_scales.data.narrow(0, s.offset, s.rows)
+        shape = tuple(tensor.shape)
+        scale = tensor.read().float()
+        if scale.numel() == 1:  # per tensor: the part's every row
+            target.fill_(scale.reshape(()).item())
+        elif self.group_k is None:  # per channel [rows, 1]
+            if shape[0] != s.full_rows:
+                raise ValueError(f"per-channel scale of shape {shape}, expected ({s.full_rows}, 1)")
+            copy_checked(target, scale.reshape(s.full_rows, 1)[s.start : s.start + s.rows], shape)
+        else:  # per block [ceil(rows / block_rows), ceil(in / block_cols)]: each row takes its block's
+            block_rows = self.scheme.block[0] if self.scheme.block else self.group_k
+            full_in = self.in_features * (self.shard.size if self.reduce else 1)
+            expected = (-(-s.full_rows // block_rows), -(-full_in // self.group_k))
+            if shape != expected:
+                raise ValueError(f"block scale of shape {shape}, expected {expected}")
+            rows = torch.arange(s.start, s.start + s.rows) // block_rows
+            first = self.input_start // self.group_k
+            copy_checked(target, scale[rows, first : first + target.shape[1]], shape)
+
+    def finish_loading(self) -> None:
+        assert self.weight is not None
+        if not self.scheme.serialized:  # --quantization fp8: the float weight becomes float8 + scales
+            q, scale = quantize_rows(self.weight.data)
+            self.weight = nn.Parameter(q, requires_grad=False)
+            self.row_scales.data.copy_(scale)
+        if self.input_scale is not None:
+            self.static_input_scale = self.input_scale.data.max().reshape(1, 1)
+        if self.scheme.dequantize:
+            dtype = self.matmul_dtype or self.out_dtype
+            w = dequantize_rows(self.weight.data, self.row_scales.data, dtype, self.group_k)
+            self.weight = nn.Parameter(w, requires_grad=False)
+            if self.matmul_dtype is not None:
+                self.packed_weight = pack_for_matmul(self.weight.data)
+                if self.packed_weight is not None:
+                    self.weight = None
+            return
+        k, n = self.in_features, self.out_features
+        # torch._scaled_mm: row-wise scales (Hopper), dimensions multiples of 16, bfloat16 output
+        self.use_scaled_mm = (
+            self.group_k is None and k % 16 == 0 and n % 16 == 0 and self.out_dtype == torch.bfloat16
+        )
+        if self.use_scaled_mm:
+            self.weight_scale_row = self.row_scales.data.reshape(1, n).contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scheme.dequantize:
+            out = self._forward_dequantized(x)
+        else:
+            out = self._forward_fp8(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], self.out_features)
+        if self.reduce:
+            out = all_reduce(out if self.matmul_dtype is None else out.float())
+        return out if self.bias is None else out + self.bias
+
+    def _forward_dequantized(self, x: torch.Tensor) -> torch.Tensor:
+        if self.matmul_dtype is None:
+            return F.linear(x, self.weight)
+        x = x.to(self.matmul_dtype)
+        if self.packed_weight is None:
+            return F.linear(x, self.weight)
+        out = torch.ops.mkldnn._linear_pointwise(
+            x.reshape(-1, x.shape[-1]), self.packed_weight, None, "none", [], ""
+        )
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def _forward_fp8(self, x: torch.Tensor) -> torch.Tensor:
+        from engine.kernels.fp8_gemm import fp8_gemm
+
+        if self.static_input_scale is not None:
+            scale = self.static_input_scale.expand(x.shape[0], 1).contiguous()
+            xq = (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+        else:
+            xq, scale = quantize_rows(x, self.group_k)
+        if self.use_scaled_mm:
+            return torch._scaled_mm(
+                xq, self.weight.t(), scale_a=scale, scale_b=self.weight_scale_row, out_dtype=self.out_dtype
+            )
+        return fp8_gemm(xq, scale, self.weight, self.row_scales, self.out_dtype, self.group_k)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self.scheme.describe()}"

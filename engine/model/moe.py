@@ -1,0 +1,248 @@
+"""Mixture-of-experts MLP: a top-k softmax router and a bank of SiLU-gated experts.
+
+``SparseMoeBlock`` takes the place of the dense MLP in a Llama-family decoder layer (Qwen3-MoE,
+Mixtral). Its parameters keep transformers' fused layout: ``experts.gate_up_proj`` [E, 2I, H] (each
+expert's gate rows, then its up rows) and ``experts.down_proj`` [E, H, I]; checkpoints name each
+expert's projections apart (``experts.3.gate_proj.weight``, Mixtral's ``w1``/``w3``/``w2``), and
+``expert_tensor`` says where each lands.
+
+Two implementations of the experts share those parameters: ``TorchMoeExperts`` (a loop over the
+experts some token chose, the CPU path, the same arithmetic as transformers) and ``FusedMoeExperts``
+(engine.kernels.fused_moe: two grouped Triton GEMMs, CUDA graph capturable).
+
+Both are built by engine.model.layer_kit.LayerKit.moe_experts. Tensor parallelism splits every
+expert's intermediate dimension, as the dense MLP's column/row split does: rank r of N holds gate/up
+rows and down columns [r*I/N, (r+1)*I/N) of every expert, reads only those from the checkpoint, and the
+block all-reduces its partial sums (one all-reduce per layer, as the dense MLP's down projection).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig
+
+from engine.model.linear import all_reduce
+from engine.model.sharding import CheckpointTensor, Shard, as_checkpoint_tensor, copy_checked
+
+MOE_MODEL_TYPES = ("qwen3_moe", "mixtral")
+
+
+@dataclass(frozen=True)
+class MoeSpec:
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # per expert, before any tensor-parallel split
+    renormalize: bool  # divide the top-k probabilities by their sum
+    sparse_layers: frozenset[int]  # decoder layers whose MLP is the MoE block (the others are dense)
+
+    @classmethod
+    def from_config(cls, config: PretrainedConfig) -> MoeSpec:
+        layers = range(config.num_hidden_layers)
+        if config.model_type == "mixtral":  # every layer sparse, always renormalised over the top-k
+            return cls(
+                num_experts=config.num_local_experts,
+                top_k=config.num_experts_per_tok,
+                intermediate_size=config.intermediate_size,
+                renormalize=True,
+                sparse_layers=frozenset(layers),
+            )
+        # qwen3_moe: the rule transformers' Qwen3MoeDecoderLayer applies
+        dense_only = set(getattr(config, "mlp_only_layers", None) or [])
+        step = getattr(config, "decoder_sparse_step", 1) or 1
+        sparse = {i for i in layers if i not in dense_only and config.num_experts > 0 and (i + 1) % step == 0}
+        return cls(
+            num_experts=config.num_experts,
+            top_k=config.num_experts_per_tok,
+            intermediate_size=config.moe_intermediate_size,
+            renormalize=bool(config.norm_topk_prob),
+            sparse_layers=frozenset(sparse),
+        )
+
+
+# config attribute -> the feature it turns on, refused when truthy (shared experts, biased routing)
+_UNSUPPORTED_ATTRIBUTES = {
+    "shared_expert_intermediate_size": "shared experts (shared_expert_intermediate_size > 0)",
+    "n_shared_experts": "shared experts (n_shared_experts > 0)",
+    "num_shared_experts": "shared experts (num_shared_experts > 0)",
+    "moe_router_bias": "a router bias (moe_router_bias)",
+    "router_bias": "a router bias (router_bias)",
+    "expert_bias": "expert biases (expert_bias)",
+    "mlp_bias": "expert biases (mlp_bias)",
+    "topk_group": "grouped top-k routing (topk_group)",
+}
+
+
+def unsupported_moe_features(config: PretrainedConfig) -> list[str]:
+    """What this MoE config asks for that our MoE block does not do, in the config's own terms."""
+    found = [feature for attr, feature in _UNSUPPORTED_ATTRIBUTES.items() if getattr(config, attr, None)]
+    act = getattr(config, "hidden_act", "silu")
+    if act != "silu":
+        found.append(f"hidden_act {act!r} (experts run SiLU)")
+    if getattr(config, "scoring_func", "softmax") != "softmax":
+        found.append(f"scoring_func {config.scoring_func!r} (the router runs a softmax)")
+    return found
+
+
+class TopKRouter(nn.Module):
+    """Softmax over the experts' logits in float32, the top_k largest kept (and renormalised to sum to
+    one if the model says so). The weight stays in the model's dtype even under CPU mixed precision:
+    the router is small, and a rounded logit can change which experts run."""
+
+    def __init__(self, hidden_size: int, spec: MoeSpec) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(spec.num_experts, hidden_size), requires_grad=False)
+        self.top_k = spec.top_k
+        self.renormalize = spec.renormalize
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (weights [T, top_k] float32, expert ids [T, top_k] int64)."""
+        probs = F.linear(x, self.weight).softmax(dim=-1, dtype=torch.float32)
+        weights, ids = probs.topk(self.top_k, dim=-1)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, ids
+
+
+class MoeExperts(nn.Module):
+    """The experts' weights (this rank's share of each expert's intermediate dimension) and where each
+    checkpoint tensor goes; subclasses compute. With a ``matmul_dtype`` (CPU mixed precision) the
+    weights are kept in it, as the mixed-precision linears' are."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        spec: MoeSpec,
+        shard: Shard | None = None,
+        matmul_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.shard = shard or Shard()
+        self.inter_start, self.inter = self.shard.even(spec.intermediate_size, "moe_intermediate_size")
+        self.full_inter = spec.intermediate_size
+        self.num_experts = spec.num_experts
+        self.hidden_size = hidden_size
+        dtype = matmul_dtype or torch.get_default_dtype()
+        self.gate_up_proj = nn.Parameter(
+            torch.empty(spec.num_experts, 2 * self.inter, hidden_size, dtype=dtype), requires_grad=False
+        )
+        self.down_proj = nn.Parameter(
+            torch.empty(spec.num_experts, hidden_size, self.inter, dtype=dtype), requires_grad=False
+        )
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def load_checkpoint_tensor(self, part: str, expert: int, tensor: torch.Tensor | CheckpointTensor) -> None:
+        """Read this rank's slice of one expert's gate or up ([I, H]: rows) or down ([H, I]: columns)."""
+        tensor = as_checkpoint_tensor(tensor)
+        if part == "down":
+            self._expect(tensor, (self.hidden_size, self.full_inter))
+            source = tensor.read(1, self.inter_start, self.inter)
+            copy_checked(self.down_proj.data[expert], source, tuple(tensor.shape))
+            return
+        self._expect(tensor, (self.full_inter, self.hidden_size))
+        offset = 0 if part == "gate" else self.inter
+        target = self.gate_up_proj.data[expert, offset : offset + self.inter]
+        copy_checked(target, tensor.read(0, self.inter_start, self.inter), tuple(tensor.shape))
+
+    def load_fused_checkpoint_tensor(
+        self, part: str, tensor: torch.Tensor | CheckpointTensor
+    ) -> list[tuple[str, int]]:
+        """All experts at once from transformers 5's fused layout: gate_up [E, 2I, H] (gate rows, then
+        up rows) or down [E, H, I]. Returns the (part, expert) pairs filled."""
+        whole = as_checkpoint_tensor(tensor).read()
+        self._expect(whole, (self.num_experts, *whole.shape[1:]))
+        filled = []
+        for e in range(self.num_experts):
+            if part == "down":
+                self.load_checkpoint_tensor("down", e, whole[e])
+                filled.append(("down", e))
+            else:
+                gate, up = whole[e].chunk(2, dim=0)
+                self.load_checkpoint_tensor("gate", e, gate)
+                self.load_checkpoint_tensor("up", e, up)
+                filled += [("gate", e), ("up", e)]
+        return filled
+
+    @staticmethod
+    def _expect(tensor: torch.Tensor | CheckpointTensor, shape: tuple[int, ...]) -> None:
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"checkpoint shape {tuple(tensor.shape)} != expected {shape}")
+
+
+class TorchMoeExperts(MoeExperts):
+    """Each expert that some token chose runs on its tokens, in expert order, and the weighted results
+    are added into the output: transformers' own loop, so float32 results agree with it to the bit.
+    The weights' dtype decides the matmul dtype (bfloat16 under CPU mixed precision)."""
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        counts = torch.bincount(topk_ids.flatten(), minlength=self.num_experts)
+        for expert in counts.nonzero().flatten().tolist():
+            # (choice, token) pairs in the order transformers visits them
+            choice, token = torch.where(topk_ids.T == expert)
+            h = x[token].to(self.gate_up_proj.dtype)
+            gate, up = F.linear(h, self.gate_up_proj[expert]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down_proj[expert])
+            out.index_add_(0, token, (y * topk_weights[token, choice, None]).to(out.dtype))
+        return out
+
+
+class SparseMoeBlock(nn.Module):
+    """Router (``gate``, as checkpoints name it) then experts: [T, H] -> [T, H]. Under tensor
+    parallelism the ranks' partial sums are all-reduced (the router is replicated)."""
+
+    def __init__(self, hidden_size: int, spec: MoeSpec, experts: MoeExperts) -> None:
+        super().__init__()
+        self.gate = TopKRouter(hidden_size, spec)
+        self.experts = experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        topk_weights, topk_ids = self.gate(x)
+        out = self.experts(x, topk_weights, topk_ids)
+        return all_reduce(out) if self.experts.shard.size > 1 else out
+
+
+@dataclass(frozen=True)
+class ExpertTensor:
+    """Where one checkpoint tensor of a MoE block goes."""
+
+    experts_prefix: str  # our module path, e.g. "model.layers.3.mlp.experts"
+    part: str  # gate, up or down of one expert; gate_up or down of all (transformers 5's fused layout)
+    expert: int | None  # None: all experts, fused
+
+
+# checkpoint projection name -> part (Mixtral's w1/w3/w2 are gate/up/down)
+_EXPERT_PARTS = {
+    "gate_proj": "gate",
+    "up_proj": "up",
+    "down_proj": "down",
+    "w1": "gate",
+    "w3": "up",
+    "w2": "down",
+}
+
+
+def checkpoint_name(hf_name: str) -> str:
+    """Mixtral calls the MoE block ``block_sparse_moe``; ours sits where the dense MLP does."""
+    return hf_name.replace(".block_sparse_moe.", ".mlp.")
+
+
+def expert_tensor(name: str) -> ExpertTensor | None:
+    """``...mlp.experts.7.gate_proj.weight`` (hub checkpoints, and what transformers 5 saves) or
+    ``...mlp.experts.gate_up_proj`` (transformers 5's in-memory state dict) -> its target; None for
+    anything that is not an expert weight (the router ``mlp.gate.weight`` is an ordinary parameter)."""
+    head, sep, tail = name.partition(".experts.")
+    if not sep:
+        return None
+    prefix = head + ".experts"
+    parts = tail.split(".")
+    if len(parts) == 1 and parts[0] in ("gate_up_proj", "down_proj"):
+        return ExpertTensor(prefix, "gate_up" if parts[0] == "gate_up_proj" else "down", None)
+    if len(parts) == 3 and parts[0].isdigit() and parts[1] in _EXPERT_PARTS and parts[2] == "weight":
+        return ExpertTensor(prefix, _EXPERT_PARTS[parts[1]], int(parts[0]))
+    return None

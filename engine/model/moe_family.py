@@ -1,0 +1,76 @@
+"""Qwen3-MoE and Mixtral: the Llama family's decoder with the MLP replaced by a sparse MoE block.
+
+Attention, norms, rotary, embedding and head are the Llama family's (Qwen3-MoE attends like Qwen3,
+with q/k norms; Mixtral like Mistral), built by the same LayerKit. What differs is read from the config
+by engine.model.moe.MoeSpec: how many experts, how many each token takes, whether their weights are
+renormalised, and (Qwen3-MoE's ``mlp_only_layers`` / ``decoder_sparse_step``) which layers keep a dense
+MLP. The experts come from ``kit.moe_experts``: the fused Triton kernel on CUDA, a plain loop on the CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from engine.model.llama import LlamaForCausalLM
+from engine.model.moe import MoeExperts, MoeSpec, SparseMoeBlock, checkpoint_name, expert_tensor
+from engine.model.sharding import CheckpointTensor
+
+MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM", "MixtralForCausalLM")
+
+
+class MoeForCausalLM(LlamaForCausalLM):
+    def build_mlp(self, layer_index: int) -> nn.Module:
+        spec = MoeSpec.from_config(self.config)
+        if layer_index not in spec.sparse_layers:  # Qwen3-MoE's dense layers
+            return super().build_mlp(layer_index)
+        hidden = self.config.hidden_size
+        return SparseMoeBlock(hidden, spec, self.kit.moe_experts(hidden, spec))
+
+    def expert_banks(self) -> Iterator[tuple[str, MoeExperts]]:
+        for name, module in self.named_modules():
+            if isinstance(module, MoeExperts):
+                yield name, module
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | CheckpointTensor]]) -> None:
+        """Expert tensors go to their bank (each expert's gate, up and down into this rank's slices of
+        the packed parameters); everything else is the Llama family's."""
+        banks = dict(self.expert_banks())
+        loaded: set[tuple[str, str, int]] = set()
+
+        def dense_weights() -> Iterator[tuple[str, torch.Tensor | CheckpointTensor]]:
+            for hf_name, tensor in weights:
+                name = checkpoint_name(hf_name)
+                target = expert_tensor(name)
+                if target is None:
+                    yield name, tensor
+                    continue
+                bank = banks.get(target.experts_prefix)
+                if bank is None or not 0 <= (target.expert or 0) < bank.num_experts:
+                    raise ValueError(f"checkpoint tensor {hf_name!r} has no place in {type(self).__name__}")
+                try:
+                    if target.expert is None:
+                        filled = bank.load_fused_checkpoint_tensor(target.part, tensor)
+                    else:
+                        bank.load_checkpoint_tensor(target.part, target.expert, tensor)
+                        filled = [(target.part, target.expert)]
+                except ValueError as exc:
+                    raise ValueError(f"{hf_name}: {exc}") from exc
+                loaded.update((target.experts_prefix, part, e) for part, e in filled)
+
+        super().load_weights(dense_weights())
+        expected = {
+            (prefix, part, e)
+            for prefix, bank in banks.items()
+            for part in ("gate", "up", "down")
+            for e in range(bank.num_experts)
+        }
+        missing = sorted(f"{prefix}.{e}.{part}" for prefix, part, e in expected - loaded)
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} expert tensors, e.g. {', '.join(missing[:5])}")
+
+    def _expected_parts(self) -> set[tuple[str, str]]:
+        # the experts' parameters are checked by load_weights, expert by expert
+        return {(name, part) for name, part in super()._expected_parts() if ".experts." not in name}

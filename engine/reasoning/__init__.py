@@ -1,0 +1,1 @@
+"""Reasoning (thinking) sections in model output, split from the answer (`--reasoning-parser`)."""

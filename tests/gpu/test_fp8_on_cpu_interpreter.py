@@ -1,0 +1,74 @@
+"""The FP8 Triton code, checked on the CPU through Triton's interpreter (TRITON_INTERPRET=1): the FP8
+GEMM (per-channel and 128-wide block scales, ragged shapes) against float32 products of the dequantized
+operands, and the attention kernels over a float8 KV cache (the FP8_KV switch) against attention over
+K/V rounded through FP8. Triton 3.9's interpreter rounds float32 to e4m3 wrongly where rounding up
+carries into the exponent (-0.49 becomes -0.25, not -0.5; GPUs convert with cvt.rn), so here the FP8
+cache is written by torch and reshape_and_cache's FP8 write is checked on a GPU only
+(tests/gpu/test_fp8_kv_attention.py; with test_fp8_gemm.py not run this session: no GPU)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+pytestmark = pytest.mark.skipif(
+    tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 9),
+    reason="needs Triton >= 3.9's interpreter",
+)
+
+HERE = Path(__file__).parent
+REPO = HERE.parent.parent
+
+SCRIPT = r"""
+import torch
+from gpu_paged_batch import as_fp8_kv_batch, make_paged_batch
+from engine.kernels.fp8_gemm import fp8_gemm
+from engine.kernels.decode_attention import decode_attention
+from engine.kernels.prefill_attention import prefill_attention
+from engine.model.attention import write_kv_cache
+from engine.model.fp8 import dequantize_rows, quantize_rows
+
+torch.manual_seed(0)
+for m, n, k, group in [(5, 48, 64, None), (33, 200, 320, 128), (1, 16, 16, None), (7, 130, 256, 128)]:
+    x, w = torch.randn(m, k), torch.randn(n, k)
+    xq, xs = quantize_rows(x, group)
+    wq, ws = quantize_rows(w, group)
+    out = fp8_gemm(xq, xs, wq, ws, torch.float32, group)
+    ref = dequantize_rows(xq, xs, torch.float32, group) @ dequantize_rows(wq, ws, torch.float32, group).T
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-5, (m, n, k, group)
+    assert ((out - x @ w.T).norm() / (x @ w.T).norm()).item() < 0.06  # FP8's own error
+
+cases = [  # head_dim, block_size, kv_heads, group, query_lens, prefix_lens, decode splits, k/v scales
+    (64, 16, 1, 4, [1, 1, 5, 17], [3, 40, 0, 20], None, (1.0, 1.0)),
+    (32, 8, 2, 2, [1, 1, 33], [1, 90, 40], 4, (0.25, 2.0)),
+]
+for head_dim, block_size, kvh, group, q_lens, prefix, splits, (ks, vs) in cases:
+    b = make_paged_batch(q_lens, prefix, kvh * group, kvh, head_dim, block_size, seed=head_dim,
+                         dtype=torch.float16, device="cpu")
+    fp8, scales, ref = as_fp8_kv_batch(b, ks, vs)
+    write_kv_cache(fp8.k, fp8.v, fp8.kv_cache, b.meta.slot_mapping, scales)  # torch's e4m3 rounding
+    out = torch.full_like(b.q, float("nan"))
+    m, nd = b.meta, b.meta.num_decodes
+    decode_attention(fp8.q[:nd], fp8.kv_cache, m.block_tables[:nd], m.seq_lens[:nd], b.scale, out[:nd],
+                     num_splits=splits or 1, kv_scales=scales)
+    prefill_attention(fp8.q, fp8.kv_cache, m.block_tables, m.seq_lens, m.query_start_loc, m.max_query_len,
+                      b.scale, out, first_seq=nd, kv_scales=scales)
+    assert not out.isnan().any(), head_dim
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    assert err < 2e-3, (head_dim, err)
+print("ok")
+"""
+
+
+def test_fp8_kernels_match_references_under_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(HERE)}
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.strip().endswith("ok")

@@ -1,0 +1,190 @@
+"""POST /v1/responses with the official SDK (`responses.create`, the `responses.stream` helper) against a
+server whose model writes scripted replies (tests/unit/tool_serving.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+from openai import BadRequestError
+
+from engine.api.output_plan import ServerToolOptions
+from engine.reasoning.think_tags import REASONING_PARSERS
+from engine.sampling.params import SamplingParams
+from tests.unit.tool_serving import MODEL
+
+ANSWER = "Paris is the capital of France."
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+THINKING = "<think>\nThe capital of France is Paris.\n</think>\n\n"
+
+
+def agent(prompt: str, params: SamplingParams) -> str:
+    return "It is 21 degrees." if "<tool_response>" in prompt else CALL
+
+
+async def test_plain_response(serve) -> None:
+    s = await serve(ANSWER)
+    resp = await s.openai.responses.create(
+        model=MODEL, input="What is the capital of France?", instructions="Be brief."
+    )
+    assert resp.object == "response" and resp.id.startswith("resp_") and resp.status == "completed"
+    assert resp.output_text == ANSWER
+    (message,) = resp.output
+    assert message.type == "message" and message.role == "assistant" and message.id.startswith("msg_")
+    prompt = s.engine.submitted[0].prompt
+    assert "Be brief." in prompt and "What is the capital of France?" in prompt
+    tokens = len(s.engine.tokenizer.encode(ANSWER))
+    assert resp.usage.output_tokens == tokens
+    assert resp.usage.total_tokens == resp.usage.input_tokens + tokens
+    assert resp.store is False
+
+
+async def test_max_output_tokens_makes_it_incomplete(serve) -> None:
+    s = await serve(ANSWER)
+    resp = await s.openai.responses.create(
+        model=MODEL, input="hi", max_output_tokens=3, temperature=0.5, top_p=0.9
+    )
+    assert resp.status == "incomplete" and resp.incomplete_details.reason == "max_output_tokens"
+    assert resp.usage.output_tokens == 3
+    params = s.engine.submitted[0].params
+    assert (params.max_tokens, params.temperature, params.top_p) == (3, 0.5, 0.9)
+
+
+async def test_streaming_events(serve) -> None:
+    s = await serve(ANSWER)
+    stream = await s.openai.responses.create(model=MODEL, input="hi", stream=True)
+    events = [e async for e in stream]
+    types = [e.type for e in events]
+    assert types[:5] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+    ]
+    assert types[-5:] == [
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == ANSWER
+    assert events[-1].response.output_text == ANSWER and events[-1].response.usage.output_tokens > 0
+
+
+async def test_stream_helper_equals_create(serve) -> None:
+    s = await serve(ANSWER)
+    async with s.openai.responses.stream(model=MODEL, input="hi") as stream:
+        text = "".join([e.delta async for e in stream if e.type == "response.output_text.delta"])
+        final = await stream.get_final_response()
+    whole = await s.openai.responses.create(model=MODEL, input="hi")
+    assert text == final.output_text == whole.output_text == ANSWER
+
+
+async def test_function_tool_round_trip(serve) -> None:
+    s = await serve(agent)
+    first = await s.openai.responses.create(model=MODEL, input="Weather in Paris?", tools=[WEATHER])
+    (call,) = first.output
+    assert (
+        call.type == "function_call"
+        and call.name == "get_weather"
+        and json.loads(call.arguments) == {"city": "Paris"}
+    )
+    assert call.call_id and call.id.startswith("fc_")
+    history = [
+        {"role": "user", "content": "Weather in Paris?"},
+        *[item.model_dump(exclude_none=True) for item in first.output],
+        {"type": "function_call_output", "call_id": call.call_id, "output": '{"temperature": 21}'},
+    ]
+    second = await s.openai.responses.create(model=MODEL, input=history, tools=[WEATHER])
+    assert second.output_text == "It is 21 degrees."
+    prompt = s.engine.submitted[1].prompt
+    assert '{"name": "get_weather", "arguments": {"city": "Paris"}}' in prompt
+    assert '<tool_response>\n{"temperature": 21}\n</tool_response>' in prompt
+
+
+async def test_streamed_function_call(serve) -> None:
+    s = await serve(CALL)
+    async with s.openai.responses.stream(model=MODEL, input="Weather?", tools=[WEATHER]) as stream:
+        events = [e async for e in stream]
+        final = await stream.get_final_response()
+    types = [e.type for e in events]
+    assert (
+        "response.function_call_arguments.delta" in types and "response.function_call_arguments.done" in types
+    )
+    (call,) = final.output
+    assert (
+        call.type == "function_call" and call.arguments == '{"city": "Paris"}' and call.name == "get_weather"
+    )
+
+
+async def test_named_tool_choice(serve) -> None:
+    s = await serve('{"city": "Paris"}')
+    resp = await s.openai.responses.create(
+        model=MODEL,
+        input="Weather?",
+        tools=[WEATHER],
+        tool_choice={"type": "function", "name": "get_weather"},
+    )
+    assert resp.output[0].arguments == '{"city": "Paris"}'
+    assert json.loads(s.engine.submitted[0].params.structured.value) == WEATHER["parameters"]
+
+
+async def test_reasoning_item(serve) -> None:
+    options = ServerToolOptions(reasoning=REASONING_PARSERS["qwen3"])
+    s = await serve(THINKING + ANSWER, options=options)
+    resp = await s.openai.responses.create(
+        model=MODEL, input="Capital of France?", reasoning={"effort": "low", "summary": "auto"}
+    )
+    reasoning, message = resp.output
+    assert reasoning.type == "reasoning" and reasoning.summary[0].text == "The capital of France is Paris."
+    assert resp.output_text == ANSWER
+    async with s.openai.responses.stream(
+        model=MODEL, input="Capital?", reasoning={"summary": "auto"}
+    ) as stream:
+        events = [e async for e in stream]
+        final = await stream.get_final_response()
+    assert [e.type for e in events][2] == "response.output_item.added" and events[2].item.type == "reasoning"
+    assert (
+        final.output[0].summary[0].text == "The capital of France is Paris." and final.output_text == ANSWER
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"previous_response_id": "resp_123"}, "previous_response_id is not supported"),
+        ({"extra_body": {"frobnicate": True}}, "frobnicate: Extra inputs are not permitted"),
+        ({"tools": [{"type": "web_search"}]}, "only function tools are supported"),
+        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "only text"),
+    ],
+)
+async def test_bad_requests_are_400s_naming_the_problem(serve, extra: dict, message: str) -> None:
+    s = await serve(ANSWER)
+    with pytest.raises(BadRequestError, match=message):
+        await s.openai.responses.create(model=MODEL, **{"input": "hi", **extra})
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("engine.api.structured_outputs") is None, reason="needs response_format support"
+)
+async def test_text_format_json_schema(serve) -> None:
+    s = await serve('{"capital": "Paris"}')
+    schema = {"type": "object", "properties": {"capital": {"type": "string"}}, "required": ["capital"]}
+    resp = await s.openai.responses.create(
+        model=MODEL,
+        input="Capital of France as JSON",
+        text={"format": {"type": "json_schema", "name": "capital", "schema": schema, "strict": True}},
+    )
+    assert json.loads(resp.output_text) == {"capital": "Paris"}
+    spec = s.engine.submitted[0].params.structured
+    assert spec is not None and spec.kind == "json_schema" and json.loads(spec.value) == schema

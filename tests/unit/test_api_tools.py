@@ -1,0 +1,350 @@
+"""Tool calling and reasoning through the HTTP API with real clients (openai SDK, LangChain, LiteLLM)
+against a server whose model writes scripted replies (tests/unit/tool_serving.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from openai import BadRequestError
+
+from engine.api.output_plan import ServerToolOptions
+from engine.reasoning.think_tags import REASONING_PARSERS
+from engine.sampling.params import SamplingParams
+from tests.unit.tool_serving import MODEL
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["c", "f"]}},
+            "required": ["city"],
+        },
+    },
+}
+TIME_TOOL = {
+    "type": "function",
+    "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},
+}
+USER = [{"role": "user", "content": "What's the weather in Paris?"}]
+HERMES_CALL = (
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n</tool_call>'
+)
+TWO_CALLS = HERMES_CALL + '\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
+FINAL_ANSWER = "It is 21 degrees in Paris."
+
+
+def weather_agent(prompt: str, params: SamplingParams) -> str:
+    """Calls get_weather, then answers once the tool's result is in the prompt."""
+    return FINAL_ANSWER if "<tool_response>" in prompt else HERMES_CALL
+
+
+# ---------------------------------------------------------------- openai SDK: tool_choice
+
+
+async def test_auto_returns_the_models_tool_calls(serve) -> None:
+    s = await serve(TWO_CALLS)
+    resp = await s.openai.chat.completions.create(model=MODEL, messages=USER, tools=[WEATHER_TOOL, TIME_TOOL])
+    choice = resp.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    calls = choice.message.tool_calls
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris", "unit": "c"}),
+        ("get_time", {}),
+    ]
+    assert all(c.type == "function" and c.id.startswith("chatcmpl-tool-") for c in calls)
+    assert len({c.id for c in calls}) == 2
+    tokenizer = s.engine.tokenizer
+    assert resp.usage.completion_tokens == len(tokenizer.encode(TWO_CALLS))
+    assert resp.usage.prompt_tokens == len(tokenizer.encode(s.engine.submitted[0].prompt))
+    # The tools reached the model through its chat template.
+    assert (
+        '"name": "get_weather"' in s.engine.submitted[0].prompt
+        and s.engine.submitted[0].params.structured is None
+    )
+
+
+async def test_auto_with_a_plain_answer(serve) -> None:
+    s = await serve("Paris is sunny today.")
+    resp = await s.openai.chat.completions.create(model=MODEL, messages=USER, tools=[WEATHER_TOOL])
+    assert resp.choices[0].message.content == "Paris is sunny today."
+    assert resp.choices[0].message.tool_calls in (None, [])
+    assert resp.choices[0].finish_reason == "stop"
+
+
+async def test_streamed_tool_calls_assemble_to_the_non_streamed_answer(serve) -> None:
+    s = await serve("Let me look that up.\n" + TWO_CALLS)
+    args = {"model": MODEL, "messages": USER, "tools": [WEATHER_TOOL, TIME_TOOL]}
+    whole = (await s.openai.chat.completions.create(**args)).choices[0]
+    async with s.openai.chat.completions.stream(**args) as stream:
+        first_deltas = []
+        async for event in stream:
+            if event.type == "chunk" and event.chunk.choices and event.chunk.choices[0].delta.tool_calls:
+                first_deltas.append(event.chunk.choices[0].delta.tool_calls[0])
+        streamed = (await stream.get_final_completion()).choices[0]
+    assert streamed.message.content == whole.message.content == "Let me look that up."
+    assert streamed.finish_reason == whole.finish_reason == "tool_calls"
+    got = [(c.function.name, c.function.arguments) for c in streamed.message.tool_calls]
+    assert got == [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+    # OpenAI's shape: the first delta of a call has index, id, type and name; then argument fragments.
+    assert (
+        first_deltas[0].id
+        and first_deltas[0].function.name == "get_weather"
+        and first_deltas[0].type == "function"
+    )
+    assert len(first_deltas) > 3 and all(d.id is None and d.function.name is None for d in first_deltas[1:3])
+
+
+async def test_parallel_tool_calls_false_keeps_one(serve) -> None:
+    s = await serve(TWO_CALLS)
+    resp = await s.openai.chat.completions.create(
+        model=MODEL, messages=USER, tools=[WEATHER_TOOL, TIME_TOOL], parallel_tool_calls=False
+    )
+    assert [c.function.name for c in resp.choices[0].message.tool_calls] == ["get_weather"]
+
+
+async def test_auto_needs_enable_auto_tool_choice(serve) -> None:
+    s = await serve(HERMES_CALL, options=ServerToolOptions())
+    with pytest.raises(BadRequestError, match="--enable-auto-tool-choice"):
+        await s.openai.chat.completions.create(model=MODEL, messages=USER, tools=[WEATHER_TOOL])
+
+
+async def test_none_leaves_the_text_alone(serve) -> None:
+    s = await serve(HERMES_CALL)
+    resp = await s.openai.chat.completions.create(
+        model=MODEL, messages=USER, tools=[WEATHER_TOOL], tool_choice="none"
+    )
+    assert resp.choices[0].message.content == HERMES_CALL and not resp.choices[0].message.tool_calls
+    assert resp.choices[0].finish_reason == "stop"
+
+
+async def test_required_constrains_with_the_calls_schema(serve) -> None:
+    s = await serve('[{"name": "get_time", "parameters": {}}]')
+    resp = await s.openai.chat.completions.create(
+        model=MODEL, messages=USER, tools=[WEATHER_TOOL, TIME_TOOL], tool_choice="required"
+    )
+    assert [(c.function.name, c.function.arguments) for c in resp.choices[0].message.tool_calls] == [
+        ("get_time", "{}")
+    ]
+    assert resp.choices[0].finish_reason == "tool_calls"
+    spec = s.engine.submitted[0].params.structured
+    schema = json.loads(spec.value)
+    assert spec.kind == "json_schema" and schema["type"] == "array" and schema["minItems"] == 1
+    assert len(schema["items"]["anyOf"]) == 2
+
+
+async def test_named_function_constrains_to_its_parameters(serve) -> None:
+    s = await serve('{"city": "Paris"}')
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    resp = await s.openai.chat.completions.create(
+        model=MODEL, messages=USER, tools=[WEATHER_TOOL, TIME_TOOL], tool_choice=choice
+    )
+    (call,) = resp.choices[0].message.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Paris"})
+    assert json.loads(s.engine.submitted[0].params.structured.value) == WEATHER_TOOL["function"]["parameters"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "not among the tools"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0].function.name"),
+        ({"tools": [{"type": "retrieval"}]}, "tools[0].type"),
+    ],
+)
+async def test_bad_tool_requests_are_400s(serve, extra: dict, message: str) -> None:
+    s = await serve("x")
+    body = {"model": MODEL, "messages": USER, "tools": [WEATHER_TOOL], **extra}
+    resp = await s.client.post("/v1/chat/completions", json=body)
+    assert resp.status == 400
+    assert message in (await resp.json())["error"]["message"]
+
+
+async def test_tool_choice_without_tools_is_a_400(serve) -> None:
+    s = await serve("x")
+    with pytest.raises(BadRequestError, match="tool_choice is only allowed when tools"):
+        await s.openai.chat.completions.create(model=MODEL, messages=USER, tool_choice="required")
+
+
+async def test_tool_messages_and_assistant_calls_render_through_the_template(serve) -> None:
+    s = await serve(weather_agent)
+    messages = [
+        *USER,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21}'},
+    ]
+    resp = await s.openai.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER_TOOL])
+    assert resp.choices[0].message.content == FINAL_ANSWER
+    prompt = s.engine.submitted[0].prompt
+    # Arguments reach the template as a mapping (no JSON-in-a-string), the result as a tool response.
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in prompt
+    assert '<tool_response>\n{"temperature": 21}\n</tool_response>' in prompt
+
+
+# ---------------------------------------------------------------- reasoning
+
+THINKING = "<think>\nThe user wants the weather. I should call the tool.\n</think>\n\n"
+QWEN3 = ServerToolOptions("hermes", True, REASONING_PARSERS["qwen3"])
+
+
+async def test_reasoning_goes_to_reasoning_content(serve) -> None:
+    s = await serve(THINKING + FINAL_ANSWER, options=QWEN3)
+    resp = await s.openai.chat.completions.create(model=MODEL, messages=USER)
+    message = resp.choices[0].message
+    assert message.content == FINAL_ANSWER
+    assert message.model_extra["reasoning_content"] == "The user wants the weather. I should call the tool."
+
+
+async def test_streamed_reasoning_matches(serve) -> None:
+    s = await serve(THINKING + FINAL_ANSWER, options=QWEN3)
+    stream = await s.openai.chat.completions.create(model=MODEL, messages=USER, stream=True)
+    reasoning, content = "", ""
+    async for chunk in stream:
+        delta = chunk.choices[0].delta
+        reasoning += (delta.model_extra or {}).get("reasoning_content") or ""
+        content += delta.content or ""
+    assert (reasoning, content) == ("The user wants the weather. I should call the tool.", FINAL_ANSWER)
+
+
+async def test_reasoning_then_tool_call(serve) -> None:
+    s = await serve(THINKING + HERMES_CALL, options=QWEN3)
+    resp = await s.openai.chat.completions.create(model=MODEL, messages=USER, tools=[WEATHER_TOOL])
+    message = resp.choices[0].message
+    assert message.model_extra["reasoning_content"].startswith("The user wants")
+    assert message.content is None and message.tool_calls[0].function.name == "get_weather"
+    assert resp.choices[0].finish_reason == "tool_calls"
+
+
+async def test_required_with_reasoning_applies_the_grammar_after_thinking(serve) -> None:
+    s = await serve(THINKING + '[{"name": "get_weather", "parameters": {"city": "Paris"}}]', options=QWEN3)
+    resp = await s.openai.chat.completions.create(
+        model=MODEL, messages=USER, tools=[WEATHER_TOOL], tool_choice="required"
+    )
+    assert resp.choices[0].message.tool_calls[0].function.arguments == '{"city": "Paris"}'
+    assert s.engine.submitted[0].params.structured.after_reasoning
+
+
+async def test_chat_template_kwargs_reach_the_template(serve) -> None:
+    s = await serve(FINAL_ANSWER, options=QWEN3)
+    resp = await s.openai.chat.completions.create(
+        model=MODEL, messages=USER, extra_body={"chat_template_kwargs": {"enable_thinking": False}}
+    )
+    assert s.engine.submitted[0].prompt.endswith("<think>\n\n</think>\n\n")
+    assert resp.choices[0].message.content == FINAL_ANSWER
+    assert resp.choices[0].message.model_extra.get("reasoning_content") is None
+
+
+# ---------------------------------------------------------------- LangChain and LiteLLM
+
+
+async def test_langchain_bind_tools_round_trip(serve) -> None:
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    @tool
+    def get_weather(city: str) -> str:
+        """The current weather in a city."""
+        return json.dumps({"temperature": 21, "city": city})
+
+    s = await serve(weather_agent)
+    llm = ChatOpenAI(model=MODEL, base_url=s.url, api_key="unused", max_retries=0).bind_tools([get_weather])
+    messages = [HumanMessage("What's the weather in Paris?")]
+    ai = await llm.ainvoke(messages)
+    assert [(c["name"], c["args"]) for c in ai.tool_calls] == [
+        ("get_weather", {"city": "Paris", "unit": "c"})
+    ]
+    messages += [ai, ToolMessage(get_weather.invoke({"city": "Paris"}), tool_call_id=ai.tool_calls[0]["id"])]
+    final = await llm.ainvoke(messages)
+    assert final.content == FINAL_ANSWER and not final.tool_calls
+    assert '"temperature": 21' in s.engine.submitted[1].prompt
+
+
+async def test_langchain_structured_output_by_function_calling(serve) -> None:
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel
+
+    class Weather(BaseModel):
+        city: str
+        degrees: int
+
+    s = await serve('{"city": "Paris", "degrees": 21}')
+    llm = ChatOpenAI(model=MODEL, base_url=s.url, api_key="unused", max_retries=0)
+    result = await llm.with_structured_output(Weather, method="function_calling").ainvoke("Weather in Paris?")
+    assert result == Weather(city="Paris", degrees=21)
+    schema = json.loads(s.engine.submitted[0].params.structured.value)
+    assert schema["required"] == ["city", "degrees"]
+
+
+async def test_litellm_hosted_vllm_tools(serve) -> None:
+    import litellm
+
+    s = await serve(HERMES_CALL)
+    resp = await litellm.acompletion(
+        model=f"hosted_vllm/{MODEL}", api_base=s.url, api_key="unused", messages=USER, tools=[WEATHER_TOOL]
+    )
+    call = resp.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments)["city"] == "Paris"
+    assert resp.choices[0].finish_reason == "tool_calls"
+
+
+async def test_grammar_starts_at_once_when_the_template_closed_the_thinking(serve) -> None:
+    s = await serve('[{"name": "get_weather", "parameters": {"city": "Paris"}}]', options=QWEN3)
+    await s.openai.chat.completions.create(
+        model=MODEL,
+        messages=USER,
+        tools=[WEATHER_TOOL],
+        tool_choice="required",
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}},
+    )
+    assert not s.engine.submitted[0].params.structured.after_reasoning
+
+
+async def test_sdk_parse_with_a_pydantic_function_tool(serve) -> None:
+    import openai
+    from pydantic import BaseModel
+
+    class GetWeather(BaseModel):
+        city: str
+
+    s = await serve('{"city": "Paris"}')
+    completion = await s.openai.chat.completions.parse(
+        model=MODEL,
+        messages=USER,
+        tools=[openai.pydantic_function_tool(GetWeather)],
+        tool_choice={"type": "function", "function": {"name": "GetWeather"}},
+    )
+    (call,) = completion.choices[0].message.tool_calls
+    assert call.function.parsed_arguments == GetWeather(city="Paris")
+    schema = json.loads(s.engine.submitted[0].params.structured.value)
+    assert schema["properties"] == {"city": {"title": "City", "type": "string"}}
+
+
+async def test_each_of_n_streamed_choices_has_its_calls(serve) -> None:
+    s = await serve(HERMES_CALL)
+    stream = await s.openai.chat.completions.create(
+        model=MODEL, messages=USER, tools=[WEATHER_TOOL], n=2, stream=True
+    )
+    arguments: dict[int, str] = {0: "", 1: ""}
+    finish: dict[int, str] = {}
+    async for chunk in stream:
+        choice = chunk.choices[0]
+        for call in choice.delta.tool_calls or []:
+            arguments[choice.index] += call.function.arguments or ""
+        if choice.finish_reason:
+            finish[choice.index] = choice.finish_reason
+    assert arguments == {0: '{"city": "Paris", "unit": "c"}', 1: '{"city": "Paris", "unit": "c"}'}
+    assert finish == {0: "tool_calls", 1: "tool_calls"}

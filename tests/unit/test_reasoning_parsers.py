@@ -1,0 +1,55 @@
+"""--reasoning-parser on recorded thinking-model outputs: reasoning and answer split alike whether the
+text arrives whole or piece by piece."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.reasoning.think_tags import REASONING_PARSERS, ReasoningSplitter
+
+QWEN3 = (
+    "<think>\nOkay, the user asks what 2 + 2 is. That's 4.\n</think>\n\nThe answer is **4**."
+)  # fmt: skip
+# DeepSeek-R1's template opens <think> in the prompt: the output starts inside it.
+R1 = "Okay, so I need to add 2 and 2. That gives 4.\n</think>\n\n2 + 2 = 4."
+
+
+def split(name: str, text: str, starts_thinking: bool, step: int | None = None) -> tuple[str, str]:
+    splitter = ReasoningSplitter(REASONING_PARSERS[name], starts_thinking)
+    if step is None:
+        return splitter.feed(text, final=True)
+    parts = [splitter.feed(text[i : i + step]) for i in range(0, len(text), step)]
+    parts.append(splitter.feed("", final=True))
+    return "".join(r for r, _ in parts), "".join(a for _, a in parts)
+
+
+@pytest.mark.parametrize("step", [None, 1, 2, 5])
+@pytest.mark.parametrize(
+    ("name", "text", "starts", "reasoning", "answer"),
+    [
+        ("qwen3", QWEN3, False, "Okay, the user asks what 2 + 2 is. That's 4.", "The answer is **4**."),
+        ("qwen3", "The answer is 4.", False, "", "The answer is 4."),  # enable_thinking=False
+        ("qwen3", "Thinking...\n</think>\n\nDone.", True, "Thinking...", "Done."),  # <think> in the prompt
+        ("deepseek_r1", R1, True, "Okay, so I need to add 2 and 2. That gives 4.", "2 + 2 = 4."),
+        ("deepseek_r1", "<think>\nHmm.\n</think>\nYes.", True, "Hmm.", "Yes."),  # the tag written again
+        ("deepseek_r1", "Still thinking when max_tokens", True, "Still thinking when max_tokens", ""),
+    ],
+)
+def test_split(name: str, text: str, starts: bool, reasoning: str, answer: str, step: int | None) -> None:
+    assert split(name, text, starts, step) == (reasoning, answer)
+
+
+def test_qwen3_starts_thinking_only_when_the_prompt_leaves_think_open() -> None:
+    qwen3 = REASONING_PARSERS["qwen3"]
+    assert qwen3.starts_thinking("<|im_start|>assistant\n<think>\n")
+    assert not qwen3.starts_thinking(
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    )  # enable_thinking=False
+    assert not qwen3.starts_thinking("<|im_start|>assistant\n")
+    assert REASONING_PARSERS["deepseek_r1"].starts_thinking(None)
+
+
+def test_a_partial_end_tag_is_held_back() -> None:
+    splitter = ReasoningSplitter(REASONING_PARSERS["qwen3"], starts_thinking=True)
+    assert splitter.feed("step one </thi") == ("step one", "")
+    assert splitter.feed("nk> answer") == ("", "answer")
