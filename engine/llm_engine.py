@@ -100,6 +100,9 @@ class LLMEngine:
         )
         m = self.metrics
         m.labels(m.kv_cache_blocks_total).set(num_blocks)
+        m.set_cache_config(
+            config.block_size, num_blocks, config.enable_prefix_caching, config.gpu_memory_utilization
+        )
         log.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB), max_num_batched_tokens=%d",
             num_blocks,
