@@ -215,9 +215,8 @@ class AsyncEngine:
         self._started.set()  # a loop that never started must still see the stop
         self._inbox.put(Wake())
         await asyncio.to_thread(self._thread.join, 10)
-        if self._tensor_parallel is not None:  # stop the other ranks now rather than at exit
-            await asyncio.to_thread(self._tensor_parallel.close)
-        self.engine.grammars.shutdown()
+        # The other tensor-parallel ranks stop now rather than at exit; the grammar threads too.
+        await asyncio.to_thread(self.engine.close)
 
     # --- the engine loop thread --------------------------------------------------------------
 

@@ -113,7 +113,8 @@ class LLMEngine:
         self._update_gauges()
 
     def close(self) -> None:
-        """Stop the other tensor-parallel ranks, if any (the server does it at exit)."""
+        """Stop the grammar compiler's threads and the other tensor-parallel ranks, if any (idempotent)."""
+        self.grammars.shutdown()
         self.runner.close()
 
     # --- requests in and out ---------------------------------------------------------------
