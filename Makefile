@@ -52,10 +52,12 @@ manifests: $(STAMP)
 
 cluster-build: $(STAMP)
 	@bash tests/cluster/build.sh >/dev/null
+	@bash charts/hack/build_ct.sh >/dev/null  # chart-testing's ct, for `ct lint` (cached the same way)
 
-# Prints the exports to use it from a shell: eval "$$(make -s cluster-up)"
+# Prints the exports to use it from a shell: eval "$$(make -s cluster-up)"; CLUSTER_UP_ARGS=--cpu-node adds
+# the node agent's local-cpu-0, whose pods really run (tests/cluster/README.md).
 cluster-up: $(STAMP) cluster-build
-	@$(CLUSTER_CLI) up
+	@$(CLUSTER_CLI) up $(CLUSTER_UP_ARGS)
 
 cluster-down: $(STAMP)
 	@$(CLUSTER_CLI) down

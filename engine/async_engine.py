@@ -7,7 +7,9 @@ Contract used by the HTTP layer (engine/api/):
     engine.tokenizer                        # Hugging Face tokenizer (chat template, encode/decode)
     engine.served_model_name: str
     engine.max_model_len: int
+    engine.vocab_size: int                  # the model's logits width (token ids are below it)
     engine.metrics: EngineMetrics
+    await engine.compile_grammar(spec)      # structured output: compiled off the loop (GrammarError)
     engine.is_healthy() -> bool
     async for out in engine.generate(request_id, prompt_token_ids, sampling_params, cache_salt=None):
         ...                                 # RequestOutput deltas; the last has finished=True
@@ -34,6 +36,8 @@ from engine.config import EngineConfig
 from engine.metrics import EngineMetrics
 from engine.outputs import EngineDeadError, QueueFullError, RequestOutput, merge_outputs
 from engine.sampling.params import SamplingParams
+from engine.structured.compiler import GrammarError
+from engine.structured.spec import StructuredOutputSpec
 
 if TYPE_CHECKING:  # imported on the engine thread (torch is heavy; the CLI must start without it)
     from engine.distributed.driver import TensorParallelDriver
@@ -121,6 +125,7 @@ class AsyncEngine:
         self.served_model_name: str = config.served_model_name or self.engine.loaded.name
         self.tokenizer: Any = self.engine.tokenizer
         self.max_model_len: int = self.engine.max_model_len
+        self.vocab_size: int = self.engine.vocab_size
 
     def _build_engine(self) -> LLMEngine:
         """Runs on the engine thread."""
@@ -191,6 +196,12 @@ class AsyncEngine:
             if not finished:  # client went away or the task was cancelled: free its blocks now
                 self._inbox.put(AbortRequest(request_id))
 
+    async def compile_grammar(self, spec: StructuredOutputSpec) -> None:
+        """Compile (or find cached) the grammar of a request before adding it, on the grammar threads:
+        a slow schema delays only its own request, and a bad one raises GrammarError here, before
+        generation starts. The engine then finds it in the cache."""
+        await asyncio.wrap_future(self.engine.grammars.submit(spec))
+
     def abort(self, request_id: str) -> None:
         self._inbox.put(AbortRequest(request_id))
 
@@ -204,8 +215,8 @@ class AsyncEngine:
         self._started.set()  # a loop that never started must still see the stop
         self._inbox.put(Wake())
         await asyncio.to_thread(self._thread.join, 10)
-        if self._tensor_parallel is not None:  # stop the other ranks now rather than at exit
-            await asyncio.to_thread(self._tensor_parallel.close)
+        # The other tensor-parallel ranks stop now rather than at exit; the grammar threads too.
+        await asyncio.to_thread(self.engine.close)
 
     # --- the engine loop thread --------------------------------------------------------------
 
@@ -241,9 +252,13 @@ class AsyncEngine:
     def _handle(self, message: InboxMessage) -> None:
         if isinstance(message, AddRequest):
             self._num_taken += 1
-            self.engine.add_request(
-                message.request_id, message.prompt_token_ids, message.params, message.cache_salt
-            )
+            try:
+                self.engine.add_request(
+                    message.request_id, message.prompt_token_ids, message.params, message.cache_salt
+                )
+            except GrammarError as exc:  # not compiled by the caller first: that request fails, not the loop
+                assert self._loop is not None
+                self._loop.call_soon_threadsafe(self._fail_one, message.request_id, exc)
         elif isinstance(message, AbortRequest):
             out = self.engine.abort_request(message.request_id)
             if out is not None:  # a stream still listening (abort() called directly) gets its end
@@ -264,6 +279,11 @@ class AsyncEngine:
         self._dead = RuntimeError(message)
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(message))
+
+    def _fail_one(self, request_id: str, err: BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.put(err)
 
     def _fail_all(self, err: BaseException) -> None:
         for stream in self._streams.values():

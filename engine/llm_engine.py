@@ -27,7 +27,9 @@ from engine.model.runner import LaunchedStep, ModelRunner
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.sampling.params import SamplingParams
 from engine.step_trace import StepTrace
-from engine.stop_checker import StopStringChecker, check_token_stop
+from engine.stop_checker import StopStringChecker, TokenStop, check_token_stop
+from engine.structured.compiler import GrammarCompiler
+from engine.structured.matcher import GrammarState
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,13 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, max_num_seqs, max_batched, self.max_model_len)
         self.requests: dict[str, RequestState] = {}
+        # Structured outputs: grammars compile on their own threads (the HTTP layer awaits them before
+        # adding a request); the bitmask covers the logits' full width, padding included.
+        self.vocab_size: int = loaded.hf_config.vocab_size
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, sorted(self.eos_token_ids))
+        # The token ids that end the thinking section, after which a grammar with `after_reasoning` starts
+        # to apply. None = the tokens of "</think>" (qwen3 / deepseek_r1 style reasoning).
+        self.reasoning_end_token_ids: tuple[int, ...] | None = None
         self.async_scheduling = config.async_scheduling_on(device)
         self.trace = StepTrace.from_env()
         self.pipeline = StepPipeline(
@@ -91,6 +100,9 @@ class LLMEngine:
         )
         m = self.metrics
         m.labels(m.kv_cache_blocks_total).set(num_blocks)
+        m.set_cache_config(
+            config.block_size, num_blocks, config.enable_prefix_caching, config.gpu_memory_utilization
+        )
         log.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB), max_num_batched_tokens=%d",
             num_blocks,
@@ -101,7 +113,8 @@ class LLMEngine:
         self._update_gauges()
 
     def close(self) -> None:
-        """Stop the other tensor-parallel ranks, if any (the server does it at exit)."""
+        """Stop the grammar compiler's threads and the other tensor-parallel ranks, if any (idempotent)."""
+        self.grammars.shutdown()
         self.runner.close()
 
     # --- requests in and out ---------------------------------------------------------------
@@ -117,6 +130,12 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"duplicate request id {request_id!r}")
         seq = Sequence(request_id, prompt_token_ids, params, cache_salt)
+        if params.structured is not None:
+            # A cache hit when the HTTP layer compiled it first; raises GrammarError otherwise.
+            compiled = self.grammars.compile(params.structured)
+            after = self._reasoning_end_ids() if params.structured.after_reasoning else None
+            seq.grammar = GrammarState(compiled, after)
+            self.pipeline.num_constrained += 1
         self.requests[request_id] = RequestState(
             seq=seq,
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens),
@@ -195,6 +214,10 @@ class LLMEngine:
             seq.num_prompt_tokens,
             self.max_model_len,
         )
+        if seq.grammar is not None:
+            stop = self._grammar_stop(seq.grammar, token_id, stop)
+            if stop.finish_reason == "abort":
+                return self._finish(state, "abort", None, "")
         if not params.detokenize:
             if stop.finished:
                 return self._finish(state, stop.finish_reason, stop.stop_reason, "")
@@ -209,6 +232,23 @@ class LLMEngine:
         if stop.finished:
             return self._finish(state, stop.finish_reason, stop.stop_reason, check.release_text)
         return self._output(state, check.release_text, finished=False, finish_reason=None, stop_reason=None)
+
+    def _reasoning_end_ids(self) -> tuple[int, ...]:
+        if self.reasoning_end_token_ids is None:
+            self.reasoning_end_token_ids = tuple(self.tokenizer.encode("</think>", add_special_tokens=False))
+        return self.reasoning_end_token_ids
+
+    def _grammar_stop(self, grammar: GrammarState, token_id: int, stop: TokenStop) -> TokenStop:
+        """Advance the grammar; a completed grammar ends the sequence even under ignore_eos."""
+        grammar.accept(token_id)
+        if grammar.rejected:
+            # Only reachable when every allowed token was masked (e.g. min_tokens hid the only stop
+            # token the finished grammar allows): the output can no longer match, so it ends here.
+            log.warning("grammar rejected token %d: request ends (finish_reason abort)", token_id)
+            return TokenStop("abort", None, False)
+        if not stop.finished and grammar.is_terminated:
+            return TokenStop("stop", None, False)
+        return stop
 
     def _output(
         self,
@@ -240,6 +280,8 @@ class LLMEngine:
         self, state: RequestState, reason: str, stop_reason: int | str | None, text: str
     ) -> RequestOutput:
         seq, m = state.seq, self.metrics
+        if seq.grammar is not None:
+            self.pipeline.num_constrained -= 1
         self.scheduler.finish(seq)  # a token still in flight will be dropped when its step is read
         self.runner.release(seq.request_id)
         del self.requests[seq.request_id]

@@ -30,6 +30,16 @@ _LATENCY_BUCKETS = (
 )
 
 
+CACHE_CONFIG_LABELS = (
+    "block_size",
+    "num_gpu_blocks",
+    "cache_dtype",
+    "enable_prefix_caching",
+    "gpu_memory_utilization",
+    "kv_cache_size_tokens",
+)
+
+
 class EngineMetrics:
     def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -50,6 +60,14 @@ class EngineMetrics:
             "kubellm:kv_cache_blocks_free",
             "KV cache blocks free (incl. cached-evictable).",
             labels,
+            registry=r,
+        )
+        # An info gauge (always 1) whose labels carry the KV cache's shape, as vLLM exports it: the Gateway
+        # API Inference Extension's endpoint pickers read block_size and num_gpu_blocks from it.
+        self.cache_config_info = Gauge(
+            "vllm:cache_config_info",
+            "Information of the LLMEngine CacheConfig.",
+            list(CACHE_CONFIG_LABELS),
             registry=r,
         )
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed.", labels, registry=r)
@@ -89,6 +107,19 @@ class EngineMetrics:
         )
         self.model_name = model_name
         self._children: dict[int, object] = {}
+
+    def set_cache_config(
+        self, block_size: int, num_blocks: int, enable_prefix_caching: bool, gpu_memory_utilization: float
+    ) -> None:
+        """Once, when the KV cache is allocated ("num_gpu_blocks" is vLLM's name, on the CPU too)."""
+        self.cache_config_info.labels(
+            block_size=str(block_size),
+            num_gpu_blocks=str(num_blocks),
+            cache_dtype="auto",  # the KV cache follows the model's dtype, as vLLM's default "auto"
+            enable_prefix_caching=str(enable_prefix_caching),
+            gpu_memory_utilization=str(gpu_memory_utilization),
+            kv_cache_size_tokens=str(num_blocks * block_size),
+        ).set(1)
 
     def labels(self, metric):
         """The metric's child for this model (looked up once: `.labels()` is costly on a per-token path)."""

@@ -13,7 +13,7 @@ from typing import Any
 
 from kubernetes.utils.quantity import parse_quantity
 
-from kubellm_operator import names
+from kubellm_operator import gateway, names
 from kubellm_operator.engine_args import engine_invocation, shutdown_timeout
 from kubellm_operator.spec import (
     GPU_PRODUCT_LABEL,
@@ -91,6 +91,11 @@ def desired_children(owner: Owner, spec: ModelDeploymentSpec) -> list[Manifest]:
         children.append(autoscaler(owner, spec.autoscaling))
     if spec.disruption_budget is not None:
         children.append(disruption_budget(owner, spec.disruption_budget))
+    # Last: their CRDs may be missing, and the engine should serve through its Service meanwhile.
+    if spec.router is not None and (pool := spec.router.inference_pool) is not None:
+        children.append(gateway.inference_pool(_metadata(owner, owner.name), owner.name, pool))
+        if pool.http_route is not None:
+            children.append(gateway.http_route(_metadata(owner, owner.name), owner.name, pool))
     return children
 
 
@@ -183,6 +188,9 @@ def engine_container(spec: ModelDeploymentSpec) -> dict[str, Any]:
         "resources": container_resources(spec),
         # The kubelet's own sleep (Kubernetes >= 1.30): no `sleep` binary needed in the image.
         "lifecycle": {"preStop": {"sleep": {"seconds": PRE_STOP_SLEEP_SECONDS}}},
+        # An engine that exits with an error leaves its last log lines in the container's lastState,
+        # where the status (and `kubectl describe pod`) shows why it crashed.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {**DEFAULT_CONTAINER_SECURITY_CONTEXT, **(spec.security_context or {})},
         "volumeMounts": [
             {"name": DSHM_VOLUME, "mountPath": "/dev/shm"},

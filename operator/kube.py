@@ -26,6 +26,8 @@ PLURALS = {
     "HorizontalPodAutoscaler": "horizontalpodautoscalers",
     "PodDisruptionBudget": "poddisruptionbudgets",
     "Pod": "pods",
+    "InferencePool": "inferencepools",
+    "HTTPRoute": "httproutes",
     names.KIND: names.PLURAL,
 }
 # Worth retrying: conflicts, throttling, server trouble, no connection (status 0).

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kubellm_operator import names
+from kubellm_operator import gateway, names
 from kubellm_operator.desired import Manifest, Owner, desired_children
 from kubellm_operator.kube import ApiError, Kube
 from kubellm_operator.spec import ModelDeploymentSpec, ModelDeploymentStatus
@@ -31,7 +31,11 @@ CHILD_KINDS = [
     ("v1", "Service"),
     ("autoscaling/v2", "HorizontalPodAutoscaler"),
     ("policy/v1", "PodDisruptionBudget"),
+    (gateway.INFERENCE_POOL_API_VERSION, "InferencePool"),
+    (gateway.HTTP_ROUTE_API_VERSION, "HTTPRoute"),
 ]
+# Kinds from CRDs a cluster may not have: a 404 on them means "not installed", not "bad spec".
+OPTIONAL_KINDS = {"InferencePool", "HTTPRoute"}
 
 
 def utc_now() -> str:
@@ -145,6 +149,14 @@ class Reconciler:
                 return Problem("Forbidden", f"the API server forbade {kind} {name}: {error.message}")
             if error.transient:
                 raise
+            if error.status == 404 and kind in OPTIONAL_KINDS:
+                group = manifest["apiVersion"].split("/")[0]
+                return Problem(
+                    "CRDNotInstalled",
+                    f"{kind} {name} needs the {kind} CRD ({manifest['apiVersion']}), which this cluster does not "
+                    f"have: install it (see docs/operations.md) or remove spec.router; the {group} API "
+                    "answered 404",
+                )
             # The API server refused what the spec asked for (e.g. a malformed affinity).
             return Problem("InvalidSpec", f"the API server refused {kind} {name}: {error.message}")
 
@@ -152,7 +164,13 @@ class Reconciler:
         wanted = {(m["kind"], m["metadata"]["name"]) for m in desired}
         selector = f"{names.INSTANCE_LABEL}={owner.name},{names.MANAGED_BY_LABEL}={names.FIELD_MANAGER}"
         for api_version, kind in CHILD_KINDS:
-            for obj in self.kube.list(api_version, kind, owner.namespace, selector):
+            try:
+                objects = self.kube.list(api_version, kind, owner.namespace, selector)
+            except ApiError as error:
+                if error.status == 404 and kind in OPTIONAL_KINDS:
+                    continue  # CRD not installed: nothing of this kind to prune
+                raise
+            for obj in objects:
                 name = obj["metadata"]["name"]
                 if (kind, name) not in wanted and controlled_by(obj, owner.uid):
                     log.info("deleting %s %s/%s: no longer in the spec", kind, owner.namespace, name)

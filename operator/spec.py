@@ -302,6 +302,55 @@ class DisruptionBudgetSpec(SpecModel):
     )
 
 
+class EndpointPickerRef(SpecModel):
+    name: str = Field(
+        min_length=1,
+        description="Service of the endpoint picker (the Gateway API Inference Extension's EPP, e.g. llm-d's) "
+        "in the resource's namespace.",
+    )
+    port: int = Field(
+        9002, ge=1, le=65535, description="The picker's port on that Service (its gRPC ext-proc port)."
+    )
+    failure_mode: Literal["FailOpen", "FailClose"] = Field(
+        "FailClose",
+        description="What the gateway does when the picker does not answer: FailClose rejects the request, "
+        "FailOpen routes it anyway.",
+    )
+
+
+class GatewayRouteSpec(SpecModel):
+    gateway_name: str = Field(
+        min_length=1, description="The Gateway (gateway.networking.k8s.io) to attach to."
+    )
+    gateway_namespace: str | None = Field(
+        None, description="The Gateway's namespace (default: the resource's)."
+    )
+    section_name: str | None = Field(
+        None, description="One listener of the Gateway (default: all that allow it)."
+    )
+    path_prefix: str = Field(
+        "/", pattern=r"^/", description="Requests under this path go to the InferencePool."
+    )
+
+
+class InferencePoolSpec(SpecModel):
+    endpoint_picker_ref: EndpointPickerRef = Field(
+        description="The endpoint picker the gateway asks which pod serves each request."
+    )
+    http_route: GatewayRouteSpec | None = Field(
+        None,
+        description="Also an HTTPRoute (gateway.networking.k8s.io/v1) from a Gateway to the InferencePool.",
+    )
+
+
+class RouterSpec(SpecModel):
+    inference_pool: InferencePoolSpec | None = Field(
+        None,
+        description="An InferencePool (inference.networking.k8s.io/v1) selecting the engine pods on port 8000, "
+        "for Gateway API Inference Extension gateways (needs its CRDs installed).",
+    )
+
+
 class ModelDeploymentSpec(SpecModel):
     model: ModelSource = Field(description="What to serve and under which name.")
     engine: EngineSpec = defaulted(EngineSpec, "The engine container: image, `kubellm serve` arguments, env.")
@@ -362,6 +411,9 @@ class ModelDeploymentSpec(SpecModel):
     )
     disruption_budget: DisruptionBudgetSpec | None = Field(
         None, description="A PodDisruptionBudget for the pods."
+    )
+    router: RouterSpec | None = Field(
+        None, description="Routing through a Gateway: an InferencePool and optionally an HTTPRoute."
     )
 
     # Defaults that depend on other fields, resolved once here for the operator and the status.

@@ -27,9 +27,9 @@ STUCK_WAITING_REASONS = {
 
 
 # Problems that are not the spec's fault and may go away by themselves (someone else's object is deleted,
-# a quota is raised, a webhook or RBAC is fixed): the operator retries with backoff, and the phase is
+# a quota is raised, a webhook or RBAC is fixed, a CRD is installed): the operator retries with backoff, and the phase is
 # Degraded rather than Failed.
-RETRIED_PROBLEMS = {"ChildConflict", "Forbidden"}
+RETRIED_PROBLEMS = {"ChildConflict", "Forbidden", "CRDNotInstalled"}
 
 
 @dataclass(frozen=True)
@@ -155,8 +155,18 @@ def _stuck_container(pods: list[dict[str, Any]]) -> Problem | None:
                 message = f"pod {_pod_name(pod)}: {waiting['reason']}"
                 if waiting.get("message"):
                     message += f": {waiting['message']}"
+                if last_words := _last_log_line(container):
+                    message += f"; last log line: {last_words}"
                 return Problem(waiting["reason"], message)
     return None
+
+
+def _last_log_line(container: dict[str, Any]) -> str | None:
+    """The crashed engine's own last words: the kubelet keeps its last log lines as the termination
+    message (terminationMessagePolicy FallbackToLogsOnError)."""
+    message = container.get("lastState", {}).get("terminated", {}).get("message") or ""
+    lines = [line.strip() for line in message.replace("\r", "\n").splitlines() if line.strip()]
+    return lines[-1] if lines else None
 
 
 def _deadline_exceeded(deployment_status: dict[str, Any]) -> str | None:

@@ -14,6 +14,13 @@
 
 `k8s_namespace` (function scope) -> str: a fresh namespace, ready for pods, deleted after the test.
 
+`k8s_cpu_node` (session scope) -> str: the name of a node whose pods REALLY run, `local-cpu-0`: the node
+  agent (tests/cluster/node_agent, see tests/cluster/README.md) runs their containers as local processes
+  each in its own network namespace (pod IPs from 10.245.0.0/16 behind a bridge), probes them and writes
+  their status, so
+  Services get real EndpointSlices. The node is tainted kubellm.io/local-node=true:NoSchedule; a pod goes
+  there with that toleration and nodeSelector kubernetes.io/hostname=local-cpu-0 (LOCAL_NODE_PLACEMENT).
+
 Mark such tests `@pytest.mark.cluster`. Poll with tests.cluster.waiting.wait_until(check, what, timeout_s).
 The first use builds the binaries if they are not cached (`make cluster-build`; cold: tens of minutes);
 without Go the fixture fails with a clear message rather than skipping. KUBELLM_KEEP_CLUSTER_LOGS=1 keeps the
@@ -68,3 +75,8 @@ def k8s_namespace(k8s_cluster: LocalCluster) -> Iterator[str]:
     )
     yield name
     k8s_cluster.kubectl("delete", "namespace", name, "--wait=false")
+
+
+@pytest.fixture(scope="session")
+def k8s_cpu_node(k8s_cluster: LocalCluster) -> str:
+    return k8s_cluster.start_cpu_node()

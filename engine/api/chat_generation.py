@@ -9,10 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from engine.api.generation import SubRequest, fan_out
+from engine.api.logit_bias import checked_logit_bias
 from engine.api.output_plan import OutputPlan, plan_output
 from engine.api.prompts import chat_prompt, resolve_max_tokens
 from engine.api.protocol import ChatCompletionRequest
 from engine.api.state import ServerState
+from engine.api.structured_outputs import compile_spec, compiled_structured_spec
 
 
 @dataclass
@@ -38,7 +40,7 @@ async def prepare_chat(state: ServerState, body: ChatCompletionRequest, request_
     engine = state.engine
     model = state.check_model(body.model)
     state.check_request_chat_template(body.chat_template)
-    response_format = (body.response_format or {}).get("type", "text") != "text"
+    response_format = body.structured_request is not None
     plan = plan_output(
         body.tools, body.effective_tool_choice, body.parallel_tool_calls, state.tool_options, response_format
     )
@@ -57,6 +59,13 @@ async def prepare_chat(state: ServerState, body: ChatCompletionRequest, request_
     if plan.structured is not None and plan.reasoning is not None:
         after = not plan.reasoning.closed_in_prompt(prompt.text)
         plan.structured = replace(plan.structured, after_reasoning=after)
-    subs = fan_out(request_id, body, [prompt], [budget], body.num_logprobs, body.prompt_logprobs)
+    if plan.structured is None:  # the request's own response_format / structured_outputs / guided_*
+        plan.structured = await compiled_structured_spec(engine, body)
+    else:  # tool_choice required / named: a grammar over the tools' schemas
+        await compile_spec(engine, plan.structured, "tools")
+    logit_bias = checked_logit_bias(body.logit_bias_ids, engine.vocab_size)
+    subs = fan_out(
+        request_id, body, [prompt], [budget], body.num_logprobs, body.prompt_logprobs, logit_bias=logit_bias
+    )
     apply_plan(subs, plan)
     return ChatGeneration(model, plan, subs)

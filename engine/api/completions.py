@@ -19,6 +19,7 @@ from engine.api.generation import (
     pick_choices,
     usage,
 )
+from engine.api.logit_bias import checked_logit_bias
 from engine.api.logprobs import (
     TokenTexts,
     completion_logprobs,
@@ -36,6 +37,7 @@ from engine.api.protocol import (
 )
 from engine.api.state import STATE
 from engine.api.streaming import PerChoiceTextEvents, sse_event, stream_sse
+from engine.api.structured_outputs import compiled_structured_spec
 from engine.outputs import RequestOutput, TokenLogprob
 
 
@@ -164,7 +166,12 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
         for p in prompts
     ]
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    subs = fan_out(request_id, body, prompts, budgets, body.logprobs, body.num_prompt_logprobs)
+    logit_bias = checked_logit_bias(body.logit_bias_ids, engine.vocab_size)
+    structured = await compiled_structured_spec(engine, body)
+    subs = fan_out(
+        request_id, body, prompts, budgets, body.logprobs, body.num_prompt_logprobs,
+        structured=structured, logit_bias=logit_bias,
+    )  # fmt: skip
     head = {"id": request_id, "created": int(time.time()), "model": model}
 
     async with aclosing(merged_outputs(engine, subs)) as outputs:

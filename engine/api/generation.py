@@ -17,6 +17,7 @@ from engine.api.protocol import PromptTokensDetails, SamplingFields, UsageInfo
 from engine.api.state import ServingEngine
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.sampling.params import SamplingParams
+from engine.structured.spec import StructuredOutputSpec
 
 _INT64_MAX = 2**63 - 1
 
@@ -73,6 +74,8 @@ def sampling_params(
     logprobs: int | None,
     choice: int,
     prompt_logprobs: int | None = None,
+    structured: StructuredOutputSpec | None = None,
+    logit_bias: dict[int, float] | None = None,
 ) -> SamplingParams:
     seed = request.seed
     if seed is not None and choice:
@@ -97,6 +100,8 @@ def sampling_params(
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
         skip_special_tokens=request.skip_special_tokens,
+        structured=structured,
+        logit_bias=logit_bias,
     )
 
 
@@ -169,11 +174,15 @@ def fan_out(
     max_tokens: list[int],
     logprobs: int | None,
     prompt_logprobs: int | None = None,
+    *,
+    structured: StructuredOutputSpec | None = None,
+    logit_bias: dict[int, float] | None = None,
 ) -> list[SubRequest]:
     """request.num_candidates sub-requests per prompt, ids `<base_id>-<index>`; max_tokens is per prompt.
 
     With best_of > n every candidate computes its tokens' logprobs (at least the sampled one's), which
-    best_of ranks by; the response shows them only if the request asked.
+    best_of ranks by; the response shows them only if the request asked. Each candidate gets its own
+    grammar state in the engine (over one compiled grammar).
     """
     per_prompt = request.num_candidates
     if per_prompt > request.n and logprobs is None:
@@ -183,7 +192,13 @@ def fan_out(
         for i in range(per_prompt):
             index = p * per_prompt + i
             params = sampling_params(
-                request, max_tokens=budget, logprobs=logprobs, choice=i, prompt_logprobs=prompt_logprobs
+                request,
+                max_tokens=budget,
+                logprobs=logprobs,
+                choice=i,
+                prompt_logprobs=prompt_logprobs,
+                structured=structured,
+                logit_bias=logit_bias,
             )
             subs.append(
                 SubRequest(

@@ -13,6 +13,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
 
+from engine.api.logit_bias import parse_logit_bias
+from engine.api.structured_outputs import StructuredOutputFields
+
 FinishReason = Literal["stop", "length", "abort", "tool_calls"]
 MAX_LOGPROBS = 20
 
@@ -43,8 +46,10 @@ def _unsupported_field_error(name: str, why: str) -> PydanticCustomError:
     )
 
 
-class SamplingFields(BaseModel):
-    """Fields both completions and chat accept, with OpenAI's ranges and vLLM's extras."""
+class SamplingFields(StructuredOutputFields):
+    """Fields both completions and chat accept, with OpenAI's ranges and vLLM's extras (the structured
+    output fields, `response_format` and vLLM's `structured_outputs` / `guided_*`, come from
+    StructuredOutputFields)."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -93,10 +98,14 @@ class SamplingFields(BaseModel):
 
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        if value:
-            raise ValueError("logit_bias is not supported")
+    def _check_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        parse_logit_bias(value)
         return value
+
+    @property
+    def logit_bias_ids(self) -> dict[int, float] | None:
+        """logit_bias with int token ids (not yet checked against the vocabulary: see api/logit_bias)."""
+        return parse_logit_bias(self.logit_bias)
 
     @model_validator(mode="before")
     @classmethod
@@ -324,7 +333,6 @@ class ChatCompletionRequest(SamplingFields):
     add_special_tokens: bool = False  # the chat template already adds BOS where the model wants it
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
     tools: list[ChatTool] | None = None
     tool_choice: ToolChoice | None = None  # default: "auto" with tools, "none" without
     parallel_tool_calls: bool = True
@@ -338,8 +346,6 @@ class ChatCompletionRequest(SamplingFields):
     def _check_chat_fields(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError("response_format other than 'text' is not supported")
         if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
             raise ValueError("tool_choice is only allowed when tools are specified")
         if isinstance(self.tool_choice, NamedToolChoice):

@@ -18,6 +18,7 @@ from engine.api.output_plan import ServerToolOptions
 from engine.metrics import EngineMetrics
 from engine.outputs import RequestOutput
 from engine.sampling.params import SamplingParams
+from engine.structured.spec import StructuredOutputSpec
 
 T = TypeVar("T")
 
@@ -33,9 +34,12 @@ class ServingEngine(Protocol):
     tokenizer: Any
     served_model_name: str
     max_model_len: int
+    vocab_size: int
     metrics: EngineMetrics
 
     def is_healthy(self) -> bool: ...
+
+    async def compile_grammar(self, spec: StructuredOutputSpec) -> None: ...
 
     def generate(
         self,

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import TYPE_CHECKING
 
 from engine.sampling.params import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.structured.matcher import GrammarState
 
 
 class SequenceStatus(enum.Enum):
@@ -38,6 +42,9 @@ class Sequence:
         self.block_hashes: list[bytes] = []  # chained keys of this sequence's full blocks, in order
         self.num_registered_blocks = 0  # leading blocks already published to the prefix cache
         self.arrival_time = time.monotonic()
+        # Structured output: where the output stands in its grammar (set by the engine; advanced as each
+        # token is read, so it always matches the known output tokens).
+        self.grammar: GrammarState | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -16,7 +16,8 @@ instead of adding to it. Every rule that makes this safe lives here:
    that step; the extra token it computed is dropped (and never counted in usage).
 4. A sequence whose token in flight must be its last (max_tokens or max_model_len) sits out the next
    step (`in_flight_token_is_last`): computing past it is wasted.
-5. Sampling that reads a sequence's token list (penalties count its tokens, min_tokens its length)
+5. Sampling that reads a sequence's token list (penalties count its tokens, min_tokens its length, a
+   grammar's bitmask its matcher state)
    needs every token known: a step holding such a sequence is read before the next step is built.
 """
 
@@ -53,8 +54,8 @@ def needs_known_tokens(scheduled: list[ScheduledSeq]) -> bool:
     """Rule 5: some sequence's next sampling reads its token list (checked when its step launches)."""
     for s in scheduled:
         p = s.seq.params
-        if p.needs_penalties or s.seq.num_output_tokens < p.min_tokens:
-            return True
+        if p.needs_penalties or s.seq.num_output_tokens < p.min_tokens or s.seq.grammar is not None:
+            return True  # (a grammar's next bitmask needs its state after this token)
     return False
 
 
@@ -78,6 +79,7 @@ class StepPipeline:
         self.trace = trace
         self.in_flight: LaunchedStep | None = None  # launched, tokens not read yet (overlap only)
         self.in_flight_reads_tokens = False  # rule 5 holds for the step in flight
+        self.num_constrained = 0  # unfinished requests with a grammar (kept by the engine): 0 = look for none
 
     @property
     def has_in_flight(self) -> bool:
@@ -105,7 +107,9 @@ class StepPipeline:
 
     def _launch(self, sched: SchedulerOutput, previous: LaunchedStep | None) -> LaunchedStep:
         started = time.perf_counter()
-        launched = self.runner.launch(sched.scheduled, self.eos_token_ids, previous)
+        launched = self.runner.launch(
+            sched.scheduled, self.eos_token_ids, previous, with_grammars=self.num_constrained > 0
+        )
         if self.trace is not None:
             launched.trace = self.trace.launched(
                 launched.num_decodes, launched.num_tokens, launched.graphed, started

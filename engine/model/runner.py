@@ -21,6 +21,7 @@ from engine.sampling.sampler import PendingSample, Sampler, SamplingRow, seeded_
 
 if TYPE_CHECKING:
     from engine.distributed.driver import TensorParallelDriver
+    from engine.structured.bitmask import BitmaskBuilder
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class ModelRunner:
         self._constant_rows: dict[str, SamplingRow] = {}  # per request, for rows that never change
         self.staging = InputStaging(device) if device.type == "cuda" else None
         self.cuda_graphs: DecodeCudaGraphs | None = None  # set by capture_cuda_graphs
+        self.bitmasks: BitmaskBuilder | None = None  # made at the first step with a grammar
         # Rank 0 under tensor parallelism: the other ranks repeat this runner's public calls (tell_ranks).
         self.tp = tp
 
@@ -342,12 +344,14 @@ class ModelRunner:
         eos_token_ids: set[int],
         previous: LaunchedStep | None = None,
         tell_ranks: bool = True,
+        with_grammars: bool = False,
     ) -> LaunchedStep:
-        """Queue one step (forward, logits, sampling, host copy of the tokens) without waiting for it."""
+        """Queue one step (forward, logits, sampling, host copy of the tokens) without waiting for it.
+        with_grammars: some sequence in the engine has a grammar (else none is looked for)."""
         input_ids, positions, meta = self.build_metadata(batch, previous, tell_ranks)
         graphed = self.cuda_graphs is not None and self.cuda_graphs.can_run(meta)
         hidden = self.forward(input_ids, positions, meta, graphed)
-        step = self._sample(batch, hidden, meta, eos_token_ids)
+        step = self._sample(batch, hidden, meta, eos_token_ids, with_grammars)
         step.prompt_logprobs = launch_prompt_logprobs(
             batch, hidden, meta.query_lens_cpu, meta.num_decodes, self.model.compute_logits
         )
@@ -367,6 +371,7 @@ class ModelRunner:
         hidden: torch.Tensor,
         meta: AttentionMetadata,
         eos_token_ids: set[int],
+        with_grammars: bool = False,
     ) -> LaunchedStep:
         """LM head and sampler on the last token of each sequence whose prompt is complete."""
         # Only sequences whose prompt is complete need logits: the last token of each.
@@ -386,4 +391,13 @@ class ModelRunner:
         if logits is None:  # a tensor-parallel rank but the first: rank 0 samples
             return LaunchedStep(done, PendingSample(torch.empty(0, dtype=torch.long, device=self.device)))
         rows = [self._sampling_row(s.seq, eos_token_ids) for s in done]
-        return LaunchedStep(done, self.sampler.sample(logits, rows))
+        grammar = None
+        if with_grammars:  # (the step pipeline reads a grammar row's token before the next step: rule 5)
+            constrained = [(i, s.seq.grammar) for i, s in enumerate(done) if s.seq.grammar is not None]
+            if constrained:
+                if self.bitmasks is None:
+                    from engine.structured.bitmask import BitmaskBuilder  # xgrammar: only when used
+
+                    self.bitmasks = BitmaskBuilder(logits.shape[1], self.device)
+                grammar = self.bitmasks.build(constrained)
+        return LaunchedStep(done, self.sampler.sample(logits, rows, grammar))

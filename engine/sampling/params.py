@@ -28,6 +28,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     detokenize: bool = True  # offline callers that want token ids only skip the text (and stop strings)
     structured: StructuredOutputSpec | None = None  # grammar-constrained output (engine/structured/)
+    logit_bias: dict[int, float] | None = None  # OpenAI's: added to the token's logit before sampling
 
     @property
     def greedy(self) -> bool:

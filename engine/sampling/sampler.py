@@ -1,8 +1,12 @@
 """Sampler: turns one step's logits [B, V] into one next token per sequence, batched on the device.
 
 Order of operations (as vLLM v1):
-  raw logprobs  -> log_softmax of the model's logits, before anything below touches them
+  grammar       -> tokens a row's grammar forbids set to -inf, in place, one kernel for the batch
+                   (engine/structured/bitmask.py); rows without a grammar untouched; as in vLLM this
+                   comes first, so the logprobs below are those of the constrained distribution
+  raw logprobs  -> log_softmax of those logits, before anything below touches them
   min_tokens    -> eos (unless ignore_eos) and stop_token_ids masked while the output is too short
+  logit_bias    -> each row's OpenAI logit_bias added to its tokens' logits
   penalties     -> repetition (prompt + output tokens), then frequency and presence (output tokens)
   greedy rows   -> argmax
   other rows    -> temperature, min_p, top_k, top_p, then an inverse-CDF draw (CPU) or a Gumbel-max
@@ -20,12 +24,16 @@ import math
 from array import array
 from dataclasses import dataclass
 from itertools import chain
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.device_copy import to_device
 from engine.outputs import TokenLogprob
 from engine.sampling.params import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.structured.bitmask import GrammarBitmask
 
 _NEG_INF = float("-inf")
 _NONE_SUPPRESSED: frozenset[int] = frozenset()
@@ -104,13 +112,21 @@ class Sampler:
     truncation), which is vLLM's default `logprobs_mode="raw_logprobs"`.
     """
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
-        return self.sample(logits, rows).result()
+    def __call__(
+        self, logits: torch.Tensor, rows: list[SamplingRow], grammar: GrammarBitmask | None = None
+    ) -> SampleResult:
+        return self.sample(logits, rows, grammar).result()
 
-    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> PendingSample:
-        """Queue the sampling kernels and the host copy; nothing here waits for the device."""
+    def sample(
+        self, logits: torch.Tensor, rows: list[SamplingRow], grammar: GrammarBitmask | None = None
+    ) -> PendingSample:
+        """Queue the sampling kernels and the host copy; nothing here waits for the device.
+
+        `grammar` (None when no row in the batch has one) masks `logits` in place first."""
         if not rows:
             return PendingSample(torch.empty(0, dtype=torch.long, device=logits.device))
+        if grammar is not None:
+            grammar.apply(logits)
         if _is_plain_greedy(rows):
             # Fast path: one argmax kernel and one host transfer.
             return PendingSample(logits.argmax(dim=-1))
@@ -124,6 +140,7 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits[logprob_rows], dim=-1) if logprob_rows else None
 
         logits = suppress_stop_tokens(logits, rows)
+        logits = apply_logit_bias(logits, rows)
         logits = apply_penalties(logits, rows)
         token_ids = _choose_tokens(logits, rows)
 
@@ -133,8 +150,12 @@ class Sampler:
 
 
 def _needs_only_logits(row: SamplingRow) -> bool:
-    """No logprobs, penalties or masked stop tokens: the row's token depends on its logits alone."""
-    return row.params.logprobs is None and not row.params.needs_penalties and not row.suppressed_token_ids()
+    """No logprobs, penalties, logit_bias or masked stop tokens: the row's token depends on its logits
+    alone."""
+    p = row.params
+    return (
+        p.logprobs is None and not p.needs_penalties and not p.logit_bias and not row.suppressed_token_ids()
+    )
 
 
 def _is_plain_greedy(rows: list[SamplingRow]) -> bool:
@@ -193,6 +214,26 @@ def suppress_stop_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> torch
         return logits
     index = to_device(torch.tensor([row_idx, token_idx], dtype=torch.long), logits.device)
     return logits.index_put((index[0], index[1]), torch.tensor(_NEG_INF, device=logits.device))
+
+
+def apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """OpenAI's logit_bias: each row's bias added to its tokens' logits (ids were checked against the
+    vocabulary where the request came in); -100 all but bans a token, +100 all but forces it."""
+    row_idx: list[int] = []
+    token_idx: list[int] = []
+    values: list[float] = []
+    for i, row in enumerate(rows):
+        if row.params.logit_bias:
+            for token_id, bias in row.params.logit_bias.items():
+                row_idx.append(i)
+                token_idx.append(token_id)
+                values.append(bias)
+    if not row_idx:
+        return logits
+    device = logits.device
+    index = to_device(torch.tensor([row_idx, token_idx], dtype=torch.long), device)
+    bias = to_device(torch.tensor(values, dtype=logits.dtype), device)
+    return logits.index_put((index[0], index[1]), bias, accumulate=True)
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """`python -m tests.cluster up|down|env`: a local control plane for people (what `make cluster-up` runs).
 
-`up` starts the cluster detached (it outlives this command), records its process groups in
+`up` starts the cluster detached (`--cpu-node`: with the node agent's local-cpu-0) (it outlives this command), records its process groups in
 <workdir>/state.json and prints the shell exports; `env` prints them again; `down` stops it and
 removes <workdir>. The default workdir is ~/.cache/kubellm/cluster (override with --workdir)."""
 
@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 from tests.cluster.binaries import ClusterBinaries
-from tests.cluster.localcluster import LocalCluster
+from tests.cluster.localcluster import NODE_AGENT, LocalCluster
+from tests.cluster.node_agent.pod_network import remove_pod_network
 from tests.cluster.processes import stop_process_group
 
 STATE_FILE = "state.json"
@@ -38,7 +39,7 @@ def _owned_live_pids(state: dict) -> dict[str, int]:
             argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
         except OSError:
             continue
-        if argv0.startswith(state["bin_dir"]):
+        if argv0.startswith(state["bin_dir"]) or (name == NODE_AGENT and argv0 == sys.executable):
             live[name] = pid
     return live
 
@@ -50,11 +51,13 @@ def down(workdir: Path) -> None:
         for name in reversed(list(state["pids"])):
             if name in live:
                 stop_process_group(live[name])
+        if NODE_AGENT in state["pids"]:
+            remove_pod_network()  # the agent removes it as it stops; this is for one killed outright
     shutil.rmtree(workdir, ignore_errors=True)
     print(f"local cluster in {workdir} is down", file=sys.stderr)
 
 
-def up(workdir: Path) -> None:
+def up(workdir: Path, cpu_node: bool = False) -> None:
     state = _read_state(workdir)
     if state is not None and len(_owned_live_pids(state)) == len(state["pids"]):
         print(f"local cluster already running in {workdir}", file=sys.stderr)
@@ -64,6 +67,8 @@ def up(workdir: Path) -> None:
         down(workdir)  # a half-dead leftover: clear it before starting afresh
     cluster = LocalCluster(workdir, die_with_parent=False)
     cluster.start()
+    if cpu_node:
+        cluster.start_cpu_node()
     state = {
         "pids": {process.name: process.pid for process in cluster.processes},
         "bin_dir": str(cluster.bin_dir),
@@ -86,8 +91,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.cluster", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["up", "down", "env"])
     parser.add_argument("--workdir", type=Path, default=default_workdir())
+    parser.add_argument(
+        "--cpu-node",
+        action="store_true",
+        help="up: also start the node agent, whose node local-cpu-0 really runs pods (tests/cluster/README.md)",
+    )
     args = parser.parse_args()
-    {"up": up, "down": down, "env": env}[args.command](args.workdir)
+    if args.command == "up":
+        up(args.workdir, args.cpu_node)
+    else:
+        {"down": down, "env": env}[args.command](args.workdir)
 
 
 if __name__ == "__main__":

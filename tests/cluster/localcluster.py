@@ -12,6 +12,7 @@ import os
 import shutil
 import ssl
 import subprocess
+import sys
 import tempfile
 import urllib.request
 from collections.abc import Callable
@@ -24,12 +25,15 @@ from tests.cluster.binaries import ClusterBinaries
 from tests.cluster.components import ClusterLayout, ClusterPorts
 from tests.cluster.fake_gpu_nodes import FakeGpuNode, default_gpu_nodes
 from tests.cluster.kubeconfig import write_admin_kubeconfig
+from tests.cluster.node_agent.pod_network import remove_pod_network
 from tests.cluster.pki import generate_pki
 from tests.cluster.ports import free_loopback_ports
 from tests.cluster.processes import ManagedProcess
 from tests.cluster.waiting import wait_until
 
 NOT_READY_TAINT = "node.kubernetes.io/not-ready"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+NODE_AGENT = "node-agent"
 
 
 class ClusterStartError(RuntimeError):
@@ -147,6 +151,30 @@ class LocalCluster:
             timeout_s,
         )
 
+    def start_cpu_node(self, timeout_s: float = 60) -> str:
+        """Starts the node agent (tests/cluster/node_agent): a Ready CPU node whose pods really run as
+        local processes. Returns the node's name. Idempotent."""
+        from tests.cluster.node_agent.node import LOCAL_NODE_NAME
+
+        if not any(process.name == NODE_AGENT for process in self.processes):
+            # -P: the repository root goes on sys.path after the standard library (operator/ shadows it).
+            bootstrap = (
+                f"import sys; sys.path.append({str(REPO_ROOT)!r}); "
+                "from tests.cluster.node_agent.__main__ import main; main()"
+            )
+            argv = [sys.executable, "-P", "-c", bootstrap, "--kubeconfig", str(self.kubeconfig)]
+            self._launch(NODE_AGENT, [*argv, "--workdir", str(self.workdir / NODE_AGENT)])
+        assert self.layout is not None, "cluster not started"
+        api = ApiClient(self.layout.api_server, self.layout.pki)
+        self._wait(lambda: self._node_ready(api, LOCAL_NODE_NAME), f"node {LOCAL_NODE_NAME} Ready", timeout_s)
+        return LOCAL_NODE_NAME
+
+    def stop_cpu_node(self) -> None:
+        """Stops the node agent (its containers and pod network go with it); start_cpu_node() brings it back."""
+        for process in [p for p in self.processes if p.name == NODE_AGENT]:
+            process.stop()
+            self.processes.remove(process)
+
     def _launch(self, name: str, argv: list[str]) -> None:
         process = ManagedProcess(name, argv, self.workdir / f"{name}.log")
         process.start(self.die_with_parent)
@@ -167,21 +195,25 @@ class LocalCluster:
 
     def _nodes_ready(self, api: ApiClient) -> bool:
         by_name = {node["metadata"]["name"]: node for node in api.get("/api/v1/nodes")["items"]}
-        for wanted in self.nodes:
-            node = by_name.get(wanted.name)
-            if node is None:
+        return all(wanted.name in by_name and _is_ready(by_name[wanted.name]) for wanted in self.nodes)
+
+    def _node_ready(self, api: ApiClient, name: str) -> bool:
+        try:
+            return _is_ready(api.get(f"/api/v1/nodes/{name}"))
+        except ApiError as error:
+            if error.status == 404:
                 return False
-            conditions = {c["type"]: c["status"] for c in node.get("status", {}).get("conditions", [])}
-            taints = {t["key"] for t in node.get("spec", {}).get("taints", [])}
-            if conditions.get("Ready") != "True" or NOT_READY_TAINT in taints:
-                return False
-        return True
+            raise
 
     def stop(self, remove_workdir: bool = True) -> None:
         """Stops the processes, newest first (KWOK ... etcd), and removes the work dir with its logs."""
+        had_cpu_node = any(process.name == NODE_AGENT for process in self.processes)
         for process in reversed(self.processes):
             process.stop()
         self.processes.clear()
+        if had_cpu_node:
+            # The agent removes its pod network as it stops; this is for an agent that was killed outright.
+            remove_pod_network()
         if remove_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -191,6 +223,13 @@ class LocalCluster:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+def _is_ready(node: dict[str, Any]) -> bool:
+    """Ready, and no longer tainted not-ready by the node lifecycle controller."""
+    conditions = {c["type"]: c["status"] for c in node.get("status", {}).get("conditions", [])}
+    taints = {t["key"] for t in node.get("spec", {}).get("taints", [])}
+    return conditions.get("Ready") == "True" and NOT_READY_TAINT not in taints
 
 
 def _healthz_ok(port: int) -> bool:

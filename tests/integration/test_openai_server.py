@@ -360,6 +360,16 @@ def test_metrics_have_vllm_names(client: OpenAI, server) -> None:
     ):
         assert name in m, name
     assert m["vllm:generation_tokens_total"] >= 3 and m["vllm:e2e_request_latency_seconds_count"] >= 1
+    # The KV cache's shape, where Gateway API inference endpoint pickers look for it.
+    (info,) = [
+        sample
+        for family in text_string_to_metric_families(server.get("/metrics")[1])
+        for sample in family.samples
+        if sample.name == "vllm:cache_config_info"
+    ]
+    assert info.value == 1 and info.labels["block_size"] == "16"
+    assert int(info.labels["num_gpu_blocks"]) == m["kubellm:kv_cache_blocks_total"]
+    assert int(info.labels["kv_cache_size_tokens"]) == 16 * int(info.labels["num_gpu_blocks"])
 
 
 # ---------------------------------------------------------------- shutdown

@@ -7,7 +7,6 @@ scripted replies in tests/unit/test_api_tools.py.)
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,11 +17,6 @@ from openai import OpenAI
 
 from tests.integration.conftest import TINY_SERVER_FLAGS, KubellmServer, running_kubellm
 
-# The grammar engine is the `structured` work (engine/structured/compiler.py); until it is merged, the
-# engine ignores SamplingParams.structured and these tests cannot pass.
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("engine.structured.compiler") is None, reason="needs the grammar engine"
-)
 MODEL = "tiny-llama"
 USER = [{"role": "user", "content": "What's the weather in Paris?"}]
 WEATHER_PARAMETERS = {

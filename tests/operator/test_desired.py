@@ -74,6 +74,7 @@ spec:
           requests: {{ephemeral-storage: 83968Mi, nvidia.com/gpu: "1"}}
           limits: {{nvidia.com/gpu: "1"}}
         lifecycle: {{preStop: {{sleep: {{seconds: 5}}}}}}
+        terminationMessagePolicy: FallbackToLogsOnError
         securityContext:
           allowPrivilegeEscalation: false
           capabilities: {{drop: [ALL]}}

@@ -98,7 +98,12 @@ def test_user_metadata_and_seed_are_accepted() -> None:
         ({"prompt": "hi", "metadata": {"k": "v" * 513}}, "metadata.k: String should have at most 512"),
         ({"prompt": "hi", "functions": [{"name": "f"}]}, "Unsupported parameter: 'functions'"),
         ({"prompt": "hi", "modalities": ["text", "audio"]}, "Unsupported parameter: 'modalities'"),
-        ({"prompt": "hi", "logit_bias": {"1": 2}}, "logit_bias: logit_bias is not supported"),
+        (
+            {"prompt": "hi", "logit_bias": {"1": 101}},
+            "logit_bias: bias for token 1 must be between -100 and 100",
+        ),
+        ({"prompt": "hi", "logit_bias": {"x": 1}}, "logit_bias: keys must be token ids (integers), got 'x'"),
+        ({"prompt": "hi", "guided_regex": "a", "guided_choice": ["b"]}, "got guided_regex, guided_choice"),
         (
             {"prompt": "hi", "stream_options": {"include_usage": True}},
             "stream_options is only allowed when stream",
@@ -120,8 +125,16 @@ def test_completion_validation_messages_name_the_field(data: dict, expected: str
             {"messages": USER, "logprobs": True, "top_logprobs": 25},
             "top_logprobs: Input should be less than or equal to 20",
         ),
+        ({"messages": USER, "response_format": {"type": "yaml"}}, "response_format.type: Input should be"),
+        (
+            {"messages": USER, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            "response_format.json_schema.schema: Field required",
+        ),
+        (
+            {"messages": USER, "structured_outputs": {"regex": "a", "backend": "x"}},
+            "structured_outputs.backend",
+        ),
         ({"messages": USER, "tools": [{"type": "function"}]}, "tools[0].function: Field required"),
-        ({"messages": USER, "response_format": {"type": "json_object"}}, "response_format other than 'text'"),
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content: content must be a string"),
     ],
 )

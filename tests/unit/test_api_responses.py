@@ -3,7 +3,6 @@ server whose model writes scripted replies (tests/unit/tool_serving.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -174,9 +173,6 @@ async def test_bad_requests_are_400s_naming_the_problem(serve, extra: dict, mess
         await s.openai.responses.create(model=MODEL, **{"input": "hi", **extra})
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("engine.api.structured_outputs") is None, reason="needs response_format support"
-)
 async def test_text_format_json_schema(serve) -> None:
     s = await serve('{"capital": "Paris"}')
     schema = {"type": "object", "properties": {"capital": {"type": "string"}}, "required": ["capital"]}

@@ -64,6 +64,7 @@ class FakeEngine:
     tokenizer: PreTrainedTokenizerFast
     served_model_name: str = MODEL
     max_model_len: int = 64
+    vocab_size: int = 400
     metrics: EngineMetrics = field(default_factory=lambda: EngineMetrics(MODEL))
     delay: float = 0.0
     full_after: int | None = None  # raise QueueFullError once this many requests were accepted

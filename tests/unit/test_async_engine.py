@@ -22,11 +22,15 @@ class ScriptedLLMEngine:
 
     def __init__(self, per_step: int = 1, step_s: float = 0.0, crash: Exception | None = None) -> None:
         self.per_step, self.step_s, self.crash = per_step, step_s, crash
-        self.tokenizer, self.max_model_len = None, 64
+        self.tokenizer, self.max_model_len, self.vocab_size = None, 64, 128
         self.metrics = EngineMetrics("scripted")
         self.running: dict[str, list[int]] = {}  # request id -> [max_tokens, tokens so far]
         self.aborted: list[str] = []
         self.salts: dict[str, str | None] = {}  # request id -> the cache_salt it was added with
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
 
     @property
     def num_waiting(self) -> int:

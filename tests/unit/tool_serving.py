@@ -23,6 +23,7 @@ from engine.api.server import build_app
 from engine.metrics import EngineMetrics
 from engine.outputs import RequestOutput
 from engine.sampling.params import SamplingParams
+from engine.structured.spec import StructuredOutputSpec
 
 MODEL = "scripted"
 AUTO = ServerToolOptions("hermes", enable_auto_tool_choice=True)
@@ -97,11 +98,15 @@ class ScriptedEngine:
     script: Callable[[str, SamplingParams], str]
     served_model_name: str = MODEL
     max_model_len: int = 4096
+    vocab_size: int = 600
     metrics: EngineMetrics = field(default_factory=lambda: EngineMetrics(MODEL))
     submitted: list[Submitted] = field(default_factory=list)
 
     def is_healthy(self) -> bool:
         return True
+
+    async def compile_grammar(self, spec: StructuredOutputSpec) -> None:
+        pass  # the script writes what the grammar would allow; tests check the spec it was given
 
     def abort(self, request_id: str) -> None:
         pass

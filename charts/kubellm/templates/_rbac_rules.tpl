@@ -36,6 +36,14 @@ passed to engine pods by reference (secretKeyRef), which needs no right of the o
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
   verbs: [get, list, watch, create, patch, delete]
+# spec.router: an InferencePool (Gateway API Inference Extension) and an HTTPRoute (Gateway API), when
+# their CRDs are installed.
+- apiGroups: [inference.networking.k8s.io]
+  resources: [inferencepools]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [gateway.networking.k8s.io]
+  resources: [httproutes]
+  verbs: [get, list, watch, create, patch, delete]
 # Read-only, for status: the engine pods' readiness, pods the scheduler cannot place (condition
 # PodScheduled=False, reason Unschedulable, with the scheduler's message) and stuck containers
 # (CrashLoopBackOff, ImagePullBackOff). Pods are made by the Deployment, never by the operator.
