@@ -288,6 +288,8 @@ class SafetensorsTensor:
         return tuple(self.lazy.get_shape())
 
     def read(self, dim: int = 0, start: int = 0, length: int | None = None) -> torch.Tensor:
+        if not self.shape:  # a scalar (e.g. a KV-cache scale): nothing to slice
+            return self.file.get_tensor(self.name)
         size = self.shape[dim]
         length = size - start if length is None else length
         if start == 0 and length == size:
