@@ -14,7 +14,9 @@ import json
 import math
 import random
 import statistics
+import subprocess
 import time
+import urllib.request
 from dataclasses import dataclass
 
 import aiohttp
@@ -170,3 +172,19 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def wait_until_ready(url: str, server: subprocess.Popen, timeout: float) -> None:
+    """Poll a `kubellm serve` started by a benchmark until /health answers 200 (or it exits)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"kubellm serve exited with {server.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise TimeoutError("kubellm serve did not become ready")

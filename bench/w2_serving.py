@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import torch
@@ -30,7 +29,7 @@ from safetensors.torch import save_file
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from load_client import run_load, sharegpt_like_requests  # noqa: E402
+from load_client import run_load, sharegpt_like_requests, wait_until_ready  # noqa: E402
 from w1_offline import word_level_tokenizer  # noqa: E402
 
 
@@ -81,21 +80,6 @@ def write_random_checkpoint(config: transformers.LlamaConfig, path: Path, device
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     config.save_pretrained(path)
     word_level_tokenizer(config.vocab_size).save_pretrained(path)
-
-
-def wait_until_ready(url: str, server: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"kubellm serve exited with {server.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise TimeoutError("kubellm serve did not become ready")
 
 
 def start_py_spy(pid: int, seconds: float, out: Path) -> subprocess.Popen | None:

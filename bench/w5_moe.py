@@ -30,7 +30,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import torch
@@ -40,7 +39,7 @@ from safetensors.torch import save_file
 HERE = Path(__file__).resolve().parent
 sys.path.append(str(HERE))  # appended: bench/kernels.py must not shadow the `kernels` package
 
-from load_client import run_load, sharegpt_like_requests  # noqa: E402
+from load_client import run_load, sharegpt_like_requests, wait_until_ready  # noqa: E402
 from w1_offline import copy_bandwidth, time_decode_forward, word_level_tokenizer  # noqa: E402
 
 SERVED_NAME = "qwen3-30b-a3b"
@@ -136,22 +135,6 @@ def decode_step_floor_ms(
     )
     kv_bytes = batch * context * 2 * layers * config.num_key_value_heads * config.head_dim * 2
     return (weight_bytes + kv_bytes) / copy_bw * 1e3
-
-
-def wait_until_ready(url: str, server: subprocess.Popen, timeout: float) -> None:
-    # (w2_serving has the same; importing it would put bench/ first on sys.path, see above)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"kubellm serve exited with {server.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise TimeoutError("kubellm serve did not become ready")
 
 
 def serve_and_load(path: Path, args, vocab_size: int, result: dict) -> None:
