@@ -247,6 +247,52 @@ async def test_chat_template_kwargs_reach_the_template(serve) -> None:
     assert resp.choices[0].message.model_extra.get("reasoning_content") is None
 
 
+def thinking_tokens(s) -> int:
+    """The tokens between the tags, counted by the tokenizer alone (the tags are single added tokens,
+    so the text between them tokenizes the same on its own)."""
+    inner = THINKING.removeprefix("<think>").split("</think>")[0]
+    return len(s.engine.tokenizer.encode(inner, add_special_tokens=False))
+
+
+async def test_usage_counts_reasoning_tokens(serve) -> None:
+    s = await serve(THINKING + FINAL_ANSWER, options=QWEN3)
+    resp = await s.openai.chat.completions.create(model=MODEL, messages=USER, n=2)
+    expected = thinking_tokens(s)
+    assert expected > 5
+    reply = len(s.engine.tokenizer.encode(THINKING + FINAL_ANSWER, add_special_tokens=False))
+    assert resp.usage.completion_tokens == 2 * reply  # both choices' tokens
+    assert resp.usage.completion_tokens_details.reasoning_tokens == 2 * expected
+
+
+async def test_streamed_usage_counts_reasoning_tokens(serve) -> None:
+    s = await serve(THINKING + FINAL_ANSWER, options=QWEN3)
+    stream = await s.openai.chat.completions.create(
+        model=MODEL,
+        messages=USER,
+        stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True},  # type: ignore[typeddict-unknown-key]
+    )
+    running = [chunk.usage.completion_tokens_details.reasoning_tokens async for chunk in stream]
+    assert running == sorted(running)  # grows while thinking, then stays
+    assert running[-1] == thinking_tokens(s) and running.count(running[-1]) > 1
+
+
+async def test_no_reasoning_tokens_without_thinking(serve) -> None:
+    s = await serve(FINAL_ANSWER, options=QWEN3)
+    resp = await s.openai.chat.completions.create(
+        model=MODEL, messages=USER, extra_body={"chat_template_kwargs": {"enable_thinking": False}}
+    )
+    assert resp.usage.completion_tokens > 0
+    assert resp.usage.completion_tokens_details.reasoning_tokens == 0
+
+
+async def test_thinking_cut_by_max_tokens_counts_whole(serve) -> None:
+    s = await serve(THINKING + FINAL_ANSWER, options=QWEN3)
+    resp = await s.openai.chat.completions.create(model=MODEL, messages=USER, max_tokens=6)
+    assert resp.choices[0].finish_reason == "length"
+    assert resp.usage.completion_tokens_details.reasoning_tokens == 5  # all but the <think> tag
+
+
 # ---------------------------------------------------------------- LangChain and LiteLLM
 
 
