@@ -98,6 +98,33 @@ async def test_streamed_tool_calls_assemble_to_the_non_streamed_answer(serve) ->
     assert len(first_deltas) > 3 and all(d.id is None and d.function.name is None for d in first_deltas[1:3])
 
 
+@pytest.mark.parametrize(
+    "reply",
+    [
+        # v13 (Magistral, Devstral, Mistral-Small-3.2): one [TOOL_CALLS]name[ARGS]{...} per call
+        'Checking.[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "unit": "c"}[TOOL_CALLS]get_time[ARGS]{}',
+        # up to v7: one marker, then a JSON list
+        'Checking.[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}, '
+        '{"name": "get_time", "arguments": {}}]',
+    ],
+)
+async def test_mistral_formats_streamed_and_not(serve, reply: str) -> None:
+    s = await serve(reply, options=ServerToolOptions("mistral", enable_auto_tool_choice=True))
+    args = {"model": MODEL, "messages": USER, "tools": [WEATHER_TOOL, TIME_TOOL]}
+    whole = (await s.openai.chat.completions.create(**args)).choices[0]
+    async with s.openai.chat.completions.stream(**args) as stream:
+        streamed = (await stream.get_final_completion()).choices[0]
+    for choice in (whole, streamed):
+        assert choice.finish_reason == "tool_calls" and choice.message.content == "Checking."
+        calls = choice.message.tool_calls
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+            ("get_weather", {"city": "Paris", "unit": "c"}),
+            ("get_time", {}),
+        ]
+        assert all(len(c.id) == 9 and c.id.isalnum() for c in calls)  # Mistral's templates require it
+    assert s.engine.submitted[0].params.skip_special_tokens is False  # the markers are control tokens
+
+
 async def test_parallel_tool_calls_false_keeps_one(serve) -> None:
     s = await serve(TWO_CALLS)
     resp = await s.openai.chat.completions.create(
