@@ -71,7 +71,9 @@ class ServerState:
     def __post_init__(self) -> None:
         self.token_texts = TokenTexts(self.engine.tokenizer)
         reasoning = self.tool_options.reasoning
-        self.reasoning_tags = ReasoningTags.of(reasoning, self.engine.tokenizer) if reasoning else None
+        self.reasoning_tags = (
+            ReasoningTags.of(reasoning, self.engine.tokenizer, self.token_texts) if reasoning else None
+        )
         self.tokenizer_pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenizer")
 
     def check_request_chat_template(self, template: str | None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from engine.api.logprobs import TokenTexts
 from engine.reasoning.think_tags import REASONING_PARSERS, ReasoningSplitter
 from engine.reasoning.token_count import ReasoningTags, ReasoningTokenCounter
 
@@ -59,10 +60,12 @@ def test_a_partial_end_tag_is_held_back() -> None:
 # ---------------------------------------------------------------- reasoning token counts
 
 START, END = 900, 901  # the tags as one added token each (Qwen3, DeepSeek-R1, QwQ)
+BLANK = 50  # a token whose text is "\n"
 
 
 def count(name: str, ids: list[int], starts: bool, step: int, start=(START,), end=(END,)) -> int:
-    tags = ReasoningTags(REASONING_PARSERS[name], tuple(start), tuple(end))
+    text = {BLANK: "\n"}
+    tags = ReasoningTags(REASONING_PARSERS[name], tuple(start), tuple(end), lambda t: text.get(t, "x"))
     counter = ReasoningTokenCounter(tags, starts)
     for i in range(0, len(ids), step):
         counter.feed(ids[i : i + step])
@@ -81,6 +84,9 @@ def count(name: str, ids: list[int], starts: bool, step: int, start=(START,), en
         ("deepseek_r1", [START, 1, 2, END, 4], True, 2),  # ... or writes <think> again
         ("deepseek_r1", [1, 2, 3, 4], True, 4),  # cut by max_tokens while thinking: all of it
         ("qwen3", [START, 1, 2], False, 2),
+        ("qwen3", [BLANK, START, 1, BLANK, END, 4], False, 2),  # blanks before <think> dropped as in text
+        ("qwen3", [BLANK, 4, START], False, 0),
+        ("deepseek_r1", [BLANK, 1, END], True, 2),  # thinking from the first token, blank included
     ],
 )
 def test_reasoning_token_count(name: str, ids: list[int], starts: bool, expected: int, step: int) -> None:
@@ -99,6 +105,7 @@ def test_reasoning_tags_from_a_tokenizer() -> None:
     from tests.unit.tool_serving import qwen_style_tokenizer
 
     tokenizer = qwen_style_tokenizer()
-    tags = ReasoningTags.of(REASONING_PARSERS["qwen3"], tokenizer)
+    tags = ReasoningTags.of(REASONING_PARSERS["qwen3"], tokenizer, TokenTexts(tokenizer))
     assert tags.start_ids == (tokenizer.convert_tokens_to_ids("<think>"),)
     assert tags.end_ids == (tokenizer.convert_tokens_to_ids("</think>"),)
+    assert tags.is_blank(tokenizer.encode("\n")[0]) and not tags.is_blank(tags.start_ids[0])
