@@ -105,6 +105,8 @@ class Reconciler:
             spec, problem = parse_spec(resource)
             deployment = None
             if spec is not None:
+                if spec.replicas is None and spec.autoscaling is not None and spec.autoscaling.mode == "keda":
+                    self._seed_replicas(namespace, name, spec)
                 problem, deployment = self._apply_children(owner, spec, prune)
             return self._write_status(resource, spec, problem, deployment)
 
@@ -134,6 +136,14 @@ class Reconciler:
         if resource is None or resource["metadata"].get("deletionTimestamp"):
             return None  # garbage collection removes the children; re-creating them would fight it
         return resource
+
+    def _seed_replicas(self, namespace: str, name: str, spec: ModelDeploymentSpec) -> None:
+        """Mode keda: KEDA reads and writes the count through the scale subresource, which the API server serves
+        only while spec.replicas exists (without it a Scale GET is an internal error: "the spec replicas field
+        does not exist"). Start it at the lower bound; from then on it is KEDA's."""
+        log.info("setting spec.replicas of %s/%s to %s for KEDA", namespace, name, spec.fixed_replicas)
+        body = {"spec": {"replicas": spec.fixed_replicas}}
+        self.kube.merge_patch(names.API_VERSION, names.KIND, namespace, name, body)
 
     def _apply_children(
         self, owner: Owner, spec: ModelDeploymentSpec, prune: bool
