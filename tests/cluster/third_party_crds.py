@@ -82,3 +82,11 @@ def uninstall_keda_crds(cluster: LocalCluster, timeout_s: float = 300) -> None:
         return not cluster.kubectl("get", "--ignore-not-found", *(f"crd/{name}" for name in KEDA_CRD_NAMES))
 
     wait_until(gone, "KEDA's CRDs deleted", timeout_s=timeout_s)
+
+
+def install_gateway_crds(cluster: LocalCluster) -> None:
+    """InferencePool and HTTPRoute, applied and Established."""
+    for crd in (INFERENCE_POOL_CRD, http_route_crd()):
+        cluster.kubectl("apply", "--server-side", "-f", str(crd))
+    for name in ("inferencepools.inference.networking.k8s.io", "httproutes.gateway.networking.k8s.io"):
+        cluster.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
