@@ -105,7 +105,7 @@ class Reconciler:
             spec, problem = parse_spec(resource)
             deployment = None
             if spec is not None:
-                if spec.replicas is None and spec.autoscaling is not None and spec.autoscaling.mode == "keda":
+                if spec.autoscaler == "keda" and spec.replicas is None:
                     self._seed_replicas(namespace, name, spec)
                 problem, deployment = self._apply_children(owner, spec, prune)
             return self._write_status(resource, spec, problem, deployment)
@@ -154,10 +154,8 @@ class Reconciler:
         for manifest in desired:
             applied = self._apply_child(owner, manifest)
             if isinstance(applied, Problem):
-                if (
-                    manifest["kind"] not in OPTIONAL_KINDS
-                    or applied.reason != OPTIONAL_KINDS[manifest["kind"]].reason
-                ):
+                optional = OPTIONAL_KINDS.get(manifest["kind"])
+                if optional is None or applied.reason != optional.reason:
                     return applied, None
                 # A missing CRD blocks only its own child: the engine serves meanwhile, the other children
                 # (and pruning, e.g. of the HPA that mode hpa had) follow the spec.

@@ -568,6 +568,11 @@ class ModelDeploymentSpec(SpecModel):
         return self.engine.tensor_parallel_size if self.gpu.count is None else self.gpu.count
 
     @property
+    def autoscaler(self) -> Literal["hpa", "keda"] | None:
+        """What scales the pods: mode hpa's HorizontalPodAutoscaler, mode keda's ScaledObject, or nothing."""
+        return None if self.autoscaling is None else self.autoscaling.mode
+
+    @property
     def fixed_replicas(self) -> int | None:
         """The Deployment's pod count as the operator sets it; None when an HPA scales the Deployment."""
         scaling = self.autoscaling
