@@ -27,6 +27,19 @@ pytestmark = pytest.mark.cluster
 
 TIMEOUT_S = 90
 PROMETHEUS = "http://prometheus.monitoring.svc:9090"
+# Every behavior field, so both the HPA's and KEDA's schemas check what the operator writes from it.
+BEHAVIOR = {
+    "scaleUp": {
+        "stabilizationWindowSeconds": 0,
+        "selectPolicy": "Max",
+        "policies": [{"type": "Pods", "value": 2, "periodSeconds": 30}],
+    },
+    "scaleDown": {
+        "stabilizationWindowSeconds": 60,
+        "selectPolicy": "Min",
+        "policies": [{"type": "Percent", "value": 50, "periodSeconds": 60}],
+    },
+}
 KEDA_MODE = {
     "mode": "keda",
     "minReplicas": 1,
@@ -37,12 +50,13 @@ KEDA_MODE = {
         "threshold": "4",
         "pollingInterval": 15,
     },
-    "behavior": {"scaleDown": {"stabilizationWindowSeconds": 60}},
+    "behavior": BEHAVIOR,
 }
 HPA_MODE = {
     "minReplicas": 1,
     "maxReplicas": 2,
     "podMetric": {"name": "vllm_num_requests_waiting", "targetAverageValue": 4},
+    "behavior": BEHAVIOR,
 }
 
 
@@ -97,7 +111,8 @@ def test_keda_mode_follows_keda_and_its_crds(
     uninstall_keda_crds(k8s_cluster)
     # Mode hpa first: its HorizontalPodAutoscaler scales the Deployment...
     apply(k8s_cluster, ns, model_deployment(name, HPA_MODE))
-    wait_until(lambda: get(k8s_cluster, ns, "hpa", name), "mode hpa's HPA", timeout_s=TIMEOUT_S)
+    hpa = wait_until(lambda: get(k8s_cluster, ns, "hpa", name), "mode hpa's HPA", timeout_s=TIMEOUT_S)
+    assert hpa["spec"]["behavior"] == BEHAVIOR
 
     # ...then mode keda without KEDA: a clear, retried condition; the engine keeps serving and the HPA goes.
     apply(k8s_cluster, ns, model_deployment(name, KEDA_MODE))
@@ -131,7 +146,7 @@ def test_keda_mode_follows_keda_and_its_crds(
     assert (spec["minReplicaCount"], spec["maxReplicaCount"], spec["pollingInterval"]) == (1, 2, 15)
     assert spec["advanced"]["horizontalPodAutoscalerConfig"] == {
         "name": f"keda-hpa-{name}",
-        "behavior": {"scaleDown": {"stabilizationWindowSeconds": 60}},
+        "behavior": BEHAVIOR,
     }
     (trigger,) = spec["triggers"]
     assert (trigger["type"], trigger["metricType"]) == ("prometheus", "AverageValue")
