@@ -4,6 +4,10 @@ output tokens, seed 0) at QPS=inf and at 32 QPS. Reports req/s, output tok/s, TT
 
     python3 bench/w2_serving.py --out bench/results/w2_serving_gpu.json
 
+`--sweep FLAG=V1,V2,...` starts one server per value of a `kubellm serve` flag against the same
+checkpoint, in one call (e.g. `--sweep max-prefill-tokens-while-decoding=0,1024,2048,4096`: 0 is no cap);
+every run in the JSON carries the flags its server had.
+
 The checkpoint is written straight from random tensors (no transformers model is built: 8B parameters
 initialised on the CPU would take minutes), then served by the real CLI in a child process.
 """
@@ -98,6 +102,41 @@ def start_py_spy(pid: int, seconds: float, out: Path) -> subprocess.Popen | None
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
 
+def sweep_configs(sweep: str | None) -> list[list[str]]:
+    """`FLAG=V1,V2` -> [["--FLAG", "V1"], ["--FLAG", "V2"]]; no sweep -> one server with no extra flag."""
+    if not sweep:
+        return [[]]
+    flag, _, values = sweep.partition("=")
+    if not flag or not values:
+        raise SystemExit(
+            f"--sweep wants FLAG=V1,V2,... (e.g. max-prefill-tokens-while-decoding=0,2048): {sweep!r}"
+        )
+    return [[f"--{flag.removeprefix('--')}", value] for value in values.split(",")]
+
+
+def measure_server(serve_args: list[str], vocab_size: int, args: argparse.Namespace, log_path: Path,
+                   spy: bool) -> dict:  # fmt: skip
+    """Start one server, warm it, run every QPS of the load; its start-up time and runs."""
+    measured: dict = {"runs": []}
+    with kubellm_serve(serve_args, args.port, log_path) as server:
+        measured["server_startup_s"] = server.startup_s
+        warm = sharegpt_like_requests(16, vocab_size, seed=99)
+        asyncio.run(
+            run_load(server.url, "llama-8b", warm, math.inf)
+        )  # first-request effects out of the numbers
+        specs = sharegpt_like_requests(args.num_requests, vocab_size, seed=0)
+        for i, qps in enumerate(args.qps):
+            profiler = (
+                start_py_spy(server.process.pid, args.py_spy, Path(args.out)) if spy and i == 0 else None
+            )
+            summary = asyncio.run(run_load(server.url, "llama-8b", specs, qps, seed=0))
+            if profiler is not None:
+                profiler.wait()
+            measured["runs"].append(summary)
+            print(json.dumps(summary), flush=True)
+    return measured
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results/w2_serving_gpu.json")
@@ -115,6 +154,12 @@ def main() -> None:
         help="sample the server with py-spy (if installed) for this long during the first run (raw stacks beside --out)",
     )
     parser.add_argument(
+        "--sweep",
+        metavar="FLAG=V1,V2,...",
+        help="one server per value of this `kubellm serve` flag, same checkpoint, one call "
+        "(e.g. max-prefill-tokens-while-decoding=0,1024,2048,4096)",
+    )
+    parser.add_argument(
         "--serve-args", nargs=argparse.REMAINDER, default=[], help="extra `kubellm serve` flags"
     )
     args = parser.parse_args()
@@ -129,28 +174,24 @@ def main() -> None:
         write_random_checkpoint(config, Path(tmp))
         torch.cuda.empty_cache()
         result["checkpoint_write_s"] = time.perf_counter() - started
-        serve_args = ["--model", tmp, "--served-model-name", "llama-8b", "--dtype", "bfloat16",
-                      "--max-model-len", "4096", *args.serve_args]  # fmt: skip
-        with kubellm_serve(serve_args, args.port, log_path) as server:
-            result["server_startup_s"] = server.startup_s
-            warm = sharegpt_like_requests(16, config.vocab_size, seed=99)
-            asyncio.run(
-                run_load(server.url, "llama-8b", warm, math.inf)
-            )  # first-request effects out of the numbers
-            specs = sharegpt_like_requests(args.num_requests, config.vocab_size, seed=0)
-            for i, qps in enumerate(args.qps):
-                spy = start_py_spy(server.process.pid, args.py_spy, Path(args.out)) if i == 0 else None
-                summary = asyncio.run(run_load(server.url, "llama-8b", specs, qps, seed=0))
-                if spy is not None:
-                    spy.wait()
-                result["runs"].append(summary)
-                print(json.dumps(summary), flush=True)
+        for n, extra in enumerate(sweep_configs(args.sweep)):
+            serve_args = ["--model", tmp, "--served-model-name", "llama-8b", "--dtype", "bfloat16",
+                          "--max-model-len", "4096", *args.serve_args, *extra]  # fmt: skip
+            label = "-".join(extra).removeprefix("--")  # e.g. max-prefill-tokens-while-decoding-2048
+            log = log_path.with_name(f"{log_path.stem}.{label}{log_path.suffix}") if extra else log_path
+            if extra:
+                print(f"serve {' '.join(extra)}", flush=True)
+            measured = measure_server(serve_args, config.vocab_size, args, log, spy=n == 0)
+            result.setdefault("server_startup_s", measured["server_startup_s"])
+            for run in measured["runs"]:
+                result["runs"].append({"serve_args": [*args.serve_args, *extra], **run})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"\nW2 on {props.name}, Llama-3.1-8B shape, {args.num_requests} requests:")
     for r in result["runs"]:
         print(
-            f"  QPS={r['qps']}: {r['request_throughput']:.1f} req/s, {r['output_token_throughput']:.0f} output tok/s, "
+            f"  {' '.join(r['serve_args']) or 'defaults'}, QPS={r['qps']}: {r['request_throughput']:.1f} req/s, "
+            f"{r['output_token_throughput']:.0f} output tok/s, "
             f"TTFT p50/p99 {r['ttft_ms']['p50']:.0f}/{r['ttft_ms']['p99']:.0f} ms, "
             f"TPOT p50/p99 {r['tpot_ms']['p50']:.1f}/{r['tpot_ms']['p99']:.1f} ms, "
             f"ITL p50/p99 {r['itl_ms']['p50']:.1f}/{r['itl_ms']['p99']:.1f} ms, errors {r['errors']}"

@@ -5,7 +5,8 @@ each of operator.watchNamespaces otherwise. Nothing here allows reading Secrets:
 passed to engine pods by reference (secretKeyRef), which needs no right of the operator's.
 */}}
 {{- define "kubellm.rbac.namespacedRules" -}}
-# ModelDeployments: watch them; patch them for kopf's progress annotations.
+# ModelDeployments: watch them; patch them for kopf's progress annotations (and, in autoscaling mode keda,
+# to give spec.replicas its first value, which KEDA then owns through the scale subresource).
 # No create/delete/update: users own these objects, the operator only reconciles them.
 - apiGroups: [kubellm.io]
   resources: [modeldeployments]
@@ -43,6 +44,11 @@ passed to engine pods by reference (secretKeyRef), which needs no right of the o
   verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [gateway.networking.k8s.io]
   resources: [httproutes]
+  verbs: [get, list, watch, create, patch, delete]
+# spec.autoscaling.mode keda: a KEDA ScaledObject, when KEDA is installed. KEDA's own HorizontalPodAutoscaler
+# then scales the ModelDeployment through its scale subresource (KEDA's role grants it */scale).
+- apiGroups: [keda.sh]
+  resources: [scaledobjects]
   verbs: [get, list, watch, create, patch, delete]
 # Read-only, for status: the engine pods' readiness, pods the scheduler cannot place (condition
 # PodScheduled=False, reason Unschedulable, with the scheduler's message) and stuck containers
