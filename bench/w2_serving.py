@@ -1,6 +1,6 @@
 """W2, serving through HTTP: `kubellm serve` with a Llama-3.1-8B-shaped model (random weights) and the
 load client in this folder: 500 ShareGPT-like requests (lognormal lengths, mean ~202 prompt / ~179
-output tokens, seed 0) at QPS=inf and at 32 QPS. Reports req/s, output tok/s, TTFT and TPOT p50/p99.
+output tokens, seed 0) at QPS=inf and at 32 QPS. Reports req/s, output tok/s, TTFT, TPOT and ITL p50/p99.
 
     python3 bench/w2_serving.py --out bench/results/w2_serving_gpu.json
 
@@ -19,7 +19,6 @@ import asyncio
 import datetime
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -31,9 +30,10 @@ import transformers
 from safetensors.torch import save_file
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.append(str(HERE))  # appended: bench/kernels.py must not shadow the `kernels` package
 
-from load_client import run_load, sharegpt_like_requests, wait_until_ready  # noqa: E402
+from kubellm_server import kubellm_serve  # noqa: E402
+from load_client import run_load, sharegpt_like_requests  # noqa: E402
 from w1_offline import word_level_tokenizer  # noqa: E402
 
 
@@ -47,8 +47,11 @@ def llama_3_1_8b_config() -> transformers.LlamaConfig:
     )  # fmt: skip
 
 
-def write_random_checkpoint(config: transformers.LlamaConfig, path: Path, device: str = "cuda") -> None:
-    """Hugging Face-named bf16 tensors, N(0, 0.02) (norms at 1), one safetensors shard per 4 layers."""
+def write_random_checkpoint(
+    config: transformers.LlamaConfig, path: Path, device: str = "cuda", tokenizer=None
+) -> None:
+    """Hugging Face-named bf16 tensors, N(0, 0.02) (norms at 1), one safetensors shard per 4 layers; the
+    tokenizer given, else a word-level one over the whole vocabulary."""
     h, inter = config.hidden_size, config.intermediate_size
     d = getattr(config, "head_dim", None) or h // config.num_attention_heads
     q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
@@ -83,7 +86,7 @@ def write_random_checkpoint(config: transformers.LlamaConfig, path: Path, device
         weight_map.update(dict.fromkeys(tensors, name))
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     config.save_pretrained(path)
-    word_level_tokenizer(config.vocab_size).save_pretrained(path)
+    (tokenizer or word_level_tokenizer(config.vocab_size)).save_pretrained(path)
 
 
 def start_py_spy(pid: int, seconds: float, out: Path) -> subprocess.Popen | None:
@@ -111,35 +114,26 @@ def sweep_configs(sweep: str | None) -> list[list[str]]:
     return [[f"--{flag.removeprefix('--')}", value] for value in values.split(",")]
 
 
-def measure_server(command: list[str], url: str, vocab_size: int, args: argparse.Namespace,
-                   log_path: Path, spy: bool) -> dict:  # fmt: skip
+def measure_server(serve_args: list[str], vocab_size: int, args: argparse.Namespace, log_path: Path,
+                   spy: bool) -> dict:  # fmt: skip
     """Start one server, warm it, run every QPS of the load; its start-up time and runs."""
     measured: dict = {"runs": []}
-    started = time.perf_counter()
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, cwd=HERE.parent, env=os.environ
-        )
-        try:
-            wait_until_ready(url, server, timeout=400)
-            measured["server_startup_s"] = time.perf_counter() - started
-            print(f"server ready in {measured['server_startup_s']:.0f}s", flush=True)
-            warm = sharegpt_like_requests(16, vocab_size, seed=99)
-            asyncio.run(run_load(url, "llama-8b", warm, math.inf))  # first-request effects out of the numbers
-            specs = sharegpt_like_requests(args.num_requests, vocab_size, seed=0)
-            for i, qps in enumerate(args.qps):
-                profiler = start_py_spy(server.pid, args.py_spy, Path(args.out)) if spy and i == 0 else None
-                summary = asyncio.run(run_load(url, "llama-8b", specs, qps, seed=0))
-                if profiler is not None:
-                    profiler.wait()
-                measured["runs"].append(summary)
-                print(json.dumps(summary), flush=True)
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                server.kill()
+    with kubellm_serve(serve_args, args.port, log_path) as server:
+        measured["server_startup_s"] = server.startup_s
+        warm = sharegpt_like_requests(16, vocab_size, seed=99)
+        asyncio.run(
+            run_load(server.url, "llama-8b", warm, math.inf)
+        )  # first-request effects out of the numbers
+        specs = sharegpt_like_requests(args.num_requests, vocab_size, seed=0)
+        for i, qps in enumerate(args.qps):
+            profiler = (
+                start_py_spy(server.process.pid, args.py_spy, Path(args.out)) if spy and i == 0 else None
+            )
+            summary = asyncio.run(run_load(server.url, "llama-8b", specs, qps, seed=0))
+            if profiler is not None:
+                profiler.wait()
+            measured["runs"].append(summary)
+            print(json.dumps(summary), flush=True)
     return measured
 
 
@@ -171,26 +165,23 @@ def main() -> None:
     args = parser.parse_args()
 
     config = llama_3_1_8b_config()
-    url = f"http://127.0.0.1:{args.port}"
     props = torch.cuda.get_device_properties(0)
     result: dict = {"device": props.name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
                     "model": "Llama-3.1-8B shape, random bf16 weights", "runs": []}  # fmt: skip
     log_path = Path(args.server_log or Path(args.out).with_suffix(".server.log"))
-    log_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         write_random_checkpoint(config, Path(tmp))
         torch.cuda.empty_cache()
         result["checkpoint_write_s"] = time.perf_counter() - started
         for n, extra in enumerate(sweep_configs(args.sweep)):
-            command = [sys.executable, "-m", "engine.cli", "serve", "--model", tmp, "--served-model-name", "llama-8b",
-                       "--dtype", "bfloat16", "--max-model-len", "4096", "--port", str(args.port), *args.serve_args,
-                       *extra]  # fmt: skip
+            serve_args = ["--model", tmp, "--served-model-name", "llama-8b", "--dtype", "bfloat16",
+                          "--max-model-len", "4096", *args.serve_args, *extra]  # fmt: skip
             label = "-".join(extra).removeprefix("--")  # e.g. max-prefill-tokens-while-decoding-2048
             log = log_path.with_name(f"{log_path.stem}.{label}{log_path.suffix}") if extra else log_path
             if extra:
                 print(f"serve {' '.join(extra)}", flush=True)
-            measured = measure_server(command, url, config.vocab_size, args, log, spy=n == 0)
+            measured = measure_server(serve_args, config.vocab_size, args, log, spy=n == 0)
             result.setdefault("server_startup_s", measured["server_startup_s"])
             for run in measured["runs"]:
                 result["runs"].append({"serve_args": [*args.serve_args, *extra], **run})
@@ -202,7 +193,8 @@ def main() -> None:
             f"  {' '.join(r['serve_args']) or 'defaults'}, QPS={r['qps']}: {r['request_throughput']:.1f} req/s, "
             f"{r['output_token_throughput']:.0f} output tok/s, "
             f"TTFT p50/p99 {r['ttft_ms']['p50']:.0f}/{r['ttft_ms']['p99']:.0f} ms, "
-            f"TPOT p50/p99 {r['tpot_ms']['p50']:.1f}/{r['tpot_ms']['p99']:.1f} ms, errors {r['errors']}"
+            f"TPOT p50/p99 {r['tpot_ms']['p50']:.1f}/{r['tpot_ms']['p99']:.1f} ms, "
+            f"ITL p50/p99 {r['itl_ms']['p50']:.1f}/{r['itl_ms']['p99']:.1f} ms, errors {r['errors']}"
         )
 
 
