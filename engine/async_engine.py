@@ -13,6 +13,7 @@ Contract used by the HTTP layer (engine/api/):
     engine.is_healthy() -> bool
     async for out in engine.generate(request_id, prompt_token_ids, sampling_params, cache_salt=None):
         ...                                 # RequestOutput deltas; the last has finished=True
+        # (the first at once, then at least config.stream_interval tokens each, or what piled up)
         # leaving the loop early (client gone, task cancelled) aborts the request and frees its blocks
     engine.abort(request_id)
     await engine.shutdown()                 # finish in-flight requests, then stop the loop
@@ -99,6 +100,12 @@ class _OutputStream:
         return self._items.popleft()
 
 
+def _raise_error(item: RequestOutput | BaseException) -> RequestOutput:
+    if isinstance(item, BaseException):
+        raise item
+    return item
+
+
 class AsyncEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -175,18 +182,17 @@ class AsyncEngine:
         self._num_submitted += 1
         self._inbox.put(AddRequest(request_id, prompt_token_ids, params, cache_salt))
         finished = False
+        interval = 0  # tokens to gather before a delta goes out: none for the first (time to first token)
         try:
             while True:
-                item = await stream.get()
-                if isinstance(item, BaseException):
-                    raise item
+                item = _raise_error(await stream.get())
                 # When the event loop falls behind the engine, hand over everything that piled up as
                 # one delta: one SSE chunk instead of several keeps the loop from falling further behind.
                 while not item.finished and not stream.empty():
-                    nxt = stream.get_nowait()
-                    if isinstance(nxt, BaseException):
-                        raise nxt
-                    item = merge_outputs(item, nxt)
+                    item = merge_outputs(item, _raise_error(stream.get_nowait()))
+                while not item.finished and len(item.new_token_ids) < interval:  # --stream-interval
+                    item = merge_outputs(item, _raise_error(await stream.get()))
+                interval = self.config.stream_interval
                 finished = item.finished
                 yield item
                 if finished:

@@ -125,6 +125,12 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         default=default("max_queue"),
         help="waiting requests beyond this are answered 429",
     )
+    a(
+        "--stream-interval",
+        type=int,
+        default=default("stream_interval"),
+        help="stream every N tokens (the first at once): less host work per token, coarser chunks",
+    )
     a("--seed", type=int, default=default("seed"))
     a(
         "--api-key",
@@ -232,6 +238,7 @@ def engine_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             async_scheduling=args.async_scheduling,
             tensor_parallel_size=args.tensor_parallel_size,
             max_queue=args.max_queue,
+            stream_interval=args.stream_interval,
             seed=args.seed,
             trust_remote_code=args.trust_remote_code,
             reasoning_parser=args.reasoning_parser,

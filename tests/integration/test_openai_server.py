@@ -297,6 +297,20 @@ async def test_full_queue_is_429(launch_tiny_llama) -> None:
     assert results.count("429") >= 1 and results.count("ok") >= 1, results
 
 
+def test_stream_interval_groups_tokens_per_chunk(launch_tiny_llama) -> None:
+    srv = launch_tiny_llama("--stream-interval", "4")
+    client = OpenAI(base_url=srv.api_url, api_key="x", max_retries=0)
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 10, "temperature": 0.0, "logprobs": 0,
+            "extra_body": {"ignore_eos": True}}  # fmt: skip
+    whole = client.completions.create(**body).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(**body, stream=True) if c.choices]
+    # The first token at once, then 4 a chunk; the text and tokens are the unstreamed answer's.
+    assert [len(c.logprobs.tokens) for c in chunks] == [1, 4, 4, 1]
+    assert "".join(c.text for c in chunks) == whole.text
+    assert [t for c in chunks for t in c.logprobs.tokens] == whole.logprobs.tokens
+    assert chunks[-1].finish_reason == "length"
+
+
 # ---------------------------------------------------------------- load, disconnects, metrics
 
 

@@ -24,6 +24,7 @@ def test_vllm_style_flags_reach_engine_config() -> None:
         "/models/x", "--max-model-len", "4096", "--max-num-seqs", "8", "--max-num-batched-tokens", "512",
         "--block-size", "32", "--gpu-memory-utilization", "0.5", "--kv-cache-memory", "2GiB", "--dtype", "bfloat16",
         "--device", "cpu", "--no-enable-prefix-caching", "--max-queue", "3", "--enforce-eager", "--seed", "7",
+        "--stream-interval", "5",
         "--served-model-name", "mine", "alias",
     )  # fmt: skip
     assert cfg.model == "/models/x" and cfg.served_model_name == "mine"
@@ -40,6 +41,7 @@ def test_vllm_style_flags_reach_engine_config() -> None:
         "cpu",
     )
     assert (cfg.enable_prefix_caching, cfg.max_queue, cfg.enforce_eager, cfg.seed) == (False, 3, True, 7)
+    assert cfg.stream_interval == 5
 
 
 def test_fp8_flags_reach_engine_config() -> None:

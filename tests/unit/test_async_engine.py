@@ -82,16 +82,16 @@ def output(request_id: str, token: int, finished: bool) -> RequestOutput:
 
 
 class ScriptedAsyncEngine(AsyncEngine):
-    def __init__(self, llm: ScriptedLLMEngine) -> None:
+    def __init__(self, llm: ScriptedLLMEngine, **config: object) -> None:
         self.llm = llm
-        super().__init__(EngineConfig(model="scripted", served_model_name="scripted"))
+        super().__init__(EngineConfig(model="scripted", served_model_name="scripted", **config))
 
     def _build_engine(self) -> ScriptedLLMEngine:  # no model: the scripted engine, then the real loop
         return self.llm
 
 
-async def started(llm: ScriptedLLMEngine) -> ScriptedAsyncEngine:
-    engine = ScriptedAsyncEngine(llm)
+async def started(llm: ScriptedLLMEngine, **config: object) -> ScriptedAsyncEngine:
+    engine = ScriptedAsyncEngine(llm, **config)
     await engine.start()
     return engine
 
@@ -121,6 +121,18 @@ async def test_outputs_that_piled_up_come_as_one_delta() -> None:
         merged = outs[0]
         assert (merged.new_token_ids, merged.new_text) == ([1, 2, 3], "<1><2><3>")
         assert merged.finished and merged.finish_reason == "length" and merged.num_output_tokens == 3
+    finally:
+        await engine.shutdown(timeout=1)
+
+
+async def test_stream_interval_sends_the_first_token_then_every_n() -> None:
+    engine = await started(ScriptedLLMEngine(step_s=0.005), stream_interval=3)
+    try:
+        outs = await collect(engine, "r", 8)
+        assert [out.new_token_ids for out in outs] == [[1], [2, 3, 4], [5, 6, 7], [8]]
+        assert "".join(out.new_text for out in outs) == "".join(f"<{t}>" for t in range(1, 9))
+        assert [out.num_output_tokens for out in outs] == [1, 4, 7, 8]
+        assert outs[-1].finished and not any(out.finished for out in outs[:-1])
     finally:
         await engine.shutdown(timeout=1)
 
