@@ -9,12 +9,16 @@ The same requests (ShareGPT text from `bench/w2_text.py --prepare`'s prompts.jso
 out as token ids (`/v1/completions`, the ids the server would get from the text), as text
 (`/v1/completions`) and as chat messages (`/v1/chat/completions`), in interleaved rounds. Reported per
 load: the server's CPU seconds per output token (all its threads, and the engine thread / event loop /
-tokenizer thread apart), output tok/s, ITL p50/p99, and each text load over token ids.
+tokenizer thread apart), output tok/s, ITL p50/p99, and each text load over token ids. Each round also
+runs the same engine with no server (`LLMEngine.generate` on the ids): what serving adds to it.
 
-    python3 bench/host_overhead.py [--rounds 2] [--profile text] [--out bench/results/host_overhead_cpu.json]
+    python3 bench/host_overhead.py [--rounds 3] [--profile text] [--out bench/results/host_overhead_cpu.json]
 
-`--profile LOAD` records the server with py-spy (`--native --idle`, so a thread waiting for the GIL shows
-`take_gil`) during one more run of LOAD and splits the samples of its two busy threads by what they do.
+`--profile LOAD` records the server with py-spy (`--native --idle`: a thread waiting for the GIL shows
+as a condition wait under a Python frame) during one more run of LOAD and splits each thread's samples
+by what it does. `--baseline-src DIR` serves another checkout (e.g. `git worktree add /tmp/base main`)
+beside this one, every run interleaved, for before/after figures from one invocation;
+`--this-serve-args="--stream-interval 4"` gives flags to this checkout's server only.
 Needs bench/data/w2_text (prompts.json and tokenizer/, git-ignored: `python3 bench/w2_text.py --prepare
 bench/data/w2_text`, or a copy of another checkout's).
 """
