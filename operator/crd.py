@@ -57,13 +57,16 @@ SPEC_RULES = [
         "fieldPath": ".gpu.count",
     },
     {
-        "rule": "!has(self.autoscaling) || !has(self.replicas)",
-        "message": "set spec.replicas or spec.autoscaling, not both: with autoscaling the "
-        "HorizontalPodAutoscaler sets the pod count (between minReplicas and maxReplicas)",
+        # Mode keda is exempt: KEDA's HorizontalPodAutoscaler writes spec.replicas through the scale
+        # subresource, and the API server checks these rules on scale updates too.
+        "rule": "!has(self.autoscaling) || !has(self.replicas) || self.autoscaling.mode == 'keda'",
+        "message": "set spec.replicas or spec.autoscaling, not both: with autoscaling mode hpa the "
+        "HorizontalPodAutoscaler sets the pod count (between minReplicas and maxReplicas); remove "
+        "spec.replicas (mode keda keeps it: KEDA writes it)",
         "fieldPath": ".replicas",
     },
     {
-        "rule": "!has(self.autoscaling) || has(self.resources.cpu) || "
+        "rule": "!has(self.autoscaling) || self.autoscaling.mode == 'keda' || has(self.resources.cpu) || "
         "(has(self.autoscaling.podMetric) && !has(self.autoscaling.targetCPUUtilizationPercentage))",
         "message": "CPU-based autoscaling needs spec.resources.cpu (utilization is measured against the request)",
         "fieldPath": ".autoscaling",

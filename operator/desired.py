@@ -13,8 +13,8 @@ from typing import Any
 
 from kubernetes.utils.quantity import parse_quantity
 
-from kubellm_operator import gateway, names
-from kubellm_operator.engine_args import engine_invocation, shutdown_timeout
+from kubellm_operator import gateway, keda, names
+from kubellm_operator.engine_args import engine_invocation, served_model_name, shutdown_timeout
 from kubellm_operator.spec import (
     GPU_PRODUCT_LABEL,
     AutoscalingSpec,
@@ -87,11 +87,16 @@ def desired_children(owner: Owner, spec: ModelDeploymentSpec) -> list[Manifest]:
     if (claim := spec.model_cache.persistent_volume_claim) is not None:
         children.append(cache_claim(owner, claim))
     children += [deployment(owner, spec), service(owner, spec)]
-    if spec.autoscaling is not None:
+    if spec.autoscaling is not None and spec.autoscaling.mode == "hpa":
         children.append(autoscaler(owner, spec.autoscaling))
     if spec.disruption_budget is not None:
         children.append(disruption_budget(owner, spec.disruption_budget))
     # Last: their CRDs may be missing, and the engine should serve through its Service meanwhile.
+    if spec.autoscaling is not None and spec.autoscaling.mode == "keda":
+        metadata = _metadata(owner, owner.name)
+        children.append(
+            keda.scaled_object(metadata, owner.name, served_model_name(spec.model), spec.autoscaling)
+        )
     if spec.router is not None and (pool := spec.router.inference_pool) is not None:
         children.append(gateway.inference_pool(_metadata(owner, owner.name), owner.name, pool))
         if pool.http_route is not None:
@@ -110,7 +115,9 @@ def _metadata(owner: Owner, name: str) -> dict[str, Any]:
 
 def deployment(owner: Owner, spec: ModelDeploymentSpec) -> Manifest:
     deployment_spec: dict[str, Any] = {}
-    if spec.fixed_replicas is not None:  # else the autoscaler owns the count (and never fights an apply)
+    if (
+        spec.fixed_replicas is not None
+    ):  # else mode hpa's autoscaler owns the count (and never fights an apply)
         deployment_spec["replicas"] = spec.fixed_replicas
     return {
         "apiVersion": "apps/v1",
@@ -325,7 +332,7 @@ def cache_claim(owner: Owner, claim: NewClaim) -> Manifest:
 
 
 def autoscaler(owner: Owner, scaling: AutoscalingSpec) -> Manifest:
-    """Scales the Deployment directly: with autoscaling, spec.replicas is refused (CRD rule) and the
+    """Mode hpa. Scales the Deployment directly: with it, spec.replicas is refused (CRD rule) and the
     operator leaves the Deployment's replicas to the autoscaler."""
     metrics: list[dict[str, Any]] = []
     cpu_target = scaling.target_cpu_utilization_percentage
@@ -346,16 +353,19 @@ def autoscaler(owner: Owner, scaling: AutoscalingSpec) -> Manifest:
         metrics.append(
             {"type": "Pods", "pods": {"metric": {"name": scaling.pod_metric.name}, "target": target}}
         )
+    hpa_spec: dict[str, Any] = {
+        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": owner.name},
+        "minReplicas": scaling.min_replicas,
+        "maxReplicas": scaling.max_replicas,
+        "metrics": metrics,
+    }
+    if scaling.behavior is not None:
+        hpa_spec["behavior"] = scaling.behavior.manifest()
     return {
         "apiVersion": "autoscaling/v2",
         "kind": "HorizontalPodAutoscaler",
         "metadata": _metadata(owner, owner.name),
-        "spec": {
-            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": owner.name},
-            "minReplicas": scaling.min_replicas,
-            "maxReplicas": scaling.max_replicas,
-            "metrics": metrics,
-        },
+        "spec": hpa_spec,
     }
 
 

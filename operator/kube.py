@@ -28,6 +28,7 @@ PLURALS = {
     "Pod": "pods",
     "InferencePool": "inferencepools",
     "HTTPRoute": "httproutes",
+    "ScaledObject": "scaledobjects",
     names.KIND: names.PLURAL,
 }
 # Worth retrying: conflicts, throttling, server trouble, no connection (status 0).

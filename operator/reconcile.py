@@ -11,12 +11,13 @@ import logging
 import threading
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
 
-from kubellm_operator import gateway, names
+from kubellm_operator import gateway, keda, names
 from kubellm_operator.desired import Manifest, Owner, desired_children
 from kubellm_operator.kube import ApiError, Kube
 from kubellm_operator.spec import ModelDeploymentSpec, ModelDeploymentStatus
@@ -33,9 +34,28 @@ CHILD_KINDS = [
     ("policy/v1", "PodDisruptionBudget"),
     (gateway.INFERENCE_POOL_API_VERSION, "InferencePool"),
     (gateway.HTTP_ROUTE_API_VERSION, "HTTPRoute"),
+    (keda.SCALED_OBJECT_API_VERSION, "ScaledObject"),
 ]
-# Kinds from CRDs a cluster may not have: a 404 on them means "not installed", not "bad spec".
-OPTIONAL_KINDS = {"InferencePool", "HTTPRoute"}
+
+
+@dataclass(frozen=True)
+class OptionalKind:
+    """A kind from CRDs a cluster may not have: a 404 on it means "not installed", not "bad spec"."""
+
+    reason: str  # the Problem's reason while the CRD is missing
+    remedy: str  # what the user can do, in their terms
+
+
+OPTIONAL_KINDS = {
+    "InferencePool": OptionalKind(
+        "CRDNotInstalled", "install it (see docs/operations.md) or remove spec.router"
+    ),
+    "HTTPRoute": OptionalKind("CRDNotInstalled", "install it (see docs/operations.md) or remove spec.router"),
+    "ScaledObject": OptionalKind(
+        "KedaNotInstalled",
+        "install KEDA (https://keda.sh/docs/latest/deploy/) or set spec.autoscaling.mode to hpa",
+    ),
+}
 
 
 def utc_now() -> str:
@@ -120,15 +140,24 @@ class Reconciler:
     ) -> tuple[Problem | None, dict[str, Any] | None]:
         desired = desired_children(owner, spec)
         deployment = None
+        missing_crd: Problem | None = None
         for manifest in desired:
             applied = self._apply_child(owner, manifest)
             if isinstance(applied, Problem):
-                return applied, None
+                if (
+                    manifest["kind"] not in OPTIONAL_KINDS
+                    or applied.reason != OPTIONAL_KINDS[manifest["kind"]].reason
+                ):
+                    return applied, None
+                # A missing CRD blocks only its own child: the engine serves meanwhile, the other children
+                # (and pruning, e.g. of the HPA that mode hpa had) follow the spec.
+                missing_crd = missing_crd or applied
+                continue
             if manifest["kind"] == "Deployment":
                 deployment = applied  # the apply response carries the Deployment's status
         if prune:
             self._prune(owner, desired)
-        return None, deployment
+        return missing_crd, deployment
 
     def _apply_child(self, owner: Owner, manifest: Manifest) -> dict[str, Any] | Problem:
         kind, name = manifest["kind"], manifest["metadata"]["name"]
@@ -151,11 +180,11 @@ class Reconciler:
                 raise
             if error.status == 404 and kind in OPTIONAL_KINDS:
                 group = manifest["apiVersion"].split("/")[0]
+                optional = OPTIONAL_KINDS[kind]
                 return Problem(
-                    "CRDNotInstalled",
+                    optional.reason,
                     f"{kind} {name} needs the {kind} CRD ({manifest['apiVersion']}), which this cluster does not "
-                    f"have: install it (see docs/operations.md) or remove spec.router; the {group} API "
-                    "answered 404",
+                    f"have: {optional.remedy}; the {group} API answered 404",
                 )
             # The API server refused what the spec asked for (e.g. a malformed affinity).
             return Problem("InvalidSpec", f"the API server refused {kind} {name}: {error.message}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 from engine.config import EngineConfig  # torch-free: the engine's defaults are quoted from it
@@ -269,6 +269,101 @@ class PodMetricTarget(SpecModel):
     target_average_value: Quantity = Field(description="Scale so the per-pod average stays near this value.")
 
 
+class HpaScalingPolicy(SpecModel):
+    type: Literal["Pods", "Percent"] = Field(
+        description="Pods: change by at most `value` pods; Percent: by at most `value` percent of the "
+        "current count."
+    )
+    value: int = Field(gt=0, description="How many pods, or what percentage, one period may change.")
+    period_seconds: int = Field(
+        ge=1, le=1800, description="The window the policy looks back over (1 to 1800 seconds)."
+    )
+
+
+class HpaScalingRules(SpecModel):
+    stabilization_window_seconds: int | None = Field(
+        None,
+        ge=0,
+        le=3600,
+        description="How far back the autoscaler looks for earlier recommendations before it acts, so a "
+        "short dip or spike does not flap the pod count. Unset: Kubernetes' default (0 up, 300 down).",
+    )
+    select_policy: Literal["Max", "Min", "Disabled"] | None = Field(
+        None,
+        description="Which policy wins when several allow a change: Max (the largest change, default), Min, "
+        "or Disabled (never scale in this direction).",
+    )
+    policies: list[HpaScalingPolicy] | None = Field(
+        None,
+        description="How fast the pod count may change (HorizontalPodAutoscaler HPAScalingPolicy).",
+        json_schema_extra={"x-kubernetes-list-type": "atomic"},
+    )
+
+
+class ScalingBehavior(SpecModel):
+    """autoscaling/v2 HorizontalPodAutoscalerBehavior, passed through as written."""
+
+    scale_up: HpaScalingRules | None = Field(None, description="Rules for adding pods.")
+    scale_down: HpaScalingRules | None = Field(None, description="Rules for removing pods.")
+
+    def manifest(self) -> dict[str, Any]:
+        """As an HPA's (or KEDA's horizontalPodAutoscalerConfig's) `behavior`."""
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
+# The engine metrics KEDA mode scales on, by the name the spec uses for them (defaults in keda.py).
+KedaMetric = Literal["numRequestsWaiting", "kvCacheUsage", "numRequestsRunning"]
+KEDA_SERVER_ADDRESS_MESSAGE = (
+    "autoscaling.keda.serverAddress is required with autoscaling.mode keda: the Prometheus server KEDA "
+    "queries, e.g. http://prometheus.monitoring.svc:9090"
+)
+THRESHOLD_PATTERN = r"^[0-9]+(\.[0-9]+)?$"
+
+
+class KedaSpec(SpecModel):
+    server_address: str | None = Field(
+        None,
+        pattern=r"^https?://\S+$",
+        description="URL of the Prometheus server that scrapes the engine pods, which KEDA queries "
+        "(e.g. http://prometheus.monitoring.svc:9090). Required with mode keda.",
+    )
+    metric: KedaMetric = Field(
+        "numRequestsWaiting",
+        description="The engine metric to scale on: numRequestsWaiting (vllm:num_requests_waiting, requests "
+        "queued for a batch slot), kvCacheUsage (vllm:kv_cache_usage_perc, 0..1) or numRequestsRunning "
+        "(vllm:num_requests_running). Summed over this resource's pods (labels namespace and model_name); "
+        "see query to change that.",
+    )
+    threshold: str | None = Field(
+        None,
+        pattern=THRESHOLD_PATTERN,
+        description="Target per replica (KEDA's prometheus trigger threshold, metricType AverageValue): "
+        "KEDA's HorizontalPodAutoscaler keeps the metric's sum divided by the replicas near it. Unset: 4 "
+        "for numRequestsWaiting, 0.8 for kvCacheUsage, 64 for numRequestsRunning.",
+    )
+    activation_threshold: str | None = Field(
+        None,
+        pattern=THRESHOLD_PATTERN,
+        description="With minReplicas 0: the metric must exceed this for KEDA to wake the first pod "
+        "(KEDA's activationThreshold; unset: 0).",
+    )
+    query: str | None = Field(
+        None,
+        description='A PromQL query that replaces the default (`sum(<metric>{namespace="<namespace>",'
+        'model_name="<served model name>"})`); it must return one value, the total over this resource\'s '
+        "pods. Empty: the default.",
+    )
+    polling_interval: int | None = Field(
+        None, ge=1, description="Seconds between KEDA's queries (KEDA's pollingInterval; unset: 30)."
+    )
+    cooldown_period: int | None = Field(
+        None,
+        ge=0,
+        description="With minReplicas 0: seconds without activity before KEDA scales to zero "
+        "(KEDA's cooldownPeriod; unset: 300).",
+    )
+
+
 class AutoscalingSpec(SpecModel):
     model_config = ConfigDict(
         json_schema_extra={
@@ -277,21 +372,69 @@ class AutoscalingSpec(SpecModel):
                     "rule": "self.minReplicas <= self.maxReplicas",
                     "message": "autoscaling.minReplicas must be <= autoscaling.maxReplicas",
                     "reason": "FieldValueInvalid",
-                }
+                },
+                {
+                    "rule": "self.mode == 'keda' || self.minReplicas >= 1",
+                    "message": "autoscaling.minReplicas 0 (scale to zero) needs autoscaling.mode keda: a "
+                    "HorizontalPodAutoscaler keeps at least one pod",
+                    "fieldPath": ".minReplicas",
+                },
+                {
+                    "rule": "self.mode != 'keda' || (has(self.keda) && has(self.keda.serverAddress))",
+                    "message": KEDA_SERVER_ADDRESS_MESSAGE,
+                    "fieldPath": ".keda.serverAddress",
+                },
+                {
+                    "rule": "self.mode == 'keda' || !has(self.keda)",
+                    "message": "autoscaling.keda is used only with autoscaling.mode keda",
+                    "fieldPath": ".keda",
+                },
+                {
+                    "rule": "self.mode != 'keda' || (!has(self.podMetric) && "
+                    "!has(self.targetCPUUtilizationPercentage))",
+                    "message": "autoscaling.podMetric and autoscaling.targetCPUUtilizationPercentage are for "
+                    "mode hpa; with mode keda the trigger is autoscaling.keda.metric (or keda.query)",
+                    "fieldPath": ".mode",
+                },
             ]
         }
     )
-    min_replicas: int = Field(1, ge=1, description="Lower bound of replicas.")
+    mode: Literal["hpa", "keda"] = Field(
+        "hpa",
+        description="hpa: a HorizontalPodAutoscaler (autoscaling/v2) scales the engine Deployment on CPU or "
+        "a per-pod custom metric. keda: a KEDA ScaledObject (keda.sh/v1alpha1; KEDA must be installed) "
+        "scales this ModelDeployment through its scale subresource on an engine metric queried from "
+        "Prometheus (autoscaling.keda).",
+    )
+    min_replicas: int = Field(
+        1, ge=0, description="Lower bound of replicas (0, scale to zero, only with mode keda)."
+    )
     max_replicas: int = Field(ge=1, description="Upper bound of replicas.")
     target_cpu_utilization_percentage: int | None = Field(
         None,
         ge=1,
         alias="targetCPUUtilizationPercentage",
-        description="Average CPU utilization target. Used (at 80) when no metric is given.",
+        description="Mode hpa: average CPU utilization target. Used (at 80) when no metric is given.",
     )
     pod_metric: PodMetricTarget | None = Field(
-        None, description="Scale on an engine metric instead of, or as well as, CPU."
+        None, description="Mode hpa: scale on an engine metric instead of, or as well as, CPU."
     )
+    keda: KedaSpec | None = Field(
+        None, description="Mode keda: the Prometheus server, the engine metric and its target per replica."
+    )
+    behavior: ScalingBehavior | None = Field(
+        None,
+        description="How fast the pod count may change (autoscaling/v2 behavior: scaleUp/scaleDown with "
+        "stabilizationWindowSeconds, selectPolicy, policies), for either mode (with keda it becomes the "
+        "ScaledObject's advanced.horizontalPodAutoscalerConfig.behavior).",
+    )
+
+    @model_validator(mode="after")
+    def _keda_mode_has_a_server(self) -> AutoscalingSpec:
+        """The CRD's rules say the same; here so the operator's code can trust a parsed spec."""
+        if self.mode == "keda" and (self.keda is None or not self.keda.server_address):
+            raise ValueError(KEDA_SERVER_ADDRESS_MESSAGE)
+        return self
 
 
 class DisruptionBudgetSpec(SpecModel):
@@ -359,7 +502,9 @@ class ModelDeploymentSpec(SpecModel):
         ge=0,
         description=(
             "Engine pods (unset: 1). Written by `kubectl scale` too (scale subresource). Not allowed with "
-            "autoscaling, whose HorizontalPodAutoscaler sets the pod count."
+            "autoscaling mode hpa, whose HorizontalPodAutoscaler sets the Deployment's pod count; with mode "
+            "keda, KEDA writes it (through the scale subresource) and the operator keeps it within "
+            "minReplicas..maxReplicas (unset: minReplicas)."
         ),
     )
     gpu: GpuSpec = defaulted(GpuSpec, "GPUs per pod, their resource name and type.")
@@ -406,8 +551,9 @@ class ModelDeploymentSpec(SpecModel):
     )
     autoscaling: AutoscalingSpec | None = Field(
         None,
-        description="A HorizontalPodAutoscaler (autoscaling/v2) that scales the engine Deployment between minReplicas "
-        "and maxReplicas. Excludes spec.replicas.",
+        description="Scale the engine pods between minReplicas and maxReplicas: with a HorizontalPodAutoscaler "
+        "(mode hpa, the default; excludes spec.replicas) or a KEDA ScaledObject on an engine metric from "
+        "Prometheus (mode keda).",
     )
     disruption_budget: DisruptionBudgetSpec | None = Field(
         None, description="A PodDisruptionBudget for the pods."
@@ -423,10 +569,16 @@ class ModelDeploymentSpec(SpecModel):
 
     @property
     def fixed_replicas(self) -> int | None:
-        """The pod count the operator sets; None when the autoscaler owns it."""
-        if self.autoscaling is not None:
+        """The Deployment's pod count as the operator sets it; None when an HPA scales the Deployment."""
+        scaling = self.autoscaling
+        if scaling is None:
+            return 1 if self.replicas is None else self.replicas
+        if scaling.mode == "hpa":
             return None
-        return 1 if self.replicas is None else self.replicas
+        # KEDA's HPA scales this resource (spec.replicas, via the scale subresource); the Deployment follows,
+        # within bounds (before KEDA's first decision, and if KEDA is missing, at the lower bound).
+        wanted = scaling.min_replicas if self.replicas is None else self.replicas
+        return min(max(wanted, scaling.min_replicas), scaling.max_replicas)
 
     @property
     def shm_size_limit(self) -> str:

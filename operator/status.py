@@ -29,7 +29,7 @@ STUCK_WAITING_REASONS = {
 # Problems that are not the spec's fault and may go away by themselves (someone else's object is deleted,
 # a quota is raised, a webhook or RBAC is fixed, a CRD is installed): the operator retries with backoff, and the phase is
 # Degraded rather than Failed.
-RETRIED_PROBLEMS = {"ChildConflict", "Forbidden", "CRDNotInstalled"}
+RETRIED_PROBLEMS = {"ChildConflict", "Forbidden", "CRDNotInstalled", "KedaNotInstalled"}
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def _desired_replicas(spec: ModelDeploymentSpec | None, deployment: dict[str, An
         return 0
     if spec.fixed_replicas is not None:
         return spec.fixed_replicas
-    # The autoscaler's choice, on the Deployment it scales; its lower bound until it has made one.
+    # Mode hpa: the autoscaler's choice, on the Deployment it scales; its lower bound until it has made one.
     assert spec.autoscaling is not None
     return deployment.get("spec", {}).get("replicas", spec.autoscaling.min_replicas)
 
@@ -186,7 +186,7 @@ def _ready(observed: Observed, facts: _Facts) -> tuple[str, str, str]:
     if observed.deployment is None:
         return "False", "DeploymentMissing", f"Deployment {observed.name} does not exist yet"
     if facts.desired == 0:
-        return "False", "ScaledToZero", "spec.replicas is 0"
+        return "False", "ScaledToZero", _scaled_to_zero_message(observed.spec)
     summary = f"{facts.ready}/{facts.desired} replicas ready"
     if facts.ready >= facts.desired:
         return "True", "AllReplicasReady", summary
@@ -197,6 +197,15 @@ def _ready(observed: Observed, facts: _Facts) -> tuple[str, str, str]:
     if facts.stuck_container:
         return "False", facts.stuck_container.reason, facts.stuck_container.message
     return "False", "ReplicasNotReady", f"{summary} (pods start and load the model)"
+
+
+def _scaled_to_zero_message(spec: ModelDeploymentSpec | None) -> str:
+    if spec is not None and spec.autoscaling is not None:  # only mode keda may go to zero
+        return (
+            "KEDA scaled it to zero (autoscaling.minReplicas 0); it adds a pod when the metric passes "
+            "autoscaling.keda.activationThreshold"
+        )
+    return "spec.replicas is 0"
 
 
 def _progressing(observed: Observed, facts: _Facts) -> tuple[str, str, str]:

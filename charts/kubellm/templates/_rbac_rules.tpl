@@ -44,6 +44,11 @@ passed to engine pods by reference (secretKeyRef), which needs no right of the o
 - apiGroups: [gateway.networking.k8s.io]
   resources: [httproutes]
   verbs: [get, list, watch, create, patch, delete]
+# spec.autoscaling.mode keda: a KEDA ScaledObject, when KEDA is installed. KEDA's own HorizontalPodAutoscaler
+# then scales the ModelDeployment through its scale subresource (KEDA's role grants it */scale).
+- apiGroups: [keda.sh]
+  resources: [scaledobjects]
+  verbs: [get, list, watch, create, patch, delete]
 # Read-only, for status: the engine pods' readiness, pods the scheduler cannot place (condition
 # PodScheduled=False, reason Unschedulable, with the scheduler's message) and stuck containers
 # (CrashLoopBackOff, ImagePullBackOff). Pods are made by the Deployment, never by the operator.
