@@ -144,7 +144,11 @@ class Keda:
         self._launch("keda-adapter", adapter_argv(self.binaries, ports, certs, cluster), env)
         objects = metrics_api_objects(certs, ports)
         cluster.kubectl(
-            "apply", "--server-side", "-f", "-", input=json.dumps({"kind": "List", "items": objects})
+            "apply",
+            "--server-side",
+            "-f",
+            "-",
+            input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}),
         )
         self._wait(
             lambda: _ok(f"http://127.0.0.1:{ports.operator_health}/readyz"),
