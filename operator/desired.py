@@ -87,16 +87,15 @@ def desired_children(owner: Owner, spec: ModelDeploymentSpec) -> list[Manifest]:
     if (claim := spec.model_cache.persistent_volume_claim) is not None:
         children.append(cache_claim(owner, claim))
     children += [deployment(owner, spec), service(owner, spec)]
-    if spec.autoscaling is not None and spec.autoscaling.mode == "hpa":
-        children.append(autoscaler(owner, spec.autoscaling))
+    scaling = spec.autoscaling
+    if scaling is not None and scaling.mode == "hpa":
+        children.append(autoscaler(owner, scaling))
     if spec.disruption_budget is not None:
         children.append(disruption_budget(owner, spec.disruption_budget))
     # Last: their CRDs may be missing, and the engine should serve through its Service meanwhile.
-    if spec.autoscaling is not None and spec.autoscaling.mode == "keda":
+    if scaling is not None and scaling.mode == "keda":
         metadata = _metadata(owner, owner.name)
-        children.append(
-            keda.scaled_object(metadata, owner.name, served_model_name(spec.model), spec.autoscaling)
-        )
+        children.append(keda.scaled_object(metadata, owner.name, served_model_name(spec.model), scaling))
     if spec.router is not None and (pool := spec.router.inference_pool) is not None:
         children.append(gateway.inference_pool(_metadata(owner, owner.name), owner.name, pool))
         if pool.http_route is not None:

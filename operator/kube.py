@@ -125,6 +125,12 @@ class Kube:
             if error.status != 404:
                 raise
 
+    def merge_patch(self, api_version: str, kind: str, namespace: str, name: str, body: Manifest) -> Manifest:
+        """A JSON merge patch as the operator (its field manager owns what it sets)."""
+        path = resource_path(api_version, kind, namespace, name)
+        query = [("fieldManager", names.FIELD_MANAGER)]
+        return self.request("PATCH", path, body, query, content_type="application/merge-patch+json")
+
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> Manifest:
         path = resource_path(names.API_VERSION, names.KIND, namespace, name) + "/status"
         return self.request("PATCH", path, {"status": status}, content_type="application/merge-patch+json")

@@ -105,6 +105,8 @@ class Reconciler:
             spec, problem = parse_spec(resource)
             deployment = None
             if spec is not None:
+                if spec.autoscaler == "keda" and spec.replicas is None:
+                    self._seed_replicas(namespace, name, spec)
                 problem, deployment = self._apply_children(owner, spec, prune)
             return self._write_status(resource, spec, problem, deployment)
 
@@ -135,6 +137,14 @@ class Reconciler:
             return None  # garbage collection removes the children; re-creating them would fight it
         return resource
 
+    def _seed_replicas(self, namespace: str, name: str, spec: ModelDeploymentSpec) -> None:
+        """Mode keda: KEDA reads and writes the count through the scale subresource, which the API server serves
+        only while spec.replicas exists (without it a Scale GET is an internal error: "the spec replicas field
+        does not exist"). Start it at the lower bound; from then on it is KEDA's."""
+        log.info("setting spec.replicas of %s/%s to %s for KEDA", namespace, name, spec.fixed_replicas)
+        body = {"spec": {"replicas": spec.fixed_replicas}}
+        self.kube.merge_patch(names.API_VERSION, names.KIND, namespace, name, body)
+
     def _apply_children(
         self, owner: Owner, spec: ModelDeploymentSpec, prune: bool
     ) -> tuple[Problem | None, dict[str, Any] | None]:
@@ -144,10 +154,8 @@ class Reconciler:
         for manifest in desired:
             applied = self._apply_child(owner, manifest)
             if isinstance(applied, Problem):
-                if (
-                    manifest["kind"] not in OPTIONAL_KINDS
-                    or applied.reason != OPTIONAL_KINDS[manifest["kind"]].reason
-                ):
+                optional = OPTIONAL_KINDS.get(manifest["kind"])
+                if optional is None or applied.reason != optional.reason:
                     return applied, None
                 # A missing CRD blocks only its own child: the engine serves meanwhile, the other children
                 # (and pruning, e.g. of the HPA that mode hpa had) follow the spec.

@@ -503,8 +503,8 @@ class ModelDeploymentSpec(SpecModel):
         description=(
             "Engine pods (unset: 1). Written by `kubectl scale` too (scale subresource). Not allowed with "
             "autoscaling mode hpa, whose HorizontalPodAutoscaler sets the Deployment's pod count; with mode "
-            "keda, KEDA writes it (through the scale subresource) and the operator keeps it within "
-            "minReplicas..maxReplicas (unset: minReplicas)."
+            "keda, KEDA writes it (through the scale subresource, which needs it set: unset, the operator "
+            "sets it to minReplicas) and the Deployment follows it within minReplicas..maxReplicas."
         ),
     )
     gpu: GpuSpec = defaulted(GpuSpec, "GPUs per pod, their resource name and type.")
@@ -566,6 +566,11 @@ class ModelDeploymentSpec(SpecModel):
     @property
     def gpus_per_replica(self) -> int:
         return self.engine.tensor_parallel_size if self.gpu.count is None else self.gpu.count
+
+    @property
+    def autoscaler(self) -> Literal["hpa", "keda"] | None:
+        """What scales the pods: mode hpa's HorizontalPodAutoscaler, mode keda's ScaledObject, or nothing."""
+        return None if self.autoscaling is None else self.autoscaling.mode
 
     @property
     def fixed_replicas(self) -> int | None:

@@ -5,7 +5,8 @@ each of operator.watchNamespaces otherwise. Nothing here allows reading Secrets:
 passed to engine pods by reference (secretKeyRef), which needs no right of the operator's.
 */}}
 {{- define "kubellm.rbac.namespacedRules" -}}
-# ModelDeployments: watch them; patch them for kopf's progress annotations.
+# ModelDeployments: watch them; patch them for kopf's progress annotations (and, in autoscaling mode keda,
+# to give spec.replicas its first value, which KEDA then owns through the scale subresource).
 # No create/delete/update: users own these objects, the operator only reconciles them.
 - apiGroups: [kubellm.io]
   resources: [modeldeployments]
