@@ -21,10 +21,12 @@
   Services get real EndpointSlices. The node is tainted kubellm.io/local-node=true:NoSchedule; a pod goes
   there with that toleration and nodeSelector kubernetes.io/hostname=local-cpu-0 (LOCAL_NODE_PLACEMENT).
 
-`k8s_autoscaling` (session scope) -> tests.cluster.autoscaling_stack.AutoscalingStack, started on k8s_cluster:
+`k8s_autoscaling` (module scope) -> tests.cluster.autoscaling_stack.AutoscalingStack, started on k8s_cluster:
   Prometheus (.prometheus: .url, .query(promql)) scraping the kubellm engine pods' http port with `namespace`
   and `pod` labels, and KEDA (CRDs, operator, metrics adapter registered as v1beta1.external.metrics.k8s.io).
   Skipped if their binaries are not built (`make cluster-build` builds them; tests/cluster/README.md).
+  Stopping it unregisters the APIService (the API server's discovery would fail on it otherwise); KEDA's CRDs
+  stay. Delete the tests' ScaledObjects before it stops: KEDA's finalizer on them needs KEDA running.
 
 Mark such tests `@pytest.mark.cluster`. Poll with tests.cluster.waiting.wait_until(check, what, timeout_s).
 The first use builds the binaries if they are not cached (`make cluster-build`; cold: tens of minutes);
@@ -88,7 +90,8 @@ def k8s_cpu_node(k8s_cluster: LocalCluster) -> str:
     return k8s_cluster.start_cpu_node()
 
 
-@pytest.fixture(scope="session")
+# Per module: KEDA runs only while the tests that want it run, so it never acts on other tests' ScaledObjects.
+@pytest.fixture(scope="module")
 def k8s_autoscaling(k8s_cluster: LocalCluster) -> Iterator[AutoscalingStack]:
     from tests.cluster.autoscaling_binaries import AutoscalingBinaries
     from tests.cluster.autoscaling_stack import AutoscalingStack

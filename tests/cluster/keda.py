@@ -188,6 +188,15 @@ class Keda:
         )
 
     def stop(self) -> None:
+        """Stops the processes and unregisters the adapter: an APIService nobody serves makes the API
+        server's discovery fail for it, which stalls namespace deletion in the rest of the session."""
+        if self.ports is not None:
+            self.cluster.kubectl(
+                "delete", "apiservice", EXTERNAL_METRICS_API, "--ignore-not-found", check=False
+            )
+            self.cluster.kubectl(
+                "delete", "namespace", KEDA_NAMESPACE, "--wait=false", "--ignore-not-found", check=False
+            )
         for process in reversed(self.processes):
             process.stop()
         self.processes.clear()

@@ -8,6 +8,7 @@ and targets, and KEDA's logs, so it says which link of the chain broke."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -60,19 +61,6 @@ def keda_autoscaling(prometheus_url: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def namespace(k8s_cluster: LocalCluster) -> Iterator[str]:
-    name = f"keda-{uuid.uuid4().hex[:6]}"
-    k8s_cluster.kubectl("create", "namespace", name)
-    wait_until(
-        lambda: k8s_cluster.kubectl("get", "serviceaccount", "default", "-n", name, check=False),
-        "the default service account",
-        timeout_s=30,
-    )
-    yield name
-    k8s_cluster.kubectl("delete", "namespace", name, "--wait=false")
-
-
-@pytest.fixture(scope="module")
 def operator(
     k8s_cluster: LocalCluster, k8s_cpu_node: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
@@ -86,6 +74,28 @@ def operator(
         print(f"operator log tail:\n{process.log_tail()}")
 
 
+@pytest.fixture(scope="module")
+def namespace(
+    k8s_cluster: LocalCluster, k8s_autoscaling: AutoscalingStack, operator: OperatorProcess
+) -> Iterator[str]:
+    name = f"keda-{uuid.uuid4().hex[:6]}"
+    k8s_cluster.kubectl("create", "namespace", name)
+    wait_until(
+        lambda: k8s_cluster.kubectl("get", "serviceaccount", "default", "-n", name, check=False),
+        "the default service account",
+        timeout_s=30,
+    )
+    yield name
+    # Deleted while KEDA still runs (this fixture depends on it, so it is torn down first): the ScaledObject
+    # carries KEDA's finalizer, which only KEDA removes. The engine pods may take their grace period after.
+    k8s_cluster.kubectl("delete", "namespace", name, "--wait=false")
+    wait_until(
+        lambda: not k8s_cluster.kubectl_json("get", "scaledobjects.keda.sh", "-n", name)["items"],
+        "KEDA to release the ScaledObject of the deleted namespace",
+        timeout_s=120,
+    )
+
+
 class ScalingChain:
     """Reads one ModelDeployment's scaling state; waits that fail say where the chain stands."""
 
@@ -94,6 +104,7 @@ class ScalingChain:
         self.stack = stack
         self.namespace = namespace
         self.served_model = ""
+        self.started = time.monotonic()
 
     @property
     def waiting_query(self) -> str:
@@ -116,9 +127,19 @@ class ScalingChain:
         spec_replicas = self.model_deployment()["spec"].get("replicas")
         return spec_replicas, len(ready_addresses(endpoint_client(self.cluster), self.namespace, SERVICE))
 
+    def hpa(self) -> dict[str, Any]:
+        """The HorizontalPodAutoscaler KEDA made for the operator's ScaledObject."""
+        scaled_object = get(self.cluster, self.namespace, "scaledobject.keda.sh", NAME)
+        assert scaled_object is not None, f"the operator made no ScaledObject {NAME}"
+        hpa = get(self.cluster, self.namespace, "hpa", scaled_object.get("status", {}).get("hpaName", ""))
+        assert hpa is not None, f"KEDA made no HPA for ScaledObject {NAME}: {scaled_object.get('status')}"
+        return hpa
+
     def wait(self, check: Callable[[], T], what: str, timeout_s: float) -> T:
         try:
-            return wait_until(check, what, timeout_s=timeout_s, interval_s=1)
+            result = wait_until(check, what, timeout_s=timeout_s, interval_s=1)
+            print(f"[{time.monotonic() - self.started:6.1f}s] {what}")
+            return result
         except TimeoutError as error:
             md = get(self.cluster, self.namespace, "md", NAME) or {}
             pods = [
@@ -137,7 +158,6 @@ def test_queue_depth_scales_out_to_a_second_serving_engine_and_back_in(
     k8s_cluster: LocalCluster,
     k8s_autoscaling: AutoscalingStack,
     namespace: str,
-    operator: OperatorProcess,
 ) -> None:
     chain = ScalingChain(k8s_cluster, k8s_autoscaling, namespace)
     resource = cpu_model_deployment(
@@ -153,13 +173,21 @@ def test_queue_depth_scales_out_to_a_second_serving_engine_and_back_in(
         timeout_s=LOAD_TIMEOUT_S,
     )
     chain.served_model = md["status"]["servedModelName"]
-    # Before any load: KEDA has taken the ScaledObject (its HPA exists) and Prometheus scrapes the engine.
+    # Before any load: KEDA has taken the ScaledObject (Ready, its HPA made) and Prometheus scrapes the engine.
     chain.wait(lambda: chain.waiting() == 0, "Prometheus to report the idle engine's queue (0)", timeout_s=60)
     chain.wait(
-        lambda: k8s_cluster.kubectl_json("get", "hpa", "-n", namespace)["items"],
-        "KEDA to create the ScaledObject's HPA",
+        lambda: (
+            condition(get(k8s_cluster, namespace, "scaledobject.keda.sh", NAME), "Ready").get("status")
+            == "True"
+        ),
+        "KEDA to take the operator's ScaledObject (Ready)",
         timeout_s=60,
     )
+    assert chain.hpa()["spec"]["scaleTargetRef"] == {
+        "apiVersion": "kubellm.io/v1alpha1",
+        "kind": "ModelDeployment",
+        "name": NAME,
+    }
     assert chain.replicas() == (1, 1)
     (first,) = ready_addresses(endpoint_client(k8s_cluster), namespace, SERVICE)
 
@@ -191,6 +219,7 @@ def test_queue_depth_scales_out_to_a_second_serving_engine_and_back_in(
         )
         assert reply.choices[0].message.content and reply.model == chain.served_model
         assert chain.replicas()[0] == 2, "scaled in while the queue was still full"
+        assert chain.hpa()["status"]["desiredReplicas"] == 2  # KEDA's HPA made the choice, on KEDA's metric
     finally:
         load.stop()
     assert load.errors == [], load.errors
@@ -210,3 +239,4 @@ def test_queue_depth_scales_out_to_a_second_serving_engine_and_back_in(
         "the second engine pod to be removed",
         timeout_s=120,
     )
+    assert chain.hpa()["status"]["desiredReplicas"] == 1
