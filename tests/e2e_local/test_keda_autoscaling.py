@@ -86,14 +86,16 @@ def namespace(
         timeout_s=30,
     )
     yield name
-    # Deleted while KEDA still runs (this fixture depends on it, so it is torn down first): the ScaledObject
-    # carries KEDA's finalizer, which only KEDA removes. The engine pods may take their grace period after.
-    k8s_cluster.kubectl("delete", "namespace", name, "--wait=false")
+    # While KEDA and the operator still run (this fixture depends on them, so it is torn down first): the
+    # ScaledObject, which the garbage collector deletes with its ModelDeployment, carries KEDA's finalizer,
+    # which only KEDA removes. The engine pods may take their grace period after.
+    k8s_cluster.kubectl("delete", "md", "--all", "-n", name, "--timeout=60s", timeout_s=90)
     wait_until(
         lambda: not k8s_cluster.kubectl_json("get", "scaledobjects.keda.sh", "-n", name)["items"],
-        "KEDA to release the ScaledObject of the deleted namespace",
-        timeout_s=120,
+        "KEDA to release the deleted ModelDeployment's ScaledObject",
+        timeout_s=60,
     )
+    k8s_cluster.kubectl("delete", "namespace", name, "--wait=false")
 
 
 class ScalingChain:
