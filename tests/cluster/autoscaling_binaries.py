@@ -1,5 +1,6 @@
-"""Where the autoscaling stack's binaries live: KEDA (operator, metrics adapter, CRDs) and Prometheus, built
-once from Go modules by build_autoscaling.sh (`make cluster-build`) into ~/.cache/kubellm/autoscaling."""
+"""Where the autoscaling stack's binaries live: KEDA (operator, metrics adapter, CRDs; only the scalers the
+tests use) and Prometheus (Kubernetes service discovery only), built once from Go modules by
+build_autoscaling.sh (`make cluster-build`) into ~/.cache/kubellm/autoscaling."""
 
 import os
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ class AutoscalingBinaries:
 
     @property
     def keda_dir(self) -> Path:
-        return self.root / f"keda-{KEDA_VERSION}"
+        return self.root / f"keda-{KEDA_VERSION}-slim"
 
     @property
     def keda_operator(self) -> Path:
@@ -38,7 +39,7 @@ class AutoscalingBinaries:
 
     @property
     def prometheus(self) -> Path:
-        return self.root / f"prometheus-{PROMETHEUS_VERSION}" / "prometheus"
+        return self.root / f"prometheus-{PROMETHEUS_VERSION}-k8s-sd" / "prometheus"
 
     def missing(self) -> list[str]:
         absent = [
