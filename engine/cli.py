@@ -91,6 +91,14 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         type=int,
         help=f"tokens computed in one step (default: {EngineConfig.per_device_default('max_num_batched_tokens')})",
     )
+    a(
+        "--max-prefill-tokens-while-decoding",
+        type=int,
+        metavar="N",
+        help="prompt tokens computed in one step while other sequences decode in it, so their inter-token "
+        "latency stays bounded; an idle server prefills with the whole --max-num-batched-tokens; 0: no cap "
+        f"(default: {EngineConfig.per_device_default('max_prefill_tokens_while_decoding')})",
+    )
     a("--block-size", type=int, default=default("block_size"))
     a("--gpu-memory-utilization", type=float, default=default("gpu_memory_utilization"))
     a(
@@ -214,6 +222,7 @@ def engine_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
+            max_prefill_tokens_while_decoding=args.max_prefill_tokens_while_decoding,
             block_size=args.block_size,
             gpu_memory_utilization=args.gpu_memory_utilization,
             kv_cache_memory=args.kv_cache_memory,

@@ -18,6 +18,22 @@ class EngineConfig(BaseModel):
     # vLLM's defaults for its OpenAI server on H100-class GPUs, and on the CPU.
     DEFAULT_MAX_NUM_SEQS: ClassVar[dict[DeviceType, int]] = {"cuda": 1024, "cpu": 256}
     DEFAULT_MAX_NUM_BATCHED_TOKENS: ClassVar[dict[DeviceType, int]] = {"cuda": 8192, "cpu": 2048}
+    # Prefill tokens one step may compute while running sequences decode in it (0 = no cap beyond
+    # max_num_batched_tokens). Every decoding stream waits for its step, so this bounds their
+    # inter-token latency while prompts arrive; with nothing decoding a prefill takes the whole budget.
+    # GPU default from a cost model of a step, step_ms ≈ a + b·prefill_tokens + c·decode_seqs, fitted
+    # to the W2 step trace (Llama-3.1-8B bf16, H100, docs/BENCHMARKS.md): a ≈ 6.5 ms (the weights read
+    # once), b ≈ 0.023 ms per prefill token (an 8,192-token step took 190 ms), c ≈ 0.025 ms per decoding
+    # sequence (7.0 ms under 30 sequences, 18.6 ms at 450-500). A pure decode step at 256 sequences
+    # costs ≈ 13 ms; the cap P makes a mixed step cost ≈ 13 + 0.023·P ms. P = 2048 gives ≈ 60 ms (about
+    # 4.6x the decode step; issue 13's TPOT p99 bar at QPS = inf) instead of ≈ 200 ms at 8,192.
+    # NEEDS GPU CALIBRATION: sweep it with bench/w2_serving.py --sweep and keep the knee of ITL p99
+    # against req/s (the cap is in tokens, so a larger model wants a smaller one: b grows with it).
+    # The CPU keeps today's behaviour: its budget (2048) is already small.
+    # Why not vLLM's --long-prefill-token-threshold: it caps each request's chunk whether or not anything
+    # decodes (an idle server's TTFT gets worse) and not the step's sum (several prompts still fill the
+    # step). This caps the sum, only while decodes wait: the name says both.
+    DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING: ClassVar[dict[DeviceType, int]] = {"cuda": 2048, "cpu": 0}
     # Seconds in-flight requests may take to finish on SIGTERM (`kubellm serve --shutdown-timeout`):
     # Kubernetes' default grace period. The operator sizes terminationGracePeriodSeconds from it.
     DEFAULT_SHUTDOWN_TIMEOUT_S: ClassVar[float] = 30.0
@@ -31,6 +47,8 @@ class EngineConfig(BaseModel):
     max_model_len: int | None = Field(default=None, ge=16)
     max_num_seqs: int | None = Field(default=None, ge=1)  # None: DEFAULT_MAX_NUM_SEQS[device]
     max_num_batched_tokens: int | None = Field(default=None, ge=16)  # None: ..._BATCHED_TOKENS[device]
+    # None: DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING[device]; 0: no cap (max_num_batched_tokens)
+    max_prefill_tokens_while_decoding: int | None = Field(default=None, ge=0)
     block_size: int = Field(default=16, ge=1)
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
     kv_cache_memory: int | None = Field(default=None, ge=0)  # bytes; overrides utilization sizing
@@ -60,6 +78,14 @@ class EngineConfig(BaseModel):
     def max_num_batched_tokens_on(self, device: DeviceType) -> int:
         return self.max_num_batched_tokens or self.DEFAULT_MAX_NUM_BATCHED_TOKENS[device]
 
+    def max_prefill_tokens_while_decoding_on(self, device: DeviceType) -> int:
+        """The per-step prefill cap while sequences decode, never above the step's whole budget."""
+        cap = self.max_prefill_tokens_while_decoding
+        if cap is None:
+            cap = self.DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING[device]
+        budget = self.max_num_batched_tokens_on(device)
+        return min(cap, budget) if cap else budget
+
     def async_scheduling_on(self, device: DeviceType) -> bool:
         return device == "cuda" if self.async_scheduling is None else self.async_scheduling
 
@@ -69,10 +95,14 @@ class EngineConfig(BaseModel):
         return cls.model_fields[field].default
 
     @classmethod
-    def per_device_default(cls, field: Literal["max_num_seqs", "max_num_batched_tokens"]) -> str:
+    def per_device_default(
+        cls,
+        field: Literal["max_num_seqs", "max_num_batched_tokens", "max_prefill_tokens_while_decoding"],
+    ) -> str:
         """A device-dependent default in words ("1024 on a GPU, 256 on the CPU"), for help and docs."""
         defaults = {
             "max_num_seqs": cls.DEFAULT_MAX_NUM_SEQS,
             "max_num_batched_tokens": cls.DEFAULT_MAX_NUM_BATCHED_TOKENS,
+            "max_prefill_tokens_while_decoding": cls.DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING,
         }[field]
         return f"{defaults['cuda']} on a GPU, {defaults['cpu']} on the CPU"

@@ -78,7 +78,10 @@ class LLMEngine:
                 self.runner.capture_cuda_graphs(max_num_seqs, self.max_model_len)
             self.runner.warm_up()
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, max_num_seqs, max_batched, self.max_model_len)
+        max_prefill_while_decoding = config.max_prefill_tokens_while_decoding_on(device)
+        self.scheduler = Scheduler(
+            self.kv, max_num_seqs, max_batched, self.max_model_len, max_prefill_while_decoding
+        )
         self.requests: dict[str, RequestState] = {}
         # Structured outputs: grammars compile on their own threads (the HTTP layer awaits them before
         # adding a request); the bitmask covers the logits' full width, padding included.
@@ -104,11 +107,13 @@ class LLMEngine:
             config.block_size, num_blocks, config.enable_prefix_caching, config.gpu_memory_utilization
         )
         log.info(
-            "KV cache: %d blocks of %d tokens (%.1f MiB), max_num_batched_tokens=%d",
+            "KV cache: %d blocks of %d tokens (%.1f MiB), max_num_batched_tokens=%d, "
+            "max_prefill_tokens_while_decoding=%d",
             num_blocks,
             config.block_size,
             num_blocks * self.runner.bytes_per_block() / 2**20,
             max_batched,
+            max_prefill_while_decoding,
         )
         self._update_gauges()
 

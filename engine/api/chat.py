@@ -9,11 +9,10 @@ from contextlib import aclosing
 from aiohttp import web
 
 from engine.api.body import parse_body
-from engine.api.chat_generation import prepare_chat
+from engine.api.chat_generation import ChatGeneration, prepare_chat
 from engine.api.choice_output import ChoiceOutput, OutputDelta, ParsedChoice
-from engine.api.generation import ChoiceResult, SubRequest, merged_outputs, new_choices, pick_choices, usage
+from engine.api.generation import ChoiceResult, SubRequest, merged_outputs, pick_choices, usage
 from engine.api.logprobs import TokenTexts, chat_logprobs, prompt_logprobs
-from engine.api.output_plan import OutputPlan
 from engine.api.protocol import (
     ChatChoice,
     ChatChoiceLogprobs,
@@ -68,20 +67,15 @@ class ChatChunks:
     """
 
     def __init__(
-        self,
-        head: dict,
-        body: ChatCompletionRequest,
-        subs: list[SubRequest],
-        texts: TokenTexts,
-        plan: OutputPlan | None = None,
+        self, head: dict, body: ChatCompletionRequest, generation: ChatGeneration, texts: TokenTexts
     ) -> None:
         self.head, self.body, self.texts = head, body, texts
-        self.choices = new_choices(subs)
+        self.choices = generation.new_choices()
         self.started: set[int] = set()
         self.continuous_usage = body.continuous_usage_in_stream
         self.outputs: dict[int, ChoiceOutput] = {}
-        if plan is not None and (plan.reasoning or plan.make_tool_parser):
-            self.outputs = {s.index: ChoiceOutput(plan, s.prompt.text) for s in subs}
+        if generation.parses_output:
+            self.outputs = {s.index: ChoiceOutput(generation.plan, s.prompt.text) for s in generation.subs}
         # The per-token case (content only, not the last chunk), from a template per choice.
         self.content_events = PerChoiceTextEvents(
             lambda index, text: self._delta_chunk(index, text, None, None)
@@ -175,9 +169,9 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     async with aclosing(merged_outputs(engine, subs)) as outputs:
         if body.stream:
             return await stream_sse(
-                request, outputs, ChatChunks(head, body, subs, state.token_texts, plan), request_id
+                request, outputs, ChatChunks(head, body, generation, state.token_texts), request_id
             )
-        results = new_choices(subs)
+        results = generation.new_choices()
         async for sub, out in outputs:
             results[sub.index].add(out)
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from engine.api.generation import SubRequest, fan_out
+from engine.api.generation import ChoiceResult, SubRequest, fan_out, new_choices
 from engine.api.logit_bias import checked_logit_bias
 from engine.api.output_plan import OutputPlan, plan_output
 from engine.api.prompts import chat_prompt, resolve_max_tokens
 from engine.api.protocol import ChatCompletionRequest
 from engine.api.state import ServerState
 from engine.api.structured_outputs import compile_spec, compiled_structured_spec
+from engine.reasoning.token_count import ReasoningTags
 
 
 @dataclass
@@ -22,10 +23,14 @@ class ChatGeneration:
     model: str  # the name responses echo
     plan: OutputPlan
     subs: list[SubRequest]
+    reasoning_tags: ReasoningTags | None = None  # with a reasoning parser: usage counts thinking tokens
 
     @property
     def parses_output(self) -> bool:
         return self.plan.reasoning is not None or self.plan.make_tool_parser is not None
+
+    def new_choices(self) -> dict[int, ChoiceResult]:
+        return new_choices(self.subs, self.reasoning_tags)
 
 
 def apply_plan(subs: list[SubRequest], plan: OutputPlan) -> None:
@@ -68,4 +73,4 @@ async def prepare_chat(state: ServerState, body: ChatCompletionRequest, request_
         request_id, body, [prompt], [budget], body.num_logprobs, body.prompt_logprobs, logit_bias=logit_bias
     )
     apply_plan(subs, plan)
-    return ChatGeneration(model, plan, subs)
+    return ChatGeneration(model, plan, subs, state.reasoning_tags if plan.reasoning else None)

@@ -13,9 +13,10 @@ from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 
 from engine.api.prompts import Prompt
-from engine.api.protocol import PromptTokensDetails, SamplingFields, UsageInfo
+from engine.api.protocol import CompletionTokensDetails, PromptTokensDetails, SamplingFields, UsageInfo
 from engine.api.state import ServingEngine
 from engine.outputs import RequestOutput, TokenLogprob
+from engine.reasoning.token_count import ReasoningTags, ReasoningTokenCounter
 from engine.sampling.params import SamplingParams
 from engine.structured.spec import StructuredOutputSpec
 
@@ -48,6 +49,11 @@ class ChoiceResult:
     finished: bool = False
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    reasoning: ReasoningTokenCounter | None = None  # with a reasoning parser: counts thinking tokens
+
+    @property
+    def num_reasoning_tokens(self) -> int:
+        return self.reasoning.count if self.reasoning else 0
 
     def add(self, out: RequestOutput) -> None:
         self.text += out.new_text
@@ -60,6 +66,8 @@ class ChoiceResult:
         """Only what usage and the finish need: a stream sends text and logprobs on as they come (and
         appending to a long text per token is quadratic)."""
         self.num_output_tokens = out.num_output_tokens
+        if self.reasoning is not None:
+            self.reasoning.feed(out.new_token_ids)
         self.num_cached_tokens = out.num_cached_tokens
         if out.prompt_logprobs is not None:
             self.prompt_logprobs = out.prompt_logprobs
@@ -105,8 +113,18 @@ def sampling_params(
     )
 
 
-def new_choices(subs: list[SubRequest]) -> dict[int, ChoiceResult]:
-    return {s.index: ChoiceResult(s.index, len(s.prompt.token_ids), s.prompt_index) for s in subs}
+def new_choices(subs: list[SubRequest], reasoning: ReasoningTags | None = None) -> dict[int, ChoiceResult]:
+    """A result per sub-request; with `reasoning` (the server's reasoning parser), each counts the
+    tokens its choice spent thinking."""
+    return {
+        s.index: ChoiceResult(
+            s.index,
+            len(s.prompt.token_ids),
+            s.prompt_index,
+            reasoning=reasoning.counter(s.prompt.text) if reasoning else None,
+        )
+        for s in subs
+    }
 
 
 def usage(choices: Iterable[ChoiceResult]) -> UsageInfo:
@@ -121,6 +139,9 @@ def usage(choices: Iterable[ChoiceResult]) -> UsageInfo:
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
         prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(c.num_cached_tokens for c in firsts)),
+        completion_tokens_details=CompletionTokensDetails(
+            reasoning_tokens=sum(c.num_reasoning_tokens for c in choices)
+        ),
     )
 
 

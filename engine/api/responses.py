@@ -17,7 +17,7 @@ from pydantic_core import to_json
 from engine.api.body import parse_body, validate
 from engine.api.chat_generation import ChatGeneration, prepare_chat
 from engine.api.choice_output import ChoiceOutput, ParsedChoice
-from engine.api.generation import ChoiceResult, SubRequest, merged_outputs, new_choices
+from engine.api.generation import ChoiceResult, SubRequest, merged_outputs
 from engine.api.protocol import ChatCompletionRequest, ErrorInfo
 from engine.api.responses_protocol import (
     FunctionCallItem,
@@ -144,7 +144,7 @@ def _usage(result: ChoiceResult) -> ResponseUsage:
         input_tokens=result.num_prompt_tokens,
         input_tokens_details=InputTokensDetails(cached_tokens=result.num_cached_tokens),
         output_tokens=result.num_output_tokens,
-        output_tokens_details=OutputTokensDetails(),
+        output_tokens_details=OutputTokensDetails(reasoning_tokens=result.num_reasoning_tokens),
         total_tokens=result.num_prompt_tokens + result.num_output_tokens,
     )
 
@@ -194,7 +194,7 @@ class ResponseEvents:
         self.response = response
         self.summary = summary
         self.output = ChoiceOutput(generation.plan, sub.prompt.text) if generation.parses_output else None
-        self.result = ChoiceResult(sub.index, len(sub.prompt.token_ids))
+        self.result = generation.new_choices()[sub.index]
         self.sequence = 0
         self.items: list[OutputItem] = []
         self.open_kind: str | None = None  # the kind of items[-1] while it is open
@@ -351,7 +351,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
             return await stream_sse(
                 request, outputs, events, response_id, error_event=events.error_event, terminator=b""
             )
-        result = new_choices(generation.subs)[sub.index]
+        result = generation.new_choices()[sub.index]
         async for _, out in outputs:
             result.add(out)
 

@@ -17,6 +17,7 @@ from engine.api.logprobs import TokenTexts
 from engine.api.output_plan import ServerToolOptions
 from engine.metrics import EngineMetrics
 from engine.outputs import RequestOutput
+from engine.reasoning.token_count import ReasoningTags
 from engine.sampling.params import SamplingParams
 from engine.structured.spec import StructuredOutputSpec
 
@@ -65,9 +66,14 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     token_texts: TokenTexts = field(init=False)
     tokenizer_pool: ThreadPoolExecutor = field(init=False)
+    reasoning_tags: ReasoningTags | None = field(init=False)  # the reasoning parser's tags as token ids
 
     def __post_init__(self) -> None:
         self.token_texts = TokenTexts(self.engine.tokenizer)
+        reasoning = self.tool_options.reasoning
+        self.reasoning_tags = (
+            ReasoningTags.of(reasoning, self.engine.tokenizer, self.token_texts) if reasoning else None
+        )
         self.tokenizer_pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenizer")
 
     def check_request_chat_template(self, template: str | None) -> None:

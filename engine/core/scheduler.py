@@ -6,6 +6,11 @@ Policy, top to bottom in `schedule`:
    sequence is preempted (its blocks freed; it is recomputed later), so old requests keep moving.
 2. Then waiting sequences, FIFO, while the token budget, `max_num_seqs` and free blocks allow,
    each taking what it can of the prefix cache first. Nothing is admitted in a step that preempted.
+3. Prefill chunks (of running and of newly admitted sequences) share a prefill budget: the whole token
+   budget when nothing decodes in the step, at most `max_prefill_tokens_while_decoding` when something
+   does. Every decoding stream waits for its step, so one long chunk would stretch all their
+   inter-token gaps. Chunks are handed out in admission order, so the oldest unfinished prompt gets
+   prefill tokens every step (up to the cap): a long prompt's time to first token stays bounded.
 
 With async scheduling a running sequence may have a token in flight (sampled by the step still
 running, counted in `num_output_placeholders`). It decodes like any other, unless that token is
@@ -57,10 +62,16 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_model_len: int | None = None,
+        max_prefill_tokens_while_decoding: int = 0,
     ) -> None:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        # Prefill tokens a step may compute while sequences decode in it (0 = no cap beyond the budget;
+        # EngineConfig explains the GPU default).
+        self.max_prefill_tokens_while_decoding = min(
+            max_prefill_tokens_while_decoding or max_num_batched_tokens, max_num_batched_tokens
+        )
         self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order; the last is preempted first
@@ -82,6 +93,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        prefill_budget = self.prefill_budget(sum(map(self._decodes_next, self.running)))
 
         for seq in list(self.running):
             # status is WAITING for a sequence preempted earlier in this loop
@@ -91,7 +103,12 @@ class Scheduler:
                 or in_flight_token_is_last(seq, self.max_model_len)
             ):
                 continue
+            is_decode = self._decodes_next(seq)
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not is_decode:
+                num_new = min(num_new, prefill_budget)
+                if num_new == 0:  # this step's prefill share is spent; the decodes after it still run
+                    continue
             while not self.kv.allocate(seq, num_new):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -101,8 +118,15 @@ class Scheduler:
             if seq.status is SequenceStatus.RUNNING:
                 out.scheduled.append(ScheduledSeq(seq, num_new))
                 budget -= num_new
+                if not is_decode:
+                    prefill_budget -= num_new
 
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
+        while (
+            self.waiting
+            and min(budget, prefill_budget) > 0
+            and len(self.running) < self.max_num_seqs
+            and not out.preempted
+        ):
             seq = self.waiting[0]
             if seq.num_output_placeholders:  # preempted with a token in flight: recompute once it is known
                 break
@@ -110,7 +134,7 @@ class Scheduler:
             use_cache = seq.num_computed_tokens == 0 and seq.params.prompt_logprobs is None
             hit = self.kv.match_prefix(seq) if use_cache else NO_PREFIX_HIT
             num_cached = hit.num_tokens
-            num_new = min(seq.num_tokens - num_cached, budget)
+            num_new = min(seq.num_tokens - num_cached, budget, prefill_budget)
             if not self.kv.allocate(seq, num_new, hit):
                 break
             self.waiting.popleft()
@@ -123,10 +147,25 @@ class Scheduler:
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
+            prefill_budget -= num_new
 
         # Decodes first: GPU backends send them to a dedicated decode kernel.
         out.scheduled.sort(key=lambda s: s.num_new_tokens != 1 or not s.completes_prompt)
         return out
+
+    def prefill_budget(self, num_decodes: int) -> int:
+        """Prefill tokens this step may compute: all of the budget for an idle server (time to first
+        token is all that matters then), the cap while `num_decodes` sequences wait on the step."""
+        return self.max_prefill_tokens_while_decoding if num_decodes else self.max_num_batched_tokens
+
+    def _decodes_next(self, seq: Sequence) -> bool:
+        """A running sequence whose next step is one token with all before it cached (a token in flight
+        counts: it is the next step's input)."""
+        return (
+            seq.status is SequenceStatus.RUNNING
+            and seq.num_tokens - seq.num_computed_tokens == 1
+            and not in_flight_token_is_last(seq, self.max_model_len)
+        )
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

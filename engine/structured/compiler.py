@@ -20,6 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import xgrammar as xgr
 
+from engine.structured.json_grammar import json_schema_grammar
 from engine.structured.spec import StructuredOutputSpec
 
 # xgrammar's errors start with "[hh:mm:ss] /project/cpp/file.cc:123: " (and sometimes "Check failed: ...
@@ -103,12 +104,11 @@ class GrammarCompiler:
     def _compile(self, spec: StructuredOutputSpec) -> xgr.CompiledGrammar:
         compiler = self._ensure_compiler()
         try:
-            if spec.kind == "json_schema":
-                return compiler.compile_json_schema(spec.value, max_whitespace_cnt=MAX_WHITESPACE_RUN)
-            if spec.kind == "json_object":
-                return compiler.compile_json_schema(
-                    json_object_schema(), max_whitespace_cnt=MAX_WHITESPACE_RUN
-                )
+            # Every JSON grammar (response_format, guided_json / structured_outputs.json, tool-call
+            # arguments, the Responses API's text.format) is built here, with strict JSON strings.
+            if spec.kind in ("json_schema", "json_object"):
+                schema = spec.value if spec.kind == "json_schema" else json_object_schema()
+                return compiler.compile_grammar(json_schema_grammar(schema, MAX_WHITESPACE_RUN))
             if spec.kind == "regex":
                 return compiler.compile_regex(spec.value)
             if spec.kind == "choice":

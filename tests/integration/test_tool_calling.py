@@ -153,6 +153,19 @@ def test_grammar_waits_while_the_prompt_leaves_thinking_open(thinking_client: Op
     assert message.model_extra["reasoning_content"] and not message.model_extra[
         "reasoning_content"
     ].startswith("[")
+    # All 20 tokens were thinking (cut off before any </think>), streamed or not.
+    assert resp.usage.completion_tokens_details.reasoning_tokens == resp.usage.completion_tokens == 20
+    stream = thinking_client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=20,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"continue_final_message": True, "add_generation_prompt": False},
+    )
+    usage = [chunk.usage for chunk in stream if chunk.usage is not None][-1]
+    assert usage.completion_tokens_details.reasoning_tokens == 20
 
 
 def test_grammar_starts_at_once_when_the_prompt_closed_thinking(thinking_client: OpenAI) -> None:
@@ -166,6 +179,7 @@ def test_grammar_starts_at_once_when_the_prompt_closed_thinking(thinking_client:
         **GREEDY,
     )
     check_calls(resp.choices[0].message.tool_calls)
+    assert resp.usage.completion_tokens_details.reasoning_tokens == 0  # the prompt closed the thinking
 
 
 def test_auto_with_a_model_that_answers_in_text(client: OpenAI, server: KubellmServer) -> None:

@@ -48,6 +48,22 @@ def test_fp8_flags_reach_engine_config() -> None:
     assert (config_of().quantization, config_of().kv_cache_dtype) == (None, "auto")
 
 
+def test_prefill_cap_flag_and_its_per_device_defaults() -> None:
+    from engine.config import EngineConfig
+
+    assert config_of("--max-prefill-tokens-while-decoding", "512").max_prefill_tokens_while_decoding == 512
+    default = EngineConfig()
+    assert default.max_prefill_tokens_while_decoding_on("cuda") == 2048
+    assert default.max_prefill_tokens_while_decoding_on("cpu") == 2048  # no cap: the CPU's whole budget
+    no_cap = EngineConfig(max_prefill_tokens_while_decoding=0)
+    assert no_cap.max_prefill_tokens_while_decoding_on("cuda") == 8192
+    above = EngineConfig(max_prefill_tokens_while_decoding=4096, max_num_batched_tokens=1024)
+    assert above.max_prefill_tokens_while_decoding_on("cuda") == 1024  # never above the step's budget
+    assert (
+        EngineConfig(max_prefill_tokens_while_decoding=64).max_prefill_tokens_while_decoding_on("cpu") == 64
+    )
+
+
 def test_defaults_serve_the_embedded_model() -> None:
     cfg = config_of()
     assert cfg.model is None and cfg.enable_prefix_caching and cfg.device == "auto"
@@ -90,6 +106,8 @@ def test_docs_quote_the_defaults_engine_config_resolves() -> None:
     seqs, tokens = EngineConfig.DEFAULT_MAX_NUM_SEQS, EngineConfig.DEFAULT_MAX_NUM_BATCHED_TOKENS
     assert f"defaults to {seqs['cuda']} on a GPU and {seqs['cpu']} on the CPU" in architecture
     assert f"the token budget to {tokens['cuda']} and {tokens['cpu']}" in architecture
+    cap = EngineConfig.DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING["cuda"]
+    assert f"at most `--max-prefill-tokens-while-decoding` ({cap} on a GPU" in architecture
     operations = " ".join((docs / "operations.md").read_text().split())
     assert f"`--shutdown-timeout` ({EngineConfig.DEFAULT_SHUTDOWN_TIMEOUT_S:g} s)" in operations
 
@@ -99,6 +117,7 @@ def test_docs_quote_the_defaults_engine_config_resolves() -> None:
     [
         ["--max-num-seqs", "0"],
         ["--gpu-memory-utilization", "1.5"],
+        ["--max-prefill-tokens-while-decoding", "-1"],
         ["a", "--model", "b"],
         ["--device", "tpu"],
         ["--quantization", "awq"],

@@ -158,6 +158,19 @@ async def test_reasoning_item(serve) -> None:
     )
 
 
+async def test_usage_counts_reasoning_tokens(serve) -> None:
+    s = await serve(THINKING + ANSWER, options=ServerToolOptions(reasoning=REASONING_PARSERS["qwen3"]))
+    inner = THINKING.removeprefix("<think>").split("</think>")[0]  # the tags are single added tokens
+    expected = len(s.engine.tokenizer.encode(inner, add_special_tokens=False))
+    assert expected > 5
+    resp = await s.openai.responses.create(model=MODEL, input="Capital of France?")
+    assert resp.usage.output_tokens_details.reasoning_tokens == expected
+    assert resp.usage.output_tokens == len(s.engine.tokenizer.encode(THINKING + ANSWER))
+    async with s.openai.responses.stream(model=MODEL, input="Capital of France?") as stream:
+        final = await stream.get_final_response()
+    assert final.usage.output_tokens_details.reasoning_tokens == expected
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

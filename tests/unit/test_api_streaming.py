@@ -9,9 +9,11 @@ import pytest
 from pydantic_core import PydanticSerializationError
 
 from engine.api.chat import ChatChunks
+from engine.api.chat_generation import ChatGeneration
 from engine.api.completions import CompletionChunks
 from engine.api.generation import SubRequest, new_choices, usage
 from engine.api.logprobs import TokenTexts, chat_logprobs, completion_logprobs
+from engine.api.output_plan import OutputPlan
 from engine.api.prompts import Prompt
 from engine.api.protocol import (
     ChatChoiceLogprobs,
@@ -224,5 +226,6 @@ def test_chat_stream_bytes_equal_validated_chunks(fields: dict) -> None:
     messages = [{"role": "user", "content": "hi"}]
     body = ChatCompletionRequest.model_validate({"messages": messages, "n": 2, "stream": True} | fields)
     subs, outputs = two_choice_outputs(logprobs=body.logprobs)
-    builder = ChatChunks(HEAD, body, subs, TokenTexts(StubTokenizer()))
+    generation = ChatGeneration(HEAD["model"], OutputPlan(None, None, None, None), subs)
+    builder = ChatChunks(HEAD, body, generation, TokenTexts(StubTokenizer()))
     assert streamed(builder, outputs) == reference_chat_events(body, subs, outputs)

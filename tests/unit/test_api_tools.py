@@ -98,6 +98,33 @@ async def test_streamed_tool_calls_assemble_to_the_non_streamed_answer(serve) ->
     assert len(first_deltas) > 3 and all(d.id is None and d.function.name is None for d in first_deltas[1:3])
 
 
+@pytest.mark.parametrize(
+    "reply",
+    [
+        # v13 (Magistral, Devstral, Mistral-Small-3.2): one [TOOL_CALLS]name[ARGS]{...} per call
+        'Checking.[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "unit": "c"}[TOOL_CALLS]get_time[ARGS]{}',
+        # up to v7: one marker, then a JSON list
+        'Checking.[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}, '
+        '{"name": "get_time", "arguments": {}}]',
+    ],
+)
+async def test_mistral_formats_streamed_and_not(serve, reply: str) -> None:
+    s = await serve(reply, options=ServerToolOptions("mistral", enable_auto_tool_choice=True))
+    args = {"model": MODEL, "messages": USER, "tools": [WEATHER_TOOL, TIME_TOOL]}
+    whole = (await s.openai.chat.completions.create(**args)).choices[0]
+    async with s.openai.chat.completions.stream(**args) as stream:
+        streamed = (await stream.get_final_completion()).choices[0]
+    for choice in (whole, streamed):
+        assert choice.finish_reason == "tool_calls" and choice.message.content == "Checking."
+        calls = choice.message.tool_calls
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+            ("get_weather", {"city": "Paris", "unit": "c"}),
+            ("get_time", {}),
+        ]
+        assert all(len(c.id) == 9 and c.id.isalnum() for c in calls)  # Mistral's templates require it
+    assert s.engine.submitted[0].params.skip_special_tokens is False  # the markers are control tokens
+
+
 async def test_parallel_tool_calls_false_keeps_one(serve) -> None:
     s = await serve(TWO_CALLS)
     resp = await s.openai.chat.completions.create(
@@ -245,6 +272,52 @@ async def test_chat_template_kwargs_reach_the_template(serve) -> None:
     assert s.engine.submitted[0].prompt.endswith("<think>\n\n</think>\n\n")
     assert resp.choices[0].message.content == FINAL_ANSWER
     assert resp.choices[0].message.model_extra.get("reasoning_content") is None
+
+
+def thinking_tokens(s) -> int:
+    """The tokens between the tags, counted by the tokenizer alone (the tags are single added tokens,
+    so the text between them tokenizes the same on its own)."""
+    inner = THINKING.removeprefix("<think>").split("</think>")[0]
+    return len(s.engine.tokenizer.encode(inner, add_special_tokens=False))
+
+
+async def test_usage_counts_reasoning_tokens(serve) -> None:
+    s = await serve(THINKING + FINAL_ANSWER, options=QWEN3)
+    resp = await s.openai.chat.completions.create(model=MODEL, messages=USER, n=2)
+    expected = thinking_tokens(s)
+    assert expected > 5
+    reply = len(s.engine.tokenizer.encode(THINKING + FINAL_ANSWER, add_special_tokens=False))
+    assert resp.usage.completion_tokens == 2 * reply  # both choices' tokens
+    assert resp.usage.completion_tokens_details.reasoning_tokens == 2 * expected
+
+
+async def test_streamed_usage_counts_reasoning_tokens(serve) -> None:
+    s = await serve(THINKING + FINAL_ANSWER, options=QWEN3)
+    stream = await s.openai.chat.completions.create(
+        model=MODEL,
+        messages=USER,
+        stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True},  # type: ignore[typeddict-unknown-key]
+    )
+    running = [chunk.usage.completion_tokens_details.reasoning_tokens async for chunk in stream]
+    assert running == sorted(running)  # grows while thinking, then stays
+    assert running[-1] == thinking_tokens(s) and running.count(running[-1]) > 1
+
+
+async def test_no_reasoning_tokens_without_thinking(serve) -> None:
+    s = await serve(FINAL_ANSWER, options=QWEN3)
+    resp = await s.openai.chat.completions.create(
+        model=MODEL, messages=USER, extra_body={"chat_template_kwargs": {"enable_thinking": False}}
+    )
+    assert resp.usage.completion_tokens > 0
+    assert resp.usage.completion_tokens_details.reasoning_tokens == 0
+
+
+async def test_thinking_cut_by_max_tokens_counts_whole(serve) -> None:
+    s = await serve(THINKING + FINAL_ANSWER, options=QWEN3)
+    resp = await s.openai.chat.completions.create(model=MODEL, messages=USER, max_tokens=6)
+    assert resp.choices[0].finish_reason == "length"
+    assert resp.usage.completion_tokens_details.reasoning_tokens == 5  # all but the <think> tag
 
 
 # ---------------------------------------------------------------- LangChain and LiteLLM

@@ -179,3 +179,156 @@ def test_preempted_sequences_count_their_prompt_once_and_never_hit_their_own_blo
     assert sum(o.num_prefix_query_tokens for o in outs) == 12
     assert all(s.num_cached_tokens == 0 for s in seqs)
     assert kv.num_free_blocks == 4
+
+
+# --- prefill chunks while sequences decode (--max-prefill-tokens-while-decoding) ---------------------
+
+
+def start_decoding(sched: Scheduler, rid: str, start: int, max_tokens: int = 100) -> Sequence:
+    """A sequence whose prompt is done: from the next step on it decodes."""
+    seq = make_seq(rid, 3, max_tokens=max_tokens, start=start)
+    sched.add(seq)
+    run_step(sched)
+    assert seq.num_output_tokens == 1
+    return seq
+
+
+def shape(out: SchedulerOutput) -> list[tuple[str, int]]:
+    return [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled]
+
+
+def test_an_idle_server_prefills_with_the_whole_budget_whatever_the_cap():
+    sched = Scheduler(
+        KVCacheManager(100, 4), 8, max_num_batched_tokens=32, max_prefill_tokens_while_decoding=8
+    )
+    assert sched.prefill_budget(num_decodes=0) == 32 and sched.prefill_budget(num_decodes=1) == 8
+    sched.add(make_seq("long", 100, max_tokens=2))
+    assert [o.scheduled[0].num_new_tokens for o in drain(sched)] == [32, 32, 32, 4, 1]
+
+
+def test_prefill_chunks_are_capped_while_a_sequence_decodes_and_fifo_holds():
+    sched = Scheduler(
+        KVCacheManager(100, 4), 8, max_num_batched_tokens=32, max_prefill_tokens_while_decoding=8
+    )
+    start_decoding(sched, "d", start=500)
+    long, short = make_seq("long", 20, max_tokens=2), make_seq("short", 2, max_tokens=2, start=100)
+    sched.add(long)
+    sched.add(short)
+    steps = [shape(run_step(sched)) for _ in range(3)]
+    # The older prompt takes the prefill share first; the younger one waits for it (FIFO).
+    assert steps == [[("d", 1), ("long", 8)], [("d", 1), ("long", 8)], [("d", 1), ("long", 4), ("short", 2)]]
+
+
+def test_the_cap_bounds_the_sum_of_a_steps_prefill_chunks():
+    sched = Scheduler(
+        KVCacheManager(100, 4), 8, max_num_batched_tokens=64, max_prefill_tokens_while_decoding=8
+    )
+    start_decoding(sched, "d", start=500)
+    for i in range(4):
+        sched.add(make_seq(f"p{i}", 3, max_tokens=2, start=10 * i))
+    assert shape(run_step(sched)) == [("d", 1), ("p0", 3), ("p1", 3), ("p2", 2)]
+    assert shape(run_step(sched)) == [("d", 1), ("p0", 1), ("p1", 1), ("p2", 1), ("p3", 3)]
+
+
+def test_a_long_prompt_gets_the_cap_every_step_under_heavy_decode_load():
+    """No starvation: however many sequences decode, the oldest prompt advances by the cap each step,
+    so its first token comes after ceil(prompt / cap) steps."""
+    sched = Scheduler(
+        KVCacheManager(400, 4), 64, max_num_batched_tokens=64, max_prefill_tokens_while_decoding=8
+    )
+    decoders = [start_decoding(sched, f"d{i}", start=1000 + 10 * i, max_tokens=200) for i in range(40)]
+    long = make_seq("long", 100, max_tokens=1)
+    sched.add(long)
+    steps = 0
+    while not long.is_finished:
+        out = run_step(sched)
+        steps += 1
+        assert sum(s.num_new_tokens == 1 for s in out.scheduled if s.seq in decoders) == 40
+        assert dict(shape(out))["long"] == min(8, 100 - 8 * (steps - 1))
+    assert steps == 13  # ceil(100 / 8)
+
+
+def test_prefix_cache_hits_cost_nothing_of_the_cap():
+    kv = KVCacheManager(num_blocks=50, block_size=4)
+    sched = Scheduler(kv, 8, max_num_batched_tokens=64, max_prefill_tokens_while_decoding=4)
+    system = list(range(100, 112))  # 3 full blocks
+    sched.add(Sequence("a", system + [1, 2], SamplingParams(max_tokens=1)))
+    drain(sched)
+    start_decoding(sched, "d", start=500)
+    b = Sequence("b", system + [3, 4, 5], SamplingParams(max_tokens=2))
+    sched.add(b)
+    out = run_step(sched)
+    assert shape(out) == [("d", 1), ("b", 3)] and out.num_prefix_hit_tokens == 12
+
+
+def test_a_token_in_flight_counts_as_a_decode():
+    """Async scheduling: a sequence whose sampled token is still on the device decodes next step."""
+    sched = Scheduler(
+        KVCacheManager(100, 4), 8, max_num_batched_tokens=32, max_prefill_tokens_while_decoding=8
+    )
+    d = make_seq("d", 3, max_tokens=100, start=500)
+    sched.add(d)
+    sched.update_after_step(sched.schedule())
+    d.num_output_placeholders = 1  # sampled, not read yet
+    sched.add(make_seq("long", 40, max_tokens=2))
+    assert shape(sched.schedule()) == [("d", 1), ("long", 8)]
+
+
+def test_a_sequence_sitting_out_its_last_token_is_no_decode():
+    """A sequence whose token in flight is its last does not run next step: nothing waits on the step."""
+    sched = Scheduler(
+        KVCacheManager(100, 4), 8, max_num_batched_tokens=32, max_prefill_tokens_while_decoding=8
+    )
+    d = make_seq("d", 3, max_tokens=1, start=500)
+    sched.add(d)
+    sched.update_after_step(sched.schedule())
+    d.num_output_placeholders = 1  # its only token, in flight
+    sched.add(make_seq("long", 40, max_tokens=2))
+    assert shape(sched.schedule()) == [("long", 32)]
+
+
+def test_preemption_under_the_cap_keeps_the_oldest_running_and_returns_every_block():
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    sched = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=64, max_prefill_tokens_while_decoding=3)
+    seqs = [make_seq(f"s{i}", 9, max_tokens=8, start=10 * i) for i in range(3)]
+    sched.add(seqs[0])
+    run_step(sched)  # s0 decodes from here on
+    for s in seqs[1:]:
+        sched.add(s)
+    outs = drain(sched)
+    preempted = [p.request_id for o in outs for p in o.preempted]
+    assert preempted and "s0" not in preempted
+    assert all(s.num_output_tokens == 8 for s in seqs)
+    assert kv.num_free_blocks == 8 and all(r == 0 for r in kv.pool.ref_counts)
+
+
+def test_random_workloads_with_a_cap_respect_it_never_leak_and_never_stall():
+    rng = random.Random(1)
+    for trial in range(30):
+        kv = KVCacheManager(num_blocks=rng.randint(8, 40), block_size=rng.choice([1, 2, 4, 8]))
+        budget = rng.randint(8, 64)
+        cap = rng.randint(1, budget)
+        sched = Scheduler(kv, rng.randint(1, 8), budget, max_prefill_tokens_while_decoding=cap)
+        capacity = kv.pool.num_blocks * kv.block_size
+        seqs = []
+        for i in range(rng.randint(1, 12)):
+            n_prompt = rng.randint(1, max(1, capacity // 2))
+            seq = Sequence(
+                f"t{trial}-{i}",
+                [rng.randint(0, 3) for _ in range(n_prompt)],
+                SamplingParams(max_tokens=rng.randint(1, max(1, capacity - n_prompt))),
+            )
+            seqs.append(seq)
+            sched.add(seq)
+        for _step in range(10_000):
+            if not sched.has_unfinished():
+                break
+            decoding = {id(s) for s in sched.running if s.num_tokens - s.num_computed_tokens == 1}
+            out = run_step(sched)
+            decodes = [s for s in out.scheduled if id(s.seq) in decoding]
+            if decodes:
+                assert out.num_tokens - len(decodes) <= cap
+        else:
+            raise AssertionError("scheduler made no progress")
+        assert all(s.num_output_tokens == s.params.max_tokens for s in seqs)
+        assert kv.num_free_blocks == kv.pool.num_blocks

@@ -34,6 +34,20 @@ MISTRAL_CALLS = (
     '[TOOL_CALLS][{"name": "get_current_weather", "arguments": {"location": "Paris, France", "format": "celsius"}}, '
     '{"name": "get_time", "arguments": {}}]'
 )
+# Mistral by tokenizer version (mistral-common's instruct.py encodes assistant tool calls this way; the
+# models write what they were trained on). v3 through SentencePiece decodes a space after the marker.
+MISTRAL_V3_SPACED = '[TOOL_CALLS] [{"name": "get_current_weather", "arguments": {"location": "Paris, France", "format": "celsius"}}]'
+MISTRAL_V7_WITH_IDS = (
+    '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "Ab3dE6gH9"}, '
+    '{"name": "get_time", "arguments": {"tz": "CET"}, "id": "Zy8xW7vU6"}]'
+)
+MISTRAL_V11_CALL_ID = '[TOOL_CALLS]get_weather[CALL_ID]Ab3dE6gH9[ARGS]{"city": "Paris", "unit": "c"}'
+MISTRAL_V13_TWO_CALLS = (
+    '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "days": [1, 2], "detail": {"note": "a [b] {c}"}}'
+    "[TOOL_CALLS]get_time[ARGS]{}"
+)
+MISTRAL_V13_CONTENT_FIRST = 'Let me check that for you.[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}'
+MISTRAL_V11_NO_ARGS_TOKEN = '[TOOL_CALLS]get_weather{"city": "Paris"}[TOOL_CALLS]get_time{}'  # [ARGS] dropped
 
 CASES = [
     ("hermes", QWEN25_TWO_CALLS, None, [
@@ -53,6 +67,16 @@ CASES = [
         ("get_current_weather", {"location": "Paris, France", "format": "celsius"}), ("get_time", {}),
     ]),
     ("mistral", "Bonjour! How can I help?", "Bonjour! How can I help?", []),
+    ("mistral", MISTRAL_V3_SPACED, None, [
+        ("get_current_weather", {"location": "Paris, France", "format": "celsius"}),
+    ]),
+    ("mistral", MISTRAL_V7_WITH_IDS, None, [("get_weather", {"city": "Paris"}), ("get_time", {"tz": "CET"})]),
+    ("mistral", MISTRAL_V11_CALL_ID, None, [("get_weather", {"city": "Paris", "unit": "c"})]),
+    ("mistral", MISTRAL_V13_TWO_CALLS, None, [
+        ("get_weather", {"city": "Paris", "days": [1, 2], "detail": {"note": "a [b] {c}"}}), ("get_time", {}),
+    ]),
+    ("mistral", MISTRAL_V13_CONTENT_FIRST, "Let me check that for you.", [("get_weather", {"city": "Paris"})]),
+    ("mistral", MISTRAL_V11_NO_ARGS_TOKEN, None, [("get_weather", {"city": "Paris"}), ("get_time", {})]),
 ]  # fmt: skip
 
 
@@ -122,10 +146,36 @@ def streamed_limited(parser: ToolParser, text: str) -> tuple[str, list[str]]:
     return content, [d.name for d in deltas if d.name]
 
 
-def test_mistral_ids_are_nine_alphanumerics() -> None:
+@pytest.mark.parametrize("text", [MISTRAL_CALLS, MISTRAL_V13_TWO_CALLS])
+def test_mistral_ids_are_nine_alphanumerics(text: str) -> None:
     parser = tool_parser("mistral")
-    (call, _) = finished_calls(parser, parser.parse(MISTRAL_CALLS, final=True))
+    (call, _) = finished_calls(parser, parser.parse(text, final=True))
     assert len(call.id) == 9 and call.id.isalnum()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '[TOOL_CALLS]get_weather[ARGS]{"city": ',  # cut by max_tokens
+        "[TOOL_CALLS]get_weather",  # no arguments
+        '[TOOL_CALLS]get_weather[ARGS]["Paris"]',  # arguments not an object
+        '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]',  # a marker and nothing after it
+    ],
+)
+def test_mistral_malformed_calls_are_content(text: str) -> None:
+    parsed = tool_parser("mistral").parse(text, final=True)
+    assert parsed.content == text and parsed.calls == []
+
+
+def test_mistral_v13_call_is_announced_when_its_name_ends() -> None:
+    streamer = ToolCallStreamer(tool_parser("mistral"))
+    assert streamer.feed("[TOOL_CALLS]get_wea", final=False) == ("", [])
+    assert streamer.feed("[TOOL_CALLS]get_weather[AR", final=False) == ("", [])
+    _, first = streamer.feed('[TOOL_CALLS]get_weather[ARGS]{"city": "Par', final=False)
+    assert first[0].name == "get_weather" and len(first[0].id) == 9
+    _, more = streamer.feed('[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_', final=False)
+    # Complete before the next call's marker has fully arrived (it is held back, not read as arguments).
+    assert "".join(d.arguments for d in first + more) == '{"city": "Paris"}'
 
 
 def test_special_token_markers_are_kept() -> None:

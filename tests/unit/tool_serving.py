@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from openai import AsyncOpenAI
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from engine.api.output_plan import ServerToolOptions
@@ -79,6 +79,8 @@ def qwen_style_tokenizer() -> PreTrainedTokenizerFast:
     )
     corpus = ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>', "<think>"]
     tok.train_from_iterator(corpus * 4, trainer)
+    # As in Qwen3's tokenizer: the thinking tags are added (not special) tokens, one id each.
+    tok.add_tokens([AddedToken("<think>", special=False), AddedToken("</think>", special=False)])
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>")
     hf.chat_template = QWEN_STYLE_TEMPLATE
     return hf
