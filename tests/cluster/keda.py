@@ -25,6 +25,7 @@ from tests.cluster.keda_certs import KedaCerts, write_keda_certs
 from tests.cluster.localcluster import KubectlError, LocalCluster
 from tests.cluster.ports import free_loopback_ports
 from tests.cluster.processes import ManagedProcess
+from tests.cluster.third_party_crds import KEDA_CRD_NAMES, established
 from tests.cluster.waiting import wait_until
 
 KEDA_NAMESPACE = "keda"
@@ -135,7 +136,8 @@ class Keda:
         cluster.kubectl("apply", "--server-side", "-f", "-", input=json.dumps(namespace))
         for crd in self.binaries.keda_crds:
             cluster.kubectl("apply", "--server-side", "-f", str(crd))
-        cluster.kubectl("wait", "--for=condition=Established", "crd/scaledobjects.keda.sh", "--timeout=60s")
+        for name in KEDA_CRD_NAMES:  # the operator watches every one of them
+            wait_until(lambda name=name: established(cluster, name), f"CRD {name} Established", timeout_s)
         certs = write_keda_certs(self.workdir / "certs", KEDA_NAMESPACE, (OPERATOR_SERVICE, METRICS_SERVICE))
         ports = KedaPorts(*free_loopback_ports(4))
         self.ports = ports
