@@ -52,6 +52,7 @@ manifests: $(STAMP)
 
 cluster-build: $(STAMP)
 	@bash tests/cluster/build.sh >/dev/null
+	@bash tests/cluster/build_autoscaling.sh >/dev/null  # KEDA and Prometheus, for the autoscaling e2e test
 	@bash charts/hack/build_ct.sh >/dev/null  # chart-testing's ct, for `ct lint` (cached the same way)
 
 # Prints the exports to use it from a shell: eval "$$(make -s cluster-up)"; CLUSTER_UP_ARGS=--cpu-node adds

@@ -153,7 +153,11 @@ class LLMEngine:
         state = self.requests.get(request_id)
         if state is None:
             return None
-        return self._finish(state, "abort", None, "")
+        output = self._finish(state, "abort", None, "")
+        # Now, not at the next step: when every client has hung up there is no next step, and a stale queue
+        # length would hold an autoscaler scaling on it at its last value.
+        self._update_gauges()
+        return output
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or self.pipeline.has_in_flight

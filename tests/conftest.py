@@ -21,6 +21,13 @@
   Services get real EndpointSlices. The node is tainted kubellm.io/local-node=true:NoSchedule; a pod goes
   there with that toleration and nodeSelector kubernetes.io/hostname=local-cpu-0 (LOCAL_NODE_PLACEMENT).
 
+`k8s_autoscaling` (module scope) -> tests.cluster.autoscaling_stack.AutoscalingStack, started on k8s_cluster:
+  Prometheus (.prometheus: .url, .query(promql)) scraping the kubellm engine pods' http port with `namespace`
+  and `pod` labels, and KEDA (CRDs, operator, metrics adapter registered as v1beta1.external.metrics.k8s.io).
+  Skipped if their binaries are not built (`make cluster-build` builds them; tests/cluster/README.md).
+  Stopping it unregisters the APIService (the API server's discovery would fail on it otherwise); KEDA's CRDs
+  stay. Delete the tests' ScaledObjects before it stops: KEDA's finalizer on them needs KEDA running.
+
 Mark such tests `@pytest.mark.cluster`. Poll with tests.cluster.waiting.wait_until(check, what, timeout_s).
 The first use builds the binaries if they are not cached (`make cluster-build`; cold: tens of minutes);
 without Go the fixture fails with a clear message rather than skipping. KUBELLM_KEEP_CLUSTER_LOGS=1 keeps the
@@ -37,6 +44,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:  # imported lazily: GPU machines running tests/gpu lack the cluster's dependencies
+    from tests.cluster.autoscaling_stack import AutoscalingStack
     from tests.cluster.localcluster import LocalCluster
 
 
@@ -80,3 +88,20 @@ def k8s_namespace(k8s_cluster: LocalCluster) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def k8s_cpu_node(k8s_cluster: LocalCluster) -> str:
     return k8s_cluster.start_cpu_node()
+
+
+# Per module: KEDA runs only while the tests that want it run, so it never acts on other tests' ScaledObjects.
+@pytest.fixture(scope="module")
+def k8s_autoscaling(k8s_cluster: LocalCluster) -> Iterator[AutoscalingStack]:
+    from tests.cluster.autoscaling_binaries import AutoscalingBinaries
+    from tests.cluster.autoscaling_stack import AutoscalingStack
+
+    binaries = AutoscalingBinaries.default()
+    if missing := binaries.missing():
+        pytest.skip(f"KEDA/Prometheus not built ({', '.join(missing)} missing): run `make cluster-build`")
+    stack = AutoscalingStack(k8s_cluster, binaries)
+    stack.start()
+    try:
+        yield stack
+    finally:
+        stack.stop()

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from tests.cluster.binaries import ClusterBinaries
 from tests.cluster.fake_gpu_nodes import KWOK_NODE_ANNOTATION
-from tests.cluster.pki import ClusterPki
+from tests.cluster.pki import FRONT_PROXY_CLIENT_NAME, ClusterPki
 
 SERVICE_CLUSTER_IP_RANGE = "10.96.0.0/16"
 KUBERNETES_SERVICE_IP = "10.96.0.1"  # first address of the range: the `kubernetes` Service
@@ -75,6 +75,16 @@ def kube_apiserver(layout: ClusterLayout) -> list[str]:
         "--allow-privileged=true",
         # Endpoints may not hold a loopback address, so the `kubernetes` Service is left without them.
         "--endpoint-reconciler-type=none",
+        # The aggregation layer (APIService objects, e.g. KEDA's external.metrics.k8s.io): the API server
+        # proxies to an extension server as the front-proxy client, passing the user in these headers, and
+        # publishes the CA and names in kube-system/extension-apiserver-authentication for it to trust.
+        f"--requestheader-client-ca-file={pki.front_proxy_ca_cert}",
+        f"--requestheader-allowed-names={FRONT_PROXY_CLIENT_NAME}",
+        "--requestheader-username-headers=X-Remote-User",
+        "--requestheader-group-headers=X-Remote-Group",
+        "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+        f"--proxy-client-cert-file={pki.front_proxy_client_cert}",
+        f"--proxy-client-key-file={pki.front_proxy_client_key}",
         "--profiling=false",
     ]
 
@@ -97,6 +107,9 @@ def kube_controller_manager(layout: ClusterLayout) -> list[str]:
         f"--cluster-signing-cert-file={layout.pki.ca_cert}",
         f"--cluster-signing-key-file={layout.pki.ca_key}",
         f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
+        # HorizontalPodAutoscalers (KEDA's among them) act within seconds rather than the default 15 s; the
+        # controller costs nothing while no HPA exists.
+        "--horizontal-pod-autoscaler-sync-period=5s",
         "--profiling=false",
     ]
 

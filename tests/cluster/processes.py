@@ -25,6 +25,7 @@ class ManagedProcess:
     name: str
     argv: list[str]
     log_path: Path
+    env: dict[str, str] | None = None  # None: this process's environment
     popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def start(self, die_with_parent: bool) -> None:
@@ -34,6 +35,7 @@ class ManagedProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                env=self.env,
                 start_new_session=True,  # its own process group: stop() reaches any children too
                 preexec_fn=_die_with_parent if die_with_parent else None,
             )

@@ -9,7 +9,6 @@ One engine Deployment serves the first three tests (each engine loads the embedd
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 import urllib.request
@@ -24,43 +23,17 @@ from openai import OpenAI
 
 from kubellm_operator.desired import PRE_STOP_SLEEP_SECONDS
 from tests.cluster.localcluster import LocalCluster
-from tests.cluster.node_agent.node import LOCAL_NODE_PLACEMENT
 from tests.cluster.waiting import wait_until
+from tests.e2e_local.engine_deployments import LOAD_TIMEOUT_S, condition, cpu_model_deployment, engine_pods
 from tests.e2e_local.service_endpoints import endpoint_client, ready_addresses
 from tests.operator.cluster_objects import apply, get, install_crd
 from tests.operator.operator_process import OperatorProcess
-from tests.operator.samples import sample
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 NAME = "smollm2"
 SERVICE = f"{NAME}-service"
-LOAD_TIMEOUT_S = 300  # an engine loads the embedded model in seconds, more on a busy 2-core machine
 PROMPT = [{"role": "user", "content": "What is Kubernetes?"}]
-ENGINE_CACHE = Path(os.environ.get("KUBELLM_CACHE_DIR") or Path.home() / ".cache" / "kubellm")
-
-
-def cpu_model_deployment(name: str, engine: dict[str, Any] | None = None, **spec: Any) -> dict[str, Any]:
-    """The shipped CPU sample, pinned to local-cpu-0 (where pods really run) with a small CPU request.
-
-    The engine converts the embedded GGUF model once into KUBELLM_CACHE_DIR; pointing that at this machine's
-    cache (the container's filesystem is the host's) spares each pod the conversion, as a pre-filled cache
-    volume would."""
-    resource = sample("cpu-smollm2.yaml")
-    resource["metadata"]["name"] = name
-    host_cache = {"name": "KUBELLM_CACHE_DIR", "value": str(ENGINE_CACHE)}
-    resource["spec"] |= {**LOCAL_NODE_PLACEMENT, "resources": {"cpu": "250m", "memory": "3Gi"}, **spec}
-    resource["spec"]["engine"] = {**resource["spec"].get("engine", {}), **(engine or {}), "env": [host_cache]}
-    return resource
-
-
-def condition(obj: dict[str, Any] | None, kind: str) -> dict[str, Any]:
-    return next((c for c in (obj or {}).get("status", {}).get("conditions", []) if c["type"] == kind), {})
-
-
-def engine_pods(cluster: LocalCluster, namespace: str, name: str) -> list[dict[str, Any]]:
-    selector = f"app.kubernetes.io/instance={name}"
-    return cluster.kubectl_json("get", "pods", "-n", namespace, "-l", selector)["items"]
 
 
 def engine_log(cluster: LocalCluster, pod: dict[str, Any]) -> Path:
