@@ -29,10 +29,6 @@ def cpu_model_deployment(name: str, engine: dict[str, Any] | None = None, **spec
     return resource
 
 
-def condition(obj: dict[str, Any] | None, kind: str) -> dict[str, Any]:
-    return next((c for c in (obj or {}).get("status", {}).get("conditions", []) if c["type"] == kind), {})
-
-
 def engine_pods(cluster: LocalCluster, namespace: str, name: str) -> list[dict[str, Any]]:
     selector = f"app.kubernetes.io/instance={name}"
     return cluster.kubectl_json("get", "pods", "-n", namespace, "-l", selector)["items"]

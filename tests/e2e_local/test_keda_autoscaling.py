@@ -21,14 +21,13 @@ from tests.cluster.localcluster import LocalCluster
 from tests.cluster.waiting import wait_until
 from tests.e2e_local.engine_deployments import (
     LOAD_TIMEOUT_S,
-    condition,
     cpu_model_deployment,
     live_engine_pods,
 )
 from tests.e2e_local.queue_load import QueueLoad
 from tests.e2e_local.service_endpoints import endpoint_client, ready_addresses
-from tests.operator.cluster_objects import apply, get, install_crd
-from tests.operator.operator_process import OperatorProcess
+from tests.operator.cluster_objects import apply, condition, get, install_crd
+from tests.operator.operator_process import OperatorProcess, running_operator
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -65,13 +64,8 @@ def operator(
     k8s_cluster: LocalCluster, k8s_cpu_node: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
     install_crd(k8s_cluster)
-    process = OperatorProcess(k8s_cluster.env, tmp_path_factory.mktemp("operator") / "operator.log")
-    process.start()
-    try:
+    with running_operator(k8s_cluster.env, tmp_path_factory.mktemp("operator")) as process:
         yield process
-    finally:
-        process.stop()
-        print(f"operator log tail:\n{process.log_tail()}")
 
 
 @pytest.fixture(scope="module")

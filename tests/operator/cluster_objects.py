@@ -13,6 +13,11 @@ from tests.cluster.waiting import wait_until
 CRD_FILE = Path(__file__).resolve().parents[2] / "manifests" / "crd.yaml"
 
 
+def condition(obj: dict[str, Any] | None, kind: str) -> dict[str, Any]:
+    """The status condition of that type ({} when absent, or when there is no object yet)."""
+    return next((c for c in (obj or {}).get("status", {}).get("conditions", []) if c["type"] == kind), {})
+
+
 def install_crd(cluster: LocalCluster) -> None:
     """The ModelDeployment CRD from manifests/, applied and Established."""
     cluster.kubectl("apply", "--server-side", "-f", str(CRD_FILE))

@@ -1,5 +1,6 @@
 """`kubellm operator` run as a real subprocess against a cluster, the way a developer runs it."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 STARTUP_TIMEOUT_S = 60
@@ -93,3 +95,16 @@ class OperatorProcess:
 
     def log_tail(self, chars: int = 6000) -> str:
         return self.log_text()[-chars:]
+
+
+@contextlib.contextmanager
+def running_operator(env: dict[str, str], log_dir: Path) -> Iterator[OperatorProcess]:
+    """The operator for a test module: started, then stopped with its exit code and log tail printed
+    (pytest shows them when a test fails)."""
+    process = OperatorProcess(env, log_dir / "operator.log")
+    process.start()
+    try:
+        yield process
+    finally:
+        code = process.stop()
+        print(f"operator exit code {code}; log tail:\n{process.log_tail()}")

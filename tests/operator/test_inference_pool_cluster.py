@@ -12,8 +12,8 @@ import pytest
 from tests.cluster.localcluster import LocalCluster
 from tests.cluster.third_party_crds import install_gateway_crds
 from tests.cluster.waiting import wait_until
-from tests.operator.cluster_objects import apply, get, install_crd
-from tests.operator.operator_process import OperatorProcess
+from tests.operator.cluster_objects import apply, condition, get, install_crd
+from tests.operator.operator_process import OperatorProcess, running_operator
 from tests.operator.samples import sample
 
 pytestmark = pytest.mark.cluster
@@ -26,17 +26,8 @@ def operator(
     k8s_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
     install_crd(k8s_cluster)
-    process = OperatorProcess(k8s_cluster.env, tmp_path_factory.mktemp("operator") / "operator.log")
-    process.start()
-    try:
+    with running_operator(k8s_cluster.env, tmp_path_factory.mktemp("operator")) as process:
         yield process
-    finally:
-        process.stop()
-        print(f"operator log tail:\n{process.log_tail()}")
-
-
-def condition(md: dict[str, Any] | None, kind: str) -> dict[str, Any]:
-    return next((c for c in (md or {}).get("status", {}).get("conditions", []) if c["type"] == kind), {})
 
 
 def test_inference_pool_and_route_follow_the_spec_and_their_crds(

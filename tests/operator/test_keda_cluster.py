@@ -19,8 +19,8 @@ import pytest
 from tests.cluster.localcluster import KubectlError, LocalCluster
 from tests.cluster.third_party_crds import install_keda_crds, uninstall_keda_crds
 from tests.cluster.waiting import wait_until
-from tests.operator.cluster_objects import apply, get, install_crd
-from tests.operator.operator_process import OperatorProcess
+from tests.operator.cluster_objects import apply, condition, get, install_crd
+from tests.operator.operator_process import OperatorProcess, running_operator
 from tests.operator.samples import sample
 
 pytestmark = pytest.mark.cluster
@@ -65,17 +65,8 @@ def operator(
     k8s_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
     install_crd(k8s_cluster)
-    process = OperatorProcess(k8s_cluster.env, tmp_path_factory.mktemp("operator") / "operator.log")
-    process.start()
-    try:
+    with running_operator(k8s_cluster.env, tmp_path_factory.mktemp("operator")) as process:
         yield process
-    finally:
-        process.stop()
-        print(f"operator log tail:\n{process.log_tail()}")
-
-
-def condition(md: dict[str, Any] | None, kind: str) -> dict[str, Any]:
-    return next((c for c in (md or {}).get("status", {}).get("conditions", []) if c["type"] == kind), {})
 
 
 def model_deployment(name: str, autoscaling: dict[str, Any]) -> dict[str, Any]:

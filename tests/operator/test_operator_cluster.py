@@ -12,8 +12,15 @@ import pytest
 
 from tests.cluster.localcluster import KubectlError, LocalCluster
 from tests.cluster.waiting import wait_until
-from tests.operator.cluster_objects import apply, apply_quota, forbid_new_services, get, install_crd
-from tests.operator.operator_process import OperatorProcess
+from tests.operator.cluster_objects import (
+    apply,
+    apply_quota,
+    condition,
+    forbid_new_services,
+    get,
+    install_crd,
+)
+from tests.operator.operator_process import OperatorProcess, running_operator
 from tests.operator.samples import sample
 
 pytestmark = pytest.mark.cluster
@@ -37,13 +44,8 @@ def crds(k8s_cluster: LocalCluster) -> None:
 def operator(
     k8s_cluster: LocalCluster, crds: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
-    process = OperatorProcess(k8s_cluster.env, tmp_path_factory.mktemp("operator") / "operator.log")
-    process.start()
-    try:
+    with running_operator(k8s_cluster.env, tmp_path_factory.mktemp("operator")) as process:
         yield process
-    finally:
-        code = process.stop()
-        print(f"operator exit code {code}; log tail:\n{process.log_tail()}")
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -57,11 +59,6 @@ def wait_degraded(cluster: LocalCluster, namespace: str, name: str, reason: str)
         return md if condition(md, "Degraded").get("reason") == reason else None
 
     return wait_until(degraded, f"Degraded=True with reason {reason}", timeout_s=TIMEOUT_S)
-
-
-def condition(obj: dict[str, Any] | None, kind: str) -> dict[str, Any]:
-    conditions = (obj or {}).get("status", {}).get("conditions", [])
-    return next((c for c in conditions if c["type"] == kind), {})
 
 
 def model_deployment(name: str, **spec: Any) -> dict[str, Any]:
