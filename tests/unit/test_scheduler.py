@@ -147,22 +147,30 @@ def test_abort_of_waiting_and_running_sequences_frees_blocks():
     assert not sched.has_unfinished() and kv.num_free_blocks == 20
 
 
+def add_random_sequences(
+    rng: random.Random, prefix: str, kv: KVCacheManager, sched: Scheduler
+) -> list[Sequence]:
+    """1-12 sequences that each fit the pool alone (prompt up to half of it, output the rest), added."""
+    capacity = kv.pool.num_blocks * kv.block_size
+    seqs = []
+    for i in range(rng.randint(1, 12)):
+        n_prompt = rng.randint(1, max(1, capacity // 2))
+        seq = Sequence(
+            f"{prefix}-{i}",
+            [rng.randint(0, 3) for _ in range(n_prompt)],
+            SamplingParams(max_tokens=rng.randint(1, max(1, capacity - n_prompt))),
+        )
+        seqs.append(seq)
+        sched.add(seq)
+    return seqs
+
+
 def test_random_workloads_never_leak_blocks_or_stall():
     rng = random.Random(0)
     for trial in range(30):
         kv = KVCacheManager(num_blocks=rng.randint(8, 40), block_size=rng.choice([1, 2, 4, 8]))
         sched = Scheduler(kv, max_num_seqs=rng.randint(1, 8), max_num_batched_tokens=rng.randint(8, 64))
-        capacity = kv.pool.num_blocks * kv.block_size
-        seqs = []
-        for i in range(rng.randint(1, 12)):
-            n_prompt = rng.randint(1, max(1, capacity // 2))
-            seq = Sequence(
-                f"t{trial}-{i}",
-                [rng.randint(0, 3) for _ in range(n_prompt)],
-                SamplingParams(max_tokens=rng.randint(1, max(1, capacity - n_prompt))),
-            )
-            seqs.append(seq)
-            sched.add(seq)
+        seqs = add_random_sequences(rng, f"t{trial}", kv, sched)
         drain(sched)
         assert all(s.num_output_tokens == s.params.max_tokens for s in seqs)
         assert kv.num_free_blocks == kv.pool.num_blocks
@@ -309,17 +317,7 @@ def test_random_workloads_with_a_cap_respect_it_never_leak_and_never_stall():
         budget = rng.randint(8, 64)
         cap = rng.randint(1, budget)
         sched = Scheduler(kv, rng.randint(1, 8), budget, max_prefill_tokens_while_decoding=cap)
-        capacity = kv.pool.num_blocks * kv.block_size
-        seqs = []
-        for i in range(rng.randint(1, 12)):
-            n_prompt = rng.randint(1, max(1, capacity // 2))
-            seq = Sequence(
-                f"t{trial}-{i}",
-                [rng.randint(0, 3) for _ in range(n_prompt)],
-                SamplingParams(max_tokens=rng.randint(1, max(1, capacity - n_prompt))),
-            )
-            seqs.append(seq)
-            sched.add(seq)
+        seqs = add_random_sequences(rng, f"t{trial}", kv, sched)
         for _step in range(10_000):
             if not sched.has_unfinished():
                 break
