@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The GPU runs still owed to the open issues, in priority order, one device call per stage (each under the
+# device's 10-minute limit). On this machine first: bash bench/device_wheels.sh; python3 bench/w2_text.py
+# --prepare bench/data/w2_text (or copy that git-ignored folder), and for `w1-base` a copy of the code before
+# the wave: mkdir -p .carry/base && git archive 93112ef engine bench | tar -x -C .carry/base.
+# Device call: carry [".carry", "bench/data/w2_text"], command `bash bench/gpu_backlog.sh STAGE`.
+# Results land in $OUT (fetch them, then copy to bench/results/ and write them up in docs/BENCHMARKS.md).
+set -uo pipefail
+source bench/device_setup.sh
+OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
+run() {  # name, seconds, command...: full log in $OUT/<name>.log, its tail on stdout
+  local name="$1" limit="$2"; shift 2
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1; echo "== $name: exit $?"; tail -12 "$OUT/$name.log"
+}
+case "${1:-}" in
+  w2)  # issues 16 and 11 (TP=1 not slower) and 13's ITL: old code vs main, and main's prefill cap swept, one call
+    run w2_sweep 330 python3 bench/w2_serving.py --qps inf 32 \
+      --sweep max-prefill-tokens-while-decoding=0,1024,2048,4096 --out "$OUT/w2_sweep.json"
+    (cd .carry/base && run w2_base 150 python3 bench/w2_serving.py --qps inf --out "$OUT/w2_base.json") ;;
+  w2-text)  # issue 13: text through completions and chat vs token ids, same server, same lengths
+    run w2_text 540 python3 bench/w2_text.py --prompts bench/data/w2_text --out "$OUT/w2_text.json" ;;
+  w5)  # issue 14: Qwen3-30B-A3B shape, HTTP, transformers baseline in the same call; 24 of 48 layers under 100 GB
+    mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+    layers=48; (( mib < 100000 )) && layers=24
+    run w5 560 python3 bench/w5_moe.py --num-layers "$layers" --out "$OUT/w5.json" ;;
+  structured)  # issue 10: decode throughput, half the requests under a JSON schema, 16 and 256 concurrent
+    run structured 540 python3 bench/structured_outputs.py --tokenizer bench/data/w2_text/tokenizer \
+      --out "$OUT/structured.json" ;;
+  tests)  # every GPU test (tests/gpu) on the current code; the two failures of 2026-12-05 first
+    run gpu_tests 540 python3 -m pytest tests/gpu/test_fp8_engine_on_gpu.py tests/gpu/test_moe_engine_on_gpu.py \
+      tests/gpu -q -p no:cacheprovider --timeout 120 -rfE -k "not cpu_interpreter" --junitxml="$OUT/junit.xml" ;;
+  w1)  # issue 13's W1 bar (H200: >= 28,800 tok/s), main and the old code on the same machine
+    run w1 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
+    (cd .carry/base && run w1_base 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_base.json") ;;
+  *) echo "usage: bench/gpu_backlog.sh w2|w2-text|w5|structured|tests|w1" >&2; exit 2 ;;
+esac
