@@ -93,7 +93,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        prefill_budget = self.prefill_budget(sum(map(self._decodes_next, self.running)))
+        prefill_budget = self.prefill_budget(decoding=any(map(self._decodes_next, self.running)))
 
         for seq in list(self.running):
             # status is WAITING for a sequence preempted earlier in this loop
@@ -153,10 +153,10 @@ class Scheduler:
         out.scheduled.sort(key=lambda s: s.num_new_tokens != 1 or not s.completes_prompt)
         return out
 
-    def prefill_budget(self, num_decodes: int) -> int:
+    def prefill_budget(self, decoding: bool) -> int:
         """Prefill tokens this step may compute: all of the budget for an idle server (time to first
-        token is all that matters then), the cap while `num_decodes` sequences wait on the step."""
-        return self.max_prefill_tokens_while_decoding if num_decodes else self.max_num_batched_tokens
+        token is all that matters then), the cap while sequences `decoding` wait on the step."""
+        return self.max_prefill_tokens_while_decoding if decoding else self.max_num_batched_tokens
 
     def _decodes_next(self, seq: Sequence) -> bool:
         """A running sequence whose next step is one token with all before it cached (a token in flight

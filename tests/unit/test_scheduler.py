@@ -209,7 +209,7 @@ def test_an_idle_server_prefills_with_the_whole_budget_whatever_the_cap():
     sched = Scheduler(
         KVCacheManager(100, 4), 8, max_num_batched_tokens=32, max_prefill_tokens_while_decoding=8
     )
-    assert sched.prefill_budget(num_decodes=0) == 32 and sched.prefill_budget(num_decodes=1) == 8
+    assert sched.prefill_budget(decoding=False) == 32 and sched.prefill_budget(decoding=True) == 8
     sched.add(make_seq("long", 100, max_tokens=2))
     assert [o.scheduled[0].num_new_tokens for o in drain(sched)] == [32, 32, 32, 4, 1]
 
