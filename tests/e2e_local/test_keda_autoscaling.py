@@ -26,8 +26,8 @@ from tests.e2e_local.engine_deployments import (
 )
 from tests.e2e_local.queue_load import QueueLoad
 from tests.e2e_local.service_endpoints import endpoint_client, ready_addresses
-from tests.operator.cluster_objects import apply, condition, get, install_crd
-from tests.operator.operator_process import OperatorProcess, running_operator
+from tests.operator.cluster_objects import apply, condition, get
+from tests.operator.operator_process import OperatorProcess
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -57,15 +57,6 @@ def keda_autoscaling(prometheus_url: str) -> dict[str, Any]:
         },
         "behavior": {"scaleDown": {"stabilizationWindowSeconds": SCALE_DOWN_WINDOW_S}},
     }
-
-
-@pytest.fixture(scope="module")
-def operator(
-    k8s_cluster: LocalCluster, k8s_cpu_node: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[OperatorProcess]:
-    install_crd(k8s_cluster)
-    with running_operator(k8s_cluster.env, tmp_path_factory.mktemp("operator")) as process:
-        yield process
 
 
 @pytest.fixture(scope="module")

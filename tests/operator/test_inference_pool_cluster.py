@@ -4,7 +4,6 @@ installed, and both pruned when spec.router goes."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -12,22 +11,13 @@ import pytest
 from tests.cluster.localcluster import LocalCluster
 from tests.cluster.third_party_crds import install_gateway_crds
 from tests.cluster.waiting import wait_until
-from tests.operator.cluster_objects import apply, condition, get, install_crd
-from tests.operator.operator_process import OperatorProcess, running_operator
+from tests.operator.cluster_objects import apply, condition, get
+from tests.operator.operator_process import OperatorProcess
 from tests.operator.samples import sample
 
 pytestmark = pytest.mark.cluster
 
 TIMEOUT_S = 90
-
-
-@pytest.fixture(scope="module")
-def operator(
-    k8s_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[OperatorProcess]:
-    install_crd(k8s_cluster)
-    with running_operator(k8s_cluster.env, tmp_path_factory.mktemp("operator")) as process:
-        yield process
 
 
 def test_inference_pool_and_route_follow_the_spec_and_their_crds(

@@ -11,7 +11,6 @@ KEDA and Prometheus running lives with the rest of the autoscaling stack's tests
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,7 +19,7 @@ from tests.cluster.localcluster import KubectlError, LocalCluster
 from tests.cluster.third_party_crds import install_keda_crds, uninstall_keda_crds
 from tests.cluster.waiting import wait_until
 from tests.operator.cluster_objects import apply, condition, get, install_crd
-from tests.operator.operator_process import OperatorProcess, running_operator
+from tests.operator.operator_process import OperatorProcess
 from tests.operator.samples import sample
 
 pytestmark = pytest.mark.cluster
@@ -58,15 +57,6 @@ HPA_MODE = {
     "podMetric": {"name": "vllm_num_requests_waiting", "targetAverageValue": 4},
     "behavior": BEHAVIOR,
 }
-
-
-@pytest.fixture(scope="module")
-def operator(
-    k8s_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[OperatorProcess]:
-    install_crd(k8s_cluster)
-    with running_operator(k8s_cluster.env, tmp_path_factory.mktemp("operator")) as process:
-        yield process
 
 
 def model_deployment(name: str, autoscaling: dict[str, Any]) -> dict[str, Any]:
