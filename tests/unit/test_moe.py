@@ -15,7 +15,7 @@ from engine.config import EngineConfig
 from engine.model.attention import TorchAttention
 from engine.model.layer_kit import LayerKit
 from engine.model.loader import ModelLoadError, load_model
-from engine.model.moe import MoeExperts, MoeSpec, SparseMoeBlock, TorchMoeExperts
+from engine.model.moe import MoeExperts, MoeSpec, SparseMoeBlock, TopKRouter, TorchMoeExperts
 from engine.model.moe_family import MoeForCausalLM
 from engine.model.sharding import Shard
 
@@ -69,6 +69,31 @@ def test_block_equals_transformers_bit_for_bit(config, hf_class):
     sums = weights.sum(-1)
     renormalized = config.model_type == "mixtral" or config.norm_topk_prob
     assert torch.allclose(sums, torch.ones_like(sums)) == renormalized
+
+
+@pytest.mark.parametrize(
+    "config, hf_class",
+    [(qwen3_moe(norm_topk_prob=True), Qwen3MoeSparseMoeBlock), (mixtral(), MixtralSparseMoeBlock)],
+    ids=["qwen3-moe-norm-topk", "mixtral"],
+)
+def test_bfloat16_router_chooses_and_weighs_as_transformers(config, hf_class):
+    """In a bfloat16 model the router's logits are bfloat16 and its softmax, top-k and renormalisation
+    float32, in that order, as in transformers: the same experts and weights. Our weights stay float32
+    (so do Mixtral's in transformers; Qwen3-MoE's there are rounded to bfloat16 last, equal to ours so
+    rounded)."""
+    torch.manual_seed(0)
+    hf_block = hf_class(config).eval().to(torch.bfloat16)
+    with torch.no_grad():
+        hf_block.gate.weight.normal_(0, 0.3)
+    ours = TopKRouter(config.hidden_size, MoeSpec.from_config(config)).to(torch.bfloat16)
+    ours.weight.data.copy_(hf_block.gate.weight)
+    x = torch.randn(500, config.hidden_size).to(torch.bfloat16)
+    with torch.no_grad():
+        weights, ids = ours(x)
+        _, hf_weights, hf_ids = hf_block.gate(x)
+    assert torch.equal(ids, hf_ids)
+    assert weights.dtype == torch.float32
+    assert torch.equal(weights.to(hf_weights.dtype), hf_weights)
 
 
 def test_sparse_and_dense_layers_follow_the_config():
