@@ -60,6 +60,7 @@ from moe_routing import (  # noqa: E402
     top_of,
 )
 
+from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.model.moe import MoeExperts  # noqa: E402
 
 
@@ -182,7 +183,7 @@ def run_family(family: str, device: str, workdir: Path, emulate: bool) -> dict:
     def load_hf(dtype: torch.dtype) -> torch.nn.Module:
         return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
 
-    def load_ours(dtype: str, **overrides) -> object:
+    def load_ours(dtype: str, **overrides) -> LLMEngine:
         eng = engine(path, device, dtype, **overrides)
         if emulate:
             emulate_fused_kernel(eng.runner.model)
@@ -197,14 +198,17 @@ def run_family(family: str, device: str, workdir: Path, emulate: bool) -> dict:
     hf16_pinned_lp, hf16_pinned_routes = hf_last_logprobs(hf16, ps, device, renormalize, pins=ref_routes)
     del hf16
 
-    as_the_test = engine_first_tokens(load_ours("bfloat16"), ps)  # the test before pinning, exactly
-    eng16 = load_ours("bfloat16", enable_prefix_caching=False)
-    ours_tops, ours_routes = engine_first_tokens_routed(eng16, ps, renormalize)
-    ours_pinned_tops, ours_pinned_routes = engine_first_tokens_routed(eng16, ps, renormalize, pins=ref_routes)
-    del eng16
-    eng32 = load_ours("float32", enable_prefix_caching=False)
-    ours32_tops, ours32_routes = engine_first_tokens_routed(eng32, ps, renormalize)
-    del eng32
+    eng = load_ours("bfloat16")
+    as_the_test = engine_first_tokens(eng, ps)  # the test before pinning, exactly
+    eng.close()
+    eng = load_ours("bfloat16", enable_prefix_caching=False)
+    ours_tops, ours_routes = engine_first_tokens_routed(eng, ps, renormalize)
+    ours_pinned_tops, ours_pinned_routes = engine_first_tokens_routed(eng, ps, renormalize, pins=ref_routes)
+    eng.close()
+    eng = load_ours("float32", enable_prefix_caching=False)
+    ours32_tops, ours32_routes = engine_first_tokens_routed(eng, ps, renormalize)
+    eng.close()
+    del eng
 
     result: dict = {"family": family, "prompt_lengths": [len(p) for p in ps], "vs_transformers_float32": {}}
     print(" gaps to transformers float32 (the old test's bar: 0.3 on both figures):")
