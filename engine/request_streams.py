@@ -111,10 +111,10 @@ class StreamingFrontend:
             raise QueueFullError(f"the server is busy: {self.config.max_queue} requests are already waiting")
         stream = OutputStream(asyncio.get_running_loop())
         self._streams[request_id] = stream
-        self._submit(AddRequest(request_id, prompt_token_ids, params, cache_salt))
         finished = False
         interval = 0  # tokens to gather before a delta goes out: none for the first (time to first token)
         try:
+            self._submit(AddRequest(request_id, prompt_token_ids, params, cache_salt))
             while True:
                 item = _raise_error(await stream.get())
                 # When the event loop falls behind the engine, hand over everything that piled up as

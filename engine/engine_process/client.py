@@ -15,6 +15,7 @@ then exits 1, as a server whose tensor-parallel rank died does, so Kubernetes re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import multiprocessing
@@ -45,9 +46,13 @@ class ProcessEngine(StreamingFrontend):
         self._ipc_dir = tempfile.mkdtemp(prefix="kubellm-engine-")
         to_engine, from_engine = f"ipc://{self._ipc_dir}/requests", f"ipc://{self._ipc_dir}/outputs"
         self._zmq = zmq.Context()
+        # No high-water marks: a burst of requests (up to --max-queue plus the running batch) or of outputs
+        # must queue, not block a sender; the queue-full check bounds what is in flight.
         self._to_engine = self._zmq.socket(zmq.PUSH)
+        self._to_engine.setsockopt(zmq.SNDHWM, 0)
         self._to_engine.bind(to_engine)
         self._from_engine = self._zmq.socket(zmq.PULL)
+        self._from_engine.setsockopt(zmq.RCVHWM, 0)
         self._from_engine.bind(from_engine)
         root = logging.getLogger()
         json_logs = any(type(h.formatter).__name__ == "JsonFormatter" for h in root.handlers)
@@ -121,10 +126,14 @@ class ProcessEngine(StreamingFrontend):
 
     def _submit_abort(self, request_id: str) -> None:
         if self._dead is None:
-            self._send(AbortRequest(request_id))
+            with contextlib.suppress(EngineDeadError):  # nothing to abort in an engine that is gone
+                self._send(AbortRequest(request_id))
 
     def _send(self, message: object) -> None:
-        self._to_engine.send(wire.dumps(message))  # PUSH queues it; never blocks the loop at these rates
+        try:  # never blocks the event loop: with no high-water mark only a missing peer refuses
+            self._to_engine.send(wire.dumps(message), zmq.NOBLOCK)
+        except zmq.Again as exc:
+            raise EngineDeadError("the engine process is not connected") from exc
 
     async def _call(self, make: Any) -> Any:
         if self._dead is not None:

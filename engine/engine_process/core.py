@@ -38,8 +38,10 @@ def run_engine_process(
     _configure_logging(log_level, json_logs)
     context = zmq.Context()
     inbox = context.socket(zmq.PULL)
+    inbox.setsockopt(zmq.RCVHWM, 0)  # no high-water marks (see client.py)
     inbox.connect(to_engine)
     outbox = context.socket(zmq.PUSH)
+    outbox.setsockopt(zmq.SNDHWM, 0)
     outbox.connect(from_engine)
     try:
         try:
