@@ -19,6 +19,10 @@ case "${1:-}" in
   w2-cap)  # issue 13's ITL: the prefill cap while decoding swept (the GPU default 2048 is a cost-model guess)
     run w2_cap 540 python3 bench/w2_serving.py --qps inf 32 \
       --sweep max-prefill-tokens-while-decoding=0,1024,2048,4096 --out "$OUT/w2_cap.json" ;;
+  w2-fp8)  # issue 13: W2 with online W8A8 FP8 and an FP8 KV cache against bf16, same call (bar: >= 1.3x req/s)
+    run w2_bf16 200 python3 bench/w2_serving.py --qps inf --out "$OUT/w2_bf16.json"
+    run w2_fp8 240 python3 bench/w2_serving.py --qps inf --out "$OUT/w2_fp8.json" \
+      --serve-args --quantization fp8 --kv-cache-dtype fp8 ;;
   w2-text)  # issue 13: text through completions and chat vs token ids, same server, same lengths
     run w2_text 540 python3 bench/w2_text.py --prompts bench/data/w2_text --out "$OUT/w2_text.json" ;;
   w5)  # issue 14: Qwen3-30B-A3B shape, HTTP, transformers baseline in the same call; 24 of 48 layers under 100 GB
@@ -34,5 +38,5 @@ case "${1:-}" in
   w1)  # issue 13's W1 bar (H200: >= 28,800 tok/s), main and the old code on the same machine
     run w1 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
     (cd .carry/base && run w1_base 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_base.json") ;;
-  *) echo "usage: bench/gpu_backlog.sh w2|w2-cap|w2-text|w5|structured|tests|w1" >&2; exit 2 ;;
+  *) echo "usage: bench/gpu_backlog.sh w2|w2-cap|w2-fp8|w2-text|w5|structured|tests|w1" >&2; exit 2 ;;
 esac

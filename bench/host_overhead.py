@@ -84,15 +84,28 @@ def build_loads(
 
 
 def thread_cpu(pid: int) -> dict[int, float]:
-    """CPU seconds (user + system) of each thread of the process, by thread id."""
+    """CPU seconds (user + system) of each thread of the server, by thread id; the threads of its child
+    processes (the engine process of `--engine-process`, tensor-parallel ranks) under negative ids."""
     out = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
+    for proc, sign in [(pid, 1)] + [(child, -1) for child in child_pids(pid)]:
         try:
-            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # the thread ended
+            tids = os.listdir(f"/proc/{proc}/task")
+        except OSError:  # the process ended
             continue
-        out[int(tid)] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        for tid in tids:
+            try:
+                fields = Path(f"/proc/{proc}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # the thread ended
+                continue
+            out[sign * int(tid)] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
     return out
+
+
+def child_pids(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
 
 
 def thread_names(pid: int) -> dict[int, str]:
@@ -132,7 +145,8 @@ def measure(url: str, pid: int, load: list[RequestSpec], salt: str, names: dict[
     tokens = summary["total_output_tokens"] or 1
     by_group: dict[str, float] = collections.Counter()
     for tid, cpu in after.items():
-        by_group[thread_group(names.get(tid, ""))] += cpu - before.get(tid, 0.0)
+        group = "engine process" if tid < 0 else thread_group(names.get(tid, ""))
+        by_group[group] += cpu - before.get(tid, 0.0)
     total = sum(by_group.values())
     return {
         "output_tokens": summary["total_output_tokens"],
@@ -288,7 +302,7 @@ def row(version: str, load: str, r: dict) -> str:
     t = r["cpu_us_per_token_by_thread"]
     return (f"| {version:<8} | {load:<5} | {r['output_tok_s']:7.0f} | {r['server_cpu_us_per_token']:6.0f} "
             f"| {t.get('event loop', 0):5.0f} | {t.get('engine thread', 0):5.0f} | {t.get('tokenizer thread', 0):4.0f} "
-            f"| {t.get('other', 0):5.0f} "
+            f"| {t.get('other', 0):5.0f} | {t.get('engine process', 0):5.0f} "
             f"| {_ms(r['itl_ms']['p50'])} / {_ms(r['itl_ms']['p99'])} | {r['server_cpu_s'] / r['completed'] * 1e3:5.2f} "
             f"| {r['completed']} |")  # fmt: skip
 
@@ -372,7 +386,7 @@ def main() -> None:
                     run_load(server.url, SERVED_NAME, loads[name][:8], math.inf, cache_salt="warm-up")
                 )
             names[version] = thread_names(server.process.pid)
-        print("| version  | load  |   tok/s | CPU µs/tok | loop | engine | tok. | other | ITL p50 / p99 ms "
+        print("| version  | load  |   tok/s | CPU µs/tok | loop | engine | tok. | other | eng. proc. | ITL p50 / p99 ms "
               "| CPU ms/req | done |", flush=True)  # fmt: skip
         for i in range(args.rounds):
             for name in args.loads:
