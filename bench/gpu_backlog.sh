@@ -13,10 +13,12 @@ run() {  # name, seconds, command...: full log in $OUT/<name>.log, its tail on s
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1; echo "== $name: exit $?"; tail -12 "$OUT/$name.log"
 }
 case "${1:-}" in
-  w2)  # issues 16 and 11 (TP=1 not slower) and 13's ITL: old code vs main, and main's prefill cap swept, one call
-    run w2_sweep 330 python3 bench/w2_serving.py --qps inf 32 \
-      --sweep max-prefill-tokens-while-decoding=0,1024,2048,4096 --out "$OUT/w2_sweep.json"
+  w2)  # issues 16 and 11 (TP=1 not slower) and 13: old code vs main, the engine loop in its own process or not
+    run w2_split 330 python3 bench/w2_serving.py --qps inf 32 --sweep engine-process=off,on --out "$OUT/w2_split.json"
     (cd .carry/base && run w2_base 150 python3 bench/w2_serving.py --qps inf --out "$OUT/w2_base.json") ;;
+  w2-cap)  # issue 13's ITL: the prefill cap while decoding swept (the GPU default 2048 is a cost-model guess)
+    run w2_cap 540 python3 bench/w2_serving.py --qps inf 32 \
+      --sweep max-prefill-tokens-while-decoding=0,1024,2048,4096 --out "$OUT/w2_cap.json" ;;
   w2-text)  # issue 13: text through completions and chat vs token ids, same server, same lengths
     run w2_text 540 python3 bench/w2_text.py --prompts bench/data/w2_text --out "$OUT/w2_text.json" ;;
   w5)  # issue 14: Qwen3-30B-A3B shape, HTTP, transformers baseline in the same call; 24 of 48 layers under 100 GB
@@ -32,5 +34,5 @@ case "${1:-}" in
   w1)  # issue 13's W1 bar (H200: >= 28,800 tok/s), main and the old code on the same machine
     run w1 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
     (cd .carry/base && run w1_base 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_base.json") ;;
-  *) echo "usage: bench/gpu_backlog.sh w2|w2-text|w5|structured|tests|w1" >&2; exit 2 ;;
+  *) echo "usage: bench/gpu_backlog.sh w2|w2-cap|w2-text|w5|structured|tests|w1" >&2; exit 2 ;;
 esac

@@ -226,6 +226,10 @@ def time_decode_forward(engine: LLMEngine, batch: int, context: int) -> float | 
         0, num_blocks, (bs, blocks_needed), generator=g
     ).to(graphs.block_tables.device, torch.int32)
     graphs.seq_lens[:bs] = context
+    # Distinct tokens per row: with the zeros left from capture every row would be the same token, and a
+    # mixture-of-experts model would route the whole batch to one set of experts (W5 then beat its floor).
+    vocab = engine.vocab_size
+    graphs.input_ids[:bs] = torch.randint(0, vocab, (bs,), generator=g).to(graphs.input_ids.device)
     graphs.slot_mapping[:bs] = -1
     graphs.positions[:bs] = context - 1
     graph = graphs.graphs[bs]

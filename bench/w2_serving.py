@@ -5,7 +5,7 @@ output tokens, seed 0) at QPS=inf and at 32 QPS. Reports req/s, output tok/s, TT
     python3 bench/w2_serving.py --out bench/results/w2_serving_gpu.json
 
 `--sweep FLAG=V1,V2,...` starts one server per value of a `kubellm serve` flag against the same
-checkpoint, in one call (e.g. `--sweep max-prefill-tokens-while-decoding=0,1024,2048,4096`: 0 is no cap);
+checkpoint, in one call (e.g. `--sweep max-prefill-tokens-while-decoding=0,1024,2048,4096`: 0 is no cap; `engine-process=off,on`);
 every run in the JSON carries the flags its server had.
 
 The checkpoint is written straight from random tensors (no transformers model is built: 8B parameters
@@ -103,7 +103,8 @@ def start_py_spy(pid: int, seconds: float, out: Path) -> subprocess.Popen | None
 
 
 def sweep_configs(sweep: str | None) -> list[list[str]]:
-    """`FLAG=V1,V2` -> [["--FLAG", "V1"], ["--FLAG", "V2"]]; no sweep -> one server with no extra flag."""
+    """`FLAG=V1,V2` -> [["--FLAG", "V1"], ["--FLAG", "V2"]]; no sweep -> one server with no extra flag.
+    A boolean flag's values are on/off: `engine-process=off,on` -> [["--no-engine-process"], ["--engine-process"]]."""
     if not sweep:
         return [[]]
     flag, _, values = sweep.partition("=")
@@ -111,7 +112,9 @@ def sweep_configs(sweep: str | None) -> list[list[str]]:
         raise SystemExit(
             f"--sweep wants FLAG=V1,V2,... (e.g. max-prefill-tokens-while-decoding=0,2048): {sweep!r}"
         )
-    return [[f"--{flag.removeprefix('--')}", value] for value in values.split(",")]
+    flag = flag.removeprefix("--")
+    switch = {"on": [f"--{flag}"], "off": [f"--no-{flag}"]}
+    return [switch.get(value) or [f"--{flag}", value] for value in values.split(",")]
 
 
 def measure_server(serve_args: list[str], vocab_size: int, args: argparse.Namespace, log_path: Path,

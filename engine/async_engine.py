@@ -8,7 +8,7 @@ Contract used by the HTTP layer (engine/api/):
     engine.served_model_name: str
     engine.max_model_len: int
     engine.vocab_size: int                  # the model's logits width (token ids are below it)
-    engine.metrics: EngineMetrics
+    await engine.render_metrics() -> bytes  # the Prometheus text of the engine's metrics
     await engine.compile_grammar(spec)      # structured output: compiled off the loop (GrammarError)
     engine.is_healthy() -> bool
     async for out in engine.generate(request_id, prompt_token_ids, sampling_params, cache_salt=None):
@@ -19,6 +19,7 @@ Contract used by the HTTP layer (engine/api/):
     await engine.shutdown()                 # finish in-flight requests, then stop the loop
 
 generate() raises QueueFullError at once when --max-queue requests are already waiting.
+ProcessEngine (engine/engine_process/client.py) keeps this contract with the loop in another process.
 """
 
 from __future__ import annotations
@@ -27,16 +28,16 @@ import asyncio
 import logging
 import queue
 import threading
-from collections import deque
-from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from prometheus_client import generate_latest
+
 from engine.config import EngineConfig
 from engine.metrics import EngineMetrics
-from engine.outputs import EngineDeadError, QueueFullError, RequestOutput, merge_outputs
-from engine.sampling.params import SamplingParams
+from engine.outputs import EngineDeadError, RequestOutput
+from engine.request_streams import AbortRequest, AddRequest, StreamingFrontend
 from engine.structured.compiler import GrammarError
 from engine.structured.spec import StructuredOutputSpec
 
@@ -47,20 +48,6 @@ if TYPE_CHECKING:  # imported on the engine thread (torch is heavy; the CLI must
 log = logging.getLogger(__name__)
 
 
-# Messages from the event loop to the engine thread.
-@dataclass(frozen=True, slots=True)
-class AddRequest:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    cache_salt: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class AbortRequest:
-    request_id: str
-
-
 @dataclass(frozen=True, slots=True)
 class Wake:
     """Nothing to do: wakes an idle loop so it sees that it is stopping."""
@@ -69,55 +56,16 @@ class Wake:
 InboxMessage = AddRequest | AbortRequest | Wake
 
 
-class _OutputStream:
-    """One request's outputs on their way from _dispatch to generate(): one producer and one consumer,
-    both on the event loop. (asyncio.Queue's generality, bounds, several getters and task counts, was a
-    measurable part of the server's CPU per streamed token.)"""
-
-    __slots__ = ("_items", "_loop", "_waiter")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._items: deque[RequestOutput | BaseException] = deque()
-        self._loop = loop
-        self._waiter: asyncio.Future[None] | None = None  # set while the consumer waits
-
-    def put(self, item: RequestOutput | BaseException) -> None:
-        self._items.append(item)
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def empty(self) -> bool:
-        return not self._items
-
-    def get_nowait(self) -> RequestOutput | BaseException:
-        return self._items.popleft()
-
-    async def get(self) -> RequestOutput | BaseException:
-        while not self._items:
-            self._waiter = self._loop.create_future()
-            await self._waiter
-        return self._items.popleft()
-
-
-def _raise_error(item: RequestOutput | BaseException) -> RequestOutput:
-    if isinstance(item, BaseException):
-        raise item
-    return item
-
-
-class AsyncEngine:
+class AsyncEngine(StreamingFrontend):
     def __init__(self, config: EngineConfig) -> None:
-        self.config = config
+        super().__init__(config)
         self._inbox: queue.SimpleQueue[InboxMessage] = queue.SimpleQueue()
-        self._streams: dict[str, _OutputStream] = {}
         # Requests submitted but not yet taken in by the loop: each counter has a single writer thread.
         self._num_submitted = 0
         self._num_taken = 0
         self._loop: asyncio.AbstractEventLoop | None = None  # the event loop outputs are delivered to
         self._started = threading.Event()  # start() (or shutdown()) was called: the loop may run
         self._stopping = threading.Event()
-        self._dead: BaseException | None = None  # what crashed the loop
         # The engine thread builds the engine itself and then runs the loop: all torch work stays on one
         # thread. (CPU matmuls ran ~35% slower when the model was loaded on one thread and run on
         # another: two OpenMP thread pools then compete for the cores.)
@@ -162,45 +110,18 @@ class AsyncEngine:
     def is_healthy(self) -> bool:
         return self._dead is None and self._started.is_set() and self._thread.is_alive()
 
-    @property
-    def num_unfinished(self) -> int:
-        return len(self._streams)
+    def _num_queued(self) -> int:
+        return self.engine.num_waiting + self._num_submitted - self._num_taken
 
-    async def generate(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        cache_salt: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        if self._dead is not None:
-            raise EngineDeadError(f"the engine loop stopped: {self._dead}")
-        if self.engine.num_waiting + self._num_submitted - self._num_taken >= self.config.max_queue:
-            raise QueueFullError(f"the server is busy: {self.config.max_queue} requests are already waiting")
-        stream = _OutputStream(asyncio.get_running_loop())
-        self._streams[request_id] = stream
+    def _submit(self, request: AddRequest) -> None:
         self._num_submitted += 1
-        self._inbox.put(AddRequest(request_id, prompt_token_ids, params, cache_salt))
-        finished = False
-        interval = 0  # tokens to gather before a delta goes out: none for the first (time to first token)
-        try:
-            while True:
-                item = _raise_error(await stream.get())
-                # When the event loop falls behind the engine, hand over everything that piled up as
-                # one delta: one SSE chunk instead of several keeps the loop from falling further behind.
-                while not item.finished and not stream.empty():
-                    item = merge_outputs(item, _raise_error(stream.get_nowait()))
-                while not item.finished and len(item.new_token_ids) < interval:  # --stream-interval
-                    item = merge_outputs(item, _raise_error(await stream.get()))
-                interval = self.config.stream_interval
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            self._streams.pop(request_id, None)
-            if not finished:  # client went away or the task was cancelled: free its blocks now
-                self._inbox.put(AbortRequest(request_id))
+        self._inbox.put(request)
+
+    def _submit_abort(self, request_id: str) -> None:
+        self._inbox.put(AbortRequest(request_id))
+
+    async def render_metrics(self) -> bytes:
+        return generate_latest(self.metrics.registry)
 
     async def compile_grammar(self, spec: StructuredOutputSpec) -> None:
         """Compile (or find cached) the grammar of a request before adding it, on the grammar threads:
@@ -208,15 +129,9 @@ class AsyncEngine:
         generation starts. The engine then finds it in the cache."""
         await asyncio.wrap_future(self.engine.grammars.submit(spec))
 
-    def abort(self, request_id: str) -> None:
-        self._inbox.put(AbortRequest(request_id))
-
     async def shutdown(self, timeout: float | None = None) -> None:
         """Let in-flight requests finish (up to timeout seconds), then stop the loop."""
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        while self._streams and self.is_healthy() and (deadline is None or loop.time() < deadline):
-            await asyncio.sleep(0.05)
+        await self._wait_for_streams(timeout)
         self._stopping.set()
         self._started.set()  # a loop that never started must still see the stop
         self._inbox.put(Wake())
@@ -274,23 +189,8 @@ class AsyncEngine:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._dispatch, outputs)
 
-    def _dispatch(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
-            stream = self._streams.get(out.request_id)
-            if stream is not None:
-                stream.put(out)
-
     def _fail_on_rank_death(self, message: str) -> None:
         """From the tensor-parallel watchdog thread, which then ends the process."""
         self._dead = RuntimeError(message)
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(message))
-
-    def _fail_one(self, request_id: str, err: BaseException) -> None:
-        stream = self._streams.get(request_id)
-        if stream is not None:
-            stream.put(err)
-
-    def _fail_all(self, err: BaseException) -> None:
-        for stream in self._streams.values():
-            stream.put(err)

@@ -120,6 +120,13 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         help="build the next step while the GPU runs this one (default: on with CUDA)",
     )
     a(
+        "--engine-process",
+        action=argparse.BooleanOptionalAction,
+        default=default("engine_process"),
+        help="run the engine loop in its own process, apart from the HTTP server's event loop "
+        "(default: on with CUDA)",
+    )
+    a(
         "--max-queue",
         type=int,
         default=default("max_queue"),
@@ -237,6 +244,7 @@ def engine_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             enforce_eager=args.enforce_eager,
             async_scheduling=args.async_scheduling,
             tensor_parallel_size=args.tensor_parallel_size,
+            engine_process=args.engine_process,
             max_queue=args.max_queue,
             stream_interval=args.stream_interval,
             seed=args.seed,
@@ -253,7 +261,7 @@ def engine_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import asyncio
 
-    from engine.api.lifecycle import ServeOptions, StartupError, run_server
+    from engine.api.lifecycle import EngineProcessDied, ServeOptions, StartupError, run_server
 
     config = engine_config(args, parser)
     configure_logging(args.log_level, args.log_format)
@@ -271,6 +279,9 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         asyncio.run(run_server(config, options))
     except StartupError as exc:  # e.g. the port is taken: one clear line, no traceback
         logging.getLogger("engine.serve").error("%s", exc)
+        return 1
+    except EngineProcessDied as exc:
+        logging.getLogger("engine.serve").error("stopped: %s", exc)
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C while draining
         return 130

@@ -65,6 +65,11 @@ class EngineConfig(BaseModel):
     # The KV cache's dtype: "auto" = the model's (see engine.model.loader); fp8 / fp8_e4m3 = float8 e4m3
     # with a scale per layer (vLLM's names), twice the tokens in the same memory.
     kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3"] = "auto"
+    # The engine loop in a process of its own, the HTTP server in this one (vLLM V1's layout): the event
+    # loop's per-token work no longer shares a GIL with the engine's (engine/engine_process/). None = on
+    # with CUDA (W2 on an H100: ITL p99 120 -> 74 ms, +5 % req/s, docs/BENCHMARKS.md), off on the CPU,
+    # where the forward itself is host work and a second process costs a start-up of its own.
+    engine_process: bool | None = None
     max_queue: int = Field(default=1024, ge=1)  # waiting requests beyond this get 429
     # A request's outputs reach its handler (an SSE chunk each) every this many tokens, the first at once
     # (vLLM's --stream-interval): fewer wake-ups, chunks and socket writes per token on the event loop.
@@ -91,6 +96,9 @@ class EngineConfig(BaseModel):
 
     def async_scheduling_on(self, device: DeviceType) -> bool:
         return device == "cuda" if self.async_scheduling is None else self.async_scheduling
+
+    def engine_process_on(self, device: DeviceType) -> bool:
+        return device == "cuda" if self.engine_process is None else self.engine_process
 
     @classmethod
     def default(cls, field: str) -> object:

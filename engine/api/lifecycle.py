@@ -18,13 +18,22 @@ from aiohttp import web
 from engine.api.output_plan import ServerToolOptions
 from engine.api.server import build_app
 from engine.api.state import STATE
-from engine.config import EngineConfig
+from engine.config import DeviceType, EngineConfig
 
 log = logging.getLogger("engine.serve")
 
 
 class StartupError(Exception):
     """The server could not start for a reason the user can fix (bad model, port taken); no traceback."""
+
+
+class EngineProcessDied(Exception):
+    """The engine process (--engine-process) died while serving: the server has stopped, exit 1."""
+
+
+# Seconds between the engine process's death and the server's stop: the requests in flight get their
+# error event out first (the tensor-parallel driver waits as long before it ends the process).
+ENGINE_DEATH_GRACE_S = 0.5
 
 
 @dataclass
@@ -76,18 +85,45 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
+def _device(config: EngineConfig) -> DeviceType:
+    """The device the engine will load onto (`--device auto` resolved as the loader resolves it)."""
+    if config.device != "auto":
+        return config.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 async def run_server(config: EngineConfig, options: ServeOptions) -> None:
     from engine.async_engine import AsyncEngine  # torch comes in here, not at CLI import
     from engine.model.kv_cache_sizing import KVCacheTooSmallError
     from engine.model.sources import ModelLoadError
+    from engine.outputs import EngineDeadError
 
     try:
-        engine = AsyncEngine(config)  # loads the model; the loader logs progress
+        # Loads the model (the loader logs progress): on a thread of this process, or in its own.
+        if config.engine_process_on(_device(config)):
+            from engine.engine_process.client import ProcessEngine  # pyzmq, msgspec: only with the flag
+
+            engine: AsyncEngine | ProcessEngine = ProcessEngine(config)
+        else:
+            engine = AsyncEngine(config)
     except ModelLoadError as exc:
         raise StartupError(f"cannot load the model: {exc}") from exc
     except KVCacheTooSmallError as exc:
         raise StartupError(str(exc)) from exc
+    except EngineDeadError as exc:  # the engine process ended before it was ready (killed, out of memory)
+        raise StartupError(str(exc)) from exc
     await engine.start()
+    stop = asyncio.Event()
+    died: list[str] = []
+    if not isinstance(engine, AsyncEngine):
+
+        def on_death(message: str) -> None:
+            died.append(message)
+            asyncio.get_running_loop().call_later(ENGINE_DEATH_GRACE_S, stop.set)
+
+        engine.on_death.append(on_death)
     names = options.served_model_names or [engine.served_model_name]
     app = build_app(engine, api_key=options.api_key, served_model_names=names, model_root=config.model,
                     trust_request_chat_template=options.trust_request_chat_template,
@@ -97,7 +133,6 @@ async def run_server(config: EngineConfig, options: ServeOptions) -> None:
     # engine request (streams notice on their next write anyway; this covers non-streaming ones).
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=options.shutdown_timeout)
     await runner.setup()
-    stop = asyncio.Event()
     try:
         try:
             await web.TCPSite(runner, options.host, options.port).start()
@@ -113,4 +148,6 @@ async def run_server(config: EngineConfig, options: ServeOptions) -> None:
         await runner.cleanup()  # stops listening, waits for handlers in flight
         await engine.shutdown()
         gc.unfreeze()
+    if died:
+        raise EngineProcessDied(died[0])
     log.info("shutdown complete")

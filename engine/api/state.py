@@ -15,7 +15,6 @@ from aiohttp import web
 from engine.api.errors import bad_request, model_not_found
 from engine.api.logprobs import TokenTexts
 from engine.api.output_plan import ServerToolOptions
-from engine.metrics import EngineMetrics
 from engine.outputs import RequestOutput
 from engine.reasoning.token_count import ReasoningTags
 from engine.sampling.params import SamplingParams
@@ -30,15 +29,17 @@ TOKENIZER_THREADS = 1
 
 
 class ServingEngine(Protocol):
-    """The part of AsyncEngine (engine/async_engine.py) the HTTP layer uses."""
+    """The part of AsyncEngine (engine/async_engine.py) and ProcessEngine (engine/engine_process/) the
+    HTTP layer uses."""
 
     tokenizer: Any
     served_model_name: str
     max_model_len: int
     vocab_size: int
-    metrics: EngineMetrics
 
     def is_healthy(self) -> bool: ...
+
+    async def render_metrics(self) -> bytes: ...
 
     async def compile_grammar(self, spec: StructuredOutputSpec) -> None: ...
 

@@ -7,9 +7,7 @@ its block of the logits, which the LM head sends to rank 0.
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import os
 import signal
 import sys
 from multiprocessing.connection import Connection
@@ -18,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from engine.child_process import die_with_parent
 from engine.config import EngineConfig
 from engine.distributed.messages import Op, StepArrays
 from engine.model.prompt_logprobs import join_prompt_logprob_gathers
@@ -31,7 +30,7 @@ log = logging.getLogger(__name__)
 def run_worker(
     config: EngineConfig, rank: int, rendezvous: str, messages: Connection, parent_pid: int, log_level: int
 ) -> None:
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: rank 0 decides
     logging.basicConfig(
         level=log_level,
@@ -64,17 +63,6 @@ def _set_up(config: EngineConfig, rank: int, rendezvous: str) -> ModelRunner:
         loaded.model, loaded.num_layers, loaded.num_kv_heads, loaded.head_dim, loaded.dtype, loaded.device,
         config.block_size, kv_cache_dtype=loaded.kv_cache_dtype,
     )  # fmt: skip
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """SIGKILL this process when rank 0 dies, however it dies (Linux; elsewhere the pipe's EOF does)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        return
-    if os.getppid() != parent_pid:  # rank 0 died before the prctl took effect
-        os._exit(1)
 
 
 class Follower:

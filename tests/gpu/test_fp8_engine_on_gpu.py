@@ -1,6 +1,7 @@
-"""FP8 through the whole engine on a GPU of compute capability 8.9+ (not run this session: no GPU):
-an FP8 checkpoint in each published format, and --quantization fp8 with --kv-cache-dtype fp8, give
-the first greedy tokens of the dequantized bfloat16 model and first-token logprobs close to its own.
+"""FP8 through the whole engine on a GPU of compute capability 8.9+: an FP8 checkpoint in each
+published format gives the first greedy tokens of the dequantized bfloat16 model and first-token
+logprobs close to its own; --quantization fp8 with --kv-cache-dtype fp8 stays within what the two
+quantizations do alone (tests/gpu/fp8_first_tokens.py).
 The checkpoints are written by tests/engine/fp8_checkpoints.py (the quantization done in the test)."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fp8_first_tokens import VARIANTS, combination_verdict, first_tokens
 from gpu_paged_batch import requires_cuda
 from gpu_random_model import save_random_checkpoint, word_level_tokenizer
 from test_engine_on_gpu import FAMILIES, prompts
@@ -70,17 +72,34 @@ def test_fp8_checkpoint_follows_the_dequantized_model(fmt, tmp_path):
 
 
 def test_online_fp8_with_fp8_kv_cache(tmp_path):
+    """--quantization fp8 with --kv-cache-dtype fp8: FP8 GEMMs and an e4m3 cache holding twice the
+    blocks, whose first-token logprobs stay within what the two quantizations make alone.
+
+    Not "first tokens equal bf16's on 7 of 8 prompts": this random model's bf16 top-1 margins are
+    0.06 to 0.5 nats while FP8 moves logprobs by 0.4 to 0.9 (W8A8 emulated on the CPU, and on the H100
+    twice, 5 of 8 equal; the diagnosis is bench/diag/fp8_kv_first_tokens.py), so flips are near-ties, not
+    faults. Instead (tests/gpu/fp8_first_tokens.py): the combination's largest |logprob - bf16's| over
+    bf16's top-5 must stay within 1.25x the sum of each part's alone (independent roundings add at most
+    linearly; measured 0.7x), each part under 2 nats, and a flip fails where bf16's regret of the chosen
+    token exceeds twice that bound. A K read at 1.5x (or 4x) its scale fails it (2.5 and 5 nats, the
+    diagnosis script's fault run)."""
     path = save_random_checkpoint(FAMILIES["llama"](), tmp_path / "float", weight_std=0.1)
-    bf16 = engine(path)
-    fp8 = engine(path, quantization="fp8", kv_cache_dtype="fp8")
-    assert fp8.runner.kv_caches[0].dtype == torch.float8_e4m3fn
-    assert fp8.kv.pool.num_blocks == 2 * bf16.kv.pool.num_blocks
-    linear = fp8.runner.model.model.layers[0].mlp.down_proj
-    assert (
-        isinstance(linear, Fp8Linear) and linear.weight.dtype == torch.float8_e4m3fn and linear.use_scaled_mm
-    )
+    vocab = FAMILIES["llama"]().vocab_size
     ps = prompts(8, seed=6, hi=100)
-    greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
-    ours, theirs = fp8.generate(ps, greedy), bf16.generate(ps, greedy)
-    assert sum(o[:1] == t[:1] for o, t in zip(ours, theirs, strict=True)) >= 7
-    assert fp8.kv.num_free_blocks == fp8.kv.pool.num_blocks
+    runs, blocks = {}, {}
+    for name, overrides in VARIANTS.items():
+        eng = engine(path, **overrides)
+        blocks[name] = eng.kv.pool.num_blocks
+        runs[name] = first_tokens(eng, ps, vocab)  # first, on a cold prefix cache like the other runs
+        if name == "both":
+            assert eng.runner.kv_caches[0].dtype == torch.float8_e4m3fn
+            linear = eng.runner.model.model.layers[0].mlp.down_proj
+            assert isinstance(linear, Fp8Linear) and linear.weight.dtype == torch.float8_e4m3fn
+            assert linear.use_scaled_mm
+            # decode steps read the FP8 cache too; every block comes back
+            eng.generate(ps, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+        assert eng.kv.num_free_blocks == eng.kv.pool.num_blocks
+        eng.close()
+    assert blocks["both"] == 2 * blocks["bf16"]
+    verdict = combination_verdict(runs["bf16"], runs["fp8_linears"], runs["fp8_kv"], runs["both"])
+    assert verdict.passes, verdict.explain()

@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from openai import AsyncOpenAI, BadRequestError, NotFoundError
+from prometheus_client import generate_latest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -75,6 +76,9 @@ class FakeEngine:
 
     def is_healthy(self) -> bool:
         return self.healthy
+
+    async def render_metrics(self) -> bytes:
+        return generate_latest(self.metrics.registry)
 
     def abort(self, request_id: str) -> None:
         self.aborted.add(request_id)

@@ -18,6 +18,7 @@ from engine.core.sequence import Sequence
 from engine.core.step_pipeline import StepPipeline
 from engine.llm_engine import LLMEngine
 from engine.model.runner import ModelRunner
+from engine.request_streams import StreamingFrontend
 
 
 def self_assignments(func: ast.FunctionDef) -> set[str]:
@@ -32,14 +33,36 @@ def self_assignments(func: ast.FunctionDef) -> set[str]:
     return names
 
 
+def class_methods(cls: type) -> list[ast.FunctionDef]:
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    return [n for n in tree.body[0].body if isinstance(n, ast.FunctionDef)]
+
+
 @pytest.mark.parametrize(
     "cls",
-    [AsyncEngine, LLMEngine, StepPipeline, Scheduler, KVCacheManager, BlockPool, Sequence, ModelRunner],
+    [
+        StreamingFrontend,
+        AsyncEngine,
+        LLMEngine,
+        StepPipeline,
+        Scheduler,
+        KVCacheManager,
+        BlockPool,
+        Sequence,
+        ModelRunner,
+    ],
     ids=lambda c: c.__name__,
 )
 def test_every_attribute_is_assigned_in_init(cls: type) -> None:
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    methods = [n for n in tree.body[0].body if isinstance(n, ast.FunctionDef)]
-    in_init = next(self_assignments(m) for m in methods if m.name == "__init__")
+    methods = class_methods(cls)
+    # A base class's __init__ counts: it runs first (super().__init__), within the subclass's.
+    in_init = set().union(
+        *(
+            self_assignments(m)
+            for base in cls.__mro__[:-1]
+            for m in class_methods(base)
+            if m.name == "__init__"
+        )
+    )
     later = {(m.name, a) for m in methods if m.name != "__init__" for a in self_assignments(m) - in_init}
     assert not later, f"{cls.__name__}: attributes first assigned outside __init__: {sorted(later)}"

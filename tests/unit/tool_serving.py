@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from openai import AsyncOpenAI
+from prometheus_client import generate_latest
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -106,6 +107,9 @@ class ScriptedEngine:
 
     def is_healthy(self) -> bool:
         return True
+
+    async def render_metrics(self) -> bytes:
+        return generate_latest(self.metrics.registry)
 
     async def compile_grammar(self, spec: StructuredOutputSpec) -> None:
         pass  # the script writes what the grammar would allow; tests check the spec it was given

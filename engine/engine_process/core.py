@@ -1,0 +1,179 @@
+"""The engine process: builds the LLMEngine and runs its loop, fed by and reporting to the API process.
+
+Started by ProcessEngine (engine/engine_process/client.py) with multiprocessing's spawn (CUDA cannot
+be used in a forked child). Its only thread that touches torch is the main thread; grammar compilation
+keeps its own threads (engine.grammars), whose completions wake the loop through a pipe.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+from typing import TYPE_CHECKING
+
+import zmq
+
+from engine.child_process import die_with_parent
+from engine.config import EngineConfig
+from engine.engine_process import wire
+from engine.request_streams import AbortRequest, AddRequest
+from engine.structured.compiler import GrammarError
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from engine.llm_engine import LLMEngine
+    from engine.outputs import RequestOutput
+
+log = logging.getLogger(__name__)
+
+
+def run_engine_process(
+    config: EngineConfig, to_engine: str, from_engine: str, parent_pid: int, log_level: int, json_logs: bool
+) -> None:
+    """The spawned process's entry point: to_engine / from_engine are the API process's bound IPC
+    addresses."""
+    die_with_parent(parent_pid)
+    _configure_logging(log_level, json_logs)
+    context = zmq.Context()
+    inbox = context.socket(zmq.PULL)
+    inbox.setsockopt(zmq.RCVHWM, 0)  # no high-water marks (see client.py)
+    inbox.connect(to_engine)
+    outbox = context.socket(zmq.PUSH)
+    outbox.setsockopt(zmq.SNDHWM, 0)
+    outbox.connect(from_engine)
+    try:
+        try:
+            engine = _build_engine(config)
+        except BaseException as exc:  # the API process raises it where AsyncEngine would have
+            outbox.send_multipart([wire.STARTED, wire.dumps(wire.dumps_error(exc))])
+            return
+        info = wire.EngineInfo(
+            served_model_name=config.served_model_name or engine.loaded.name,
+            max_model_len=engine.max_model_len,
+            vocab_size=engine.vocab_size,
+            tokenizer=engine.tokenizer,
+        )
+        outbox.send_multipart([wire.STARTED, wire.dumps(info)])
+        EngineLoop(engine, inbox, outbox).run()
+    finally:
+        outbox.close(linger=5000)  # the last outputs and replies still reach the API process
+        inbox.close(linger=0)
+        context.term()
+
+
+def _build_engine(config: EngineConfig) -> LLMEngine:
+    from engine.llm_engine import LLMEngine
+    from engine.model.loader import load_model
+
+    # A tensor-parallel rank that dies ends this process (the driver's watchdog); the API process sees
+    # that and fails every request in flight.
+    return LLMEngine(config, load_model(config))
+
+
+def _configure_logging(level: int, json_logs: bool) -> None:
+    from engine.cli import JsonFormatter  # the same lines as the API process's, in one stream
+
+    handler = logging.StreamHandler()
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    handler.setFormatter(JsonFormatter() if json_logs else logging.Formatter(fmt))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+class EngineLoop:
+    """AsyncEngine's loop (engine/async_engine.py) with sockets for its inbox and its output: block only
+    when idle, take in whatever arrived, step, send the step's outputs."""
+
+    def __init__(self, engine: LLMEngine, inbox: zmq.Socket, outbox: zmq.Socket) -> None:
+        self.engine = engine
+        self.inbox = inbox
+        self.outbox = outbox
+        self.num_taken = 0  # requests taken in so far (the API process counts those it sent)
+        self.last_counts = (0, 0)  # (num_waiting, num_taken) last sent
+        self.stopping = False
+        # Grammar compilations finish on the compiler's threads: they queue their reply and write a byte
+        # to the pipe, which wakes a loop blocked in poll (a socket is used by one thread only).
+        self.replies: queue.SimpleQueue[wire.Reply] = queue.SimpleQueue()
+        self.wake_read, self.wake_write = os.pipe()
+        os.set_blocking(self.wake_read, False)
+        self.poller = zmq.Poller()
+        self.poller.register(inbox, zmq.POLLIN)
+        self.poller.register(self.wake_read, zmq.POLLIN)
+
+    def run(self) -> None:
+        engine = self.engine
+        try:
+            while not self.stopping:
+                self._take_messages(block=not engine.has_unfinished())
+                if self.stopping:
+                    break
+                self._send_step(engine.step())
+        finally:
+            engine.close()  # grammar threads, tensor-parallel ranks
+            os.close(self.wake_read)
+            os.close(self.wake_write)
+
+    def _take_messages(self, block: bool) -> None:
+        events = dict(self.poller.poll(None if block else 0))
+        if self.wake_read in events:
+            self._drain_wake_pipe()
+        while not self.replies.empty():
+            self._send(wire.REPLY, wire.dumps(self.replies.get_nowait()))
+        if self.inbox in events:
+            while True:
+                try:
+                    message = wire.loads(self.inbox.recv(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+                self._handle(message)
+
+    def _drain_wake_pipe(self) -> None:
+        try:
+            while os.read(self.wake_read, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _handle(self, message: object) -> None:
+        engine = self.engine
+        if isinstance(message, AddRequest):
+            self.num_taken += 1
+            try:
+                engine.add_request(
+                    message.request_id, message.prompt_token_ids, message.params, message.cache_salt
+                )
+            except GrammarError as exc:  # not compiled by the caller first: that request fails, not the loop
+                self._send(wire.FAILED, wire.dumps((message.request_id, wire.dumps_error(exc))))
+        elif isinstance(message, AbortRequest):
+            out = engine.abort_request(message.request_id)
+            if out is not None:  # a stream still listening (abort() called directly) gets its end
+                self._send_step([out])
+        elif isinstance(message, wire.CompileGrammar):
+            future = engine.grammars.submit(message.spec)
+            future.add_done_callback(lambda f, call_id=message.call_id: self._compiled(call_id, f))
+        elif isinstance(message, wire.RenderMetrics):
+            from prometheus_client import generate_latest
+
+            self._send(
+                wire.REPLY, wire.dumps(wire.Reply(message.call_id, generate_latest(engine.metrics.registry)))
+            )
+        elif isinstance(message, wire.Shutdown):
+            self.stopping = True
+        else:
+            raise TypeError(f"unexpected message from the API process: {message!r}")
+
+    def _compiled(self, call_id: int, future: Future[object]) -> None:
+        """On a grammar thread."""
+        exc = future.exception()
+        self.replies.put(wire.Reply(call_id, None, None if exc is None else wire.dumps_error(exc)))
+        os.write(self.wake_write, b"!")
+
+    def _send_step(self, outputs: list[RequestOutput]) -> None:
+        counts = (self.engine.num_waiting, self.num_taken)
+        if outputs or counts != self.last_counts:  # the queue-full check needs fresh counts
+            self.last_counts = counts
+            self._send(wire.STEP, wire.encode_step(wire.StepOutputs(outputs, *counts)))
+
+    def _send(self, kind: bytes, payload: bytes) -> None:
+        self.outbox.send_multipart([kind, payload], copy=False)
