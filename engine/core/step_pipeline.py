@@ -16,9 +16,13 @@ instead of adding to it. Every rule that makes this safe lives here:
    that step; the extra token it computed is dropped (and never counted in usage).
 4. A sequence whose token in flight must be its last (max_tokens or max_model_len) sits out the next
    step (`in_flight_token_is_last`): computing past it is wasted.
-5. Sampling that reads a sequence's token list (penalties count its tokens, min_tokens its length, a
-   grammar's bitmask its matcher state)
+5. Sampling that reads a sequence's token list (penalties count its tokens, min_tokens its length)
    needs every token known: a step holding such a sequence is read before the next step is built.
+   A grammar's bitmask needs its matcher to have accepted the previous token, but only the sampler
+   reads the bitmask: a step holding a constrained sequence is read after the next step's forward is
+   queued and before that step's sampler is built (ModelRunner.launch's `before_sampling`), so the
+   host's reading, grammar advance and bitmask fill overlap the device's forward (as vLLM overlaps
+   its grammar bitmask with async scheduling).
 """
 
 from __future__ import annotations
@@ -54,9 +58,14 @@ def needs_known_tokens(scheduled: list[ScheduledSeq]) -> bool:
     """Rule 5: some sequence's next sampling reads its token list (checked when its step launches)."""
     for s in scheduled:
         p = s.seq.params
-        if p.needs_penalties or s.seq.num_output_tokens < p.min_tokens or s.seq.grammar is not None:
-            return True  # (a grammar's next bitmask needs its state after this token)
+        if p.needs_penalties or s.seq.num_output_tokens < p.min_tokens:
+            return True
     return False
+
+
+def feeds_a_grammar(scheduled: list[ScheduledSeq]) -> bool:
+    """Rule 5: some sequence's next bitmask needs its grammar state after this step's token."""
+    return any(s.seq.grammar is not None for s in scheduled)
 
 
 class StepPipeline:
@@ -78,7 +87,8 @@ class StepPipeline:
         self.accept_prompt_logprobs = accept_prompt_logprobs
         self.trace = trace
         self.in_flight: LaunchedStep | None = None  # launched, tokens not read yet (overlap only)
-        self.in_flight_reads_tokens = False  # rule 5 holds for the step in flight
+        self.in_flight_reads_tokens = False  # rule 5: read the step in flight before building the next
+        self.in_flight_feeds_grammars = False  # rule 5: read it before the next step samples
         self.num_constrained = 0  # unfinished requests with a grammar (kept by the engine): 0 = look for none
 
     @property
@@ -95,7 +105,13 @@ class StepPipeline:
         sched = self.scheduler.schedule()
         launched = None
         if not sched.is_empty:
-            launched = self._launch(sched, previous)
+            if previous is not None and self.in_flight_feeds_grammars:  # rule 5: while the forward runs
+                launched = self._launch(
+                    sched, previous, read_first=lambda: outputs.extend(self._read(previous))
+                )
+                previous = None
+            else:
+                launched = self._launch(sched, previous)
         if previous is not None:  # the device runs `launched` meanwhile
             outputs += self._read(previous)
         if launched is not None:
@@ -105,16 +121,27 @@ class StepPipeline:
                 outputs += self._read(launched)
         return sched, outputs
 
-    def _launch(self, sched: SchedulerOutput, previous: LaunchedStep | None) -> LaunchedStep:
+    def _launch(
+        self,
+        sched: SchedulerOutput,
+        previous: LaunchedStep | None,
+        read_first: Callable[[], None] | None = None,
+    ) -> LaunchedStep:
+        """read_first: reads `previous` once this step's forward is queued, before its sampler is built."""
         started = time.perf_counter()
         launched = self.runner.launch(
-            sched.scheduled, self.eos_token_ids, previous, with_grammars=self.num_constrained > 0
+            sched.scheduled,
+            self.eos_token_ids,
+            previous,
+            with_grammars=self.num_constrained > 0,
+            before_sampling=read_first,
         )
         if self.trace is not None:
             launched.trace = self.trace.launched(
                 launched.num_decodes, launched.num_tokens, launched.graphed, started
             )
         self.in_flight_reads_tokens = needs_known_tokens(launched.seqs)  # before any token is added
+        self.in_flight_feeds_grammars = feeds_a_grammar(launched.seqs)
         self.scheduler.update_after_step(sched)
         for s in launched.seqs:  # rule 1
             s.seq.num_output_placeholders += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -345,13 +346,17 @@ class ModelRunner:
         previous: LaunchedStep | None = None,
         tell_ranks: bool = True,
         with_grammars: bool = False,
+        before_sampling: Callable[[], None] | None = None,
     ) -> LaunchedStep:
         """Queue one step (forward, logits, sampling, host copy of the tokens) without waiting for it.
-        with_grammars: some sequence in the engine has a grammar (else none is looked for)."""
+        with_grammars: some sequence in the engine has a grammar (else none is looked for).
+        before_sampling: called once the forward and logits are queued, before the sampler is built (the
+        step pipeline reads the previous step's tokens there, so grammars advance while the device runs
+        this step's forward)."""
         input_ids, positions, meta = self.build_metadata(batch, previous, tell_ranks)
         graphed = self.cuda_graphs is not None and self.cuda_graphs.can_run(meta)
         hidden = self.forward(input_ids, positions, meta, graphed)
-        step = self._sample(batch, hidden, meta, eos_token_ids, with_grammars)
+        step = self._sample(batch, hidden, meta, eos_token_ids, with_grammars, before_sampling)
         step.prompt_logprobs = launch_prompt_logprobs(
             batch, hidden, meta.query_lens_cpu, meta.num_decodes, self.model.compute_logits
         )
@@ -372,12 +377,15 @@ class ModelRunner:
         meta: AttentionMetadata,
         eos_token_ids: set[int],
         with_grammars: bool = False,
+        before_sampling: Callable[[], None] | None = None,
     ) -> LaunchedStep:
         """LM head and sampler on the last token of each sequence whose prompt is complete."""
         # Only sequences whose prompt is complete need logits: the last token of each.
         sample_idx = [i for i, s in enumerate(batch) if s.completes_prompt]
         done = [batch[i] for i in sample_idx]
         if not done:
+            if before_sampling is not None:
+                before_sampling()
             return LaunchedStep([], PendingSample(torch.empty(0, dtype=torch.long, device=self.device)))
         if len(done) == hidden.shape[0]:  # all decodes: every row is a last token
             last_hidden = hidden
@@ -388,12 +396,21 @@ class ModelRunner:
             rows_idx = to_device(torch.tensor([qsl[i + 1] - 1 for i in sample_idx]), self.device)
             last_hidden = hidden.index_select(0, rows_idx)
         logits = self.model.compute_logits(last_hidden)
+        # Rows before `before_sampling`: a sequence it finishes must not get fresh per-request state. Rows
+        # that read token lists never get here with their previous token unread (step pipeline, rule 5).
+        rows = [self._sampling_row(s.seq, eos_token_ids) for s in done] if logits is not None else []
+        if before_sampling is not None:
+            before_sampling()
         if logits is None:  # a tensor-parallel rank but the first: rank 0 samples
             return LaunchedStep(done, PendingSample(torch.empty(0, dtype=torch.long, device=self.device)))
-        rows = [self._sampling_row(s.seq, eos_token_ids) for s in done]
         grammar = None
-        if with_grammars:  # (the step pipeline reads a grammar row's token before the next step: rule 5)
-            constrained = [(i, s.seq.grammar) for i, s in enumerate(done) if s.seq.grammar is not None]
+        if with_grammars:  # (every grammar row's previous token is accepted by now: rule 5)
+            # A sequence finished meanwhile (its grammar may be terminated) gets no mask: its token is dropped.
+            constrained = [
+                (i, s.seq.grammar)
+                for i, s in enumerate(done)
+                if s.seq.grammar is not None and not s.seq.is_finished
+            ]
             if constrained:
                 if self.bitmasks is None:
                     from engine.structured.bitmask import BitmaskBuilder  # xgrammar: only when used

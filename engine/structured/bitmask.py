@@ -3,8 +3,9 @@ logits on their device (the sampler calls `apply`).
 
 Only constrained rows have a bitmask row (compact [G, ceil(V/32)] int32, `rows` maps them to logits rows);
 a batch without a grammar builds nothing at all. On a GPU the bits go through one long-lived pinned buffer
-(the engine reads a step's tokens before building the next when a grammar is in the batch, so the previous
-copy out of the buffer has finished by the time it is refilled) and one Triton kernel masks the batch.
+(the engine reads a step's tokens before it builds the next step's bitmask when a grammar is in the batch,
+so the previous copy out of the buffer has finished by the time it is refilled) and one Triton kernel masks
+the batch.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-r"""The grammar for a JSON schema, with JSON strings that strict parsers accept.
+r"""The grammar for a JSON schema, with JSON strings that strict parsers accept and masks that stay cheap.
 
 xgrammar 0.2.x writes a string with `minLength` / `maxLength` as `"` char{m,n} `"`, where a char is
 `[^"\\\r\n]`: a raw tab or any other control character (U+0000-U+001F but CR and LF) is allowed, and no
@@ -6,9 +6,18 @@ escape is. RFC 8259 forbids raw control characters in strings, so `json.loads`, 
 pydantic refuse such output (a raw tab was seen at temperature 1.5). Plain strings, patterns and formats are
 already right (their characters exclude U+0000-U+001F).
 
-The fix is made on the EBNF xgrammar generates: each such character rule becomes "one JSON string
-character": anything but `"`, `\` and U+0000-U+001F, or one escape (`\t`, `\u00e9`, ...), so the length
-bounds count characters as JSON Schema does. Grammars without such a rule are used as xgrammar built them.
+The fix is made on the EBNF xgrammar generates: such a string's characters become "JSON string characters":
+anything but `"`, `\` and U+0000-U+001F, or one escape (`\t`, `\u00e9`, ...), so the length bounds count
+characters as JSON Schema does. Grammars without such a rule are used as xgrammar built them.
+
+How the bounded repetition is written decides what every decode step costs. As `char{m,n}` with a char that
+has an escape alternative, xgrammar's per-position token-mask cache cannot settle which tokens fit (they
+depend on the repetition count), so each mask inside the string checks almost the whole vocabulary at run
+time: 20-30 ms per fill with a 49k vocabulary, against ~30 µs elsewhere. Written as a chain of rules,
+"k more characters at most, then the closing quote", every position is one rule whose mask is computed
+once at compile time (~10 ms of compile per rule). The chain's rules are shared by every bounded string of
+the grammar (they only depend on the bounds); bounds past `MAX_CHAINED_LENGTH` keep the repetition (a
+chain that long would cost seconds of compile time).
 """
 
 from __future__ import annotations
@@ -20,16 +29,60 @@ import xgrammar as xgr
 # The rule as xgrammar prints it (`str(Grammar)`) for the characters of a length-bounded string:
 # `root_prop_0_characters ::= (([^\"\\\r\n]))`. A whole rule is matched, never text inside a user's pattern.
 LOOSE_STRING_CHARACTER_RULE = re.compile(r'^(\S+) ::= \(\(\[\^\\"\\\\\\r\\n\]\)\)$', re.MULTILINE)
-# One character of a JSON string's contents (RFC 8259, section 7).
-JSON_STRING_CHARACTER = (
-    r'([^\0-\x1f\"\\] | "\\" ([\"\\/bfnrt] | "u" [A-Fa-f0-9] [A-Fa-f0-9] [A-Fa-f0-9] [A-Fa-f0-9]))'
-)
+# One character of a JSON string's contents (RFC 8259, section 7), and its two halves.
+JSON_PLAIN_CHARACTER = r"[^\0-\x1f\"\\]"
+JSON_ESCAPE = r'"\\" ([\"\\/bfnrt] | "u" [A-Fa-f0-9] [A-Fa-f0-9] [A-Fa-f0-9] [A-Fa-f0-9])'
+JSON_STRING_CHARACTER = f"({JSON_PLAIN_CHARACTER} | {JSON_ESCAPE})"
+# Longest minLength / maxLength written as a rule chain (one rule per character position).
+MAX_CHAINED_LENGTH = 64
+CHAIN_RULE_PREFIX = "json_string_chars"
+# The chain's escapes go through one shared rule: inlined, each chain rule would carry its own escape
+# positions, and their masks (a third of the compile time) would be computed once per rule.
+CHAIN_ESCAPE_RULE = f"{CHAIN_RULE_PREFIX}_escape"
+CHAIN_ESCAPE = rf'"\\" {CHAIN_ESCAPE_RULE}'
 
 
 def json_schema_grammar(schema: str, max_whitespace_cnt: int | None = None) -> xgr.Grammar:
     """xgrammar's grammar for `schema`, its length-bounded strings' characters made strict JSON."""
     grammar = xgr.Grammar.from_json_schema(schema, max_whitespace_cnt=max_whitespace_cnt)
-    ebnf, fixed = LOOSE_STRING_CHARACTER_RULE.subn(
-        lambda rule: f"{rule[1]} ::= {JSON_STRING_CHARACTER}", str(grammar)
-    )
-    return xgr.Grammar.from_ebnf(ebnf) if fixed else grammar
+    ebnf = str(grammar)
+    names = LOOSE_STRING_CHARACTER_RULE.findall(ebnf)
+    if not names:
+        return grammar
+    ebnf = LOOSE_STRING_CHARACTER_RULE.sub(lambda rule: f"{rule[1]} ::= {JSON_STRING_CHARACTER}", ebnf)
+    return xgr.Grammar.from_ebnf(chain_bounded_strings(ebnf, names))
+
+
+def chain_bounded_strings(ebnf: str, names: list[str]) -> str:
+    """Each `name{lo, hi} "\""` (the characters and closing quote of a bounded string) becomes the start
+    of a rule chain; rules are added once per (lo, hi) reached."""
+    rules: dict[tuple[int, int], str] = {}
+    usage = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r')\{(\d+), (-?\d+)\} "\\""')
+
+    def chained(match: re.Match[str]) -> str:
+        lo, hi = int(match[2]), int(match[3])
+        if lo > MAX_CHAINED_LENGTH or hi > MAX_CHAINED_LENGTH:
+            return match[0]  # the repetition: slow masks, but no seconds of compile time
+        return _chain_rule(lo, hi, rules)
+
+    ebnf = usage.sub(chained, ebnf)
+    if not rules:
+        return ebnf
+    escape = rf'{CHAIN_ESCAPE_RULE} ::= ([\"\\/bfnrt] | "u" [A-Fa-f0-9] [A-Fa-f0-9] [A-Fa-f0-9] [A-Fa-f0-9])'
+    return "\n".join([ebnf, *rules.values(), escape, ""])
+
+
+def _chain_rule(lo: int, hi: int, rules: dict[tuple[int, int], str]) -> str:
+    """The rule for "between lo and hi more characters (hi -1: no upper bound), then the closing quote",
+    with the rules it leads to, added to `rules`; returns its name."""
+    name = f"{CHAIN_RULE_PREFIX}_{lo}_{'inf' if hi < 0 else hi}"
+    while (lo, hi) not in rules:
+        # One more character leads to (lo - 1, hi - 1); with no upper bound and lo reached, to itself.
+        after = (max(lo - 1, 0), hi - 1 if hi > 0 else hi)
+        after_name = f"{CHAIN_RULE_PREFIX}_{after[0]}_{'inf' if after[1] < 0 else after[1]}"
+        choices = ['("\\"")'] if lo == 0 else []
+        if hi != 0:
+            choices += [f"({JSON_PLAIN_CHARACTER} {after_name})", f"({CHAIN_ESCAPE} {after_name})"]
+        rules[(lo, hi)] = f"{CHAIN_RULE_PREFIX}_{lo}_{'inf' if hi < 0 else hi} ::= ({' | '.join(choices)})"
+        lo, hi = after
+    return name

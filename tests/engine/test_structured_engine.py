@@ -169,3 +169,70 @@ def test_grammar_after_reasoning_waits_for_the_end_of_thinking(llama_dir):
     out = engine.generate([prompt], SamplingParams(structured=spec, temperature=0.0, max_tokens=40))[0]
     assert out[:4] == free[:4]
     assert engine.tokenizer.decode(out[4:], skip_special_tokens=True) in ("yes", "no")
+
+
+def constrained_only_batch() -> list[tuple[list[int], SamplingParams]]:
+    """8 requests, all under a grammar (greedy and seeded), nothing that reads token lists."""
+    specs = [JSON_SPEC, StructuredOutputSpec("regex", REGEX)]
+    return [
+        (
+            prompt,
+            SamplingParams(
+                structured=specs[i % 2], max_tokens=40, temperature=0.0 if i % 4 < 2 else 1.0, seed=i
+            ),
+        )
+        for i, prompt in enumerate(prompts_for(8, seed=33))
+    ]
+
+
+def test_constrained_batch_gives_the_same_tokens_with_async_scheduling(llama_dir):
+    """Read between the next step's forward and its sampler, every grammar still sees its previous token."""
+    requests = constrained_only_batch()
+    outputs = {}
+    for async_scheduling in (False, True):
+        engine = make_engine(llama_dir, block_size=4, async_scheduling=async_scheduling)
+        outputs[async_scheduling] = run_all(engine, requests)
+        assert_all_blocks_back(engine)
+    assert outputs[True] == outputs[False]
+    for i, (_, params) in enumerate(requests):
+        if outputs[True][f"r{i}"]["finish"][0] == "stop":
+            check(
+                engine.tokenizer.decode(outputs[True][f"r{i}"]["tokens"], skip_special_tokens=True),
+                params.structured,
+            )
+
+
+def test_async_scheduling_keeps_its_overlap_with_a_grammar_in_the_batch(llama_dir, monkeypatch):
+    """A step with a grammar is read only after the next step's forward is queued (the host's reading,
+    grammar advance and bitmask fill overlap the device's forward), not before the next step is built."""
+    engine = make_engine(llama_dir, block_size=4, async_scheduling=True)
+    runner, pipeline = engine.runner, engine.pipeline
+    forwards = 0
+    index_of: dict[int, int] = {}  # LaunchedStep id -> the forward that queued it (1-based)
+    reads: list[tuple[int, int]] = []  # (step's forward, forwards queued when it was read)
+    forward, launch, read = runner.forward, runner.launch, pipeline._read
+
+    def counted_forward(*args, **kwargs):
+        nonlocal forwards
+        forwards += 1
+        return forward(*args, **kwargs)
+
+    def launch_remembering_its_forward(*args, **kwargs):
+        before = forwards
+        step = launch(*args, **kwargs)
+        # Its own forward is the first one queued during the call (a nested read queues none).
+        index_of[id(step)] = before + 1
+        return step
+
+    def recorded_read(launched):
+        reads.append((index_of[id(launched)], forwards))
+        return read(launched)
+
+    monkeypatch.setattr(runner, "forward", counted_forward)
+    monkeypatch.setattr(runner, "launch", launch_remembering_its_forward)
+    monkeypatch.setattr(pipeline, "_read", recorded_read)
+    seen = run_all(engine, constrained_only_batch())
+    assert all(entry["finish"] is not None for entry in seen.values())
+    overlapped = [r for r in reads if r[1] > r[0]]
+    assert len(overlapped) > 10
+    assert len(overlapped) >= len(reads) - 2, reads  # only the last steps, with nothing left to launch
