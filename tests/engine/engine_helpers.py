@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -51,5 +52,9 @@ def hf_model(path: Path) -> transformers.PreTrainedModel:
 
 
 def make_engine(model: str | None, **overrides) -> LLMEngine:
-    config = EngineConfig(model=model, device="cpu", dtype="float32", **overrides)
+    # KUBELLM_TEST_DEVICE=cuda runs these engine tests on a GPU (a device run's spot check of the CPU suite).
+    device = os.environ.get("KUBELLM_TEST_DEVICE", "cpu")
+    if device == "cuda":
+        overrides.setdefault("kv_cache_memory", 256 << 20)
+    config = EngineConfig(model=model, device=device, dtype="float32", **overrides)
     return LLMEngine(config, load_model(config))
