@@ -1,6 +1,7 @@
 r"""The grammar for a JSON schema, with JSON strings that strict parsers accept and masks that stay cheap.
 
-xgrammar 0.2.x writes a string with `minLength` / `maxLength` as `"` char{m,n} `"`, where a char is
+xgrammar 0.2.x writes a string with `minLength` / `maxLength` as `"` char{m,n} `"` (a string of at most or
+exactly one character with that char inline), where a char is
 `[^"\\\r\n]`: a raw tab or any other control character (U+0000-U+001F but CR and LF) is allowed, and no
 escape is. RFC 8259 forbids raw control characters in strings, so `json.loads`, the OpenAI SDK's `parse` and
 pydantic refuse such output (a raw tab was seen at temperature 1.5). Plain strings, patterns and formats are
@@ -42,13 +43,25 @@ CHAIN_ESCAPE_RULE = f"{CHAIN_RULE_PREFIX}_escape"
 CHAIN_ESCAPE = rf'"\\" {CHAIN_ESCAPE_RULE}'
 
 
+# A string of at most one character (`maxLength: 1`) and of exactly one are not repetitions: xgrammar
+# writes the loose character inline, as `("" | ([^\"\\\r\n]))` and `"\"" [^\"\\\r\n] "\""`.
+LOOSE_CHARACTER = r"[^\"\\\r\n]"
+LOOSE_AT_MOST_ONE = f'("" | ({LOOSE_CHARACTER}))'
+LOOSE_EXACTLY_ONE = rf'"\"" {LOOSE_CHARACTER} "\""'
+
+
 def json_schema_grammar(schema: str, max_whitespace_cnt: int | None = None) -> xgr.Grammar:
     """xgrammar's grammar for `schema`, its length-bounded strings' characters made strict JSON."""
     grammar = xgr.Grammar.from_json_schema(schema, max_whitespace_cnt=max_whitespace_cnt)
     ebnf = str(grammar)
     names = LOOSE_STRING_CHARACTER_RULE.findall(ebnf)
-    if not names:
+    one_character = LOOSE_AT_MOST_ONE in ebnf or LOOSE_EXACTLY_ONE in ebnf
+    if not names and not one_character:
         return grammar
+    ebnf = ebnf.replace(LOOSE_AT_MOST_ONE, f'("" | {JSON_STRING_CHARACTER})')
+    ebnf = ebnf.replace(LOOSE_EXACTLY_ONE, rf'"\"" {JSON_STRING_CHARACTER} "\""')
+    if not names:
+        return xgr.Grammar.from_ebnf(ebnf)
     ebnf = LOOSE_STRING_CHARACTER_RULE.sub(lambda rule: f"{rule[1]} ::= {JSON_STRING_CHARACTER}", ebnf)
     return xgr.Grammar.from_ebnf(chain_bounded_strings(ebnf, names))
 

@@ -110,7 +110,9 @@ def _reference_accepts(text: str, lo: int, hi: int) -> bool:
     return isinstance(value, str) and not raw_control and lo <= len(value) and (hi < 0 or len(value) <= hi)
 
 
-@pytest.mark.parametrize("lo,hi", [(0, 0), (1, 3), (2, 5), (0, 4), (3, 3), (2, -1), (66, 70)], ids=str)
+@pytest.mark.parametrize(
+    "lo,hi", [(0, 0), (0, 1), (1, 1), (1, 3), (2, 5), (0, 4), (3, 3), (2, -1), (66, 70)], ids=str
+)
 def test_bounded_strings_accept_exactly_the_json_strings_of_their_length(
     compiler: GrammarCompiler, lo: int, hi: int
 ) -> None:
