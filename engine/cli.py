@@ -253,7 +253,8 @@ def engine_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         )
     except ValidationError as exc:
         problems = "; ".join(
-            f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors()
+            f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" if e["loc"] else e["msg"]
+            for e in exc.errors()
         )
         parser.error(problems)
 

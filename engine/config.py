@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 DeviceType = Literal["cuda", "cpu"]
 
@@ -81,10 +81,32 @@ class EngineConfig(BaseModel):
     reasoning_parser: Literal["qwen3", "deepseek_r1"] | None = None
 
     def max_num_seqs_on(self, device: DeviceType) -> int:
-        return self.max_num_seqs or self.DEFAULT_MAX_NUM_SEQS[device]
+        """By default never above an explicit max_num_batched_tokens (see max_num_batched_tokens_on)."""
+        if self.max_num_seqs:
+            return self.max_num_seqs
+        return min(
+            self.DEFAULT_MAX_NUM_SEQS[device],
+            self.max_num_batched_tokens or self.DEFAULT_MAX_NUM_SEQS[device],
+        )
 
     def max_num_batched_tokens_on(self, device: DeviceType) -> int:
-        return self.max_num_batched_tokens or self.DEFAULT_MAX_NUM_BATCHED_TOKENS[device]
+        """The step's token budget; by default never below max_num_seqs (each running sequence must be able
+        to decode in the same step, or a full batch of decodes leaves no room for a prompt, ever)."""
+        if self.max_num_batched_tokens:
+            return self.max_num_batched_tokens
+        return max(self.DEFAULT_MAX_NUM_BATCHED_TOKENS[device], self.max_num_seqs or 0)
+
+    @model_validator(mode="after")
+    def _budget_holds_every_sequence(self) -> EngineConfig:
+        # vLLM refuses this too: with more sequences than tokens per step, once that many decode, no
+        # prefill chunk ever fits and waiting requests starve.
+        seqs, tokens = self.max_num_seqs, self.max_num_batched_tokens
+        if seqs is not None and tokens is not None and tokens < seqs:
+            raise ValueError(
+                f"--max-num-batched-tokens ({tokens}) must be at least --max-num-seqs ({seqs}): "
+                "every running sequence decodes a token each step"
+            )
+        return self
 
     def max_prefill_tokens_while_decoding_on(self, device: DeviceType) -> int:
         """The per-step prefill cap while sequences decode, never above the step's whole budget."""

@@ -84,6 +84,8 @@ def test_every_default_comes_from_engine_config(monkeypatch: pytest.MonkeyPatch)
     assert EngineConfig().max_num_batched_tokens_on("cuda") == 8192
     assert EngineConfig().max_num_batched_tokens_on("cpu") == 2048
     assert EngineConfig(max_num_seqs=7).max_num_seqs_on("cuda") == 7
+    assert EngineConfig(max_num_seqs=4096).max_num_batched_tokens_on("cpu") == 4096  # room for every decode
+    assert EngineConfig(max_num_batched_tokens=64).max_num_seqs_on("cpu") == 64  # and the other way round
     assert EngineConfig().async_scheduling_on("cuda") and not EngineConfig().async_scheduling_on("cpu")
     assert (
         ServeOptions().shutdown_timeout
@@ -174,3 +176,13 @@ def test_version_and_no_torch_at_import() -> None:
     assert out.stdout.strip().startswith("kubellm ")
     code = "import sys, engine.cli; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd="/").returncode == 0
+
+
+def test_a_token_budget_below_max_num_seqs_is_refused_in_the_flags_terms(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    with pytest.raises(SystemExit):
+        config_of("--max-num-seqs", "64", "--max-num-batched-tokens", "32")
+    err = capsys.readouterr().err
+    assert "--max-num-batched-tokens (32) must be at least --max-num-seqs (64)" in err, err
+    assert config_of("--max-num-seqs", "64", "--max-num-batched-tokens", "64").max_num_batched_tokens == 64
