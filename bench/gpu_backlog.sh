@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU runs still owed to the open issues, in priority order, one device call per stage (each under the
+# The GPU runs still owed to the open issues (priority: the usage line's order), one device call per stage (each under the
 # device's 10-minute limit). On this machine first: bash bench/device_wheels.sh; python3 bench/w2_text.py
 # --prepare bench/data/w2_text (or copy that git-ignored folder), and for `w1-base` a copy of the code before
 # the wave: mkdir -p .carry/base && git archive 93112ef engine bench | tar -x -C .carry/base.
@@ -29,14 +29,21 @@ case "${1:-}" in
     mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
     layers=48; (( mib < 100000 )) && layers=24
     run w5 560 python3 bench/w5_moe.py --num-layers "$layers" --out "$OUT/w5.json" ;;
-  structured)  # issue 10: decode throughput, half the requests under a JSON schema, 16 and 256 concurrent
-    run structured 540 python3 bench/structured_outputs.py --tokenizer bench/data/w2_text/tokenizer \
-      --out "$OUT/structured.json" ;;
+  structured)  # issue 10: decode throughput, half the requests under a JSON schema, 16 and 256 concurrent (first
+    # run since the string-chain fix and the grammar overlap), with the step trace; then the engine suite's grammar
+    # and async-scheduling tests on the GPU
+    KUBELLM_STEP_TRACE="$OUT/structured_trace.jsonl" run structured 300 python3 bench/structured_outputs.py \
+      --tokenizer bench/data/w2_text/tokenizer --out "$OUT/structured.json"
+    KUBELLM_TEST_DEVICE=cuda run engine_tests_cuda 200 python3 -m pytest -q -p no:cacheprovider \
+      tests/engine/test_structured_engine.py tests/engine/test_async_scheduling.py ;;
+  fp8)  # issue 13: the FP8 + FP8-KV diagnosis (parts against the combination) and the FP8 GPU tests
+    run fp8_kv 120 python3 bench/diag/fp8_kv_first_tokens.py --out "$OUT/fp8_kv.json"
+    run fp8_tests 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_engine_on_gpu.py ;;
   tests)  # every GPU test (tests/gpu) on the current code; the two failures of 2026-12-05 first
     run gpu_tests 540 python3 -m pytest tests/gpu/test_fp8_engine_on_gpu.py tests/gpu/test_moe_engine_on_gpu.py \
       tests/gpu -q -p no:cacheprovider --timeout 120 -rfE -k "not cpu_interpreter" --junitxml="$OUT/junit.xml" ;;
   w1)  # issue 13's W1 bar (H200: >= 28,800 tok/s), main and the old code on the same machine
     run w1 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
     (cd .carry/base && run w1_base 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_base.json") ;;
-  *) echo "usage: bench/gpu_backlog.sh w2|w2-cap|w2-fp8|w2-text|w5|structured|tests|w1" >&2; exit 2 ;;
+  *) echo "usage: bench/gpu_backlog.sh structured|fp8|w2-fp8|w2-text|w5|w2-cap|w2|tests|w1" >&2; exit 2 ;;
 esac
