@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import signal
 from typing import TYPE_CHECKING
 
 import zmq
@@ -35,6 +36,10 @@ def run_engine_process(
     """The spawned process's entry point: to_engine / from_engine are the API process's bound IPC
     addresses."""
     die_with_parent(parent_pid)
+    # Ctrl-C reaches the whole process group, and some supervisors signal the group too: the API process
+    # decides (it drains its requests, then sends Shutdown); this process stops on that, or with its parent.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _configure_logging(log_level, json_logs)
     context = zmq.Context()
     inbox = context.socket(zmq.PULL)

@@ -146,6 +146,26 @@ def test_sigterm_stops_both_processes(launch_kubellm, tiny_llama_dir) -> None:
     assert "shutdown complete" in srv.log_tail()
 
 
+def test_signals_to_the_process_group_leave_the_draining_to_the_server(
+    launch_kubellm, tiny_llama_dir
+) -> None:
+    """Ctrl-C (SIGINT) reaches the whole process group, engine process included: it ignores that and SIGTERM,
+    keeps serving, and stops when the server has drained and tells it to."""
+    srv = launch_kubellm(*split_args(tiny_llama_dir))
+    pid = engine_pid(srv)
+    client = OpenAI(base_url=srv.api_url, api_key="x", max_retries=0)
+    stream = iter(client.completions.create(model=MODEL, prompt="Hi", max_tokens=40, stream=True,
+                                            extra_body={"ignore_eos": True}))  # fmt: skip
+    next(stream)
+    os.kill(pid, signal.SIGINT)
+    os.kill(pid, signal.SIGTERM)
+    srv.proc.send_signal(signal.SIGINT)  # the server drains the stream in flight, then stops the engine
+    text = "".join(c.choices[0].text for c in stream if c.choices)
+    assert text and srv.proc.wait(timeout=60) == 0, srv.log_tail()
+    wait_gone([pid])
+    assert "Traceback" not in srv.log_tail(20000) and "shutdown complete" in srv.log_tail()
+
+
 def test_an_engine_process_that_dies_ends_the_server_with_an_error(launch_kubellm, tiny_llama_dir) -> None:
     srv = launch_kubellm(*split_args(tiny_llama_dir))
     pid = engine_pid(srv)
