@@ -18,7 +18,7 @@ from aiohttp import web
 from engine.api.output_plan import ServerToolOptions
 from engine.api.server import build_app
 from engine.api.state import STATE
-from engine.config import DeviceType, EngineConfig
+from engine.config import EngineConfig
 
 log = logging.getLogger("engine.serve")
 
@@ -85,24 +85,16 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
-def _device(config: EngineConfig) -> DeviceType:
-    """The device the engine will load onto (`--device auto` resolved as the loader resolves it)."""
-    if config.device != "auto":
-        return config.device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 async def run_server(config: EngineConfig, options: ServeOptions) -> None:
     from engine.async_engine import AsyncEngine  # torch comes in here, not at CLI import
     from engine.model.kv_cache_sizing import KVCacheTooSmallError
+    from engine.model.loader import resolve_device
     from engine.model.sources import ModelLoadError
     from engine.outputs import EngineDeadError
 
     try:
         # Loads the model (the loader logs progress): on a thread of this process, or in its own.
-        if config.engine_process_on(_device(config)):
+        if config.engine_process_on(resolve_device(config.device).type):
             from engine.engine_process.client import ProcessEngine  # pyzmq, msgspec: only with the flag
 
             engine: AsyncEngine | ProcessEngine = ProcessEngine(config)

@@ -28,6 +28,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from engine.cli import JsonFormatter
 from engine.config import EngineConfig
 from engine.engine_process import wire
 from engine.engine_process.core import run_engine_process
@@ -55,10 +56,17 @@ class ProcessEngine(StreamingFrontend):
         self._from_engine.setsockopt(zmq.RCVHWM, 0)
         self._from_engine.bind(from_engine)
         root = logging.getLogger()
-        json_logs = any(type(h.formatter).__name__ == "JsonFormatter" for h in root.handlers)
+        log_format = "json" if any(isinstance(h.formatter, JsonFormatter) for h in root.handlers) else "text"
         self._process = multiprocessing.get_context("spawn").Process(
             target=run_engine_process,
-            args=(config, to_engine, from_engine, os.getpid(), root.getEffectiveLevel(), json_logs),
+            args=(
+                config,
+                to_engine,
+                from_engine,
+                os.getpid(),
+                logging.getLevelName(root.getEffectiveLevel()),
+                log_format,
+            ),
             name="kubellm-engine",
         )
         self._start_process()

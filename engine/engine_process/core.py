@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import zmq
 
 from engine.child_process import die_with_parent
+from engine.cli import configure_logging
 from engine.config import EngineConfig
 from engine.engine_process import wire
 from engine.request_streams import AbortRequest, AddRequest
@@ -31,16 +32,16 @@ log = logging.getLogger(__name__)
 
 
 def run_engine_process(
-    config: EngineConfig, to_engine: str, from_engine: str, parent_pid: int, log_level: int, json_logs: bool
+    config: EngineConfig, to_engine: str, from_engine: str, parent_pid: int, log_level: str, log_format: str
 ) -> None:
     """The spawned process's entry point: to_engine / from_engine are the API process's bound IPC
-    addresses."""
+    addresses; log_level / log_format its --log-level / --log-format (the same lines, in one stream)."""
     die_with_parent(parent_pid)
     # Ctrl-C reaches the whole process group, and some supervisors signal the group too: the API process
     # decides (it drains its requests, then sends Shutdown); this process stops on that, or with its parent.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _configure_logging(log_level, json_logs)
+    configure_logging(log_level, log_format)
     context = zmq.Context()
     inbox = context.socket(zmq.PULL)
     inbox.setsockopt(zmq.RCVHWM, 0)  # no high-water marks (see client.py)
@@ -75,15 +76,6 @@ def _build_engine(config: EngineConfig) -> LLMEngine:
     # A tensor-parallel rank that dies ends this process (the driver's watchdog); the API process sees
     # that and fails every request in flight.
     return LLMEngine(config, load_model(config))
-
-
-def _configure_logging(level: int, json_logs: bool) -> None:
-    from engine.cli import JsonFormatter  # the same lines as the API process's, in one stream
-
-    handler = logging.StreamHandler()
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    handler.setFormatter(JsonFormatter() if json_logs else logging.Formatter(fmt))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
 class EngineLoop:
