@@ -15,9 +15,9 @@ import subprocess
 
 import aiohttp
 import pytest
-from openai import APIError, AsyncOpenAI, BadRequestError, OpenAI, RateLimitError
+from openai import AsyncOpenAI, BadRequestError, OpenAI, RateLimitError
 from test_openai_server import metrics, wait_until_idle
-from test_tensor_parallel_server import alive, wait_gone, worker_pids
+from test_tensor_parallel_server import alive, kill_mid_stream, wait_gone, worker_pids
 
 MODEL = "tiny-llama"
 TINY_SERVER_FLAGS = ["--device", "cpu", "--kv-cache-memory", "64MiB"]  # as conftest's
@@ -169,16 +169,7 @@ def test_signals_to_the_process_group_leave_the_draining_to_the_server(
 def test_an_engine_process_that_dies_ends_the_server_with_an_error(launch_kubellm, tiny_llama_dir) -> None:
     srv = launch_kubellm(*split_args(tiny_llama_dir))
     pid = engine_pid(srv)
-    client = OpenAI(base_url=srv.api_url, api_key="x", max_retries=0)
-    stream = client.completions.create(
-        model=MODEL, prompt="Hello", max_tokens=900, stream=True, extra_body={"ignore_eos": True}
-    )
-    chunks = iter(stream)
-    next(chunks)  # in flight now
-    os.kill(pid, signal.SIGKILL)
-    with pytest.raises(APIError, match="engine has stopped"):  # an error event, not a clean end
-        for _ in chunks:
-            pass
+    kill_mid_stream(srv, pid)
     assert srv.proc.wait(timeout=60) == 1, srv.log_tail()
     assert "the engine process exited with code -9" in srv.log_tail(20000)
     wait_gone([pid, srv.proc.pid])

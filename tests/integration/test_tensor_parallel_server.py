@@ -106,19 +106,25 @@ def test_sigterm_stops_every_rank(launch_kubellm, tiny_llama_dir) -> None:
     assert "tensor-parallel ranks stopped" in srv.log_tail()
 
 
-def test_a_rank_that_dies_ends_the_server_with_an_error(launch_kubellm, tiny_llama_dir) -> None:
-    srv = launch_kubellm(*tp_args(tiny_llama_dir))
-    [worker] = worker_pids(srv)
-    client = OpenAI(base_url=srv.api_url, api_key="x", max_retries=0)
+def kill_mid_stream(server, pid: int) -> None:
+    """SIGKILL `pid` (a process the server's engine needs) while a stream is in flight: the stream must
+    end with an error event, not a clean end."""
+    client = OpenAI(base_url=server.api_url, api_key="x", max_retries=0)
     stream = client.completions.create(
         model=MODEL, prompt="Hello", max_tokens=900, stream=True, extra_body={"ignore_eos": True}
     )
     chunks = iter(stream)
     next(chunks)  # in flight now
-    os.kill(worker, signal.SIGKILL)
-    with pytest.raises(APIError, match="engine has stopped"):  # an error event, not a clean end
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(APIError, match="engine has stopped"):
         for _ in chunks:
             pass
+
+
+def test_a_rank_that_dies_ends_the_server_with_an_error(launch_kubellm, tiny_llama_dir) -> None:
+    srv = launch_kubellm(*tp_args(tiny_llama_dir))
+    [worker] = worker_pids(srv)
+    kill_mid_stream(srv, worker)
     assert srv.proc.wait(timeout=60) != 0, srv.log_tail()
     log = srv.log_tail(20000)
     assert f"tensor-parallel rank 1 (pid {worker}) exited with code -9" in log, log
