@@ -34,8 +34,11 @@ case "${1:-}" in
     # and async-scheduling tests on the GPU
     KUBELLM_STEP_TRACE="$OUT/structured_trace.jsonl" run structured 300 python3 bench/structured_outputs.py \
       --tokenizer bench/data/w2_text/tokenizer --out "$OUT/structured.json"
-    KUBELLM_TEST_DEVICE=cuda run engine_tests_cuda 200 python3 -m pytest -q -p no:cacheprovider \
+    KUBELLM_TEST_DEVICE=cuda KUBELLM_TEST_TOKENIZER=bench/data/w2_text/tokenizer run engine_tests_cuda 200 python3 -m pytest -q -p no:cacheprovider \
       tests/engine/test_structured_engine.py tests/engine/test_async_scheduling.py ;;
+  structured-profile)  # issue 10: where a constrained step's host time goes on the GPU machine (cProfile, 256 concurrent)
+    run structured_profile 200 python3 bench/structured_outputs.py --tokenizer bench/data/w2_text/tokenizer \
+      --concurrency 256 --max-tokens 128 --profile 45 --profile-prefix "$OUT/structured_profile" ;;
   fp8)  # issue 13: the FP8 + FP8-KV diagnosis (parts against the combination) and the FP8 GPU tests
     run fp8_kv 120 python3 bench/diag/fp8_kv_first_tokens.py --out "$OUT/fp8_kv.json"
     run fp8_tests 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_engine_on_gpu.py ;;
@@ -45,5 +48,5 @@ case "${1:-}" in
   w1)  # issue 13's W1 bar (H200: >= 28,800 tok/s), main and the old code on the same machine
     run w1 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
     (cd .carry/base && run w1_base 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_base.json") ;;
-  *) echo "usage: bench/gpu_backlog.sh structured|fp8|w2-fp8|w2-text|w5|w2-cap|w2|tests|w1" >&2; exit 2 ;;
+  *) echo "usage: bench/gpu_backlog.sh structured|structured-profile|fp8|w2-fp8|w2-text|w5|w2-cap|w2|tests|w1" >&2; exit 2 ;;
 esac

@@ -17,9 +17,12 @@ On the GPU the model has Qwen3-0.6B's shape and random weights, with the embedde
 from __future__ import annotations
 
 import argparse
+import cProfile
 import datetime
+import io
 import json
 import platform
+import pstats
 import random
 import sys
 import tempfile
@@ -167,14 +170,22 @@ def decode_throughput(engine: LLMEngine, num_requests: int, constrained_share: f
         produced += sum(len(o.new_token_ids) for o in engine.step())
     if engine.runner.device.type == "cuda":
         torch.cuda.synchronize()
+    profiler = cProfile.Profile() if args.profile else None
     started, start_tokens = time.perf_counter(), produced
     finishes: dict[str, int] = {}
+    if profiler is not None:
+        profiler.enable()
     while engine.has_unfinished():
         for out in engine.step():
             produced += len(out.new_token_ids)
             if out.finished:
                 finishes[out.finish_reason or "?"] = finishes.get(out.finish_reason or "?", 0) + 1
     elapsed = time.perf_counter() - started
+    if profiler is not None:
+        profiler.disable()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(args.profile)
+        Path(f"{args.profile_prefix}_{num_requests}_{constrained_share}.txt").write_text(text.getvalue())
     return {
         "requests": num_requests,
         "constrained": num_constrained,
@@ -208,6 +219,10 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--kv-cache-memory", type=int, default=None, help="bytes")
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--profile", type=int, default=0, help="cProfile the timed steps: print this many lines"
+    )
+    parser.add_argument("--profile-prefix", default="structured_profile", help="profile files' path prefix")
     parser.add_argument(
         "--tokenizer",
         default=None,

