@@ -23,6 +23,7 @@ case "${1:-}" in
     # first the activation-quantization kernel's bit-exactness and the GEMM shapes
     run fp8_quant_test 90 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_quant_kernel.py
     run fp8_gemm 120 python3 bench/fp8_gemm.py
+    run fp8_gemm_eager 120 python3 bench/fp8_gemm.py --eager
     run w2_bf16 200 python3 bench/w2_serving.py --qps inf --out "$OUT/w2_bf16.json"
     run w2_fp8 240 python3 bench/w2_serving.py --qps inf --out "$OUT/w2_fp8.json" \
       --serve-args --quantization fp8 --kv-cache-dtype fp8 ;;
