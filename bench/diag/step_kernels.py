@@ -4,8 +4,9 @@ were ~1.5x faster on the MLP shapes).
 
 For each variant, one engine over the same random checkpoint (W2's Llama-3.1-8B shape), then under
 torch.profiler:
-- decode: `--batch` sequences at `--context` tokens of context, `--steps` steady decode steps (CUDA graphs
-  as served, unless --eager; the graphs' kernels are reported one by one);
+- decode: for each `--batch` size (W2's long tail runs under 30 sequences, its crowded middle at 200-500),
+  that many sequences at `--context` tokens of context, `--steps` steady decode steps (CUDA graphs as
+  served, unless --eager; the graphs' kernels are reported one by one);
 - prefill: `--prefill-seqs` fresh prompts of `--prefill-len` tokens, one token each (eager, as served).
 Kernels are summed by category (GEMM, FP8 quantization, attention, norms, rotary, activation, KV write,
 sampling, other), per step, with the top kernels by time.
@@ -106,8 +107,8 @@ def summarize(prof, steps: int, device: str) -> dict:
 def measure(path: Path, variant: dict, args) -> dict:
     config = EngineConfig(
         model=str(path), device=args.device, max_model_len=args.context + args.steps + 64,
-        max_num_seqs=max(args.batch, args.prefill_seqs), enforce_eager=args.eager,
-        max_num_batched_tokens=max(args.prefill_seqs * args.prefill_len, args.batch, 2048),
+        max_num_seqs=max(*args.batch, args.prefill_seqs), enforce_eager=args.eager,
+        max_num_batched_tokens=max(args.prefill_seqs * args.prefill_len, *args.batch, 2048),
         **({"gpu_memory_utilization": 0.85} if args.device == "cuda" else {"dtype": "float32"}), **variant,
     )  # fmt: skip
     engine = LLMEngine(config, load_model(config))
@@ -116,28 +117,30 @@ def measure(path: Path, variant: dict, args) -> dict:
     activity = [ProfilerActivity.CUDA] if args.device == "cuda" else [ProfilerActivity.CPU]
     result: dict = {}
     try:
-        # decode: every sequence prefilled first (not profiled), then steady steps
-        for i in range(args.batch):
-            prompt = [rng.randrange(10, vocab) for _ in range(args.context)]
-            engine.add_request(f"d{i}", prompt, SamplingParams(max_tokens=args.steps + 8, ignore_eos=True))
-        while engine.scheduler.num_waiting or any(
-            s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running
-        ):
-            engine.step()
-        for _ in range(3):
-            engine.step()
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        with profile(activities=activity) as prof:
-            for _ in range(args.steps):
+        for batch in args.batch:  # decode: every sequence prefilled first (not profiled), then steady steps
+            for i in range(batch):
+                prompt = [rng.randrange(10, vocab) for _ in range(args.context)]
+                engine.add_request(
+                    f"d{i}", prompt, SamplingParams(max_tokens=args.steps + 8, ignore_eos=True)
+                )
+            while engine.scheduler.num_waiting or any(
+                s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running
+            ):
+                engine.step()
+            for _ in range(3):
                 engine.step()
             if args.device == "cuda":
                 torch.cuda.synchronize()
-        result["decode"] = summarize(prof, args.steps, args.device)
-        for rid in [f"d{i}" for i in range(args.batch)]:
-            engine.abort_request(rid)
-        while engine.has_unfinished():
-            engine.step()
+            with profile(activities=activity) as prof:
+                for _ in range(args.steps):
+                    engine.step()
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+            result[f"decode_b{batch}"] = summarize(prof, args.steps, args.device)
+            for i in range(batch):
+                engine.abort_request(f"d{i}")
+            while engine.has_unfinished():
+                engine.step()
         # prefill: fresh prompts, one output token each, in one step where the budget allows
         prompts = [
             [rng.randrange(10, vocab) for _ in range(args.prefill_len)] for _ in range(args.prefill_seqs)
@@ -162,7 +165,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model (the CPU's plumbing check)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--batch", type=int, nargs="+", default=[256, 16])
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--prefill-seqs", type=int, default=4)
@@ -178,8 +181,7 @@ def main() -> None:
     }
     for name in args.variants:
         results["variants"][name] = measure(path, VARIANTS[name], args)
-        for phase in ("decode", "prefill"):
-            r = results["variants"][name][phase]
+        for phase, r in results["variants"][name].items():
             print(json.dumps({"variant": name, "phase": phase, "ms_per_step": r["ms_per_step"],
                               **r["ms_per_step_by_category"]}))  # fmt: skip
     if args.out:
