@@ -14,11 +14,15 @@ characters as JSON Schema does. Grammars without such a rule are used as xgramma
 How the bounded repetition is written decides what every decode step costs. As `char{m,n}` with a char that
 has an escape alternative, xgrammar's per-position token-mask cache cannot settle which tokens fit (they
 depend on the repetition count), so each mask inside the string checks almost the whole vocabulary at run
-time: 20-30 ms per fill with a 49k vocabulary, against ~30 µs elsewhere. Written as a chain of rules,
-"k more characters at most, then the closing quote", every position is one rule whose mask is computed
-once at compile time (~10 ms of compile per rule). The chain's rules are shared by every bounded string of
-the grammar (they only depend on the bounds); bounds past `MAX_CHAINED_LENGTH` keep the repetition (a
-chain that long would cost seconds of compile time).
+time: 20-30 ms per fill with a 49k vocabulary at 16 characters, growing with the position (100-900 ms per
+fill at 20-40 characters into a `maxLength: 200` string). Written as a chain of rules, "k more characters at
+most, then the closing quote", every position is one rule whose mask is computed once at compile time
+(~7-10 ms of compile per rule). The chain's rules are shared by every bounded string of the grammar (they only
+depend on the bounds). A chain stops after `MAX_CHAINED_LENGTH` positions (a longer one would cost seconds of
+compile time): the rest of the string is plain characters only (a repetition of one character class, whose
+masks xgrammar computes cheaply), so in a string with a bound past that, escapes (`\n`, `\"`, ...) can only
+appear among its first `MAX_CHAINED_LENGTH` characters (with only a minLength past it: and again once the
+minimum is reached). Every string let out is still JSON that meets the bounds.
 """
 
 from __future__ import annotations
@@ -34,9 +38,10 @@ LOOSE_STRING_CHARACTER_RULE = re.compile(r'^(\S+) ::= \(\(\[\^\\"\\\\\\r\\n\]\)\
 JSON_PLAIN_CHARACTER = r"[^\0-\x1f\"\\]"
 JSON_ESCAPE = r'"\\" ([\"\\/bfnrt] | "u" [A-Fa-f0-9] [A-Fa-f0-9] [A-Fa-f0-9] [A-Fa-f0-9])'
 JSON_STRING_CHARACTER = f"({JSON_PLAIN_CHARACTER} | {JSON_ESCAPE})"
-# Longest minLength / maxLength written as a rule chain (one rule per character position).
+# Character positions written as a rule chain (one rule each, escapes allowed) before plain characters only.
 MAX_CHAINED_LENGTH = 64
 CHAIN_RULE_PREFIX = "json_string_chars"
+PLAIN_RULE_PREFIX = "json_string_plain"
 # The chain's escapes go through one shared rule: inlined, each chain rule would carry its own escape
 # positions, and their masks (a third of the compile time) would be computed once per rule.
 CHAIN_ESCAPE_RULE = f"{CHAIN_RULE_PREFIX}_escape"
@@ -69,14 +74,13 @@ def json_schema_grammar(schema: str, max_whitespace_cnt: int | None = None) -> x
 def chain_bounded_strings(ebnf: str, names: list[str]) -> str:
     """Each `name{lo, hi} "\""` (the characters and closing quote of a bounded string) becomes the start
     of a rule chain; rules are added once per (lo, hi) reached."""
-    rules: dict[tuple[int, int], str] = {}
+    rules: dict[str, str] = {}  # rule name -> its definition
     usage = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r')\{(\d+), (-?\d+)\} "\\""')
 
     def chained(match: re.Match[str]) -> str:
-        lo, hi = int(match[2]), int(match[3])
-        if lo > MAX_CHAINED_LENGTH or hi > MAX_CHAINED_LENGTH:
-            return match[0]  # the repetition: slow masks, but no seconds of compile time
-        return _chain_rule(lo, hi, rules)
+        if MAX_CHAINED_LENGTH < 0:  # the plain repetition, slow masks (bench/diag/structured_host_cost.py)
+            return match[0]
+        return _chain_rule(int(match[2]), int(match[3]), rules)
 
     ebnf = usage.sub(chained, ebnf)
     if not rules:
@@ -85,17 +89,36 @@ def chain_bounded_strings(ebnf: str, names: list[str]) -> str:
     return "\n".join([ebnf, *rules.values(), escape, ""])
 
 
-def _chain_rule(lo: int, hi: int, rules: dict[tuple[int, int], str]) -> str:
+def _rule_name(lo: int, hi: int, kind: str = CHAIN_RULE_PREFIX) -> str:
+    return f"{kind}_{lo}_{'inf' if hi < 0 else hi}"
+
+
+def _chain_rule(lo: int, hi: int, rules: dict[str, str]) -> str:
     """The rule for "between lo and hi more characters (hi -1: no upper bound), then the closing quote",
-    with the rules it leads to, added to `rules`; returns its name."""
-    name = f"{CHAIN_RULE_PREFIX}_{lo}_{'inf' if hi < 0 else hi}"
-    while (lo, hi) not in rules:
+    with the rules it leads to, added to `rules`; returns its name. After MAX_CHAINED_LENGTH positions the
+    chain leads to a plain-characters rule (named apart: a chain rule of the same bounds allows escapes)."""
+    name = _rule_name(lo, hi)
+    for position in range(MAX_CHAINED_LENGTH):
+        current = _rule_name(lo, hi)
+        if current in rules:
+            break
         # One more character leads to (lo - 1, hi - 1); with no upper bound and lo reached, to itself.
         after = (max(lo - 1, 0), hi - 1 if hi > 0 else hi)
-        after_name = f"{CHAIN_RULE_PREFIX}_{after[0]}_{'inf' if after[1] < 0 else after[1]}"
         choices = ['("\\"")'] if lo == 0 else []
         if hi != 0:
+            after_name = _rule_name(*after)
+            if position == MAX_CHAINED_LENGTH - 1 and after != (0, -1):  # the chain ends here
+                after_name = _rule_name(*after, kind=PLAIN_RULE_PREFIX)
+                rules.setdefault(after_name, f"{after_name} ::= ({_plain_tail(*after, rules)})")
             choices += [f"({JSON_PLAIN_CHARACTER} {after_name})", f"({CHAIN_ESCAPE} {after_name})"]
-        rules[(lo, hi)] = f"{CHAIN_RULE_PREFIX}_{lo}_{'inf' if hi < 0 else hi} ::= ({' | '.join(choices)})"
+        rules[current] = f"{current} ::= ({' | '.join(choices)})"
         lo, hi = after
     return name
+
+
+def _plain_tail(lo: int, hi: int, rules: dict[str, str]) -> str:
+    """lo..hi plain characters then the closing quote; with no upper bound, lo plain characters then the
+    unbounded chain rule (escapes allowed again: no count is left to keep)."""
+    if hi >= 0:
+        return f'{JSON_PLAIN_CHARACTER}{{{lo}, {hi}}} "\\""'
+    return f"{JSON_PLAIN_CHARACTER}{{{lo}, {lo}}} {_chain_rule(0, -1, rules)}"

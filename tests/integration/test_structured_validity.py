@@ -70,7 +70,7 @@ SCHEMAS: dict[str, dict] = {
             "id": {"type": "integer", "minimum": 0, "maximum": 100000},
             "title": {"type": "string", "maxLength": 30},
             "rating": {"type": "number", "minimum": 0, "maximum": 5},
-            "comment": {"type": "string", "maxLength": 30},
+            "comment": {"type": "string", "maxLength": 90},  # past 64: a rule chain, then plain characters
         },
         "required": ["id", "title", "rating"],
     },

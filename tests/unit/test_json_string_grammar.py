@@ -100,24 +100,46 @@ def test_grammar_otherwise_unchanged(compiler: GrammarCompiler) -> None:
     assert not accepts(compiler, spec, '{"b":"x"}')
 
 
+def _escape_positions(text: str) -> list[int]:
+    """Where each escape of a string literal sits among its characters once parsed."""
+    positions, i, count = [], 1, 0
+    while i < len(text) - 1:
+        if text[i] == "\\":
+            positions.append(count)
+            i += 6 if text[i + 1 : i + 2] == "u" else 2
+        else:
+            i += 1
+        count += 1
+    return positions
+
+
 def _reference_accepts(text: str, lo: int, hi: int) -> bool:
-    """What JSON Schema says: `text` is a JSON string literal of lo..hi characters (hi -1: no bound)."""
+    """What JSON Schema says: `text` is a JSON string literal of lo..hi characters (hi -1: no bound); plus
+    the grammar's own limit (engine/structured/json_grammar.py): past MAX_CHAINED_LENGTH characters of a
+    longer bound, plain characters only (with no upper bound, until minLength is reached)."""
+    from engine.structured.json_grammar import MAX_CHAINED_LENGTH as CHAIN
+
     try:
         value = json.loads(text)
     except ValueError:
         return False
     raw_control = any(ord(c) < 0x20 for c in text)
-    return isinstance(value, str) and not raw_control and lo <= len(value) and (hi < 0 or len(value) <= hi)
+    if not isinstance(value, str) or raw_control or len(value) < lo or (hi >= 0 and len(value) > hi):
+        return False
+    plain_from, plain_to = (CHAIN, hi + 1) if hi > CHAIN else (CHAIN, lo) if hi < 0 and lo > CHAIN else (0, 0)
+    return not any(plain_from <= p < plain_to for p in _escape_positions(text))
 
 
 @pytest.mark.parametrize(
-    "lo,hi", [(0, 0), (0, 1), (1, 1), (1, 3), (2, 5), (0, 4), (3, 3), (2, -1), (66, 70)], ids=str
+    "lo,hi",
+    [(0, 0), (0, 1), (1, 1), (1, 3), (2, 5), (0, 4), (3, 3), (2, -1), (62, 66), (66, 70), (70, -1), (0, 200)],
+    ids=str,
 )
 def test_bounded_strings_accept_exactly_the_json_strings_of_their_length(
     compiler: GrammarCompiler, lo: int, hi: int
 ) -> None:
-    """The rule chain (and, past MAX_CHAINED_LENGTH, the repetition) accepts a string literal iff it
-    parses as JSON and holds lo..hi characters, escapes counted as one."""
+    """The rule chain (and past MAX_CHAINED_LENGTH positions, plain characters) accepts a string literal iff
+    it parses as JSON and holds lo..hi characters, escapes counted as one, none where only plain ones go."""
     import random
 
     schema: dict = {"type": "string", "minLength": lo}
@@ -126,17 +148,29 @@ def test_bounded_strings_accept_exactly_the_json_strings_of_their_length(
     spec = StructuredOutputSpec("json_schema", json.dumps(schema))
     pieces = ["a", "Z", " ", "\\t", '\\"', "\\\\", "\\u00e9", "\\u00", "\\q", "\t", '"', "\\"]
     rng = random.Random(lo * 100 + hi)
+    accepted = 0
     for _ in range(300):
         length = rng.choice([lo - 1, lo, lo + 1, hi - 1, hi, hi + 1, rng.randrange(0, 8)])
-        text = '"' + "".join(rng.choice(pieces) for _ in range(max(length, 0))) + '"'
-        assert accepts(compiler, spec, text) == _reference_accepts(text, lo, hi), (lo, hi, text)
+        plain_after = rng.choice([0, 60, 64, 10**6])  # long strings need escapes held back to be accepted
+        chosen = [rng.choice(pieces[:3] if i >= plain_after else pieces) for i in range(max(length, 0))]
+        text = '"' + "".join(chosen) + '"'
+        expected = _reference_accepts(text, lo, hi)
+        assert accepts(compiler, spec, text) == expected, (lo, hi, text)
+        accepted += expected
+    assert accepted >= 10, (lo, hi)  # the accepting side was exercised too
 
 
 def test_bounded_strings_are_rule_chains_not_repetitions() -> None:
     """The mask cost: a repetition of the escape-aware character leaves nearly every token for xgrammar to
-    check at run time (~25 ms a fill at 49k tokens); the chain's masks are precomputed. Strings with the
-    same bounds share one chain."""
-    from engine.structured.json_grammar import CHAIN_RULE_PREFIX, MAX_CHAINED_LENGTH, json_schema_grammar
+    check at run time (~25 ms a fill at 49k tokens, 100-900 ms in a 200-character bound); the chain's masks
+    are precomputed. Strings with the same bounds share one chain; a longer bound's chain ends in a
+    repetition of the plain character, whose masks are cheap too."""
+    from engine.structured.json_grammar import (
+        CHAIN_RULE_PREFIX,
+        MAX_CHAINED_LENGTH,
+        PLAIN_RULE_PREFIX,
+        json_schema_grammar,
+    )
 
     bounded = {"type": "string", "maxLength": 16}
     schema = {
@@ -149,4 +183,5 @@ def test_bounded_strings_are_rule_chains_not_repetitions() -> None:
     assert ebnf.count(f"{CHAIN_RULE_PREFIX}_0_16 ::=") == 1
     assert f"{CHAIN_RULE_PREFIX}_0_inf ::=" in ebnf  # minLength only: then an unbounded tail
     long = {"type": "string", "maxLength": MAX_CHAINED_LENGTH + 1}
-    assert "characters{0, 65}" in str(json_schema_grammar(json.dumps(long), 20))
+    ebnf = str(json_schema_grammar(json.dumps(long), 20))
+    assert "characters{" not in ebnf and f"{PLAIN_RULE_PREFIX}_0_1 ::=" in ebnf  # chain, then plain only
