@@ -38,7 +38,9 @@ case "${1:-}" in
       tests/engine/test_structured_engine.py tests/engine/test_async_scheduling.py ;;
   structured-profile)  # issue 10: where a constrained step's host time goes on the GPU machine (cProfile, 256 concurrent)
     run structured_profile 200 python3 bench/structured_outputs.py --tokenizer bench/data/w2_text/tokenizer \
-      --concurrency 256 --max-tokens 128 --profile 45 --profile-prefix "$OUT/structured_profile" ;;
+      --concurrency 256 --max-tokens 128 --profile 45 --profile-prefix "$OUT/structured_profile"
+    run structured_8b 420 python3 bench/structured_outputs.py --tokenizer bench/data/w2_text/tokenizer \
+      --shape llama-3.1-8b --out "$OUT/structured_8b.json" ;;
   fp8)  # issue 13: the FP8 + FP8-KV diagnosis (parts against the combination) and the FP8 GPU tests
     run fp8_kv 120 python3 bench/diag/fp8_kv_first_tokens.py --out "$OUT/fp8_kv.json"
     run fp8_tests 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_engine_on_gpu.py ;;

@@ -10,8 +10,9 @@
     python3 bench/structured_outputs.py                       # GPU: Qwen3-0.6B shape, random weights
     python3 bench/structured_outputs.py --device cpu --model embedded --concurrency 16 64 --max-tokens 32
 
-On the GPU the model has Qwen3-0.6B's shape and random weights, with the embedded model's real tokenizer
-(49,152 ids), unless --model names a checkpoint; on the CPU the default is the embedded SmolLM2-135M.
+On the GPU the model has Qwen3-0.6B's shape (or --shape llama-3.1-8b, W2's) and random weights, with the
+embedded model's real tokenizer (49,152 ids), unless --model names a checkpoint; on the CPU the default is the
+embedded SmolLM2-135M.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import datetime
+import importlib.util
 import io
 import json
 import platform
@@ -95,19 +97,20 @@ COMPILE_SCHEMAS = {
 }
 
 
-def random_qwen3_with_a_real_tokenizer(tokenizer_dir: str | None = None) -> str:
-    """W1's Qwen3-0.6B shape with random weights, but the embedded model's real BPE tokenizer (a grammar
-    needs tokens that spell JSON; W1's word-level "t0".."tN" tokens cannot): vocabulary 49,152."""
-    import importlib.util
-
-    import transformers
-
-    # W1's model shape, loaded by path: bench/ on sys.path would shadow packages (bench/kernels.py).
-    spec = importlib.util.spec_from_file_location("w1_offline", Path(__file__).parent / "w1_offline.py")
+def load_bench_module(name: str):
+    """Another bench script by path: bench/ on sys.path would shadow packages (bench/kernels.py)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / f"{name}.py")
     assert spec is not None and spec.loader is not None
-    w1 = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(w1)
-    qwen3_0_6b_config = w1.qwen3_0_6b_config
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def random_model_with_a_real_tokenizer(shape: str, tokenizer_dir: str | None = None) -> str:
+    """A model shape with random weights but the embedded model's real BPE tokenizer (a grammar needs tokens
+    that spell JSON; W1's word-level "t0".."tN" tokens cannot): vocabulary 49,152. `qwen3-0.6b` is W1's
+    shape (a small step: the host's share shows most), `llama-3.1-8b` W2's (the serving benches' model)."""
+    import transformers
 
     if (
         tokenizer_dir
@@ -118,11 +121,18 @@ def random_qwen3_with_a_real_tokenizer(tokenizer_dir: str | None = None) -> str:
 
         source = resolve_model_source(None)
         tokenizer = transformers.AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
-    config = qwen3_0_6b_config()
+    path = Path(tempfile.mkdtemp(prefix="structured-bench-"))
+    if shape == "llama-3.1-8b":
+        w2 = load_bench_module("w2_serving")
+        config = w2.llama_3_1_8b_config()
+        config.vocab_size, config.eos_token_id = len(tokenizer), tokenizer.eos_token_id
+        config.bos_token_id = tokenizer.bos_token_id
+        w2.write_random_checkpoint(config, path, tokenizer=tokenizer)
+        return str(path)
+    config = load_bench_module("w1_offline").qwen3_0_6b_config()
     config.vocab_size, config.eos_token_id = len(tokenizer), tokenizer.eos_token_id
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    path = Path(tempfile.mkdtemp(prefix="structured-bench-"))
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
@@ -131,7 +141,7 @@ def random_qwen3_with_a_real_tokenizer(tokenizer_dir: str | None = None) -> str:
 def build_engine(args: argparse.Namespace) -> LLMEngine:
     model = None if args.model in (None, "embedded") else args.model
     if args.model is None and args.device != "cpu":
-        model = random_qwen3_with_a_real_tokenizer(args.tokenizer)
+        model = random_model_with_a_real_tokenizer(args.shape, args.tokenizer)
     config = EngineConfig(
         model=model,
         device=args.device,
@@ -213,6 +223,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--model", default=None, help="a checkpoint; 'embedded' = SmolLM2-135M")
+    parser.add_argument(
+        "--shape",
+        default="qwen3-0.6b",
+        choices=["qwen3-0.6b", "llama-3.1-8b"],
+        help="GPU: the random model's shape",
+    )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 256])
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--prompt-len", type=int, default=64)
