@@ -247,22 +247,23 @@ class LLMEngine:
             stop = self._grammar_stop(seq.grammar, token_id, stop)
             if stop.finish_reason == "abort":
                 return self._finish(state, "abort", None, "")
+        finished = stop.finished
         if not params.detokenize:
-            if stop.finished:
+            if finished:
                 return self._finish(state, stop.finish_reason, stop.stop_reason, "")
             return self._output(state, "", finished=False, finish_reason=None, stop_reason=None)
         detok = state.detokenizer
         delta = detok.add(token_id) if stop.include_token_text else ""
-        if stop.finished:
+        if finished:
             delta += detok.flush()
         if state.stop_strings is None:  # nothing to look for or hold back
-            if stop.finished:
+            if finished:
                 return self._finish(state, stop.finish_reason, stop.stop_reason, delta)
             return self._output(state, delta, finished=False, finish_reason=None, stop_reason=None)
-        check = state.stop_strings.check(detok.text, delta, final=stop.finished)
+        check = state.stop_strings.check(detok.text, delta, final=finished)
         if check.stopped:  # a stop string overrides the token-level reason
             return self._finish(state, "stop", check.stop_reason, check.release_text)
-        if stop.finished:
+        if finished:
             return self._finish(state, stop.finish_reason, stop.stop_reason, check.release_text)
         return self._output(state, check.release_text, finished=False, finish_reason=None, stop_reason=None)
 
