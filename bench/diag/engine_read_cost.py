@@ -14,8 +14,8 @@ split into:
   per-step metrics and gauges; per token read.
 
 Every request decodes `--decode-steps` tokens with `ignore_eos` (what the structured-outputs and W1 benches
-do) at temperature 0.8, so the tokens are spread over the vocabulary as a random model's are. Rounds
-alternate: the first warms up; the median over the others is reported. `--profile` prints a cProfile of
+do) at temperature 0.8, so the tokens are spread over the vocabulary as a random model's are. The
+first round warms up; the median over the others is reported. `--profile` prints a cProfile of
 `_read` (cumulative) for one more round.
 
     python3 bench/diag/engine_read_cost.py [--requests 256] [--decode-steps 64] [--rounds 5] [--profile 30]
