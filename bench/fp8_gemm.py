@@ -1,6 +1,7 @@
 """FP8 GEMM shapes of the 8B model: bfloat16 F.linear against Fp8Linear's two FP8 paths (torch._scaled_mm
 with row-wise scales, and the Triton kernel of engine/kernels/fp8_gemm.py, per channel and with 128x128
-block scales), activation quantization included, per token count. Decides which path a shape takes
+block scales), activation quantization included (the one-kernel quantize_activations the layer uses; the
+torch reference quantize_rows alone as `quant_torch_us` beside it as `quant_us`), per token count. Decides which path a shape takes
 (engine/model/fp8.py uses _scaled_mm for per-channel weights); needs a GPU of compute capability 8.9+.
 
     python bench/fp8_gemm.py [--tokens 1 16 64 256 1024 4096]
@@ -10,14 +11,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
-from engine.kernels.fp8_gemm import fp8_gemm
-from engine.model.fp8 import quantize_rows
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine.kernels.fp8_gemm import fp8_gemm  # noqa: E402
+from engine.kernels.fp8_quant import quantize_activations  # noqa: E402
+from engine.model.fp8 import quantize_rows  # noqa: E402
 
 SHAPES = {  # Llama-3-8B's linears: (out, in)
     "qkv_proj": (6144, 4096),
@@ -28,12 +34,12 @@ SHAPES = {  # Llama-3-8B's linears: (out, in)
 
 
 def scaled_mm(x: torch.Tensor, wq: torch.Tensor, ws_row: torch.Tensor) -> torch.Tensor:
-    xq, xs = quantize_rows(x)
+    xq, xs = quantize_activations(x)
     return torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws_row, out_dtype=torch.bfloat16)
 
 
 def triton_gemm(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, group: int | None) -> torch.Tensor:
-    xq, xs = quantize_rows(x, group)
+    xq, xs = quantize_activations(x, group)
     return fp8_gemm(xq, xs, wq, ws, torch.bfloat16, group)
 
 
@@ -54,6 +60,8 @@ def main() -> None:
                 "scaled_mm": partial(scaled_mm, x, wq, ws_row),
                 "triton_channel": partial(triton_gemm, x, wq, ws, None),
                 "triton_block": partial(triton_gemm, x, wq_block, ws_block, 128),
+                "quant": partial(quantize_activations, x),
+                "quant_torch": partial(quantize_rows, x),
             }
             row: dict[str, object] = {"layer": name, "tokens": m}
             row.update({f"{label}_us": round(do_bench(fn) * 1e3, 1) for label, fn in paths.items()})

@@ -19,7 +19,10 @@ case "${1:-}" in
   w2-cap)  # issue 13's ITL: the prefill cap while decoding swept (the GPU default 2048 is a cost-model guess)
     run w2_cap 540 python3 bench/w2_serving.py --qps inf 32 \
       --sweep max-prefill-tokens-while-decoding=0,1024,2048,4096 --out "$OUT/w2_cap.json" ;;
-  w2-fp8)  # issue 13: W2 with online W8A8 FP8 and an FP8 KV cache against bf16, same call (bar: >= 1.3x req/s)
+  w2-fp8)  # issue 13: W2 with online W8A8 FP8 and an FP8 KV cache against bf16, same call (bar: >= 1.3x req/s);
+    # first the activation-quantization kernel's bit-exactness and the GEMM shapes
+    run fp8_quant_test 90 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_quant_kernel.py
+    run fp8_gemm 120 python3 bench/fp8_gemm.py
     run w2_bf16 200 python3 bench/w2_serving.py --qps inf --out "$OUT/w2_bf16.json"
     run w2_fp8 240 python3 bench/w2_serving.py --qps inf --out "$OUT/w2_fp8.json" \
       --serve-args --quantization fp8 --kv-cache-dtype fp8 ;;

@@ -27,13 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.model.linear import Linear, all_reduce, pack_for_matmul
-from engine.model.quantization import FP8_MAX, Fp8Scheme
+from engine.model.quantization import FP8_MAX, FP8_MIN_SCALE, Fp8Scheme
 from engine.model.sharding import CheckpointTensor, Parallel, Part, Shard, copy_checked
 
 log = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
-MIN_SCALE = 1e-12  # an all-zero row or token still gets a usable scale
 
 
 def quantize_rows(w: torch.Tensor, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +42,7 @@ def quantize_rows(w: torch.Tensor, group: int | None = None) -> tuple[torch.Tens
     g = group or k
     groups = -(-k // g)
     padded = F.pad(w.float(), (0, groups * g - k)).view(rows, groups, g)
-    scale = (padded.abs().amax(dim=-1) / FP8_MAX).clamp_(min=MIN_SCALE)  # [rows, groups]
+    scale = (padded.abs().amax(dim=-1) / FP8_MAX).clamp_(min=FP8_MIN_SCALE)  # [rows, groups]
     q = (padded / scale[:, :, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
     q = q.view(rows, groups * g)
     return (q if groups * g == k else q[:, :k].contiguous()), scale
@@ -189,8 +188,11 @@ class Fp8Linear(Linear):
 
     def _forward_fp8(self, x: torch.Tensor) -> torch.Tensor:
         from engine.kernels.fp8_gemm import fp8_gemm
+        from engine.kernels.fp8_quant import quantize_activations
 
-        if self.static_input_scale is not None:
+        if x.is_cuda:  # one kernel (see engine/kernels/fp8_quant.py); the torch code below is its reference
+            xq, scale = quantize_activations(x, self.group_k, self.static_input_scale)
+        elif self.static_input_scale is not None:
             scale = self.static_input_scale.expand(x.shape[0], 1).contiguous()
             xq = (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
         else:

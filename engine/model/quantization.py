@@ -28,6 +28,7 @@ from transformers import PretrainedConfig
 log = logging.getLogger(__name__)
 
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+FP8_MIN_SCALE = 1e-12  # an all-zero row or token still gets a usable scale
 WeightStrategy = Literal["tensor", "channel", "block"]
 Activations = Literal["dynamic", "static", "none"]  # per token at run time, one checkpoint scale, float
 

@@ -1,6 +1,6 @@
 """The FP8 Triton code, checked on the CPU through Triton's interpreter (TRITON_INTERPRET=1): the FP8
 GEMM (per-channel and 128-wide block scales, ragged shapes) against float32 products of the dequantized
-operands, and the attention kernels over a float8 KV cache (the FP8_KV switch) against attention over
+operands, the activation quantization kernel against quantize_rows, and the attention kernels over a float8 KV cache (the FP8_KV switch) against attention over
 K/V rounded through FP8. Triton 3.9's interpreter rounds float32 to e4m3 wrongly where rounding up
 carries into the exponent (-0.49 becomes -0.25, not -0.5; GPUs convert with cvt.rn), so here the FP8
 cache is written by torch and reshape_and_cache's FP8 write is checked on a GPU only
@@ -31,9 +31,22 @@ from engine.kernels.fp8_gemm import fp8_gemm
 from engine.kernels.decode_attention import decode_attention
 from engine.kernels.prefill_attention import prefill_attention
 from engine.model.attention import write_kv_cache
+from engine.kernels.fp8_quant import quantize_activations
 from engine.model.fp8 import dequantize_rows, quantize_rows
 
 torch.manual_seed(0)
+# The one-kernel activation quantization against quantize_rows: the same scales; float8 values within the
+# interpreter's rounding (above; it also rounds some mid-binade values up: exact bits are checked on a GPU,
+# tests/gpu/test_fp8_quant_kernel.py), which still catches any indexing or masking fault. A zero row,
+# ragged groups, more columns than one pass takes.
+for m, k, group in [(3, 64, None), (5, 300, 128), (4, 256, 128), (2, 4100, None), (2, 96, 32)]:
+    x = (torch.randn(m, k) * 3).to(torch.float16)
+    x[0] = 0
+    q, s = quantize_activations(x, group)
+    ref_q, ref_s = quantize_rows(x, group)
+    assert torch.equal(s, ref_s), (m, k, group)
+    assert ((q.float() - ref_q.float()).abs() <= ref_q.float().abs() * 0.5).all(), (m, k, group)
+    assert (q.float() == ref_q.float()).float().mean() > 0.95, (m, k, group)
 for m, n, k, group in [(5, 48, 64, None), (33, 200, 320, 128), (1, 16, 16, None), (7, 130, 256, 128)]:
     x, w = torch.randn(m, k), torch.randn(n, k)
     xq, xs = quantize_rows(x, group)
