@@ -83,7 +83,8 @@ class LLMEngine:
             self.kv, max_num_seqs, max_batched, self.max_model_len, max_prefill_while_decoding
         )
         self.requests: dict[str, RequestState] = {}
-        # Single tokens' texts by skip_special_tokens, shared by every request's detokenizer.
+        # Single tokens' texts by skip_special_tokens, shared by every request's detokenizer (at most one
+        # entry per vocabulary id: a few MB for a 150k vocabulary).
         self.token_texts: dict[bool, dict[int, str]] = {True: {}, False: {}}
         # Inter-token gaps of the tokens read in this step: the histogram takes them at once, per step.
         self.inter_token_gaps: list[float] = []
