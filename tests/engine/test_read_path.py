@@ -114,3 +114,23 @@ def test_requests_without_stop_strings_stream_what_the_checker_would_release(lla
         assert plain == checked
         assert all(outs[-1][2] for outs in plain.values())
         assert any(text for outs in plain.values() for _, text, *_ in outs)
+
+
+def test_each_output_carries_its_own_fields(llama_dir):
+    """RequestOutput is built positionally on the per-token path: every field lands where it belongs."""
+    engine = make_engine(llama_dir, block_size=4, async_scheduling=True)
+    prompt = prompts(1, seed=4)[0]
+    engine.add_request(
+        "one", prompt, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=1)
+    )
+    outputs = []
+    while engine.has_unfinished():
+        outputs += engine.step()
+    assert [o.num_output_tokens for o in outputs] == [1, 2, 3, 4, 5, 6]
+    for out in outputs:
+        assert out.request_id == "one" and out.num_prompt_tokens == len(prompt) and out.num_cached_tokens == 0
+        assert len(out.new_token_ids) == 1 and isinstance(out.new_text, str)
+        assert [lp.token_id for lp in out.new_logprobs] == out.new_token_ids and out.prompt_logprobs is None
+    assert [(o.finished, o.finish_reason, o.stop_reason) for o in outputs] == [(False, None, None)] * 5 + [
+        (True, "length", None)
+    ]
