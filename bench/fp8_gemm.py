@@ -1,7 +1,9 @@
 """FP8 GEMM shapes of the 8B model: bfloat16 F.linear against Fp8Linear's two FP8 paths (torch._scaled_mm
 with row-wise scales, and the Triton kernel of engine/kernels/fp8_gemm.py, per channel and with 128x128
 block scales), activation quantization included (the one-kernel quantize_activations the layer uses; the
-torch reference quantize_rows alone as `quant_torch_us` beside it as `quant_us`), per token count. Decides which path a shape takes
+torch reference quantize_rows alone as `quant_torch_us` beside it as `quant_us`), per token count. Timed
+inside a CUDA graph (as decode steps run; eager timings of small shapes measure the host's kernel launches,
+not the GPU), or eagerly with --eager (as prefill runs). Decides which path a shape takes
 (engine/model/fp8.py uses _scaled_mm for per-channel weights); needs a GPU of compute capability 8.9+.
 
     python bench/fp8_gemm.py [--tokens 1 16 64 256 1024 4096]
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -46,7 +48,11 @@ def triton_gemm(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, group: int 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 256, 1024, 4096])
+    parser.add_argument(
+        "--eager", action="store_true", help="time without a CUDA graph (host launches included)"
+    )
     args = parser.parse_args()
+    bench = do_bench if args.eager else do_bench_cudagraph
     for name, (n, k) in SHAPES.items():
         w = torch.randn(n, k, device="cuda") * 0.02
         w_bf16 = w.bfloat16()
@@ -63,8 +69,12 @@ def main() -> None:
                 "quant": partial(quantize_activations, x),
                 "quant_torch": partial(quantize_rows, x),
             }
-            row: dict[str, object] = {"layer": name, "tokens": m}
-            row.update({f"{label}_us": round(do_bench(fn) * 1e3, 1) for label, fn in paths.items()})
+            row: dict[str, object] = {
+                "layer": name,
+                "tokens": m,
+                "timing": "eager" if args.eager else "cuda_graph",
+            }
+            row.update({f"{label}_us": round(bench(fn) * 1e3, 1) for label, fn in paths.items()})
             print(json.dumps(row))
 
 

@@ -23,9 +23,12 @@ case "${1:-}" in
     # first the activation-quantization kernel's bit-exactness and the GEMM shapes
     run fp8_quant_test 90 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_quant_kernel.py
     run fp8_gemm 120 python3 bench/fp8_gemm.py
+    run fp8_gemm_eager 120 python3 bench/fp8_gemm.py --eager
     run w2_bf16 200 python3 bench/w2_serving.py --qps inf --out "$OUT/w2_bf16.json"
     run w2_fp8 240 python3 bench/w2_serving.py --qps inf --out "$OUT/w2_fp8.json" \
       --serve-args --quantization fp8 --kv-cache-dtype fp8 ;;
+  fp8-kernels)  # issue 13: where an 8B step's GPU time goes, bf16 against FP8 and FP8 + FP8 KV (kernels by category)
+    run step_kernels 500 python3 bench/diag/step_kernels.py --out "$OUT/step_kernels.json" ;;
   w2-text)  # issue 13: text through completions and chat vs token ids, same server, same lengths
     run w2_text 540 python3 bench/w2_text.py --prompts bench/data/w2_text --out "$OUT/w2_text.json" ;;
   w5)  # issue 14: Qwen3-30B-A3B shape, HTTP, transformers baseline in the same call; 24 of 48 layers under 100 GB
@@ -53,5 +56,5 @@ case "${1:-}" in
   w1)  # issue 13's W1 bar (H200: >= 28,800 tok/s), main and the old code on the same machine
     run w1 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
     (cd .carry/base && run w1_base 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_base.json") ;;
-  *) echo "usage: bench/gpu_backlog.sh structured|structured-profile|fp8|w2-fp8|w2-text|w5|w2-cap|w2|tests|w1" >&2; exit 2 ;;
+  *) echo "usage: bench/gpu_backlog.sh structured|structured-profile|fp8-kernels|fp8|w2-fp8|w2-text|w5|w2-cap|w2|tests|w1" >&2; exit 2 ;;
 esac

@@ -11,9 +11,9 @@ Needs one GPU that holds the 61 GB of weights plus a KV cache (an H200; an 80 GB
 written to /dev/shm when it has room (the serving machines' disks are small), else to the temp dir.
 
 The floor of a decode step of B sequences at context C reads, once: every non-expert weight (attention,
-norms, routers, the LM head), the experts the step's tokens chose (expected distinct experts per layer
-for uniform routing, E * (1 - (1 - k/E)^B): random routers spread tokens about evenly), and B * C
-tokens of K/V, at the measured device-to-device copy bandwidth.
+norms, routers, the LM head), the experts the step's tokens chose (counted: an eager forward of the same
+inputs with the routers hooked; what uniform routing would choose, E * (1 - (1 - k/E)^B), is reported
+beside it), and B * C tokens of K/V, at the measured device-to-device copy bandwidth.
 """
 
 from __future__ import annotations
@@ -124,11 +124,17 @@ def parameter_counts(config: transformers.Qwen3MoeConfig) -> dict[str, int]:
 
 
 def decode_step_floor_ms(
-    config: transformers.Qwen3MoeConfig, batch: int, context: int, copy_bw: float
+    config: transformers.Qwen3MoeConfig,
+    batch: int,
+    context: int,
+    copy_bw: float,
+    distinct: float | None = None,
 ) -> float:
+    """distinct: experts the step's tokens chose, per layer on average (None: what uniform routing expects)."""
     counts = parameter_counts(config)
     e, k, layers = config.num_experts, config.num_experts_per_tok, config.num_hidden_layers
-    distinct = e * (1 - (1 - k / e) ** batch)
+    if distinct is None:
+        distinct = e * (1 - (1 - k / e) ** batch)
     weight_bytes = 2 * (
         layers * (counts["non_expert_per_layer"] + distinct * counts["per_expert"]) + counts["lm_head"]
     )
@@ -153,6 +159,26 @@ def serve_and_load(path: Path, args, vocab_size: int, result: dict) -> None:
             print(json.dumps(summary), flush=True)
 
 
+def routed_experts_per_layer(engine, batch: int) -> float:
+    """Distinct experts per layer (mean) that the last time_decode_forward's inputs route to, from one eager
+    forward of the same captured bucket (its padding rows included: the graph computes them too)."""
+    from engine.model.moe import TopKRouter
+
+    graphs = engine.runner.cuda_graphs
+    bs = next(b for b in graphs.buckets if b >= batch)
+    seen: list[int] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: seen.append(int(out[1].unique().numel())))
+             for m in engine.runner.model.modules() if isinstance(m, TopKRouter)]  # fmt: skip
+    try:
+        with torch.inference_mode():
+            graphs._forward(bs)
+        torch.cuda.synchronize()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sum(seen) / len(seen)
+
+
 def decode_steps_against_floor(path: Path, config, copy_bw: float) -> list[dict]:
     from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine
@@ -164,8 +190,11 @@ def decode_steps_against_floor(path: Path, config, copy_bw: float) -> list[dict]
     rows = []
     for batch, context in DECODE_SHAPES:
         measured = time_decode_forward(engine, batch, context)
-        floor = decode_step_floor_ms(config, batch, context, copy_bw)
+        uniform = decode_step_floor_ms(config, batch, context, copy_bw)
+        distinct = None if measured is None else routed_experts_per_layer(engine, batch)
+        floor = decode_step_floor_ms(config, batch, context, copy_bw, distinct)
         rows.append({"batch": batch, "context": context, "measured_ms": measured, "floor_ms": floor,
+                     "routed_experts_per_layer": distinct, "floor_ms_uniform_routing": uniform,
                      "pct_of_floor": None if measured is None else 100 * floor / measured})  # fmt: skip
         print(rows[-1], flush=True)
     del engine

@@ -35,10 +35,10 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import generate_latest
 
 from engine.config import EngineConfig
+from engine.engine_inbox import take_request
 from engine.metrics import EngineMetrics
 from engine.outputs import EngineDeadError, RequestOutput
 from engine.request_streams import AbortRequest, AddRequest, StreamingFrontend
-from engine.structured.compiler import GrammarError
 from engine.structured.spec import StructuredOutputSpec
 
 if TYPE_CHECKING:  # imported on the engine thread (torch is heavy; the CLI must start without it)
@@ -171,19 +171,14 @@ class AsyncEngine(StreamingFrontend):
                 return
 
     def _handle(self, message: InboxMessage) -> None:
-        if isinstance(message, AddRequest):
-            self._num_taken += 1
-            try:
-                self.engine.add_request(
-                    message.request_id, message.prompt_token_ids, message.params, message.cache_salt
-                )
-            except GrammarError as exc:  # not compiled by the caller first: that request fails, not the loop
-                assert self._loop is not None
-                self._loop.call_soon_threadsafe(self._fail_one, message.request_id, exc)
-        elif isinstance(message, AbortRequest):
-            out = self.engine.abort_request(message.request_id)
-            if out is not None:  # a stream still listening (abort() called directly) gets its end
-                self._deliver([out])
+        if isinstance(message, AddRequest | AbortRequest):
+            self._num_taken += isinstance(message, AddRequest)
+            taken = take_request(self.engine, message)
+            assert self._loop is not None
+            if taken.failed is not None:
+                self._loop.call_soon_threadsafe(self._fail_one, message.request_id, taken.failed)
+            if taken.final_output is not None:
+                self._deliver([taken.final_output])
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         assert self._loop is not None

@@ -18,9 +18,9 @@ import zmq
 from engine.child_process import die_with_parent
 from engine.cli import configure_logging
 from engine.config import EngineConfig
+from engine.engine_inbox import take_request
 from engine.engine_process import wire
 from engine.request_streams import AbortRequest, AddRequest
-from engine.structured.compiler import GrammarError
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -134,18 +134,13 @@ class EngineLoop:
 
     def _handle(self, message: object) -> None:
         engine = self.engine
-        if isinstance(message, AddRequest):
-            self.num_taken += 1
-            try:
-                engine.add_request(
-                    message.request_id, message.prompt_token_ids, message.params, message.cache_salt
-                )
-            except GrammarError as exc:  # not compiled by the caller first: that request fails, not the loop
-                self._send(wire.FAILED, wire.dumps((message.request_id, wire.dumps_error(exc))))
-        elif isinstance(message, AbortRequest):
-            out = engine.abort_request(message.request_id)
-            if out is not None:  # a stream still listening (abort() called directly) gets its end
-                self._send_step([out])
+        if isinstance(message, AddRequest | AbortRequest):
+            self.num_taken += isinstance(message, AddRequest)
+            taken = take_request(engine, message)
+            if taken.failed is not None:
+                self._send(wire.FAILED, wire.dumps((message.request_id, wire.dumps_error(taken.failed))))
+            if taken.final_output is not None:
+                self._send_step([taken.final_output])
         elif isinstance(message, wire.CompileGrammar):
             future = engine.grammars.submit(message.spec)
             future.add_done_callback(lambda f, call_id=message.call_id: self._compiled(call_id, f))

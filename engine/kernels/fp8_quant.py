@@ -45,7 +45,7 @@ def _quantize_kernel(
         cols = start + off + tl.arange(0, BLOCK)
         mask = (off + tl.arange(0, BLOCK) < GROUP) & (cols < K)
         x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-        q = tl.minimum(tl.maximum(x / scale, -FP8_LIMIT), FP8_LIMIT)
+        q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FP8_LIMIT), FP8_LIMIT)  # IEEE division, as torch
         tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
 
 
