@@ -5,8 +5,11 @@ a token's leading space (or strip it) depending on what precedes it, and one cha
 over several byte tokens. So each step decodes a short window of recent tokens twice, without and with
 the new ones, and emits the difference (the prefix-offset / read-offset technique):
 
-    tokens:  ... [prefix_offset ... read_offset) [read_offset ... end)
-                 └── already emitted context ──┘ └─ not yet emitted ─┘
+    tokens:  [0 ... read_offset) [read_offset ... end)
+             └ emitted context ┘ └ not yet emitted ┘
+
+The context's text is decoded once per emission, not per step, and is usually the one token emitted
+last, whose text a dict shared by the engine's requests holds: this runs once per token per sequence.
 
 Text is held back while the window ends in U+FFFD (an incomplete UTF-8 sequence); `flush` releases
 whatever is still held when the sequence ends. The prompt's last tokens seed the window, so the first
@@ -16,6 +19,7 @@ completion to the prompt expects, as vLLM does).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 _REPLACEMENT_CHAR = "\ufffd"
@@ -27,14 +31,35 @@ class Tokenizer(Protocol):
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prompt_token_ids: list[int],
+        skip_special_tokens: bool,
+        token_texts: dict[int, str] | None = None,
+    ) -> None:
+        """token_texts: single tokens' texts (the same tokenizer and skip_special_tokens), shared by every
+        request's detokenizer: the context is usually the one token emitted last, looked up there."""
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        self._decode_ids = _fast_decoder(tokenizer, skip_special_tokens)
-        self.token_ids: list[int] = list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])  # window source
-        self.prefix_offset = 0  # start of the emitted context decoded for comparison
+        self._decode = _fast_decoder(tokenizer)
+        self._token_texts: dict[int, str] = {} if token_texts is None else token_texts
+        # The window: the emitted context, then the tokens not emitted yet (from read_offset on).
+        self.token_ids: list[int] = list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])
         self.read_offset = len(self.token_ids)  # everything before this is already emitted
-        self.text = ""  # all output text emitted so far
+        # The context's text, decoded once per emission (not again while a character is held back).
+        self._context_text: str | None = None
+        # All output text emitted so far, in pieces: joined only when `text` is read (stop strings),
+        # so a request without them never copies its whole output per token.
+        self._pieces: list[str] = []
+
+    @property
+    def text(self) -> str:
+        """All output text emitted so far."""
+        pieces = self._pieces
+        if len(pieces) > 1:
+            pieces[:] = ["".join(pieces)]
+        return pieces[0] if pieces else ""
 
     def add(self, token_id: int) -> str:
         """Append one output token; return the text it makes final (may be "")."""
@@ -46,33 +71,41 @@ class IncrementalDetokenizer:
         return self._emit(hold_incomplete=False)
 
     def _emit(self, hold_incomplete: bool) -> str:
-        prefix_text = self._decode(self.prefix_offset, self.read_offset)
-        window_text = self._decode(self.prefix_offset, len(self.token_ids))
-        if len(window_text) <= len(prefix_text):
+        # Runs once per token per sequence: locals over attributes, one decode per call where it can.
+        token_ids, read_offset = self.token_ids, self.read_offset
+        context_text = self._context_text
+        if context_text is None:
+            if read_offset == 1:
+                context_text = self._token_texts.get(token_ids[0])
+                if context_text is None:
+                    context_text = self._decode(token_ids[:1], self.skip_special_tokens)
+                    self._token_texts[token_ids[0]] = context_text
+            else:
+                context_text = self._decode(token_ids[:read_offset], self.skip_special_tokens)
+            self._context_text = context_text
+        window_text = self._decode(token_ids, self.skip_special_tokens)
+        if len(window_text) <= len(context_text):
             return ""  # nothing visible yet (e.g. a skipped special token or the first byte of a character)
         if hold_incomplete and window_text.endswith(_REPLACEMENT_CHAR):
             return ""  # a character is still incomplete; its next bytes are in later tokens
-        delta = window_text[len(prefix_text) :]
-        self.text += delta
+        delta = window_text[len(context_text) :]
+        self._pieces.append(delta)
         # The emitted tokens become the next step's context; older tokens are no longer needed.
-        del self.token_ids[: self.read_offset]
-        self.prefix_offset = 0
-        self.read_offset = len(self.token_ids)
+        del token_ids[:read_offset]
+        self.read_offset = len(token_ids)
+        self._context_text = None
         return delta
 
-    def _decode(self, start: int, end: int) -> str:
-        return self._decode_ids(self.token_ids[start:end])
 
-
-def _fast_decoder(tokenizer: Tokenizer, skip_special_tokens: bool):
-    """Call the Rust `tokenizers` decoder directly when the tokenizer is a fast one that does no
-    post-processing of its own: the Python wrapper costs more than the decode on a hot path that runs
-    once per token per sequence."""
+def _fast_decoder(tokenizer: Tokenizer) -> Callable[[list[int], bool], str]:
+    """(ids, skip_special_tokens) -> text. Calls the Rust `tokenizers` decoder directly when the tokenizer
+    is a fast one that does no post-processing of its own: the Python wrapper costs more than the decode
+    on a hot path that runs once per token per sequence (hence also positional arguments, no wrapper)."""
     backend = getattr(tokenizer, "_tokenizer", None)
     if (
         backend is not None
         and hasattr(backend, "decode")
         and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
     ):
-        return lambda ids: backend.decode(ids, skip_special_tokens=skip_special_tokens)
-    return lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        return backend.decode
+    return tokenizer.decode

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from engine.batched_histogram import BatchedHistogram
+
 _LATENCY_BUCKETS = (
     0.001,
     0.005,
@@ -91,11 +93,12 @@ class EngineMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.inter_token_latency = Histogram(
+        # Observed for every token: the engine hands over a step's gaps at once (batched_histogram.py).
+        self.inter_token_latency = BatchedHistogram(
             "vllm:inter_token_latency_seconds",
             "Time between output tokens.",
-            labels,
-            buckets=_LATENCY_BUCKETS,
+            {"model_name": model_name},
+            _LATENCY_BUCKETS,
             registry=r,
         )
         self.e2e_request_latency = Histogram(

@@ -32,6 +32,10 @@ class TokenStop:
         return self.finish_reason is not None
 
 
+# The answer for almost every token (shared: TokenStop is frozen, and this runs per token per sequence).
+_GOES_ON = TokenStop(None, None, True)
+
+
 def check_token_stop(
     token_id: int,
     num_output_tokens: int,
@@ -54,7 +58,7 @@ def check_token_stop(
     at_context_end = max_model_len is not None and num_prompt_tokens + num_output_tokens >= max_model_len
     if num_output_tokens >= params.max_tokens or at_context_end:
         return TokenStop("length", None, True)
-    return TokenStop(None, None, True)
+    return _GOES_ON
 
 
 @dataclass(frozen=True)

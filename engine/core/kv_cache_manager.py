@@ -85,7 +85,7 @@ class KVCacheManager:
                 self.pool.touch(block_id)
             seq.block_table.extend(prefix_blocks)
             seq.num_computed_tokens += prefix.num_tokens
-        elif needed > self.pool.num_free:
+        elif needed > 0 and needed > self.pool.num_free:  # a decode rarely needs a new block
             return False
         if needed > 0:
             seq.block_table.extend(self.pool.allocate() for _ in range(needed))

@@ -94,6 +94,7 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         prefill_budget = self.prefill_budget(decoding=any(map(self._decodes_next, self.running)))
+        all_decodes = True  # nothing to sort at the end (the steady state of a busy server)
 
         for seq in list(self.running):
             # status is WAITING for a sequence preempted earlier in this loop
@@ -103,9 +104,11 @@ class Scheduler:
                 or in_flight_token_is_last(seq, self.max_model_len)
             ):
                 continue
-            is_decode = self._decodes_next(seq)
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_left = seq.num_tokens - seq.num_computed_tokens
+            is_decode = num_left == 1  # `_decodes_next`, whose other conditions hold here
+            num_new = min(num_left, budget)
             if not is_decode:
+                all_decodes = False
                 num_new = min(num_new, prefill_budget)
                 if num_new == 0:  # this step's prefill share is spent; the decodes after it still run
                     continue
@@ -145,12 +148,14 @@ class Scheduler:
                 out.num_prefix_hit_tokens += num_cached
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            all_decodes = False
             out.scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
             prefill_budget -= num_new
 
         # Decodes first: GPU backends send them to a dedicated decode kernel.
-        out.scheduled.sort(key=lambda s: s.num_new_tokens != 1 or not s.completes_prompt)
+        if not all_decodes:
+            out.scheduled.sort(key=lambda s: s.num_new_tokens != 1 or not s.completes_prompt)
         return out
 
     def prefill_budget(self, decoding: bool) -> int:

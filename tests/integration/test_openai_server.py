@@ -373,10 +373,13 @@ def test_metrics_have_vllm_names(client: OpenAI, server) -> None:
         "vllm:prompt_tokens_total",
         "vllm:generation_tokens_total",
         "vllm:time_to_first_token_seconds_count",
+        "vllm:inter_token_latency_seconds_count",
         "vllm:e2e_request_latency_seconds_count",
     ):
         assert name in m, name
     assert m["vllm:generation_tokens_total"] >= 3 and m["vllm:e2e_request_latency_seconds_count"] >= 1
+    # Every token after a request's first is one inter-token gap (observed once per step, in a batch).
+    assert m["vllm:inter_token_latency_seconds_count"] >= 2
     # The KV cache's shape, where Gateway API inference endpoint pickers look for it.
     (info,) = [
         sample

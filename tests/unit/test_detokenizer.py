@@ -172,3 +172,58 @@ def test_sentencepiece_spaces_and_characters_stream_right(sentencepiece: PreTrai
     deltas, detok = stream(sentencepiece, words, ids[len(words) :])
     assert detok.text == " world, 世界 🎉 naïve"
     assert not any("\ufffd" in d for d in deltas)
+
+
+def plain_deltas(
+    tokenizer: PreTrainedTokenizerBase, prompt: list[int], output: list[int], skip: bool
+) -> list[str]:
+    """The prefix-offset / read-offset technique written plainly (two full decodes per token, nothing cached):
+    the reference the engine's detokenizer must match delta for delta."""
+    ids, read, deltas = list(prompt[-5:]), len(prompt[-5:]), []
+    for token in [*output, None]:
+        final = token is None
+        if not final:
+            ids.append(token)
+        before = tokenizer.decode(ids[:read], skip_special_tokens=skip)
+        window = tokenizer.decode(ids, skip_special_tokens=skip)
+        if len(window) <= len(before) or (not final and window.endswith("\ufffd")):
+            deltas.append("")
+            continue
+        deltas.append(window[len(before) :])
+        del ids[:read]
+        read = len(ids)
+    return deltas
+
+
+def test_shared_token_texts_give_the_plain_techniques_deltas(
+    smollm2: PreTrainedTokenizerBase, sentencepiece: PreTrainedTokenizerFast
+) -> None:
+    """Each engine request's detokenizer looks single tokens' texts up in one dict per tokenizer and
+    skip_special_tokens, shared by all: streams in any order give what each alone would."""
+    rng = random.Random(2)
+    for tokenizer in (smollm2, sentencepiece):
+        vocab = len(tokenizer)
+        shared: dict[bool, dict[int, str]] = {True: {}, False: {}}
+        streams = []
+        for _ in range(60):
+            prompt = [rng.randrange(vocab) for _ in range(rng.randrange(0, 8))]
+            # Few distinct tokens, so the dict is hit often; special and byte tokens among them.
+            pool = [rng.randrange(vocab) for _ in range(12)] + [0, 1, 2, 3, 4]
+            output = [rng.choice(pool) for _ in range(rng.randrange(1, 30))]
+            skip = rng.random() < 0.5
+            streams.append(
+                (prompt, output, skip, IncrementalDetokenizer(tokenizer, prompt, skip, shared[skip]))
+            )
+        got: list[list[str]] = [[] for _ in streams]
+        for step in range(30):  # interleaved, as the engine reads a step's tokens
+            for (_, output, _, detok), deltas in zip(streams, got, strict=True):
+                if step < len(output):
+                    deltas.append(detok.add(output[step]))
+                elif step == len(output):
+                    deltas.append(detok.flush())
+        for (prompt, output, skip, detok), deltas in zip(streams, got, strict=True):
+            if len(output) == 30:
+                deltas.append(detok.flush())
+            assert deltas == plain_deltas(tokenizer, prompt, output, skip), (prompt, output, skip)
+            assert detok.text == "".join(deltas)
+        assert shared[True] and shared[False]
