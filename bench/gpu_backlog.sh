@@ -22,11 +22,12 @@ case "${1:-}" in
   w2-fp8)  # issue 13: W2 with online W8A8 FP8 and an FP8 KV cache against bf16, same call (bar: >= 1.3x req/s);
     # first the activation-quantization kernel's bit-exactness and the GEMM shapes
     run fp8_quant_test 90 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_quant_kernel.py
-    run fp8_gemm 120 python3 bench/fp8_gemm.py
-    run fp8_gemm_eager 120 python3 bench/fp8_gemm.py --eager
-    run w2_bf16 200 python3 bench/w2_serving.py --qps inf --out "$OUT/w2_bf16.json"
-    run w2_fp8 240 python3 bench/w2_serving.py --qps inf --out "$OUT/w2_fp8.json" \
-      --serve-args --quantization fp8 --kv-cache-dtype fp8 ;;
+    run fp8_gemm 100 python3 bench/fp8_gemm.py
+    run w2_bf16 160 python3 bench/w2_serving.py --qps inf --out "$OUT/w2_bf16.json"
+    run w2_fp8 160 python3 bench/w2_serving.py --qps inf --out "$OUT/w2_fp8.json" \
+      --serve-args --quantization fp8 --kv-cache-dtype fp8
+    run w2_fp8_weights 160 python3 bench/w2_serving.py --qps inf --out "$OUT/w2_fp8_weights.json" \
+      --serve-args --quantization fp8 ;;  # FP8 linears alone: is the FP8 KV cache a help or a cost?
   fp8-kernels)  # issue 13: where an 8B step's GPU time goes, bf16 against FP8 and FP8 + FP8 KV (kernels by category)
     run step_kernels 500 python3 bench/diag/step_kernels.py --out "$OUT/step_kernels.json" ;;
   w2-text)  # issue 13: text through completions and chat vs token ids, same server, same lengths
