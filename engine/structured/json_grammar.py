@@ -20,9 +20,11 @@ most, then the closing quote", every position is one rule whose mask is computed
 (~7-10 ms of compile per rule). The chain's rules are shared by every bounded string of the grammar (they only
 depend on the bounds). A chain stops after `MAX_CHAINED_LENGTH` positions (a longer one would cost seconds of
 compile time): the rest of the string is plain characters only (a repetition of one character class, whose
-masks xgrammar computes cheaply), so in a string with a bound past that, escapes (`\n`, `\"`, ...) can only
-appear among its first `MAX_CHAINED_LENGTH` characters (with only a minLength past it: and again once the
-minimum is reached). Every string let out is still JSON that meets the bounds.
+masks xgrammar computes cheaply), so in a string with a bound past that, escapes (`\n`, `\"`, ...) may be
+refused after its first `MAX_CHAINED_LENGTH` characters (with only a minLength past it: until the minimum is
+reached). Chains are built shortest bound first, so a chain that runs into a shorter bound's rules keeps
+escapes to the end, and a short string never inherits a long one's plain tail. Every string let out is still
+JSON that meets the bounds.
 """
 
 from __future__ import annotations
@@ -82,6 +84,13 @@ def chain_bounded_strings(ebnf: str, names: list[str]) -> str:
             return match[0]
         return _chain_rule(int(match[2]), int(match[3]), rules)
 
+    # Shorter bounds first: a longer bound's chain then runs into their rules (escapes allowed to the end)
+    # instead of a shorter string reusing rules that lead to a longer chain's plain-characters tail.
+    bounds = {(int(m[2]), int(m[3])) for m in usage.finditer(ebnf)}
+    for lo, hi in sorted(bounds, key=lambda b: (b[1] < 0, b[1] if b[1] >= 0 else b[0])):
+        if MAX_CHAINED_LENGTH >= 0:
+            _chain_rule(lo, hi, rules)
+
     ebnf = usage.sub(chained, ebnf)
     if not rules:
         return ebnf
@@ -107,9 +116,12 @@ def _chain_rule(lo: int, hi: int, rules: dict[str, str]) -> str:
         choices = ['("\\"")'] if lo == 0 else []
         if hi != 0:
             after_name = _rule_name(*after)
-            if position == MAX_CHAINED_LENGTH - 1 and after != (0, -1):  # the chain ends here
-                after_name = _rule_name(*after, kind=PLAIN_RULE_PREFIX)
-                rules.setdefault(after_name, f"{after_name} ::= ({_plain_tail(*after, rules)})")
+            if position == MAX_CHAINED_LENGTH - 1 and after_name not in rules:  # the chain ends here
+                if after == (0, -1):  # no count left to keep: the unbounded rule, escapes allowed
+                    _chain_rule(0, -1, rules)
+                else:
+                    after_name = _rule_name(*after, kind=PLAIN_RULE_PREFIX)
+                    rules.setdefault(after_name, f"{after_name} ::= ({_plain_tail(*after, rules)})")
             choices += [f"({JSON_PLAIN_CHARACTER} {after_name})", f"({CHAIN_ESCAPE} {after_name})"]
         rules[current] = f"{current} ::= ({' | '.join(choices)})"
         lo, hi = after

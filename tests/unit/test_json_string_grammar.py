@@ -130,9 +130,25 @@ def _reference_accepts(text: str, lo: int, hi: int) -> bool:
     return not any(plain_from <= p < plain_to for p in _escape_positions(text))
 
 
-@pytest.mark.parametrize(
+@pytest.mark.parametrize(  # fmt: skip
     "lo,hi",
-    [(0, 0), (0, 1), (1, 1), (1, 3), (2, 5), (0, 4), (3, 3), (2, -1), (62, 66), (66, 70), (70, -1), (0, 200)],
+    [
+        (0, 0),
+        (0, 1),
+        (1, 1),
+        (1, 3),
+        (2, 5),
+        (0, 4),
+        (3, 3),
+        (2, -1),
+        (62, 66),
+        (66, 70),
+        (70, -1),
+        (0, 200),
+        (63, -1),
+        (64, -1),
+        (64, 64),
+    ],
     ids=str,
 )
 def test_bounded_strings_accept_exactly_the_json_strings_of_their_length(
@@ -185,3 +201,21 @@ def test_bounded_strings_are_rule_chains_not_repetitions() -> None:
     long = {"type": "string", "maxLength": MAX_CHAINED_LENGTH + 1}
     ebnf = str(json_schema_grammar(json.dumps(long), 20))
     assert "characters{" not in ebnf and f"{PLAIN_RULE_PREFIX}_0_1 ::=" in ebnf  # chain, then plain only
+
+
+@pytest.mark.parametrize("order", ["long_first", "short_first"])
+def test_a_short_string_keeps_its_escapes_beside_a_long_one(compiler: GrammarCompiler, order: str) -> None:
+    """Strings of one schema share chain rules: a short bound must not inherit the plain-characters tail of
+    a longer bound's chain (which it did when the long string came first)."""
+    fields = {"a": {"type": "string", "maxLength": 100}, "b": {"type": "string", "maxLength": 50}}
+    names = ["a", "b"] if order == "long_first" else ["b", "a"]
+    schema = {"type": "object", "properties": {n: fields[n] for n in names}, "required": names}
+    spec = StructuredOutputSpec("json_schema", json.dumps(schema))
+    short = "y" * 20 + "\\n" + "z"
+    text = "{" + ",".join(f'"{n}":"{short if n == "b" else "x"}"' for n in names) + "}"
+    assert accepts(compiler, spec, text)
+    # The long chain runs into the short one's rules after 50 positions: escapes to its end (alone, a
+    # 100 bound refuses them past 64: test_bounded_strings_accept_exactly_the_json_strings_of_their_length).
+    long_with_late_escape = "x" * 80 + "\\n"
+    text = "{" + ",".join(f'"{n}":"{"z" if n == "b" else long_with_late_escape}"' for n in names) + "}"
+    assert accepts(compiler, spec, text)
