@@ -113,5 +113,6 @@ class KVCacheManager:
         for block_id in reversed(seq.block_table):
             self.pool.release(block_id)
         seq.block_table.clear()
+        seq.num_block_table_resets += 1
         seq.num_computed_tokens = 0
         seq.num_registered_blocks = 0

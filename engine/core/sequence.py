@@ -39,6 +39,7 @@ class Sequence:
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first schedule
         self.admitted = False  # scheduled at least once (prompt stats are counted then, not after preemption)
         self.block_table: list[int] = []
+        self.num_block_table_resets = 0  # times its blocks were freed (preemption): tells the runner's rows
         self.block_hashes: list[bytes] = []  # chained keys of this sequence's full blocks, in order
         self.num_registered_blocks = 0  # leading blocks already published to the prefix cache
         self.arrival_time = time.monotonic()

@@ -14,6 +14,7 @@ from engine.core.scheduler import ScheduledSeq
 from engine.device_copy import to_device
 from engine.distributed.messages import Op, StepArrays, control
 from engine.model.attention import AttentionMetadata
+from engine.model.block_table_rows import BlockTableRows
 from engine.model.cuda_graphs import DecodeCudaGraphs
 from engine.model.input_staging import InputStaging
 from engine.model.prompt_logprobs import PendingPromptLogprobs, launch_prompt_logprobs, prompt_logprob_rows
@@ -85,6 +86,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}  # seeded requests' own RNGs
         self._constant_rows: dict[str, SamplingRow] = {}  # per request, for rows that never change
+        self.block_tables = BlockTableRows(256, 64)  # grows to the sequences and lengths served
         self.staging = InputStaging(device) if device.type == "cuda" else None
         self.cuda_graphs: DecodeCudaGraphs | None = None  # set by capture_cuda_graphs
         self.bitmasks: BitmaskBuilder | None = None  # made at the first step with a grammar
@@ -194,6 +196,7 @@ class ModelRunner:
     def release(self, request_id: str) -> None:
         self.generators.pop(request_id, None)
         self._constant_rows.pop(request_id, None)
+        self.block_tables.release(request_id)
 
     def _sampling_row(self, seq, eos_token_ids: set[int]) -> SamplingRow:
         p = seq.params
@@ -280,10 +283,7 @@ class ModelRunner:
         positions = np.arange(qsl[-1], dtype=np.int64) + np.repeat(
             np.asarray(starts, dtype=np.int64) - qsl[:-1], q_lens
         )
-        max_blocks = max(len(s.seq.block_table) for s in batch)
-        tables = np.zeros((len(batch), max_blocks), dtype=np.int32)
-        for i, s in enumerate(batch):
-            tables[i, : len(s.seq.block_table)] = s.seq.block_table
+        tables = self.block_tables.gather([s.seq for s in batch])
         slots = tables[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
 
         sample_rows = np.empty(0, dtype=np.int64)
