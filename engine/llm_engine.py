@@ -248,25 +248,20 @@ class LLMEngine:
             stop = self._grammar_stop(seq.grammar, token_id, stop)
             if stop.finish_reason == "abort":
                 return self._finish(state, "abort", None, "")
-        finished = stop.finished
-        if not params.detokenize:
-            if finished:
-                return self._finish(state, stop.finish_reason, stop.stop_reason, "")
-            return self._output(state, "", finished=False, finish_reason=None, stop_reason=None)
-        detok = state.detokenizer
-        delta = detok.add(token_id) if stop.include_token_text else ""
-        if finished:
-            delta += detok.flush()
-        if state.stop_strings is None:  # nothing to look for or hold back
-            if finished:
-                return self._finish(state, stop.finish_reason, stop.stop_reason, delta)
-            return self._output(state, delta, finished=False, finish_reason=None, stop_reason=None)
-        check = state.stop_strings.check(detok.text, delta, final=finished)
-        if check.stopped:  # a stop string overrides the token-level reason
-            return self._finish(state, "stop", check.stop_reason, check.release_text)
-        if finished:
-            return self._finish(state, stop.finish_reason, stop.stop_reason, check.release_text)
-        return self._output(state, check.release_text, finished=False, finish_reason=None, stop_reason=None)
+        text = ""  # what this token releases
+        if params.detokenize:
+            detok = state.detokenizer
+            text = detok.add(token_id) if stop.include_token_text else ""
+            if stop.finished:
+                text += detok.flush()
+            if state.stop_strings is not None:  # else nothing to look for or hold back
+                check = state.stop_strings.check(detok.text, text, final=stop.finished)
+                if check.stopped:  # a stop string overrides the token-level reason
+                    return self._finish(state, "stop", check.stop_reason, check.release_text)
+                text = check.release_text
+        if stop.finished:
+            return self._finish(state, stop.finish_reason, stop.stop_reason, text)
+        return self._output(state, text, finished=False, finish_reason=None, stop_reason=None)
 
     def _reasoning_end_ids(self) -> tuple[int, ...]:
         if self.reasoning_end_token_ids is None:
@@ -310,9 +305,8 @@ class LLMEngine:
             state.prompt_logprobs,
         )
         state.pending_ids = []
-        if (
-            wants_logprobs or state.pending_logprobs
-        ):  # the output holds the list: the next token gets a new one
+        # The output holds the list now: the next token needs another.
+        if wants_logprobs or state.pending_logprobs:
             state.pending_logprobs = []
         state.prompt_logprobs = None  # sent once, with the first output
         return out
