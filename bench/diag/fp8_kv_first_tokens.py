@@ -47,7 +47,6 @@ from fp8_first_tokens import (  # noqa: E402
     VARIANTS,
     FirstToken,
     combination_verdict,
-    engine_on,
     error_over_top,
     first_tokens,
     k_read_at_wrong_scale,
@@ -55,6 +54,7 @@ from fp8_first_tokens import (  # noqa: E402
     prompts,
 )
 from gpu_random_model import save_random_checkpoint  # noqa: E402
+from small_engine import small_engine  # noqa: E402
 from test_engine_on_gpu import FAMILIES  # noqa: E402
 
 from engine.llm_engine import LLMEngine  # noqa: E402
@@ -91,7 +91,7 @@ def run_variant(path, ps, device, vocab, overrides, emulate, fault: float | None
     """One engine's first tokens; `fault`: K read back at that many times its scale."""
 
     def build_and_run(after_load: Callable[[LLMEngine], None] | None) -> list[FirstToken]:
-        eng = engine_on(path, device, **overrides)
+        eng = small_engine(path, device=device, **overrides)
         if emulate and "quantization" in overrides:
             emulate_w8a8(eng)
         if after_load is not None:

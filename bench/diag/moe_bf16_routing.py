@@ -49,7 +49,6 @@ from moe_routing import (  # noqa: E402
     FirstTokenGap,
     Routing,
     Top,
-    engine,
     engine_first_tokens,
     engine_first_tokens_routed,
     flip_allowance,
@@ -59,6 +58,7 @@ from moe_routing import (  # noqa: E402
     routers,
     top_of,
 )
+from small_engine import small_engine  # noqa: E402
 
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.model.moe import MoeExperts  # noqa: E402
@@ -184,7 +184,7 @@ def run_family(family: str, device: str, workdir: Path, emulate: bool) -> dict:
         return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
 
     def load_ours(dtype: str, **overrides) -> LLMEngine:
-        eng = engine(path, device, dtype, **overrides)
+        eng = small_engine(path, dtype, device, **overrides)
         if emulate:
             emulate_fused_kernel(eng.runner.model)
         return eng

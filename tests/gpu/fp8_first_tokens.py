@@ -23,15 +23,12 @@ import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
+from small_engine import first_token_logprobs
 
 import engine.model.attention
-from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
-from engine.model.loader import load_model
-from engine.sampling.params import SamplingParams
 
 TOP = 5  # the bf16 tokens whose logprobs are compared
 COMBINED_SLACK = 1.25  # errors of independent roundings add at most linearly (measured: 0.7x); 25 % more
@@ -55,13 +52,6 @@ def prompts(n: int, seed: int, hi: int = 200) -> list[list[int]]:
     return [[rng.randrange(2, 512) for _ in range(rng.randint(1, hi))] for _ in range(n)]
 
 
-def engine_on(path: Path, device: str, **overrides) -> LLMEngine:
-    """tests/gpu/test_fp8_engine_on_gpu.engine, on any device."""
-    config = EngineConfig(model=str(path), device=device, dtype="bfloat16", max_model_len=1024,
-                          kv_cache_memory=256 << 20, max_num_seqs=32, **overrides)  # fmt: skip
-    return LLMEngine(config, load_model(config))
-
-
 @dataclass(frozen=True)
 class FirstToken:
     token: int  # the greedy choice (bf16 logits can tie: the sampler's pick, not a re-derived argmax)
@@ -71,19 +61,12 @@ class FirstToken:
 def first_tokens(eng: LLMEngine, ps: list[list[int]], vocab_size: int) -> list[FirstToken]:
     """Each prompt's greedy first token and its logprobs over the vocabulary, all prompts in the
     engine at once."""
-    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, logprobs=vocab_size)
-    for i, p in enumerate(ps):
-        eng.add_request(f"r{i}", p, params)
-    outs = {}
-    while eng.has_unfinished():
-        for o in eng.step():
-            outs[o.request_id] = o.new_logprobs[0]
     result = []
-    for i in range(len(ps)):
+    for first in first_token_logprobs(eng, ps, vocab_size):
         lp = torch.full((vocab_size,), float("-inf"))
-        ids, values = zip(*outs[f"r{i}"].top, strict=True)
+        ids, values = zip(*first.top, strict=True)
         lp[list(ids)] = torch.tensor(values, dtype=torch.float32)
-        result.append(FirstToken(outs[f"r{i}"].token_id, lp))
+        result.append(FirstToken(first.token_id, lp))
     return result
 
 

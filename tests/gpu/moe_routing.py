@@ -19,17 +19,14 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import transformers
+from small_engine import first_token_logprobs
 
-from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
-from engine.model.loader import load_model
 from engine.model.moe import TopKRouter
-from engine.sampling.params import SamplingParams
 
 _TINY = dict(vocab_size=512, hidden_size=256, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
              max_position_embeddings=1024, rms_norm_eps=1e-5)  # fmt: skip
@@ -134,25 +131,10 @@ def hf_last_logprobs(
     return logprobs, routes
 
 
-def engine(path: Path, device: str, dtype: str, **overrides) -> LLMEngine:
-    """The engine as tests/gpu/test_engine_on_gpu.engine builds it, on any device."""
-    config = EngineConfig(model=str(path), device=device, dtype=dtype, max_model_len=1024,
-                          kv_cache_memory=256 << 20, max_num_seqs=32, **overrides)  # fmt: skip
-    return LLMEngine(config, load_model(config))
-
-
 def engine_first_tokens(eng: LLMEngine, prompts: list[list[int]]) -> list[Top]:
     """The top logprobs of each prompt's first token, all prompts in the engine at once."""
-    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, logprobs=TOP_LOGPROBS)
-    for i, prompt in enumerate(prompts):
-        eng.add_request(f"first-token-{i}", prompt, params)
-    outs = {}
-    while eng.has_unfinished():
-        for out in eng.step():
-            outs[out.request_id] = out
     return [
-        [(t, float(lp)) for t, lp in outs[f"first-token-{i}"].new_logprobs[0].top]
-        for i in range(len(prompts))
+        [(t, float(lp)) for t, lp in first.top] for first in first_token_logprobs(eng, prompts, TOP_LOGPROBS)
     ]
 
 

@@ -11,10 +11,8 @@ import torch
 import transformers
 from gpu_paged_batch import requires_cuda
 from gpu_random_model import save_random_checkpoint
+from small_engine import first_token_logprobs, small_engine
 
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.model.loader import load_model
 from engine.sampling.params import SamplingParams
 
 pytestmark = [requires_cuda, pytest.mark.gpu]
@@ -39,12 +37,6 @@ def model_dir(tmp_path_factory):
     return make
 
 
-def engine(path, dtype: str, **overrides) -> LLMEngine:
-    config = EngineConfig(model=str(path), device="cuda", dtype=dtype, max_model_len=1024,
-                          kv_cache_memory=256 << 20, max_num_seqs=32, **overrides)  # fmt: skip
-    return LLMEngine(config, load_model(config))
-
-
 def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     # No eos at all (rather than min_new_tokens, which masks eos and so changes the argmax).
     model.generation_config.eos_token_id = None
@@ -66,7 +58,7 @@ def test_float32_greedy_equals_transformers(family, model_dir):
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
     ps = prompts(6, seed=1)
     theirs = [hf_greedy(hf, p, 24) for p in ps]
-    ours = engine(path, "float32").generate(
+    ours = small_engine(path, "float32").generate(
         ps, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     )
     assert ours == theirs
@@ -79,18 +71,10 @@ def test_bfloat16_first_token_logprobs_agree_with_transformers_float32(family, m
     path = model_dir(family)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
     ps = prompts(8, seed=2)
-    ours = engine(path, "bfloat16")
-    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, logprobs=5)
-    for i, p in enumerate(ps):
-        ours.add_request(f"r{i}", p, params)
-    outs = {}
-    while ours.has_unfinished():
-        for o in ours.step():
-            outs[o.request_id] = o
-    for i, p in enumerate(ps):
+    firsts = first_token_logprobs(small_engine(path, "bfloat16"), ps, 5)
+    for p, lp in zip(ps, firsts, strict=True):
         with torch.no_grad():
             ref = hf(torch.tensor([p], device="cuda")).logits[0, -1].float().log_softmax(-1)
-        lp = outs[f"r{i}"].new_logprobs[0]
         assert float(ref[lp.token_id]) >= float(ref.max()) - 0.3  # the argmax, or within a near-tie of it
         assert len(lp.top) == 5
         for token_id, logprob in lp.top:
@@ -104,9 +88,9 @@ def test_cuda_graph_decode_equals_eager_decode(model_dir):
     ps = prompts(37, seed=3, hi=60)
     lengths = [random.Random(i).randint(1, 40) for i in range(len(ps))]
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths]
-    graphed = engine(path, "float32")
+    graphed = small_engine(path, "float32")
     assert graphed.runner.cuda_graphs is not None and graphed.runner.cuda_graphs.graphs
-    eager = engine(path, "float32", enforce_eager=True)
+    eager = small_engine(path, "float32", enforce_eager=True)
     assert eager.runner.cuda_graphs is None
     assert graphed.generate(ps, params) == eager.generate(ps, params)
 
@@ -126,7 +110,7 @@ def test_async_scheduling_equals_the_synchronous_engine(model_dir):
     ]
     results = {}
     for mode in (False, True):
-        eng = engine(path, "float32", async_scheduling=mode)
+        eng = small_engine(path, "float32", async_scheduling=mode)
         got: dict[str, list] = {}
         for i, p in enumerate(ps):
             eng.add_request(f"r{i}", p, kinds[i % len(kinds)])

@@ -14,12 +14,10 @@ import torch
 from fp8_first_tokens import VARIANTS, combination_verdict, first_tokens
 from gpu_paged_batch import requires_cuda
 from gpu_random_model import save_random_checkpoint, word_level_tokenizer
+from small_engine import first_token_logprobs, small_engine
 from test_engine_on_gpu import FAMILIES, prompts
 
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
 from engine.model.fp8 import Fp8Linear
-from engine.model.loader import load_model
 from engine.sampling.params import SamplingParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
@@ -33,23 +31,6 @@ pytestmark = [
 ]
 
 
-def engine(path, **overrides) -> LLMEngine:
-    config = EngineConfig(model=str(path), device="cuda", dtype="bfloat16", max_model_len=1024,
-                          kv_cache_memory=256 << 20, max_num_seqs=32, **overrides)  # fmt: skip
-    return LLMEngine(config, load_model(config))
-
-
-def first_token_logprobs(eng: LLMEngine, ps: list[list[int]]) -> dict[str, object]:
-    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, logprobs=5)
-    for i, p in enumerate(ps):
-        eng.add_request(f"r{i}", p, params)
-    outs = {}
-    while eng.has_unfinished():
-        for o in eng.step():
-            outs[o.request_id] = o.new_logprobs[0]
-    return outs
-
-
 @pytest.mark.parametrize("fmt", ["ct-channel", "ct-tensor", "hf-block"])
 def test_fp8_checkpoint_follows_the_dequantized_model(fmt, tmp_path):
     import transformers
@@ -59,16 +40,16 @@ def test_fp8_checkpoint_follows_the_dequantized_model(fmt, tmp_path):
     write_fp8_checkpoint(model, fmt, tmp_path / "fp8", tmp_path / "reference")
     for d in ("fp8", "reference"):
         word_level_tokenizer(model.config.vocab_size).save_pretrained(tmp_path / d)
-    fp8, reference = engine(tmp_path / "fp8"), engine(tmp_path / "reference")
+    fp8, reference = small_engine(tmp_path / "fp8"), small_engine(tmp_path / "reference")
     assert all(not m.scheme.dequantize for m in fp8.runner.model.modules() if isinstance(m, Fp8Linear))
     ps = prompts(8, seed=5, hi=100)
     greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     ours, theirs = fp8.generate(ps, greedy), reference.generate(ps, greedy)
     assert sum(o[:2] == t[:2] for o, t in zip(ours, theirs, strict=True)) >= 7  # W8A8 rounding: a rare flip
-    a, b = first_token_logprobs(fp8, ps), first_token_logprobs(reference, ps)
-    for key in a:
-        ref = dict(b[key].top)
-        assert all(abs(lp - ref[t]) < 0.5 for t, lp in a[key].top if t in ref)
+    a, b = first_token_logprobs(fp8, ps, 5), first_token_logprobs(reference, ps, 5)
+    for ours_first, ref_first in zip(a, b, strict=True):
+        ref = dict(ref_first.top)
+        assert all(abs(lp - ref[t]) < 0.5 for t, lp in ours_first.top if t in ref)
 
 
 def test_online_fp8_with_fp8_kv_cache(tmp_path):
@@ -88,7 +69,7 @@ def test_online_fp8_with_fp8_kv_cache(tmp_path):
     ps = prompts(8, seed=6, hi=100)
     runs, blocks = {}, {}
     for name, overrides in VARIANTS.items():
-        eng = engine(path, **overrides)
+        eng = small_engine(path, **overrides)
         blocks[name] = eng.kv.pool.num_blocks
         runs[name] = first_tokens(eng, ps, vocab)  # first, on a cold prefix cache like the other runs
         if name == "both":

@@ -10,12 +10,12 @@ import pytest
 from fp8_first_tokens import (
     VARIANTS,
     combination_verdict,
-    engine_on,
     first_tokens,
     k_read_at_wrong_scale,
     prompts,
 )
 from gpu_random_model import save_random_checkpoint
+from small_engine import small_engine
 from transformers import LlamaConfig
 
 # tests/gpu/test_engine_on_gpu.py's tiny Llama (that module needs CUDA's test helpers)
@@ -30,10 +30,10 @@ def runs(tmp_path_factory):
 
     def run(overrides, fault: float | None = None):
         if fault is None:
-            eng = engine_on(path, "cpu", **overrides)
+            eng = small_engine(path, device="cpu", **overrides)
         else:
             with k_read_at_wrong_scale("cpu", fault) as set_scales:
-                eng = engine_on(path, "cpu", **overrides)
+                eng = small_engine(path, device="cpu", **overrides)
                 set_scales(eng)
                 got = first_tokens(eng, ps, TINY["vocab_size"])
                 eng.close()

@@ -21,7 +21,8 @@ from moe_routing import (
     renormalizes,
     top_of,
 )
-from test_engine_on_gpu import engine, hf_greedy, prompts
+from small_engine import small_engine
+from test_engine_on_gpu import hf_greedy, prompts
 
 from engine.model.moe import SparseMoeBlock
 from engine.sampling.params import SamplingParams
@@ -47,7 +48,7 @@ def test_float32_greedy_equals_transformers(family, model_dir):
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
     ps = prompts(6, seed=1)
     theirs = [hf_greedy(hf, p, 16) for p in ps]
-    ours = engine(path, "float32")
+    ours = small_engine(path, "float32")
     from engine.kernels.fused_moe_layer import FusedMoeExperts
 
     blocks = [m for m in ours.runner.model.modules() if isinstance(m, SparseMoeBlock)]
@@ -78,7 +79,7 @@ def test_bfloat16_first_token_logprobs_agree_with_transformers_float32(family, m
     reference, reference_routes = hf_last_logprobs(hf32, ps, "cuda", renormalize)
     hf16 = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
     theirs, their_routes = hf_last_logprobs(hf16, ps, "cuda", renormalize, pins=reference_routes)
-    ours = engine(path, "bfloat16", enable_prefix_caching=False)
+    ours = small_engine(path, "bfloat16", enable_prefix_caching=False)
     tops, our_routes = engine_first_tokens_routed(ours, ps, renormalize, pins=reference_routes)
 
     their_gaps = [FirstTokenGap.of(top_of(lp), ref) for lp, ref in zip(theirs, reference, strict=True)]
@@ -96,7 +97,7 @@ def test_cuda_graph_decode_equals_eager_decode(family, model_dir):
     ps = prompts(37, seed=3, hi=60)
     lengths = [1 + (i * 7) % 40 for i in range(len(ps))]
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths]
-    graphed = engine(path, "float32")
+    graphed = small_engine(path, "float32")
     assert graphed.runner.cuda_graphs is not None and graphed.runner.cuda_graphs.graphs
-    eager = engine(path, "float32", enforce_eager=True)
+    eager = small_engine(path, "float32", enforce_eager=True)
     assert graphed.generate(ps, params) == eager.generate(ps, params)
