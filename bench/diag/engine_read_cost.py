@@ -33,42 +33,22 @@ import pstats
 import random
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling structured_host_cost.py
 
-
-def smollm2_tokenizer():
-    import transformers
-
-    from engine.model.sources import resolve_model_source
-
-    source = resolve_model_source(None)
-    return transformers.AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
+import structured_host_cost  # noqa: E402
 
 
 def tiny_model_dir(path: str | None) -> str:
     """A 1-layer Llama of hidden 64 over the SmolLM2 vocabulary (made once into `path` when given)."""
-    import transformers
-
     if path and (Path(path) / "config.json").exists():
         return path
-    tokenizer = smollm2_tokenizer()
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    path = path or tempfile.mkdtemp(prefix="engine-read-cost-")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return structured_host_cost.tiny_model_dir(structured_host_cost.smollm2_tokenizer(None), 1, path)
 
 
 class StepClock:

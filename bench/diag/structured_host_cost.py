@@ -126,17 +126,19 @@ def grammar_costs(tokenizer, schema: dict, rows: int, steps: int, chain: bool) -
     }
 
 
-def tiny_model_dir(tokenizer) -> str:
+def tiny_model_dir(tokenizer, num_layers: int = 2, path: str | None = None) -> str:
+    """A random Llama of hidden 64 over `tokenizer`'s vocabulary, saved into `path` (default: a temp dir);
+    also bench/diag/engine_read_cost.py's model."""
     import transformers
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
         eos_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    path = tempfile.mkdtemp(prefix="structured-host-cost-")
+    path = path or tempfile.mkdtemp(prefix="tiny-llama-")
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
