@@ -20,14 +20,14 @@ case "${1:-}" in
     run w2_cap 540 python3 bench/w2_serving.py --qps inf 32 \
       --sweep max-prefill-tokens-while-decoding=0,1024,2048,4096 --out "$OUT/w2_cap.json" ;;
   w2-fp8)  # issue 13: W2 with online W8A8 FP8 and an FP8 KV cache against bf16, same call (bar: >= 1.3x req/s);
-    # first the activation-quantization kernel's bit-exactness and the GEMM shapes
-    run fp8_quant_test 90 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_quant_kernel.py
-    run fp8_gemm 100 python3 bench/fp8_gemm.py
+    # first the FP8 kernels' tests (activation quantization bit-exact, the few-token GEMM against float32)
+    run fp8_kernel_tests 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_quant_kernel.py \
+      tests/gpu/test_fp8_skinny_gemm.py tests/gpu/test_fp8_gemm.py
     run w2_bf16 160 python3 bench/w2_serving.py --qps inf --out "$OUT/w2_bf16.json"
     run w2_fp8 160 python3 bench/w2_serving.py --qps inf --out "$OUT/w2_fp8.json" \
-      --serve-args --quantization fp8 --kv-cache-dtype fp8
-    run w2_fp8_weights 160 python3 bench/w2_serving.py --qps inf --out "$OUT/w2_fp8_weights.json" \
-      --serve-args --quantization fp8 ;;  # FP8 linears alone: is the FP8 KV cache a help or a cost?
+      --serve-args --quantization fp8 --kv-cache-dtype fp8 ;;
+  fp8-tune)  # issue 13: tiles of the few-token FP8 GEMM (engine/kernels/fp8_skinny_gemm.py) on this card
+    run fp8_skinny_tune 400 python3 bench/fp8_skinny_tune.py --out "$OUT/fp8_skinny_tune.json" ;;
   fp8-kernels)  # issue 13: where an 8B step's GPU time goes, bf16 against FP8 and FP8 + FP8 KV (kernels by category)
     run step_kernels 500 python3 bench/diag/step_kernels.py --out "$OUT/step_kernels.json" ;;
   w2-text)  # issue 13: text through completions and chat vs token ids, same server, same lengths
@@ -57,5 +57,5 @@ case "${1:-}" in
   w1)  # issue 13's W1 bar (H200: >= 28,800 tok/s), main and the old code on the same machine
     run w1 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
     (cd .carry/base && run w1_base 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_base.json") ;;
-  *) echo "usage: bench/gpu_backlog.sh structured|structured-profile|fp8-kernels|fp8|w2-fp8|w2-text|w5|w2-cap|w2|tests|w1" >&2; exit 2 ;;
+  *) echo "usage: bench/gpu_backlog.sh structured|structured-profile|fp8-kernels|fp8-tune|fp8|w2-fp8|w2-text|w5|w2-cap|w2|tests|w1" >&2; exit 2 ;;
 esac
