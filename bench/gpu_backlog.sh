@@ -20,7 +20,7 @@ case "${1:-}" in
     run w2_cap 540 python3 bench/w2_serving.py --qps inf 32 \
       --sweep max-prefill-tokens-while-decoding=0,1024,2048,4096 --out "$OUT/w2_cap.json" ;;
   w2-fp8)  # issue 13: W2 with online W8A8 FP8 and an FP8 KV cache against bf16, same call (bar: >= 1.3x req/s);
-    # first the FP8 kernels' tests (activation quantization bit-exact, the few-token GEMM against float32)
+    # first the FP8 kernels' tests (quantization bit-exact, the few-token GEMM against float32)
     run fp8_kernel_tests 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_quant_kernel.py \
       tests/gpu/test_fp8_skinny_gemm.py tests/gpu/test_fp8_gemm.py
     run w2_bf16 160 python3 bench/w2_serving.py --qps inf --out "$OUT/w2_bf16.json"
