@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import generate_latest
 
 from engine.config import EngineConfig
-from engine.engine_inbox import take_request
+from engine.engine_inbox import InboxHandler
 from engine.metrics import EngineMetrics
 from engine.outputs import EngineDeadError, RequestOutput
 from engine.request_streams import AbortRequest, AddRequest, StreamingFrontend
@@ -60,9 +60,9 @@ class AsyncEngine(StreamingFrontend):
     def __init__(self, config: EngineConfig) -> None:
         super().__init__(config)
         self._inbox: queue.SimpleQueue[InboxMessage] = queue.SimpleQueue()
-        # Requests submitted but not yet taken in by the loop: each counter has a single writer thread.
+        # Requests submitted but not yet taken in by the loop: _num_submitted here, on the event loop, and
+        # the handler's num_taken on the loop's thread (each counter has a single writer thread).
         self._num_submitted = 0
-        self._num_taken = 0
         self._loop: asyncio.AbstractEventLoop | None = None  # the event loop outputs are delivered to
         self._started = threading.Event()  # start() (or shutdown()) was called: the loop may run
         self._stopping = threading.Event()
@@ -81,6 +81,8 @@ class AsyncEngine(StreamingFrontend):
         self.tokenizer: Any = self.engine.tokenizer
         self.max_model_len: int = self.engine.max_model_len
         self.vocab_size: int = self.engine.vocab_size
+        # Before start(): the loop's thread waits for it. Wake: nothing to do, the loop then sees _stopping.
+        self._handler = InboxHandler(self.engine, self._deliver, self._fail_from_loop, {Wake: lambda _: None})
 
     def _build_engine(self) -> LLMEngine:
         """Runs on the engine thread."""
@@ -111,7 +113,7 @@ class AsyncEngine(StreamingFrontend):
         return self._dead is None and self._started.is_set() and self._thread.is_alive()
 
     def _num_queued(self) -> int:
-        return self.engine.num_waiting + self._num_submitted - self._num_taken
+        return self.engine.num_waiting + self._num_submitted - self._handler.num_taken
 
     def _submit(self, request: AddRequest) -> None:
         self._num_submitted += 1
@@ -164,25 +166,19 @@ class AsyncEngine(StreamingFrontend):
         except queue.Empty:
             return
         while True:
-            self._handle(message)
+            self._handler.handle(message)
             try:
                 message = self._inbox.get_nowait()
             except queue.Empty:
                 return
 
-    def _handle(self, message: InboxMessage) -> None:
-        if isinstance(message, AddRequest | AbortRequest):
-            self._num_taken += isinstance(message, AddRequest)
-            taken = take_request(self.engine, message)
-            assert self._loop is not None
-            if taken.failed is not None:
-                self._loop.call_soon_threadsafe(self._fail_one, message.request_id, taken.failed)
-            if taken.final_output is not None:
-                self._deliver([taken.final_output])
-
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._dispatch, outputs)
+
+    def _fail_from_loop(self, request_id: str, error: BaseException) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._fail_one, request_id, error)
 
     def _fail_on_rank_death(self, message: str) -> None:
         """From the tensor-parallel watchdog thread, which then ends the process."""

@@ -18,9 +18,8 @@ import zmq
 from engine.child_process import die_with_parent
 from engine.cli import configure_logging
 from engine.config import EngineConfig
-from engine.engine_inbox import take_request
+from engine.engine_inbox import InboxHandler
 from engine.engine_process import wire
-from engine.request_streams import AbortRequest, AddRequest
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -86,9 +85,20 @@ class EngineLoop:
         self.engine = engine
         self.inbox = inbox
         self.outbox = outbox
-        self.num_taken = 0  # requests taken in so far (the API process counts those it sent)
         self.last_counts = (0, 0)  # (num_waiting, num_taken) last sent
         self.stopping = False
+        # What each message does, as in AsyncEngine (engine/engine_inbox.py); the grammar, metrics and
+        # shutdown calls come only this way. Its num_taken goes out with the steps (see _send_step).
+        self.handler = InboxHandler(
+            engine,
+            self._send_step,
+            self._send_failed,
+            {
+                wire.CompileGrammar: self._compile_grammar,
+                wire.RenderMetrics: self._render_metrics,
+                wire.Shutdown: self._shutdown,
+            },
+        )
         # Grammar compilations finish on the compiler's threads: they queue their reply and write a byte
         # to the pipe, which wakes a loop blocked in poll (a socket is used by one thread only).
         self.replies: queue.SimpleQueue[wire.Reply] = queue.SimpleQueue()
@@ -123,7 +133,7 @@ class EngineLoop:
                     message = wire.loads(self.inbox.recv(zmq.NOBLOCK))
                 except zmq.Again:
                     break
-                self._handle(message)
+                self.handler.handle(message)
 
     def _drain_wake_pipe(self) -> None:
         try:
@@ -132,28 +142,21 @@ class EngineLoop:
         except BlockingIOError:
             pass
 
-    def _handle(self, message: object) -> None:
-        engine = self.engine
-        if isinstance(message, AddRequest | AbortRequest):
-            self.num_taken += isinstance(message, AddRequest)
-            taken = take_request(engine, message)
-            if taken.failed is not None:
-                self._send(wire.FAILED, wire.dumps((message.request_id, wire.dumps_error(taken.failed))))
-            if taken.final_output is not None:
-                self._send_step([taken.final_output])
-        elif isinstance(message, wire.CompileGrammar):
-            future = engine.grammars.submit(message.spec)
-            future.add_done_callback(lambda f, call_id=message.call_id: self._compiled(call_id, f))
-        elif isinstance(message, wire.RenderMetrics):
-            from prometheus_client import generate_latest
+    def _send_failed(self, request_id: str, error: BaseException) -> None:
+        self._send(wire.FAILED, wire.dumps((request_id, wire.dumps_error(error))))
 
-            self._send(
-                wire.REPLY, wire.dumps(wire.Reply(message.call_id, generate_latest(engine.metrics.registry)))
-            )
-        elif isinstance(message, wire.Shutdown):
-            self.stopping = True
-        else:
-            raise TypeError(f"unexpected message from the API process: {message!r}")
+    def _compile_grammar(self, message: wire.CompileGrammar) -> None:
+        future = self.engine.grammars.submit(message.spec)
+        future.add_done_callback(lambda f, call_id=message.call_id: self._compiled(call_id, f))
+
+    def _render_metrics(self, message: wire.RenderMetrics) -> None:
+        from prometheus_client import generate_latest
+
+        metrics = generate_latest(self.engine.metrics.registry)
+        self._send(wire.REPLY, wire.dumps(wire.Reply(message.call_id, metrics)))
+
+    def _shutdown(self, message: wire.Shutdown) -> None:
+        self.stopping = True
 
     def _compiled(self, call_id: int, future: Future[object]) -> None:
         """On a grammar thread."""
@@ -162,7 +165,7 @@ class EngineLoop:
         os.write(self.wake_write, b"!")
 
     def _send_step(self, outputs: list[RequestOutput]) -> None:
-        counts = (self.engine.num_waiting, self.num_taken)
+        counts = (self.engine.num_waiting, self.handler.num_taken)
         if outputs or counts != self.last_counts:  # the queue-full check needs fresh counts
             self.last_counts = counts
             self._send(wire.STEP, wire.encode_step(wire.StepOutputs(outputs, *counts)))

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from contextlib import aclosing
 
 import pytest
@@ -15,15 +17,33 @@ from engine.config import EngineConfig
 from engine.metrics import EngineMetrics
 from engine.outputs import EngineDeadError, RequestOutput
 from engine.sampling.params import SamplingParams
+from engine.structured.compiler import GrammarError
+
+BAD_GRAMMAR = "bad-grammar"  # a request id, or a grammar spec, that fails to compile
+
+
+class ScriptedGrammars:
+    """Stands in for the engine's GrammarCompiler: every spec compiles but BAD_GRAMMAR."""
+
+    def submit(self, spec: object) -> Future[None]:
+        future: Future[None] = Future()
+        if spec == BAD_GRAMMAR:
+            future.set_exception(GrammarError("the grammar does not compile"))
+        else:
+            future.set_result(None)
+        return future
 
 
 class ScriptedLLMEngine:
-    """Stands in for LLMEngine: every step emits `per_step` outputs (tokens 1, 2, ...) for each request."""
+    """Stands in for LLMEngine: every step emits `per_step` outputs (tokens 1, 2, ...) for each request.
+    A request with the id BAD_GRAMMAR is refused as LLMEngine refuses one whose grammar does not compile;
+    aborting a running request returns its last output, as LLMEngine's abort does."""
 
     def __init__(self, per_step: int = 1, step_s: float = 0.0, crash: Exception | None = None) -> None:
         self.per_step, self.step_s, self.crash = per_step, step_s, crash
         self.tokenizer, self.max_model_len, self.vocab_size = None, 64, 128
         self.metrics = EngineMetrics("scripted")
+        self.grammars = ScriptedGrammars()
         self.running: dict[str, list[int]] = {}  # request id -> [max_tokens, tokens so far]
         self.aborted: list[str] = []
         self.salts: dict[str, str | None] = {}  # request id -> the cache_salt it was added with
@@ -39,13 +59,17 @@ class ScriptedLLMEngine:
     def add_request(
         self, request_id: str, prompt: list[int], params: SamplingParams, cache_salt: str | None = None
     ) -> None:
+        if request_id == BAD_GRAMMAR:
+            raise GrammarError("the grammar does not compile")
         self.running[request_id] = [params.max_tokens, 0]
         self.salts[request_id] = cache_salt
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         self.aborted.append(request_id)
-        self.running.pop(request_id, None)
-        return None
+        state = self.running.pop(request_id, None)
+        if state is None:
+            return None
+        return output(request_id, state[1], finished=True, reason="abort", new_token_ids=[])
 
     def has_unfinished(self) -> bool:
         return bool(self.running)
@@ -66,14 +90,21 @@ class ScriptedLLMEngine:
         return outputs
 
 
-def output(request_id: str, token: int, finished: bool) -> RequestOutput:
+def output(
+    request_id: str,
+    token: int,
+    finished: bool,
+    reason: str = "length",
+    new_token_ids: list[int] | None = None,
+) -> RequestOutput:
+    new = [token] if new_token_ids is None else new_token_ids
     return RequestOutput(
         request_id=request_id,
-        new_token_ids=[token],
-        new_text=f"<{token}>",
+        new_token_ids=new,
+        new_text="".join(f"<{t}>" for t in new),
         new_logprobs=None,
         finished=finished,
-        finish_reason="length" if finished else None,
+        finish_reason=reason if finished else None,
         stop_reason=None,
         num_prompt_tokens=2,
         num_output_tokens=token,
@@ -97,8 +128,11 @@ async def started(llm: ScriptedLLMEngine, **config: object) -> ScriptedAsyncEngi
 
 
 async def collect(engine: AsyncEngine, request_id: str, max_tokens: int) -> list[RequestOutput]:
-    params = SamplingParams(max_tokens=max_tokens)
-    return [out async for out in engine.generate(request_id, [1, 2], params)]
+    return await gather(engine.generate(request_id, [1, 2], SamplingParams(max_tokens=max_tokens)))
+
+
+async def gather(stream: AsyncIterator[RequestOutput]) -> list[RequestOutput]:
+    return [out async for out in stream]
 
 
 async def test_each_step_reaches_the_stream_in_order() -> None:
@@ -147,6 +181,31 @@ async def test_leaving_the_stream_early_aborts_the_request() -> None:
             if engine.llm.aborted:
                 break
             await asyncio.sleep(0.01)
+        assert engine.llm.aborted == ["r"] and engine.num_unfinished == 0
+    finally:
+        await engine.shutdown(timeout=1)
+
+
+async def test_a_request_that_cannot_be_added_fails_alone() -> None:
+    engine = await started(ScriptedLLMEngine())
+    try:
+        with pytest.raises(GrammarError, match="does not compile"):
+            await asyncio.wait_for(collect(engine, BAD_GRAMMAR, 3), 10)
+        assert engine.is_healthy() and engine.num_unfinished == 0
+        outs = await asyncio.wait_for(collect(engine, "next", 2), 10)
+        assert [t for out in outs for t in out.new_token_ids] == [1, 2]
+    finally:
+        await engine.shutdown(timeout=1)
+
+
+async def test_abort_ends_a_stream_still_listening() -> None:
+    engine = await started(ScriptedLLMEngine(step_s=0.01))
+    try:
+        stream = engine.generate("r", [1, 2], SamplingParams(max_tokens=1000))
+        first = await anext(stream)
+        engine.abort("r")  # as the HTTP layer does: the stream is still being read
+        rest = await asyncio.wait_for(gather(stream), 10)
+        assert first.new_token_ids == [1] and rest[-1].finished and rest[-1].finish_reason == "abort"
         assert engine.llm.aborted == ["r"] and engine.num_unfinished == 0
     finally:
         await engine.shutdown(timeout=1)
