@@ -1,7 +1,7 @@
 """FP8 GEMM shapes of the 8B model: bfloat16 F.linear against Fp8Linear's FP8 paths (torch._scaled_mm
-with row-wise scales, the few-token Triton GEMM of engine/kernels/fp8_skinny_gemm.py where skinny_config
-takes the shape, and the Triton kernel of engine/kernels/fp8_gemm.py, per channel and with 128x128 block
-scales) and one candidate (torch._scaled_mm with DeepSeek-style block scales, 1x128 activations and
+with row-wise scales; the Triton kernel of engine/kernels/fp8_gemm.py per channel and with 128-wide group
+scales, at its chosen tiles; `fp8_linear`: whichever of the two Fp8Linear takes for per-channel weights)
+and one candidate (torch._scaled_mm with DeepSeek-style block scales, 1x128 activations and
 128x128 weights, which cuBLAS offers on Hopper: `scaled_mm_block_us`, -1 where this torch refuses it),
 activation quantization included (the one-kernel quantize_activations the layer uses; the
 torch reference quantize_rows alone as `quant_torch_us` beside it as `quant_us`), per token count. Timed
@@ -26,9 +26,8 @@ from triton.testing import do_bench, do_bench_cudagraph
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.kernels.fp8_gemm import fp8_gemm  # noqa: E402
+from engine.kernels.fp8_gemm import beats_scaled_mm, fp8_gemm  # noqa: E402
 from engine.kernels.fp8_quant import quantize_activations  # noqa: E402
-from engine.kernels.fp8_skinny_gemm import fp8_skinny_gemm, skinny_config  # noqa: E402
 from engine.model.fp8 import quantize_rows  # noqa: E402
 
 SHAPES = {  # Llama-3-8B's linears: (out, in)
@@ -44,12 +43,11 @@ def scaled_mm(x: torch.Tensor, wq: torch.Tensor, ws_row: torch.Tensor) -> torch.
     return torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws_row, out_dtype=torch.bfloat16)
 
 
-def skinny(x: torch.Tensor, wq: torch.Tensor, ws_row: torch.Tensor) -> torch.Tensor:
+def fp8_linear(x: torch.Tensor, wq: torch.Tensor, ws_row: torch.Tensor) -> torch.Tensor:
     xq, xs = quantize_activations(x)
-    tile = skinny_config(x.shape[0], wq.shape[0], wq.shape[1])
-    if tile is None:
+    if not beats_scaled_mm(x.shape[0], wq.shape[0]):
         return torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws_row, out_dtype=torch.bfloat16)
-    return fp8_skinny_gemm(xq, xs, wq, ws_row, torch.bfloat16, tile)
+    return fp8_gemm(xq, xs, wq, ws_row, torch.bfloat16)
 
 
 def quantize_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,7 +104,7 @@ def main() -> None:
             paths = {
                 "bf16": partial(F.linear, x, w_bf16),
                 "scaled_mm": partial(scaled_mm, x, wq, ws_row),
-                "fp8_linear": partial(skinny, x, wq, ws_row),  # what Fp8Linear runs (per-channel)
+                "fp8_linear": partial(fp8_linear, x, wq, ws_row),  # what Fp8Linear runs (per-channel)
                 "scaled_mm_block": partial(scaled_mm_block, x, wq_blocks, block_scales.t()),
                 "triton_channel": partial(triton_gemm, x, wq, ws, None),
                 "triton_block": partial(triton_gemm, x, wq_block, ws_block, 128),
