@@ -20,14 +20,16 @@ case "${1:-}" in
     run w2_cap 540 python3 bench/w2_serving.py --qps inf 32 \
       --sweep max-prefill-tokens-while-decoding=0,1024,2048,4096 --out "$OUT/w2_cap.json" ;;
   w2-fp8)  # issue 13: W2 with online W8A8 FP8 and an FP8 KV cache against bf16, same call (bar: >= 1.3x req/s);
-    # first the FP8 kernels' tests (quantization bit-exact, the few-token GEMM against float32)
+    # first the FP8 kernels' tests (quantization bit-exact, the Triton GEMM's tiles against float32)
     run fp8_kernel_tests 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_quant_kernel.py \
-      tests/gpu/test_fp8_skinny_gemm.py tests/gpu/test_fp8_gemm.py
+      tests/gpu/test_fp8_gemm.py
     run w2_bf16 160 python3 bench/w2_serving.py --qps inf --out "$OUT/w2_bf16.json"
     run w2_fp8 160 python3 bench/w2_serving.py --qps inf --out "$OUT/w2_fp8.json" \
       --serve-args --quantization fp8 --kv-cache-dtype fp8 ;;
-  fp8-tune)  # issue 13: tiles of the few-token FP8 GEMM (engine/kernels/fp8_skinny_gemm.py) on this card
-    run fp8_skinny_tune 400 python3 bench/fp8_skinny_tune.py --out "$OUT/fp8_skinny_tune.json" ;;
+  fp8-tune)  # issue 13: tiles of the Triton FP8 GEMM (engine/kernels/fp8_gemm.py) on this card, then
+    # every FP8 path per shape (bf16, _scaled_mm, what Fp8Linear runs, the block-scaled candidates)
+    run fp8_gemm_tune 330 python3 bench/fp8_gemm_tune.py --out "$OUT/fp8_gemm_tune.json"
+    run fp8_gemm 200 python3 bench/fp8_gemm.py ;;
   fp8-kernels)  # issue 13: where an 8B step's GPU time goes, bf16 against FP8 and FP8 + FP8 KV (kernels by category)
     run step_kernels 500 python3 bench/diag/step_kernels.py --out "$OUT/step_kernels.json" ;;
   w2-text)  # issue 13: text through completions and chat vs token ids, same server, same lengths

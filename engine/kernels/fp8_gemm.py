@@ -1,58 +1,95 @@
-"""FP8 (e4m3) GEMM with per-row scales on both sides, in Triton: ``C = (A * sa) (B * sb)^T``.
+"""FP8 (e4m3) GEMM in Triton: ``C = (A * sa) (B * sb)^T``, A [M, K] float8 activations, B [N, K] float8
+weights, with per-token / per-channel scales (sa [M, 1], sb [N, 1]) or per 128-wide group of K on both
+sides (sa [M, K/g], sb [N, K/g]: the block-scaled checkpoints, Qwen3-*-FP8 and DeepSeek, whose 128x128 weight
+blocks engine.model.fp8 stores as one scale per row and group).
 
-A [M, K] float8 activations with scales sa [M, groups]; B [N, K] float8 weights with scales sb [N,
-groups]; each scale covers ``ceil(K / groups)`` consecutive K elements of its row. One group
-(per-token activations times per-channel weights) scales the float32 accumulator once at the end;
-several groups (block-scaled weights, activations per token and 128-wide group, as DeepSeek /
-Qwen3-FP8 checkpoints run) scale each BLOCK_K-wide partial product, so BLOCK_K equals the group.
+Why our own: at decode batch sizes a linear is a read of its weights, which FP8 halves, but cuBLASLt's
+row-scaled FP8 GEMM (torch._scaled_mm) reaches about a third of the H100's bandwidth at 16 tokens
+(Llama-8B down_proj: 42 µs where 17.5 µs reads the weights; bench/fp8_gemm_tune.py), slower than bfloat16;
+and block scales have no cuBLAS path in this torch. The grid covers N in narrow column tiles and, where
+those alone leave SMs idle, splits K: each split's float32 partial lands in its own slice of a workspace and
+a second small kernel sums the slices in a fixed order, so a result never depends on scheduling. With
+group scales each BLOCK_K-wide partial product is scaled as it is accumulated (BLOCK_K = the group).
 
-Per-channel shapes that torch._scaled_mm takes run there instead (engine.model.fp8.Fp8Linear); this
-kernel covers block scales and the shapes _scaled_mm refuses.
+Tiles (``tile_for``) come from bench/fp8_gemm_tune.py on an H100; ``beats_scaled_mm`` says where this
+kernel is the faster of the two for per-channel weights (engine.model.fp8.Fp8Linear asks it).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
 
+@dataclass(frozen=True)
+class GemmTile:
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 4
+
+
 @triton.jit
 def _fp8_gemm_kernel(
-    a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr,
-    M, N, K,
-    stride_am, stride_bn, stride_cm, stride_sam, stride_sbn,
+    a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr,
+    M, N, K, K_PER_SPLIT,
+    stride_am, stride_bn, stride_sam, stride_sbn,
     PER_GROUP: tl.constexpr,  # one scale per BLOCK_K columns (else one per row, applied at the end)
+    EVEN: tl.constexpr,  # N % BLOCK_N == 0 and K_PER_SPLIT, K multiples of BLOCK_K: no weight masks
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < N
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + (k_start + offs_k)[None, :]
+    b_ptrs = b_ptr + offs_n[None, :] * stride_bn + (k_start + offs_k)[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = (k0 + offs_k) < K
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + (k0 + offs_k)[None, :],
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
-        b = tl.load(b_ptr + offs_n[None, :] * stride_bn + (k0 + offs_k)[:, None],
-                    mask=n_ok[None, :] & k_ok[:, None], other=0.0)  # fmt: skip
-        partial = tl.dot(a, b)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        if EVEN:
+            a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
+            b = tl.load(b_ptrs)
+        else:
+            k_ok = (k0 + offs_k) < k_end
+            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
         if PER_GROUP:
             g = k0 // BLOCK_K
             sa = tl.load(sa_ptr + offs_m * stride_sam + g, mask=m_ok, other=0.0)
             sb = tl.load(sb_ptr + offs_n * stride_sbn + g, mask=n_ok, other=0.0)
-            acc += partial * sa[:, None] * sb[None, :]
+            acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
         else:
-            acc += partial
+            acc += tl.dot(a, b)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
     if not PER_GROUP:
         sa = tl.load(sa_ptr + offs_m * stride_sam, mask=m_ok, other=0.0)
         sb = tl.load(sb_ptr + offs_n * stride_sbn, mask=n_ok, other=0.0)
         acc = acc * sa[:, None] * sb[None, :]
-    c = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
-    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    # split K: float32 partials in out[split, M, N], summed by _sum_splits
+    out = out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _sum_splits(part_ptr, c_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT):  # fixed order: the same sum every run
+        acc += tl.load(part_ptr + s * MN + offs, mask=ok, other=0.0)
+    tl.store(c_ptr + offs, acc.to(c_ptr.dtype.element_ty), mask=ok)
 
 
 def fp8_gemm(
@@ -62,28 +99,72 @@ def fp8_gemm(
     b_scale: torch.Tensor,
     out_dtype: torch.dtype,
     group_k: int | None = None,
+    tile: GemmTile | None = None,
 ) -> torch.Tensor:
-    """a [M, K] float8, a_scale [M, G] float32, b [N, K] float8, b_scale [N, G] float32 -> [M, N]; G is
-    1 (group_k None) or ceil(K / group_k)."""
+    """a [M, K] float8, a_scale [M, G] float32, b [N, K] float8, b_scale [N, G] float32 (per channel: any
+    contiguous N scales, [N, 1] or [1, N]) -> [M, N] in out_dtype; G is 1 (group_k None) or
+    ceil(K / group_k). ``tile``: None takes ``tile_for``'s."""
     m, k = a.shape
     n = b.shape[0]
-    groups = a_scale.shape[1]
-    assert b.shape[1] == k and b_scale.shape == (n, groups), (a.shape, b.shape, a_scale.shape, b_scale.shape)
-    assert a.stride(1) == 1 and b.stride(1) == 1 and a_scale.stride(1) == 1 and b_scale.stride(1) == 1
     per_group = group_k is not None
+    assert b.shape[1] == k and a.stride(1) == 1 and b.stride(1) == 1, (a.shape, b.shape)
     if per_group:
-        block_k = group_k
-        assert groups == -(-k // block_k), (groups, k, block_k)
-        assert block_k >= 16 and block_k & (block_k - 1) == 0, f"scale groups of {block_k} columns"
+        groups = -(-k // group_k)
+        assert a_scale.shape == (m, groups) and b_scale.shape == (n, groups), (a_scale.shape, b_scale.shape)
+        assert a_scale.stride(1) == 1 and b_scale.stride(1) == 1
+        assert group_k >= 16 and group_k & (group_k - 1) == 0, f"scale groups of {group_k} columns"
     else:
-        block_k = 128 if k >= 128 else max(16, triton.next_power_of_2(k))
-    block_m = 16 if m <= 16 else (64 if m <= 64 else 128)
-    block_n = 128 if n >= 128 else max(16, triton.next_power_of_2(n))
+        assert a_scale.numel() == m and b_scale.numel() == n, (a_scale.shape, b_scale.shape)
+        assert a_scale.is_contiguous() and b_scale.is_contiguous()
+    t = tile or tile_for(m, n, k, group_k)
+    assert not per_group or t.block_k == group_k, (t, group_k)
+    k_blocks = triton.cdiv(k, t.block_k)
+    k_per_split = triton.cdiv(k_blocks, max(1, min(t.split_k, k_blocks))) * t.block_k
+    split = triton.cdiv(k, k_per_split)  # no empty split
     c = torch.empty(m, n, dtype=out_dtype, device=a.device)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    if m == 0:
+        return c
+    out = c if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=a.device)
+    grid = (triton.cdiv(n, t.block_n), split, triton.cdiv(m, t.block_m))
     _fp8_gemm_kernel[grid](
-        a, b, c, a_scale, b_scale, m, n, k,
-        a.stride(0), b.stride(0), c.stride(0), a_scale.stride(0), b_scale.stride(0),
-        PER_GROUP=per_group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        a, b, out, a_scale, b_scale, m, n, k, k_per_split, a.stride(0), b.stride(0),
+        a_scale.stride(0) if per_group else 1, b_scale.stride(0) if per_group else 1,
+        PER_GROUP=per_group, EVEN=n % t.block_n == 0 and k % t.block_k == 0,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.num_warps, num_stages=t.num_stages,
     )  # fmt: skip
+    if split > 1:
+        block = 1024
+        _sum_splits[(triton.cdiv(m * n, block),)](out, c, m * n, SPLIT=split, BLOCK=block)
     return c
+
+
+def _wide(n: int) -> bool:
+    return n >= 16384  # enough column tiles to fill the GPU without splitting K
+
+
+def beats_scaled_mm(m: int, n: int) -> bool:
+    """Per-channel weights: this kernel is faster than torch._scaled_mm for ``m`` tokens through ``n``
+    outputs (H100, Llama-8B linears: up to 64 tokens everywhere, up to 128 under 16,384 outputs)."""
+    return m <= 64 or (m <= 128 and not _wide(n))
+
+
+def tile_for(m: int, n: int, k: int, group_k: int | None = None) -> GemmTile:
+    """The tile for ``m`` tokens through an [n, k] weight. Up to 128 tokens from bench/fp8_gemm_tune.py on an
+    H100 (2026-12-05; at 16 tokens qkv 8.1 / o 6.7 / gate_up 43 / down 25 µs against _scaled_mm's 17 /
+    12.5 / 50 / 42); above, the sweep's best at 256 tokens. With group scales BLOCK_K is the group (128-wide
+    tiles measured within 5 % of the best there)."""
+    if m <= 32:
+        block_m = 16 if m <= 16 else 32
+        if _wide(n):
+            tile = GemmTile(block_m, 64, 256, split_k=1, num_stages=3)
+        elif k >= 8192:
+            tile = GemmTile(block_m, 32, 256, split_k=2, num_stages=5)
+        else:
+            tile = GemmTile(block_m, 64, 128, split_k=4, num_stages=3)
+    elif m <= 64:
+        tile = GemmTile(64, 32, 256, num_stages=5) if k >= 8192 else GemmTile(64, 64, 256, num_stages=3)
+    elif m <= 128:
+        tile = GemmTile(64, 64, 256, num_stages=5)
+    else:
+        tile = GemmTile(128, 128, 128, num_warps=8, num_stages=4)
+    return tile if group_k is None else replace(tile, block_k=group_k)

@@ -9,9 +9,9 @@ and any tensor-parallel slice of rows then reads its scales like its weight rows
 
 How it runs is chosen when it is built (``scheme.dequantize``):
 - FP8 GEMMs (CUDA, compute capability >= 8.9): activations are quantized per token (per token and
-  group of ``group_k`` features for block weights), then for per-channel weights the Triton GEMM of
-  engine.kernels.fp8_skinny_gemm up to 128 tokens (decode) and ``torch._scaled_mm`` with row-wise scales
-  beyond, or the Triton GEMM of engine.kernels.fp8_gemm (block scales, shapes _scaled_mm refuses);
+  group of ``group_k`` features for block weights), then the Triton GEMM of engine.kernels.fp8_gemm
+  (block scales; per-channel weights at decode's few tokens, where cuBLAS reads the weights slowly; shapes
+  _scaled_mm refuses) or ``torch._scaled_mm`` with row-wise scales (per-channel weights, more tokens);
 - dequantized (CPU, older GPUs, weight-only schemes): at the end of loading the weight becomes
   float8 * scale in the model's dtype (bfloat16 and oneDNN-packed under CPU mixed precision) and
   the layer is an ordinary matmul. With ``--quantization fp8`` on the CPU that is a weight-only
@@ -188,9 +188,8 @@ class Fp8Linear(Linear):
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def _forward_fp8(self, x: torch.Tensor) -> torch.Tensor:
-        from engine.kernels.fp8_gemm import fp8_gemm
+        from engine.kernels.fp8_gemm import beats_scaled_mm, fp8_gemm
         from engine.kernels.fp8_quant import quantize_activations
-        from engine.kernels.fp8_skinny_gemm import fp8_skinny_gemm, skinny_config
 
         if x.is_cuda:  # one kernel (see engine/kernels/fp8_quant.py); the torch code below is its reference
             xq, scale = quantize_activations(x, self.group_k, self.static_input_scale)
@@ -199,10 +198,7 @@ class Fp8Linear(Linear):
             xq = (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
         else:
             xq, scale = quantize_rows(x, self.group_k)
-        if self.use_scaled_mm:
-            tile = skinny_config(x.shape[0], self.out_features, self.in_features)
-            if tile is not None:  # decode's few tokens: _scaled_mm reads the weights at a third of bandwidth
-                return fp8_skinny_gemm(xq, scale, self.weight, self.weight_scale_row, self.out_dtype, tile)
+        if self.use_scaled_mm and not beats_scaled_mm(x.shape[0], self.out_features):
             return torch._scaled_mm(
                 xq, self.weight.t(), scale_a=scale, scale_b=self.weight_scale_row, out_dtype=self.out_dtype
             )

@@ -48,7 +48,7 @@ def test_fp8_checkpoint_follows_the_dequantized_model(fmt, tmp_path):
     # W8A8 rounding flips near ties of this random model: ct-tensor's static scale (0.05) also clips
     # activations above 22.4, so its FP8 engine is furthest from the float reference; on the H100 it
     # matched 7 of 8 through torch._scaled_mm and 6 of 8 through the few-token Triton GEMM, the two
-    # GEMMs agreeing within bfloat16 rounding (tests/gpu/test_fp8_skinny_gemm.py)
+    # GEMMs agreeing within bfloat16 rounding (tests/gpu/test_fp8_gemm.py)
     assert sum(o[:2] == t[:2] for o, t in zip(ours, theirs, strict=True)) >= 6
     a, b = first_token_logprobs(fp8, ps, 5), first_token_logprobs(reference, ps, 5)
     for ours_first, ref_first in zip(a, b, strict=True):

@@ -1,10 +1,10 @@
 """The FP8 Triton code, checked on the CPU through Triton's interpreter (TRITON_INTERPRET=1): the FP8
-GEMMs (per-channel and 128-wide block scales, ragged shapes; the few-token GEMM with split K) against float32 products of the dequantized
+GEMM (per-channel and 128-wide block scales, ragged shapes, split K) against float32 products of the dequantized
 operands, the activation quantization kernel against quantize_rows, and the attention kernels over a float8 KV cache (the FP8_KV switch) against attention over
 K/V rounded through FP8. Triton 3.9's interpreter rounds float32 to e4m3 wrongly where rounding up
 carries into the exponent (-0.49 becomes -0.25, not -0.5; GPUs convert with cvt.rn), so here the FP8
 cache is written by torch and reshape_and_cache's FP8 write is checked on a GPU only
-(tests/gpu/test_fp8_kv_attention.py; with test_fp8_gemm.py not run this session: no GPU)."""
+(tests/gpu/test_fp8_kv_attention.py)."""
 
 from __future__ import annotations
 
@@ -27,8 +27,7 @@ REPO = HERE.parent.parent
 SCRIPT = r"""
 import torch
 from gpu_paged_batch import as_fp8_kv_batch, make_paged_batch
-from engine.kernels.fp8_gemm import fp8_gemm
-from engine.kernels.fp8_skinny_gemm import SkinnyConfig, fp8_skinny_gemm
+from engine.kernels.fp8_gemm import GemmTile, fp8_gemm
 from engine.kernels.decode_attention import decode_attention
 from engine.kernels.prefill_attention import prefill_attention
 from engine.model.attention import write_kv_cache
@@ -56,14 +55,16 @@ for m, n, k, group in [(5, 48, 64, None), (33, 200, 320, 128), (1, 16, 16, None)
     ref = dequantize_rows(xq, xs, torch.float32, group) @ dequantize_rows(wq, ws, torch.float32, group).T
     assert ((out - ref).norm() / ref.norm()).item() < 1e-5, (m, n, k, group)
     assert ((out - x @ w.T).norm() / (x @ w.T).norm()).item() < 0.06  # FP8's own error
-# The few-token GEMM: masked (ragged) and unmasked tiles, K split into float32 partials or not.
-for m, n, k, split in [(3, 64, 256, 1), (16, 96, 384, 2), (1, 64, 512, 4), (20, 50, 300, 3)]:
+# Explicit tiles: masked (ragged) and unmasked, K split into float32 partials or not, both scale layouts.
+for m, n, k, split, group in [(3, 64, 256, 1, None), (16, 96, 384, 2, None), (1, 64, 512, 4, 128),
+                              (20, 50, 300, 3, None), (20, 50, 300, 3, 128)]:  # fmt: skip
     x, w = torch.randn(m, k), torch.randn(n, k)
-    xq, xs = quantize_rows(x)
-    wq, ws = quantize_rows(w)
-    out = fp8_skinny_gemm(xq, xs, wq, ws, torch.float32, SkinnyConfig(16 if m <= 16 else 32, 32, 128, split))
-    ref = dequantize_rows(xq, xs, torch.float32) @ dequantize_rows(wq, ws, torch.float32).T
-    assert ((out - ref).norm() / ref.norm()).item() < 1e-5, (m, n, k, split)
+    xq, xs = quantize_rows(x, group)
+    wq, ws = quantize_rows(w, group)
+    tile = GemmTile(16 if m <= 16 else 32, 32, 128, split)
+    out = fp8_gemm(xq, xs, wq, ws, torch.float32, group, tile)
+    ref = dequantize_rows(xq, xs, torch.float32, group) @ dequantize_rows(wq, ws, torch.float32, group).T
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-5, (m, n, k, split, group)
 
 cases = [  # head_dim, block_size, kv_heads, group, query_lens, prefix_lens, decode splits, k/v scales
     (64, 16, 1, 4, [1, 1, 5, 17], [3, 40, 0, 20], None, (1.0, 1.0)),

@@ -9,21 +9,17 @@ import json
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from openai import AsyncOpenAI, BadRequestError, NotFoundError
-from prometheus_client import generate_latest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from engine.api.server import build_app
 from engine.api.state import STATE
-from engine.metrics import EngineMetrics
-from engine.outputs import QueueFullError, RequestOutput, TokenLogprob
-from engine.sampling.params import SamplingParams
+from tests.unit.fake_engine import FakeEngine
 
 MODEL = "fake-model"
 REPLY = "The quick brown fox jumps over the lazy dog."
@@ -50,81 +46,11 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     return hf
 
 
-@dataclass
-class Submitted:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    cache_salt: str | None = None
-
-
-@dataclass
-class FakeEngine:
-    """Replies REPLY's tokens one per step; records what it was asked and what was aborted."""
-
-    tokenizer: PreTrainedTokenizerFast
-    served_model_name: str = MODEL
-    max_model_len: int = 64
-    vocab_size: int = 400
-    metrics: EngineMetrics = field(default_factory=lambda: EngineMetrics(MODEL))
-    delay: float = 0.0
-    full_after: int | None = None  # raise QueueFullError once this many requests were accepted
-    crash: Exception | None = None
-    submitted: list[Submitted] = field(default_factory=list)
-    aborted: set[str] = field(default_factory=set)
-    healthy: bool = True
-
-    def is_healthy(self) -> bool:
-        return self.healthy
-
-    async def render_metrics(self) -> bytes:
-        return generate_latest(self.metrics.registry)
-
-    def abort(self, request_id: str) -> None:
-        self.aborted.add(request_id)
-
-    async def generate(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        cache_salt: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        if self.full_after is not None and len(self.submitted) >= self.full_after:
-            raise QueueFullError("queue full")
-        self.submitted.append(Submitted(request_id, prompt_token_ids, params, cache_salt))
-        reply = self.tokenizer.encode(REPLY, add_special_tokens=False)
-        finished = False
-        try:
-            for i in range(params.max_tokens):
-                await asyncio.sleep(self.delay)
-                if self.crash is not None and i == 1:
-                    raise self.crash
-                token = reply[i % len(reply)]
-                stopped = token in params.stop_token_ids
-                finished = stopped or i + 1 == params.max_tokens
-                logprobs = None
-                if params.logprobs is not None:
-                    others = [t for t in range(2, len(self.tokenizer)) if t not in reply]
-                    top = [(token, -0.25), (others[0], -1.5), (others[1], -2.5)][: params.logprobs]
-                    logprobs = [TokenLogprob(token, -0.25, top)]
-                yield RequestOutput(
-                    request_id=request_id,
-                    new_token_ids=[token],
-                    new_text=self.tokenizer.decode([token]),
-                    new_logprobs=logprobs,
-                    finished=finished,
-                    finish_reason=("stop" if stopped else "length") if finished else None,
-                    stop_reason=token if stopped else None,
-                    num_prompt_tokens=len(prompt_token_ids),
-                    num_output_tokens=i + 1,
-                    num_cached_tokens=0,
-                )
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self.aborted.add(request_id)
+def fake_engine(tokenizer: PreTrainedTokenizerFast) -> FakeEngine:
+    """Replies REPLY's tokens one per step, again and again until max_tokens (or a stop token)."""
+    return FakeEngine(
+        tokenizer, REPLY, repeat=True, served_model_name=MODEL, max_model_len=64, vocab_size=400
+    )
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +60,7 @@ def tokenizer() -> PreTrainedTokenizerFast:
 
 @pytest.fixture
 def engine(tokenizer: PreTrainedTokenizerFast) -> FakeEngine:
-    return FakeEngine(tokenizer)
+    return fake_engine(tokenizer)
 
 
 async def serve(app: web.Application) -> TestClient:
@@ -598,7 +524,7 @@ async def test_tokenizing_a_long_prompt_does_not_stall_the_server(path: str) -> 
         return encode(*args, **kwargs)
 
     tokenizer.encode = slow_encode
-    engine = FakeEngine(tokenizer)
+    engine = fake_engine(tokenizer)
     client = await serve(build_app(engine))
     try:
         body = {"messages": [{"role": "user", "content": "hello"}], "prompt": "hello", "max_tokens": 1}

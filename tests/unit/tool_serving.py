@@ -1,5 +1,6 @@
-"""A server whose model writes what a test scripts: real HTTP, real clients, real tokenizer and a
-Qwen-style chat template that renders tools, assistant tool calls and tool results.
+"""A server whose model writes what a test scripts (the engine is tests/unit/fake_engine.py): real HTTP,
+real clients, real tokenizer and a Qwen-style chat template that renders tools, assistant tool calls and
+tool results.
 
 The tiny models CI can run don't choose tools; a scripted reply (a recorded tool-call string) is how
 `tool_choice: auto` and the parsers are tested end to end. The grammar itself is tested against the
@@ -8,23 +9,17 @@ real engine (tests/integration/test_tool_calling.py).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from openai import AsyncOpenAI
-from prometheus_client import generate_latest
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from engine.api.output_plan import ServerToolOptions
 from engine.api.server import build_app
-from engine.metrics import EngineMetrics
-from engine.outputs import RequestOutput
-from engine.sampling.params import SamplingParams
-from engine.structured.spec import StructuredOutputSpec
+from tests.unit.fake_engine import FakeEngine, Script
 
 MODEL = "scripted"
 AUTO = ServerToolOptions("hermes", enable_auto_tool_choice=True)
@@ -87,66 +82,8 @@ def qwen_style_tokenizer() -> PreTrainedTokenizerFast:
     return hf
 
 
-@dataclass
-class Submitted:
-    prompt: str
-    params: SamplingParams
-
-
-@dataclass
-class ScriptedEngine:
-    """Writes script(prompt text, params) token by token, then stops as at EOS (or at max_tokens)."""
-
-    tokenizer: PreTrainedTokenizerFast
-    script: Callable[[str, SamplingParams], str]
-    served_model_name: str = MODEL
-    max_model_len: int = 4096
-    vocab_size: int = 600
-    metrics: EngineMetrics = field(default_factory=lambda: EngineMetrics(MODEL))
-    submitted: list[Submitted] = field(default_factory=list)
-
-    def is_healthy(self) -> bool:
-        return True
-
-    async def render_metrics(self) -> bytes:
-        return generate_latest(self.metrics.registry)
-
-    async def compile_grammar(self, spec: StructuredOutputSpec) -> None:
-        pass  # the script writes what the grammar would allow; tests check the spec it was given
-
-    def abort(self, request_id: str) -> None:
-        pass
-
-    async def generate(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        cache_salt: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        prompt = self.tokenizer.decode(prompt_token_ids)
-        self.submitted.append(Submitted(prompt, params))
-        reply = self.tokenizer.encode(self.script(prompt, params), add_special_tokens=False)
-        count = min(len(reply), params.max_tokens)
-        for i in range(count):
-            await asyncio.sleep(0)
-            finished = i + 1 == count
-            yield RequestOutput(
-                request_id=request_id,
-                new_token_ids=[reply[i]],
-                new_text=self.tokenizer.decode([reply[i]]),
-                new_logprobs=None,
-                finished=finished,
-                finish_reason=("stop" if count == len(reply) else "length") if finished else None,
-                stop_reason=None,
-                num_prompt_tokens=len(prompt_token_ids),
-                num_output_tokens=i + 1,
-                num_cached_tokens=0,
-            )
-
-
 class Served:
-    def __init__(self, engine: ScriptedEngine, client: TestClient) -> None:
+    def __init__(self, engine: FakeEngine, client: TestClient) -> None:
         self.engine, self.client = engine, client
         self.url = str(client.make_url("/v1"))
         self.openai = AsyncOpenAI(base_url=self.url, api_key="unused", max_retries=0)
@@ -156,9 +93,8 @@ class Served:
 async def serve() -> AsyncIterator[Callable]:
     clients: list[TestClient] = []
 
-    async def start(script: Callable[[str, SamplingParams], str] | str, options=AUTO) -> Served:
-        reply = script if callable(script) else (lambda prompt, params: script)
-        engine = ScriptedEngine(qwen_style_tokenizer(), reply)
+    async def start(script: Script, options=AUTO) -> Served:
+        engine = FakeEngine(qwen_style_tokenizer(), script, served_model_name=MODEL, vocab_size=600)
         client = TestClient(TestServer(build_app(engine, tool_options=options)))
         await client.start_server()
         clients.append(client)

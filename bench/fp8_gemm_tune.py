@@ -1,10 +1,11 @@
-"""Tile sweep for engine/kernels/fp8_skinny_gemm.py on the 8B model's linears at decode token counts, against
+"""Tile sweep for engine/kernels/fp8_gemm.py on the 8B model's linears at decode token counts, against
 bfloat16 F.linear and torch._scaled_mm (the GEMMs alone: both FP8 paths take the same quantized activations).
 Each timing is the mean of 50 calls replayed inside one CUDA graph (min of 3 replays). Prints, per shape and
 token count, the best tile and its time; --out writes each shape's five best tiles as JSON
-(bench/results/fp8_skinny_tune_*).
+(bench/results/fp8_skinny_tune_*: the sweep of 2026-12-05, when the kernel was the
+"few-token" GEMM).
 
-    python bench/fp8_skinny_tune.py [--tokens 1 16 32 64 128] [--out f.json]
+    python bench/fp8_gemm_tune.py [--tokens 1 16 32 64 128] [--out f.json]
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from engine.kernels.fp8_gemm import GemmTile, fp8_gemm  # noqa: E402
 from engine.kernels.fp8_quant import quantize_activations  # noqa: E402
-from engine.kernels.fp8_skinny_gemm import SkinnyConfig, fp8_skinny_gemm  # noqa: E402
 from engine.model.fp8 import quantize_rows  # noqa: E402
 
 SHAPES = {
@@ -56,7 +57,7 @@ def graph_time_us(fn: Callable[[], object], calls: int = 50) -> float:
     return best
 
 
-def candidates(m: int) -> list[SkinnyConfig]:
+def candidates(m: int) -> list[GemmTile]:
     block_ms = [max(16, min(64, 1 << (m - 1).bit_length()))]
     if m > 64:
         block_ms.append(128)
@@ -67,7 +68,7 @@ def candidates(m: int) -> list[SkinnyConfig]:
         if stages * (bm * bk + bk * bn) > 200 * 1024:  # shared memory of the pipeline
             continue
         for warps in (4, 8) if bm == 128 else (4,):
-            out.append(SkinnyConfig(bm, bn, bk, split, warps, stages))
+            out.append(GemmTile(bm, bn, bk, split, warps, stages))
     return out
 
 
@@ -100,9 +101,9 @@ def main() -> None:
             timings = []
             for cfg in candidates(m):
                 try:
-                    out = fp8_skinny_gemm(xq, xs, wq, ws, torch.bfloat16, cfg)
+                    out = fp8_gemm(xq, xs, wq, ws, torch.bfloat16, None, cfg)
                     err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
-                    t = graph_time_us(partial(fp8_skinny_gemm, xq, xs, wq, ws, torch.bfloat16, cfg))
+                    t = graph_time_us(partial(fp8_gemm, xq, xs, wq, ws, torch.bfloat16, None, cfg))
                 except Exception as exc:  # noqa: BLE001 -- a tile that does not fit is skipped
                     print(f"skip {cfg}: {type(exc).__name__}", file=sys.stderr)
                     continue
