@@ -81,7 +81,8 @@ class AsyncEngine(StreamingFrontend):
         self.tokenizer: Any = self.engine.tokenizer
         self.max_model_len: int = self.engine.max_model_len
         self.vocab_size: int = self.engine.vocab_size
-        # Before start(): the loop's thread waits for it. Wake: nothing to do, the loop then sees _stopping.
+        # What the loop does with each message (engine/engine_inbox.py, as in the engine process); the loop's
+        # thread first uses it after start(). A Wake needs nothing: the loop then sees _stopping.
         self._handler = InboxHandler(self.engine, self._deliver, self._fail_from_loop, {Wake: lambda _: None})
 
     def _build_engine(self) -> LLMEngine:
@@ -177,6 +178,7 @@ class AsyncEngine(StreamingFrontend):
         self._loop.call_soon_threadsafe(self._dispatch, outputs)
 
     def _fail_from_loop(self, request_id: str, error: BaseException) -> None:
+        """On the engine thread: that request's stream ends with error, the others go on."""
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._fail_one, request_id, error)
 

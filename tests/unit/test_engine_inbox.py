@@ -5,7 +5,7 @@ listening stream its last output, the transport's own message kinds, and an unkn
 from __future__ import annotations
 
 import pytest
-from test_async_engine import BAD_GRAMMAR, ScriptedLLMEngine
+from scripted_llm_engine import BAD_GRAMMAR, ScriptedLLMEngine
 
 from engine.engine_inbox import InboxHandler
 from engine.outputs import RequestOutput

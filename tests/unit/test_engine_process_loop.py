@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 import zmq
-from test_async_engine import BAD_GRAMMAR, ScriptedLLMEngine
+from scripted_llm_engine import BAD_GRAMMAR, ScriptedLLMEngine
 
 from engine.engine_process import wire
 from engine.engine_process.core import EngineLoop

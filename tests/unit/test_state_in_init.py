@@ -16,6 +16,8 @@ from engine.core.kv_cache_manager import KVCacheManager
 from engine.core.scheduler import Scheduler
 from engine.core.sequence import Sequence
 from engine.core.step_pipeline import StepPipeline
+from engine.engine_inbox import InboxHandler
+from engine.engine_process.core import EngineLoop
 from engine.llm_engine import LLMEngine
 from engine.model.runner import ModelRunner
 from engine.request_streams import StreamingFrontend
@@ -43,6 +45,8 @@ def class_methods(cls: type) -> list[ast.FunctionDef]:
     [
         StreamingFrontend,
         AsyncEngine,
+        EngineLoop,
+        InboxHandler,
         LLMEngine,
         StepPipeline,
         Scheduler,
