@@ -13,6 +13,12 @@ run() {  # name, seconds, command...: full log in $OUT/<name>.log, its tail on s
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1; echo "== $name: exit $?"; tail -12 "$OUT/$name.log"
 }
 case "${1:-}" in
+  bars13)  # issue 13's bars in one call (for an H200): W1; W2 and W2-text at QPS=inf and 32 (one server, token
+    # ids then text); W2-FP8 against that W2 (a second server). About 500 s.
+    run w1 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
+    run w2_text 220 python3 bench/w2_text.py --prompts bench/data/w2_text --qps inf 32 --out "$OUT/w2_text.json"
+    run w2_fp8 160 python3 bench/w2_serving.py --qps inf --out "$OUT/w2_fp8.json" \
+      --serve-args --quantization fp8 --kv-cache-dtype fp8 ;;
   w2)  # issues 16 and 11 (TP=1 not slower) and 13: old code vs main, the engine loop in its own process or not
     run w2_split 330 python3 bench/w2_serving.py --qps inf 32 --sweep engine-process=off,on --out "$OUT/w2_split.json"
     (cd .carry/base && run w2_base 150 python3 bench/w2_serving.py --qps inf --out "$OUT/w2_base.json") ;;
@@ -59,5 +65,5 @@ case "${1:-}" in
   w1)  # issue 13's W1 bar (H200: >= 28,800 tok/s), main and the old code on the same machine
     run w1 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
     (cd .carry/base && run w1_base 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_base.json") ;;
-  *) echo "usage: bench/gpu_backlog.sh structured|structured-profile|fp8-kernels|fp8-tune|fp8|w2-fp8|w2-text|w5|w2-cap|w2|tests|w1" >&2; exit 2 ;;
+  *) echo "usage: bench/gpu_backlog.sh bars13|fp8-tune|tests|w5|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
 esac
