@@ -40,6 +40,8 @@ case "${1:-}" in
     run step_kernels 500 python3 bench/diag/step_kernels.py --out "$OUT/step_kernels.json" ;;
   w2-text)  # issue 13: text through completions and chat vs token ids, same server, same lengths
     run w2_text 540 python3 bench/w2_text.py --prompts bench/data/w2_text --out "$OUT/w2_text.json" ;;
+  moe-tune)  # issue 14: the fused MoE kernel's block configurations against a sweep (never run yet), before w5
+    run fused_moe_tune 560 python3 bench/fused_moe_tune.py --out "$OUT/fused_moe_tune.json" ;;
   w5)  # issue 14: Qwen3-30B-A3B shape, HTTP, transformers baseline in the same call; 24 of 48 layers under 100 GB
     mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
     layers=48; (( mib < 100000 )) && layers=24
@@ -65,5 +67,5 @@ case "${1:-}" in
   w1)  # issue 13's W1 bar (H200: >= 28,800 tok/s), main and the old code on the same machine
     run w1 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
     (cd .carry/base && run w1_base 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_base.json") ;;
-  *) echo "usage: bench/gpu_backlog.sh bars13|fp8-tune|tests|w5|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
+  *) echo "usage: bench/gpu_backlog.sh bars13|fp8-tune|tests|moe-tune|w5|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
 esac
