@@ -18,6 +18,7 @@ kernel is the faster of the two for per-channel weights (engine.model.fp8.Fp8Lin
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cache
 
 import torch
 import triton
@@ -117,6 +118,8 @@ def fp8_gemm(
         assert a_scale.numel() == m and b_scale.numel() == n, (a_scale.shape, b_scale.shape)
         assert a_scale.is_contiguous() and b_scale.is_contiguous()
     t = tile or tile_for(m, n, k, group_k)
+    if a.is_cuda:
+        t = fit_shared_memory(t, _shared_memory(a.device.index or 0))
     assert not per_group or t.block_k == group_k, (t, group_k)
     k_blocks = triton.cdiv(k, t.block_k)
     k_per_split = triton.cdiv(k_blocks, max(1, min(t.split_k, k_blocks))) * t.block_k
@@ -136,6 +139,26 @@ def fp8_gemm(
         block = 1024
         _sum_splits[(triton.cdiv(m * n, block),)](out, c, m * n, SPLIT=split, BLOCK=block)
     return c
+
+
+# Shared memory Triton may need beyond the pipeline's buffers (the output tile's layout change, scales).
+_EPILOGUE_RESERVE = 16 * 1024
+
+
+def fit_shared_memory(tile: GemmTile, shared_memory: int) -> GemmTile:
+    """``tile`` with fewer pipeline stages where its buffers would not fit ``shared_memory`` bytes per block:
+    the tiles were tuned on Hopper (227 KB); Ada GPUs (L4, L40S: FP8 too) have 99 KB, where a 64x64x256 tile
+    at 5 stages (160 KB) would fail to launch."""
+    per_stage = tile.block_m * tile.block_k + tile.block_k * tile.block_n  # float8: a byte per element
+    stages = tile.num_stages
+    while stages > 2 and stages * per_stage > shared_memory - _EPILOGUE_RESERVE:
+        stages -= 1
+    return tile if stages == tile.num_stages else replace(tile, num_stages=stages)
+
+
+@cache
+def _shared_memory(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
 
 
 def _wide(n: int) -> bool:
