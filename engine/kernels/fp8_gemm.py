@@ -18,11 +18,12 @@ kernel is the faster of the two for per-channel weights (engine.model.fp8.Fp8Lin
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from functools import cache
 
 import torch
 import triton
 import triton.language as tl
+
+from engine.kernels.shared_memory import device_shared_memory, stages_that_fit
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ def fp8_gemm(
         assert a_scale.is_contiguous() and b_scale.is_contiguous()
     t = tile or tile_for(m, n, k, group_k)
     if a.is_cuda:
-        t = fit_shared_memory(t, _shared_memory(a.device.index or 0))
+        t = fit_shared_memory(t, device_shared_memory(a.device.index or 0))
     assert not per_group or t.block_k == group_k, (t, group_k)
     k_blocks = triton.cdiv(k, t.block_k)
     k_per_split = triton.cdiv(k_blocks, max(1, min(t.split_k, k_blocks))) * t.block_k
@@ -141,24 +142,12 @@ def fp8_gemm(
     return c
 
 
-# Shared memory Triton may need beyond the pipeline's buffers (the output tile's layout change, scales).
-_EPILOGUE_RESERVE = 16 * 1024
-
-
 def fit_shared_memory(tile: GemmTile, shared_memory: int) -> GemmTile:
-    """``tile`` with fewer pipeline stages where its buffers would not fit ``shared_memory`` bytes per block:
-    the tiles were tuned on Hopper (227 KB); Ada GPUs (L4, L40S: FP8 too) have 99 KB, where a 64x64x256 tile
-    at 5 stages (160 KB) would fail to launch."""
+    """``tile`` with fewer pipeline stages where its buffers would not fit ``shared_memory`` bytes per block
+    (engine/kernels/shared_memory.py: a 64x64x256 tile at 5 stages needs 160 KB, Ada has 99 KB)."""
     per_stage = tile.block_m * tile.block_k + tile.block_k * tile.block_n  # float8: a byte per element
-    stages = tile.num_stages
-    while stages > 2 and stages * per_stage > shared_memory - _EPILOGUE_RESERVE:
-        stages -= 1
+    stages = stages_that_fit(tile.num_stages, per_stage, shared_memory)
     return tile if stages == tile.num_stages else replace(tile, num_stages=stages)
-
-
-@cache
-def _shared_memory(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
 
 
 def _wide(n: int) -> bool:

@@ -20,7 +20,7 @@ CUDA-graph capturable.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -32,6 +32,7 @@ from engine.kernels.moe_align import (
     align_slots_by_expert,
     align_slots_by_expert_small,
 )
+from engine.kernels.shared_memory import device_shared_memory, stages_that_fit
 
 
 # Per-step integers are not specialised on (divisibility by 16 would compile new variants mid-run).
@@ -146,6 +147,11 @@ def _grouped_gemm(
 ) -> None:
     n, k = out.shape[1], a.shape[1]
     max_padded = align.sorted_slots.numel()
+    if a.is_cuda:  # a tile tuned on Hopper may need more shared memory than Ada has
+        weight_tiles = 2 if gated else 1
+        per_stage = a.element_size() * (cfg.block_m * cfg.block_k + weight_tiles * cfg.block_k * cfg.block_n)
+        stages = stages_that_fit(cfg.num_stages, per_stage, device_shared_memory(a.device.index or 0))
+        cfg = replace(cfg, num_stages=stages)
     grid = (triton.cdiv(max_padded, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     _moe_gemm_kernel[grid](
         a, b, out, weights if weights is not None else out,

@@ -1,7 +1,7 @@
-"""The FP8 GEMM's tile table (engine/kernels/fp8_gemm.py) as plain data: every tile it picks for the 8B
-model's linears keeps its tuned stages within Hopper's shared memory and is cut to fit Ada's (L4 / L40S,
-which run FP8 too), never below two stages; group scales set BLOCK_K to the group; which GEMM Fp8Linear
-takes per token count."""
+"""Tile tables as plain data (engine/kernels/shared_memory.py): every tile the FP8 GEMM picks for the 8B
+model's linears, and the fused MoE kernel's, keeps its tuned stages within Hopper's shared memory and is cut
+to fit Ada's (L4 / L40S), never below two stages; group scales set BLOCK_K to the group; which GEMM
+Fp8Linear takes per token count."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 pytest.importorskip("triton")
 
 from engine.kernels.fp8_gemm import GemmTile, beats_scaled_mm, fit_shared_memory, tile_for  # noqa: E402
+from engine.kernels.shared_memory import EPILOGUE_RESERVE, stages_that_fit  # noqa: E402
 
 HOPPER = 232_448  # shared_memory_per_block_optin of an H100 / H200
 ADA = 101_376  # of an L40S / L4
@@ -30,7 +31,7 @@ def test_tiles_fit_hopper_as_tuned_and_ada_cut_down(group):
             assert tile.block_k == (group or tile.block_k)
             assert fit_shared_memory(tile, HOPPER) == tile  # the tuned table unchanged where it was tuned
             on_ada = fit_shared_memory(tile, ADA)
-            assert on_ada.num_stages >= 2 and buffers(on_ada) <= ADA - 16 * 1024, (m, n, k, on_ada)
+            assert on_ada.num_stages >= 2 and buffers(on_ada) <= ADA - EPILOGUE_RESERVE, (m, n, k, on_ada)
             assert on_ada.block_m == tile.block_m and on_ada.block_n == tile.block_n
             cut += on_ada != tile
     assert cut  # some tiles were too big for Ada: the check above is not vacuous
@@ -44,3 +45,16 @@ def test_two_stages_is_the_floor():
 def test_fp8_linear_leaves_large_batches_to_scaled_mm():
     assert beats_scaled_mm(64, 28672) and beats_scaled_mm(128, 4096)
     assert not beats_scaled_mm(128, 28672) and not beats_scaled_mm(129, 4096)
+
+
+def test_fused_moe_configs_fit_ada_in_bfloat16():
+    """The fused MoE kernel's tiles (gate and up weight tiles both staged) at every size choose_block_config
+    gives: as tuned on Hopper, cut on Ada (the decode tile needs 144 KB at 4 stages)."""
+    from engine.kernels.fused_moe import choose_block_config
+
+    for slots in (8, 512, 4096, 65536):
+        cfg = choose_block_config(slots, 128)
+        per_stage = 2 * (cfg.block_m * cfg.block_k + 2 * cfg.block_k * cfg.block_n)
+        assert stages_that_fit(cfg.num_stages, per_stage, HOPPER) == cfg.num_stages
+        on_ada = stages_that_fit(cfg.num_stages, per_stage, ADA)
+        assert 2 <= on_ada and on_ada * per_stage <= ADA - EPILOGUE_RESERVE, (slots, cfg, on_ada)
