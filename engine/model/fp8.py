@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,29 @@ def quantize_rows(w: torch.Tensor, group: int | None = None) -> tuple[torch.Tens
     q = (padded / scale[:, :, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
     q = q.view(rows, groups * g)
     return (q if groups * g == k else q[:, :k].contiguous()), scale
+
+
+def rowwise_scaled_mm_works(device: torch.device) -> bool:
+    """Whether torch._scaled_mm takes per-row scales on this device (tried once per device): Hopper has the
+    kernel; an Ada GPU (compute capability 8.9, FP8 too) may not, depending on the torch and CUDA build, and
+    then the Triton GEMM serves every token count instead of the first prefill failing."""
+    return _rowwise_scaled_mm_works(device.type, device.index)
+
+
+@cache
+def _rowwise_scaled_mm_works(device_type: str, index: int | None) -> bool:
+    device = torch.device(device_type, index)
+    a = torch.zeros(16, 16, device=device).to(FP8)
+    ones = torch.ones(16, 1, device=device)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=ones, scale_b=ones.t().contiguous(), out_dtype=torch.bfloat16)
+    except (RuntimeError, NotImplementedError) as exc:
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        log.warning(
+            "torch._scaled_mm refuses row-wise scales on %s (%s): the Triton FP8 GEMM serves", device, reason
+        )
+        return False
+    return True
 
 
 def dequantize_rows(
@@ -160,9 +184,14 @@ class Fp8Linear(Linear):
                     self.weight = None
             return
         k, n = self.in_features, self.out_features
-        # torch._scaled_mm: row-wise scales (Hopper), dimensions multiples of 16, bfloat16 output
+        # torch._scaled_mm: row-wise scales, dimensions multiples of 16, bfloat16 output, and a GPU / torch
+        # build that has the kernel (else every token count takes the Triton GEMM)
         self.use_scaled_mm = (
-            self.group_k is None and k % 16 == 0 and n % 16 == 0 and self.out_dtype == torch.bfloat16
+            self.group_k is None
+            and k % 16 == 0
+            and n % 16 == 0
+            and self.out_dtype == torch.bfloat16
+            and rowwise_scaled_mm_works(self.weight.device)
         )
         if self.use_scaled_mm:
             self.weight_scale_row = self.row_scales.data.reshape(1, n).contiguous()
