@@ -14,9 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.model.fp8 import FP8
 from engine.model.quantization import FP8_MAX, FP8_MIN_SCALE
 
-FP8 = torch.float8_e4m3fn
 _MAX_BLOCK = 2048  # columns per pass: a row is read twice (amax, then quantize), the second from L2
 
 

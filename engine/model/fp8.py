@@ -50,16 +50,11 @@ def quantize_rows(w: torch.Tensor, group: int | None = None) -> tuple[torch.Tens
     return (q if groups * g == k else q[:, :k].contiguous()), scale
 
 
+@cache
 def rowwise_scaled_mm_works(device: torch.device) -> bool:
     """Whether torch._scaled_mm takes per-row scales on this device (tried once per device): Hopper has the
     kernel; an Ada GPU (compute capability 8.9, FP8 too) may not, depending on the torch and CUDA build, and
     then the Triton GEMM serves every token count instead of the first prefill failing."""
-    return _rowwise_scaled_mm_works(device.type, device.index)
-
-
-@cache
-def _rowwise_scaled_mm_works(device_type: str, index: int | None) -> bool:
-    device = torch.device(device_type, index)
     a = torch.zeros(16, 16, device=device).to(FP8)
     ones = torch.ones(16, 1, device=device)
     try:

@@ -33,9 +33,9 @@ def scaled_mm(monkeypatch):
 
     fake = Fake()
     monkeypatch.setattr(torch, "_scaled_mm", fake)
-    fp8._rowwise_scaled_mm_works.cache_clear()
+    fp8.rowwise_scaled_mm_works.cache_clear()
     yield fake, calls
-    fp8._rowwise_scaled_mm_works.cache_clear()
+    fp8.rowwise_scaled_mm_works.cache_clear()
 
 
 def finished_layer() -> Fp8Linear:
