@@ -76,20 +76,19 @@ def json_schema_grammar(schema: str, max_whitespace_cnt: int | None = None) -> x
 def chain_bounded_strings(ebnf: str, names: list[str]) -> str:
     """Each `name{lo, hi} "\""` (the characters and closing quote of a bounded string) becomes the start
     of a rule chain; rules are added once per (lo, hi) reached."""
+    if MAX_CHAINED_LENGTH < 0:  # the plain repetition, slow masks (bench/diag/structured_host_cost.py)
+        return ebnf
     rules: dict[str, str] = {}  # rule name -> its definition
     usage = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r')\{(\d+), (-?\d+)\} "\\""')
 
     def chained(match: re.Match[str]) -> str:
-        if MAX_CHAINED_LENGTH < 0:  # the plain repetition, slow masks (bench/diag/structured_host_cost.py)
-            return match[0]
         return _chain_rule(int(match[2]), int(match[3]), rules)
 
     # Shorter bounds first: a longer bound's chain then runs into their rules (escapes allowed to the end)
     # instead of a shorter string reusing rules that lead to a longer chain's plain-characters tail.
     bounds = {(int(m[2]), int(m[3])) for m in usage.finditer(ebnf)}
     for lo, hi in sorted(bounds, key=lambda b: (b[1] < 0, b[1] if b[1] >= 0 else b[0])):
-        if MAX_CHAINED_LENGTH >= 0:
-            _chain_rule(lo, hi, rules)
+        _chain_rule(lo, hi, rules)
 
     ebnf = usage.sub(chained, ebnf)
     if not rules:
