@@ -25,10 +25,12 @@ import random
 import re
 import sys
 import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+import transformers
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -67,13 +69,25 @@ def load_bench_module(name: str):
     return module
 
 
-def write_checkpoint(tiny: bool) -> Path:
+def write_checkpoint(shape: str, tiny: bool) -> Path:
+    """W2's Llama-3.1-8B (Llama tensors written directly) or W1's Qwen3-0.6B (transformers' own init)."""
+    path = Path(tempfile.mkdtemp(prefix="step-kernels-"))
+    if shape == "qwen3-0.6b":
+        w1 = load_bench_module("w1_offline")
+        config = w1.qwen3_0_6b_config()
+        if tiny:
+            config = transformers.Qwen3Config(
+                **(config.to_dict() | {"num_hidden_layers": 2, "vocab_size": 1000, "layer_types": None})
+            )
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model.save_pretrained(path)
+        w1.word_level_tokenizer(config.vocab_size).save_pretrained(path)
+        return path
     w2 = load_bench_module("w2_serving")
     config = w2.llama_3_1_8b_config()
     if tiny:
         config.hidden_size, config.intermediate_size, config.num_hidden_layers = 256, 512, 2
         config.num_attention_heads, config.num_key_value_heads, config.vocab_size = 4, 2, 1000
-    path = Path(tempfile.mkdtemp(prefix="step-kernels-"))
     w2.write_random_checkpoint(config, path, device="cuda" if torch.cuda.is_available() else "cpu")
     return path
 
@@ -106,7 +120,7 @@ def summarize(prof, steps: int, device: str) -> dict:
 
 def measure(path: Path, variant: dict, args) -> dict:
     config = EngineConfig(
-        model=str(path), device=args.device, max_model_len=args.context + args.steps + 64,
+        model=str(path), device=args.device, max_model_len=args.context + 2 * args.steps + 64,
         max_num_seqs=max(*args.batch, args.prefill_seqs), enforce_eager=args.eager,
         max_num_batched_tokens=max(args.prefill_seqs * args.prefill_len, *args.batch, 2048),
         **({"gpu_memory_utilization": 0.85} if args.device == "cuda" else {"dtype": "float32"}), **variant,
@@ -120,9 +134,10 @@ def measure(path: Path, variant: dict, args) -> dict:
         for batch in args.batch:  # decode: every sequence prefilled first (not profiled), then steady steps
             for i in range(batch):
                 prompt = [rng.randrange(10, vocab) for _ in range(args.context)]
-                engine.add_request(
-                    f"d{i}", prompt, SamplingParams(max_tokens=args.steps + 8, ignore_eos=True)
+                params = SamplingParams(
+                    max_tokens=2 * args.steps + 16, ignore_eos=True, temperature=args.temperature
                 )
+                engine.add_request(f"d{i}", prompt, params)
             while engine.scheduler.num_waiting or any(
                 s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running
             ):
@@ -131,12 +146,21 @@ def measure(path: Path, variant: dict, args) -> dict:
                 engine.step()
             if args.device == "cuda":
                 torch.cuda.synchronize()
+            # Wall time first, unprofiled: above the kernels' sum, the step waits on the host
+            started = time.perf_counter()
+            for _ in range(args.steps):
+                engine.step()
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            wall_ms = (time.perf_counter() - started) * 1e3 / args.steps
             with profile(activities=activity) as prof:
                 for _ in range(args.steps):
                     engine.step()
                 if args.device == "cuda":
                     torch.cuda.synchronize()
-            result[f"decode_b{batch}"] = summarize(prof, args.steps, args.device)
+            result[f"decode_b{batch}"] = summarize(prof, args.steps, args.device) | {
+                "wall_ms_per_step": round(wall_ms, 3)
+            }
             for i in range(batch):
                 engine.abort_request(f"d{i}")
             while engine.has_unfinished():
@@ -163,6 +187,9 @@ def measure(path: Path, variant: dict, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--shape", default="llama-3.1-8b", choices=["llama-3.1-8b", "qwen3-0.6b"],
+                        help="W2's model or W1's")  # fmt: skip
+    parser.add_argument("--temperature", type=float, default=1.0, help="W1 samples at 0.6")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model (the CPU's plumbing check)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--batch", type=int, nargs="+", default=[256, 16])
@@ -173,7 +200,7 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true", help="no CUDA graphs in decode")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    path = write_checkpoint(args.tiny)
+    path = write_checkpoint(args.shape, args.tiny)
     results = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "args": vars(args),
@@ -183,6 +210,7 @@ def main() -> None:
         results["variants"][name] = measure(path, VARIANTS[name], args)
         for phase, r in results["variants"][name].items():
             print(json.dumps({"variant": name, "phase": phase, "ms_per_step": r["ms_per_step"],
+                              "wall_ms_per_step": r.get("wall_ms_per_step"),
                               **r["ms_per_step_by_category"]}))  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
