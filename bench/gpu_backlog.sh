@@ -37,10 +37,10 @@ case "${1:-}" in
     run fp8_gemm_tune 330 python3 bench/fp8_gemm_tune.py --out "$OUT/fp8_gemm_tune.json"
     run fp8_gemm 200 python3 bench/fp8_gemm.py ;;
   w1-kernels)  # issue 13's W1: where a Qwen3-0.6B decode step's time goes at W1's batch sizes (kernels by category,
-    # and the wall time per step against their sum: above it, the host is the limit), then the decode attention sweep
+    # and the wall time per step against their sum: above it, the host is the limit), with `all`, bench/kernels.py's attention sweep
     run w1_step_kernels 240 python3 bench/diag/step_kernels.py --shape qwen3-0.6b --variants bf16 \
       --batch 256 128 32 --context 800 --temperature 0.6 --out "$OUT/w1_step_kernels.json"
-    run kernels 200 python3 bench/kernels.py --out "$OUT/kernels.json" ;;
+    [[ "${2:-}" == all ]] && run kernels 200 python3 bench/kernels.py --out "$OUT/kernels.json" ;;
   fp8-kernels)  # issue 13: where an 8B step's GPU time goes, bf16 against FP8 and FP8 + FP8 KV (kernels by category)
     run step_kernels 500 python3 bench/diag/step_kernels.py --out "$OUT/step_kernels.json" ;;
   w2-text)  # issue 13: text through completions and chat vs token ids, same server, same lengths
@@ -69,8 +69,13 @@ case "${1:-}" in
   tests)  # every GPU test (tests/gpu) on the current code; the two failures of 2026-12-05 first
     run gpu_tests 540 python3 -m pytest tests/gpu/test_fp8_engine_on_gpu.py tests/gpu/test_moe_engine_on_gpu.py \
       tests/gpu -q -p no:cacheprovider --timeout 120 -rfE -k "not cpu_interpreter" --junitxml="$OUT/junit.xml" ;;
+  tests-fp8)  # the GPU tests of the code changed since tests/gpu last ran: FP8 GEMM tiles (both scale layouts), FP8
+    # engines, the shared small_engine builder (engine, FP8, MoE on the GPU)
+    run gpu_tests_fp8 300 python3 -m pytest tests/gpu/test_fp8_gemm.py tests/gpu/test_fp8_quant_kernel.py \
+      tests/gpu/test_fp8_engine_on_gpu.py tests/gpu/test_engine_on_gpu.py tests/gpu/test_moe_engine_on_gpu.py \
+      -q -p no:cacheprovider --timeout 120 -rfE --junitxml="$OUT/junit_fp8.xml" ;;
   w1)  # issue 13's W1 bar (H200: >= 28,800 tok/s), main and the old code on the same machine
     run w1 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
     (cd .carry/base && run w1_base 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_base.json") ;;
-  *) echo "usage: bench/gpu_backlog.sh bars13|w1-kernels|fp8-tune|tests|moe-tune|w5|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
+  *) echo "usage: bench/gpu_backlog.sh bars13|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
 esac
