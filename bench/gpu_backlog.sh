@@ -37,9 +37,11 @@ case "${1:-}" in
     run fp8_gemm_tune 330 python3 bench/fp8_gemm_tune.py --out "$OUT/fp8_gemm_tune.json"
     run fp8_gemm 200 python3 bench/fp8_gemm.py ;;
   w1-kernels)  # issue 13's W1: where a Qwen3-0.6B decode step's time goes at W1's batch sizes (kernels by category,
-    # and the wall time per step against their sum: above it, the host is the limit), with `all`, bench/kernels.py's attention sweep
+    # and the wall time per step against their sum: above it, the host is the limit), Triton tiles against cuBLAS on
+    # its bf16 linears; with `all`, bench/kernels.py's attention sweep
     run w1_step_kernels 240 python3 bench/diag/step_kernels.py --shape qwen3-0.6b --variants bf16 \
       --batch 256 128 32 --context 800 --temperature 0.6 --out "$OUT/w1_step_kernels.json"
+    run bf16_gemm_tiles 200 python3 bench/diag/bf16_gemm_tiles.py --tokens 256 64 --out "$OUT/bf16_gemm_tiles.json"
     [[ "${2:-}" == all ]] && run kernels 200 python3 bench/kernels.py --out "$OUT/kernels.json" ;;
   fp8-kernels)  # issue 13: where an 8B step's GPU time goes, bf16 against FP8 and FP8 + FP8 KV (kernels by category)
     run step_kernels 500 python3 bench/diag/step_kernels.py --out "$OUT/step_kernels.json" ;;
