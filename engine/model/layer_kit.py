@@ -24,7 +24,7 @@ from torch import nn
 
 from engine.model.layers import RMSNorm, RotaryEmbedding, SiluAndMul
 from engine.model.linear import Linear, MixedPrecisionLinear
-from engine.model.moe import MoeExperts, MoeSpec, TorchMoeExperts
+from engine.model.moe import MoeExperts, MoeSpec, TopKRouter, TorchMoeExperts
 from engine.model.quantization import Fp8Scheme
 from engine.model.sharding import Parallel, Part, Shard
 from engine.model.vocab import LMHead, LowPrecisionLMHead, VocabEmbedding
@@ -114,6 +114,15 @@ class LayerKit:
 
             return FusedMoeExperts(hidden_size, spec, self.shard, self.matmul_dtype)
         return TorchMoeExperts(hidden_size, spec, self.shard, self.matmul_dtype)
+
+    def moe_router(self, hidden_size: int, spec: MoeSpec) -> TopKRouter:
+        """A mixture-of-experts layer's router (replicated on every rank): its softmax and top-k in one
+        Triton kernel on CUDA, torch's ops otherwise."""
+        if self.fused:
+            from engine.kernels.fused_moe_layer import FusedTopKRouter
+
+            return FusedTopKRouter(hidden_size, spec)
+        return TopKRouter(hidden_size, spec)
 
     def embedding(self, vocab_size: int, hidden_size: int) -> VocabEmbedding:
         """Token embedding, split over the ranks by vocabulary rows."""

@@ -10,7 +10,8 @@ Two implementations of the experts share those parameters: ``TorchMoeExperts`` (
 experts some token chose, the CPU path, the same arithmetic as transformers) and ``FusedMoeExperts``
 (engine.kernels.fused_moe: two grouped Triton GEMMs, CUDA graph capturable).
 
-Both are built by engine.model.layer_kit.LayerKit.moe_experts. Tensor parallelism splits every
+Both are built by engine.model.layer_kit.LayerKit.moe_experts; likewise the router (``moe_router``: on CUDA
+its softmax and top-k are one kernel, engine.kernels.moe_router). Tensor parallelism splits every
 expert's intermediate dimension, as the dense MLP's column/row split does: rank r of N holds gate/up
 rows and down columns [r*I/N, (r+1)*I/N) of every expert, reads only those from the checkpoint, and the
 block all-reduces its partial sums (one all-reduce per layer, as the dense MLP's down projection).
@@ -196,9 +197,9 @@ class SparseMoeBlock(nn.Module):
     """Router (``gate``, as checkpoints name it) then experts: [T, H] -> [T, H]. Under tensor
     parallelism the ranks' partial sums are all-reduced (the router is replicated)."""
 
-    def __init__(self, hidden_size: int, spec: MoeSpec, experts: MoeExperts) -> None:
+    def __init__(self, router: TopKRouter, experts: MoeExperts) -> None:
         super().__init__()
-        self.gate = TopKRouter(hidden_size, spec)
+        self.gate = router
         self.experts = experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

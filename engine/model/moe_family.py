@@ -4,7 +4,8 @@ Attention, norms, rotary, embedding and head are the Llama family's (Qwen3-MoE a
 with q/k norms; Mixtral like Mistral), built by the same LayerKit. What differs is read from the config
 by engine.model.moe.MoeSpec: how many experts, how many each token takes, whether their weights are
 renormalised, and (Qwen3-MoE's ``mlp_only_layers`` / ``decoder_sparse_step``) which layers keep a dense
-MLP. The experts come from ``kit.moe_experts``: the fused Triton kernel on CUDA, a plain loop on the CPU.
+MLP. The router and the experts come from ``kit.moe_router`` and ``kit.moe_experts``: Triton kernels on CUDA,
+plain torch on the CPU.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class MoeForCausalLM(LlamaForCausalLM):
         if layer_index not in spec.sparse_layers:  # Qwen3-MoE's dense layers
             return super().build_mlp(layer_index)
         hidden = self.config.hidden_size
-        return SparseMoeBlock(hidden, spec, self.kit.moe_experts(hidden, spec))
+        return SparseMoeBlock(self.kit.moe_router(hidden, spec), self.kit.moe_experts(hidden, spec))
 
     def expert_banks(self) -> Iterator[tuple[str, MoeExperts]]:
         for name, module in self.named_modules():

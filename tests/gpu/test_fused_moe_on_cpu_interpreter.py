@@ -1,5 +1,5 @@
 """The fused MoE kernel's indexing and masking (slot sorting and padding, both ways; the gated first
-GEMM; the weighted second one), checked on the CPU through Triton's interpreter against the float32 reference,
+GEMM; the weighted second one) and the router's softmax and top-k kernel, checked on the CPU through Triton's interpreter against the float32 reference,
 in a fresh process (the interpreter must be on before the kernel is defined). Tiny shapes, float32 and
 float16, each of the three block configurations, uneven routing. The GPU covers real sizes
 (test_fused_moe.py)."""
@@ -68,6 +68,14 @@ for tokens, experts, top_k, block_m in [(1, 8, 2, 16), (3, 128, 8, 16), (40, 4, 
     assert n == int(b.num_padded), (tokens, experts, n, int(b.num_padded))
     assert torch.equal(a.sorted_slots[:n], b.sorted_slots[:n]), (tokens, experts)
     assert torch.equal(a.block_expert[: n // block_m], b.block_expert[: n // block_m]), (tokens, experts)
+
+# the router's softmax and top-k in one kernel: torch's values, and the experts that hold them (a tie goes
+# to the lower id); renormalised or not; padded expert counts; several token blocks
+from check_moe_router import check_topk_softmax
+for tokens, experts, top_k, renormalize, dtype in [
+    (1, 8, 2, True, f32), (37, 60, 4, False, f16), (20, 128, 8, True, f32), (3, 6, 6, True, f32),
+]:
+    check_topk_softmax(tokens, experts, top_k, renormalize, dtype, "cpu")
 print("ok")
 """
 

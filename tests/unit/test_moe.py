@@ -36,7 +36,7 @@ def mixtral(**overrides) -> MixtralConfig:
 
 def our_block(config, hf_block) -> SparseMoeBlock:
     spec = MoeSpec.from_config(config)
-    block = SparseMoeBlock(config.hidden_size, spec, TorchMoeExperts(config.hidden_size, spec))
+    block = SparseMoeBlock(TopKRouter(config.hidden_size, spec), TorchMoeExperts(config.hidden_size, spec))
     block.gate.weight.data.copy_(hf_block.gate.weight)
     block.experts.gate_up_proj.data.copy_(hf_block.experts.gate_up_proj)
     block.experts.down_proj.data.copy_(hf_block.experts.down_proj)
