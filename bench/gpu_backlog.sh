@@ -22,9 +22,10 @@ case "${1:-}" in
   w2)  # issues 16 and 11 (TP=1 not slower) and 13: old code vs main, the engine loop in its own process or not
     run w2_split 330 python3 bench/w2_serving.py --qps inf 32 --sweep engine-process=off,on --out "$OUT/w2_split.json"
     (cd .carry/base && run w2_base 150 python3 bench/w2_serving.py --qps inf --out "$OUT/w2_base.json") ;;
-  w2-cap)  # issue 13's ITL: the prefill cap while decoding swept (the GPU default 2048 is a cost-model guess)
-    run w2_cap 540 python3 bench/w2_serving.py --qps inf 32 \
-      --sweep max-prefill-tokens-while-decoding=0,1024,2048,4096 --out "$OUT/w2_cap.json" ;;
+  w2-cap)  # issue 13's ITL: the prefill cap while decoding swept: none, the GPU default 2048 (a cost-model guess),
+    # and auto (learnt online, steps within --decode-step-target-ms 50; its step_ms in the trace, for the fit)
+    KUBELLM_STEP_TRACE="$OUT/w2_cap_trace.jsonl" run w2_cap 540 python3 bench/w2_serving.py --qps inf 32 \
+      --sweep max-prefill-tokens-while-decoding=0,2048,auto --out "$OUT/w2_cap.json" ;;
   w2-fp8)  # issue 13: W2 with online W8A8 FP8 and an FP8 KV cache against bf16, same call (bar: >= 1.3x req/s);
     # first the FP8 kernels' tests (quantization bit-exact, the Triton GEMM's tiles against float32)
     run fp8_kernel_tests 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_quant_kernel.py \

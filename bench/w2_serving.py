@@ -5,7 +5,8 @@ output tokens, seed 0) at QPS=inf and at 32 QPS. Reports req/s, output tok/s, TT
     python3 bench/w2_serving.py --out bench/results/w2_serving_gpu.json
 
 `--sweep FLAG=V1,V2,...` starts one server per value of a `kubellm serve` flag against the same
-checkpoint, in one call (e.g. `--sweep max-prefill-tokens-while-decoding=0,1024,2048,4096`: 0 is no cap; `engine-process=off,on`);
+checkpoint, in one call (e.g. `--sweep max-prefill-tokens-while-decoding=0,2048,auto`: 0 is no cap, auto learns the
+step's cost as it serves; `engine-process=off,on`);
 every run in the JSON carries the flags its server had.
 
 The checkpoint is written straight from random tensors (no transformers model is built: 8B parameters
@@ -160,7 +161,7 @@ def main() -> None:
         "--sweep",
         metavar="FLAG=V1,V2,...",
         help="one server per value of this `kubellm serve` flag, same checkpoint, one call "
-        "(e.g. max-prefill-tokens-while-decoding=0,1024,2048,4096)",
+        "(e.g. max-prefill-tokens-while-decoding=0,2048,auto)",
     )
     parser.add_argument(
         "--serve-args", nargs=argparse.REMAINDER, default=[], help="extra `kubellm serve` flags"

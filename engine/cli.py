@@ -32,6 +32,15 @@ def byte_size(text: str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2) or ""])
 
 
+def prefill_cap(text: str) -> int | str:
+    """`--max-prefill-tokens-while-decoding`: a number of tokens, or `auto`."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"not a number of tokens (0: no cap) or 'auto': {text!r}")
+    return int(text)
+
+
 def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     a = serve.add_argument
     default = EngineConfig.default  # every engine default is EngineConfig's
@@ -93,11 +102,21 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     )
     a(
         "--max-prefill-tokens-while-decoding",
-        type=int,
-        metavar="N",
+        type=prefill_cap,
+        metavar="N|auto",
         help="prompt tokens computed in one step while other sequences decode in it, so their inter-token "
-        "latency stays bounded; an idle server prefills with the whole --max-num-batched-tokens; 0: no cap "
+        "latency stays bounded; an idle server prefills with the whole --max-num-batched-tokens; 0: no cap; "
+        "auto: as many as keep the step within --decode-step-target-ms beside its decodes, learnt from "
+        "measured steps "
         f"(default: {EngineConfig.per_device_default('max_prefill_tokens_while_decoding')})",
+    )
+    a(
+        "--decode-step-target-ms",
+        type=float,
+        default=default("decode_step_target_ms"),
+        metavar="MS",
+        help="with --max-prefill-tokens-while-decoding auto: the step time (a decoding stream's inter-token "
+        "gap) that prompt chunks may fill up to (default: %(default)g)",
     )
     a("--block-size", type=int, default=default("block_size"))
     a("--gpu-memory-utilization", type=float, default=default("gpu_memory_utilization"))
@@ -236,6 +255,7 @@ def engine_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_prefill_tokens_while_decoding=args.max_prefill_tokens_while_decoding,
+            decode_step_target_ms=args.decode_step_target_ms,
             block_size=args.block_size,
             gpu_memory_utilization=args.gpu_memory_utilization,
             kv_cache_memory=args.kv_cache_memory,

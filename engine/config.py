@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 DeviceType = Literal["cuda", "cpu"]
 
@@ -34,6 +34,16 @@ class EngineConfig(BaseModel):
     # decodes (an idle server's TTFT gets worse) and not the step's sum (several prompts still fill the
     # step). This caps the sum, only while decodes wait: the name says both.
     DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING: ClassVar[dict[DeviceType, int]] = {"cuda": 2048, "cpu": 0}
+    # `--max-prefill-tokens-while-decoding auto` (opt-in: no GPU has measured it yet; the default stays the
+    # fixed cap above until a W2 sweep says otherwise): the engine learns its own step cost online,
+    # step_ms ≈ a + b·prefill_tokens + c·decode_seqs + d·decode_context_tokens (engine/core/step_cost_model.py,
+    # refitted to the last 512 steps' measured device times), and gives each step the most prompt tokens
+    # that keep its predicted time within --decode-step-target-ms beside that step's decodes: right for
+    # any GPU and model size (a 70B gets fewer tokens, a 0.6B far more) and any batch (10 decodes leave
+    # room for far more prompt than 400). Until the fit has seen steps of different prompt sizes it uses
+    # the fixed default above. Never fewer than AUTO_PREFILL_FLOOR_TOKENS (or an eighth of the budget, if
+    # smaller), so prompts always progress: a long prompt's first token comes within ⌈prompt / 256⌉ steps.
+    AUTO_PREFILL_FLOOR_TOKENS: ClassVar[int] = 256
     # Seconds in-flight requests may take to finish on SIGTERM (`kubellm serve --shutdown-timeout`):
     # Kubernetes' default grace period. The operator sizes terminationGracePeriodSeconds from it.
     DEFAULT_SHUTDOWN_TIMEOUT_S: ClassVar[float] = 30.0
@@ -47,8 +57,13 @@ class EngineConfig(BaseModel):
     max_model_len: int | None = Field(default=None, ge=16)
     max_num_seqs: int | None = Field(default=None, ge=1)  # None: DEFAULT_MAX_NUM_SEQS[device]
     max_num_batched_tokens: int | None = Field(default=None, ge=16)  # None: ..._BATCHED_TOKENS[device]
-    # None: DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING[device]; 0: no cap (max_num_batched_tokens)
-    max_prefill_tokens_while_decoding: int | None = Field(default=None, ge=0)
+    # None: DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING[device]; 0: no cap (max_num_batched_tokens);
+    # "auto": as many as fit decode_step_target_ms, learnt from measured steps (see above)
+    max_prefill_tokens_while_decoding: int | Literal["auto"] | None = None
+    # The step time "auto" aims at while sequences decode. 50 ms: issue 13's TPOT p99 bar at QPS = inf is
+    # 60 ms, and a step's time is a decoding stream's inter-token gap; the 10 ms left cover the host's share
+    # of a step and the fit's error. Only read with "auto".
+    decode_step_target_ms: float = Field(default=50.0, gt=0)
     block_size: int = Field(default=16, ge=1)
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
     kv_cache_memory: int | None = Field(default=None, ge=0)  # bytes; overrides utilization sizing
@@ -96,6 +111,13 @@ class EngineConfig(BaseModel):
             return self.max_num_batched_tokens
         return max(self.DEFAULT_MAX_NUM_BATCHED_TOKENS[device], self.max_num_seqs or 0)
 
+    @field_validator("max_prefill_tokens_while_decoding")
+    @classmethod
+    def _prefill_cap_is_tokens_or_auto(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, int) and value < 0:
+            raise ValueError(f"must be a number of tokens (0: no cap) or 'auto', not {value}")
+        return value
+
     @model_validator(mode="after")
     def _budget_holds_every_sequence(self) -> EngineConfig:
         # vLLM refuses this too: with more sequences than tokens per step, once that many decode, no
@@ -108,13 +130,23 @@ class EngineConfig(BaseModel):
             )
         return self
 
+    @property
+    def prefill_cap_is_auto(self) -> bool:
+        return self.max_prefill_tokens_while_decoding == "auto"
+
     def max_prefill_tokens_while_decoding_on(self, device: DeviceType) -> int:
-        """The per-step prefill cap while sequences decode, never above the step's whole budget."""
+        """The per-step prefill cap while sequences decode, never above the step's whole budget; with
+        "auto", the fixed default it starts from until it has measured enough steps."""
         cap = self.max_prefill_tokens_while_decoding
-        if cap is None:
+        if cap is None or cap == "auto":
             cap = self.DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING[device]
         budget = self.max_num_batched_tokens_on(device)
         return min(cap, budget) if cap else budget
+
+    def auto_prefill_floor_on(self, device: DeviceType) -> int:
+        """The fewest prompt tokens "auto" gives a step: AUTO_PREFILL_FLOOR_TOKENS, or an eighth of the
+        step's budget when that is smaller (a small budget is a small server's choice)."""
+        return max(1, min(self.AUTO_PREFILL_FLOOR_TOKENS, self.max_num_batched_tokens_on(device) // 8))
 
     def async_scheduling_on(self, device: DeviceType) -> bool:
         return device == "cuda" if self.async_scheduling is None else self.async_scheduling

@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
 from engine.core.kv_cache_manager import KVCacheManager
+from engine.core.prefill_cap import StepTimeTarget
 from engine.core.scheduler import Scheduler, SchedulerOutput
 from engine.core.sequence import Sequence
+from engine.core.step_cost_model import StepCostModel
 from engine.core.step_pipeline import StepPipeline
 from engine.detokenizer import IncrementalDetokenizer
 from engine.metrics import EngineMetrics
@@ -57,6 +59,19 @@ class LLMEngine:
         self.max_model_len = loaded.max_model_len
         self.eos_token_ids: set[int] = set(loaded.eos_token_ids)
         self.metrics = metrics or EngineMetrics(config.served_model_name or loaded.name)
+        self.trace = StepTrace.from_env()
+        device = loaded.device.type
+        max_batched = config.max_num_batched_tokens_on(device)
+        max_num_seqs = config.max_num_seqs_on(device)
+        max_prefill_while_decoding = config.max_prefill_tokens_while_decoding_on(device)
+        # --max-prefill-tokens-while-decoding auto: what a step costs, learnt from every step's measured time
+        self.step_costs = (
+            StepCostModel(
+                max_prefill_while_decoding, max_batched, floor_tokens=config.auto_prefill_floor_on(device)
+            )
+            if config.prefill_cap_is_auto
+            else None
+        )
         self.runner = ModelRunner(
             loaded.model,
             loaded.num_layers,
@@ -67,10 +82,8 @@ class LLMEngine:
             config.block_size,
             tp=loaded.tp,  # rank 0 under tensor parallelism: the other ranks repeat the runner's calls
             kv_cache_dtype=loaded.kv_cache_dtype,
+            time_steps=self.step_costs is not None or self.trace is not None,
         )
-        device = loaded.device.type
-        max_batched = config.max_num_batched_tokens_on(device)
-        max_num_seqs = config.max_num_seqs_on(device)
         num_blocks = choose_num_blocks(config, self.runner, self.max_model_len, max_batched, max_num_seqs)
         self.runner.allocate_kv_cache(num_blocks)
         if device == "cuda":
@@ -78,9 +91,14 @@ class LLMEngine:
                 self.runner.capture_cuda_graphs(max_num_seqs, self.max_model_len)
             self.runner.warm_up()
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        max_prefill_while_decoding = config.max_prefill_tokens_while_decoding_on(device)
         self.scheduler = Scheduler(
-            self.kv, max_num_seqs, max_batched, self.max_model_len, max_prefill_while_decoding
+            self.kv,
+            max_num_seqs,
+            max_batched,
+            self.max_model_len,
+            max_prefill_while_decoding
+            if self.step_costs is None
+            else StepTimeTarget(self.step_costs, config.decode_step_target_ms),
         )
         self.requests: dict[str, RequestState] = {}
         # Single tokens' texts by skip_special_tokens, shared by every request's detokenizer (at most one
@@ -96,7 +114,6 @@ class LLMEngine:
         # to apply. None = the tokens of "</think>" (qwen3 / deepseek_r1 style reasoning).
         self.reasoning_end_token_ids: tuple[int, ...] | None = None
         self.async_scheduling = config.async_scheduling_on(device)
-        self.trace = StepTrace.from_env()
         self.pipeline = StepPipeline(
             self.scheduler,
             self.runner,
@@ -105,6 +122,7 @@ class LLMEngine:
             self._accept_token,
             self._store_prompt_logprobs,
             self.trace,
+            self.step_costs,
         )
         m = self.metrics
         m.labels(m.kv_cache_blocks_total).set(num_blocks)
@@ -113,12 +131,17 @@ class LLMEngine:
         )
         log.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB), max_num_batched_tokens=%d, "
-            "max_prefill_tokens_while_decoding=%d",
+            "max_prefill_tokens_while_decoding=%s",
             num_blocks,
             config.block_size,
             num_blocks * self.runner.bytes_per_block() / 2**20,
             max_batched,
-            max_prefill_while_decoding,
+            (
+                f"auto (steps within {config.decode_step_target_ms:g} ms, at least "
+                f"{self.step_costs.floor_tokens}; {max_prefill_while_decoding} until measured)"
+                if self.step_costs is not None
+                else max_prefill_while_decoding
+            ),
         )
         self._update_gauges()
 

@@ -4,7 +4,8 @@ One JSON line per step, written when the process exits: when the step was launch
 reached the host, how many decodes and prefill tokens it carried, whether a CUDA graph ran it, and
 how long Python's garbage collector paused the process since the previous step (`gc_ms`).
 When the host handles the step's tokens it adds `done` (tokens on the host) and `waited_ms` (how long it
-blocked for them: near zero means the host, not the GPU, sets the pace).
+blocked for them: near zero means the host, not the GPU, sets the pace) and `step_ms` (the step's forward
+and sampling: device time from CUDA events on a GPU, wall time on the CPU; engine/model/step_timer.py).
 With async scheduling and a busy GPU, the gap between consecutive `done` times is the step's GPU time.
 Off (and free) unless the variable is set.
 """

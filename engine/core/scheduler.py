@@ -7,8 +7,9 @@ Policy, top to bottom in `schedule`:
 2. Then waiting sequences, FIFO, while the token budget, `max_num_seqs` and free blocks allow,
    each taking what it can of the prefix cache first. Nothing is admitted in a step that preempted.
 3. Prefill chunks (of running and of newly admitted sequences) share a prefill budget: the whole token
-   budget when nothing decodes in the step, at most `max_prefill_tokens_while_decoding` when something
-   does. Every decoding stream waits for its step, so one long chunk would stretch all their
+   budget when nothing decodes in the step; when something does, what the injected `PrefillCap` allows
+   beside that many decodes (a fixed cap, or as much as fits a target step time: engine/core/prefill_cap.py).
+   Every decoding stream waits for its step, so one long chunk would stretch all their
    inter-token gaps. Chunks are handed out in admission order, so the oldest unfinished prompt gets
    prefill tokens every step (up to the cap): a long prompt's time to first token stays bounded.
 
@@ -23,6 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from engine.core.kv_cache_manager import NO_PREFIX_HIT, KVCacheManager
+from engine.core.prefill_cap import FixedPrefillCap, PrefillCap
 from engine.core.sequence import Sequence, SequenceStatus
 from engine.core.step_pipeline import in_flight_token_is_last
 
@@ -62,15 +64,16 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_model_len: int | None = None,
-        max_prefill_tokens_while_decoding: int = 0,
+        max_prefill_tokens_while_decoding: int | PrefillCap = 0,
     ) -> None:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        # Prefill tokens a step may compute while sequences decode in it (0 = no cap beyond the budget;
-        # EngineConfig explains the GPU default).
-        self.max_prefill_tokens_while_decoding = min(
-            max_prefill_tokens_while_decoding or max_num_batched_tokens, max_num_batched_tokens
+        # Prefill tokens a step may compute while sequences decode in it: a number (0 = no cap beyond the
+        # budget; EngineConfig explains the GPU default), or a PrefillCap asked every such step.
+        cap = max_prefill_tokens_while_decoding
+        self.prefill_cap: PrefillCap = (
+            FixedPrefillCap(cap or max_num_batched_tokens) if isinstance(cap, int) else cap
         )
         self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
@@ -93,7 +96,10 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        prefill_budget = self.prefill_budget(decoding=any(map(self._decodes_next, self.running)))
+        # Every running sequence counts as a decode (those mid-prompt too, a handful at most): O(1) rather
+        # than a pass over hundreds of sequences, and the error only makes the budget a little cautious.
+        decoding = any(map(self._decodes_next, self.running))
+        prefill_budget = self.prefill_budget(len(self.running) if decoding else 0)
         all_decodes = True  # nothing to sort at the end (the steady state of a busy server)
 
         for seq in list(self.running):
@@ -158,10 +164,13 @@ class Scheduler:
             out.scheduled.sort(key=lambda s: s.num_new_tokens != 1 or not s.completes_prompt)
         return out
 
-    def prefill_budget(self, decoding: bool) -> int:
-        """Prefill tokens this step may compute: all of the budget for an idle server (time to first
-        token is all that matters then), the cap while sequences `decoding` wait on the step."""
-        return self.max_prefill_tokens_while_decoding if decoding else self.max_num_batched_tokens
+    def prefill_budget(self, num_decodes: int) -> int:
+        """Prefill tokens this step may compute: all of the budget when nothing decodes (time to first
+        token is all that matters then), the prefill cap's answer while `num_decodes` sequences wait on
+        the step, never more than the budget."""
+        if not num_decodes:
+            return self.max_num_batched_tokens
+        return min(self.prefill_cap.while_decoding(num_decodes), self.max_num_batched_tokens)
 
     def _decodes_next(self, seq: Sequence) -> bool:
         """A running sequence whose next step is one token with all before it cached (a token in flight

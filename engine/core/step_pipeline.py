@@ -35,6 +35,7 @@ from engine.core.sequence import Sequence
 
 if TYPE_CHECKING:  # the core stays importable without torch
     from engine.core.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
+    from engine.core.step_cost_model import StepCostModel
     from engine.model.runner import LaunchedStep, ModelRunner
     from engine.outputs import RequestOutput, TokenLogprob
     from engine.step_trace import StepTrace
@@ -78,6 +79,7 @@ class StepPipeline:
         accept: AcceptToken,
         accept_prompt_logprobs: AcceptPromptLogprobs,
         trace: StepTrace | None = None,
+        step_costs: StepCostModel | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.runner = runner
@@ -86,6 +88,9 @@ class StepPipeline:
         self.accept = accept
         self.accept_prompt_logprobs = accept_prompt_logprobs
         self.trace = trace
+        # Learns each step's cost from its measured time (--max-prefill-tokens-while-decoding auto); the
+        # runner then times every step.
+        self.step_costs = step_costs
         self.in_flight: LaunchedStep | None = None  # launched, tokens not read yet (overlap only)
         self.in_flight_reads_tokens = False  # rule 5: read the step in flight before building the next
         self.in_flight_feeds_grammars = False  # rule 5: read it before the next step samples
@@ -154,6 +159,8 @@ class StepPipeline:
         if launched.trace is not None:
             launched.trace["done"] = time.perf_counter()
             launched.trace["waited_ms"] = round((launched.trace["done"] - waiting) * 1e3, 3)
+        if launched.timer is not None:
+            self._record_time(launched)
         now = time.monotonic()
         if launched.prompt_logprobs is not None:  # before the tokens: the first output carries them
             self.accept_prompt_logprobs(launched)
@@ -166,3 +173,16 @@ class StepPipeline:
             self.scheduler.append_token(seq, token_id)  # rule 2
             outputs.append(self.accept(seq, token_id, logprob, now))
         return outputs
+
+    def _record_time(self, launched: LaunchedStep) -> None:
+        """The step's measured time (its tokens are read, so this waits for nothing) to the cost model and
+        the trace."""
+        assert launched.timer is not None
+        step_ms = launched.timer.elapsed_ms()
+        if self.step_costs is not None:
+            prefill_tokens = launched.num_tokens - launched.num_decodes
+            self.step_costs.observe(
+                prefill_tokens, launched.num_decodes, launched.decode_context_tokens, step_ms
+            )
+        if launched.trace is not None:
+            launched.trace["step_ms"] = round(step_ms, 3)

@@ -18,6 +18,7 @@ from engine.model.block_table_rows import BlockTableRows
 from engine.model.cuda_graphs import DecodeCudaGraphs
 from engine.model.input_staging import InputStaging
 from engine.model.prompt_logprobs import PendingPromptLogprobs, launch_prompt_logprobs, prompt_logprob_rows
+from engine.model.step_timer import StepTimer
 from engine.outputs import TokenLogprob
 from engine.sampling.sampler import PendingSample, Sampler, SamplingRow, seeded_generator
 
@@ -51,6 +52,10 @@ class LaunchedStep:
         self.num_decodes = 0
         self.num_tokens = 0
         self.graphed = False
+        # With ModelRunner.time_steps: the step's forward and sampling time, and the context tokens its
+        # decodes attended over (what the engine's step cost model learns from).
+        self.timer: StepTimer | None = None
+        self.decode_context_tokens = 0
         self.row_of = {s.seq.request_id: i for i, s in enumerate(seqs)}
         self.prompt_logprobs: PendingPromptLogprobs | None = None  # for requests that asked (rare)
         self.trace: dict | None = None  # this step's StepTrace row, when tracing
@@ -73,6 +78,7 @@ class ModelRunner:
         block_size: int,
         tp: TensorParallelDriver | None = None,
         kv_cache_dtype: torch.dtype | None = None,
+        time_steps: bool = False,
     ) -> None:
         self.model = model
         self.num_layers = num_layers
@@ -92,6 +98,9 @@ class ModelRunner:
         self.bitmasks: BitmaskBuilder | None = None  # made at the first step with a grammar
         # Rank 0 under tensor parallelism: the other ranks repeat this runner's public calls (tell_ranks).
         self.tp = tp
+        # Time every step (a StepTimer on each LaunchedStep): for --max-prefill-tokens-while-decoding auto
+        # and the step trace. Two CUDA events a step otherwise not spent.
+        self.time_steps = time_steps
 
     def tell_ranks(self, op: Op, *args: int) -> None:
         """Under tensor parallelism, have the other ranks make the same call on their runners."""
@@ -355,8 +364,13 @@ class ModelRunner:
         this step's forward)."""
         input_ids, positions, meta = self.build_metadata(batch, previous, tell_ranks)
         graphed = self.cuda_graphs is not None and self.cuda_graphs.can_run(meta)
+        timer = StepTimer(self.device) if self.time_steps else None
         hidden = self.forward(input_ids, positions, meta, graphed)
         step = self._sample(batch, hidden, meta, eos_token_ids, with_grammars, before_sampling)
+        if timer is not None:
+            timer.stop()
+            step.timer = timer
+            step.decode_context_tokens = sum(meta.seq_lens_cpu[: meta.num_decodes])
         step.prompt_logprobs = launch_prompt_logprobs(
             batch, hidden, meta.query_lens_cpu, meta.num_decodes, self.model.compute_logits
         )

@@ -1,6 +1,7 @@
 """`--max-prefill-tokens-while-decoding` changes how a step is cut, never what a client gets: greedy tokens
-are the same with and without the cap, under async scheduling and preemption, and every KV block comes back.
-Prompts arrive while others decode (the case the cap is for), on the CPU with a tiny random model."""
+are the same with and without the cap (a fixed one, or `auto`, learnt from the steps' measured times), under
+async scheduling and preemption, and every KV block comes back. Prompts arrive while others decode (the case
+the cap is for), on the CPU with a tiny random model."""
 
 from __future__ import annotations
 
@@ -16,13 +17,22 @@ VOCAB = 49152
 CAP = 8
 
 
-def arrivals() -> dict[int, list[tuple[str, list[int], SamplingParams]]]:
+Arrivals = dict[int, list[tuple[str, list[int], SamplingParams]]]  # step -> requests added before it
+
+
+def random_request(
+    rng: random.Random, rid: str, lo: int, hi: int, max_tokens: int
+) -> tuple[str, list[int], SamplingParams]:
+    prompt = [rng.randrange(VOCAB) for _ in range(rng.randint(lo, hi))]
+    return rid, prompt, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def arrivals() -> Arrivals:
     """Short prompts first; long ones join at later steps while those decode."""
     rng = random.Random(3)
 
     def request(rid: str, lo: int, hi: int, max_tokens: int) -> tuple[str, list[int], SamplingParams]:
-        prompt = [rng.randrange(VOCAB) for _ in range(rng.randint(lo, hi))]
-        return rid, prompt, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        return random_request(rng, rid, lo, hi, max_tokens)
 
     return {
         0: [request(f"short{i}", 3, 12, 30) for i in range(4)],
@@ -32,7 +42,7 @@ def arrivals() -> dict[int, list[tuple[str, list[int], SamplingParams]]]:
     }
 
 
-def serve(engine) -> tuple[dict[str, list[int]], list[tuple[int, int]]]:
+def serve(engine, requests: Arrivals | None = None) -> tuple[dict[str, list[int]], list[tuple[int, int]]]:
     """Feeds the arrivals at their steps; returns each request's tokens and, for every step, how many
     sequences decoded in it and how many prompt tokens were computed beside them."""
     steps: list[tuple[int, int]] = []
@@ -45,7 +55,7 @@ def serve(engine) -> tuple[dict[str, list[int]], list[tuple[int, int]]]:
         return out
 
     engine.scheduler.schedule = recording
-    pending, tokens, step = arrivals(), {}, 0
+    pending, tokens, step = requests or arrivals(), {}, 0
     while pending or engine.has_unfinished():
         for rid, prompt, params in pending.pop(step, []):
             engine.add_request(rid, prompt, params)
@@ -92,3 +102,61 @@ def test_the_cap_changes_the_steps_not_the_tokens(llama_dir, uncapped, extra):
     assert steps[0][0] == 0 and steps[0][1] > CAP  # nothing decodes yet: the whole budget prefills
     if "num_gpu_blocks_override" in extra:
         assert engine.metrics.labels(engine.metrics.num_preemptions)._value.get() > 0
+
+
+# --- auto: as many prompt tokens as fit a target step time, learnt from measured steps ------------------
+
+
+def steady_arrivals() -> Arrivals:
+    """Three requests decode throughout; a prompt joins every fourth step: more steps than the cost model
+    needs to fit (32), so prompts arrive both before it has and after."""
+    rng = random.Random(5)
+    requests: Arrivals = {0: [random_request(rng, f"d{i}", 3, 12, 60) for i in range(3)]}
+    for step in range(3, 56, 4):
+        requests[step] = [random_request(rng, f"p{step}", 12, 40, 3)]
+    return requests
+
+
+@pytest.fixture(scope="module")
+def uncapped_steady(llama_dir) -> tuple[dict[str, list[int]], list[tuple[int, int]]]:
+    engine = make_engine(
+        llama_dir, block_size=4, max_num_batched_tokens=64, max_prefill_tokens_while_decoding=0
+    )
+    return serve(engine, steady_arrivals())
+
+
+@pytest.mark.parametrize("extra", [{}, {"async_scheduling": True}], ids=["sync", "async"])
+def test_auto_learns_the_step_cost_and_cuts_steps_by_it_not_the_tokens(llama_dir, uncapped_steady, extra):
+    """A target no step can meet (1 µs): once the model has fitted the measured steps, every step beside
+    decodes gets the floor (an eighth of the 64-token budget); before that, the fixed default (the CPU's:
+    no cap). The tokens are the uncapped run's all the same, and every step's time was observed."""
+    reference, uncapped_steps = uncapped_steady
+    floor = 64 // 8
+    assert prefill_beside_decodes(uncapped_steps) > floor
+    engine = make_engine(
+        llama_dir, block_size=4, max_num_batched_tokens=64, max_prefill_tokens_while_decoding="auto",
+        decode_step_target_ms=0.001, **extra,
+    )  # fmt: skip
+    costs = engine.step_costs
+    assert costs is not None and costs.floor_tokens == floor and costs.fallback_tokens == 64
+    fitted: list[bool] = []
+    schedule = engine.scheduler.schedule
+
+    def noting_the_fit():
+        fitted.append(costs.fit is not None)
+        return schedule()
+
+    engine.scheduler.schedule = noting_the_fit
+    tokens, steps = serve(engine, steady_arrivals())
+    assert tokens == reference
+    before = [prefill for (decodes, prefill), fit in zip(steps, fitted, strict=True) if decodes and not fit]
+    after = [prefill for (decodes, prefill), fit in zip(steps, fitted, strict=True) if decodes and fit]
+    assert max(before) > floor  # the fallback: the CPU's fixed default, no cap
+    assert max(after) == floor  # the learnt cap bit, and held
+    assert costs.fit is not None and costs.fit.per_prefill_token_ms > 0
+    # Every step ran was observed, with the shape the scheduler gave it and a measured time.
+    ran = [step for step in steps if step != (0, 0)]
+    assert costs.num_observed == len(ran)
+    observed = list(costs.observations)
+    assert [(decodes, prefill) for prefill, decodes, _, _ in observed] == ran
+    assert all(ms > 0 and context >= decodes for _, decodes, context, ms in observed)

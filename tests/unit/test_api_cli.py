@@ -66,6 +66,27 @@ def test_prefill_cap_flag_and_its_per_device_defaults() -> None:
     )
 
 
+def test_prefill_cap_auto_and_its_step_time_target() -> None:
+    from engine.config import EngineConfig
+
+    auto = config_of("--max-prefill-tokens-while-decoding", "auto", "--decode-step-target-ms", "30")
+    assert auto.max_prefill_tokens_while_decoding == "auto" and auto.prefill_cap_is_auto
+    assert auto.decode_step_target_ms == 30.0
+    assert config_of("--max-prefill-tokens-while-decoding", "AUTO").prefill_cap_is_auto
+    default = config_of()
+    assert not default.prefill_cap_is_auto and default.decode_step_target_ms == 50.0
+    # What auto answers until it has measured enough steps: the fixed default of the device.
+    assert auto.max_prefill_tokens_while_decoding_on("cuda") == 2048
+    assert auto.max_prefill_tokens_while_decoding_on("cpu") == 2048  # the CPU's: no cap
+    assert auto.auto_prefill_floor_on("cuda") == 256
+    small = EngineConfig(max_prefill_tokens_while_decoding="auto", max_num_batched_tokens=64)
+    assert small.auto_prefill_floor_on("cpu") == 8  # an eighth of a small budget
+    # The engine process gets the config as JSON.
+    assert EngineConfig.model_validate_json(auto.model_dump_json()) == auto
+    with pytest.raises(ValueError, match="a number of tokens \\(0: no cap\\) or 'auto', not -1"):
+        EngineConfig(max_prefill_tokens_while_decoding=-1)
+
+
 def test_defaults_serve_the_embedded_model() -> None:
     cfg = config_of()
     assert cfg.model is None and cfg.enable_prefix_caching and cfg.device == "auto"
@@ -122,6 +143,8 @@ def test_docs_quote_the_defaults_engine_config_resolves() -> None:
         ["--max-num-seqs", "0"],
         ["--gpu-memory-utilization", "1.5"],
         ["--max-prefill-tokens-while-decoding", "-1"],
+        ["--max-prefill-tokens-while-decoding", "lots"],
+        ["--decode-step-target-ms", "0"],
         ["a", "--model", "b"],
         ["--device", "tpu"],
         ["--quantization", "awq"],

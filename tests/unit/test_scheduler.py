@@ -6,8 +6,10 @@ from __future__ import annotations
 import random
 
 from engine.core.kv_cache_manager import KVCacheManager
+from engine.core.prefill_cap import StepTimeTarget
 from engine.core.scheduler import Scheduler, SchedulerOutput
 from engine.core.sequence import Sequence, SequenceStatus
+from engine.core.step_cost_model import StepCostModel
 from engine.sampling.params import SamplingParams
 
 
@@ -209,7 +211,7 @@ def test_an_idle_server_prefills_with_the_whole_budget_whatever_the_cap():
     sched = Scheduler(
         KVCacheManager(100, 4), 8, max_num_batched_tokens=32, max_prefill_tokens_while_decoding=8
     )
-    assert sched.prefill_budget(decoding=False) == 32 and sched.prefill_budget(decoding=True) == 8
+    assert sched.prefill_budget(num_decodes=0) == 32 and sched.prefill_budget(num_decodes=1) == 8
     sched.add(make_seq("long", 100, max_tokens=2))
     assert [o.scheduled[0].num_new_tokens for o in drain(sched)] == [32, 32, 32, 4, 1]
 
@@ -330,3 +332,87 @@ def test_random_workloads_with_a_cap_respect_it_never_leak_and_never_stall():
             raise AssertionError("scheduler made no progress")
         assert all(s.num_output_tokens == s.params.max_tokens for s in seqs)
         assert kv.num_free_blocks == kv.pool.num_blocks
+
+
+# --- the prefill cap from a step time target (--max-prefill-tokens-while-decoding auto) ---------------
+
+
+def learnt_cap(budget: int, floor: int = 8, target_ms: float = 50.0) -> StepTimeTarget:
+    """A step cost model that has measured steps costing 2 ms + 0.5 ms a prompt token + 1 ms a decode: it
+    allows (50 - 2 - decodes) / 0.5 = 96 - 2·decodes prompt tokens, between `floor` and `budget`."""
+    costs = StepCostModel(fallback_tokens=budget, max_tokens=budget, floor_tokens=floor)
+    for i in range(64):
+        prefill, decodes = 10 * (i % 4), 1 + i % 7
+        costs.observe(prefill, decodes, 0, 2.0 + 0.5 * prefill + 1.0 * decodes)
+    assert costs.fit is not None
+    return StepTimeTarget(costs, target_ms)
+
+
+class RecordingCap:
+    """A prefill cap that answers `tokens` and remembers what it was asked."""
+
+    def __init__(self, tokens: int) -> None:
+        self.tokens = tokens
+        self.asked: list[int] = []
+
+    def while_decoding(self, num_decodes: int) -> int:
+        self.asked.append(num_decodes)
+        return self.tokens
+
+
+def test_the_learnt_cap_grows_as_decodes_finish():
+    cap = learnt_cap(128)
+    sched = Scheduler(
+        KVCacheManager(4000, 4), 64, max_num_batched_tokens=128, max_prefill_tokens_while_decoding=cap
+    )
+    # Started one a step (each decoding in the later ones' steps), then one finishes every other step.
+    decoders = [start_decoding(sched, f"d{i}", start=1000 + 10 * i, max_tokens=45 + i) for i in range(40)]
+    long = make_seq("long", 5000, max_tokens=1)
+    sched.add(long)
+    chunks = []
+    while not long.is_finished:
+        running, decoding = sched.num_running, any(not d.is_finished for d in decoders)
+        left = long.num_tokens - long.num_computed_tokens
+        chunk = dict(shape(run_step(sched)))["long"]
+        if decoding and chunk < left:  # 96 - 2·running (give or take the fit's last bit)
+            assert chunk == cap.while_decoding(running) and abs(chunk - (96 - 2 * running)) <= 1
+        chunks.append(chunk)
+    assert chunks[0] in (15, 16)  # 40 decodes: 2 ms + 0.5 ms · 16 + 40 ms = 50 ms
+    assert chunks[1] in (13, 14)  # the prompt itself runs from then on, and counts as a decode
+    assert chunks[1:-1] == sorted(chunks[1:-1])  # a decoder finishes every other step: more room
+    assert chunks[-2] == 128  # nothing decodes any more: the whole budget
+
+
+def test_the_learnt_cap_never_goes_below_the_floor():
+    """60 decodes already cost more than the 50 ms target: the prompt still gets the floor every step."""
+    sched = Scheduler(KVCacheManager(2000, 4), 64, max_num_batched_tokens=128,
+                      max_prefill_tokens_while_decoding=learnt_cap(128, floor=8))  # fmt: skip
+    for i in range(60):
+        start_decoding(sched, f"d{i}", start=1000 + 10 * i, max_tokens=500)
+    long = make_seq("long", 80, max_tokens=1)
+    sched.add(long)
+    chunks = [dict(shape(run_step(sched)))["long"] for _ in range(10)]
+    assert chunks == [8] * 10 and long.is_finished
+
+
+def test_an_idle_server_prefills_with_the_whole_budget_whatever_the_learnt_cap():
+    sched = Scheduler(KVCacheManager(100, 4), 8, max_num_batched_tokens=32,
+                      max_prefill_tokens_while_decoding=learnt_cap(32, floor=2, target_ms=0.1))  # fmt: skip
+    assert sched.prefill_budget(num_decodes=0) == 32 and sched.prefill_budget(num_decodes=1) == 2
+    sched.add(make_seq("long", 100, max_tokens=2))
+    assert [o.scheduled[0].num_new_tokens for o in drain(sched)] == [32, 32, 32, 4, 1]
+
+
+def test_the_prefill_cap_is_asked_once_a_step_with_the_running_count_and_clamped_to_the_budget():
+    """The scheduler's one question: how many prompt tokens beside this many decodes (every running
+    sequence counted, a prompt mid-way included: O(1)); never asked when nothing decodes; an answer past
+    the budget gets what the budget has left."""
+    cap = RecordingCap(10**9)
+    sched = Scheduler(
+        KVCacheManager(100, 4), 8, max_num_batched_tokens=32, max_prefill_tokens_while_decoding=cap
+    )
+    start_decoding(sched, "d", start=500)
+    assert cap.asked == []  # nothing decoded in that step: the whole budget, no question
+    sched.add(make_seq("long", 100, max_tokens=2))
+    assert shape(run_step(sched)) == [("d", 1), ("long", 31)] and cap.asked == [1]
+    assert shape(run_step(sched)) == [("d", 1), ("long", 31)] and cap.asked == [1, 2]

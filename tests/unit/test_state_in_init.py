@@ -15,11 +15,13 @@ from engine.core.block_pool import BlockPool
 from engine.core.kv_cache_manager import KVCacheManager
 from engine.core.scheduler import Scheduler
 from engine.core.sequence import Sequence
+from engine.core.step_cost_model import StepCostModel
 from engine.core.step_pipeline import StepPipeline
 from engine.engine_inbox import InboxHandler
 from engine.engine_process.core import EngineLoop
 from engine.llm_engine import LLMEngine
 from engine.model.runner import ModelRunner
+from engine.model.step_timer import StepTimer
 from engine.request_streams import StreamingFrontend
 
 
@@ -54,6 +56,8 @@ def class_methods(cls: type) -> list[ast.FunctionDef]:
         BlockPool,
         Sequence,
         ModelRunner,
+        StepCostModel,
+        StepTimer,
     ],
     ids=lambda c: c.__name__,
 )

@@ -1,0 +1,65 @@
+"""`kubellm serve --max-prefill-tokens-while-decoding auto`, as a user runs it: the server learns what its
+steps cost from the steps it runs (and says so in its log), then cuts prompts into the chunks that fit
+--decode-step-target-ms beside the decoding streams; clients get the same greedy answers through the
+OpenAI SDK as when each request ran alone."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from openai import AsyncOpenAI, OpenAI
+
+MODEL = "tiny-llama"
+PROMPTS = [
+    "Once upon a time",
+    "The quick brown fox jumps over the lazy dog, and then " * 3,
+    "List the planets of the solar system in order, with one fact about each of them: " * 2,
+    "Write a haiku about rain.",
+    "A long story begins here, with a cat, a dog and a very long road through the mountains. " * 4,
+    "Explain paged attention in one paragraph.",
+]
+
+
+def test_auto_learns_its_steps_and_clients_get_the_same_answers(
+    launch_tiny_llama, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trace = tmp_path / "steps.jsonl"
+    monkeypatch.setenv("KUBELLM_STEP_TRACE", str(trace))  # the server's step timeline, written at exit
+    # 1 ms: no CPU step meets it, so once learnt every prompt beside decodes goes 8 tokens a step (the floor:
+    # an eighth of the 64-token budget), where without a cap it would take the whole budget.
+    server = launch_tiny_llama(
+        "--max-num-batched-tokens", "64", "--max-prefill-tokens-while-decoding", "auto",
+        "--decode-step-target-ms", "1",
+    )  # fmt: skip
+    assert "max_prefill_tokens_while_decoding=auto (steps within 1 ms, at least 8" in server.log_tail(20_000)
+    client = OpenAI(base_url=server.api_url, api_key="none", max_retries=0)
+    alone = [
+        client.completions.create(model=MODEL, prompt=p, max_tokens=24, temperature=0).choices[0].text
+        for p in PROMPTS
+    ]  # one request at a time: its prompt in whole-budget chunks, and steps of every size to learn from
+    assert "step cost learnt from" in server.log_tail(20_000)
+
+    async def together() -> list[str]:
+        aclient = AsyncOpenAI(base_url=server.api_url, api_key="none", max_retries=0)
+
+        async def one(i: int, prompt: str) -> str:
+            await asyncio.sleep(0.2 * i)  # later prompts arrive while the first ones decode
+            out = await aclient.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0)
+            return out.choices[0].text
+
+        try:
+            return await asyncio.gather(*(one(i, p) for i, p in enumerate(PROMPTS)))
+        finally:
+            await aclient.close()
+
+    assert asyncio.run(together()) == alone
+
+    assert server.stop() == 0
+    steps = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert all(s["step_ms"] > 0 for s in steps)  # every step timed
+    # Alone, a prompt never shares a step with decodes: every mixed step is from the second half, after
+    # the fit, and each holds at most the floor of prompt tokens.
+    mixed = [s["prefill_tokens"] for s in steps if s["decodes"] and s["prefill_tokens"]]
+    assert mixed and max(mixed) == 8

@@ -1,0 +1,36 @@
+"""The GPU backlog's prefill-cap sweep (bench/gpu_backlog.sh w2-cap) becomes `kubellm serve` flags that the
+real CLI takes: one server per value, `auto` included. Checked here because the GPU time is spent only once."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+from engine.cli import build_parser, engine_config
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def load_bench_module(name: str):
+    # Loaded by path: bench/ first on sys.path would shadow packages (bench/kernels.py).
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_backlogs_prefill_cap_sweep_is_flags_kubellm_serve_takes() -> None:
+    backlog = (BENCH / "gpu_backlog.sh").read_text()
+    sweep = re.search(r"--sweep (max-prefill-tokens-while-decoding=\S+)", backlog)
+    assert sweep is not None
+    servers = load_bench_module("w2_serving").sweep_configs(sweep.group(1))
+    assert [flags[-1] for flags in servers] == ["0", "2048", "auto"]
+    caps = []
+    for flags in servers:
+        args = build_parser().parse_args(["serve", *flags])
+        caps.append(engine_config(args, args.command_parser).max_prefill_tokens_while_decoding)
+    assert caps == [0, 2048, "auto"]

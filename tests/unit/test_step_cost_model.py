@@ -1,0 +1,143 @@
+"""The step cost model behind `--max-prefill-tokens-while-decoding auto`: it learns what a step costs from
+measured steps (noisy, with the odd compile stall or GC pause) and answers how many prompt tokens fit a
+target step time beside a step's decodes, falling back to the fixed cap until it has seen enough."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.core.step_cost_model import StepCost, StepCostModel, fit_step_cost, nonnegative_least_squares
+
+# The W2 step (Llama-3.1-8B on an H100, engine/config.py), with an attention term per context token.
+TRUE = StepCost(fixed_ms=6.5, per_prefill_token_ms=0.023, per_decode_ms=0.005, per_context_token_ms=4e-5)
+
+
+def serving_steps(n: int, seed: int = 0, cost: StepCost = TRUE, noise_ms: float = 0.3) -> np.ndarray:
+    """n steps as a server sees them: mostly pure decodes, some with prompt chunks of several sizes;
+    columns prefill tokens, decodes, decode context tokens, measured ms."""
+    rng = np.random.default_rng(seed)
+    prefill = rng.choice([0, 0, 0, 0, 256, 700, 2048, 4096], n)
+    decodes = rng.integers(1, 400, n)
+    context = decodes * rng.uniform(150, 900, n)
+    ms = cost.predict_ms(prefill, decodes, context) + rng.normal(0, noise_ms, n)
+    return np.column_stack([prefill, decodes, context.round(), ms])
+
+
+def feed(model: StepCostModel, steps: np.ndarray) -> None:
+    for p, d, c, ms in steps:
+        model.observe(int(p), int(d), int(c), float(ms))
+
+
+def test_the_fit_recovers_known_costs_through_noise_and_outliers():
+    steps = serving_steps(512)
+    steps[[10, 200, 377], 3] += [400.0, 90.0, 35.0]  # a Triton compile, GC pauses
+    steps[50, 3] = 0.5  # a step the clock got wrong the other way
+    fit, kept = fit_step_cost(steps[:, :3], steps[:, 3])
+    assert not kept[[10, 200, 377, 50]].any() and kept.sum() >= 500
+    assert fit.fixed_ms == pytest.approx(TRUE.fixed_ms, abs=0.3)
+    assert fit.per_prefill_token_ms == pytest.approx(TRUE.per_prefill_token_ms, rel=0.02)
+    assert fit.per_decode_ms == pytest.approx(TRUE.per_decode_ms, abs=0.002)
+    assert fit.per_context_token_ms == pytest.approx(TRUE.per_context_token_ms, rel=0.1)
+
+
+def test_a_plain_least_squares_fit_is_what_the_outliers_would_have_made_of_it():
+    """The outlier handling is what makes the fit hold: without it one compile stall moves the fixed cost."""
+    steps = serving_steps(512)
+    steps[10, 3] += 400.0
+    design = np.column_stack([np.ones(512), steps[:, :3]])
+    plain = nonnegative_least_squares(design, steps[:, 3])
+    robust, _ = fit_step_cost(steps[:, :3], steps[:, 3])
+    assert abs(plain[0] - TRUE.fixed_ms) > 3 * abs(robust.fixed_ms - TRUE.fixed_ms)
+
+
+def test_coefficients_are_never_negative():
+    """A step never gets cheaper by doing more: data where plain least squares would say so (time falls
+    with the decodes, by noise and a confounded column) gives zero for that column, not a negative."""
+    rng = np.random.default_rng(1)
+    prefill = rng.choice([0, 512, 2048], 200).astype(float)
+    decodes = rng.integers(1, 50, 200).astype(float)
+    ms = 5.0 + 0.02 * prefill - 0.01 * decodes + rng.normal(0, 0.05, 200)
+    design = np.column_stack([np.ones(200), prefill, decodes, decodes * 100])
+    unconstrained = np.linalg.lstsq(design, ms, rcond=None)[0]
+    assert (unconstrained < 0).any()
+    coef = nonnegative_least_squares(design, ms)
+    assert (coef >= 0).all() and coef[2] == 0 == coef[3]
+    assert coef[1] == pytest.approx(0.02, rel=0.02)
+
+
+def test_it_answers_the_fixed_cap_until_it_has_seen_enough_varied_steps():
+    model = StepCostModel(fallback_tokens=2048, max_tokens=8192, min_observations=32, refit_every=8)
+    assert model.prefill_tokens_within(50.0, decode_seqs=100) == 2048
+    steps = serving_steps(600)
+    same_prompt = steps[steps[:, 0] == 2048][:40]  # steady fixed-cap chunks: a token's cost is unknowable
+    feed(model, same_prompt)
+    assert model.num_observed == 40 and model.fit is None
+    assert model.prefill_tokens_within(50.0, decode_seqs=100) == 2048
+    feed(model, steps[:40])
+    assert model.fit is not None
+    assert model.prefill_tokens_within(50.0, decode_seqs=100) != 2048
+
+
+def test_too_few_steps_is_no_fit_however_varied():
+    model = StepCostModel(fallback_tokens=1000, max_tokens=8192, min_observations=32, refit_every=1)
+    feed(model, serving_steps(31))
+    assert model.fit is None and model.prefill_tokens_within(50.0, 10) == 1000
+    feed(model, serving_steps(1, seed=5))
+    assert model.fit is not None
+
+
+def test_the_answer_is_the_most_tokens_within_the_target():
+    model = StepCostModel(fallback_tokens=2048, max_tokens=8192)
+    feed(model, serving_steps(512, noise_ms=0.0))
+    fit = model.fit
+    assert fit is not None
+    tokens = model.prefill_tokens_within(50.0, decode_seqs=200, decode_context_tokens=100_000)
+    assert fit.predict_ms(tokens, 200, 100_000) <= 50.0 < fit.predict_ms(tokens + 1, 200, 100_000)
+    expected = (50.0 - TRUE.predict_ms(0, 200, 100_000)) / TRUE.per_prefill_token_ms
+    assert tokens == pytest.approx(expected, rel=0.01)
+
+
+def test_fewer_decodes_leave_room_for_more_prompt():
+    model = StepCostModel(fallback_tokens=2048, max_tokens=8192)
+    feed(model, serving_steps(512))
+    budgets = [model.prefill_tokens_within(50.0, d) for d in (400, 200, 100, 10)]
+    assert budgets == sorted(budgets) and budgets[0] < budgets[-1]
+    # Without the decodes' context given, it is the fitted window's mean context per decoding sequence.
+    per_decode = model.context_per_decode
+    assert 150 < per_decode < 900
+    assert model.prefill_tokens_within(50.0, 100) == model.prefill_tokens_within(50.0, 100, 100 * per_decode)
+
+
+def test_the_answer_is_clamped_to_the_floor_and_the_budget():
+    model = StepCostModel(fallback_tokens=2048, max_tokens=8192, floor_tokens=256)
+    feed(model, serving_steps(512))
+    # 2,000 decodes at ~500 tokens of context already cost more than the target: prompts still progress.
+    assert model.fit is not None and model.fit.predict_ms(0, 2000, 2000 * model.context_per_decode) > 50.0
+    assert model.prefill_tokens_within(50.0, decode_seqs=2000) == 256
+    assert model.prefill_tokens_within(1.0, decode_seqs=1) == 256
+    assert model.prefill_tokens_within(10_000.0, decode_seqs=1) == 8192  # never past the step's budget
+    small = StepCostModel(fallback_tokens=4096, max_tokens=64, floor_tokens=256)
+    assert small.floor_tokens == 64 and small.fallback_tokens == 64
+
+
+def test_prompt_tokens_that_cost_nothing_measurable_get_the_whole_budget():
+    """A tiny model on a big GPU: the step time does not move with the prompt (b fits to 0)."""
+    model = StepCostModel(fallback_tokens=2048, max_tokens=8192)
+    flat = serving_steps(512, cost=StepCost(4.0, 0.0, 0.0, 0.0), noise_ms=0.01)
+    feed(model, flat)
+    assert model.fit is not None and model.fit.per_prefill_token_ms == 0.0
+    assert model.prefill_tokens_within(20.0, decode_seqs=300) == 8192
+
+
+def test_the_window_forgets_old_steps():
+    """A model twice as expensive (another GPU share, a bigger model loaded): once the window has turned
+    over, the budget is what the new costs allow."""
+    model = StepCostModel(fallback_tokens=2048, max_tokens=8192, window=256)
+    feed(model, serving_steps(256, seed=1))
+    before = model.prefill_tokens_within(50.0, decode_seqs=50)
+    slower = StepCost(*(2 * c for c in TRUE))
+    feed(model, serving_steps(256, seed=2, cost=slower))
+    after = model.prefill_tokens_within(50.0, decode_seqs=50)
+    assert model.fit is not None and model.fit.per_prefill_token_ms == pytest.approx(0.046, rel=0.03)
+    assert after < before * 0.6
