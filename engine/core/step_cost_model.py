@@ -6,10 +6,10 @@ P: prompt tokens computed in the step; D: sequences decoding in it; C: the conte
 attend over. `fixed` is what every step pays (the weights read once, launches), `per_prefill_token` a
 prompt token's matmuls, `per_context_token` a decode's attention reading the KV cache, `per_decode` the
 rest of a decode's row. Fitted by least squares over the most recent `window` steps, every coefficient
-non-negative (a step never gets cheaper by doing more), after setting aside steps far off the fit
-(a Triton compile, a garbage-collector pause, a host thread preempted: a handful of such steps would
-otherwise drag every coefficient). The fit is a few 4x4 solves, redone every `refit_every` steps, so a
-step pays microseconds for it on average.
+non-negative (a step never gets cheaper by doing more), with steps far off the fit weighing next to
+nothing (a Triton compile, a garbage-collector pause, a host thread preempted: a handful of such steps
+would otherwise drag every coefficient). The fit is a few rounds of 4x4 solves, redone every
+`refit_every` steps, so a step pays microseconds for it on average.
 
 Until the window holds enough steps whose prompt sizes differ (the per-token cost cannot be told from the
 fixed one otherwise) the model answers with a fallback: the fixed cap the engine would use without it.
@@ -32,7 +32,14 @@ _SUPPORTS = [
     list(s) for n in range(1, _NUM_FEATURES + 1) for s in itertools.combinations(range(_NUM_FEATURES), n)
 ]
 _MAD_TO_SIGMA = 1.4826  # the median absolute deviation of a normal sample, times this, is its sigma
-_OUTLIER_SIGMAS = 3.0
+_HUBER_K = 1.345  # residuals within this many sigmas count fully (95 % efficiency on normal noise)
+# Beyond this many a step weighs under 14 %: a stall, not noise. It is then "set aside": not counted
+# among the steps that show prompt sizes vary (nor in the decodes' mean context).
+_SET_ASIDE_SIGMAS = 10.0
+_MIN_RELATIVE_SIGMA = 0.01  # noise-free steps: 1 % of a step is still noise, not signal
+# A step's noise grows with it (clocks, memory contention): never judge one by a scale under 5 % of its
+# predicted time, or the many short decode steps' small spread would make every long prompt step an outlier.
+_RELATIVE_NOISE = 0.05
 
 
 class StepCost(NamedTuple):
@@ -84,26 +91,34 @@ def _solve(gram: np.ndarray, moment: np.ndarray) -> np.ndarray:
 
 
 def fit_step_cost(
-    features: np.ndarray, step_ms: np.ndarray, max_rounds: int = 4
+    features: np.ndarray, step_ms: np.ndarray, max_rounds: int = 12
 ) -> tuple[StepCost, np.ndarray]:
-    """A non-negative fit that sets aside outliers: fit, drop the steps whose residual is more than three
-    robust sigmas (median absolute deviation) from the median residual, refit on the rest, until the set
-    of kept steps stops changing. Returns the fit and which steps it kept."""
+    """A non-negative fit that outliers cannot drag: iteratively reweighted least squares with Huber
+    weights, the scale the residuals' median absolute deviation. A compile stall ten times a step's time
+    ends with a weight near zero; a step merely off the first, stall-dragged, fit keeps part of its
+    weight and pulls the fit back. (Trimming by the first fit's residuals instead would set aside the
+    whole minority the stall dragged the fit away from, prompt chunks among decodes, and with them
+    the per-token cost.) Returns the fit and which steps it did not set aside."""
     design = np.column_stack([np.ones(len(step_ms)), features])
-    kept = np.ones(len(step_ms), dtype=bool)
+    weights = np.ones(len(step_ms))
+    # Noise-free steps would give a zero scale: 1 % of a typical step is still noise, not signal.
+    min_sigma = max(_MIN_RELATIVE_SIGMA * float(np.median(step_ms)), 1e-6)
     coef = np.zeros(_NUM_FEATURES)
+    residuals, scale = np.zeros(len(step_ms)), np.full(len(step_ms), min_sigma)
     for _ in range(max_rounds):
-        coef = nonnegative_least_squares(design[kept], step_ms[kept])
-        residuals = step_ms - design @ coef
-        center = float(np.median(residuals[kept]))
-        sigma = _MAD_TO_SIGMA * float(np.median(np.abs(residuals[kept] - center)))
-        # Noise-free steps would give sigma = 0: tolerate 2 % of a typical step whatever the spread.
-        tolerance = max(_OUTLIER_SIGMAS * sigma, 0.02 * float(np.median(step_ms[kept])), 1e-6)
-        now_kept = np.abs(residuals - center) <= tolerance
-        if (now_kept == kept).all() or now_kept.sum() < _NUM_FEATURES:
+        root = np.sqrt(weights)
+        coef = nonnegative_least_squares(design * root[:, None], step_ms * root)
+        predicted = design @ coef
+        residuals = step_ms - predicted
+        deviation = np.abs(residuals - np.median(residuals))
+        sigma = max(_MAD_TO_SIGMA * float(np.median(deviation)), min_sigma)
+        scale = np.maximum(sigma, _RELATIVE_NOISE * np.abs(predicted))
+        new_weights = 1.0 / np.maximum(np.abs(residuals) / (_HUBER_K * scale), 1.0)
+        if np.abs(new_weights - weights).max() < 1e-3:
             break
-        kept = now_kept
-    return StepCost(*(float(c) for c in coef)), kept
+        weights = new_weights
+    inliers = np.abs(residuals) <= _SET_ASIDE_SIGMAS * scale
+    return StepCost(*(float(c) for c in coef)), inliers
 
 
 class StepCostModel:
@@ -127,7 +142,7 @@ class StepCostModel:
         self.observations: deque[tuple[int, int, int, float]] = deque(maxlen=window)
         self.min_observations = min_observations
         self.refit_every = refit_every
-        # A fit needs this many kept steps at least floor_tokens above the fewest prompt tokens seen, and
+        # A fit needs this many inlier steps at least floor_tokens above the fewest prompt tokens seen, and
         # as many at least floor_tokens below the most: two prompt sizes, each seen more than once.
         self.min_steps_apart = min_steps_apart
         self.fit: StepCost | None = None  # None until the window has held enough varied steps
@@ -149,16 +164,16 @@ class StepCostModel:
         tell a prompt token's cost from the fixed one."""
         self._since_fit = 0
         data = np.asarray(self.observations, dtype=np.float64)
-        fit, kept = fit_step_cost(data[:, :3], data[:, 3])
-        if not self._varied(data[kept, 0]):
+        fit, inliers = fit_step_cost(data[:, :3], data[:, 3])
+        if not self._varied(data[inliers, 0]):
             return
         (log.debug if self.fit is not None else log.info)(
             "step cost learnt from %d steps (%d set aside): %.2f ms + %.4f ms a prompt token + %.4f ms a "
             "decode + %.6f ms a context token",
-            len(data), len(data) - int(kept.sum()), *fit,
+            len(data), len(data) - int(inliers.sum()), *fit,
         )  # fmt: skip
         self.fit = fit
-        decodes, context = data[kept, 1], data[kept, 2]
+        decodes, context = data[inliers, 1], data[inliers, 2]
         if decodes.sum() > 0:
             self.context_per_decode = float(context.sum() / decodes.sum())
 

@@ -106,57 +106,76 @@ def test_the_cap_changes_the_steps_not_the_tokens(llama_dir, uncapped, extra):
 
 # --- auto: as many prompt tokens as fit a target step time, learnt from measured steps ------------------
 
+AUTO_PROMPTS = 40
+AUTO_PARAMS = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 
-def steady_arrivals() -> Arrivals:
-    """Three requests decode throughout; a prompt joins every fourth step: more steps than the cost model
-    needs to fit (32), so prompts arrive both before it has and after."""
+
+def auto_prompts() -> list[list[int]]:
     rng = random.Random(5)
-    requests: Arrivals = {0: [random_request(rng, f"d{i}", 3, 12, 60) for i in range(3)]}
-    for step in range(3, 56, 4):
-        requests[step] = [random_request(rng, f"p{step}", 12, 40, 3)]
-    return requests
+    return [[rng.randrange(VOCAB) for _ in range(rng.randint(12, 40))] for _ in range(AUTO_PROMPTS)]
 
 
 @pytest.fixture(scope="module")
-def uncapped_steady(llama_dir) -> tuple[dict[str, list[int]], list[tuple[int, int]]]:
+def auto_reference(llama_dir) -> list[list[int]]:
+    """Each prompt's greedy tokens from an uncapped engine (all at once: tokens do not depend on batching)."""
     engine = make_engine(
         llama_dir, block_size=4, max_num_batched_tokens=64, max_prefill_tokens_while_decoding=0
     )
-    return serve(engine, steady_arrivals())
+    return engine.generate(auto_prompts(), AUTO_PARAMS)
+
+
+def serve_until_learnt(engine) -> tuple[dict[int, list[int]], list[tuple[int, int, bool]]]:
+    """A prompt joins every third step, so each arrives while the ones before it decode, until five have
+    joined after the step cost model's first fit. Each request's tokens by prompt index, and every step's
+    decodes, prompt tokens and whether the model had a fit when it was scheduled."""
+    costs = engine.step_costs
+    steps: list[tuple[int, int, bool]] = []
+    schedule = engine.scheduler.schedule
+
+    def recording() -> SchedulerOutput:
+        fitted = costs.fit is not None
+        out = schedule()
+        num_decodes = sum(s.num_new_tokens == 1 and s.completes_prompt for s in out.scheduled)
+        steps.append((num_decodes, out.num_tokens - num_decodes, fitted))
+        return out
+
+    engine.scheduler.schedule = recording
+    prompts, tokens, step, joined_after_fit = auto_prompts(), {}, 0, 0
+    while len(tokens) < AUTO_PROMPTS and joined_after_fit < 5 or engine.has_unfinished():
+        if step % 3 == 0 and len(tokens) < AUTO_PROMPTS and joined_after_fit < 5:
+            i = len(tokens)
+            engine.add_request(f"p{i}", prompts[i], AUTO_PARAMS)
+            tokens[i] = []
+            joined_after_fit += costs.fit is not None
+        for out in engine.step():
+            tokens[int(out.request_id[1:])] += out.new_token_ids
+        step += 1
+    assert engine.kv.num_free_blocks == engine.kv.pool.num_blocks
+    return tokens, steps
 
 
 @pytest.mark.parametrize("extra", [{}, {"async_scheduling": True}], ids=["sync", "async"])
-def test_auto_learns_the_step_cost_and_cuts_steps_by_it_not_the_tokens(llama_dir, uncapped_steady, extra):
+def test_auto_learns_the_step_cost_and_cuts_steps_by_it_not_the_tokens(llama_dir, auto_reference, extra):
     """A target no step can meet (1 µs): once the model has fitted the measured steps, every step beside
     decodes gets the floor (an eighth of the 64-token budget); before that, the fixed default (the CPU's:
-    no cap). The tokens are the uncapped run's all the same, and every step's time was observed."""
-    reference, uncapped_steps = uncapped_steady
+    no cap). The tokens are an uncapped engine's all the same, and every step's time was observed."""
     floor = 64 // 8
-    assert prefill_beside_decodes(uncapped_steps) > floor
     engine = make_engine(
         llama_dir, block_size=4, max_num_batched_tokens=64, max_prefill_tokens_while_decoding="auto",
         decode_step_target_ms=0.001, **extra,
     )  # fmt: skip
     costs = engine.step_costs
     assert costs is not None and costs.floor_tokens == floor and costs.fallback_tokens == 64
-    fitted: list[bool] = []
-    schedule = engine.scheduler.schedule
-
-    def noting_the_fit():
-        fitted.append(costs.fit is not None)
-        return schedule()
-
-    engine.scheduler.schedule = noting_the_fit
-    tokens, steps = serve(engine, steady_arrivals())
-    assert tokens == reference
-    before = [prefill for (decodes, prefill), fit in zip(steps, fitted, strict=True) if decodes and not fit]
-    after = [prefill for (decodes, prefill), fit in zip(steps, fitted, strict=True) if decodes and fit]
+    tokens, steps = serve_until_learnt(engine)
+    assert costs.fit is not None and costs.fit.per_prefill_token_ms > 0
+    assert all(tokens[i] == auto_reference[i] for i in tokens)
+    before = [prefill for decodes, prefill, fitted in steps if decodes and not fitted]
+    after = [prefill for decodes, prefill, fitted in steps if decodes and fitted]
     assert max(before) > floor  # the fallback: the CPU's fixed default, no cap
     assert max(after) == floor  # the learnt cap bit, and held
-    assert costs.fit is not None and costs.fit.per_prefill_token_ms > 0
-    # Every step ran was observed, with the shape the scheduler gave it and a measured time.
-    ran = [step for step in steps if step != (0, 0)]
+    # Every step run was observed, with the shape the scheduler gave it and a measured time.
+    ran = [(decodes, prefill) for decodes, prefill, _ in steps if decodes or prefill]
     assert costs.num_observed == len(ran)
-    observed = list(costs.observations)
+    observed = list(costs.observations)[-len(ran) :]
     assert [(decodes, prefill) for prefill, decodes, _, _ in observed] == ran
     assert all(ms > 0 and context >= decodes for _, decodes, context, ms in observed)

@@ -41,6 +41,28 @@ def test_the_fit_recovers_known_costs_through_noise_and_outliers():
     assert fit.per_context_token_ms == pytest.approx(TRUE.per_context_token_ms, rel=0.1)
 
 
+# 32 steps measured on a CPU (a tiny model; prefill tokens, decodes, ms): a prompt chunk every third step
+# among decodes, and one chunk that took 20 ms (a compile, the host preempted).
+CPU_STEPS = [(31, 0, 2.28), (0, 1, 1.41), (0, 1, 1.11), (16, 1, 1.38), (0, 2, 1.12), (0, 2, 1.02), (32, 2, 1.72),
+             (0, 3, 1.38), (0, 3, 1.37), (34, 3, 1.65), (0, 3, 1.36), (0, 3, 1.37), (13, 3, 1.78), (0, 3, 1.49),
+             (0, 3, 1.45), (21, 3, 1.77), (0, 3, 1.35), (0, 3, 1.6), (31, 3, 1.76), (0, 3, 1.33), (0, 3, 1.54),
+             (26, 3, 1.79), (0, 3, 1.41), (0, 3, 1.41), (37, 3, 20.98), (0, 3, 1.51), (0, 3, 1.36), (35, 3, 1.8),
+             (0, 3, 1.4), (0, 3, 1.41), (17, 3, 1.75), (0, 3, 1.41)]  # fmt: skip
+
+
+def test_a_stall_among_few_prompt_chunks_does_not_hide_what_a_prompt_token_costs():
+    """Trimming by the first fit's residuals would set aside every prompt chunk here (the stall drags the
+    first fit away from all of them, and the decodes set the scale): no per-token cost, no fit at all."""
+    model = StepCostModel(fallback_tokens=64, max_tokens=64, floor_tokens=8)
+    for prefill, decodes, ms in CPU_STEPS:
+        model.observe(prefill, decodes, 20 * decodes, ms)
+    assert model.fit is not None
+    assert 0.005 < model.fit.per_prefill_token_ms < 0.03
+    data = np.asarray([(p, d, 20 * d) for p, d, _ in CPU_STEPS], dtype=float)
+    _, inliers = fit_step_cost(data, np.asarray([ms for *_, ms in CPU_STEPS]))
+    assert not inliers[24] and inliers[[3, 6, 9, 12, 15, 18, 21, 27, 30]].sum() >= 7
+
+
 def test_a_plain_least_squares_fit_is_what_the_outliers_would_have_made_of_it():
     """The outlier handling is what makes the fit hold: without it one compile stall moves the fixed cost."""
     steps = serving_steps(512)
