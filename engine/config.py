@@ -41,8 +41,9 @@ class EngineConfig(BaseModel):
     # that keep its predicted time within --decode-step-target-ms beside that step's decodes: right for
     # any GPU and model size (a 70B gets fewer tokens, a 0.6B far more) and any batch (10 decodes leave
     # room for far more prompt than 400). Until the fit has seen steps of different prompt sizes it uses
-    # the fixed default above. Never fewer than AUTO_PREFILL_FLOOR_TOKENS (or an eighth of the budget, if
-    # smaller), so prompts always progress: a long prompt's first token comes within ⌈prompt / 256⌉ steps.
+    # the fixed default above, and half of it every other step (so that it sees some). Never fewer than
+    # AUTO_PREFILL_FLOOR_TOKENS (or an eighth of the budget, if smaller), so prompts always progress: a
+    # long prompt's first token comes within ⌈prompt / 256⌉ steps.
     AUTO_PREFILL_FLOOR_TOKENS: ClassVar[int] = 256
     # Seconds in-flight requests may take to finish on SIGTERM (`kubellm serve --shutdown-timeout`):
     # Kubernetes' default grace period. The operator sizes terminationGracePeriodSeconds from it.

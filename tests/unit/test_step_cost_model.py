@@ -98,13 +98,30 @@ def test_it_answers_the_fixed_cap_until_it_has_seen_enough_varied_steps():
     assert model.prefill_tokens_within(50.0, decode_seqs=100) == 2048
     feed(model, steps[:40])
     assert model.fit is not None
-    assert model.prefill_tokens_within(50.0, decode_seqs=100) != 2048
+    assert model.prefill_tokens_within(50.0, decode_seqs=100) not in (1024, 2048)
+
+
+def test_without_a_fit_every_other_step_gets_half_the_fixed_cap():
+    """A burst of prompts would otherwise prefill at the one fixed size until it is over, and teach the
+    model nothing about a prompt token's cost: alternating sizes, it learns within the burst."""
+    model = StepCostModel(fallback_tokens=2048, max_tokens=8192, floor_tokens=256)
+    cost = TRUE._replace(per_context_token_ms=0.0)
+    answers = []
+    for decodes in range(1, 33):  # the burst: every step decodes more, and prefills what it is allowed
+        prefill = model.prefill_tokens_within(50.0, decodes)
+        answers.append(prefill)
+        model.observe(prefill, decodes, 0, cost.predict_ms(prefill, decodes, 0))
+    assert answers[:4] == [2048, 1024, 2048, 1024]
+    assert model.fit is not None and model.fit.per_prefill_token_ms == pytest.approx(0.023)
+    tiny = StepCostModel(fallback_tokens=300, max_tokens=8192, floor_tokens=256)
+    tiny.observe(0, 1, 0, 7.0)
+    assert tiny.prefill_tokens_within(50.0, 1) == 256  # half, but never under the floor
 
 
 def test_too_few_steps_is_no_fit_however_varied():
     model = StepCostModel(fallback_tokens=1000, max_tokens=8192, min_observations=32, refit_every=1)
     feed(model, serving_steps(31))
-    assert model.fit is None and model.prefill_tokens_within(50.0, 10) == 1000
+    assert model.fit is None and model.prefill_tokens_within(50.0, 10) in (1000, 500)
     feed(model, serving_steps(1, seed=5))
     assert model.fit is not None
 
