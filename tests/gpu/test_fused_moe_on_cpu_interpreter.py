@@ -76,6 +76,10 @@ for tokens, experts, top_k, renormalize, dtype in [
     (1, 8, 2, True, f32), (37, 60, 4, False, f16), (20, 128, 8, True, f32), (3, 6, 6, True, f32),
 ]:
     check_topk_softmax(tokens, experts, top_k, renormalize, dtype, "cpu")
+# NaN and infinite logits: a NaN row, still top_k distinct experts in range (padded expert counts or not)
+from check_moe_router import check_topk_softmax_non_finite
+for experts, top_k, renormalize in [(8, 2, True), (6, 6, False), (128, 8, True)]:
+    check_topk_softmax_non_finite(experts, top_k, renormalize, "cpu")
 print("ok")
 """
 
