@@ -129,10 +129,11 @@ class LayerKit:
         return VocabEmbedding(vocab_size, hidden_size, self.shard)
 
     def lm_head(self, vocab_size: int, hidden_size: int) -> nn.Module:
-        """hidden [N, hidden] -> float32 logits [N, vocab] (gathered on rank 0 when sharded)."""
+        """hidden [N, hidden] -> logits [N, vocab] (gathered on rank 0 when sharded): float32 on the CPU, the
+        model's dtype on CUDA (every GPU reader upcasts as it reads; see LMHead)."""
         if self.matmul_dtype is not None:
             return LowPrecisionLMHead(vocab_size, hidden_size, self.shard, self.matmul_dtype)
-        return LMHead(vocab_size, hidden_size, self.shard)
+        return LMHead(vocab_size, hidden_size, self.shard, float_logits=not self.fused)
 
     # --- what a family needs to size its attention --------------------------------------------
 

@@ -50,10 +50,20 @@ class VocabEmbedding(VocabRows):
 
 
 class LMHead(VocabRows):
-    """hidden [N, hidden] -> float32 logits [N, vocab] on rank 0 (None on the other ranks)."""
+    """hidden [N, hidden] -> logits [N, vocab] on rank 0 (None on the other ranks): float32, or with
+    ``float_logits=False`` the product's own dtype. The kit asks for the latter on CUDA, where every reader
+    upcasts as it reads (greedy argmax, the Gumbel and grammar-bitmask kernels, the sampler's general path
+    and prompt logprobs call ``.float()`` first; bfloat16 to float32 is exact, so the tokens are the same): a
+    separate conversion would write and read the [N, vocab] logits once more in float32 every step (~0.3 GB
+    at 256 rows of a 152k vocabulary)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, shard: Shard, float_logits: bool = True) -> None:
+        super().__init__(vocab_size, hidden_size, shard)
+        self.float_logits = float_logits
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        return self.gather(F.linear(hidden, self.weight).float())
+        logits = F.linear(hidden, self.weight)
+        return self.gather(logits.float() if self.float_logits else logits)
 
     def gather(self, logits: torch.Tensor) -> torch.Tensor | None:
         if self.shard.size == 1:

@@ -71,3 +71,17 @@ def test_cuda_builds_fused_layers():
     kinds = {type(m) for m in model.modules()}
     assert {FusedRMSNorm, FusedSiluAndMul, FusedRotaryEmbedding} <= kinds
     assert not {RMSNorm, SiluAndMul, RotaryEmbedding} & kinds
+    # on CUDA the LM head hands over logits in the model's dtype (the GPU readers upcast); float32 elsewhere
+    assert type(model.lm_head) is LMHead and not model.lm_head.float_logits
+    assert LayerKit.for_device(torch.device("cpu")).lm_head(64, 16).float_logits
+
+
+def test_lm_head_keeps_the_products_dtype_when_asked():
+    from engine.model.sharding import Shard
+
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 16, dtype=torch.bfloat16)
+    for float_logits, dtype in ((True, torch.float32), (False, torch.bfloat16)):
+        head = LMHead(50, 16, Shard(), float_logits=float_logits).to(torch.bfloat16)
+        torch.nn.init.normal_(head.weight)
+        assert head(hidden).dtype == dtype

@@ -302,3 +302,35 @@ def test_seeded_temperature_row_draws_the_same_whatever_its_neighbours_need(devi
     assert tokens(SamplingParams(temperature=1.0, top_p=0.9)) == alone
     assert tokens(SamplingParams(temperature=0.5, logprobs=2)) == alone
     assert len(set(alone)) > 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_logits_sample_as_their_float32_copy(device):
+    """On CUDA the LM head hands the sampler bfloat16 logits (engine.model.vocab.LMHead): every path reads
+    them as float32 (exactly), so the tokens and logprobs are those of the float32 copy: greedy, plain
+    temperature (the fused kernel on CUDA), top-p with logprobs, penalties, seeded."""
+    torch.manual_seed(0)
+    logits = (torch.randn(6, 300) * 4).to(torch.bfloat16).to(device)
+    rows = [
+        row(SamplingParams(temperature=0.0)),
+        row(SamplingParams(temperature=0.7, seed=1), generator=seeded_generator(1, device)),
+        row(SamplingParams(temperature=0.9, top_p=0.8, logprobs=3, seed=2), generator=seeded_generator(2, device)),
+        row(SamplingParams(temperature=1.0, repetition_penalty=1.3, seed=3), output=[5, 7],
+            generator=seeded_generator(3, device)),
+        row(SamplingParams(temperature=0.0, logprobs=2)),
+        row(SamplingParams(temperature=0.5, seed=4), generator=seeded_generator(4, device)),
+    ]  # fmt: skip
+    from_bf16 = Sampler()(logits, rows)
+    for r in rows:  # the same draws again
+        if r.generator is not None:
+            r.generator.manual_seed(r.params.seed)
+    from_fp32 = Sampler()(logits.float(), rows)
+    assert from_bf16.token_ids == from_fp32.token_ids
+    assert from_bf16.logprobs == from_fp32.logprobs
+    plain = [
+        row(SamplingParams(temperature=0.7, seed=5), generator=seeded_generator(5, device)) for _ in range(6)
+    ]
+    first = Sampler()(logits, plain).token_ids
+    for r in plain:
+        r.generator.manual_seed(5)
+    assert first == Sampler()(logits.float(), plain).token_ids
