@@ -11,7 +11,9 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 def _load_floor():
-    sys.path.insert(0, str(BENCH))  # serving_floor imports load_client as the scripts do
+    # serving_floor puts bench/ on sys.path to import load_client; put it back as it was, or bench/kernels.py
+    # would shadow the kernels package for every later test
+    saved = list(sys.path)
     try:
         spec = importlib.util.spec_from_file_location("serving_floor", BENCH / "serving_floor.py")
         assert spec is not None and spec.loader is not None
@@ -20,7 +22,7 @@ def _load_floor():
         spec.loader.exec_module(module)
         return module
     finally:
-        sys.path.remove(str(BENCH))
+        sys.path[:] = saved
 
 
 floor = _load_floor()
