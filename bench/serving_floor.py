@@ -5,8 +5,9 @@ All 500 requests (bench/load_client.py's ShareGPT-like lengths, seed 0) arrive a
 continuous batcher serves them first come, first served: each step decodes every running sequence and fills
 the rest of its token budget (8,192) with prompt chunks. A step reads every non-expert weight once, each
 expert some token of the step chose (uniform routing: E (1 - (1 - k/E)^tokens) distinct experts a layer),
-the LM head, and the K/V of every decoding sequence; it computes 2 x active parameters per token. No
-launch gaps, no host, no attention arithmetic: a ceiling no server reaches, to judge a bar against.
+the LM head, and the K/V of every decoding sequence; it computes 2 x active parameters per token (the LM
+head's only for the tokens that sample). No launch gaps, no host, no attention arithmetic: a ceiling no
+server reaches, to judge a bar against.
 
     python3 bench/serving_floor.py [--bandwidth 4.2e12] [--flops 7.9e14] [--out f.json]
 
@@ -54,15 +55,20 @@ class ModelCost:
             return 0.0
         return self.num_experts * (1 - (1 - self.top_k / self.num_experts) ** tokens)
 
-    def step_seconds(self, tokens: int, context_tokens: int, bandwidth: float, flops: float) -> float:
-        """tokens computed this step (decodes + prompt chunk), context_tokens of K/V read by the decodes."""
+    def step_seconds(
+        self, tokens: int, sampled: int, context_tokens: int, bandwidth: float, flops: float
+    ) -> float:
+        """tokens computed this step (decodes + prompt chunks), sampled of them through the LM head (the
+        decodes and the prompts finished this step: the engine computes no logits for the other prompt
+        tokens), context_tokens of K/V read by the decodes."""
         weight_params = (
             self.layers
             * (self.non_expert_params_per_layer + self.distinct_experts(tokens) * self.params_per_expert)
             + self.lm_head_params
         )
         read = 2 * (weight_params + context_tokens * self.kv_values_per_token)
-        return max(read / bandwidth, 2 * self.active_params() * tokens / flops)
+        body = self.active_params() - self.lm_head_params
+        return max(read / bandwidth, 2 * (body * tokens + self.lm_head_params * sampled) / flops)
 
 
 def llama_3_1_8b() -> ModelCost:
@@ -101,7 +107,8 @@ def simulate(
             if prefilled[i] == prompts[i]:
                 completed.append(i)
         context = sum(prompts[i] + generated[i] for i in decoding)
-        clock += model.step_seconds(len(decoding) + chunk_tokens, context, bandwidth, flops)
+        tokens, sampled = len(decoding) + chunk_tokens, len(decoding) + len(completed)
+        clock += model.step_seconds(tokens, sampled, context, bandwidth, flops)
         steps += 1
         still = []
         for i in decoding:

@@ -6,7 +6,8 @@ weight reads take a few milliseconds. Here each program takes a block of tokens'
 softmax in float32 and picks the top_k largest one after another (ties to the lower expert id), then
 renormalises if asked. Same arithmetic as the torch router (float32 softmax of the logits as they are, the
 weights divided by their sum); the exponential may differ from torch's in the last bit, so two experts
-whose probabilities are that close can come out in the other order.
+whose probabilities are that close can come out in the other order. A row with a NaN or infinite logit
+is NaN, as torch's is; its ids are still top_k distinct experts (the lowest), never one past the last.
 """
 
 from __future__ import annotations
@@ -36,15 +37,23 @@ def _topk_softmax_kernel(
     p = tl.exp(x - tl.max(x, axis=1)[:, None])
     probs = p / tl.sum(p, axis=1)[:, None]  # padded experts: exactly 0
 
+    # Picked by a key with no NaN in it: a NaN or infinite logit makes the whole row NaN (as torch's softmax
+    # does), and NaN equals nothing, so picking by the probabilities would name expert BLOCK_E, past the
+    # weights the MoE kernel indexes with the ids. NaN ranks above every number (as in torch.topk); padded
+    # and already picked experts rank below every probability: top_k distinct experts < num_experts.
+    key = tl.where(probs >= 0.0, probs, 2.0)  # false only for NaN (no x != x for a compiler to fold)
+    key = tl.where(experts[None, :] < num_experts, key, -1.0)
     picks = tl.arange(0, K_PAD)
     top_weights = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float32)
     top_ids = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int32)
     for j in tl.static_range(TOP_K):
-        best = tl.max(probs, axis=1)
-        best_id = tl.min(tl.where(probs == best[:, None], experts[None, :], BLOCK_E), axis=1)
+        best_key = tl.max(key, axis=1)
+        best_id = tl.min(tl.where(key == best_key[:, None], experts[None, :], BLOCK_E), axis=1)
+        chosen = experts[None, :] == best_id[:, None]
+        best = tl.sum(tl.where(chosen, probs, 0.0), axis=1)  # the chosen expert's probability (or NaN)
         top_weights = tl.where(picks[None, :] == j, best[:, None], top_weights)
         top_ids = tl.where(picks[None, :] == j, best_id[:, None], top_ids)
-        probs = tl.where(experts[None, :] == best_id[:, None], -1.0, probs)  # probabilities are >= 0
+        key = tl.where(chosen, -1.0, key)
     if RENORMALIZE:
         top_weights = top_weights / tl.sum(top_weights, axis=1)[:, None]
     out = rows.to(tl.int64)[:, None] * TOP_K + picks[None, :]

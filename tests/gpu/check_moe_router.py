@@ -34,3 +34,26 @@ def check_topk_softmax(
     assert all(len(set(row)) == top_k for row in ids.tolist()), "an expert chosen twice"
     torch.testing.assert_close(weights, values, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(weights, chosen, rtol=1e-5, atol=1e-7)
+
+
+def check_topk_softmax_non_finite(num_experts: int, top_k: int, renormalize: bool, device: str) -> None:
+    """Rows with a NaN, +inf or all -inf logits (a NaN softmax row, as torch's) still name top_k distinct
+    experts below num_experts, weighted NaN: the fused MoE kernel indexes the experts' weights with the
+    ids, so one token's NaN must not make it read past them or clobber another token's slot. The finite
+    rows around them keep torch's answer."""
+    from engine.kernels.moe_router import topk_softmax
+
+    gen = torch.Generator().manual_seed(num_experts)
+    logits = torch.randn(6, num_experts, generator=gen)
+    logits[0, num_experts // 2] = float("nan")
+    logits[1, num_experts - 1] = float("inf")
+    logits[2, :] = float("-inf")
+    logits[3, :] = float("nan")
+    weights, ids = topk_softmax(logits.to(device), top_k, renormalize)
+    assert ((0 <= ids) & (ids < num_experts)).all(), ids
+    assert all(len(set(row)) == top_k for row in ids.tolist()), ids
+    assert weights[:4].isnan().all(), weights
+    finite = logits[4:].softmax(dim=-1).topk(top_k, dim=-1).values
+    if renormalize:
+        finite = finite / finite.sum(dim=-1, keepdim=True)
+    torch.testing.assert_close(weights[4:].cpu(), finite, rtol=1e-5, atol=1e-7)

@@ -76,6 +76,25 @@ for tokens, experts, top_k, renormalize, dtype in [
     (1, 8, 2, True, f32), (37, 60, 4, False, f16), (20, 128, 8, True, f32), (3, 6, 6, True, f32),
 ]:
     check_topk_softmax(tokens, experts, top_k, renormalize, dtype, "cpu")
+# NaN and infinite logits: a NaN row, still top_k distinct experts in range (padded expert counts or not)
+from check_moe_router import check_topk_softmax_non_finite
+for experts, top_k, renormalize in [(8, 2, True), (6, 6, False), (128, 8, True)]:
+    check_topk_softmax_non_finite(experts, top_k, renormalize, "cpu")
+
+# the MoE block as the kit builds it for CUDA (router and experts fused) against the CPU's, same weights
+from engine.model.layer_kit import LayerKit
+from engine.model.moe import MoeSpec, SparseMoeBlock
+spec = MoeSpec(num_experts=16, top_k=4, intermediate_size=24, renormalize=True, sparse_layers=frozenset())
+fused_kit, plain_kit = LayerKit(fused=True), LayerKit()
+fused = SparseMoeBlock(fused_kit.moe_router(40, spec), fused_kit.moe_experts(40, spec))
+plain = SparseMoeBlock(plain_kit.moe_router(40, spec), plain_kit.moe_experts(40, spec))
+assert type(fused.gate).__name__ == "FusedTopKRouter" and type(fused.experts).__name__ == "FusedMoeExperts"
+torch.manual_seed(0)
+for tensor in plain.state_dict().values():
+    tensor.normal_(std=0.2)
+fused.load_state_dict(plain.state_dict())
+x = torch.randn(23, 40)
+assert relative_error(fused(x), plain(x).float()) < 1e-5
 print("ok")
 """
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from check_moe_router import check_topk_softmax
+from check_moe_router import check_topk_softmax, check_topk_softmax_non_finite
 from gpu_paged_batch import requires_cuda
 
 pytestmark = [requires_cuda, pytest.mark.gpu]
@@ -26,6 +26,11 @@ def test_topk_softmax_other_dtypes(dtype):
 
 def test_topk_softmax_one_certain_expert():
     check_topk_softmax(33, 128, 8, True, torch.bfloat16, "cuda", skew_to=77)
+
+
+@pytest.mark.parametrize("num_experts, top_k", [(8, 2), (60, 4), (128, 8), (6, 6)])
+def test_topk_softmax_non_finite_logits_name_distinct_experts_in_range(num_experts, top_k):
+    check_topk_softmax_non_finite(num_experts, top_k, True, "cuda")
 
 
 def test_fused_router_module_matches_the_torch_router():

@@ -1,0 +1,58 @@
+"""bench/serving_floor.py's step floor and its first-come-first-served loop, on lengths small enough to
+count by hand."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def _load_floor():
+    # serving_floor puts bench/ on sys.path to import load_client; put it back as it was, or bench/kernels.py
+    # would shadow the kernels package for every later test
+    saved = list(sys.path)
+    try:
+        spec = importlib.util.spec_from_file_location("serving_floor", BENCH / "serving_floor.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["serving_floor"] = module  # dataclasses resolve the module's annotations through it
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path[:] = saved
+
+
+floor = _load_floor()
+MODEL = floor.llama_3_1_8b()
+BODY = MODEL.active_params() - MODEL.lm_head_params  # products per token below the LM head
+
+
+def test_a_prefill_step_computes_the_lm_head_only_for_the_rows_it_samples():
+    """The engine computes logits only for the sequences that sample (compute_logits on their rows), not
+    for every prompt token: a compute-bound 8,192-token chunk of one unfinished prompt pays no LM head."""
+    flops = 1e15
+    seconds = MODEL.step_seconds(8192, 0, 0, bandwidth=1e30, flops=flops)
+    assert seconds == 2 * BODY * 8192 / flops
+    seconds = MODEL.step_seconds(8192, 3, 0, bandwidth=1e30, flops=flops)
+    assert seconds == 2 * (BODY * 8192 + MODEL.lm_head_params * 3) / flops
+
+
+def test_every_request_finishes_after_its_prompt_and_outputs_minus_one_decode_steps():
+    """A prompt longer than the step's budget takes two chunks, its first token comes with the last chunk,
+    and each further token is one decode step; every token is computed once."""
+    steps = []
+
+    class Recording(type(MODEL)):
+        def step_seconds(self, tokens, sampled, context_tokens, bandwidth, flops):
+            steps.append((tokens, sampled, context_tokens))
+            return 1.0
+
+    model = Recording(**{f: getattr(MODEL, f) for f in MODEL.__dataclass_fields__})
+    result = floor.simulate(model, [10000, 5], [2, 1], bandwidth=1.0, flops=1.0)
+    # step 1: 8,192 of the long prompt; step 2: its last 1,808 and the short prompt (both sample);
+    # step 3: the long one's second token, reading its 10,001 tokens of K/V
+    assert steps == [(8192, 0, 0), (1808 + 5, 2, 0), (1, 1, 10001)]
+    assert result["steps"] == 3 and result["seconds"] == 3.0
