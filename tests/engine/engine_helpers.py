@@ -58,3 +58,23 @@ def make_engine(model: str | None, **overrides) -> LLMEngine:
         overrides.setdefault("kv_cache_memory", 256 << 20)
     config = EngineConfig(model=model, device=device, dtype="float32", **overrides)
     return LLMEngine(config, load_model(config))
+
+
+def save_wide_llama(path: Path, tokenizer, max_position_embeddings: int = 1024) -> Path:
+    """A random 2-layer Llama of width 512 with `tokenizer`, weights N(0, 0.2) (decisive greedy choices): on
+    the CPU a prompt token costs a measurable share of a step (at the tiny models' width 64 it is lost in a
+    shared machine's clock noise), for the tests of --max-prefill-tokens-while-decoding auto."""
+    torch.manual_seed(1234)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=512, intermediate_size=1536, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.2)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

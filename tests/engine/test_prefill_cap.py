@@ -8,9 +8,7 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
-import transformers
-from engine_helpers import make_engine
+from engine_helpers import make_engine, save_wide_llama
 
 from engine.core.scheduler import SchedulerOutput
 from engine.sampling.params import SamplingParams
@@ -119,22 +117,10 @@ def auto_prompts() -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def wide_llama_dir(tmp_path_factory, smollm2_tokenizer) -> str:
-    """A 2-layer Llama of width 512: on the CPU a prompt token costs a measurable share of a step (at
-    width 64 it is lost in the noise of a shared machine's clock), so the fit is decided by the model."""
-    torch.manual_seed(1234)
-    config = transformers.LlamaConfig(
-        vocab_size=len(smollm2_tokenizer), hidden_size=512, intermediate_size=1536, num_hidden_layers=2,
-        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
-    )  # fmt: skip
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():  # decisive greedy choices, as the tiny models'
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.2)
-    path = tmp_path_factory.mktemp("wide-llama")
-    model.save_pretrained(path)
-    smollm2_tokenizer.save_pretrained(path)
-    return str(path)
+    """Wide enough that the fit is decided by the model, not by the clock's noise (see save_wide_llama)."""
+    return str(
+        save_wide_llama(tmp_path_factory.mktemp("wide-llama"), smollm2_tokenizer, max_position_embeddings=512)
+    )
 
 
 @pytest.fixture(scope="module")

