@@ -35,7 +35,8 @@ sys.path.append(str(HERE))  # appended: bench/kernels.py must not shadow the `ke
 
 from kubellm_server import kubellm_serve  # noqa: E402
 from load_client import run_load, sharegpt_like_requests  # noqa: E402
-from w1_offline import word_level_tokenizer  # noqa: E402
+from serving_floor import llama_3_1_8b, w2_load_ceiling  # noqa: E402
+from w1_offline import copy_bandwidth, word_level_tokenizer  # noqa: E402
 
 
 def llama_3_1_8b_config() -> transformers.LlamaConfig:
@@ -172,6 +173,8 @@ def main() -> None:
     props = torch.cuda.get_device_properties(0)
     result: dict = {"device": props.name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
                     "model": "Llama-3.1-8B shape, random bf16 weights", "runs": []}  # fmt: skip
+    # what an ideal server could reach on this GPU (bench/serving_floor.py), for each run's share of it
+    ceiling = result["ceiling"] = w2_load_ceiling(llama_3_1_8b(), copy_bandwidth(), args.num_requests)
     log_path = Path(args.server_log or Path(args.out).with_suffix(".server.log"))
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
@@ -200,6 +203,9 @@ def main() -> None:
             f"TPOT p50/p99 {r['tpot_ms']['p50']:.1f}/{r['tpot_ms']['p99']:.1f} ms, "
             f"ITL p50/p99 {r['itl_ms']['p50']:.1f}/{r['itl_ms']['p99']:.1f} ms, errors {r['errors']}"
         )
+    print(
+        f"  ceiling at QPS=inf on this GPU ({ceiling['bandwidth'] / 1e12:.2f} TB/s): {ceiling['req_per_s']:.1f} req/s"
+    )
 
 
 if __name__ == "__main__":

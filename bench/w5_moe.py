@@ -39,6 +39,7 @@ sys.path.append(str(HERE))  # appended: bench/kernels.py must not shadow the `ke
 
 from kubellm_server import kubellm_serve  # noqa: E402
 from load_client import run_load, sharegpt_like_requests  # noqa: E402
+from serving_floor import qwen3_30b_a3b, w2_load_ceiling  # noqa: E402
 from w1_offline import copy_bandwidth, time_decode_forward, word_level_tokenizer  # noqa: E402
 
 SERVED_NAME = "qwen3-30b-a3b"
@@ -256,6 +257,8 @@ def main() -> None:
                     "transformers": transformers.__version__, "copy_bandwidth_TBps": copy_bw / 1e12,
                     "model": f"Qwen3-30B-A3B shape ({args.num_layers} layers), random bf16 weights",
                     "parameters": counts, "runs": []}  # fmt: skip
+    # what an ideal server could reach on this GPU with evenly spread routing (bench/serving_floor.py)
+    ceiling = result["ceiling"] = w2_load_ceiling(qwen3_30b_a3b(args.num_layers), copy_bw, args.num_requests)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -288,6 +291,7 @@ def main() -> None:
             f"TTFT p50/p99 {r['ttft_ms']['p50']:.0f}/{r['ttft_ms']['p99']:.0f} ms, "
             f"TPOT p50/p99 {r['tpot_ms']['p50']:.1f}/{r['tpot_ms']['p99']:.1f} ms, errors {r['errors']}"
         )
+    print(f"  ceiling at QPS=inf on this GPU, uniform routing: {ceiling['req_per_s']:.1f} req/s")
     for row in result["decode_steps"]:
         print(
             f"  decode step {row['batch']} x {row['context']}: {row['measured_ms']} ms, floor {row['floor_ms']:.2f} ms"
