@@ -72,6 +72,25 @@ def candidates(m: int) -> list[GemmTile]:
     return out
 
 
+def time_tiles(
+    tiles: list[GemmTile], a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+    ref: torch.Tensor,
+) -> list[dict]:  # fmt: skip
+    """Each tile's fp8_gemm (bfloat16 out) timed and checked against `ref` (float32), fastest first; a tile
+    that does not fit the device is skipped."""
+    timings = []
+    for tile in tiles:
+        try:
+            out = fp8_gemm(a, a_scale, b, b_scale, torch.bfloat16, None, tile)
+            err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+            us = graph_time_us(partial(fp8_gemm, a, a_scale, b, b_scale, torch.bfloat16, None, tile))
+        except Exception as exc:  # noqa: BLE001 -- a tile that does not fit is skipped
+            print(f"skip {tile}: {type(exc).__name__}", file=sys.stderr)
+            continue
+        timings.append({"config": tile.__dict__, "us": round(us, 2), "max_rel_err": err})
+    return sorted(timings, key=lambda r: r["us"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 32, 64, 128])
@@ -98,17 +117,7 @@ def main() -> None:
                     )
                 ),
             }
-            timings = []
-            for cfg in candidates(m):
-                try:
-                    out = fp8_gemm(xq, xs, wq, ws, torch.bfloat16, None, cfg)
-                    err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
-                    t = graph_time_us(partial(fp8_gemm, xq, xs, wq, ws, torch.bfloat16, None, cfg))
-                except Exception as exc:  # noqa: BLE001 -- a tile that does not fit is skipped
-                    print(f"skip {cfg}: {type(exc).__name__}", file=sys.stderr)
-                    continue
-                timings.append({"config": cfg.__dict__, "us": round(t, 2), "max_rel_err": err})
-            timings.sort(key=lambda r: r["us"])
+            timings = time_tiles(candidates(m), xq, xs, wq, ws, ref)
             best = timings[0]
             row = {
                 "layer": name,

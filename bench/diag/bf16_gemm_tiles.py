@@ -11,7 +11,6 @@ its tiles, split-K included, are timed against F.linear on the same inputs, each
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import itertools
 import json
 import sys
@@ -22,8 +21,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+# bench/ appended, not first: bench/kernels.py must not shadow the `kernels` package
+sys.path.append(str(Path(__file__).resolve().parents[1]))
 
-from engine.kernels.fp8_gemm import GemmTile, fp8_gemm  # noqa: E402
+from fp8_gemm_tune import graph_time_us, time_tiles  # noqa: E402
+
+from engine.kernels.fp8_gemm import GemmTile  # noqa: E402
 
 SHAPES = {  # (out, in): Qwen3-0.6B's linears (W1) and its LM head
     "qkv_proj": (4096, 1024),
@@ -32,16 +35,6 @@ SHAPES = {  # (out, in): Qwen3-0.6B's linears (W1) and its LM head
     "down_proj": (1024, 3072),
     "lm_head": (151936, 1024),
 }
-
-
-def graph_timer():
-    spec = importlib.util.spec_from_file_location(
-        "fp8_gemm_tune", Path(__file__).parents[1] / "fp8_gemm_tune.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.graph_time_us
 
 
 def candidates(m: int, split_k: tuple[int, ...] = (1, 2, 4)) -> list[GemmTile]:
@@ -65,7 +58,6 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    graph_time_us = graph_timer()
     rows = []
     for name in args.shapes:
         n, k = SHAPES[name]
@@ -76,18 +68,9 @@ def main() -> None:
             ones_m = torch.ones(m, 1, device="cuda")
             ref = F.linear(x, w).float()
             cublas = graph_time_us(partial(F.linear, x, w))
-            timings = []
             # the LM head is wide enough to fill the GPU without splitting K
-            for tile in candidates(m, split_k=(1,)) if name == "lm_head" else candidates(m):
-                try:
-                    out = fp8_gemm(x, ones_m, w, ones_n, torch.bfloat16, None, tile)
-                    err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
-                    us = graph_time_us(partial(fp8_gemm, x, ones_m, w, ones_n, torch.bfloat16, None, tile))
-                except Exception as exc:  # noqa: BLE001 -- a tile that does not fit is skipped
-                    print(f"skip {tile}: {type(exc).__name__}", file=sys.stderr)
-                    continue
-                timings.append({"tile": tile.__dict__, "us": round(us, 2), "max_rel_err": err})
-            timings.sort(key=lambda r: r["us"])
+            tiles = candidates(m, split_k=(1,)) if name == "lm_head" else candidates(m)
+            timings = time_tiles(tiles, x, ones_m, w, ones_n, ref)
             row = {"layer": name, "tokens": m, "cublas_us": round(cublas, 2), "best": timings[0] if timings else None,
                    "top3": timings[:3]}  # fmt: skip
             print(json.dumps({k: v for k, v in row.items() if k != "top3"}), flush=True)
