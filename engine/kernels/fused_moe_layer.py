@@ -1,5 +1,8 @@
 """The MoE layer on the GPU: engine.model.moe's router and experts, their parameters as they are, computed by
-Triton kernels."""
+Triton kernels: float experts (``FusedMoeExperts``, also FP8 checkpoints dequantized where the GPU has no
+FP8) and FP8 experts (``Fp8FusedMoeExperts``: float8 weights with one scale per row and group of
+``group_k`` input features, engine.model.fp8_moe; the kernel quantizes the activations per token, or per
+token and group for block scales)."""
 
 from __future__ import annotations
 
@@ -8,7 +11,9 @@ import torch.nn.functional as F
 
 from engine.kernels.fused_moe import fused_experts
 from engine.kernels.moe_router import topk_softmax
-from engine.model.moe import MoeExperts, TopKRouter
+from engine.model.moe import MoeExperts, MoeSpec, TopKRouter
+from engine.model.quantization import Fp8Scheme
+from engine.model.sharding import Shard
 
 
 class FusedTopKRouter(TopKRouter):
@@ -19,3 +24,17 @@ class FusedTopKRouter(TopKRouter):
 class FusedMoeExperts(MoeExperts):
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         return fused_experts(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids)
+
+
+class Fp8FusedMoeExperts(MoeExperts):
+    def __init__(self, hidden_size: int, spec: MoeSpec, shard: Shard | None, quantization: Fp8Scheme) -> None:
+        if quantization.dequantize:
+            raise ValueError("Fp8FusedMoeExperts runs FP8 GEMMs; a dequantized scheme takes FusedMoeExperts")
+        super().__init__(hidden_size, spec, shard, quantization=quantization)  # self.fp8: the scales, kept
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        scales = self.fp8
+        return fused_experts(
+            x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids,
+            w13_scale=scales.gate_up_proj_scale, w2_scale=scales.down_proj_scale, group_k=scales.group_k,
+        )  # fmt: skip

@@ -108,12 +108,21 @@ class LayerKit:
 
     def moe_experts(self, hidden_size: int, spec: MoeSpec) -> MoeExperts:
         """A mixture-of-experts layer's experts: the fused Triton kernel on CUDA, a loop over the chosen
-        experts otherwise; each rank holds its share of every expert's intermediate dimension."""
-        if self.fused:
-            from engine.kernels.fused_moe_layer import FusedMoeExperts
+        experts otherwise; each rank holds its share of every expert's intermediate dimension.
 
-            return FusedMoeExperts(hidden_size, spec, self.shard, self.matmul_dtype)
-        return TorchMoeExperts(hidden_size, spec, self.shard, self.matmul_dtype)
+        Under FP8: with FP8 GEMMs (CUDA, compute capability 8.9+) the fused kernel reads the float8
+        weights and their scales; otherwise the FP8 weights are dequantized once loaded and the float
+        layers above compute on them."""
+        q = self.quantization
+        if self.fused:
+            from engine.kernels.fused_moe_layer import Fp8FusedMoeExperts, FusedMoeExperts
+
+            if q is not None and not q.dequantize:
+                return Fp8FusedMoeExperts(hidden_size, spec, self.shard, quantization=q)
+            return FusedMoeExperts(hidden_size, spec, self.shard, self.matmul_dtype, q)
+        if q is not None and not q.dequantize:
+            raise ValueError("FP8 experts without dequantizing need the fused CUDA kernel")
+        return TorchMoeExperts(hidden_size, spec, self.shard, self.matmul_dtype, q)
 
     def moe_router(self, hidden_size: int, spec: MoeSpec) -> TopKRouter:
         """A mixture-of-experts layer's router (replicated on every rank): its softmax and top-k in one

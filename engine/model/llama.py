@@ -255,6 +255,14 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.requires_grad_(False)
 
+    @classmethod
+    def quantized_linear_names(cls, config: PretrainedConfig) -> list[str]:
+        """The checkpoint's names of the decoder's linear layers, which an FP8 scheme quantizes (the LM
+        head never is)."""
+        projections = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                       "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+        return [f"model.layers.{i}.{p}" for i in range(config.num_hidden_layers) for p in projections]
+
     def build_mlp(self, layer_index: int) -> nn.Module:
         """The feed-forward block of one decoder layer (mixture-of-experts families override this)."""
         return LlamaMLP(self.config, self.variant, self.kit)

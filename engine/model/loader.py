@@ -20,7 +20,7 @@ from engine.model.llama import SUPPORTED_MODEL_TYPES as LLAMA_MODEL_TYPES
 from engine.model.llama import LlamaForCausalLM, head_dim_of
 from engine.model.moe import MOE_MODEL_TYPES, MoeSpec, unsupported_moe_features
 from engine.model.moe_family import MOE_ARCHITECTURES, MoeForCausalLM
-from engine.model.quantization import prepare_quantization
+from engine.model.quantization import Fp8Scheme, prepare_quantization
 from engine.model.sharding import Shard
 from engine.model.sources import ModelLoadError, ModelSource, resolve_model_source
 
@@ -67,37 +67,32 @@ def load_model(
     hf_config = source.load_config(config.trust_remote_code)
     check_supported(hf_config, source)
     device = resolve_device(config.device)
-    tp = None
-    if shard is None:
-        check_tensor_parallel(config.tensor_parallel_size, hf_config, device)
-        if config.tensor_parallel_size > 1:
-            from engine.distributed.driver import TensorParallelDriver
-
-            tp = TensorParallelDriver(config, device)
-        shard = Shard(0, config.tensor_parallel_size)
-    elif device.type == "cuda":
+    if shard is not None and device.type == "cuda":
         device = torch.device("cuda", shard.rank)
     dtype = resolve_dtype(config.dtype, hf_config, device)
     matmul_dtype = resolve_matmul_dtype(config.dtype, device)
     max_model_len = resolve_max_model_len(config.max_model_len, hf_config)
     if attn_backend is None:
         attn_backend = default_attention_backend(device)
-
-    if hf_config.model_type in MOE_MODEL_TYPES and (
-        config.quantization or getattr(hf_config, "quantization_config", None)
-    ):  # the FP8 layers are linears; the experts' packed weights have no FP8 path yet
-        raise ModelLoadError(
-            f"{source.label}: quantized {hf_config.model_type} models (FP8 checkpoints or --quantization) "
-            "are not supported yet; serve the bfloat16 checkpoint without --quantization"
-        )
+    model_class = MoeForCausalLM if hf_config.model_type in MOE_MODEL_TYPES else LlamaForCausalLM
     try:
         capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-        quantization = prepare_quantization(config.quantization, hf_config, device.type, capability)
+        linear_names = model_class.quantized_linear_names(hf_config)
+        quantization = prepare_quantization(
+            config.quantization, hf_config, device.type, capability, linear_names
+        )
         cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, matmul_dtype or dtype, capability)
     except ValueError as exc:  # UnsupportedQuantizationError among them
         raise ModelLoadError(f"{source.label}: {exc}") from exc
+    tp = None
+    if shard is None:
+        check_tensor_parallel(config.tensor_parallel_size, hf_config, device, quantization)
+        if config.tensor_parallel_size > 1:
+            from engine.distributed.driver import TensorParallelDriver
+
+            tp = TensorParallelDriver(config, device)
+        shard = Shard(0, config.tensor_parallel_size)
     kit = LayerKit.for_device(device, matmul_dtype, shard, quantization=quantization)
-    model_class = MoeForCausalLM if hf_config.model_type in MOE_MODEL_TYPES else LlamaForCausalLM
     model = model_class(hf_config, attn_backend, dtype, device, max_positions=max_model_len, kit=kit)
     num_params = sum(p.numel() for p in model.parameters())  # before packed weights leave the parameters
     kv_scales: dict[tuple[int, str], float] = {}  # the checkpoint's FP8 KV cache scales, if any
@@ -117,6 +112,14 @@ def load_model(
         precision += ", fused Triton layers"
     if quantization is not None:
         precision += f", {quantization.describe()}"
+        if (
+            model_class is MoeForCausalLM
+            and quantization.activations == "static"
+            and not quantization.dequantize
+        ):
+            precision += (
+                " (experts: activations per token, dynamically; the static input scales serve attention)"
+            )
     if shard.size > 1:
         precision += f", tensor-parallel rank {shard.rank} of {shard.size}"
     tokenizer = source.load_tokenizer(config.tokenizer, config.trust_remote_code)
@@ -147,7 +150,9 @@ def load_model(
     )
 
 
-def check_tensor_parallel(size: int, hf_config: PretrainedConfig, device: torch.device) -> None:
+def check_tensor_parallel(
+    size: int, hf_config: PretrainedConfig, device: torch.device, quantization: Fp8Scheme | None = None
+) -> None:
     """One line naming both numbers for a tensor-parallel size this model or machine cannot take."""
     if size == 1:
         return
@@ -168,12 +173,33 @@ def check_tensor_parallel(size: int, hf_config: PretrainedConfig, device: torch.
             raise ModelLoadError(
                 f"--tensor-parallel-size {size} must divide the model's expert intermediate size {expert_inter}"
             )
+    if quantization is not None and quantization.group_k is not None:
+        check_scale_blocks(size, hf_config, quantization.group_k)
     if device.type == "cuda" and torch.cuda.device_count() < size:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         shown = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
         raise ModelLoadError(
             f"--tensor-parallel-size {size} needs {size} GPUs, but {torch.cuda.device_count()} are visible{shown}"
         )
+
+
+def check_scale_blocks(size: int, hf_config: PretrainedConfig, group_k: int) -> None:
+    """Row-parallel layers (o_proj, down_proj, the experts' down) split their input features over the
+    ranks; a rank's slice must start on a block of FP8 weight scales, as the scales are per block."""
+    inputs = {"attention output (o_proj input)": hf_config.num_attention_heads * head_dim_of(hf_config)}
+    if hf_config.model_type in MOE_MODEL_TYPES:
+        spec = MoeSpec.from_config(hf_config)
+        inputs["expert intermediate size"] = spec.intermediate_size
+        if len(spec.sparse_layers) < hf_config.num_hidden_layers:
+            inputs["intermediate size"] = hf_config.intermediate_size
+    else:
+        inputs["intermediate size"] = hf_config.intermediate_size
+    for what, n in inputs.items():
+        if (n // size) % group_k:
+            raise ModelLoadError(
+                f"--tensor-parallel-size {size} splits the model's {what} {n} into slices of {n // size}, which "
+                f"are not whole {group_k}-wide blocks of the checkpoint's FP8 weight scales; use a size that does"
+            )
 
 
 def check_supported(hf_config: PretrainedConfig, source: ModelSource) -> None:

@@ -26,8 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
+from engine.model.fp8 import FP8
+from engine.model.fp8_moe import ExpertFp8Scales
 from engine.model.linear import all_reduce
-from engine.model.sharding import CheckpointTensor, Shard, as_checkpoint_tensor, copy_checked
+from engine.model.quantization import Fp8Scheme
+from engine.model.sharding import CheckpointTensor, Shard, as_checkpoint_tensor, copy_checked, load_replicated
 
 MOE_MODEL_TYPES = ("qwen3_moe", "mixtral")
 
@@ -99,6 +102,15 @@ class TopKRouter(nn.Module):
         self.top_k = spec.top_k
         self.renormalize = spec.renormalize
 
+    def load_weight(self, param_name: str, tensor: CheckpointTensor, part: str) -> None:
+        weight = tensor.read()
+        if weight.dtype.itemsize == 1 and weight.dtype.is_floating_point:
+            raise ValueError(
+                f"the MoE router is stored in {weight.dtype} (quantized); kubellm keeps routers in the model's "
+                "dtype, as vLLM does: the checkpoint's quantization config should leave them out (mlp.gate)"
+            )
+        load_replicated(self.weight, tensor)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (weights [T, top_k] float32, expert ids [T, top_k] int64)."""
         probs = F.linear(x, self.weight).softmax(dim=-1, dtype=torch.float32)
@@ -111,7 +123,13 @@ class TopKRouter(nn.Module):
 class MoeExperts(nn.Module):
     """The experts' weights (this rank's share of each expert's intermediate dimension) and where each
     checkpoint tensor goes; subclasses compute. With a ``matmul_dtype`` (CPU mixed precision) the
-    weights are kept in it, as the mixed-precision linears' are."""
+    weights are kept in it, as the mixed-precision linears' are.
+
+    Under an Fp8Scheme (``quantization``) the weights load in float8 (an FP8 checkpoint) or the model's
+    dtype (--quantization fp8, quantized per expert and row at ``finish_loading``), with their scales in
+    ``fp8`` (engine.model.fp8_moe). Where the scheme runs dequantized (CPU, GPUs without FP8, weight-only
+    checkpoints) ``finish_loading`` turns them into float8 * scale in the matmul dtype and drops the
+    scales, so the float subclasses compute on them unchanged."""
 
     def __init__(
         self,
@@ -119,6 +137,7 @@ class MoeExperts(nn.Module):
         spec: MoeSpec,
         shard: Shard | None = None,
         matmul_dtype: torch.dtype | None = None,
+        quantization: Fp8Scheme | None = None,
     ) -> None:
         super().__init__()
         self.shard = shard or Shard()
@@ -126,48 +145,116 @@ class MoeExperts(nn.Module):
         self.full_inter = spec.intermediate_size
         self.num_experts = spec.num_experts
         self.hidden_size = hidden_size
-        dtype = matmul_dtype or torch.get_default_dtype()
+        self.weight_dtype = matmul_dtype or torch.get_default_dtype()  # float weights (dequantized ones too)
+        self.fp8: ExpertFp8Scales | None = None
+        load_dtype = self.weight_dtype
+        if quantization is not None:
+            self.fp8 = ExpertFp8Scales(
+                quantization, spec.num_experts, hidden_size, self.full_inter, self.inter_start, self.inter
+            )
+            load_dtype = FP8 if quantization.serialized else torch.get_default_dtype()
         self.gate_up_proj = nn.Parameter(
-            torch.empty(spec.num_experts, 2 * self.inter, hidden_size, dtype=dtype), requires_grad=False
+            torch.empty(spec.num_experts, 2 * self.inter, hidden_size, dtype=load_dtype), requires_grad=False
         )
         self.down_proj = nn.Parameter(
-            torch.empty(spec.num_experts, hidden_size, self.inter, dtype=dtype), requires_grad=False
+            torch.empty(spec.num_experts, hidden_size, self.inter, dtype=load_dtype), requires_grad=False
         )
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def load_checkpoint_tensor(self, part: str, expert: int, tensor: torch.Tensor | CheckpointTensor) -> None:
-        """Read this rank's slice of one expert's gate or up ([I, H]: rows) or down ([H, I]: columns)."""
+    def required_tensors(self) -> set[tuple[str, int, str]]:
+        """(part, expert, kind) the checkpoint must provide: each weight, and its scale in an FP8 checkpoint."""
+        kinds = ("weight", "scale") if self.fp8 is not None and self.fp8.scheme.serialized else ("weight",)
+        return {
+            (part, e, kind)
+            for part in ("gate", "up", "down")
+            for e in range(self.num_experts)
+            for kind in kinds
+        }
+
+    def tensor_kind(self, name: str) -> str | None:
+        """What a checkpoint tensor of an expert is ("weight", "scale"), None for one that is read and not
+        kept (static input scales: the experts quantize activations per token); an error for one that has
+        no place here."""
+        if name == "weight":
+            return "weight"
+        if self.fp8 is not None and name == self.fp8.scheme.scale_name:
+            return "scale"
+        if self.fp8 is not None and name == "input_scale" and self.fp8.scheme.activations == "static":
+            return None
+        have = self.fp8.scheme.describe() if self.fp8 is not None else "no quantization"
+        raise ValueError(f"an expert's {name} has no place in experts with {have}")
+
+    def load_checkpoint_tensor(
+        self, part: str, expert: int, tensor: torch.Tensor | CheckpointTensor, name: str = "weight"
+    ) -> None:
+        """Read this rank's slice of one expert's gate or up ([I, H]: rows) or down ([H, I]: columns)
+        weight, or its scale (``name`` as the checkpoint says: weight_scale, weight_scale_inv)."""
         tensor = as_checkpoint_tensor(tensor)
+        kind = self.tensor_kind(name)
+        if kind == "scale":
+            assert self.fp8 is not None
+            self.fp8.load_part(part, expert, tensor)
+            return
+        if kind is None:
+            return
         if part == "down":
             self._expect(tensor, (self.hidden_size, self.full_inter))
-            source = tensor.read(1, self.inter_start, self.inter)
+            source = self._checked_dtype(tensor.read(1, self.inter_start, self.inter))
             copy_checked(self.down_proj.data[expert], source, tuple(tensor.shape))
             return
         self._expect(tensor, (self.full_inter, self.hidden_size))
         offset = 0 if part == "gate" else self.inter
         target = self.gate_up_proj.data[expert, offset : offset + self.inter]
-        copy_checked(target, tensor.read(0, self.inter_start, self.inter), tuple(tensor.shape))
+        source = self._checked_dtype(tensor.read(0, self.inter_start, self.inter))
+        copy_checked(target, source, tuple(tensor.shape))
 
     def load_fused_checkpoint_tensor(
-        self, part: str, tensor: torch.Tensor | CheckpointTensor
+        self, part: str, tensor: torch.Tensor | CheckpointTensor, name: str = "weight"
     ) -> list[tuple[str, int]]:
         """All experts at once from transformers 5's fused layout: gate_up [E, 2I, H] (gate rows, then
-        up rows) or down [E, H, I]. Returns the (part, expert) pairs filled."""
+        up rows) or down [E, H, I], or their scales. Returns the (part, expert) pairs filled."""
+        parts = ("down",) if part == "down" else ("gate", "up")
+        filled = [(p, e) for e in range(self.num_experts) for p in parts]
+        kind = self.tensor_kind(name)
+        if kind == "scale":
+            assert self.fp8 is not None
+            self.fp8.load_fused(part, as_checkpoint_tensor(tensor))
+            return filled
+        if kind is None:
+            return []
         whole = as_checkpoint_tensor(tensor).read()
         self._expect(whole, (self.num_experts, *whole.shape[1:]))
-        filled = []
         for e in range(self.num_experts):
             if part == "down":
                 self.load_checkpoint_tensor("down", e, whole[e])
-                filled.append(("down", e))
             else:
                 gate, up = whole[e].chunk(2, dim=0)
                 self.load_checkpoint_tensor("gate", e, gate)
                 self.load_checkpoint_tensor("up", e, up)
-                filled += [("gate", e), ("up", e)]
         return filled
+
+    def finish_loading(self) -> None:
+        """FP8: --quantization fp8's float weights become float8 and scales; where the scheme runs
+        dequantized the float8 weights become float8 * scale in ``weight_dtype`` and the scales go."""
+        if self.fp8 is None:
+            return
+        gate_up, down = self.gate_up_proj.data, self.down_proj.data
+        if not self.fp8.scheme.serialized:
+            gate_up, down = self.fp8.quantize(gate_up, down)
+        if self.fp8.scheme.dequantize:
+            gate_up, down = self.fp8.dequantize(gate_up, down, self.weight_dtype)
+            self.fp8 = None
+        self.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)
+        self.down_proj = nn.Parameter(down, requires_grad=False)
+
+    def _checked_dtype(self, source: torch.Tensor) -> torch.Tensor:
+        if self.fp8 is not None and self.fp8.scheme.serialized and source.dtype != FP8:
+            raise ValueError(
+                f"expert weight in {source.dtype}, expected float8_e4m3fn ({self.fp8.scheme.source})"
+            )
+        return source
 
     @staticmethod
     def _expect(tensor: torch.Tensor | CheckpointTensor, shape: tuple[int, ...]) -> None:
@@ -215,6 +302,7 @@ class ExpertTensor:
     experts_prefix: str  # our module path, e.g. "model.layers.3.mlp.experts"
     part: str  # gate, up or down of one expert; gate_up or down of all (transformers 5's fused layout)
     expert: int | None  # None: all experts, fused
+    name: str = "weight"  # weight, or an FP8 checkpoint's weight_scale, weight_scale_inv, input_scale
 
 
 # checkpoint projection name -> part (Mixtral's w1/w3/w2 are gate/up/down)
@@ -233,17 +321,32 @@ def checkpoint_name(hf_name: str) -> str:
     return hf_name.replace(".block_sparse_moe.", ".mlp.")
 
 
+# what follows a projection's name: each expert's tensors, and transformers 5's fused ones
+_EXPERT_TENSORS = ("weight", "weight_scale", "weight_scale_inv", "input_scale")
+_FUSED_SUFFIXES = {
+    "": "weight",
+    "_scale": "weight_scale",
+    "_scale_inv": "weight_scale_inv",
+    "_input_scale": "input_scale",
+    "_activation_scale": "input_scale",
+}
+
+
 def expert_tensor(name: str) -> ExpertTensor | None:
-    """``...mlp.experts.7.gate_proj.weight`` (hub checkpoints, and what transformers 5 saves) or
-    ``...mlp.experts.gate_up_proj`` (transformers 5's in-memory state dict) -> its target; None for
-    anything that is not an expert weight (the router ``mlp.gate.weight`` is an ordinary parameter)."""
+    """``...mlp.experts.7.gate_proj.weight`` (hub checkpoints, and what transformers 5 saves; FP8 ones
+    add ``weight_scale`` or ``weight_scale_inv`` and maybe ``input_scale``) or ``...mlp.experts.gate_up_proj``
+    (transformers 5's in-memory state dict; FP8: ``gate_up_proj_scale_inv``) -> its target; None for
+    anything that is not an expert tensor (the router ``mlp.gate.weight`` is an ordinary parameter)."""
     head, sep, tail = name.partition(".experts.")
     if not sep:
         return None
     prefix = head + ".experts"
     parts = tail.split(".")
-    if len(parts) == 1 and parts[0] in ("gate_up_proj", "down_proj"):
-        return ExpertTensor(prefix, "gate_up" if parts[0] == "gate_up_proj" else "down", None)
-    if len(parts) == 3 and parts[0].isdigit() and parts[1] in _EXPERT_PARTS and parts[2] == "weight":
-        return ExpertTensor(prefix, _EXPERT_PARTS[parts[1]], int(parts[0]))
+    if len(parts) == 1:
+        for proj, part in (("gate_up_proj", "gate_up"), ("down_proj", "down")):
+            suffix = parts[0].removeprefix(proj)
+            if parts[0].startswith(proj) and suffix in _FUSED_SUFFIXES:
+                return ExpertTensor(prefix, part, None, _FUSED_SUFFIXES[suffix])
+    if len(parts) == 3 and parts[0].isdigit() and parts[1] in _EXPERT_PARTS and parts[2] in _EXPERT_TENSORS:
+        return ExpertTensor(prefix, _EXPERT_PARTS[parts[1]], int(parts[0]), parts[2])
     return None

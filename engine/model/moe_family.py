@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from engine.model.llama import LlamaForCausalLM
 from engine.model.moe import MoeExperts, MoeSpec, SparseMoeBlock, checkpoint_name, expert_tensor
@@ -36,10 +37,12 @@ class MoeForCausalLM(LlamaForCausalLM):
                 yield name, module
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | CheckpointTensor]]) -> None:
-        """Expert tensors go to their bank (each expert's gate, up and down into this rank's slices of
-        the packed parameters); everything else is the Llama family's."""
+        """Expert tensors go to their bank (each expert's gate, up and down, and an FP8 checkpoint's
+        scales, into this rank's slices of the packed parameters); everything else is the Llama family's."""
         banks = dict(self.expert_banks())
-        loaded: set[tuple[str, str, int]] = set()
+        # before loading: a bank that runs dequantized drops its scales once loaded
+        expected = {(prefix, *needed) for prefix, bank in banks.items() for needed in bank.required_tensors()}
+        loaded: set[tuple[str, str, int, str]] = set()
 
         def dense_weights() -> Iterator[tuple[str, torch.Tensor | CheckpointTensor]]:
             for hf_name, tensor in weights:
@@ -52,25 +55,47 @@ class MoeForCausalLM(LlamaForCausalLM):
                 if bank is None or not 0 <= (target.expert or 0) < bank.num_experts:
                     raise ValueError(f"checkpoint tensor {hf_name!r} has no place in {type(self).__name__}")
                 try:
+                    kind = bank.tensor_kind(target.name)
                     if target.expert is None:
-                        filled = bank.load_fused_checkpoint_tensor(target.part, tensor)
+                        filled = bank.load_fused_checkpoint_tensor(target.part, tensor, target.name)
                     else:
-                        bank.load_checkpoint_tensor(target.part, target.expert, tensor)
+                        bank.load_checkpoint_tensor(target.part, target.expert, tensor, target.name)
                         filled = [(target.part, target.expert)]
                 except ValueError as exc:
                     raise ValueError(f"{hf_name}: {exc}") from exc
-                loaded.update((target.experts_prefix, part, e) for part, e in filled)
+                if kind is not None:
+                    loaded.update((target.experts_prefix, part, e, kind) for part, e in filled)
 
         super().load_weights(dense_weights())
-        expected = {
-            (prefix, part, e)
-            for prefix, bank in banks.items()
-            for part in ("gate", "up", "down")
-            for e in range(bank.num_experts)
-        }
-        missing = sorted(f"{prefix}.{e}.{part}" for prefix, part, e in expected - loaded)
+        missing = sorted(
+            f"{prefix}.{e}.{part}" + ("" if kind == "weight" else f" {kind}")
+            for prefix, part, e, kind in expected - loaded
+        )
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} expert tensors, e.g. {', '.join(missing[:5])}")
+
+    @classmethod
+    def quantized_linear_names(cls, config: PretrainedConfig) -> list[str]:
+        """The checkpoint's names of the linears an FP8 scheme quantizes: attention, the dense layers'
+        MLPs, and every expert's projections (the routers are not among them: they stay in the model's
+        dtype, whatever the checkpoint's ignore list says)."""
+        spec = MoeSpec.from_config(config)
+        names = [n for n in super().quantized_linear_names(config) if ".mlp." not in n]
+        for i in range(config.num_hidden_layers):
+            if i not in spec.sparse_layers:
+                names += [f"model.layers.{i}.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+                continue
+            block, projections = (
+                ("block_sparse_moe", ("w1", "w3", "w2"))
+                if config.model_type == "mixtral"
+                else ("mlp", ("gate_proj", "up_proj", "down_proj"))
+            )
+            names += [
+                f"model.layers.{i}.{block}.experts.{e}.{p}"
+                for e in range(spec.num_experts)
+                for p in projections
+            ]
+        return names
 
     def _expected_parts(self) -> set[tuple[str, str]]:
         # the experts' parameters are checked by load_weights, expert by expert

@@ -182,21 +182,20 @@ def check_ignored_linears(scheme: Fp8Scheme, linear_names: list[str]) -> None:
     if left:
         raise UnsupportedQuantizationError(
             f"{scheme.source} leaves {len(left)} decoder linear layers unquantized (e.g. {left[0]}); "
-            "only checkpoints that quantize every decoder linear (ignoring at most lm_head) are supported"
+            "only checkpoints that quantize every decoder linear (ignoring at most lm_head and MoE routers) are supported"
         )
 
 
-def decoder_linear_names(hf_config: PretrainedConfig) -> list[str]:
-    """The Hugging Face names of a Llama-family decoder's linear layers."""
-    projections = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
-    return [f"model.layers.{i}.{p}" for i in range(hf_config.num_hidden_layers) for p in projections]
-
-
 def prepare_quantization(
-    requested: str | None, hf_config: PretrainedConfig, device_type: str, capability: tuple[int, int] | None
+    requested: str | None,
+    hf_config: PretrainedConfig,
+    device_type: str,
+    capability: tuple[int, int] | None,
+    linear_names: list[str],
 ) -> Fp8Scheme | None:
     """The scheme the model is built with, and how it runs on this device (``dequantize``).
+    ``linear_names``: the checkpoint's names of the linears the scheme quantizes (the model family's
+    ``quantized_linear_names``), none of which its ignore list may leave in float.
 
     FP8 GEMMs need compute capability 8.9 (Ada, Hopper) or later. Elsewhere a checkpoint runs
     dequantized to the model's dtype; ``--quantization fp8`` is refused on such GPUs (it would only cost
@@ -206,7 +205,7 @@ def prepare_quantization(
     scheme = resolve_quantization(requested, hf_config)
     if scheme is None:
         return None
-    check_ignored_linears(scheme, decoder_linear_names(hf_config))
+    check_ignored_linears(scheme, linear_names)
     if device_type != "cuda":
         if not scheme.serialized:
             log.warning("--quantization fp8 on the CPU: FP8 weights emulated (rounded to FP8, run in float)")

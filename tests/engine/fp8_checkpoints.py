@@ -117,3 +117,76 @@ def write_fp8_checkpoint(
     (quantized / "config.json").write_text(json.dumps(config, indent=2))
     model.load_state_dict(state, strict=False)
     model.save_pretrained(reference)
+
+
+# Mixtral's experts: w1 (gate), w3 (up), w2 (down)
+EXPERT_LINEARS = ("w1", "w2", "w3")
+
+
+def router_ignore(config: transformers.PretrainedConfig, fmt: str) -> list[str]:
+    """What published MoE checkpoints leave unquantized: the LM head and every router (Qwen3-30B-A3B-FP8
+    lists each layer's ``mlp.gate`` in modules_to_not_convert; RedHatAI's compressed-tensors ones ignore
+    ``re:.*mlp.gate$``)."""
+    block = "block_sparse_moe" if config.model_type == "mixtral" else "mlp"
+    if fmt == "hf-block":
+        return ["lm_head", *(f"model.layers.{i}.{block}.gate" for i in range(config.num_hidden_layers))]
+    return ["lm_head", f"re:.*{block}.gate$"]
+
+
+def write_fp8_moe_checkpoint(src: Path, fmt: str, quantized: Path, reference: Path) -> None:
+    """The saved float MoE checkpoint in `src` (the hub's names: each expert's projections apart) with
+    every decoder linear, each expert's included, quantized in format `fmt` into `quantized`; the routers
+    stay float and are listed as ignored, as in published checkpoints. The dequantized float32 weights,
+    under the same names, into `reference` (the model FP8 weights mean, for transformers to load)."""
+    from safetensors.torch import load_file
+
+    config = transformers.AutoConfig.from_pretrained(src)
+    state = load_file(src / "model.safetensors")
+    out: dict[str, torch.Tensor] = {}
+    dequantized: dict[str, torch.Tensor] = {}
+    for name, w in state.items():
+        module = name.removesuffix(".weight")
+        if not (name.endswith(".weight") and module.rsplit(".", 1)[-1] in LINEARS + EXPERT_LINEARS):
+            out[name] = dequantized[name] = w
+            continue
+        w = w.float()
+        if fmt == "ct-channel":
+            q, scale = quantize_per_channel(w, torch.bfloat16)
+            out[f"{module}.weight_scale"] = scale
+            dequantized[name] = dequantize(q, scale)
+        elif fmt == "ct-tensor":
+            q, scale = quantize_per_tensor(w)
+            out[f"{module}.weight_scale"] = scale
+            out[f"{module}.input_scale"] = torch.tensor([0.05])
+            dequantized[name] = dequantize(q, scale)
+        else:
+            q, scale = quantize_blocks(w)
+            out[f"{module}.weight_scale_inv"] = scale
+            dequantized[name] = dequantize(q, scale, 128)
+        out[name] = q
+    for d in (quantized, reference):
+        d.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in out.items()}, quantized / "model.safetensors", {"format": "pt"})
+    save_file(dequantized, reference / "model.safetensors", {"format": "pt"})
+    qc = json.loads(json.dumps(FORMATS[fmt]))
+    qc["modules_to_not_convert" if fmt == "hf-block" else "ignore"] = router_ignore(config, fmt)
+    raw = json.loads((src / "config.json").read_text())
+    (reference / "config.json").write_text(json.dumps(raw, indent=2))
+    (quantized / "config.json").write_text(json.dumps(raw | {"quantization_config": qc}, indent=2))
+
+
+def write_fp8_rounded_reference(src: Path, reference: Path) -> None:
+    """What --quantization fp8 makes of the float checkpoint in `src`: every decoder linear, each expert's
+    included, rounded to FP8 with one float32 scale per output row; the routers as they are."""
+    from safetensors.torch import load_file
+
+    state = load_file(src / "model.safetensors")
+    for name, w in state.items():
+        if (
+            name.endswith(".weight")
+            and name.removesuffix(".weight").rsplit(".", 1)[-1] in LINEARS + EXPERT_LINEARS
+        ):
+            state[name] = dequantize(*quantize_per_channel(w.float(), torch.float32))
+    reference.mkdir(parents=True, exist_ok=True)
+    save_file(state, reference / "model.safetensors", {"format": "pt"})
+    (reference / "config.json").write_text((src / "config.json").read_text())

@@ -246,10 +246,3 @@ def test_the_kit_builds_fused_experts_for_cuda_and_the_loop_for_the_cpu():
         model = MoeForCausalLM(config, TorchAttention(), torch.float32, "cpu", kit=kit)
         banks = [m for m in model.modules() if isinstance(m, MoeExperts)]
         assert len(banks) == config.num_hidden_layers and all(type(b) is kind for b in banks)
-
-
-def test_quantized_moe_models_are_refused_at_startup(tmp_path):
-    config = qwen3_moe(architectures=["Qwen3MoeForCausalLM"])
-    config.save_pretrained(tmp_path)
-    with pytest.raises(ModelLoadError, match="quantized qwen3_moe models .* are not supported yet"):
-        load_model(EngineConfig(model=str(tmp_path), device="cpu", quantization="fp8"))

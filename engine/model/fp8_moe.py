@@ -1,0 +1,159 @@
+"""FP8 experts: the scales of a mixture-of-experts layer's float8 expert weights under an ``Fp8Scheme``
+(engine.model.quantization), and the loading, quantizing and dequantizing they need.
+
+engine.model.moe.MoeExperts holds the weights (``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I], in
+float8 e4m3 for an FP8 checkpoint) and, under a scheme, one ``ExpertFp8Scales``. As engine.model.fp8's
+Fp8Linear, whatever the checkpoint's layout, every expert projection keeps one scale per (weight row,
+group of ``group_k`` input features): ``gate_up_proj_scale`` [E, 2I, G13], ``down_proj_scale`` [E, H, G2],
+with G = 1 (per-channel scales; a per-tensor scale is repeated over its part's rows) or ceil(in /
+group_k) (block scales: each row takes its block row's scales). That is what
+engine.kernels.fused_moe.fused_experts takes, and tensor parallelism then slices scales as it slices
+weights: gate/up rows, and down's input groups (a slice that starts inside a scale block is refused).
+
+Real weight = float8 * scale (``weight_scale_inv`` is multiplied too, as in fp8.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.model.fp8 import dequantize_rows, quantize_rows
+from engine.model.quantization import Fp8Scheme
+from engine.model.sharding import CheckpointTensor, copy_checked
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class ExpertFp8Scales(nn.Module):
+    """This rank's scales of every expert's gate/up rows [inter_start, inter_start + inter) and down
+    columns of the same range, filled from the checkpoint (``load_part`` per expert, ``load_fused`` from
+    transformers 5's fused layout) or by ``quantize`` (--quantization fp8)."""
+
+    def __init__(
+        self,
+        scheme: Fp8Scheme,
+        num_experts: int,
+        hidden_size: int,
+        full_inter: int,
+        inter_start: int,
+        inter: int,
+    ) -> None:
+        super().__init__()
+        self.scheme = scheme
+        self.group_k = scheme.group_k  # None: one scale per row
+        if self.group_k is not None and inter_start % self.group_k:
+            raise ValueError(
+                f"a tensor-parallel slice of the experts' intermediate dimension starting at {inter_start} splits "
+                f"a {self.group_k}-wide FP8 scale block of down_proj: use a --tensor-parallel-size that divides "
+                "the blocks"
+            )
+        self.hidden_size = hidden_size
+        self.full_inter = full_inter
+        self.inter_start = inter_start
+        self.inter = inter
+        g13 = 1 if self.group_k is None else _cdiv(hidden_size, self.group_k)
+        g2 = 1 if self.group_k is None else _cdiv(inter, self.group_k)
+        self.gate_up_proj_scale = nn.Parameter(
+            torch.empty(num_experts, 2 * inter, g13, dtype=torch.float32), requires_grad=False
+        )
+        self.down_proj_scale = nn.Parameter(
+            torch.empty(num_experts, hidden_size, g2, dtype=torch.float32), requires_grad=False
+        )
+
+    def load_part(self, part: str, expert: int, tensor: CheckpointTensor) -> None:
+        """One expert's gate, up or down scale as published: one value (per tensor), [rows, 1] (per
+        channel) or [ceil(rows / block rows), ceil(in / group_k)] (per block, the last block short)."""
+        rows, cols = self._full_shape(part)
+        scale = tensor.read().float()
+        self._store(part, expert, self._part_rows(scale, rows, cols), tuple(tensor.shape))
+
+    def load_fused(self, part: str, tensor: CheckpointTensor) -> None:
+        """Every expert's scales of transformers 5's fused layout: gate_up [E, R, G] over the fused [2I, H]
+        (gate rows then up rows) or down [E, R, G]; each scale row covers rows / R weight rows (its
+        dequantization derives the block from the grid), one value per expert for a per-tensor scale."""
+        whole = tensor.read().float()
+        if whole.shape[0] != self.gate_up_proj_scale.shape[0]:
+            raise ValueError(f"fused scale of shape {tuple(whole.shape)}: expected one per expert first")
+        for e in range(whole.shape[0]):
+            if part == "down":
+                rows = self._fused_rows(whole[e], self.hidden_size, self.full_inter)
+                self._store("down", e, rows, tuple(whole.shape))
+            else:
+                rows = self._fused_rows(whole[e], 2 * self.full_inter, self.hidden_size)
+                gate, up = rows.chunk(2, dim=0)
+                self._store("gate", e, gate, tuple(whole.shape))
+                self._store("up", e, up, tuple(whole.shape))
+
+    def quantize(self, gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """--quantization fp8: float [E, 2I, H] and [E, H, I] -> float8, one scale per expert and row of
+        this rank's slice (gate/up: whole rows, the unsharded model's scales; down: the rank's columns of
+        each row, as the dense row-parallel layers quantize their slice)."""
+        assert self.group_k is None
+        out = []
+        for w, scale in ((gate_up, self.gate_up_proj_scale), (down, self.down_proj_scale)):
+            e, rows, k = w.shape
+            q, s = quantize_rows(w.reshape(e * rows, k))
+            scale.data.copy_(s.view(e, rows, 1))
+            out.append(q.view(e, rows, k))
+        return out[0], out[1]
+
+    def dequantize(
+        self, gate_up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """float8 weights -> float8 * scale in `dtype`, expert by expert (one expert's float32 copy at a time)."""
+        out = []
+        for w, scale in ((gate_up, self.gate_up_proj_scale), (down, self.down_proj_scale)):
+            full = torch.empty(w.shape, dtype=dtype, device=w.device)
+            for e in range(w.shape[0]):
+                full[e] = dequantize_rows(w[e], scale.data[e], dtype, self.group_k)
+            out.append(full)
+        return out[0], out[1]
+
+    def _full_shape(self, part: str) -> tuple[int, int]:
+        return (self.hidden_size, self.full_inter) if part == "down" else (self.full_inter, self.hidden_size)
+
+    def _groups(self, cols: int) -> int:
+        return 1 if self.group_k is None else _cdiv(cols, self.group_k)
+
+    def _part_rows(self, scale: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        """A published scale of one [rows, cols] weight -> [rows, groups]: each row's scales."""
+        groups = self._groups(cols)
+        if scale.numel() == 1:  # per tensor
+            return scale.reshape(1, 1).expand(rows, groups)
+        if self.group_k is None:
+            if scale.numel() != rows or scale.shape[0] != rows:
+                raise ValueError(f"per-channel scale of shape {tuple(scale.shape)}, expected ({rows}, 1)")
+            return scale.reshape(rows, 1)
+        block_rows = self.scheme.block[0] if self.scheme.block else self.group_k
+        expected = (_cdiv(rows, block_rows), groups)
+        if tuple(scale.shape) != expected:
+            raise ValueError(f"block scale of shape {tuple(scale.shape)}, expected {expected}")
+        return scale.repeat_interleave(block_rows, dim=0)[:rows]
+
+    def _fused_rows(self, scale: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        groups = self._groups(cols)
+        grid = scale.reshape(-1, scale.shape[-1]) if scale.dim() else scale.reshape(1, 1)
+        if grid.numel() == 1:
+            return grid.expand(rows, groups)
+        if rows % grid.shape[0] or grid.shape[1] != groups:
+            raise ValueError(
+                f"fused scale of {tuple(grid.shape)} per expert does not tile a [{rows}, {cols}] weight"
+            )
+        return grid.repeat_interleave(rows // grid.shape[0], dim=0)
+
+    def _store(self, part: str, expert: int, rows: torch.Tensor, shape: tuple[int, ...]) -> None:
+        """[full rows, full groups] of one expert's part -> this rank's slice."""
+        if part == "down":  # every row; this rank's input groups
+            target = self.down_proj_scale.data[expert]
+            first = 0 if self.group_k is None else self.inter_start // self.group_k
+            copy_checked(target, rows[:, first : first + target.shape[1]], shape)
+            return
+        offset = 0 if part == "gate" else self.inter
+        target = self.gate_up_proj_scale.data[expert, offset : offset + self.inter]
+        copy_checked(target, rows[self.inter_start : self.inter_start + self.inter], shape)
+
+    def extra_repr(self) -> str:
+        return self.scheme.describe()
