@@ -1,10 +1,12 @@
 """Mixture-of-experts models served the way a user runs them: `kubellm serve DIR` on a tiny random
 Qwen3-MoE / Mixtral checkpoint (SmolLM2's real tokenizer and chat template), queried with the `openai`
 SDK. Greedy chat answers equal what transformers' `generate` produces from the same prompt tokens,
-several requests at once leave every KV block free, and /v1/models names the model."""
+several requests at once leave every KV block free, and /v1/models names the model. An FP8 checkpoint
+(Qwen3-30B-A3B-FP8's layout) is served as published and answers as its dequantized model."""
 
 from __future__ import annotations
 
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,6 +15,9 @@ import pytest
 import torch
 import transformers
 from openai import OpenAI
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
+from fp8_checkpoints import write_fp8_moe_checkpoint  # noqa: E402  (a sibling test folder's helper)
 
 # Fixtures from conftest.py: launch_kubellm, tiny_llama_dir (whose tokenizer is SmolLM2's, reused here)
 SERVER_FLAGS = ["--device", "cpu", "--kv-cache-memory", "64MiB", "--dtype", "float32"]
@@ -54,12 +59,31 @@ def save_tiny_moe(family: str, tokenizer, path: Path) -> transformers.PreTrained
 def test_served_moe_chat_equals_transformers_greedy(family, tokenizer, tmp_path, launch_kubellm):
     hf = save_tiny_moe(family, tokenizer, tmp_path / family)
     srv = launch_kubellm(str(tmp_path / family), "--served-model-name", family, *SERVER_FLAGS)
+    assert_chat_answers_are_transformers_greedy(srv, family, hf, tokenizer)
+
+
+def test_served_fp8_moe_checkpoint_answers_as_its_dequantized_model(tokenizer, tmp_path, launch_kubellm):
+    """A Qwen3-30B-A3B-FP8-style checkpoint (each expert's float8 weights with [128, 128] block scales
+    ``weight_scale_inv``, the routers in modules_to_not_convert) served as published: on the CPU it runs
+    dequantized, so its answers are transformers' greedy ones on float8 * scale."""
+    save_tiny_moe("qwen3_moe", tokenizer, tmp_path / "float")
+    write_fp8_moe_checkpoint(tmp_path / "float", "hf-block", tmp_path / "fp8", tmp_path / "reference")
+    for d in ("fp8", "reference"):
+        tokenizer.save_pretrained(tmp_path / d)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "reference", dtype=torch.float32).eval()
+    srv = launch_kubellm(str(tmp_path / "fp8"), "--served-model-name", "qwen3-moe-fp8", *SERVER_FLAGS)
+    assert_chat_answers_are_transformers_greedy(srv, "qwen3-moe-fp8", hf, tokenizer)
+
+
+def assert_chat_answers_are_transformers_greedy(srv, name: str, hf, tokenizer) -> None:
+    """Several chat requests at once through the `openai` SDK: greedy answers equal `hf.generate`'s from
+    the same prompt tokens, and every KV block comes back."""
     client = OpenAI(base_url=srv.api_url, api_key="not-needed", max_retries=0)
-    assert [m.id for m in client.models.list().data] == [family]
+    assert [m.id for m in client.models.list().data] == [name]
 
     def ask(question: str) -> str:
         reply = client.chat.completions.create(
-            model=family, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=12
+            model=name, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=12
         )
         return reply.choices[0].message.content
 
