@@ -1,0 +1,100 @@
+"""The FP8 experts layer as the layer kit builds it for an FP8 GPU (engine.kernels.fused_moe_layer.
+Fp8FusedMoeExperts: float8 weights, one scale per row and group of 128 inputs, activations quantized in
+the kernel) against the float experts on the same FP8 checkpoint tensors dequantized (TorchMoeExperts,
+float32): what is left is the activations' FP8 rounding. Shared by tests/gpu/test_fp8_moe_engine_on_gpu.py
+and the CPU interpreter test, so nothing here imports pytest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from engine.model.fp8 import FP8
+from engine.model.layer_kit import LayerKit
+from engine.model.moe import MoeSpec
+from engine.model.quantization import Fp8Scheme
+
+SCHEMES = {
+    "block": Fp8Scheme("block", "dynamic", (128, 128), "weight_scale_inv", True, "fp8 checkpoint"),
+    "channel": Fp8Scheme("channel", "dynamic", None, "weight_scale", True, "compressed-tensors"),
+}
+# Relative Frobenius error of W8A8 (e4m3 activations per token, or per token and 128 features, before
+# each of the two GEMMs; bfloat16 in and out) against float activations. A torch emulation of the kernel's
+# interface (activations quantized with engine.model.fp8.quantize_rows) measured 0.033 to 0.055 on these
+# cases; every group reading group 0's scale, or each row its neighbour's, measured 0.91 and 1.01.
+FP8_ACTIVATION_ERROR = 0.08
+
+
+def published(scheme: Fp8Scheme, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One expert projection [rows, cols] as its checkpoint holds it: float8 and its scale (per row
+    [rows, 1], or per [128, 128] block, the last ones short)."""
+    if scheme.block is None:
+        scale = (w.abs().amax(dim=1, keepdim=True) / 448).clamp(min=1e-12)
+        return (w / scale).to(FP8), scale
+    rows, cols = w.shape
+    scale = torch.empty(-(-rows // 128), -(-cols // 128))
+    q = torch.empty(rows, cols, dtype=FP8)
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            tile = w[i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128]
+            scale[i, j] = tile.abs().max().clamp(min=1e-12) / 448
+            q[i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128] = (tile / scale[i, j]).to(FP8)
+    return q, scale
+
+
+def uneven_weight(shape: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
+    """Gaussian weights whose magnitude varies by a factor of about 4 between rows and between 128 x 128
+    blocks, so that a row or group that read another's scale is visibly wrong (with even magnitudes every
+    scale is about the same)."""
+    rows, cols = shape
+    blocks = torch.exp(0.7 * torch.randn(-(-rows // 128), -(-cols // 128), generator=gen))
+    blocks = blocks.repeat_interleave(128, 0).repeat_interleave(128, 1)[:rows, :cols]
+    return (
+        torch.randn(rows, cols, generator=gen) * blocks * torch.exp(0.5 * torch.randn(rows, 1, generator=gen))
+    )
+
+
+def fp8_experts_error(
+    scheme_name: str,
+    tokens: int,
+    experts: int,
+    top_k: int,
+    hidden: int,
+    inter: int,
+    device: str,
+    seed: int = 0,
+) -> float:
+    """Relative error of the kit's FP8 experts (bfloat16 activations) against the dequantized float32 experts."""
+    scheme = SCHEMES[scheme_name]
+    spec = MoeSpec(num_experts=experts, top_k=top_k, intermediate_size=inter, renormalize=True,
+                   sparse_layers=frozenset())  # fmt: skip
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # the model's dtype, as the loader builds layers under it
+    try:
+        fp8 = LayerKit(fused=True, quantization=scheme).moe_experts(hidden, spec)
+    finally:
+        torch.set_default_dtype(previous)
+    reference = LayerKit(quantization=replace(scheme, dequantize=True)).moe_experts(hidden, spec)
+    assert type(fp8).__name__ == "Fp8FusedMoeExperts" and type(reference).__name__ == "TorchMoeExperts"
+    gen = torch.Generator().manual_seed(seed)
+    for e in range(experts):
+        for part, shape, fan_in in (("gate", (inter, hidden), hidden), ("up", (inter, hidden), hidden),
+                                    ("down", (hidden, inter), inter)):  # fmt: skip
+            q, scale = published(scheme, uneven_weight(shape, gen) * fan_in**-0.5)
+            for bank in (fp8, reference):
+                bank.load_checkpoint_tensor(part, e, q)
+                bank.load_checkpoint_tensor(part, e, scale, scheme.scale_name)
+    for bank in (fp8, reference):
+        bank.finish_loading()
+    fp8.to(device)
+    x = torch.randn(tokens, hidden, generator=gen)
+    logits = torch.randn(tokens, experts, generator=gen)
+    weights, ids = logits.softmax(-1).topk(top_k, dim=-1)
+    weights = weights / weights.sum(-1, keepdim=True)
+    with torch.no_grad():
+        expected = reference(x, weights, ids)
+        ours = fp8(x.to(device, torch.bfloat16), weights.to(device), ids.to(device)).float().cpu()
+    assert ours.shape == expected.shape
+    return ((ours - expected).norm() / expected.norm()).item()

@@ -1,0 +1,42 @@
+"""The FP8 experts layer as the kit builds it for an FP8 GPU (Fp8FusedMoeExperts: the fused MoE kernel on
+float8 weights with per-row-and-group scales) against the dequantized float32 experts on the same
+checkpoint tensors, on the CPU through Triton's interpreter, in a fresh process (the interpreter must be
+on before the kernel is defined): the scales reach the kernel in the layout it reads. Tiny shapes; the
+GPU covers real ones (tests/gpu/test_fp8_moe_engine_on_gpu.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+pytestmark = pytest.mark.skipif(
+    tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 9),
+    reason="needs Triton >= 3.9's interpreter",
+)
+
+HERE = Path(__file__).parent
+REPO = HERE.parent.parent
+
+SCRIPT = r"""
+from fp8_moe_layer import FP8_ACTIVATION_ERROR, fp8_experts_error
+# scheme, tokens, experts, top_k, hidden, inter: partial 128-blocks of scales (160, 96), one decode token
+for case in [("block", 5, 8, 2, 160, 96), ("channel", 5, 8, 2, 160, 96), ("block", 1, 4, 2, 256, 128),
+             ("channel", 33, 4, 1, 64, 48)]:
+    error = fp8_experts_error(*case, "cpu")
+    assert error < FP8_ACTIVATION_ERROR, (case, error)
+print("ok")
+"""
+
+
+def test_fp8_experts_layer_matches_the_dequantized_experts_under_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(HERE), "PYTHONSAFEPATH": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.strip().endswith("ok")
