@@ -1,17 +1,19 @@
 """The FP8 experts layer as the layer kit builds it for an FP8 GPU (engine.kernels.fused_moe_layer.
 Fp8FusedMoeExperts: float8 weights, one scale per row and group of 128 inputs, activations quantized in
 the kernel) against the float experts on the same FP8 checkpoint tensors dequantized (TorchMoeExperts,
-float32): what is left is the activations' FP8 rounding. Shared by tests/gpu/test_fp8_moe_engine_on_gpu.py
+float32), on activations quantized by the same kernel (only summation order and output rounding differ)
+and on float activations (what is left is W8A8's rounding). Shared by tests/gpu/test_fp8_moe_engine_on_gpu.py
 and the CPU interpreter test, so nothing here imports pytest.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 
-from engine.model.fp8 import FP8
+from engine.model.fp8 import FP8, dequantize_rows
 from engine.model.layer_kit import LayerKit
 from engine.model.moe import MoeSpec
 from engine.model.quantization import Fp8Scheme
@@ -25,6 +27,8 @@ SCHEMES = {
 # interface (activations quantized with engine.model.fp8.quantize_rows) measured 0.033 to 0.055 on these
 # cases; every group reading group 0's scale, or each row its neighbour's, measured 0.91 and 1.01.
 FP8_ACTIVATION_ERROR = 0.08
+# Against the same quantized activations only the order of summation and the output's rounding differ.
+SAME_QUANTIZATION_ERROR = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
 def published(scheme: Fp8Scheme, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +60,13 @@ def uneven_weight(shape: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
     )
 
 
-def fp8_experts_error(
+@dataclass(frozen=True)
+class Fp8ExpertsErrors:
+    same_quantization: float  # against the dequantized weights on activations quantized by the same kernel
+    float_activations: float  # against the dequantized weights on float activations: W8A8's rounding
+
+
+def fp8_experts_errors(
     scheme_name: str,
     tokens: int,
     experts: int,
@@ -65,13 +75,15 @@ def fp8_experts_error(
     inter: int,
     device: str,
     seed: int = 0,
-) -> float:
-    """Relative error of the kit's FP8 experts (bfloat16 activations) against the dequantized float32 experts."""
+    dtype: torch.dtype = torch.bfloat16,
+) -> Fp8ExpertsErrors:
+    """Relative errors of the kit's FP8 experts (activations in `dtype`, the model's) against the
+    dequantized float32 experts (the same checkpoint tensors loaded by TorchMoeExperts)."""
     scheme = SCHEMES[scheme_name]
     spec = MoeSpec(num_experts=experts, top_k=top_k, intermediate_size=inter, renormalize=True,
                    sparse_layers=frozenset())  # fmt: skip
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # the model's dtype, as the loader builds layers under it
+    torch.set_default_dtype(dtype)  # the model's, as the loader builds layers under it
     try:
         fp8 = LayerKit(fused=True, quantization=scheme).moe_experts(hidden, spec)
     finally:
@@ -89,12 +101,42 @@ def fp8_experts_error(
     for bank in (fp8, reference):
         bank.finish_loading()
     fp8.to(device)
-    x = torch.randn(tokens, hidden, generator=gen)
+    reference.to(device)
+    x = torch.randn(tokens, hidden, generator=gen).to(device, dtype)
     logits = torch.randn(tokens, experts, generator=gen)
     weights, ids = logits.softmax(-1).topk(top_k, dim=-1)
-    weights = weights / weights.sum(-1, keepdim=True)
+    weights, ids = (weights / weights.sum(-1, keepdim=True)).to(device), ids.to(device)
     with torch.no_grad():
-        expected = reference(x, weights, ids)
-        ours = fp8(x.to(device, torch.bfloat16), weights.to(device), ids.to(device)).float().cpu()
-    assert ours.shape == expected.shape
-    return ((ours - expected).norm() / expected.norm()).item()
+        ours = fp8(x, weights, ids).float()
+        float_acts = reference(x.float(), weights, ids)
+        same = same_quantization_reference(reference, x, weights, ids, scheme.group_k)
+
+    def error(expected: torch.Tensor) -> float:
+        return ((ours - expected).norm() / expected.norm()).item()
+
+    return Fp8ExpertsErrors(error(same), error(float_acts))
+
+
+def same_quantization_reference(
+    dequantized: torch.nn.Module,
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    group_k: int | None,
+) -> torch.Tensor:
+    """float32 [T, H]: the dequantized experts on x quantized by engine.kernels.fp8_quant (as the fused
+    kernel quantizes it), the SiLU-mul output rounded to x's dtype and quantized likewise per slot."""
+    from engine.kernels.fp8_quant import quantize_activations
+
+    def through_fp8(a: torch.Tensor) -> torch.Tensor:
+        return dequantize_rows(*quantize_activations(a, group_k), torch.float32, group_k)
+
+    xq = through_fp8(x)
+    out = torch.zeros_like(xq)
+    for expert in ids.unique().tolist():
+        token, choice = torch.where(ids == expert)
+        gate, up = F.linear(xq[token], dequantized.gate_up_proj[expert]).chunk(2, dim=-1)
+        h = through_fp8((F.silu(gate) * up).to(x.dtype))
+        y = F.linear(h, dequantized.down_proj[expert])
+        out.index_add_(0, token, y * weights[token, choice, None])
+    return out

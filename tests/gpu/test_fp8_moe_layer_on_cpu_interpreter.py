@@ -24,12 +24,17 @@ HERE = Path(__file__).parent
 REPO = HERE.parent.parent
 
 SCRIPT = r"""
-from fp8_moe_layer import FP8_ACTIVATION_ERROR, fp8_experts_error
-# scheme, tokens, experts, top_k, hidden, inter: partial 128-blocks of scales (160, 96), one decode token
+import torch
+from fp8_moe_layer import SAME_QUANTIZATION_ERROR, fp8_experts_errors
+# scheme, tokens, experts, top_k, hidden, inter: partial 128-blocks of scales (160, 96), one decode token.
+# float16: the interpreter's bfloat16 stores truncate. Against float activations the bound is loose: the
+# interpreter rounds some values to e4m3 wrongly (test_fp8_on_cpu_interpreter.py); a scale read from
+# another row or group is off by about 1 (tests/gpu/fp8_moe_layer.py).
 for case in [("block", 5, 8, 2, 160, 96), ("channel", 5, 8, 2, 160, 96), ("block", 1, 4, 2, 256, 128),
-             ("channel", 33, 4, 1, 64, 48)]:
-    error = fp8_experts_error(*case, "cpu")
-    assert error < FP8_ACTIVATION_ERROR, (case, error)
+             ("channel", 33, 4, 1, 64, 48), ("block", 20, 4, 2, 256, 96)]:
+    errors = fp8_experts_errors(*case, "cpu", dtype=torch.float16)
+    assert errors.same_quantization < SAME_QUANTIZATION_ERROR[torch.float16], (case, errors)
+    assert errors.float_activations < 0.2, (case, errors)
 print("ok")
 """
 
