@@ -72,8 +72,9 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         "--quantization",
         "-q",
         choices=["fp8"],
-        help="fp8: FP8 linear layers (W8A8: weights per output channel, activations per token) from a float "
-        "checkpoint, on GPUs of compute capability 8.9+ (emulated on the CPU); FP8 checkpoints need no flag",
+        help="fp8: FP8 linear layers and MoE experts (W8A8: weights per output channel, activations per token) "
+        "from a float checkpoint, on GPUs of compute capability 8.9+ (emulated on the CPU); FP8 checkpoints "
+        "need no flag",
     )
     a(
         "--kv-cache-dtype",

@@ -76,7 +76,8 @@ class EngineConfig(BaseModel):
     async_scheduling: bool | None = None
     # One worker process per GPU, each holding 1/N of every layer (vLLM's --tensor-parallel-size).
     tensor_parallel_size: int = Field(default=1, ge=1)
-    # FP8 linears from a float checkpoint (vLLM's --quantization fp8); FP8 checkpoints need no flag.
+    # FP8 linears and MoE experts from a float checkpoint (vLLM's --quantization fp8); FP8 checkpoints
+    # need no flag.
     quantization: Literal["fp8"] | None = None
     # The KV cache's dtype: "auto" = the model's (see engine.model.loader); fp8 / fp8_e4m3 = float8 e4m3
     # with a scale per layer (vLLM's names), twice the tokens in the same memory.
