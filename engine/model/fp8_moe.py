@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.model.fp8 import dequantize_rows, quantize_rows
+from engine.model.fp8 import FP8, dequantize_rows, quantize_rows
 from engine.model.quantization import Fp8Scheme
 from engine.model.sharding import CheckpointTensor, copy_checked
 
@@ -90,14 +90,16 @@ class ExpertFp8Scales(nn.Module):
     def quantize(self, gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """--quantization fp8: float [E, 2I, H] and [E, H, I] -> float8, one scale per expert and row of
         this rank's slice (gate/up: whole rows, the unsharded model's scales; down: the rank's columns of
-        each row, as the dense row-parallel layers quantize their slice)."""
+        each row, as the dense row-parallel layers quantize their slice). Expert by expert, so the float32
+        working copies stay one expert's size."""
         assert self.group_k is None
         out = []
         for w, scale in ((gate_up, self.gate_up_proj_scale), (down, self.down_proj_scale)):
-            e, rows, k = w.shape
-            q, s = quantize_rows(w.reshape(e * rows, k))
-            scale.data.copy_(s.view(e, rows, 1))
-            out.append(q.view(e, rows, k))
+            q = torch.empty(w.shape, dtype=FP8, device=w.device)
+            for e in range(w.shape[0]):
+                q[e], s = quantize_rows(w[e])
+                scale.data[e].copy_(s)
+            out.append(q)
         return out[0], out[1]
 
     def dequantize(
