@@ -179,8 +179,9 @@ def choose_fp8_block_config(num_slots: int, num_experts: int, group_k: int | Non
     """choose_block_config's three regimes (the same BLOCK_M, so the slots align alike) for float8
     operands, a byte an element: K steps of the scale group with block scales (each step's product is
     scaled by its group's scales), else of 256 while a block has few rows (half the loop trips, the
-    stages still fit) and 128 for prefill; more stages, as vLLM's published FP8 configurations for 128
-    experts on H100/H200 run. Not tuned here: bench/fused_moe_tune.py --fp8 sweeps them."""
+    stages still fit) and 128 for prefill; more stages: the direction vLLM's published FP8 configurations
+    for 128 experts on H100/H200 take. Not tuned here: bench/fused_moe_tune.py --variants fp8-channel
+    fp8-block sweeps them."""
     per_expert = num_slots / num_experts
     if per_expert <= 16:
         cfg = MoeBlockConfig(block_m=16, block_n=64, block_k=256, group_m=1, num_warps=4, num_stages=4)
