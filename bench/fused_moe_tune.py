@@ -152,6 +152,8 @@ def measure(tokens: int, x, weights, ids, experts: Experts, active: int, copy_bw
             (time_config(x, experts, weights, ids, c), c) for c in candidates(num_slots, num_experts, experts)
         ]
         timed = [(us, c) for us, c in timed if us is not None]
+        if not timed:
+            return {**row, "configs_timed": 0}
         best_us, best = min(timed, key=lambda t: t[0])
         row.update({"best": vars(best), "best_us": best_us, "best_pct_of_floor": 100 * floor_us / best_us,
                     "configs_timed": len(timed)})  # fmt: skip
