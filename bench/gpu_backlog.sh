@@ -50,6 +50,17 @@ case "${1:-}" in
     run w2_text 540 python3 bench/w2_text.py --prompts bench/data/w2_text --out "$OUT/w2_text.json" ;;
   moe-tune)  # issue 14: the fused MoE kernel's block configurations against a sweep (never run yet), before w5
     run fused_moe_tune 560 python3 bench/fused_moe_tune.py --out "$OUT/fused_moe_tune.json" ;;
+  moe-tune-fp8)  # issues 13/14: the fused MoE kernel with FP8 experts, its GPU tests first; then the block configurations
+    # of each FP8 variant swept against its default, the bf16 default beside it in the same run (Qwen3-30B-A3B layer)
+    run moe_fp8_tests 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fused_moe_fp8.py -x -rfE
+    run moe_tune_fp8_block 200 python3 bench/fused_moe_tune.py --variants bf16 fp8-block --sweep fp8-block \
+      --tokens 1 16 64 256 2048 8192 --out "$OUT/fused_moe_tune_fp8_block.json"
+    run moe_tune_fp8_channel 200 python3 bench/fused_moe_tune.py --variants bf16 fp8-channel --sweep fp8-channel \
+      --tokens 1 16 64 256 2048 8192 --out "$OUT/fused_moe_tune_fp8_channel.json" ;;
+  w5-fp8)  # issues 13/14: W5 served in bf16, then with --quantization fp8 (online W8A8, FP8 experts), one checkpoint,
+    # one call; 24 of 48 layers on every card, for time (two servers and two in-process engines; ~6 min)
+    run w5_fp8 560 python3 bench/w5_moe.py --num-layers 24 --quantization none fp8 --hf-requests 0 \
+      --out "$OUT/w5_fp8.json" ;;
   w5)  # issue 14: Qwen3-30B-A3B shape, HTTP, transformers baseline in the same call; 24 of 48 layers under 100 GB
     mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
     layers=48; (( mib < 100000 )) && layers=24
@@ -82,5 +93,5 @@ case "${1:-}" in
   w1)  # issue 13's W1 bar (H200: >= 28,800 tok/s), main and the old code on the same machine
     run w1 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
     (cd .carry/base && run w1_base 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_base.json") ;;
-  *) echo "usage: bench/gpu_backlog.sh bars13|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
+  *) echo "usage: bench/gpu_backlog.sh bars13|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
 esac

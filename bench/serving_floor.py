@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 HERE = str(Path(__file__).resolve().parent)
@@ -34,7 +34,10 @@ BUDGET = 8192  # tokens a step computes (the engine's GPU max_num_batched_tokens
 
 @dataclass(frozen=True)
 class ModelCost:
-    """What a step of a model costs, in bytes and products (bf16 weights and K/V)."""
+    """What a step of a model costs, in bytes and products: bf16 K/V, LM head and embeddings; the linears
+    below the LM head (attention, the MLP or the experts) at ``weight_bytes`` a weight: 2 in bf16, 1 in FP8
+    (W8A8, `--quantization fp8`: its products also run at twice the bf16 rate; its scales, under 2 % of the
+    bytes with [128, 128] blocks, are left out)."""
 
     name: str
     layers: int
@@ -45,6 +48,11 @@ class ModelCost:
     lm_head_params: int
     kv_values_per_token: int  # K and V, every layer
     vocab_size: int
+    weight_bytes: int = 2  # per weight of the linears below the LM head: 2 bf16, 1 FP8
+
+    def fp8(self) -> ModelCost:
+        """The same model served with `--quantization fp8`."""
+        return replace(self, name=f"{self.name}, FP8", weight_bytes=1)
 
     def active_params(self) -> int:
         return (
@@ -63,14 +71,16 @@ class ModelCost:
         """tokens computed this step (decodes + prompt chunks), sampled of them through the LM head (the
         decodes and the prompts finished this step: the engine computes no logits for the other prompt
         tokens), context_tokens of K/V read by the decodes."""
-        weight_params = (
-            self.layers
-            * (self.non_expert_params_per_layer + self.distinct_experts(tokens) * self.params_per_expert)
-            + self.lm_head_params
+        body_weights = self.layers * (
+            self.non_expert_params_per_layer + self.distinct_experts(tokens) * self.params_per_expert
         )
-        read = 2 * (weight_params + context_tokens * self.kv_values_per_token)
+        read = self.weight_bytes * body_weights + 2 * (
+            self.lm_head_params + context_tokens * self.kv_values_per_token
+        )
         body = self.active_params() - self.lm_head_params
-        return max(read / bandwidth, 2 * (body * tokens + self.lm_head_params * sampled) / flops)
+        # FP8 products at twice the bf16 rate: each takes weight_bytes / 2 of a bf16 product's time
+        products = body * tokens * self.weight_bytes / 2 + self.lm_head_params * sampled
+        return max(read / bandwidth, 2 * products / flops)
 
 
 def llama_3_1_8b() -> ModelCost:
@@ -150,7 +160,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     rows = []
-    for model in (llama_3_1_8b(), qwen3_30b_a3b(48), qwen3_30b_a3b(24)):
+    for model in (
+        llama_3_1_8b(),
+        qwen3_30b_a3b(48),
+        qwen3_30b_a3b(24),
+        qwen3_30b_a3b(48).fp8(),
+        qwen3_30b_a3b(24).fp8(),
+    ):
         row = w2_load_ceiling(model, args.bandwidth, args.num_requests, args.flops)
         rows.append(row)
         print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}))

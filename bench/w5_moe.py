@@ -5,6 +5,13 @@ decode steps (captured CUDA graphs, CUDA-event timed) against their bandwidth fl
 own MoE forward (`generate`, static batches; its default experts implementation) as the baseline.
 
     python3 bench/w5_moe.py --out bench/results/w5_moe_gpu.json
+    python3 bench/w5_moe.py --quantization none fp8 --hf-requests 0    # bf16, then online FP8, one checkpoint
+
+With `--quantization fp8` the same bf16 checkpoint is served with `kubellm serve --quantization fp8` (online
+W8A8: every linear below the LM head, the experts included, in float8 with per-channel scales), and its
+floor and ceiling count those weights at a byte each (bench/serving_floor.py's ModelCost.fp8). Several values
+serve one after the other from one checkpoint, each with its own figures, so FP8 and its bf16 baseline come
+from one call.
 
 Needs one GPU that holds the 61 GB of weights plus a KV cache (an H200; an 80 GB H100 runs it with
 `--num-layers 24`, which halves the model, and says so in the results). The checkpoint (61 GB) is
@@ -13,7 +20,9 @@ written to /dev/shm when it has room (the serving machines' disks are small), el
 The floor of a decode step of B sequences at context C reads, once: every non-expert weight (attention,
 norms, routers, the LM head), the experts the step's tokens chose (counted: an eager forward of the same
 inputs with the routers hooked; what uniform routing would choose, E * (1 - (1 - k/E)^B), is reported
-beside it), and B * C tokens of K/V, at the measured device-to-device copy bandwidth.
+beside it), and B * C tokens of K/V, at the measured device-to-device copy bandwidth. Served in FP8, the
+decoder layers' weights count a byte each (their scales, under 2 %, are left out); the LM head and the
+K/V stay bf16.
 """
 
 from __future__ import annotations
@@ -130,23 +139,24 @@ def decode_step_floor_ms(
     context: int,
     copy_bw: float,
     distinct: float | None = None,
+    layer_weight_bytes: int = 2,
 ) -> float:
-    """distinct: experts the step's tokens chose, per layer on average (None: what uniform routing expects)."""
+    """distinct: experts the step's tokens chose, per layer on average (None: what uniform routing expects).
+    layer_weight_bytes: per weight of each decoder layer (2 bf16, 1 FP8); the LM head and K/V stay bf16."""
     counts = parameter_counts(config)
     e, k, layers = config.num_experts, config.num_experts_per_tok, config.num_hidden_layers
     if distinct is None:
         distinct = e * (1 - (1 - k / e) ** batch)
-    weight_bytes = 2 * (
-        layers * (counts["non_expert_per_layer"] + distinct * counts["per_expert"]) + counts["lm_head"]
-    )
+    layer_params = layers * (counts["non_expert_per_layer"] + distinct * counts["per_expert"])
+    weight_bytes = layer_weight_bytes * layer_params + 2 * counts["lm_head"]
     kv_bytes = batch * context * 2 * layers * config.num_key_value_heads * config.head_dim * 2
     return (weight_bytes + kv_bytes) / copy_bw * 1e3
 
 
-def serve_and_load(path: Path, args, vocab_size: int, result: dict) -> None:
+def serve_and_load(path: Path, args, vocab_size: int, result: dict, quantization: str) -> None:
     serve_args = ["--model", str(path), "--served-model-name", SERVED_NAME, "--dtype", "bfloat16",
-                  "--max-model-len", "4096", *args.serve_args]  # fmt: skip
-    log_path = Path(args.out).with_suffix(".server.log")
+                  "--max-model-len", "4096", *quantization_args(quantization), *args.serve_args]  # fmt: skip
+    log_path = Path(args.out).with_suffix(f".{quantization}.server.log")
     with kubellm_serve(serve_args, args.port, log_path, timeout=900, stop_timeout=120) as server:
         result["server_startup_s"] = server.startup_s
         warm = sharegpt_like_requests(16, vocab_size, seed=99)
@@ -158,6 +168,10 @@ def serve_and_load(path: Path, args, vocab_size: int, result: dict) -> None:
             summary = asyncio.run(run_load(server.url, SERVED_NAME, specs, qps, seed=0))
             result["runs"].append(summary)
             print(json.dumps(summary), flush=True)
+
+
+def quantization_args(quantization: str) -> list[str]:
+    return [] if quantization == "none" else ["--quantization", quantization]
 
 
 def routed_experts_per_layer(engine, batch: int) -> float:
@@ -180,20 +194,22 @@ def routed_experts_per_layer(engine, batch: int) -> float:
     return sum(seen) / len(seen)
 
 
-def decode_steps_against_floor(path: Path, config, copy_bw: float) -> list[dict]:
+def decode_steps_against_floor(path: Path, config, copy_bw: float, quantization: str) -> list[dict]:
     from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine
     from engine.model.loader import load_model
 
     engine_config = EngineConfig(model=str(path), device="cuda", dtype="bfloat16", max_model_len=4096,
-                                 max_num_seqs=256, gpu_memory_utilization=0.9)  # fmt: skip
+                                 max_num_seqs=256, gpu_memory_utilization=0.9,
+                                 quantization=None if quantization == "none" else quantization)  # fmt: skip
     engine = LLMEngine(engine_config, load_model(engine_config))
+    weight_bytes = 2 if quantization == "none" else 1
     rows = []
     for batch, context in DECODE_SHAPES:
         measured = time_decode_forward(engine, batch, context)
-        uniform = decode_step_floor_ms(config, batch, context, copy_bw)
+        uniform = decode_step_floor_ms(config, batch, context, copy_bw, layer_weight_bytes=weight_bytes)
         distinct = None if measured is None else routed_experts_per_layer(engine, batch)
-        floor = decode_step_floor_ms(config, batch, context, copy_bw, distinct)
+        floor = decode_step_floor_ms(config, batch, context, copy_bw, distinct, weight_bytes)
         rows.append({"batch": batch, "context": context, "measured_ms": measured, "floor_ms": floor,
                      "routed_experts_per_layer": distinct, "floor_ms_uniform_routing": uniform,
                      "pct_of_floor": None if measured is None else 100 * floor / measured})  # fmt: skip
@@ -241,6 +257,10 @@ def main() -> None:
     parser.add_argument("--qps", type=float, nargs="+", default=[math.inf, 32.0])
     parser.add_argument("--num-layers", type=int, default=48, help="fewer layers for GPUs under ~100 GB")
     parser.add_argument(
+        "--quantization", nargs="+", choices=["none", "fp8"], default=["none"],
+        help="serve the bf16 checkpoint as is (none) and/or with `kubellm serve --quantization fp8`, in turn",
+    )  # fmt: skip
+    parser.add_argument(
         "--hf-requests", type=int, default=64, help="requests for the transformers baseline (0: skip)"
     )
     parser.add_argument("--port", type=int, default=8325)
@@ -256,9 +276,7 @@ def main() -> None:
     result: dict = {"device": props.name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
                     "transformers": transformers.__version__, "copy_bandwidth_TBps": copy_bw / 1e12,
                     "model": f"Qwen3-30B-A3B shape ({args.num_layers} layers), random bf16 weights",
-                    "parameters": counts, "runs": []}  # fmt: skip
-    # what an ideal server could reach on this GPU with evenly spread routing (bench/serving_floor.py)
-    ceiling = result["ceiling"] = w2_load_ceiling(qwen3_30b_a3b(args.num_layers), copy_bw, args.num_requests)
+                    "parameters": counts, "served": {}}  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -273,10 +291,18 @@ def main() -> None:
         write_random_checkpoint(config, path)
         torch.cuda.empty_cache()
         result["checkpoint_write_s"] = time.perf_counter() - started
-        serve_and_load(path, args, config.vocab_size, result)
-        save()
-        result["decode_steps"] = decode_steps_against_floor(path, config, copy_bw)
-        save()
+        for quantization in args.quantization:
+            cost = qwen3_30b_a3b(args.num_layers)
+            # what an ideal server could reach on this GPU with evenly spread routing (bench/serving_floor.py)
+            ceiling = w2_load_ceiling(
+                cost if quantization == "none" else cost.fp8(), copy_bw, args.num_requests
+            )
+            served = result["served"][quantization] = {"serve_flags": quantization_args(quantization),
+                                                       "ceiling": ceiling, "runs": []}  # fmt: skip
+            serve_and_load(path, args, config.vocab_size, served, quantization)
+            save()
+            served["decode_steps"] = decode_steps_against_floor(path, config, copy_bw, quantization)
+            save()
         if args.hf_requests:
             try:
                 result["hf_static_generate"] = hf_static_generate(path, args.hf_requests, config.vocab_size)
@@ -285,17 +311,23 @@ def main() -> None:
             save()
 
     print(f"\nW5 on {props.name}, {result['model']}, {args.num_requests} requests:")
-    for r in result["runs"]:
+    for quantization, served in result["served"].items():
+        print(f" {'bf16' if quantization == 'none' else quantization}:")
+        for r in served["runs"]:
+            print(
+                f"  QPS={r['qps']}: {r['request_throughput']:.1f} req/s, {r['output_token_throughput']:.0f} output tok/s, "
+                f"TTFT p50/p99 {r['ttft_ms']['p50']:.0f}/{r['ttft_ms']['p99']:.0f} ms, "
+                f"TPOT p50/p99 {r['tpot_ms']['p50']:.1f}/{r['tpot_ms']['p99']:.1f} ms, errors {r['errors']}"
+            )
         print(
-            f"  QPS={r['qps']}: {r['request_throughput']:.1f} req/s, {r['output_token_throughput']:.0f} output tok/s, "
-            f"TTFT p50/p99 {r['ttft_ms']['p50']:.0f}/{r['ttft_ms']['p99']:.0f} ms, "
-            f"TPOT p50/p99 {r['tpot_ms']['p50']:.1f}/{r['tpot_ms']['p99']:.1f} ms, errors {r['errors']}"
+            f"  ceiling at QPS=inf on this GPU, uniform routing: {served['ceiling']['req_per_s']:.1f} req/s"
         )
-    print(f"  ceiling at QPS=inf on this GPU, uniform routing: {ceiling['req_per_s']:.1f} req/s")
-    for row in result["decode_steps"]:
-        print(
-            f"  decode step {row['batch']} x {row['context']}: {row['measured_ms']} ms, floor {row['floor_ms']:.2f} ms"
-        )
+        for row in served["decode_steps"]:
+            pct = "" if row["pct_of_floor"] is None else f" ({row['pct_of_floor']:.0f} % of it)"
+            print(
+                f"  decode step {row['batch']} x {row['context']}: {row['measured_ms']} ms, "
+                f"floor {row['floor_ms']:.2f} ms{pct}"
+            )
     hf = result.get("hf_static_generate", {})
     if "request_throughput" in hf:
         print(f"  transformers generate (first {hf['requests']}): {hf['request_throughput']:.2f} req/s")

@@ -14,6 +14,16 @@ Weights keep the Hugging Face orientation ([E, out, in], as nn.Linear), so the s
 plain-torch path. Tensor parallelism shards each expert's intermediate dimension: a rank's ``w13`` holds
 its gate shard then its up shard, its ``w2`` the matching columns, and the caller all-reduces the sum.
 
+FP8 (W8A8, e4m3; ``w13_scale`` / ``w2_scale`` given): the weights are float8 with float32 scales, one per
+(expert, weight row, group of ``group_k`` input features), per channel (``group_k`` None, G = 1) or as
+block-scaled checkpoints store them (Qwen3-*-FP8: [128, 128] blocks, each row holding its block's
+scale; engine.model.fp8's layout). x is quantized before step 2 and the SiLU-mul output before step 3
+(engine.kernels.fp8_quant: per token or slot, and per ``group_k`` columns for block weights). The same
+kernel, switched by constexprs: with group scales each BLOCK_K-wide product (BLOCK_K = group_k) is
+scaled by its row's and weight rows' group scales as it is added in float32; per channel the float32
+sum is scaled once at the end (gate and up by their own rows' scales, before the SiLU-mul). Half the
+bytes of bfloat16 experts, which is what a decode step's time is.
+
 Shapes depend only on the number of tokens and no value is read back to the host, so decode steps are
 CUDA-graph capturable.
 """
@@ -26,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.fp8_quant import quantize_activations
 from engine.kernels.moe_align import (
     SMALL_MAX_SLOTS,
     ExpertAlignment,
@@ -33,6 +44,7 @@ from engine.kernels.moe_align import (
     align_slots_by_expert_small,
 )
 from engine.kernels.shared_memory import device_shared_memory, stages_that_fit
+from engine.model.fp8 import FP8
 
 
 # Per-step integers are not specialised on (divisibility by 16 would compile new variants mid-run).
@@ -42,6 +54,8 @@ def _moe_gemm_kernel(
     b_ptr,  # [E, N or 2N, K]
     c_ptr,  # [num_slots, N]
     weight_ptr,  # [num_slots] float32 routing weights (read only when WEIGHTED)
+    a_scale_ptr,  # FP8: [rows, G] float32, the activations' scales (row as a's row)
+    b_scale_ptr,  # FP8: [E, N or 2N, G] float32, the weights' scales
     sorted_slots_ptr,
     block_expert_ptr,
     num_padded_ptr,
@@ -53,9 +67,14 @@ def _moe_gemm_kernel(
     stride_be,
     stride_bn,
     stride_cm,
+    stride_asm,
+    stride_bse,
+    stride_bsn,
     TOP_K: tl.constexpr,
     GATED: tl.constexpr,  # b holds gate rows [0, N) and up rows [N, 2N): store silu(gate) * up
     WEIGHTED: tl.constexpr,  # scale each row by its slot's routing weight
+    FP8: tl.constexpr,  # a and b are float8 e4m3 with scales: real value = float8 * scale
+    PER_GROUP: tl.constexpr,  # FP8 scales per BLOCK_K columns of K (else one per row, G = 1)
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -83,21 +102,47 @@ def _moe_gemm_kernel(
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
 
-    a_ptrs = a_ptr + (slots // TOP_K)[:, None] * stride_am + offs_k[None, :]
+    a_rows = slots // TOP_K
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]
     b_ptrs = b_ptr + expert * stride_be + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None]
+    # FP8: the scales of each row of a (its token or slot) and of each weight row of the tile (gate; up
+    # rows N further on)
+    sa_ptrs = a_scale_ptr + a_rows * stride_asm
+    sb_ptrs = b_scale_ptr + expert * stride_bse + offs_n.to(tl.int64) * stride_bsn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_mask = offs_k < K - k0
         a = tl.load(a_ptrs, mask=slot_mask[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         if GATED:
             b_up = tl.load(b_ptrs + N * stride_bn, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
+        if FP8:
+            # each BLOCK_K-wide product lands in float32 on its own (Hopper's FP8 MMA accumulates with
+            # fewer bits), scaled by its group's scales where the scales are per group
+            if PER_GROUP:
+                g = k0 // BLOCK_K
+                sa = tl.load(sa_ptrs + g, mask=slot_mask, other=0.0)[:, None]
+                acc += tl.dot(a, b) * sa * tl.load(sb_ptrs + g, mask=n_mask, other=0.0)[None, :]
+                if GATED:
+                    sb_up = tl.load(sb_ptrs + N * stride_bsn + g, mask=n_mask, other=0.0)
+                    acc_up += tl.dot(a, b_up) * sa * sb_up[None, :]
+            else:
+                acc += tl.dot(a, b)
+                if GATED:
+                    acc_up += tl.dot(a, b_up)
+        else:
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            if GATED:
+                acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
 
+    if FP8 and not PER_GROUP:  # one scale per row of a and per weight row: once, at the end
+        sa = tl.load(sa_ptrs, mask=slot_mask, other=0.0)[:, None]
+        acc = acc * sa * tl.load(sb_ptrs, mask=n_mask, other=0.0)[None, :]
+        if GATED:
+            acc_up = acc_up * sa * tl.load(sb_ptrs + N * stride_bsn, mask=n_mask, other=0.0)[None, :]
     if GATED:
         acc = acc / (1.0 + tl.exp(-acc)) * acc_up
     if WEIGHTED:
@@ -130,6 +175,34 @@ def choose_block_config(num_slots: int, num_experts: int) -> MoeBlockConfig:
     return MoeBlockConfig(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3)
 
 
+def choose_fp8_block_config(num_slots: int, num_experts: int, group_k: int | None) -> MoeBlockConfig:
+    """choose_block_config's three regimes (the same BLOCK_M, so the slots align alike) for float8
+    operands, a byte an element: K steps of the scale group with block scales (each step's product is
+    scaled by its group's scales), else of 256 while a block has few rows (half the loop trips, the
+    stages still fit) and 128 for prefill; more stages: the direction vLLM's published FP8 configurations
+    for 128 experts on H100/H200 take. Not tuned here: bench/fused_moe_tune.py --variants fp8-channel
+    fp8-block sweeps them."""
+    per_expert = num_slots / num_experts
+    if per_expert <= 16:
+        cfg = MoeBlockConfig(block_m=16, block_n=64, block_k=256, group_m=1, num_warps=4, num_stages=4)
+    elif per_expert <= 96:
+        cfg = MoeBlockConfig(block_m=32, block_n=64, block_k=256, group_m=8, num_warps=4, num_stages=3)
+    else:
+        cfg = MoeBlockConfig(block_m=64, block_n=128, block_k=128, group_m=8, num_warps=8, num_stages=4)
+    return cfg if group_k is None else replace(cfg, block_k=group_k)
+
+
+def fit_shared_memory(
+    cfg: MoeBlockConfig, element_bytes: int, gated: bool, shared_memory: int
+) -> MoeBlockConfig:
+    """``cfg`` with as many of its stages as fit ``shared_memory`` bytes: a stage holds the activation tile
+    and one weight tile (two for the gated GEMM: gate and up) of ``element_bytes`` each element (1 for
+    float8, 2 for bfloat16)."""
+    weight_tiles = 2 if gated else 1
+    per_stage = element_bytes * (cfg.block_m * cfg.block_k + weight_tiles * cfg.block_k * cfg.block_n)
+    return replace(cfg, num_stages=stages_that_fit(cfg.num_stages, per_stage, shared_memory))
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # float32 models get true float32 products (what the CPU path and transformers compute), not tf32
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -144,24 +217,62 @@ def _grouped_gemm(
     cfg: MoeBlockConfig,
     gated: bool,
     weights: torch.Tensor | None,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,  # FP8: a's [rows, G], b's [E, rows, G]
+    group_k: int | None = None,
 ) -> None:
     n, k = out.shape[1], a.shape[1]
     max_padded = align.sorted_slots.numel()
     if a.is_cuda:  # a tile tuned on Hopper may need more shared memory than Ada has
-        weight_tiles = 2 if gated else 1
-        per_stage = a.element_size() * (cfg.block_m * cfg.block_k + weight_tiles * cfg.block_k * cfg.block_n)
-        stages = stages_that_fit(cfg.num_stages, per_stage, device_shared_memory(a.device.index or 0))
-        cfg = replace(cfg, num_stages=stages)
+        cfg = fit_shared_memory(cfg, a.element_size(), gated, device_shared_memory(a.device.index or 0))
+    a_scale, b_scale = scales if scales is not None else (out, out)  # unread without FP8
     grid = (triton.cdiv(max_padded, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     _moe_gemm_kernel[grid](
-        a, b, out, weights if weights is not None else out,
+        a, b, out, weights if weights is not None else out, a_scale, b_scale,
         align.sorted_slots, align.block_expert, align.num_padded,
         n, k, align.num_slots, max_padded,
         a.stride(0), b.stride(0), b.stride(1), out.stride(0),
-        TOP_K=top_k, GATED=gated, WEIGHTED=weights is not None, DOT_PRECISION=_dot_precision(a.dtype),
+        a_scale.stride(0), b_scale.stride(0), b_scale.stride(1) if scales is not None else 0,
+        TOP_K=top_k, GATED=gated, WEIGHTED=weights is not None,
+        FP8=scales is not None, PER_GROUP=group_k is not None, DOT_PRECISION=_dot_precision(a.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
+
+
+def check_fp8_operands(
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    w13_scale: torch.Tensor | None,
+    w2_scale: torch.Tensor | None,
+    group_k: int | None,
+) -> bool:
+    """Whether the experts are FP8 (their scales given), after checking that the weights and scales fit
+    together (shapes only: nothing is read from the device). Raises ValueError where they do not."""
+    if w13_scale is None and w2_scale is None:
+        if group_k is not None:
+            raise ValueError(f"group_k={group_k} without FP8 weight scales")
+        return False
+    if w13_scale is None or w2_scale is None:
+        raise ValueError("FP8 experts need both w13_scale and w2_scale")
+    if w13.dtype != FP8 or w2.dtype != FP8:
+        raise ValueError(f"FP8 scales given for {w13.dtype} / {w2.dtype} expert weights (want {FP8})")
+    if group_k is not None and (group_k < 16 or group_k & (group_k - 1)):
+        raise ValueError(f"FP8 scale groups of {group_k} columns: a power of two >= 16 is needed")
+    num_experts, two_inter, hidden = w13.shape
+    inter = two_inter // 2
+    groups_h = 1 if group_k is None else -(-hidden // group_k)
+    groups_i = 1 if group_k is None else -(-inter // group_k)
+    for name, scale, shape in (
+        ("w13_scale", w13_scale, (num_experts, two_inter, groups_h)),
+        ("w2_scale", w2_scale, (num_experts, hidden, groups_i)),
+    ):
+        if tuple(scale.shape) != shape or scale.dtype != torch.float32 or scale.stride(-1) != 1:
+            raise ValueError(
+                f"{name}: float32 {list(shape)} with contiguous groups expected (one scale per expert, "
+                f"weight row and group of {group_k or 'all'} input features), got {scale.dtype} "
+                f"{list(scale.shape)} strides {scale.stride()}"
+            )
+    return True
 
 
 def fused_experts(
@@ -171,23 +282,44 @@ def fused_experts(
     topk_weights: torch.Tensor,  # [T, top_k] float32
     topk_ids: torch.Tensor,  # [T, top_k] integer
     config: MoeBlockConfig | None = None,
+    *,
+    w13_scale: torch.Tensor | None = None,  # FP8: float32 [E, 2I, 1 or ceil(H / group_k)]
+    w2_scale: torch.Tensor | None = None,  # FP8: float32 [E, H, 1 or ceil(I / group_k)]
+    group_k: int | None = None,  # FP8: None, per-channel weights; else block-scaled, BLOCK_K = group_k
 ) -> torch.Tensor:  # [T, H] in x's dtype
+    """With scales, w13 and w2 are float8 e4m3 (real weight = float8 * scale, as engine.model.fp8 keeps
+    it): x is quantized per token (and group_k columns), the SiLU-mul output per slot likewise, and the
+    grouped GEMMs scale their float32 products (module docstring)."""
     num_tokens, top_k = topk_ids.shape
     num_experts, two_inter, hidden = w13.shape
     inter = two_inter // 2
     assert x.stride(-1) == 1 and w13.stride(-1) == 1 and w2.stride(-1) == 1
+    fp8 = check_fp8_operands(w13, w2, w13_scale, w2_scale, group_k)
     if num_tokens == 0:
         return torch.empty_like(x)
     num_slots = num_tokens * top_k
-    cfg = config or choose_block_config(num_slots, num_experts)
+    if config is None:
+        fp8_config = choose_fp8_block_config(num_slots, num_experts, group_k)
+        cfg = fp8_config if fp8 else choose_block_config(num_slots, num_experts)
+    else:
+        cfg = config
+    if fp8 and group_k is not None and cfg.block_k != group_k:
+        raise ValueError(f"block-scaled FP8 needs block_k = group_k ({group_k}), not {cfg.block_k}")
     align = (align_slots_by_expert_small if num_slots <= SMALL_MAX_SLOTS else align_slots_by_expert)(
         topk_ids, num_experts, cfg.block_m
     )
     activated = torch.empty((num_slots, inter), dtype=x.dtype, device=x.device)
-    _grouped_gemm(x, w13, activated, align, top_k, cfg, gated=True, weights=None)
     per_slot = torch.empty((num_slots, hidden), dtype=x.dtype, device=x.device)
     weights = topk_weights.reshape(-1).to(torch.float32)
-    _grouped_gemm(activated, w2, per_slot, align, 1, cfg, gated=False, weights=weights)
+    if fp8:
+        assert w13_scale is not None and w2_scale is not None
+        xq, x_scale = quantize_activations(x, group_k)
+        _grouped_gemm(xq, w13, activated, align, top_k, cfg, True, None, (x_scale, w13_scale), group_k)
+        aq, a_scale = quantize_activations(activated, group_k)
+        _grouped_gemm(aq, w2, per_slot, align, 1, cfg, False, weights, (a_scale, w2_scale), group_k)
+    else:
+        _grouped_gemm(x, w13, activated, align, top_k, cfg, gated=True, weights=None)
+        _grouped_gemm(activated, w2, per_slot, align, 1, cfg, gated=False, weights=weights)
     if top_k == 1:
         return per_slot
     return per_slot.view(num_tokens, top_k, hidden).sum(dim=1)

@@ -1,5 +1,5 @@
 """The fused MoE kernel's indexing and masking (slot sorting and padding, both ways; the gated first
-GEMM; the weighted second one) and the router's softmax and top-k kernel, checked on the CPU through Triton's interpreter against the float32 reference,
+GEMM; the weighted second one; FP8 experts with per-channel and block scales) and the router's softmax and top-k kernel, checked on the CPU through Triton's interpreter against the float32 reference,
 in a fresh process (the interpreter must be on before the kernel is defined). Tiny shapes, float32 and
 float16, each of the three block configurations, uneven routing. The GPU covers real sizes
 (test_fused_moe.py)."""
@@ -44,6 +44,33 @@ for tokens, experts, top_k, hidden, inter, dtype, skew, block_m in cases:
     out = fused_experts(case.x, case.w13, case.w2, case.topk_weights, case.topk_ids)
     err = relative_error(out, reference_moe(case))
     assert err < (1e-5 if dtype == f32 else 2e-3), (tokens, experts, top_k, err)
+
+# FP8 experts (float8 weights with per-channel or [128, 128]-block scales; activations quantized inside)
+# against the float32 products of the dequantized weights and the same quantized activations: each
+# block configuration, hidden and intermediate sizes no multiple of 128 (a partial last scale group),
+# uneven routing. float32 and float16 only: the interpreter's bfloat16 stores truncate. Against the
+# unquantized MoE the bound is loose: the interpreter rounds some values to e4m3 wrongly
+# (test_fp8_on_cpu_interpreter.py), tests/gpu/test_fused_moe_fp8.py holds FP8's real tolerance.
+from engine.kernels.fused_moe import choose_fp8_block_config
+from moe_reference import fp8_experts, reference_fp8_moe
+# tokens, experts, top_k, hidden, inter, dtype, group_k, skew_to, expected block_m
+fp8_cases = [
+    (1, 8, 2, 64, 48, f32, None, None, 16),
+    (3, 8, 2, 256, 128, f32, 128, None, 16),
+    (7, 8, 1, 200, 72, f16, 128, None, 16),
+    (40, 4, 2, 160, 48, f32, None, 3, 32),
+    (200, 4, 2, 256, 136, f16, 128, None, 64),
+]
+for tokens, experts, top_k, hidden, inter, dtype, group, skew, block_m in fp8_cases:
+    case = make_moe_case(tokens, experts, top_k, hidden, inter, dtype, "cpu", seed=tokens, skew_to=skew)
+    cfg = choose_fp8_block_config(tokens * top_k, experts, group)
+    assert cfg.block_m == block_m and cfg.block_k == (group or cfg.block_k), cfg
+    fp8 = fp8_experts(case, group)
+    out = fused_experts(case.x, fp8.w13, fp8.w2, case.topk_weights, case.topk_ids, **fp8.kwargs())
+    assert out.dtype == dtype and out.shape == case.x.shape
+    err = relative_error(out, reference_fp8_moe(case, fp8))
+    assert err < (1e-5 if dtype == f32 else 2e-3), (tokens, experts, top_k, group, err)
+    assert relative_error(out, reference_moe(case)) < 0.2, (tokens, experts, top_k, group)
 
 # the alignment itself: every slot (token * top_k + choice) once, grouped by expert in whole blocks of
 # 4 padded with the sentinel 8, token order kept within an expert, expert 4 (unused) taking no block

@@ -58,3 +58,23 @@ def test_fused_moe_configs_fit_ada_in_bfloat16():
         assert stages_that_fit(cfg.num_stages, per_stage, HOPPER) == cfg.num_stages
         on_ada = stages_that_fit(cfg.num_stages, per_stage, ADA)
         assert 2 <= on_ada and on_ada * per_stage <= ADA - EPILOGUE_RESERVE, (slots, cfg, on_ada)
+
+
+@pytest.mark.parametrize("group", [None, 128])
+def test_fused_moe_fp8_configs_count_a_byte_an_element(group):
+    """The FP8 configurations (float8 tiles, a byte an element) at every size: their stages as chosen fit
+    Hopper, are cut to fit Ada, and with block scales each K step is one scale group. Counted at two bytes
+    (as bfloat16) the decode tile would lose a stage on Hopper: the byte count is what lets it keep four."""
+    from engine.kernels.fused_moe import choose_fp8_block_config, fit_shared_memory
+
+    for slots in (8, 512, 4096, 65536):
+        cfg = choose_fp8_block_config(slots, 128, group)
+        assert cfg.block_k == (group or cfg.block_k)
+        for gated in (True, False):
+            assert fit_shared_memory(cfg, 1, gated, HOPPER) == cfg
+            on_ada = fit_shared_memory(cfg, 1, gated, ADA)
+            per_stage = cfg.block_m * cfg.block_k + (2 if gated else 1) * cfg.block_k * cfg.block_n
+            assert 2 <= on_ada.num_stages and on_ada.num_stages * per_stage <= ADA - EPILOGUE_RESERVE
+            assert on_ada.block_m == cfg.block_m and on_ada.block_k == cfg.block_k
+    decode = choose_fp8_block_config(8, 128, None)
+    assert fit_shared_memory(decode, 2, True, HOPPER).num_stages < decode.num_stages

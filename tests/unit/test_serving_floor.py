@@ -56,3 +56,35 @@ def test_every_request_finishes_after_its_prompt_and_outputs_minus_one_decode_st
     # step 3: the long one's second token, reading its 10,001 tokens of K/V
     assert steps == [(8192, 0, 0), (1808 + 5, 2, 0), (1, 1, 10001)]
     assert result["steps"] == 3 and result["seconds"] == 3.0
+
+
+QWEN = floor.qwen3_30b_a3b(24)
+
+
+def test_fp8_reads_a_byte_per_expert_and_attention_weight_and_two_for_the_rest():
+    """A decode step of the FP8 model (bandwidth-bound): its experts and attention linears at a byte a weight,
+    the LM head and the K/V still in bf16."""
+    fp8 = QWEN.fp8()
+    assert fp8.weight_bytes == 1 and QWEN.weight_bytes == 2 and fp8.name.endswith("FP8")
+    context = 3000
+    body = QWEN.layers * (
+        QWEN.non_expert_params_per_layer + QWEN.distinct_experts(4) * QWEN.params_per_expert
+    )
+    rest = 2 * (QWEN.lm_head_params + context * QWEN.kv_values_per_token)
+    assert fp8.step_seconds(4, 4, context, bandwidth=1.0, flops=1e30) == body + rest
+    assert QWEN.step_seconds(4, 4, context, bandwidth=1.0, flops=1e30) == 2 * body + rest
+
+
+def test_fp8_products_run_at_twice_the_bf16_rate_but_the_lm_head():
+    fp8 = QWEN.fp8()
+    body = QWEN.active_params() - QWEN.lm_head_params
+    seconds = fp8.step_seconds(8192, 5, 0, bandwidth=1e30, flops=1.0)
+    assert seconds == 2 * (body * 8192 / 2 + QWEN.lm_head_params * 5)
+
+
+def test_fp8_experts_nearly_double_the_moe_ceiling():
+    """W5's load: the expert bytes are most of every step, so halving them nearly doubles the ceiling."""
+    bf16 = floor.w2_load_ceiling(QWEN, 4.2e12)
+    fp8 = floor.w2_load_ceiling(QWEN.fp8(), 4.2e12)
+    assert fp8["steps"] == bf16["steps"]
+    assert 1.6 < fp8["req_per_s"] / bf16["req_per_s"] < 2.0
