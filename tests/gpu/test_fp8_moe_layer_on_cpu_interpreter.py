@@ -6,7 +6,6 @@ GPU covers real ones (tests/gpu/test_fp8_moe_engine_on_gpu.py)."""
 
 from __future__ import annotations
 
-import inspect
 import os
 import subprocess
 import sys
@@ -40,10 +39,6 @@ print("ok")
 
 
 def test_fp8_experts_layer_matches_the_dequantized_experts_under_the_interpreter():
-    from engine.kernels.fused_moe import fused_experts
-
-    if "w13_scale" not in inspect.signature(fused_experts).parameters:
-        pytest.skip("the fused MoE kernel takes no FP8 scales yet (the fp8-moe-kernel work)")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(HERE), "PYTHONSAFEPATH": "1"}
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
