@@ -15,6 +15,12 @@ its softmax and top-k are one kernel, engine.kernels.moe_router). Tensor paralle
 expert's intermediate dimension, as the dense MLP's column/row split does: rank r of N holds gate/up
 rows and down columns [r*I/N, (r+1)*I/N) of every expert, reads only those from the checkpoint, and the
 block all-reduces its partial sums (one all-reduce per layer, as the dense MLP's down projection).
+
+Under an FP8 scheme (engine.model.quantization) the experts hold float8 weights with one scale per row and
+group of 128 inputs (engine.model.fp8_moe, the layout engine.model.fp8.Fp8Linear keeps), read from each
+expert's ``weight_scale`` / ``weight_scale_inv`` or quantized at load (--quantization fp8); where no FP8
+GEMMs run they are dequantized once loaded. The router is never quantized (vLLM keeps it in the model's
+dtype too): a float8 router weight in a checkpoint is refused.
 """
 
 from __future__ import annotations
