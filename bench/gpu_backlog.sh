@@ -85,11 +85,14 @@ case "${1:-}" in
       tests/gpu -q -p no:cacheprovider --timeout 120 -rfE -k "not cpu_interpreter" --junitxml="$OUT/junit.xml" ;;
   tests-fp8)  # the GPU tests of the code changed since tests/gpu last ran: FP8 GEMM tiles (both scale layouts), FP8
     # engines, the shared small_engine builder (engine, FP8, MoE on the GPU), the MoE router kernel, the sampler on
-    # bfloat16 logits (its CUDA cases), the step timer behind --max-prefill-tokens-while-decoding auto
+    # bfloat16 logits (its CUDA cases), the step timer behind --max-prefill-tokens-while-decoding auto; FP8 experts (~540 s)
     run gpu_tests_fp8 300 python3 -m pytest tests/gpu/test_fp8_gemm.py tests/gpu/test_fp8_quant_kernel.py \
       tests/gpu/test_moe_router.py tests/gpu/test_fp8_engine_on_gpu.py tests/gpu/test_engine_on_gpu.py \
       tests/gpu/test_moe_engine_on_gpu.py tests/gpu/test_step_timer_on_gpu.py tests/unit/test_sampler.py \
-      -q -p no:cacheprovider --timeout 120 -rfE --junitxml="$OUT/junit_fp8.xml" ;;
+      -q -p no:cacheprovider --timeout 120 -rfE --junitxml="$OUT/junit_fp8.xml"
+    # FP8 experts: the fused kernel against float32 references, then FP8 MoE engines against the dequantized bf16 ones
+    run gpu_tests_fp8_moe 240 python3 -m pytest tests/gpu/test_fused_moe_fp8.py tests/gpu/test_fp8_moe_engine_on_gpu.py \
+      -q -p no:cacheprovider --timeout 120 --maxfail 10 -rfE --junitxml="$OUT/junit_fp8_moe.xml" ;;
   w1)  # issue 13's W1 bar (H200: >= 28,800 tok/s), main and the old code on the same machine
     run w1 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
     (cd .carry/base && run w1_base 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_base.json") ;;
