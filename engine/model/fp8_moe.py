@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.model.fp8 import FP8, dequantize_rows, quantize_rows
+from engine.model.fp8 import dequantize_rows, quantize_rows
 from engine.model.quantization import Fp8Scheme
 from engine.model.sharding import CheckpointTensor, copy_checked
 
@@ -30,7 +30,7 @@ def _cdiv(a: int, b: int) -> int:
 class ExpertFp8Scales(nn.Module):
     """This rank's scales of every expert's gate/up rows [inter_start, inter_start + inter) and down
     columns of the same range, filled from the checkpoint (``load_part`` per expert, ``load_fused`` from
-    transformers 5's fused layout) or by ``quantize`` (--quantization fp8)."""
+    transformers 5's fused layout) or by ``quantize_part`` (--quantization fp8)."""
 
     def __init__(
         self,
@@ -87,20 +87,22 @@ class ExpertFp8Scales(nn.Module):
                 self._store("gate", e, gate, tuple(whole.shape))
                 self._store("up", e, up, tuple(whole.shape))
 
-    def quantize(self, gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """--quantization fp8: float [E, 2I, H] and [E, H, I] -> float8, one scale per expert and row of
-        this rank's slice (gate/up: whole rows, the unsharded model's scales; down: the rank's columns of
-        each row, as the dense row-parallel layers quantize their slice). Expert by expert, so the float32
-        working copies stay one expert's size."""
+    def quantize_part(self, part: str, expert: int, w: torch.Tensor) -> torch.Tensor:
+        """--quantization fp8, as each expert's float tensor arrives: this rank's slice of one expert's
+        gate or up rows [inter, H] or down [H, inter] -> float8, its scales (one per row of the slice:
+        gate/up rows are whole, so the unsharded model's scales; down's over the rank's columns, as the
+        dense row-parallel layers quantize their slice) stored here. One part's float32 working copy at a
+        time: the float experts never exist in full, so a model that fits in FP8 loads in FP8."""
         assert self.group_k is None
-        out = []
-        for w, scale in ((gate_up, self.gate_up_proj_scale), (down, self.down_proj_scale)):
-            q = torch.empty(w.shape, dtype=FP8, device=w.device)
-            for e in range(w.shape[0]):
-                q[e], s = quantize_rows(w[e])
-                scale.data[e].copy_(s)
-            out.append(q)
-        return out[0], out[1]
+        q, scale = quantize_rows(w)
+        if part == "down":
+            copy_checked(self.down_proj_scale.data[expert], scale, tuple(w.shape))
+        else:
+            offset = 0 if part == "gate" else self.inter
+            copy_checked(
+                self.gate_up_proj_scale.data[expert, offset : offset + self.inter], scale, tuple(w.shape)
+            )
+        return q
 
     def dequantize(
         self, gate_up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype

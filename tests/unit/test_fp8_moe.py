@@ -234,6 +234,26 @@ def test_online_fp8_scales_every_experts_rows_and_a_rank_its_slice_of_them():
         assert torch.equal(rank.down_proj[e], published(CHANNEL, parts["down"][:, 32:])[2])
 
 
+def test_online_fp8_experts_are_float8_from_the_start_each_expert_quantized_as_it_arrives():
+    """--quantization fp8 never holds the float experts whole (Qwen3-30B-A3B's are 57 GB in bfloat16, 29 GB
+    in FP8): the parameters are float8 before anything loads, and an expert's tensor is float8 with its
+    row scales as soon as it is read, the others untouched."""
+    inter = 64
+    bank = TorchMoeExperts(HIDDEN, spec(inter, 2), quantization=replace(ONLINE_FP8, dequantize=False))
+    assert bank.gate_up_proj.dtype == FP8 and bank.down_proj.dtype == FP8
+    bank.gate_up_proj.data.zero_()
+    torch.manual_seed(5)
+    up, down = torch.randn(inter, HIDDEN), torch.randn(HIDDEN, inter)
+    bank.load_checkpoint_tensor("up", 1, up)
+    bank.load_checkpoint_tensor("down", 0, down)
+    for got, got_scale, w in ((bank.gate_up_proj[1, inter:], bank.fp8.gate_up_proj_scale[1, inter:], up),
+                              (bank.down_proj[0], bank.fp8.down_proj_scale[0], down)):  # fmt: skip
+        scale = w.abs().amax(dim=1, keepdim=True) / 448
+        assert torch.equal(got.float(), (w / scale).to(FP8).float())
+        torch.testing.assert_close(got_scale, scale, rtol=1e-6, atol=0)
+    assert not bank.gate_up_proj[1, :inter].float().any() and not bank.gate_up_proj[0].float().any()
+
+
 def tiny_qwen3_moe_state():
     config = Qwen3MoeConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                             num_key_value_heads=1, head_dim=16, moe_intermediate_size=24, num_experts=2,
