@@ -71,21 +71,28 @@ class ExpertFp8Scales(nn.Module):
         self._store(part, expert, self._part_rows(scale, rows, cols), tuple(tensor.shape))
 
     def load_fused(self, part: str, tensor: CheckpointTensor) -> None:
-        """Every expert's scales of transformers 5's fused layout: gate_up [E, R, G] over the fused [2I, H]
-        (gate rows then up rows) or down [E, R, G]; each scale row covers rows / R weight rows (its
-        dequantization derives the block from the grid), one value per expert for a per-tensor scale."""
+        """Every expert's scales of transformers 5's fused layout: gate_up [E, R, G] over the fused [2I, H],
+        which is gate's scale grid stacked on up's (transformers concatenates the hub's per-expert
+        tensors, so a block never spans gate and up, and with I no multiple of 128 each half's last
+        block is short), or down [E, R, G]; a per-tensor scale is one value (gate_up: one per half)."""
         whole = tensor.read().float()
         if whole.shape[0] != self.gate_up_proj_scale.shape[0]:
             raise ValueError(f"fused scale of shape {tuple(whole.shape)}: expected one per expert first")
         for e in range(whole.shape[0]):
+            grid = whole[e].reshape(-1, whole.shape[-1]) if whole.dim() > 1 else whole[e].reshape(1, 1)
             if part == "down":
-                rows = self._fused_rows(whole[e], self.hidden_size, self.full_inter)
+                rows = self._part_rows(grid, self.hidden_size, self.full_inter)
                 self._store("down", e, rows, tuple(whole.shape))
-            else:
-                rows = self._fused_rows(whole[e], 2 * self.full_inter, self.hidden_size)
-                gate, up = rows.chunk(2, dim=0)
-                self._store("gate", e, gate, tuple(whole.shape))
-                self._store("up", e, up, tuple(whole.shape))
+                continue
+            if grid.numel() > 1 and grid.shape[0] % 2:
+                raise ValueError(
+                    f"fused gate_up scale of {tuple(grid.shape)} per expert: expected gate's grid stacked on up's"
+                )
+            halves = (grid, grid) if grid.numel() == 1 else grid.chunk(2, dim=0)
+            for name, half in zip(("gate", "up"), halves, strict=True):
+                self._store(
+                    name, e, self._part_rows(half, self.full_inter, self.hidden_size), tuple(whole.shape)
+                )
 
     def quantize_part(self, part: str, expert: int, w: torch.Tensor) -> torch.Tensor:
         """--quantization fp8, as each expert's float tensor arrives: this rank's slice of one expert's
@@ -136,17 +143,6 @@ class ExpertFp8Scales(nn.Module):
         if tuple(scale.shape) != expected:
             raise ValueError(f"block scale of shape {tuple(scale.shape)}, expected {expected}")
         return scale.repeat_interleave(block_rows, dim=0)[:rows]
-
-    def _fused_rows(self, scale: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-        groups = self._groups(cols)
-        grid = scale.reshape(-1, scale.shape[-1]) if scale.dim() else scale.reshape(1, 1)
-        if grid.numel() == 1:
-            return grid.expand(rows, groups)
-        if rows % grid.shape[0] or grid.shape[1] != groups:
-            raise ValueError(
-                f"fused scale of {tuple(grid.shape)} per expert does not tile a [{rows}, {cols}] weight"
-            )
-        return grid.repeat_interleave(rows // grid.shape[0], dim=0)
 
     def _store(self, part: str, expert: int, rows: torch.Tensor, shape: tuple[int, ...]) -> None:
         """[full rows, full groups] of one expert's part -> this rank's slice."""

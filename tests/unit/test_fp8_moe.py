@@ -123,10 +123,13 @@ def test_a_rank_slice_that_splits_a_scale_block_is_refused():
     check_tensor_parallel(2, config, torch.device("cpu"), CHANNEL)
 
 
-def test_transformers_fused_layout_lands_as_each_experts_does():
+@pytest.mark.parametrize("inter", [128, 200])
+def test_transformers_fused_layout_lands_as_each_experts_does(inter):
     """transformers 5 keeps an FP8 model's experts fused: gate_up_proj [E, 2I, H] float8 with
-    gate_up_proj_scale_inv [E, 2I/128, H/128]; the same numbers as the hub's per-expert tensors."""
-    inter, hidden = 128, 256
+    gate_up_proj_scale_inv [E, R, H/128], gate's block grid stacked on up's (I = 200: two blocks each,
+    the second of 72 rows, so R = 4 blocks do not cover 100 rows each); the same numbers as the hub's
+    per-expert tensors."""
+    hidden = 256
     torch.manual_seed(2)
     per_expert = {}
     for e in range(3):
