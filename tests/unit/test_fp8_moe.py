@@ -213,6 +213,25 @@ def test_the_kit_builds_fp8_gemm_experts_on_fp8_gpus_and_dequantized_ones_elsewh
         MoeForCausalLM(config, TorchAttention(), torch.float32, "cpu", kit=LayerKit(quantization=fp8_gpu))
 
 
+def test_fp8_blocks_the_gemms_cannot_step_over_are_a_startup_error_on_fp8_gpus():
+    """The FP8 kernels step K one scale block at a time (a power of two, at least 16): another block width
+    is refused when the scheme is resolved, naming it, not by an assertion at the first request; on the
+    CPU (dequantized) it loads."""
+    from engine.model.quantization import UnsupportedQuantizationError, prepare_quantization
+
+    config = Qwen3MoeConfig(num_hidden_layers=1)
+    config.quantization_config = {
+        "quant_method": "fp8",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 96],
+    }
+    with pytest.raises(UnsupportedQuantizationError, match=r"FP8 weight blocks of \[128, 96\]"):
+        prepare_quantization(None, config, "cuda", (9, 0), [])
+    assert prepare_quantization(None, config, "cpu", None, []).dequantize
+    config.quantization_config["weight_block_size"] = [128, 128]
+    assert prepare_quantization(None, config, "cuda", (9, 0), []).group_k == 128
+
+
 def test_online_fp8_scales_every_experts_rows_and_a_rank_its_slice_of_them():
     inter = 64
     torch.manual_seed(3)
