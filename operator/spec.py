@@ -129,9 +129,10 @@ class EngineSpec(SpecModel):
     quantization: Literal["fp8"] | None = Field(
         None,
         description=(
-            "--quantization: fp8 runs the linear layers in FP8 (weights per output channel, activations per "
-            "token; GPUs of compute capability 8.9+) from a float checkpoint. Unset: none; FP8 checkpoints "
-            "(compressed-tensors, Hugging Face fp8) run as published without it."
+            "--quantization: fp8 runs the linear layers and the mixture-of-experts experts in FP8 (weights "
+            "per output channel, activations per token; GPUs of compute capability 8.9+) from a float "
+            "checkpoint; MoE routers and the LM head stay in the model's dtype. Unset: none; FP8 checkpoints "
+            "(compressed-tensors, Hugging Face fp8; dense or MoE) run as published without it."
         ),
     )
     kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3"] | None = Field(

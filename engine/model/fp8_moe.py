@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.model.fp8 import FP8, dequantize_rows, quantize_rows
+from engine.model.fp8 import dequantize_rows, quantize_rows
 from engine.model.quantization import Fp8Scheme
 from engine.model.sharding import CheckpointTensor, copy_checked
 
@@ -30,7 +30,7 @@ def _cdiv(a: int, b: int) -> int:
 class ExpertFp8Scales(nn.Module):
     """This rank's scales of every expert's gate/up rows [inter_start, inter_start + inter) and down
     columns of the same range, filled from the checkpoint (``load_part`` per expert, ``load_fused`` from
-    transformers 5's fused layout) or by ``quantize`` (--quantization fp8)."""
+    transformers 5's fused layout) or by ``quantize_part`` (--quantization fp8)."""
 
     def __init__(
         self,
@@ -71,36 +71,45 @@ class ExpertFp8Scales(nn.Module):
         self._store(part, expert, self._part_rows(scale, rows, cols), tuple(tensor.shape))
 
     def load_fused(self, part: str, tensor: CheckpointTensor) -> None:
-        """Every expert's scales of transformers 5's fused layout: gate_up [E, R, G] over the fused [2I, H]
-        (gate rows then up rows) or down [E, R, G]; each scale row covers rows / R weight rows (its
-        dequantization derives the block from the grid), one value per expert for a per-tensor scale."""
+        """Every expert's scales of transformers 5's fused layout: gate_up [E, R, G] over the fused [2I, H],
+        which is gate's scale grid stacked on up's (transformers concatenates the hub's per-expert
+        tensors, so a block never spans gate and up, and with I no multiple of 128 each half's last
+        block is short), or down [E, R, G]; a per-tensor scale is one value (gate_up: one per half)."""
         whole = tensor.read().float()
         if whole.shape[0] != self.gate_up_proj_scale.shape[0]:
             raise ValueError(f"fused scale of shape {tuple(whole.shape)}: expected one per expert first")
         for e in range(whole.shape[0]):
+            grid = whole[e].reshape(-1, whole.shape[-1]) if whole.dim() > 1 else whole[e].reshape(1, 1)
             if part == "down":
-                rows = self._fused_rows(whole[e], self.hidden_size, self.full_inter)
+                rows = self._part_rows(grid, self.hidden_size, self.full_inter)
                 self._store("down", e, rows, tuple(whole.shape))
-            else:
-                rows = self._fused_rows(whole[e], 2 * self.full_inter, self.hidden_size)
-                gate, up = rows.chunk(2, dim=0)
-                self._store("gate", e, gate, tuple(whole.shape))
-                self._store("up", e, up, tuple(whole.shape))
+                continue
+            if grid.numel() > 1 and grid.shape[0] % 2:
+                raise ValueError(
+                    f"fused gate_up scale of {tuple(grid.shape)} per expert: expected gate's grid stacked on up's"
+                )
+            halves = (grid, grid) if grid.numel() == 1 else grid.chunk(2, dim=0)
+            for name, half in zip(("gate", "up"), halves, strict=True):
+                self._store(
+                    name, e, self._part_rows(half, self.full_inter, self.hidden_size), tuple(whole.shape)
+                )
 
-    def quantize(self, gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """--quantization fp8: float [E, 2I, H] and [E, H, I] -> float8, one scale per expert and row of
-        this rank's slice (gate/up: whole rows, the unsharded model's scales; down: the rank's columns of
-        each row, as the dense row-parallel layers quantize their slice). Expert by expert, so the float32
-        working copies stay one expert's size."""
+    def quantize_part(self, part: str, expert: int, w: torch.Tensor) -> torch.Tensor:
+        """--quantization fp8, as each expert's float tensor arrives: this rank's slice of one expert's
+        gate or up rows [inter, H] or down [H, inter] -> float8, its scales (one per row of the slice:
+        gate/up rows are whole, so the unsharded model's scales; down's over the rank's columns, as the
+        dense row-parallel layers quantize their slice) stored here. One part's float32 working copy at a
+        time: the float experts never exist in full, so a model that fits in FP8 loads in FP8."""
         assert self.group_k is None
-        out = []
-        for w, scale in ((gate_up, self.gate_up_proj_scale), (down, self.down_proj_scale)):
-            q = torch.empty(w.shape, dtype=FP8, device=w.device)
-            for e in range(w.shape[0]):
-                q[e], s = quantize_rows(w[e])
-                scale.data[e].copy_(s)
-            out.append(q)
-        return out[0], out[1]
+        q, scale = quantize_rows(w)
+        if part == "down":
+            copy_checked(self.down_proj_scale.data[expert], scale, tuple(w.shape))
+        else:
+            offset = 0 if part == "gate" else self.inter
+            copy_checked(
+                self.gate_up_proj_scale.data[expert, offset : offset + self.inter], scale, tuple(w.shape)
+            )
+        return q
 
     def dequantize(
         self, gate_up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype
@@ -134,17 +143,6 @@ class ExpertFp8Scales(nn.Module):
         if tuple(scale.shape) != expected:
             raise ValueError(f"block scale of shape {tuple(scale.shape)}, expected {expected}")
         return scale.repeat_interleave(block_rows, dim=0)[:rows]
-
-    def _fused_rows(self, scale: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-        groups = self._groups(cols)
-        grid = scale.reshape(-1, scale.shape[-1]) if scale.dim() else scale.reshape(1, 1)
-        if grid.numel() == 1:
-            return grid.expand(rows, groups)
-        if rows % grid.shape[0] or grid.shape[1] != groups:
-            raise ValueError(
-                f"fused scale of {tuple(grid.shape)} per expert does not tile a [{rows}, {cols}] weight"
-            )
-        return grid.repeat_interleave(rows // grid.shape[0], dim=0)
 
     def _store(self, part: str, expert: int, rows: torch.Tensor, shape: tuple[int, ...]) -> None:
         """[full rows, full groups] of one expert's part -> this rank's slice."""

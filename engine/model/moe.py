@@ -131,11 +131,13 @@ class MoeExperts(nn.Module):
     checkpoint tensor goes; subclasses compute. With a ``matmul_dtype`` (CPU mixed precision) the
     weights are kept in it, as the mixed-precision linears' are.
 
-    Under an Fp8Scheme (``quantization``) the weights load in float8 (an FP8 checkpoint) or the model's
-    dtype (--quantization fp8, quantized per expert and row at ``finish_loading``), with their scales in
-    ``fp8`` (engine.model.fp8_moe). Where the scheme runs dequantized (CPU, GPUs without FP8, weight-only
-    checkpoints) ``finish_loading`` turns them into float8 * scale in the matmul dtype and drops the
-    scales, so the float subclasses compute on them unchanged."""
+    Under an Fp8Scheme (``quantization``) the weights are float8 from the start: an FP8 checkpoint's as
+    published, or (--quantization fp8) each expert's float tensor rounded to the model's dtype and
+    quantized per row as it is read, so loading never holds the float experts whole (a 30B MoE would
+    need twice its FP8 size on the GPU); their scales are in ``fp8`` (engine.model.fp8_moe). Where the
+    scheme runs dequantized (CPU, GPUs without FP8, weight-only checkpoints) ``finish_loading`` turns
+    them into float8 * scale in the matmul dtype and drops the scales, so the float subclasses compute
+    on them unchanged."""
 
     def __init__(
         self,
@@ -154,11 +156,12 @@ class MoeExperts(nn.Module):
         self.weight_dtype = matmul_dtype or torch.get_default_dtype()  # float weights (dequantized ones too)
         self.fp8: ExpertFp8Scales | None = None
         load_dtype = self.weight_dtype
+        self.online_dtype = torch.get_default_dtype()  # --quantization fp8: float weights round to it first
         if quantization is not None:
             self.fp8 = ExpertFp8Scales(
                 quantization, spec.num_experts, hidden_size, self.full_inter, self.inter_start, self.inter
             )
-            load_dtype = FP8 if quantization.serialized else torch.get_default_dtype()
+            load_dtype = FP8
         self.gate_up_proj = nn.Parameter(
             torch.empty(spec.num_experts, 2 * self.inter, hidden_size, dtype=load_dtype), requires_grad=False
         )
@@ -207,14 +210,14 @@ class MoeExperts(nn.Module):
             return
         if part == "down":
             self._expect(tensor, (self.hidden_size, self.full_inter))
-            source = self._checked_dtype(tensor.read(1, self.inter_start, self.inter))
-            copy_checked(self.down_proj.data[expert], source, tuple(tensor.shape))
-            return
-        self._expect(tensor, (self.full_inter, self.hidden_size))
-        offset = 0 if part == "gate" else self.inter
-        target = self.gate_up_proj.data[expert, offset : offset + self.inter]
-        source = self._checked_dtype(tensor.read(0, self.inter_start, self.inter))
-        copy_checked(target, source, tuple(tensor.shape))
+            target = self.down_proj.data[expert]
+            source = tensor.read(1, self.inter_start, self.inter)
+        else:
+            self._expect(tensor, (self.full_inter, self.hidden_size))
+            offset = 0 if part == "gate" else self.inter
+            target = self.gate_up_proj.data[expert, offset : offset + self.inter]
+            source = tensor.read(0, self.inter_start, self.inter)
+        copy_checked(target, self._as_stored(part, expert, source, target.device), tuple(tensor.shape))
 
     def load_fused_checkpoint_tensor(
         self, part: str, tensor: torch.Tensor | CheckpointTensor, name: str = "weight"
@@ -242,21 +245,25 @@ class MoeExperts(nn.Module):
         return filled
 
     def finish_loading(self) -> None:
-        """FP8: --quantization fp8's float weights become float8 and scales; where the scheme runs
-        dequantized the float8 weights become float8 * scale in ``weight_dtype`` and the scales go."""
+        """FP8 where the scheme runs dequantized: the float8 weights become float8 * scale in
+        ``weight_dtype`` and the scales go."""
         if self.fp8 is None:
             return
         gate_up, down = self.gate_up_proj.data, self.down_proj.data
-        if not self.fp8.scheme.serialized:
-            gate_up, down = self.fp8.quantize(gate_up, down)
         if self.fp8.scheme.dequantize:
             gate_up, down = self.fp8.dequantize(gate_up, down, self.weight_dtype)
             self.fp8 = None
         self.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)
         self.down_proj = nn.Parameter(down, requires_grad=False)
 
-    def _checked_dtype(self, source: torch.Tensor) -> torch.Tensor:
-        if self.fp8 is not None and self.fp8.scheme.serialized and source.dtype != FP8:
+    def _as_stored(self, part: str, expert: int, source: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """A checkpoint slice as the parameter holds it: float as it is; an FP8 checkpoint's float8 as it
+        is (anything else refused); under --quantization fp8 quantized now, on the parameter's device."""
+        if self.fp8 is None:
+            return source
+        if not self.fp8.scheme.serialized:
+            return self.fp8.quantize_part(part, expert, source.to(device=device, dtype=self.online_dtype))
+        if source.dtype != FP8:
             raise ValueError(
                 f"expert weight in {source.dtype}, expected float8_e4m3fn ({self.fp8.scheme.source})"
             )

@@ -221,4 +221,11 @@ def prepare_quantization(
         return replace(scheme, dequantize=True)
     if scheme.activations == "none":  # weight-only FP8: dequantized, as the activations stay bfloat16
         return replace(scheme, dequantize=True)
+    group = scheme.group_k
+    if group is not None and (group < 16 or group & (group - 1)):  # each K step of the kernels is a group
+        raise UnsupportedQuantizationError(
+            f"{scheme.source} with FP8 weight blocks of {list(scheme.block or ())}: the FP8 GEMMs (dense and "
+            "MoE) take scale blocks whose input width is a power of two of at least 16 (published checkpoints "
+            "use [128, 128])"
+        )
     return scheme

@@ -123,10 +123,13 @@ def test_a_rank_slice_that_splits_a_scale_block_is_refused():
     check_tensor_parallel(2, config, torch.device("cpu"), CHANNEL)
 
 
-def test_transformers_fused_layout_lands_as_each_experts_does():
+@pytest.mark.parametrize("inter", [128, 200])
+def test_transformers_fused_layout_lands_as_each_experts_does(inter):
     """transformers 5 keeps an FP8 model's experts fused: gate_up_proj [E, 2I, H] float8 with
-    gate_up_proj_scale_inv [E, 2I/128, H/128]; the same numbers as the hub's per-expert tensors."""
-    inter, hidden = 128, 256
+    gate_up_proj_scale_inv [E, R, H/128], gate's block grid stacked on up's (I = 200: two blocks each,
+    the second of 72 rows, so R = 4 blocks do not cover 100 rows each); the same numbers as the hub's
+    per-expert tensors."""
+    hidden = 256
     torch.manual_seed(2)
     per_expert = {}
     for e in range(3):
@@ -210,6 +213,25 @@ def test_the_kit_builds_fp8_gemm_experts_on_fp8_gpus_and_dequantized_ones_elsewh
         MoeForCausalLM(config, TorchAttention(), torch.float32, "cpu", kit=LayerKit(quantization=fp8_gpu))
 
 
+def test_fp8_blocks_the_gemms_cannot_step_over_are_a_startup_error_on_fp8_gpus():
+    """The FP8 kernels step K one scale block at a time (a power of two, at least 16): another block width
+    is refused when the scheme is resolved, naming it, not by an assertion at the first request; on the
+    CPU (dequantized) it loads."""
+    from engine.model.quantization import UnsupportedQuantizationError, prepare_quantization
+
+    config = Qwen3MoeConfig(num_hidden_layers=1)
+    config.quantization_config = {
+        "quant_method": "fp8",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 96],
+    }
+    with pytest.raises(UnsupportedQuantizationError, match=r"FP8 weight blocks of \[128, 96\]"):
+        prepare_quantization(None, config, "cuda", (9, 0), [])
+    assert prepare_quantization(None, config, "cpu", None, []).dequantize
+    config.quantization_config["weight_block_size"] = [128, 128]
+    assert prepare_quantization(None, config, "cuda", (9, 0), []).group_k == 128
+
+
 def test_online_fp8_scales_every_experts_rows_and_a_rank_its_slice_of_them():
     inter = 64
     torch.manual_seed(3)
@@ -232,6 +254,26 @@ def test_online_fp8_scales_every_experts_rows_and_a_rank_its_slice_of_them():
     assert torch.equal(rank.gate_up_proj[:, :32], whole.gate_up_proj[:, 32:inter])
     for e, parts in enumerate(weights):  # down's rows of the rank's columns: scaled over those columns
         assert torch.equal(rank.down_proj[e], published(CHANNEL, parts["down"][:, 32:])[2])
+
+
+def test_online_fp8_experts_are_float8_from_the_start_each_expert_quantized_as_it_arrives():
+    """--quantization fp8 never holds the float experts whole (Qwen3-30B-A3B's are 57 GB in bfloat16, 29 GB
+    in FP8): the parameters are float8 before anything loads, and an expert's tensor is float8 with its
+    row scales as soon as it is read, the others untouched."""
+    inter = 64
+    bank = TorchMoeExperts(HIDDEN, spec(inter, 2), quantization=replace(ONLINE_FP8, dequantize=False))
+    assert bank.gate_up_proj.dtype == FP8 and bank.down_proj.dtype == FP8
+    bank.gate_up_proj.data.zero_()
+    torch.manual_seed(5)
+    up, down = torch.randn(inter, HIDDEN), torch.randn(HIDDEN, inter)
+    bank.load_checkpoint_tensor("up", 1, up)
+    bank.load_checkpoint_tensor("down", 0, down)
+    for got, got_scale, w in ((bank.gate_up_proj[1, inter:], bank.fp8.gate_up_proj_scale[1, inter:], up),
+                              (bank.down_proj[0], bank.fp8.down_proj_scale[0], down)):  # fmt: skip
+        scale = w.abs().amax(dim=1, keepdim=True) / 448
+        assert torch.equal(got.float(), (w / scale).to(FP8).float())
+        torch.testing.assert_close(got_scale, scale, rtol=1e-6, atol=0)
+    assert not bank.gate_up_proj[1, :inter].float().any() and not bank.gate_up_proj[0].float().any()
 
 
 def tiny_qwen3_moe_state():
