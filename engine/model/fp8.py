@@ -82,10 +82,13 @@ class Fp8Linear(Linear):
     """``y = x W^T + b`` with W in float8 e4m3 and its scales (see the module docstring), in this
     rank's slice (engine.model.linear.Linear's COLUMN / ROW / REPLICATED).
 
-    Parameters, named as in the checkpoint: ``weight`` (float8 [out, in]; the model's dtype while a
-    float checkpoint loads under --quantization fp8), the weight scale (``scheme.scale_name``:
-    float32 [out, groups]), and with static activations ``input_scale`` (float32, one per packed part;
-    the largest is used, as every part quantizes the same input).
+    Parameters, named as in the checkpoint: ``weight`` (float8 [out, in] from construction), the weight
+    scale (``scheme.scale_name``: float32 [out, groups]), and with static activations ``input_scale``
+    (float32, one per packed part; the largest is used, as every part quantizes the same input).
+
+    Under --quantization fp8 (``scheme.serialized`` False) each checkpoint part (q, k, v, gate, up or the
+    whole weight) is quantized per row as it is read (``load_weight``), so the float weights never exist
+    whole: a 70B model whose FP8 weights fit one 80 GB GPU loads there without first holding 140 GB of bfloat16.
     """
 
     def __init__(
@@ -100,8 +103,7 @@ class Fp8Linear(Linear):
         out_dtype: torch.dtype,
         matmul_dtype: torch.dtype | None = None,
     ) -> None:
-        load_dtype = FP8 if scheme.serialized else out_dtype
-        super().__init__(in_features, out_features, bias, parallel, parts, shard, load_dtype)
+        super().__init__(in_features, out_features, bias, parallel, parts, shard, FP8)
         self.scheme = scheme
         self.out_dtype = out_dtype  # the activations' dtype
         self.matmul_dtype = matmul_dtype  # CPU mixed precision: dequantize to this instead
@@ -113,7 +115,7 @@ class Fp8Linear(Linear):
             )
         groups = 1 if self.group_k is None else -(-self.in_features // self.group_k)
         # Held under the checkpoint's name (weight_scale or weight_scale_inv; `row_scales` reads it): a
-        # parameter the checkpoint must fill, or a buffer finish_loading fills (--quantization fp8).
+        # parameter the checkpoint must fill, or a buffer filled as each part is quantized (--quantization fp8).
         scale = torch.empty(self.out_features, groups, dtype=torch.float32)
         if scheme.serialized:
             self.register_parameter(scheme.scale_name, nn.Parameter(scale, requires_grad=False))
@@ -134,6 +136,8 @@ class Fp8Linear(Linear):
         return getattr(self, self.scheme.scale_name)
 
     def load_weight(self, param_name: str, tensor: CheckpointTensor, part: str) -> None:
+        if param_name == "weight" and not self.scheme.serialized:
+            return self._quantize_part(tensor, part)
         if param_name == "weight" or param_name == "bias":
             return super().load_weight(param_name, tensor, part)
         s = self.slices[part]
@@ -161,12 +165,27 @@ class Fp8Linear(Linear):
             first = self.input_start // self.group_k
             copy_checked(target, scale[rows, first : first + target.shape[1]], shape)
 
+    def _quantize_part(self, tensor: CheckpointTensor, part: str) -> None:
+        """--quantization fp8, as a float checkpoint part arrives: this rank's slice of it (its rows of a
+        column-parallel part; every row over its input columns, row-parallel) is rounded to the model's
+        dtype (what a float parameter would hold), moved to the weight's device and quantized there with one
+        scale per row of the slice, the numerics of quantizing the whole float weight after loading. Only
+        this part's float copies are alive meanwhile."""
+        assert self.weight is not None
+        s = self.slices[part]
+        target = self.weight.data.narrow(0, s.offset, s.rows)
+        source = self.read_slice("weight", tensor, part)
+        if source.shape != target.shape:
+            raise ValueError(
+                f"checkpoint shape {tuple(tensor.shape)} gives a slice of {tuple(source.shape)}, "
+                f"expected {tuple(target.shape)}"
+            )
+        q, scale = quantize_rows(source.to(device=target.device, dtype=self.out_dtype), self.group_k)
+        target.copy_(q)
+        self.row_scales.data.narrow(0, s.offset, s.rows).copy_(scale)
+
     def finish_loading(self) -> None:
         assert self.weight is not None
-        if not self.scheme.serialized:  # --quantization fp8: the float weight becomes float8 + scales
-            q, scale = quantize_rows(self.weight.data)
-            self.weight = nn.Parameter(q, requires_grad=False)
-            self.row_scales.data.copy_(scale)
         if self.input_scale is not None:
             self.static_input_scale = self.input_scale.data.max().reshape(1, 1)
         if self.scheme.dequantize:

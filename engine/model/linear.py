@@ -96,15 +96,21 @@ class Linear(nn.Module):
         param = self.weight if param_name == "weight" else self.bias
         assert param is not None, f"{param_name} of a layer without one"
         s = self.slices[part]
+        source = self.read_slice(param_name, tensor, part)
+        copy_checked(param.data.narrow(0, s.offset, s.rows), source, tuple(tensor.shape))
+
+    def read_slice(self, param_name: str, tensor: CheckpointTensor, part: str) -> torch.Tensor:
+        """This rank's slice of one checkpoint tensor (one packed part of the weight, or the bias), as
+        read: the part's rows held here, or (a row-parallel weight) every row over this rank's input
+        columns. It goes to rows [offset, offset + rows) of the parameter."""
+        s = self.slices[part]
         if tuple(tensor.shape)[0] != s.full_rows:
             raise ValueError(
                 f"checkpoint shape {tuple(tensor.shape)} has {tensor.shape[0]} rows, expected {s.full_rows}"
             )
         if param_name == "weight" and self.reduce:  # every output row, this rank's input columns
-            source = tensor.read(1, self.input_start, self.in_features)
-        else:
-            source = tensor.read(0, s.start, s.rows)
-        copy_checked(param.data.narrow(0, s.offset, s.rows), source, tuple(tensor.shape))
+            return tensor.read(1, self.input_start, self.in_features)
+        return tensor.read(0, s.start, s.rows)
 
     def finish_loading(self) -> None:
         """Called once every weight is in place."""

@@ -13,7 +13,7 @@ from engine.kernels.fp8_gemm import GemmTile, beats_scaled_mm, fp8_gemm, tile_fo
 from engine.kernels.fp8_quant import quantize_activations
 from engine.model.fp8 import Fp8Linear, dequantize_rows, quantize_rows
 from engine.model.quantization import ONLINE_FP8, Fp8Scheme
-from engine.model.sharding import Parallel, Shard
+from engine.model.sharding import InMemoryTensor, Parallel, Shard
 
 has_fp8 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 pytestmark = [
@@ -130,8 +130,8 @@ def test_fp8_linear_matches_float32_through_the_gemm_it_picks(scheme, m, monkeyp
         wq, ws = quantize_rows(w, 128)
         layer.weight.data.copy_(wq)
         layer.row_scales.data.copy_(ws)
-    else:
-        layer.weight.data.copy_(w.bfloat16())
+    else:  # --quantization fp8: the float weight is quantized as it is read
+        layer.load_weight("weight", InMemoryTensor(w.bfloat16()), "")
     layer.finish_loading()
     assert layer.weight.dtype == torch.float8_e4m3fn
     assert layer.use_scaled_mm == (scheme is ONLINE_FP8)

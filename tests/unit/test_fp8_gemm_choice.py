@@ -12,7 +12,7 @@ import torch
 from engine.model import fp8
 from engine.model.fp8 import Fp8Linear
 from engine.model.quantization import ONLINE_FP8
-from engine.model.sharding import Parallel, Shard
+from engine.model.sharding import InMemoryTensor, Parallel, Shard
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ def scaled_mm(monkeypatch):
 
 def finished_layer() -> Fp8Linear:
     layer = Fp8Linear(64, 32, False, Parallel.REPLICATED, (), Shard(), ONLINE_FP8, torch.bfloat16)
-    layer.weight.data.copy_(torch.randn(32, 64, dtype=torch.bfloat16))
+    layer.load_weight("weight", InMemoryTensor(torch.randn(32, 64, dtype=torch.bfloat16)), "")
     layer.finish_loading()  # ONLINE_FP8 is not dequantized: the FP8 GEMM path, as on a GPU
     return layer
 
