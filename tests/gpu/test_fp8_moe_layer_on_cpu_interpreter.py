@@ -6,21 +6,9 @@ GPU covers real ones (tests/gpu/test_fp8_moe_engine_on_gpu.py)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
+from triton_interpreter import needs_interpreter, run_under_interpreter
 
-import pytest
-
-triton = pytest.importorskip("triton")
-pytestmark = pytest.mark.skipif(
-    tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 9),
-    reason="needs Triton >= 3.9's interpreter",
-)
-
-HERE = Path(__file__).parent
-REPO = HERE.parent.parent
+pytestmark = needs_interpreter
 
 SCRIPT = r"""
 import torch
@@ -39,9 +27,4 @@ print("ok")
 
 
 def test_fp8_experts_layer_matches_the_dequantized_experts_under_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(HERE), "PYTHONSAFEPATH": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.strip().endswith("ok")
+    run_under_interpreter(SCRIPT)

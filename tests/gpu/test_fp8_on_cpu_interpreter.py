@@ -8,21 +8,9 @@ cache is written by torch and reshape_and_cache's FP8 write is checked on a GPU 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
+from triton_interpreter import needs_interpreter, run_under_interpreter
 
-import pytest
-
-triton = pytest.importorskip("triton")
-pytestmark = pytest.mark.skipif(
-    tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 9),
-    reason="needs Triton >= 3.9's interpreter",
-)
-
-HERE = Path(__file__).parent
-REPO = HERE.parent.parent
+pytestmark = needs_interpreter
 
 SCRIPT = r"""
 import torch
@@ -89,9 +77,4 @@ print("ok")
 
 
 def test_fp8_kernels_match_references_under_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(HERE)}
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.strip().endswith("ok")
+    run_under_interpreter(SCRIPT)

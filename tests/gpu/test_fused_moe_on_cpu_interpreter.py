@@ -6,23 +6,11 @@ float16, each of the three block configurations, uneven routing. The GPU covers 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
+from triton_interpreter import needs_interpreter, run_under_interpreter
 
-import pytest
-
-triton = pytest.importorskip("triton")
 # as test_kernels_on_cpu_interpreter: Triton 3.6's interpreter cannot take loop bounds computed from
 # loaded values (the one-program alignment has them); the CI's Triton (3.9) runs these kernels as they are
-pytestmark = pytest.mark.skipif(
-    tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 9),
-    reason="needs Triton >= 3.9's interpreter",
-)
-
-HERE = Path(__file__).parent
-REPO = HERE.parent.parent
+pytestmark = needs_interpreter
 
 SCRIPT = r"""
 import torch
@@ -127,9 +115,4 @@ print("ok")
 
 
 def test_fused_moe_matches_reference_under_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(HERE)}
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.strip().endswith("ok")
+    run_under_interpreter(SCRIPT)
