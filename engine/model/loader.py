@@ -94,7 +94,8 @@ def load_model(
         shard = Shard(0, config.tensor_parallel_size)
     kit = LayerKit.for_device(device, matmul_dtype, shard, quantization=quantization)
     model = model_class(hf_config, attn_backend, dtype, device, max_positions=max_model_len, kit=kit)
-    num_params = sum(p.numel() for p in model.parameters())  # before packed weights leave the parameters
+    # before packed weights leave the parameters; FP8 scales are not weights (the name ends in "scale", "scale_inv")
+    num_params = sum(p.numel() for n, p in model.named_parameters() if not n.endswith(("scale", "scale_inv")))
     kv_scales: dict[tuple[int, str], float] = {}  # the checkpoint's FP8 KV cache scales, if any
     try:
         model.load_weights(split_kv_scales(source.iter_weights(), kv_scales))
