@@ -65,6 +65,10 @@ case "${1:-}" in
     # bench/serving_floor.py), served alone for time; the bf16 figures and transformers' baseline come from `w5`
     run w5_fp8_full 560 python3 bench/w5_moe.py --num-layers 48 --quantization fp8 --hf-requests 0 \
       --out "$OUT/w5_fp8_full.json" ;;
+  w5-fp8-ckpt)  # issues 14/13: all 48 layers from a block-FP8 checkpoint written as Qwen3-30B-A3B-FP8 publishes it (31 GB:
+    # fits an 80 GB H100), served without --quantization (the engine reads the scheme); compare with `w5-fp8-full`
+    run w5_fp8_ckpt 560 python3 bench/w5_moe.py --num-layers 48 --checkpoint fp8-block --hf-requests 0 \
+      --out "$OUT/w5_fp8_ckpt.json" ;;
   w5)  # issue 14: Qwen3-30B-A3B shape, HTTP, transformers baseline in the same call; 24 of 48 layers under 100 GB
     mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
     layers=48; (( mib < 100000 )) && layers=24
@@ -100,5 +104,5 @@ case "${1:-}" in
   w1)  # issue 13's W1 bar (H200: >= 28,800 tok/s), main and the old code on the same machine
     run w1 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
     (cd .carry/base && run w1_base 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_base.json") ;;
-  *) echo "usage: bench/gpu_backlog.sh bars13|w5-fp8-full|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
+  *) echo "usage: bench/gpu_backlog.sh bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
 esac

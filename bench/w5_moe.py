@@ -13,6 +13,14 @@ floor and ceiling count those weights at a byte each (bench/serving_floor.py's M
 serve one after the other from one checkpoint, each with its own figures, so FP8 and its bf16 baseline come
 from one call.
 
+    python3 bench/w5_moe.py --checkpoint fp8-block --hf-requests 0     # the FP8 checkpoint as published
+
+With `--checkpoint fp8-block` the checkpoint is written as Qwen/Qwen3-30B-A3B-FP8 publishes it (HF
+`quant_method: fp8`: every attention and expert projection in float8 e4m3 with a float32 `weight_scale_inv`
+per 128 x 128 block; router, embeddings, norms and LM head in bf16; 31 GB at 48 layers, so all 48 fit an
+80 GB GPU) and served without `--quantization`: the engine reads the scheme from config.json. Its floor
+and ceiling count the decoder layers' weights at a byte each, as online FP8's.
+
 Needs one GPU that holds the 61 GB of weights plus a KV cache (an H200; an 80 GB H100 runs it with
 `--num-layers 24`, which halves the model, and says so in the results). The checkpoint (61 GB) is
 written to /dev/shm when it has room (the serving machines' disks are small), else to the temp dir.
@@ -65,15 +73,58 @@ def qwen3_30b_a3b_config(num_layers: int = 48) -> transformers.Qwen3MoeConfig:
     )  # fmt: skip
 
 
-def write_random_checkpoint(config: transformers.Qwen3MoeConfig, path: Path, device: str = "cuda") -> None:
+CHECKPOINTS = ("bf16", "fp8-block")
+FP8_BLOCK = 128  # Qwen3-30B-A3B-FP8's weight_block_size: [128, 128]
+FP8_MAX = 448.0  # engine/model/quantization.py's FP8_MAX and FP8_MIN_SCALE
+FP8_MIN_SCALE = 1e-12
+
+
+def quantize_fp8_blocks(w: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """float8 e4m3 weights and one float32 scale per [block, block] tile (the last ones may be short), on
+    w's device: scale = amax / 448 (at least 1e-12), real weight = float8 * scale."""
+    rows, cols = w.shape
+    grid_r, grid_c = -(-rows // block), -(-cols // block)
+    padded = torch.nn.functional.pad(w.float(), (0, grid_c * block - cols, 0, grid_r * block - rows))
+    tiles = padded.view(grid_r, block, grid_c, block)
+    scale = (tiles.abs().amax(dim=(1, 3)) / FP8_MAX).clamp(min=FP8_MIN_SCALE)
+    q = (tiles / scale[:, None, :, None]).view(grid_r * block, grid_c * block)[:rows, :cols]
+    return q.to(torch.float8_e4m3fn).contiguous(), scale
+
+
+def fp8_block_quantization_config(config: transformers.Qwen3MoeConfig) -> dict:
+    """Qwen/Qwen3-30B-A3B-FP8's quantization_config: the LM head and every router stay bf16."""
+    return {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+            "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
+            "modules_to_not_convert": ["lm_head", *(f"model.layers.{i}.mlp.gate"
+                                                    for i in range(config.num_hidden_layers))]}  # fmt: skip
+
+
+def write_random_checkpoint(
+    config: transformers.Qwen3MoeConfig, path: Path, device: str = "cuda", checkpoint: str = "bf16"
+) -> None:
     """Hugging Face-named bf16 tensors as the hub stores Qwen3-MoE (each expert apart), N(0, 0.02),
-    norms at 1, one safetensors shard per 2 layers (2.5 GB of host memory at a time)."""
+    norms at 1, one safetensors shard per 2 layers (2.5 GB of host memory at a time).
+
+    checkpoint="fp8-block": the same random values, then as Qwen/Qwen3-30B-A3B-FP8 publishes them: every
+    attention q/k/v/o and expert gate/up/down projection in float8 e4m3 with a float32 `weight_scale_inv`
+    per 128 x 128 block (quantized on `device`), the router, embeddings, norms and LM head in bf16, and
+    `quant_method: fp8` in config.json."""
+    if checkpoint not in CHECKPOINTS:
+        raise ValueError(f"checkpoint {checkpoint!r}: one of {CHECKPOINTS}")
     h, inter, e = config.hidden_size, config.moe_intermediate_size, config.num_experts
     q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
     gen = torch.Generator(device=device).manual_seed(0)
 
     def rand(*shape: int) -> torch.Tensor:
         return (torch.randn(*shape, device=device, generator=gen, dtype=torch.bfloat16) * 0.02).cpu()
+
+    def rand_linear(tensors: dict[str, torch.Tensor], name: str, *shape: int) -> None:
+        w = torch.randn(*shape, device=device, generator=gen, dtype=torch.bfloat16) * 0.02
+        if checkpoint == "bf16":
+            tensors[name] = w.cpu()
+            return
+        weight, scale = quantize_fp8_blocks(w)
+        tensors[name], tensors[name.removesuffix("weight") + "weight_scale_inv"] = weight.cpu(), scale.cpu()
 
     def ones(n: int) -> torch.Tensor:
         return torch.ones(n, dtype=torch.bfloat16)
@@ -95,25 +146,47 @@ def write_random_checkpoint(config: transformers.Qwen3MoeConfig, path: Path, dev
         tensors: dict[str, torch.Tensor] = {}
         for i in range(first, min(first + 2, config.num_hidden_layers)):
             p = f"model.layers.{i}."
+            # drawn in the bf16 writer's order, so both checkpoints hold the same random values
+            rand_linear(tensors, p + "self_attn.q_proj.weight", q, h)
+            rand_linear(tensors, p + "self_attn.k_proj.weight", kv, h)
+            rand_linear(tensors, p + "self_attn.v_proj.weight", kv, h)
+            rand_linear(tensors, p + "self_attn.o_proj.weight", h, q)
             tensors.update({
-                p + "self_attn.q_proj.weight": rand(q, h), p + "self_attn.k_proj.weight": rand(kv, h),
-                p + "self_attn.v_proj.weight": rand(kv, h), p + "self_attn.o_proj.weight": rand(h, q),
                 p + "self_attn.q_norm.weight": ones(config.head_dim), p + "self_attn.k_norm.weight": ones(config.head_dim),
                 p + "input_layernorm.weight": ones(h), p + "post_attention_layernorm.weight": ones(h),
                 p + "mlp.gate.weight": rand(e, h),  # random routers: tokens spread about evenly
             })  # fmt: skip
             for x in range(e):
-                tensors[p + f"mlp.experts.{x}.gate_proj.weight"] = rand(inter, h)
-                tensors[p + f"mlp.experts.{x}.up_proj.weight"] = rand(inter, h)
-                tensors[p + f"mlp.experts.{x}.down_proj.weight"] = rand(h, inter)
+                rand_linear(tensors, p + f"mlp.experts.{x}.gate_proj.weight", inter, h)
+                rand_linear(tensors, p + f"mlp.experts.{x}.up_proj.weight", inter, h)
+                rand_linear(tensors, p + f"mlp.experts.{x}.down_proj.weight", h, inter)
         save(n, tensors)
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     config.save_pretrained(path)
+    # the hub's quantization_config, written into config.json as is (no transformers round trip)
+    if checkpoint == "fp8-block":
+        saved = json.loads((path / "config.json").read_text())
+        saved["quantization_config"] = fp8_block_quantization_config(config)
+        (path / "config.json").write_text(json.dumps(saved, indent=2))
     word_level_tokenizer(config.vocab_size).save_pretrained(path)
 
 
-def checkpoint_parent(config: transformers.Qwen3MoeConfig) -> str | None:
-    needed = 2 * parameter_counts(config)["total"] * 1.05
+def checkpoint_bytes(config: transformers.Qwen3MoeConfig, checkpoint: str = "bf16") -> int:
+    """The weights' bytes on disk: bf16 throughout, or a byte per quantized weight plus its block scales."""
+    total = parameter_counts(config)["total"]
+    if checkpoint == "bf16":
+        return 2 * total
+    h, inter = config.hidden_size, config.moe_intermediate_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    blocks = lambda rows, cols: -(-rows // FP8_BLOCK) * -(-cols // FP8_BLOCK)  # noqa: E731
+    shapes = [(q, h), (kv, h), (kv, h), (h, q)] + [(inter, h), (inter, h), (h, inter)] * config.num_experts
+    quantized = config.num_hidden_layers * sum(r * c for r, c in shapes)
+    scales = config.num_hidden_layers * sum(blocks(r, c) for r, c in shapes)
+    return quantized + 4 * scales + 2 * (total - quantized)
+
+
+def checkpoint_parent(config: transformers.Qwen3MoeConfig, checkpoint: str = "bf16") -> str | None:
+    needed = checkpoint_bytes(config, checkpoint) * 1.05
     shm = Path("/dev/shm")
     return str(shm) if shm.is_dir() and shutil.disk_usage(shm).free > needed else None
 
@@ -174,6 +247,17 @@ def quantization_args(quantization: str) -> list[str]:
     return [] if quantization == "none" else ["--quantization", quantization]
 
 
+def served_in_fp8(quantization: str, checkpoint: str) -> bool:
+    return quantization != "none" or checkpoint == "fp8-block"
+
+
+def served_label(quantization: str, checkpoint: str) -> str:
+    """What ran, for the summary: bf16, fp8 (online, from the bf16 checkpoint) or the FP8 checkpoint."""
+    if checkpoint == "fp8-block":
+        return "fp8-block checkpoint"
+    return "bf16" if quantization == "none" else f"{quantization} (online, bf16 checkpoint)"
+
+
 def routed_experts_per_layer(engine, batch: int) -> float:
     """Distinct experts per layer (mean) that the last time_decode_forward's inputs route to, from one eager
     forward of the same captured bucket (its padding rows included: the graph computes them too)."""
@@ -194,7 +278,9 @@ def routed_experts_per_layer(engine, batch: int) -> float:
     return sum(seen) / len(seen)
 
 
-def decode_steps_against_floor(path: Path, config, copy_bw: float, quantization: str) -> list[dict]:
+def decode_steps_against_floor(
+    path: Path, config, copy_bw: float, quantization: str, checkpoint: str = "bf16"
+) -> list[dict]:
     from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine
     from engine.model.loader import load_model
@@ -203,7 +289,7 @@ def decode_steps_against_floor(path: Path, config, copy_bw: float, quantization:
                                  max_num_seqs=256, gpu_memory_utilization=0.9,
                                  quantization=None if quantization == "none" else quantization)  # fmt: skip
     engine = LLMEngine(engine_config, load_model(engine_config))
-    weight_bytes = 2 if quantization == "none" else 1
+    weight_bytes = 1 if served_in_fp8(quantization, checkpoint) else 2
     rows = []
     for batch, context in DECODE_SHAPES:
         measured = time_decode_forward(engine, batch, context)
@@ -220,10 +306,18 @@ def decode_steps_against_floor(path: Path, config, copy_bw: float, quantization:
     return rows
 
 
-def hf_static_generate(path: Path, num_requests: int, vocab_size: int, batch_size: int = 64) -> dict:
+def hf_static_generate(
+    path: Path, num_requests: int, vocab_size: int, batch_size: int = 64, checkpoint: str = "bf16"
+) -> dict:
     """transformers `generate` over the first requests of the same workload, left-padded static batches
-    of 64, each batch decoding to its longest output (greedy, no eos)."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+    of 64, each batch decoding to its longest output (greedy, no eos). An FP8 checkpoint loads through
+    transformers' own fine-grained FP8 path, straight onto the GPU (a quantized model is not moved)."""
+    if checkpoint == "bf16":
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.bfloat16, device_map="cuda"
+        ).eval()
     model.generation_config.eos_token_id = None
     specs = sharegpt_like_requests(num_requests, vocab_size, seed=0)
     torch.cuda.synchronize()
@@ -261,6 +355,10 @@ def main() -> None:
         help="serve the bf16 checkpoint as is (none) and/or with `kubellm serve --quantization fp8`, in turn",
     )  # fmt: skip
     parser.add_argument(
+        "--checkpoint", choices=CHECKPOINTS, default="bf16",
+        help="bf16, or fp8-block: float8 weights with 128x128 block scales as Qwen3-30B-A3B-FP8 (served as is)",
+    )  # fmt: skip
+    parser.add_argument(
         "--hf-requests", type=int, default=64, help="requests for the transformers baseline (0: skip)"
     )
     parser.add_argument("--port", type=int, default=8325)
@@ -268,6 +366,9 @@ def main() -> None:
         "--serve-args", nargs=argparse.REMAINDER, default=[], help="extra `kubellm serve` flags"
     )
     args = parser.parse_args()
+    if args.checkpoint == "fp8-block" and args.quantization != ["none"]:
+        parser.error("--checkpoint fp8-block is served as written (the engine reads its FP8 scheme from "
+                     "config.json): leave --quantization out")  # fmt: skip
 
     config = qwen3_30b_a3b_config(args.num_layers)
     props = torch.cuda.get_device_properties(0)
@@ -275,7 +376,10 @@ def main() -> None:
     counts = parameter_counts(config)
     result: dict = {"device": props.name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
                     "transformers": transformers.__version__, "copy_bandwidth_TBps": copy_bw / 1e12,
-                    "model": f"Qwen3-30B-A3B shape ({args.num_layers} layers), random bf16 weights",
+                    "model": f"Qwen3-30B-A3B shape ({args.num_layers} layers), random weights, "
+                             + ("bf16 checkpoint" if args.checkpoint == "bf16"
+                                else "block-FP8 checkpoint (as Qwen3-30B-A3B-FP8)"),
+                    "checkpoint": args.checkpoint, "checkpoint_bytes": checkpoint_bytes(config, args.checkpoint),
                     "parameters": counts, "served": {}}  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -285,34 +389,40 @@ def main() -> None:
 
     print(f"{props.name}; copy bandwidth {copy_bw / 1e12:.2f} TB/s; {counts['total'] / 1e9:.1f}B parameters, "
           f"{counts['active'] / 1e9:.1f}B active", flush=True)  # fmt: skip
-    with tempfile.TemporaryDirectory(dir=checkpoint_parent(config)) as tmp:
+    with tempfile.TemporaryDirectory(dir=checkpoint_parent(config, args.checkpoint)) as tmp:
         path = Path(tmp)
         started = time.perf_counter()
-        write_random_checkpoint(config, path)
+        write_random_checkpoint(config, path, checkpoint=args.checkpoint)
         torch.cuda.empty_cache()
         result["checkpoint_write_s"] = time.perf_counter() - started
         for quantization in args.quantization:
             cost = qwen3_30b_a3b(args.num_layers)
             # what an ideal server could reach on this GPU with evenly spread routing (bench/serving_floor.py)
-            ceiling = w2_load_ceiling(
-                cost if quantization == "none" else cost.fp8(), copy_bw, args.num_requests
-            )
+            fp8 = served_in_fp8(quantization, args.checkpoint)
+            ceiling = w2_load_ceiling(cost.fp8() if fp8 else cost, copy_bw, args.num_requests)
             served = result["served"][quantization] = {"serve_flags": quantization_args(quantization),
+                                                       "checkpoint": args.checkpoint,
+                                                       "label": served_label(quantization, args.checkpoint),
                                                        "ceiling": ceiling, "runs": []}  # fmt: skip
             serve_and_load(path, args, config.vocab_size, served, quantization)
             save()
-            served["decode_steps"] = decode_steps_against_floor(path, config, copy_bw, quantization)
+            served["decode_steps"] = decode_steps_against_floor(
+                path, config, copy_bw, quantization, args.checkpoint
+            )
             save()
         if args.hf_requests:
             try:
-                result["hf_static_generate"] = hf_static_generate(path, args.hf_requests, config.vocab_size)
+                result["hf_static_generate"] = hf_static_generate(
+                    path, args.hf_requests, config.vocab_size, checkpoint=args.checkpoint
+                )
             except Exception as exc:  # a baseline failing must not lose our own numbers
                 result["hf_static_generate"] = {"error": repr(exc)[:500]}
+            result["hf_static_generate"]["checkpoint"] = args.checkpoint
             save()
 
     print(f"\nW5 on {props.name}, {result['model']}, {args.num_requests} requests:")
-    for quantization, served in result["served"].items():
-        print(f" {'bf16' if quantization == 'none' else quantization}:")
+    for served in result["served"].values():
+        print(f" {served['label']}:")
         for r in served["runs"]:
             print(
                 f"  QPS={r['qps']}: {r['request_throughput']:.1f} req/s, {r['output_token_throughput']:.0f} output tok/s, "
@@ -330,7 +440,12 @@ def main() -> None:
             )
     hf = result.get("hf_static_generate", {})
     if "request_throughput" in hf:
-        print(f"  transformers generate (first {hf['requests']}): {hf['request_throughput']:.2f} req/s")
+        print(
+            f"  transformers generate, {args.checkpoint} checkpoint (first {hf['requests']}): "
+            f"{hf['request_throughput']:.2f} req/s"
+        )
+    elif "error" in hf:
+        print(f"  transformers generate, {args.checkpoint} checkpoint: failed ({hf['error'][:200]})")
 
 
 if __name__ == "__main__":
