@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from engine_helpers import SMOLLM2_GGUF, TINY_CONFIGS, smollm2_dir
+from engine_helpers import SMOLLM2_GGUF, TINY_CONFIGS, smollm2_dir, widen_weights_
 
 
 @pytest.fixture(scope="session")
@@ -33,11 +33,7 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer) -> Callable[[str], Path]
             config = TINY_CONFIGS[family](len(smollm2_tokenizer))
             config.eos_token_id = smollm2_tokenizer.eos_token_id
             model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
-            # Random init is tiny; scale weights up so the greedy choice is decisive, not a near-tie.
-            with torch.no_grad():
-                for p in model.parameters():
-                    if p.dim() > 1:
-                        p.normal_(0, 0.2)
+            widen_weights_(model)
             path = tmp_path_factory.mktemp(f"tiny-{family}")
             model.save_pretrained(path)
             smollm2_tokenizer.save_pretrained(path)

@@ -23,6 +23,16 @@ def smollm2_dir() -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
+def widen_weights_(model: torch.nn.Module, std: float = 0.2) -> torch.nn.Module:
+    """Every weight matrix drawn from N(0, std), in place. transformers' init is tiny: greedy choices would be
+    near-ties (and MoE routing nearly uniform); larger weights make them decisive and the text varied."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, std)
+    return model
+
+
 _TINY = dict(
     hidden_size=64,
     intermediate_size=128,
@@ -71,10 +81,7 @@ def save_wide_llama(path: Path, tokenizer, max_position_embeddings: int = 1024) 
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.2)
+    widen_weights_(model)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -13,7 +13,7 @@ import shutil
 import pytest
 import torch
 import transformers
-from engine_helpers import TINY_CONFIGS, hf_model, make_engine
+from engine_helpers import TINY_CONFIGS, hf_model, make_engine, widen_weights_
 from fp8_checkpoints import dequantize, quantize_per_channel, write_fp8_checkpoint
 from test_engine_vs_hf import greedy, hf_greedy, random_prompts
 
@@ -36,10 +36,7 @@ def float_model(family: str, vocab: int, eos: int) -> transformers.PreTrainedMod
         config = TINY_CONFIGS[family](vocab)
     config.eos_token_id = eos
     model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.2)
+    widen_weights_(model)
     return model
 
 

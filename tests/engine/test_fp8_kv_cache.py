@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 import transformers
-from engine_helpers import TINY_CONFIGS, hf_model
+from engine_helpers import TINY_CONFIGS, hf_model, widen_weights_
 from safetensors.torch import load_file, save_file
 from test_engine_vs_hf import greedy, hf_greedy, random_prompts
 
@@ -39,10 +39,7 @@ def calm_tiny_llama(tmp_path_factory, smollm2_tokenizer):
     torch.manual_seed(1234)
     config = TINY_CONFIGS["llama"](len(smollm2_tokenizer))
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.1)
+    widen_weights_(model, std=0.1)
     path = tmp_path_factory.mktemp("calm-tiny-llama")
     model.save_pretrained(path)
     smollm2_tokenizer.save_pretrained(path)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from engine_helpers import hf_model, make_engine
+from engine_helpers import hf_model, make_engine, widen_weights_
 from fp8_checkpoints import write_fp8_moe_checkpoint, write_fp8_rounded_reference
 from test_engine_vs_hf import greedy, hf_greedy, random_prompts
 
@@ -50,10 +50,7 @@ def save_float_moe(family: str, tokenizer, path):
     config.eos_token_id = tokenizer.eos_token_id
     torch.manual_seed(11)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():  # decisive greedy choices and varied routing
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.2)
+    widen_weights_(model)  # decisive greedy choices and varied routing
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

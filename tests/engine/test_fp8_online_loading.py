@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from engine_helpers import TINY_CONFIGS
+from engine_helpers import TINY_CONFIGS, widen_weights_
 from safetensors.torch import load_file
 
 from engine.config import EngineConfig
@@ -34,10 +34,7 @@ def tied_qwen3(tmp_path_factory, smollm2_tokenizer):
     config = TINY_CONFIGS["qwen3"](len(smollm2_tokenizer))
     config.tie_word_embeddings = True
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.2)
+    widen_weights_(model)
     path = tmp_path_factory.mktemp("tied-qwen3")
     model.save_pretrained(path)
     smollm2_tokenizer.save_pretrained(path)

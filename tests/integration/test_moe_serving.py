@@ -17,6 +17,7 @@ import transformers
 from openai import OpenAI
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
+from engine_helpers import widen_weights_  # noqa: E402  (the sibling folder's helpers)
 from fp8_checkpoints import write_fp8_moe_checkpoint  # noqa: E402  (a sibling test folder's helper)
 
 # Fixtures from conftest.py: launch_kubellm, tiny_llama_dir (whose tokenizer is SmolLM2's, reused here)
@@ -46,10 +47,7 @@ def save_tiny_moe(family: str, tokenizer, path: Path) -> transformers.PreTrained
     config.eos_token_id = tokenizer.eos_token_id
     torch.manual_seed(7)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():  # decisive greedy choices (and varied routing), not near-ties
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.2)
+    widen_weights_(model)  # decisive greedy choices (and varied routing), not near-ties
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return model
