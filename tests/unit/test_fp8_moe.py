@@ -7,7 +7,9 @@ dequantized float experts when the model is built; routers stay float; what is n
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +25,9 @@ from engine.model.moe_family import MoeForCausalLM
 from engine.model.quantization import ONLINE_FP8, Fp8Scheme, is_ignored, resolve_quantization
 from engine.model.sharding import Shard
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
+from fp8_checkpoints import quantize_blocks  # noqa: E402  (the checkpoint writers' block quantizer)
+
 BLOCK = Fp8Scheme("block", "dynamic", (128, 128), "weight_scale_inv", True, "fp8 checkpoint", dequantize=True)
 CHANNEL = Fp8Scheme("channel", "dynamic", None, "weight_scale", True, "compressed-tensors", dequantize=True)
 TENSOR = Fp8Scheme("tensor", "static", None, "weight_scale", True, "fp8 checkpoint", dequantize=True)
@@ -35,23 +40,10 @@ def spec(inter: int, experts: int = 3) -> MoeSpec:
     )
 
 
-def block_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[rows, cols] -> float8 and one scale per [128, 128] block (the last ones short), as published."""
-    rows, cols = w.shape
-    scale = torch.empty(-(-rows // 128), -(-cols // 128))
-    q = torch.empty(rows, cols, dtype=FP8)
-    for i in range(scale.shape[0]):
-        for j in range(scale.shape[1]):
-            tile = w[i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128]
-            scale[i, j] = tile.abs().max() / 448
-            q[i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128] = (tile / scale[i, j]).to(FP8)
-    return q, scale
-
-
 def published(scheme: Fp8Scheme, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(float8, the scale as published, float8 * scale) of one expert projection."""
     if scheme.block:
-        q, scale = block_quantize(w)
+        q, scale = quantize_blocks(w)
         full = scale.repeat_interleave(128, 0).repeat_interleave(128, 1)[: w.shape[0], : w.shape[1]]
         return q, scale, q.float() * full
     if scheme.weight_strategy == "channel":
@@ -134,7 +126,7 @@ def test_transformers_fused_layout_lands_as_each_experts_does(inter):
     per_expert = {}
     for e in range(3):
         for part, shape in (("gate", (inter, hidden)), ("up", (inter, hidden)), ("down", (hidden, inter))):
-            per_expert[e, part] = block_quantize(torch.randn(*shape))
+            per_expert[e, part] = quantize_blocks(torch.randn(*shape))
     fused = {
         "gate_up_proj": torch.stack(
             [torch.cat([per_expert[e, "gate"][0], per_expert[e, "up"][0]]) for e in range(3)]
