@@ -78,6 +78,26 @@ def dequantize_rows(
     return (q.float() * scale.float().repeat_interleave(g, dim=1)[:, :k]).to(dtype)
 
 
+def scale_rows(scale: torch.Tensor, rows: int, cols: int, scheme: Fp8Scheme) -> torch.Tensor:
+    """One [rows, cols] weight's scale as published -> one scale per (row, group of ``scheme.group_k``
+    columns) [rows, groups]: a single value (per tensor) repeated, [rows, 1] (per channel) as it is, or
+    [ceil(rows / block rows), ceil(cols / group_k)] (per block, the last ones short) with each row taking its
+    block's. Errors name the shape expected."""
+    group_k = scheme.group_k
+    groups = 1 if group_k is None else -(-cols // group_k)
+    if scale.numel() == 1:  # per tensor
+        return scale.reshape(1, 1).expand(rows, groups)
+    if group_k is None:
+        if scale.numel() != rows or scale.shape[0] != rows:
+            raise ValueError(f"per-channel scale of shape {tuple(scale.shape)}, expected ({rows}, 1)")
+        return scale.reshape(rows, 1)
+    block_rows = scheme.block[0] if scheme.block else group_k
+    expected = (-(-rows // block_rows), groups)
+    if tuple(scale.shape) != expected:
+        raise ValueError(f"block scale of shape {tuple(scale.shape)}, expected {expected}")
+    return scale.repeat_interleave(block_rows, dim=0)[:rows]
+
+
 class Fp8Linear(Linear):
     """``y = x W^T + b`` with W in float8 e4m3 and its scales (see the module docstring), in this
     rank's slice (engine.model.linear.Linear's COLUMN / ROW / REPLICATED).
@@ -147,23 +167,12 @@ class Fp8Linear(Linear):
             return
         assert param_name == self.scheme.scale_name, param_name
         target = self.row_scales.data.narrow(0, s.offset, s.rows)
-        shape = tuple(tensor.shape)
-        scale = tensor.read().float()
-        if scale.numel() == 1:  # per tensor: the part's every row
-            target.fill_(scale.reshape(()).item())
-        elif self.group_k is None:  # per channel [rows, 1]
-            if shape[0] != s.full_rows:
-                raise ValueError(f"per-channel scale of shape {shape}, expected ({s.full_rows}, 1)")
-            copy_checked(target, scale.reshape(s.full_rows, 1)[s.start : s.start + s.rows], shape)
-        else:  # per block [ceil(rows / block_rows), ceil(in / block_cols)]: each row takes its block's
-            block_rows = self.scheme.block[0] if self.scheme.block else self.group_k
-            full_in = self.in_features * (self.shard.size if self.reduce else 1)
-            expected = (-(-s.full_rows // block_rows), -(-full_in // self.group_k))
-            if shape != expected:
-                raise ValueError(f"block scale of shape {shape}, expected {expected}")
-            rows = torch.arange(s.start, s.start + s.rows) // block_rows
-            first = self.input_start // self.group_k
-            copy_checked(target, scale[rows, first : first + target.shape[1]], shape)
+        full_in = self.in_features * (self.shard.size if self.reduce else 1)
+        per_row = scale_rows(tensor.read().float(), s.full_rows, full_in, self.scheme)
+        first = 0 if self.group_k is None else self.input_start // self.group_k
+        copy_checked(
+            target, per_row[s.start : s.start + s.rows, first : first + target.shape[1]], tuple(tensor.shape)
+        )
 
     def _quantize_part(self, tensor: CheckpointTensor, part: str) -> None:
         """--quantization fp8, as a float checkpoint part arrives: this rank's slice of it (its rows of a

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.model.fp8 import dequantize_rows, quantize_rows
+from engine.model.fp8 import dequantize_rows, quantize_rows, scale_rows
 from engine.model.quantization import Fp8Scheme
 from engine.model.sharding import CheckpointTensor, copy_checked
 
@@ -126,23 +126,9 @@ class ExpertFp8Scales(nn.Module):
     def _full_shape(self, part: str) -> tuple[int, int]:
         return (self.hidden_size, self.full_inter) if part == "down" else (self.full_inter, self.hidden_size)
 
-    def _groups(self, cols: int) -> int:
-        return 1 if self.group_k is None else _cdiv(cols, self.group_k)
-
     def _part_rows(self, scale: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
         """A published scale of one [rows, cols] weight -> [rows, groups]: each row's scales."""
-        groups = self._groups(cols)
-        if scale.numel() == 1:  # per tensor
-            return scale.reshape(1, 1).expand(rows, groups)
-        if self.group_k is None:
-            if scale.numel() != rows or scale.shape[0] != rows:
-                raise ValueError(f"per-channel scale of shape {tuple(scale.shape)}, expected ({rows}, 1)")
-            return scale.reshape(rows, 1)
-        block_rows = self.scheme.block[0] if self.scheme.block else self.group_k
-        expected = (_cdiv(rows, block_rows), groups)
-        if tuple(scale.shape) != expected:
-            raise ValueError(f"block scale of shape {tuple(scale.shape)}, expected {expected}")
-        return scale.repeat_interleave(block_rows, dim=0)[:rows]
+        return scale_rows(scale, rows, cols, self.scheme)
 
     def _store(self, part: str, expert: int, rows: torch.Tensor, shape: tuple[int, ...]) -> None:
         """[full rows, full groups] of one expert's part -> this rank's slice."""
