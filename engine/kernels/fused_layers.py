@@ -30,7 +30,16 @@ class FusedSiluAndMul(SiluAndMul):
 
 class FusedRotaryEmbedding(RotaryEmbedding):
     def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        q_norm: RMSNorm | None = None,
+        k_norm: RMSNorm | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # In place: q and k are fresh per step (views of the qkv projection or the q/k norm outputs).
-        return rotary_embedding(positions, q, k, self.cos_sin_cache)
+        # In place: q and k are fresh per step (views of the qkv projection). Qwen3's q/k norms run in
+        # the same launch: two fewer kernels per layer, and q/k read and written once.
+        if q_norm is None or k_norm is None:
+            return rotary_embedding(positions, q, k, self.cos_sin_cache)
+        assert q_norm.eps == k_norm.eps
+        return rotary_embedding(positions, q, k, self.cos_sin_cache, q_norm.weight, k_norm.weight, q_norm.eps)

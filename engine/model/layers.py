@@ -151,9 +151,18 @@ class RotaryEmbedding(nn.Module):
         self._last_cos_sin: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # see _cos_sin
 
     def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        q_norm: RMSNorm | None = None,
+        k_norm: RMSNorm | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, num_heads, head_dim], k: [T, num_kv_heads, head_dim]; positions: [T]."""
+        """q: [T, num_heads, head_dim], k: [T, num_kv_heads, head_dim]; positions: [T]. With Qwen3's
+        per-head ``q_norm``/``k_norm``, q and k are normalised first (the fused kernel does both in one
+        pass)."""
+        if q_norm is not None and k_norm is not None:
+            q, k = q_norm(q), k_norm(k)
         cos, sin = self._cos_sin(positions)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 

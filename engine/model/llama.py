@@ -118,9 +118,7 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        q, k = self.rotary(positions, q, k, self.q_norm, self.k_norm)
         out = self.attn_backend.forward(q, k, v, kv_cache, meta, self.scale, kv_scales=self.kv_scales.scales)
         return self.o_proj(out.reshape(-1, self.q_size))
 

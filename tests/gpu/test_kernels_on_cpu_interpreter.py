@@ -60,6 +60,16 @@ q, k, _ = qkv.clone().split([H * D, KVH * D, KVH * D], -1)
 w = torch.ones(D, dtype=dt)
 q_out, k_out = rotary_embedding(pos, q.view(T, H, D), k.view(T, KVH, D), rot.cos_sin_cache, w, w, 1e-6)
 assert torch.equal(q_out, q_ref) and torch.equal(k_out, k_ref)
+# what Qwen3's attention calls: the fused module with its own q/k norms (weights not 1) equals the plain one
+from engine.kernels.fused_layers import FusedRotaryEmbedding
+q_norm, k_norm = RMSNorm(D, 1e-6).to(dt), RMSNorm(D, 1e-6).to(dt)
+q_norm.weight.data, k_norm.weight.data = (1 + 0.3 * torch.randn(D)).to(dt), (1 + 0.3 * torch.randn(D)).to(dt)
+fused_rot = FusedRotaryEmbedding(D, {"rope_theta": 1e6}, 100, 100, torch.device("cpu"))
+q, k, _ = qkv.clone().split([H * D, KVH * D, KVH * D], -1)
+q_ref, k_ref = rot(pos, q.view(T, H, D), k.view(T, KVH, D), q_norm, k_norm)
+q, k, _ = qkv.clone().split([H * D, KVH * D, KVH * D], -1)
+q_out, k_out = fused_rot(pos, q.view(T, H, D), k.view(T, KVH, D), q_norm, k_norm)
+assert torch.equal(q_out, q_ref) and torch.equal(k_out, k_ref)
 
 from engine.kernels.gumbel_sample import gumbel_sample
 V = 9000  # three chunks of 4096
