@@ -142,7 +142,13 @@ class LayerKit:
         model's dtype on CUDA (every GPU reader upcasts as it reads; see LMHead)."""
         if self.matmul_dtype is not None:
             return LowPrecisionLMHead(vocab_size, hidden_size, self.shard, self.matmul_dtype)
-        return LMHead(vocab_size, hidden_size, self.shard, float_logits=not self.fused)
+        return LMHead(
+            vocab_size,
+            hidden_size,
+            self.shard,
+            float_logits=not self.fused,
+            row_multiple=1 if self.fused else 4,
+        )
 
     # --- what a family needs to size its attention --------------------------------------------
 
