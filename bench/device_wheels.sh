@@ -11,5 +11,6 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   pydantic pydantic-core annotated-types typing-inspection "xgrammar>=0.2.9,<0.3" apache-tvm-ffi \
   partial-json-parser aiohttp aiosignal frozenlist multidict yarl propcache attrs aiohappyeyeballs \
   prometheus-client jsonschema jsonschema-specifications referencing rpds-py pytest pytest-asyncio pytest-timeout \
-  iniconfig pluggy pyyaml gguf ninja pyzmq msgspec
+  iniconfig pluggy pyyaml gguf ninja pyzmq msgspec \
+  openai httpx httpcore h11 anyio sniffio distro jiter certifi idna
 du -sh .carry/wheels

@@ -50,5 +50,9 @@ def test_fused_router_module_matches_the_torch_router():
     w_fused, ids_fused = fused(x)
     w_plain, ids_plain = plain(x)
     torch.testing.assert_close(w_fused, w_plain, rtol=1e-5, atol=1e-7)
-    same = (ids_fused == ids_plain).float().mean().item()
-    assert same > 0.99, same  # differences only where two probabilities tie to the last bit
+    # The same (expert, weight) pairs per token. Their order may differ only among experts whose bfloat16
+    # logits tie exactly (equal weights: 6 % of rows here on the H200), which the weighted sum ignores.
+    ids_f, order_f = ids_fused.sort(dim=1)
+    ids_p, order_p = ids_plain.sort(dim=1)
+    assert torch.equal(ids_f, ids_p)
+    torch.testing.assert_close(w_fused.gather(1, order_f), w_plain.gather(1, order_p), rtol=1e-5, atol=1e-7)
