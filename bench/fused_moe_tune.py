@@ -41,7 +41,13 @@ from engine.kernels.fused_moe import (  # noqa: E402
     choose_fp8_block_config,
     fused_experts,
 )
-from engine.model.fp8 import quantize_rows  # noqa: E402
+from engine.kernels.moe_tuned_configs import (  # noqa: E402
+    BlockConfigEntry,
+    TunedConfigFile,
+    file_name,
+    variant_name,
+)
+from engine.model.fp8 import FP8, quantize_rows  # noqa: E402
 
 FP8_GROUP = 128  # the block-scaled checkpoints' [128, 128]
 VARIANTS = ("bf16", "fp8-channel", "fp8-block")
@@ -160,6 +166,34 @@ def measure(tokens: int, x, weights, ids, experts: Experts, active: int, copy_bw
     return row
 
 
+def save_configs(directory: Path, result: dict, name: str, experts: Experts) -> Path | None:
+    """The fastest configuration per token count measured so far for variant `name` (the default where the
+    sweep found nothing faster), as engine.kernels.moe_tuned_configs reads it."""
+    shape = result["shape"]
+    variant = variant_name(FP8 if experts.fp8 else experts.w13.dtype, experts.group_k)
+    configs = {}
+    for row in result["rows"]:
+        r = row[name]
+        fastest = min(
+            ((r.get(f"{k}_us"), r.get(k)) for k in ("default", "best") if r.get(f"{k}_us") is not None),
+            key=lambda t: t[0],
+            default=None,
+        )
+        if fastest is not None:
+            configs[row["tokens"]] = BlockConfigEntry(**fastest[1])
+    if not configs:
+        return None  # nothing ran yet (every configuration failed to compile or launch)
+    tuned = TunedConfigFile(
+        device=result["device"], num_experts=shape["experts"], inter=shape["inter"], hidden=shape["hidden"],
+        variant=variant, source=f"bench/fused_moe_tune.py, {result['date']}, torch {result['torch']}",
+        configs=configs,
+    )  # fmt: skip
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / file_name(result["device"], shape["experts"], shape["inter"], shape["hidden"], variant)
+    path.write_text(tuned.model_dump_json(indent=1) + "\n")
+    return path
+
+
 def summary(r: dict) -> str:
     def us(value: float | None, pct: float | None) -> str:
         return "failed" if value is None else f"{value:8.1f} µs ({pct:.0f}% of floor)"
@@ -188,6 +222,13 @@ def main() -> None:
         default=None,
         help="variants to sweep (default: every variant)",
     )
+    parser.add_argument(
+        "--save-configs",
+        type=Path,
+        default=None,
+        help="write each swept variant's fastest configurations here, as the engine reads them "
+        "(engine/kernels/moe_configs/, or $KUBELLM_MOE_CONFIG_DIR for a run in the same session)",
+    )
     args = parser.parse_args()
     sweep = set(args.variants if args.sweep is None else args.sweep)
 
@@ -204,6 +245,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"{props.name}; copy bandwidth {copy_bw / 1e12:.2f} TB/s", flush=True)
+    saved: dict[str, Path] = {}
     for tokens in args.tokens:
         x = torch.randn(tokens, h, device="cuda", generator=gen, dtype=torch.bfloat16)
         logits = torch.randn(tokens, e, device="cuda", generator=gen)
@@ -217,6 +259,11 @@ def main() -> None:
         out.write_text(
             json.dumps(result, indent=1)
         )  # after every token count: a cut-short run keeps its rows
+        for name in sorted(sweep & set(variants)) if args.save_configs else ():
+            if (path := save_configs(args.save_configs, result, name, variants[name])) is not None:
+                saved[name] = path
+    for name, path in saved.items():
+        print(f"{name}: configurations saved as {path}", flush=True)
 
 
 if __name__ == "__main__":

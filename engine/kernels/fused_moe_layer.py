@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 from engine.kernels.fused_moe import fused_experts
 from engine.kernels.moe_router import topk_softmax
+from engine.kernels.moe_tuned_configs import tuned_configs_for
+from engine.model.fp8 import FP8
 from engine.model.moe import MoeExperts, MoeSpec, TopKRouter
 from engine.model.quantization import Fp8Scheme
 from engine.model.sharding import Shard
@@ -22,8 +24,22 @@ class FusedTopKRouter(TopKRouter):
 
 
 class FusedMoeExperts(MoeExperts):
+    def __init__(
+        self,
+        hidden_size: int,
+        spec: MoeSpec,
+        shard: Shard | None = None,
+        matmul_dtype: torch.dtype | None = None,
+        quantization: Fp8Scheme | None = None,
+    ) -> None:
+        super().__init__(hidden_size, spec, shard, matmul_dtype, quantization)
+        # Block configurations measured on this card for this shape, if any (engine.kernels.moe_tuned_configs);
+        # dequantized FP8 experts compute in weight_dtype like float ones
+        self.tuned = tuned_configs_for(self.num_experts, self.inter, hidden_size, self.weight_dtype)
+
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        return fused_experts(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids)
+        config = None if self.tuned is None else self.tuned.pick(x.shape[0])
+        return fused_experts(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids, config)
 
 
 class Fp8FusedMoeExperts(MoeExperts):
@@ -31,10 +47,13 @@ class Fp8FusedMoeExperts(MoeExperts):
         if quantization.dequantize:
             raise ValueError("Fp8FusedMoeExperts runs FP8 GEMMs; a dequantized scheme takes FusedMoeExperts")
         super().__init__(hidden_size, spec, shard, quantization=quantization)  # self.fp8: the scales, kept
+        assert self.fp8 is not None
+        self.tuned = tuned_configs_for(self.num_experts, self.inter, hidden_size, FP8, self.fp8.group_k)
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         scales = self.fp8
+        config = None if self.tuned is None else self.tuned.pick(x.shape[0])
         return fused_experts(
-            x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids,
+            x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids, config,
             w13_scale=scales.gate_up_proj_scale, w2_scale=scales.down_proj_scale, group_k=scales.group_k,
         )  # fmt: skip
