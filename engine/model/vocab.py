@@ -69,8 +69,8 @@ class LMHead(VocabRows):
         self.float_logits = float_logits
         # On the CPU, MKL computes the rows past the last multiple of 4 as matrix-vector products, each
         # reading the whole head (~110 MB in float32 for a 49k vocabulary, far beyond the caches): 2 or 3 rows
-        # took 2-3x as long as 4 (AMD EPYC, torch 2.15). Padding to whole groups of 4 rows costs nothing
-        # measurable where MKL has no such remainder path. One row stays one (a single product is fastest).
+        # took 2-3x as long as 4 (AMD EPYC, torch 2.15). Padded to whole groups of 4, a step pays at most
+        # three extra rows of a product bound by reading the weight. One row stays one (one product is fastest).
         self.row_multiple = row_multiple
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
