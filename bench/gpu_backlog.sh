@@ -8,6 +8,7 @@
 set -uo pipefail
 source bench/device_setup.sh
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
+TUNED=/tmp/kubellm_moe_configs  # fused MoE configurations tuned on this machine (moe-tune-w5), for later calls
 run() {  # name, seconds, command...: full log in $OUT/<name>.log, its tail on stdout
   local name="$1" limit="$2"; shift 2
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1; echo "== $name: exit $?"; tail -12 "$OUT/$name.log"
@@ -59,11 +60,17 @@ case "${1:-}" in
       --tokens 1 16 64 256 2048 8192 --out "$OUT/fused_moe_tune_fp8_channel.json" ;;
   moe-tune-w5)  # issue 14: the FP8-block experts' configurations tuned on this card, then W5 from the block-FP8
     # checkpoint served with them (KUBELLM_MOE_CONFIG_DIR) in the same call; compare with w5-fp8-ckpt's figures
+    # (also kept in $TUNED on this machine, for w5-fp8-ckpt-hf in the next call while it stays warm)
     run moe_tune_fp8_block 300 python3 bench/fused_moe_tune.py --variants fp8-block --sweep fp8-block \
       --tokens 1 8 32 64 128 256 512 1024 2048 8192 --save-configs "$OUT/moe_configs" \
       --out "$OUT/fused_moe_tune_fp8_block.json"
-    KUBELLM_MOE_CONFIG_DIR="$OUT/moe_configs" run w5_fp8_ckpt_tuned 250 python3 bench/w5_moe.py --num-layers 48 \
+    mkdir -p "$TUNED" && cp "$OUT"/moe_configs/*.json "$TUNED"/
+    KUBELLM_MOE_CONFIG_DIR="$TUNED" run w5_fp8_ckpt_tuned 250 python3 bench/w5_moe.py --num-layers 48 \
       --checkpoint fp8-block --hf-requests 0 --out "$OUT/w5_fp8_ckpt_tuned.json" ;;
+  w5-fp8-ckpt-hf)  # issue 14's bar as written: W5 from the block-FP8 checkpoint (with moe-tune-w5's tuning where this
+    # machine still holds it) and transformers' own MoE forward on the same checkpoint in the same call (32 requests)
+    KUBELLM_MOE_CONFIG_DIR="$TUNED" run w5_fp8_ckpt_hf 560 python3 bench/w5_moe.py --num-layers 48 \
+      --checkpoint fp8-block --hf-requests 32 --out "$OUT/w5_fp8_ckpt_hf.json" ;;
   w5-fp8)  # issues 13/14: W5 served in bf16, then with --quantization fp8 (online W8A8, FP8 experts), one checkpoint,
     # one call; 24 of 48 layers on every card, for time (two servers and two in-process engines; ~6 min)
     run w5_fp8 560 python3 bench/w5_moe.py --num-layers 24 --quantization none fp8 --hf-requests 0 \
@@ -111,5 +118,5 @@ case "${1:-}" in
   w1)  # issue 13's W1 bar (H200: >= 28,800 tok/s), main and the old code on the same machine
     run w1 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
     (cd .carry/base && run w1_base 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_base.json") ;;
-  *) echo "usage: bench/gpu_backlog.sh moe-tune-w5|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
+  *) echo "usage: bench/gpu_backlog.sh moe-tune-w5|w5-fp8-ckpt-hf|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
 esac

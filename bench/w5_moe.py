@@ -306,6 +306,14 @@ def decode_steps_against_floor(
     return rows
 
 
+def tuned_config_files() -> list[str]:
+    """The fused MoE configuration files the engine can read on this run (engine/kernels/moe_tuned_configs.py:
+    $KUBELLM_MOE_CONFIG_DIR, then the repo's); the server log says which one each layer took."""
+    from engine.kernels.moe_tuned_configs import search_dirs
+
+    return sorted(str(p) for d in search_dirs() if d.is_dir() for p in d.glob("*.json"))
+
+
 def hf_static_generate(
     path: Path, num_requests: int, vocab_size: int, batch_size: int = 64, checkpoint: str = "bf16"
 ) -> dict:
@@ -380,7 +388,7 @@ def main() -> None:
                              + ("bf16 checkpoint" if args.checkpoint == "bf16"
                                 else "block-FP8 checkpoint (as Qwen3-30B-A3B-FP8)"),
                     "checkpoint": args.checkpoint, "checkpoint_bytes": checkpoint_bytes(config, args.checkpoint),
-                    "parameters": counts, "served": {}}  # fmt: skip
+                    "parameters": counts, "served": {}, "moe_configs": tuned_config_files()}  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
