@@ -142,8 +142,8 @@ def versions() -> dict:
     import torch
     import transformers
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+    try:  # "-dirty" where the tree differs from HEAD (a GPU machine's copy keeps the session's first HEAD)
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=HERE, capture_output=True,
                                 text=True, check=True).stdout.strip()  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         commit = None
