@@ -158,8 +158,13 @@ def measure(path: Path, variant: dict, args) -> dict:
                     engine.step()
                 if args.device == "cuda":
                     torch.cuda.synchronize()
+            running = engine.scheduler.running  # what the profiled steps decoded (a check on the set-up)
             result[f"decode_b{batch}"] = summarize(prof, args.steps, args.device) | {
-                "wall_ms_per_step": round(wall_ms, 3)
+                "wall_ms_per_step": round(wall_ms, 3),
+                "sequences_decoding": len(running),
+                "mean_context_tokens": round(
+                    sum(s.num_computed_tokens for s in running) / max(1, len(running))
+                ),
             }
             for i in range(batch):
                 engine.abort_request(f"d{i}")
