@@ -11,6 +11,9 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   pydantic pydantic-core annotated-types typing-inspection "xgrammar>=0.2.9,<0.3" apache-tvm-ffi \
   partial-json-parser aiohttp aiosignal frozenlist multidict yarl propcache attrs aiohappyeyeballs \
   prometheus-client jsonschema jsonschema-specifications referencing rpds-py pytest pytest-asyncio pytest-timeout \
-  iniconfig pluggy pyyaml gguf ninja pyzmq msgspec \
-  openai httpx httpcore h11 anyio sniffio distro jiter certifi idna
+  iniconfig pluggy pyyaml gguf ninja pyzmq msgspec
+# the OpenAI SDK (tests/unit's conftest imports it) with whatever its current release depends on (httpx2, ...)
+python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --platform any \
+  -d .carry/wheels openai
 du -sh .carry/wheels
