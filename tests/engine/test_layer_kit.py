@@ -85,3 +85,30 @@ def test_lm_head_keeps_the_products_dtype_when_asked():
         head = LMHead(50, 16, Shard(), float_logits=float_logits).to(torch.bfloat16)
         torch.nn.init.normal_(head.weight)
         assert head(hidden).dtype == dtype
+
+
+def test_the_cpu_lm_head_pads_rows_to_whole_groups_of_four_and_returns_only_the_real_ones(monkeypatch):
+    """MKL runs 2-3 leftover rows as matrix-vector products, each reading the whole head: the CPU kit pads to
+    a multiple of 4 (one row stays one). The logits are the unpadded product's, row for row."""
+    from engine.model.sharding import Shard
+
+    assert LayerKit.for_device(torch.device("cpu")).lm_head(64, 16).row_multiple == 4
+    torch.manual_seed(0)
+    padded, plain = LMHead(50, 16, Shard(), row_multiple=4), LMHead(50, 16, Shard())
+    torch.nn.init.normal_(plain.weight)
+    padded.weight.data.copy_(plain.weight.data)
+    hiddens = [torch.randn(rows, 16) for rows in range(1, 10)]
+    expected = [plain(h) for h in hiddens]
+    seen = []
+    original = torch.nn.functional.linear
+
+    def recording(x, w, *args):
+        seen.append(x.shape[0])
+        return original(x, w, *args)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", recording)
+    for hidden, want in zip(hiddens, expected, strict=True):
+        got = padded(hidden)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert seen == [1, 4, 4, 4, 8, 8, 8, 8, 12]
