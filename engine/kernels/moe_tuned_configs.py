@@ -12,6 +12,7 @@ scale group) is a startup error naming the file.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -102,8 +103,15 @@ def load_tuned_configs(
     device: str, num_experts: int, inter: int, hidden: int, variant: str, group_k: int | None = None
 ) -> TunedMoeConfigs | None:
     """The first file for this card, shape and variant in ``search_dirs()``, or None."""
-    name = file_name(device, num_experts, inter, hidden, variant)
-    for directory in search_dirs():
+    shape = (num_experts, inter, hidden, variant)
+    return _load(file_name(device, *shape), tuple(search_dirs()), shape, group_k)
+
+
+@functools.cache  # every MoE layer of a model asks for the same file: read (and logged) once
+def _load(
+    name: str, dirs: tuple[Path, ...], expected: tuple[int, int, int, str], group_k: int | None
+) -> TunedMoeConfigs | None:
+    for directory in dirs:
         path = directory / name
         if not path.is_file():
             continue
@@ -112,10 +120,8 @@ def load_tuned_configs(
         except ValueError as exc:
             raise ValueError(f"fused MoE configurations {path}: {exc}") from exc
         shape = (tuned.num_experts, tuned.inter, tuned.hidden, tuned.variant)
-        if shape != (num_experts, inter, hidden, variant):
-            raise ValueError(
-                f"fused MoE configurations {path} are for {shape}, not {(num_experts, inter, hidden, variant)}"
-            )
+        if shape != expected:
+            raise ValueError(f"fused MoE configurations {path} are for {shape}, not {expected}")
         counts = sorted(tuned.configs)
         configs = tuple(tuned.configs[c].as_config() for c in counts)
         if group_k is not None and any(c.block_k != group_k for c in configs):
