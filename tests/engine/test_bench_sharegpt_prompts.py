@@ -4,30 +4,16 @@ chat messages), with the embedded SmolLM2 tokenizer the benchmark uses."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 from engine.api.prompts import chat_prompt, completion_prompts
 from engine.api.protocol import ChatMessage
+from tests.bench_modules import load_bench_module
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
-
-def _load_bench_module(name: str):
-    # Loaded by path: bench/ on sys.path would shadow packages (bench/kernels.py).
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # pydantic resolves the module's annotations through it
-    spec.loader.exec_module(module)
-    return module
-
-
-sharegpt = _load_bench_module("sharegpt_prompts")
+sharegpt = load_bench_module("sharegpt_prompts")
 
 SENTENCES = [
     "How do I roll out a new version of a Deployment without downtime?",

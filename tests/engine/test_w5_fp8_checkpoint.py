@@ -7,9 +7,7 @@ float8 * scale, and the engine's greedy tokens equal transformers' on a float mo
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,25 +22,12 @@ from engine.config import EngineConfig
 from engine.model.fp8 import Fp8Linear
 from engine.model.loader import load_model
 from engine.model.moe import SparseMoeBlock
+from tests.bench_modules import load_bench_module
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _load_w5():
-    # w5_moe appends bench/ to sys.path for its own imports; put it back as it was for later tests
-    saved = list(sys.path)
-    try:
-        spec = importlib.util.spec_from_file_location("w5_moe", BENCH / "w5_moe.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path[:] = saved
-
-
-w5 = _load_w5()
+w5 = load_bench_module("w5_moe")
 
 
 def tiny_config() -> transformers.Qwen3MoeConfig:

@@ -3,24 +3,10 @@ real CLI takes: one server per value, `auto` included. Checked here because the 
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
-from pathlib import Path
 
 from engine.cli import build_parser, engine_config
-
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
-
-def load_bench_module(name: str):
-    # Loaded by path: bench/ first on sys.path would shadow packages (bench/kernels.py).
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.bench_modules import BENCH, load_bench_module
 
 
 def test_the_backlogs_prefill_cap_sweep_is_flags_kubellm_serve_takes() -> None:

@@ -5,9 +5,7 @@ its variant is a startup error naming it."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,26 +25,13 @@ from engine.kernels.moe_tuned_configs import (
 )
 from engine.model.fp8 import FP8
 from engine.model.moe import MoeSpec
+from tests.bench_modules import load_bench_module
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
 DEVICE = "NVIDIA H200"
 SHAPE = dict(num_experts=128, inter=768, hidden=2048)
 
 
-def _load_tune_bench():
-    saved = list(sys.path)  # the bench puts the repo and bench/ on sys.path; bench/kernels.py would shadow
-    try:
-        spec = importlib.util.spec_from_file_location("fused_moe_tune", BENCH / "fused_moe_tune.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["fused_moe_tune"] = module
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path[:] = saved
-
-
-tune = _load_tune_bench()
+tune = load_bench_module("fused_moe_tune")
 
 
 def cfg(block_m: int, block_k: int = 128, stages: int = 4) -> dict:

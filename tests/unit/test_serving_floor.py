@@ -3,29 +3,9 @@ count by hand."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+from tests.bench_modules import load_bench_module
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
-
-def _load_floor():
-    # serving_floor puts bench/ on sys.path to import load_client; put it back as it was, or bench/kernels.py
-    # would shadow the kernels package for every later test
-    saved = list(sys.path)
-    try:
-        spec = importlib.util.spec_from_file_location("serving_floor", BENCH / "serving_floor.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["serving_floor"] = module  # dataclasses resolve the module's annotations through it
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path[:] = saved
-
-
-floor = _load_floor()
+floor = load_bench_module("serving_floor")
 MODEL = floor.llama_3_1_8b()
 BODY = MODEL.active_params() - MODEL.lm_head_params  # products per token below the LM head
 
