@@ -68,7 +68,7 @@ class ExpertFp8Scales(nn.Module):
         channel) or [ceil(rows / block rows), ceil(in / group_k)] (per block, the last block short)."""
         rows, cols = self._full_shape(part)
         scale = tensor.read().float()
-        self._store(part, expert, self._part_rows(scale, rows, cols), tuple(tensor.shape))
+        self._store(part, expert, scale_rows(scale, rows, cols, self.scheme), tuple(tensor.shape))
 
     def load_fused(self, part: str, tensor: CheckpointTensor) -> None:
         """Every expert's scales of transformers 5's fused layout: gate_up [E, R, G] over the fused [2I, H],
@@ -81,7 +81,7 @@ class ExpertFp8Scales(nn.Module):
         for e in range(whole.shape[0]):
             grid = whole[e].reshape(-1, whole.shape[-1]) if whole.dim() > 1 else whole[e].reshape(1, 1)
             if part == "down":
-                rows = self._part_rows(grid, self.hidden_size, self.full_inter)
+                rows = scale_rows(grid, self.hidden_size, self.full_inter, self.scheme)
                 self._store("down", e, rows, tuple(whole.shape))
                 continue
             if grid.numel() > 1 and grid.shape[0] % 2:
@@ -91,7 +91,10 @@ class ExpertFp8Scales(nn.Module):
             halves = (grid, grid) if grid.numel() == 1 else grid.chunk(2, dim=0)
             for name, half in zip(("gate", "up"), halves, strict=True):
                 self._store(
-                    name, e, self._part_rows(half, self.full_inter, self.hidden_size), tuple(whole.shape)
+                    name,
+                    e,
+                    scale_rows(half, self.full_inter, self.hidden_size, self.scheme),
+                    tuple(whole.shape),
                 )
 
     def quantize_part(self, part: str, expert: int, w: torch.Tensor) -> torch.Tensor:
@@ -125,10 +128,6 @@ class ExpertFp8Scales(nn.Module):
 
     def _full_shape(self, part: str) -> tuple[int, int]:
         return (self.hidden_size, self.full_inter) if part == "down" else (self.full_inter, self.hidden_size)
-
-    def _part_rows(self, scale: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-        """A published scale of one [rows, cols] weight -> [rows, groups]: each row's scales."""
-        return scale_rows(scale, rows, cols, self.scheme)
 
     def _store(self, part: str, expert: int, rows: torch.Tensor, shape: tuple[int, ...]) -> None:
         """[full rows, full groups] of one expert's part -> this rank's slice."""

@@ -247,12 +247,10 @@ class MoeExperts(nn.Module):
     def finish_loading(self) -> None:
         """FP8 where the scheme runs dequantized: the float8 weights become float8 * scale in
         ``weight_dtype`` and the scales go."""
-        if self.fp8 is None:
+        if self.fp8 is None or not self.fp8.scheme.dequantize:
             return
-        gate_up, down = self.gate_up_proj.data, self.down_proj.data
-        if self.fp8.scheme.dequantize:
-            gate_up, down = self.fp8.dequantize(gate_up, down, self.weight_dtype)
-            self.fp8 = None
+        gate_up, down = self.fp8.dequantize(self.gate_up_proj.data, self.down_proj.data, self.weight_dtype)
+        self.fp8 = None
         self.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)
         self.down_proj = nn.Parameter(down, requires_grad=False)
 
