@@ -47,7 +47,7 @@ from engine.kernels.moe_tuned_configs import (  # noqa: E402
     file_name,
     variant_name,
 )
-from engine.model.fp8 import FP8, quantize_rows  # noqa: E402
+from engine.model.fp8 import quantize_rows  # noqa: E402
 
 FP8_GROUP = 128  # the block-scaled checkpoints' [128, 128]
 VARIANTS = ("bf16", "fp8-channel", "fp8-block")
@@ -170,7 +170,7 @@ def save_configs(directory: Path, result: dict, name: str, experts: Experts) -> 
     """The fastest configuration per token count measured so far for variant `name` (the default where the
     sweep found nothing faster), as engine.kernels.moe_tuned_configs reads it."""
     shape = result["shape"]
-    variant = variant_name(FP8 if experts.fp8 else experts.w13.dtype, experts.group_k)
+    variant = variant_name(experts.w13.dtype, experts.group_k)  # float8 weights name an FP8 variant
     configs = {}
     for row in result["rows"]:
         r = row[name]

@@ -12,6 +12,7 @@ scale group) is a startup error naming the file.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import logging
 import os
@@ -90,8 +91,13 @@ class TunedMoeConfigs:
     path: Path
 
     def pick(self, num_tokens: int) -> MoeBlockConfig:
-        best = min(range(len(self.token_counts)), key=lambda i: (abs(self.token_counts[i] - num_tokens), i))
-        return self.configs[best]
+        # every MoE layer of an eager step asks: the two counts around num_tokens, not a scan of all
+        above = bisect.bisect_left(self.token_counts, num_tokens)
+        if above == len(self.token_counts) or (
+            above > 0 and num_tokens - self.token_counts[above - 1] <= self.token_counts[above] - num_tokens
+        ):
+            return self.configs[above - 1]
+        return self.configs[above]
 
 
 def search_dirs() -> list[Path]:
