@@ -320,12 +320,7 @@ def hf_static_generate(
     """transformers `generate` over the first requests of the same workload, left-padded static batches
     of 64, each batch decoding to its longest output (greedy, no eos). An FP8 checkpoint loads through
     transformers' own fine-grained FP8 path, straight onto the GPU (a quantized model is not moved)."""
-    if checkpoint == "bf16":
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
-    else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.bfloat16, device_map="cuda"
-        ).eval()
+    model, forward = load_hf_model(path, checkpoint)
     model.generation_config.eos_token_id = None
     specs = sharegpt_like_requests(num_requests, vocab_size, seed=0)
     torch.cuda.synchronize()
@@ -349,7 +344,37 @@ def hf_static_generate(
     gc.collect()
     torch.cuda.empty_cache()
     return {"requests": len(specs), "seconds": seconds, "request_throughput": len(specs) / seconds,
-            "output_token_throughput": output_tokens / seconds, "experts_implementation": implementation}  # fmt: skip
+            "output_token_throughput": output_tokens / seconds, "experts_implementation": implementation,
+            "forward": forward}  # fmt: skip
+
+
+def load_hf_model(path: Path, checkpoint: str, device: str = "cuda") -> tuple[torch.nn.Module, str]:
+    """The checkpoint in transformers on ``device``, and in words which forward it runs. transformers' FP8
+    matmuls come from the Hugging Face hub through the `kernels` package, fetched on the first forward,
+    which a machine without network cannot do (an ImportError then): the FP8 checkpoint is then
+    dequantized to bfloat16 at load (transformers' own `dequantize=True`), so the baseline is
+    transformers' MoE forward on the same weights in bfloat16, and the result says so."""
+    if checkpoint == "bf16":
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device)
+        return model.eval(), "bfloat16"
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.bfloat16, device_map=device
+        )
+        with torch.no_grad():
+            model(torch.zeros((1, 1), dtype=torch.long, device=device))
+        return model.eval(), "FP8 (transformers' fine-grained FP8 kernels)"
+    except ImportError as exc:  # "finegrained-fp8 kernel unavailable: `kernels` is either not installed ..."
+        reason = str(exc).splitlines()[0][:120]
+    model = None
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.bfloat16, device_map=device,
+        quantization_config=transformers.FineGrainedFP8Config(dequantize=True),
+    )  # fmt: skip
+    return model.eval(), f"bfloat16, dequantized from the FP8 checkpoint at load ({reason})"
 
 
 def main() -> None:
@@ -450,7 +475,7 @@ def main() -> None:
     if "request_throughput" in hf:
         print(
             f"  transformers generate, {args.checkpoint} checkpoint (first {hf['requests']}): "
-            f"{hf['request_throughput']:.2f} req/s"
+            f"{hf['request_throughput']:.2f} req/s; forward: {hf['forward']}"
         )
     elif "error" in hf:
         print(f"  transformers generate, {args.checkpoint} checkpoint: failed ({hf['error'][:200]})")

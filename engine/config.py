@@ -34,8 +34,10 @@ class EngineConfig(BaseModel):
     # decodes (an idle server's TTFT gets worse) and not the step's sum (several prompts still fill the
     # step). This caps the sum, only while decodes wait: the name says both.
     DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING: ClassVar[dict[DeviceType, int]] = {"cuda": 2048, "cpu": 0}
-    # `--max-prefill-tokens-while-decoding auto` (opt-in: no GPU has measured it yet; the default stays the
-    # fixed cap above until a W2 sweep says otherwise): the engine learns its own step cost online,
+    # Measured (H100, 2026-12-06, docs/BENCHMARKS.md): W2's sweep 0 / 2048 / auto gave 41.3 / 41.6 / 41.9 req/s
+    # and ITL p99 208 / 92 / 81 ms at QPS = inf; W5 (Qwen3-30B-A3B FP8, 48 layers) gave 24.0 req/s with 2048
+    # and 19.3 with auto (TTFT p99 4.7 against 13.2 s), so 2048 stays the default and auto opt-in (why below).
+    # `--max-prefill-tokens-while-decoding auto`: the engine learns its own step cost online,
     # step_ms ≈ a + b·prefill_tokens + c·decode_seqs + d·decode_context_tokens (engine/core/step_cost_model.py,
     # refitted to the last 512 steps' measured device times), and gives each step the most prompt tokens
     # that keep its predicted time within --decode-step-target-ms beside that step's decodes: right for
@@ -43,7 +45,9 @@ class EngineConfig(BaseModel):
     # room for far more prompt than 400). Until the fit has seen steps of different prompt sizes it uses
     # the fixed default above, and half of it every other step (so that it sees some). Never fewer than
     # AUTO_PREFILL_FLOOR_TOKENS (or an eighth of the budget, if smaller), so prompts always progress: a
-    # long prompt's first token comes within ⌈prompt / 256⌉ steps.
+    # long prompt's first token comes within ⌈prompt / 256⌉ steps. Where the decodes alone fill the target
+    # (W5's 500 sequences of a 48-layer MoE: its fit put them at 6 + 0.16 ms each, ≈ 50 ms at 280), every
+    # step gets that floor and prompts enter at 256 tokens a step: throughput then follows the floor.
     AUTO_PREFILL_FLOOR_TOKENS: ClassVar[int] = 256
     # Seconds in-flight requests may take to finish on SIGTERM (`kubellm serve --shutdown-timeout`):
     # Kubernetes' default grace period. The operator sizes terminationGracePeriodSeconds from it.

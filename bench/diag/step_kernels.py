@@ -119,10 +119,16 @@ def summarize(prof, steps: int, device: str) -> dict:
 
 
 def measure(path: Path, variant: dict, args) -> dict:
+    budget = max(args.prefill_seqs * args.prefill_len, *args.batch, 2048)
+    # The batch's prompts take ceil(batch x context / budget) steps to prefill, and the sequences prefilled
+    # first decode a token in each of them (steps without a prefill cap: fewest): every sequence must still
+    # be running when the profiled steps come, so each may produce that many more tokens.
+    setup_tokens = -(-max(args.batch) * args.context // budget) + 8
+    max_tokens = setup_tokens + 2 * args.steps + 16
     config = EngineConfig(
-        model=str(path), device=args.device, max_model_len=args.context + 2 * args.steps + 64,
+        model=str(path), device=args.device, max_model_len=args.context + max_tokens + 16,
         max_num_seqs=max(*args.batch, args.prefill_seqs), enforce_eager=args.eager,
-        max_num_batched_tokens=max(args.prefill_seqs * args.prefill_len, *args.batch, 2048),
+        max_num_batched_tokens=budget, max_prefill_tokens_while_decoding=0,
         **({"gpu_memory_utilization": 0.85} if args.device == "cuda" else {"dtype": "float32"}), **variant,
     )  # fmt: skip
     engine = LLMEngine(config, load_model(config))
@@ -134,9 +140,7 @@ def measure(path: Path, variant: dict, args) -> dict:
         for batch in args.batch:  # decode: every sequence prefilled first (not profiled), then steady steps
             for i in range(batch):
                 prompt = [rng.randrange(10, vocab) for _ in range(args.context)]
-                params = SamplingParams(
-                    max_tokens=2 * args.steps + 16, ignore_eos=True, temperature=args.temperature
-                )
+                params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=args.temperature)
                 engine.add_request(f"d{i}", prompt, params)
             while engine.scheduler.num_waiting or any(
                 s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running
@@ -159,6 +163,8 @@ def measure(path: Path, variant: dict, args) -> dict:
                 if args.device == "cuda":
                     torch.cuda.synchronize()
             running = engine.scheduler.running  # what the profiled steps decoded (a check on the set-up)
+            if len(running) != batch:
+                raise RuntimeError(f"{len(running)} of {batch} sequences still decoding: the set-up is wrong")
             result[f"decode_b{batch}"] = summarize(prof, args.steps, args.device) | {
                 "wall_ms_per_step": round(wall_ms, 3),
                 "sequences_decoding": len(running),

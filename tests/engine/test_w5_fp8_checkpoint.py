@@ -138,3 +138,44 @@ def test_greedy_follows_transformers_on_the_dequantized_model(checkpoints):
     prompts = random_prompts(3, hf.config.vocab_size, seed=7)
     assert engine.generate(prompts, greedy(8)) == [hf_greedy(hf, p, 8) for p in prompts]
     assert engine.kv.num_free_blocks == engine.kv.pool.num_blocks
+
+
+def test_transformers_baseline_dequantizes_where_its_fp8_kernels_cannot_load(tmp_path, monkeypatch):
+    """transformers' FP8 matmuls come from the hub (`kernels`); a GPU machine without network gets an
+    ImportError, and the W5 baseline then runs transformers on the checkpoint dequantized at load, saying
+    so. Whole 128 x 128 blocks here: transformers 5.25 splits a ragged scale grid into equal parts (160
+    columns as 80 + 80, not 128 + 32), which no published checkpoint's shapes meet (Qwen3-30B-A3B: 2048,
+    768)."""
+    config = tiny_config()
+    config.hidden_size, config.moe_intermediate_size, config.head_dim = 256, 128, 64
+    w5.write_random_checkpoint(config, tmp_path, device="cpu", checkpoint="fp8-block")
+    fp8 = read_all(tmp_path)
+    load = transformers.AutoModelForCausalLM.from_pretrained
+
+    def hub_kernels_unavailable(path, **kwargs):  # as transformers 5.17 fails: at the first forward
+        model = load(path, **kwargs)
+        if "quantization_config" not in kwargs:
+            model.forward = fetch_hub_kernel
+        return model
+
+    def fetch_hub_kernel(*args, **kwargs):
+        raise ImportError("finegrained-fp8 kernel unavailable: `kernels` is either not installed or ...")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", hub_kernels_unavailable)
+    model, forward = w5.load_hf_model(tmp_path, "fp8-block", device="cpu")
+    assert forward.startswith("bfloat16, dequantized from the FP8 checkpoint at load (finegrained-fp8 kernel")
+
+    def want(name: str) -> torch.Tensor:
+        return dequantize(fp8[name], fp8[name + "_scale_inv"], 128)
+
+    for i, layer in enumerate(model.model.layers):
+        prefix = f"model.layers.{i}."
+        experts = layer.mlp.experts
+        assert experts.gate_up_proj.dtype == torch.bfloat16
+        for e in range(config.num_experts):
+            gate_up = torch.cat([want(f"{prefix}mlp.experts.{e}.{p}_proj.weight") for p in ("gate", "up")])
+            torch.testing.assert_close(experts.gate_up_proj[e].float(), gate_up, rtol=2**-8, atol=0)
+            down = want(f"{prefix}mlp.experts.{e}.down_proj.weight")
+            torch.testing.assert_close(experts.down_proj[e].float(), down, rtol=2**-8, atol=0)
+        q = want(f"{prefix}self_attn.q_proj.weight")
+        torch.testing.assert_close(layer.self_attn.q_proj.weight.float(), q, rtol=2**-8, atol=0)
