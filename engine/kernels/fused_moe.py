@@ -6,7 +6,8 @@ experts e with routing weight p, ``sum_j p * w2[e] @ (silu(gate) * up)`` where `
 1. slots (token, j) are sorted by expert and padded to whole blocks (engine.kernels.moe_align: one
    Triton program for decode batches, torch ops for prefill);
 2. one launch computes gate and up for every slot block against its expert's ``w13`` rows and writes
-   ``silu(gate) * up`` (two accumulators per program, so the [slots, 2I] product never reaches memory);
+   ``silu(gate) * up`` (two accumulators per program, so the [slots, 2I] product never reaches memory;
+   a tuned configuration may split it in two passes instead, ``MoeBlockConfig.split_gate``);
 3. one launch multiplies that by each slot's expert's ``w2`` and scales by the routing weight;
 4. each token's top_k rows are summed.
 
@@ -44,6 +45,7 @@ from engine.kernels.moe_align import (
     align_slots_by_expert_small,
 )
 from engine.kernels.shared_memory import device_shared_memory, stages_that_fit
+from engine.kernels.silu_mul import silu_and_mul
 from engine.model.fp8 import FP8
 
 
@@ -159,6 +161,11 @@ class MoeBlockConfig:
     group_m: int
     num_warps: int
     num_stages: int
+    # The first GEMM writes gate and up ([slots, 2I]) and one more pass takes silu(gate) * up: a tile then
+    # holds one float32 accumulator instead of two (three with block scales, whose per-step product is
+    # a third), so 128 x 128 tiles fit in registers at prefill sizes, for a write and a read of
+    # [slots, 2I]. Only a tuned file turns it on (bench/fused_moe_tune.py sweeps both ways).
+    split_gate: bool = False
 
 
 def choose_block_config(num_slots: int, num_experts: int) -> MoeBlockConfig:
@@ -239,6 +246,28 @@ def _grouped_gemm(
     )  # fmt: skip
 
 
+def _gate_up(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    align: ExpertAlignment,
+    top_k: int,
+    cfg: MoeBlockConfig,
+    dtype: torch.dtype,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    group_k: int | None = None,
+) -> torch.Tensor:
+    """[slots, I]: silu(gate) * up of each slot against its expert's w13, in the GEMM's epilogue or, with
+    ``cfg.split_gate``, as a second pass over the GEMM's [slots, 2I] output."""
+    inter = w13.shape[1] // 2
+    if not cfg.split_gate:
+        activated = torch.empty((align.num_slots, inter), dtype=dtype, device=x.device)
+        _grouped_gemm(x, w13, activated, align, top_k, cfg, True, None, scales, group_k)
+        return activated
+    gate_up = torch.empty((align.num_slots, 2 * inter), dtype=dtype, device=x.device)
+    _grouped_gemm(x, w13, gate_up, align, top_k, cfg, False, None, scales, group_k)
+    return silu_and_mul(gate_up)
+
+
 def check_fp8_operands(
     w13: torch.Tensor,
     w2: torch.Tensor,
@@ -291,8 +320,7 @@ def fused_experts(
     it): x is quantized per token (and group_k columns), the SiLU-mul output per slot likewise, and the
     grouped GEMMs scale their float32 products (module docstring)."""
     num_tokens, top_k = topk_ids.shape
-    num_experts, two_inter, hidden = w13.shape
-    inter = two_inter // 2
+    num_experts, _, hidden = w13.shape
     assert x.stride(-1) == 1 and w13.stride(-1) == 1 and w2.stride(-1) == 1
     fp8 = check_fp8_operands(w13, w2, w13_scale, w2_scale, group_k)
     if num_tokens == 0:
@@ -308,17 +336,16 @@ def fused_experts(
     align = (align_slots_by_expert_small if num_slots <= SMALL_MAX_SLOTS else align_slots_by_expert)(
         topk_ids, num_experts, cfg.block_m
     )
-    activated = torch.empty((num_slots, inter), dtype=x.dtype, device=x.device)
     per_slot = torch.empty((num_slots, hidden), dtype=x.dtype, device=x.device)
     weights = topk_weights.reshape(-1).to(torch.float32)
     if fp8:
         assert w13_scale is not None and w2_scale is not None
         xq, x_scale = quantize_activations(x, group_k)
-        _grouped_gemm(xq, w13, activated, align, top_k, cfg, True, None, (x_scale, w13_scale), group_k)
+        activated = _gate_up(xq, w13, align, top_k, cfg, x.dtype, (x_scale, w13_scale), group_k)
         aq, a_scale = quantize_activations(activated, group_k)
         _grouped_gemm(aq, w2, per_slot, align, 1, cfg, False, weights, (a_scale, w2_scale), group_k)
     else:
-        _grouped_gemm(x, w13, activated, align, top_k, cfg, gated=True, weights=None)
+        activated = _gate_up(x, w13, align, top_k, cfg, x.dtype)
         _grouped_gemm(activated, w2, per_slot, align, 1, cfg, gated=False, weights=weights)
     if top_k == 1:
         return per_slot

@@ -41,6 +41,7 @@ class BlockConfigEntry(BaseModel):
     group_m: int = Field(ge=1)
     num_warps: int = Field(ge=1)
     num_stages: int = Field(ge=1)
+    split_gate: bool = False  # files written before it existed fused the gate, as False does
 
     @field_validator("block_m", "block_n", "block_k", "num_warps")
     @classmethod

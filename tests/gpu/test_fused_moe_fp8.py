@@ -183,3 +183,19 @@ def test_block_scales_take_a_config_whose_k_step_is_the_group():
     assert relative_error(out, reference_fp8_moe(case, per_channel)) < SAME_QUANTIZATION[torch.bfloat16]
     with pytest.raises(ValueError, match="block_k = group_k"):
         run(case, fp8_experts(case, 128), wide_k)
+
+
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("num_tokens", [1024, 8192])
+def test_fp8_experts_with_the_gate_split_off(num_tokens, group):
+    """MoeBlockConfig.split_gate with FP8 experts: against the unquantized MoE only (gate and up rounded to
+    bfloat16 before the SiLU-mul move some values across an FP8 step of the second GEMM's input, so the
+    same-quantization reference's bound does not apply)."""
+    from engine.kernels.fused_moe import MoeBlockConfig
+
+    cfg = MoeBlockConfig(128, 128, 128, 8, 8, 3, split_gate=True)
+    case = make_moe_case(num_tokens, 128, 8, hidden=256, inter=192, dtype=torch.bfloat16, device="cuda",
+                         seed=num_tokens)  # fmt: skip
+    out = run(case, fp8_experts(case, group), cfg)
+    assert out.shape == case.x.shape and not out.isnan().any()
+    assert relative_error(out, reference_moe(case)) < FP8_ERROR

@@ -70,6 +70,32 @@ def test_the_bench_writes_the_fastest_per_token_count_and_the_engine_reads_it(tm
     assert tuned.pick(4000) == tuned.pick(256) and tuned.pick(5000) == tuned.pick(8192)
 
 
+def test_the_split_gate_is_swept_at_prefill_sizes_and_kept_in_the_file(tmp_path, monkeypatch):
+    """MoeBlockConfig.split_gate: the sweep tries it where experts get prefill-sized blocks, the file keeps
+    it, and a file written before the field existed reads as the fused gate."""
+    experts = block_experts()
+    assert not any(c.split_gate for c in tune.candidates(256 * 8, 128, experts))  # 16 slots an expert
+    split = [c for c in tune.candidates(8192 * 8, 128, experts) if c.split_gate]
+    assert split and all(c.block_k == 128 and c.block_m >= 64 for c in split)
+    rows = [{"tokens": 8192, "fp8-block": {"default": cfg(64), "default_us": 900.0, "best": vars(split[-1]),
+                                           "best_us": 700.0}}]  # fmt: skip
+    (tmp_path / "new").mkdir()
+    tune.save_configs(tmp_path / "new", bench_result(rows), "fp8-block", experts)
+    monkeypatch.setenv(CONFIG_DIR_ENV, str(tmp_path / "new"))
+    tuned = load_tuned_configs(DEVICE, **SHAPE, variant="fp8-block128", group_k=128)
+    assert tuned is not None and tuned.pick(8192) == split[-1]
+    older = {k: v for k, v in cfg(64).items() if k != "split_gate"}
+    (tmp_path / "old").mkdir()
+    name = file_name(DEVICE, 128, 768, 2048, "fp8-block128")
+    (tmp_path / "old" / name).write_text(json.dumps({"device": DEVICE, **SHAPE, "variant": "fp8-block128",
+                                                     "configs": {"8192": older}}))  # fmt: skip
+    monkeypatch.setenv(CONFIG_DIR_ENV, str(tmp_path / "old"))
+    tuned = load_tuned_configs(DEVICE, **SHAPE, variant="fp8-block128", group_k=128)
+    assert (
+        tuned is not None and tuned.pick(8192) == MoeBlockConfig(**cfg(64)) and not tuned.pick(1).split_gate
+    )
+
+
 def test_nearest_token_count_ties_go_to_the_smaller():
     tuned = TunedConfigFile(device=DEVICE, **SHAPE, variant="bf16", configs={16: cfg(16), 48: cfg(32)})
     table = TunedMoeConfigs((16, 48), tuple(c.as_config() for c in tuned.configs.values()), Path("unused"))
