@@ -71,6 +71,13 @@ case "${1:-}" in
     # machine still holds it) and transformers' own MoE forward on the same checkpoint in the same call (32 requests)
     KUBELLM_MOE_CONFIG_DIR="$TUNED" run w5_fp8_ckpt_hf 560 python3 bench/w5_moe.py --num-layers 48 \
       --checkpoint fp8-block --hf-requests 32 --out "$OUT/w5_fp8_ckpt_hf.json" ;;
+  w5-cap)  # issue 14 with the prefill cap: W5 from the block-FP8 checkpoint at QPS = inf, auto (with its prompt
+    # share of the decodes' time) against the fixed 2048, one call (two servers, the checkpoint written twice)
+    for cap in auto 2048; do
+      KUBELLM_MOE_CONFIG_DIR="$TUNED" run "w5_cap_$cap" 280 python3 bench/w5_moe.py --num-layers 48 \
+        --checkpoint fp8-block --hf-requests 0 --qps inf --out "$OUT/w5_cap_$cap.json" \
+        --serve-args --max-prefill-tokens-while-decoding "$cap"
+    done ;;
   w5-fp8)  # issues 13/14: W5 served in bf16, then with --quantization fp8 (online W8A8, FP8 experts), one checkpoint,
     # one call; 24 of 48 layers on every card, for time (two servers and two in-process engines; ~6 min)
     run w5_fp8 560 python3 bench/w5_moe.py --num-layers 24 --quantization none fp8 --hf-requests 0 \
@@ -118,5 +125,5 @@ case "${1:-}" in
   w1)  # issue 13's W1 bar (H200: >= 28,800 tok/s), main and the old code on the same machine
     run w1 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
     (cd .carry/base && run w1_base 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_base.json") ;;
-  *) echo "usage: bench/gpu_backlog.sh moe-tune-w5|w5-fp8-ckpt-hf|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
+  *) echo "usage: bench/gpu_backlog.sh moe-tune-w5|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
 esac

@@ -433,7 +433,8 @@ def main() -> None:
             # what an ideal server could reach on this GPU with evenly spread routing (bench/serving_floor.py)
             fp8 = served_in_fp8(quantization, args.checkpoint)
             ceiling = w2_load_ceiling(cost.fp8() if fp8 else cost, copy_bw, args.num_requests)
-            served = result["served"][quantization] = {"serve_flags": quantization_args(quantization),
+            served = result["served"][quantization] = {"serve_flags": quantization_args(quantization)
+                                                                       + args.serve_args,
                                                        "checkpoint": args.checkpoint,
                                                        "label": served_label(quantization, args.checkpoint),
                                                        "ceiling": ceiling, "runs": []}  # fmt: skip

@@ -117,7 +117,8 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         default=default("decode_step_target_ms"),
         metavar="MS",
         help="with --max-prefill-tokens-while-decoding auto: the step time (a decoding stream's inter-token "
-        "gap) that prompt chunks may fill up to (default: %(default)g)",
+        "gap) that prompt chunks may fill up to; prompts always get as long as the decodes take, up to this "
+        "(default: %(default)g)",
     )
     a("--block-size", type=int, default=default("block_size"))
     a("--gpu-memory-utilization", type=float, default=default("gpu_memory_utilization"))

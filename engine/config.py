@@ -36,7 +36,8 @@ class EngineConfig(BaseModel):
     DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING: ClassVar[dict[DeviceType, int]] = {"cuda": 2048, "cpu": 0}
     # Measured (H100, 2026-12-06, docs/BENCHMARKS.md): W2's sweep 0 / 2048 / auto gave 41.3 / 41.6 / 41.9 req/s
     # and ITL p99 208 / 92 / 81 ms at QPS = inf; W5 (Qwen3-30B-A3B FP8, 48 layers) gave 24.0 req/s with 2048
-    # and 19.3 with auto (TTFT p99 4.7 against 13.2 s), so 2048 stays the default and auto opt-in (why below).
+    # and 19.3 with auto (TTFT p99 4.7 against 13.2 s), so 2048 stays the default and auto opt-in (why below;
+    # AUTO_PREFILL_DECODE_SHARE came after, for that case, and is unmeasured).
     # `--max-prefill-tokens-while-decoding auto`: the engine learns its own step cost online,
     # step_ms ≈ a + b·prefill_tokens + c·decode_seqs + d·decode_context_tokens (engine/core/step_cost_model.py,
     # refitted to the last 512 steps' measured device times), and gives each step the most prompt tokens
@@ -47,8 +48,14 @@ class EngineConfig(BaseModel):
     # AUTO_PREFILL_FLOOR_TOKENS (or an eighth of the budget, if smaller), so prompts always progress: a
     # long prompt's first token comes within ⌈prompt / 256⌉ steps. Where the decodes alone fill the target
     # (W5's 500 sequences of a 48-layer MoE: its fit put them at 6 + 0.16 ms each, ≈ 50 ms at 280), every
-    # step gets that floor and prompts enter at 256 tokens a step: throughput then follows the floor.
+    # step got that floor and prompts entered at 256 tokens a step: throughput followed the floor (hence
+    # AUTO_PREFILL_DECODE_SHARE).
     AUTO_PREFILL_FLOOR_TOKENS: ClassVar[int] = 256
+    # "auto" gives prompts at least this share of the decodes' own predicted time, up to the target (a step
+    # takes at most the decodes' time plus the target): where the decodes alone fill the target it cannot
+    # bound their gap anyway, and the floor alone admitted prompts too slowly on W5 (on W5's fit that is
+    # about the fixed 2048's prompt per step; engine/core/step_cost_model.py; not yet measured on a GPU).
+    AUTO_PREFILL_DECODE_SHARE: ClassVar[float] = 1.0
     # Seconds in-flight requests may take to finish on SIGTERM (`kubellm serve --shutdown-timeout`):
     # Kubernetes' default grace period. The operator sizes terminationGracePeriodSeconds from it.
     DEFAULT_SHUTDOWN_TIMEOUT_S: ClassVar[float] = 30.0

@@ -67,7 +67,10 @@ class LLMEngine:
         # --max-prefill-tokens-while-decoding auto: what a step costs, learnt from every step's measured time
         self.step_costs = (
             StepCostModel(
-                max_prefill_while_decoding, max_batched, floor_tokens=config.auto_prefill_floor_on(device)
+                max_prefill_while_decoding,
+                max_batched,
+                floor_tokens=config.auto_prefill_floor_on(device),
+                decode_share=config.AUTO_PREFILL_DECODE_SHARE,
             )
             if config.prefill_cap_is_auto
             else None

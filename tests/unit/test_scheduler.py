@@ -339,8 +339,9 @@ def test_random_workloads_with_a_cap_respect_it_never_leak_and_never_stall():
 
 def learnt_cap(budget: int, floor: int = 8, target_ms: float = 50.0) -> StepTimeTarget:
     """A step cost model that has measured steps costing 2 ms + 0.5 ms a prompt token + 1 ms a decode: it
-    allows (50 - 2 - decodes) / 0.5 = 96 - 2·decodes prompt tokens, between `floor` and `budget`."""
-    costs = StepCostModel(fallback_tokens=budget, max_tokens=budget, floor_tokens=floor)
+    allows (50 - 2 - decodes) / 0.5 = 96 - 2·decodes prompt tokens, between `floor` and `budget` (the
+    target alone: no share of the decodes' time, which tests/unit/test_step_cost_model.py covers)."""
+    costs = StepCostModel(fallback_tokens=budget, max_tokens=budget, floor_tokens=floor, decode_share=0.0)
     for i in range(64):
         prefill, decodes = 10 * (i % 4), 1 + i % 7
         costs.observe(prefill, decodes, 0, 2.0 + 0.5 * prefill + 1.0 * decodes)

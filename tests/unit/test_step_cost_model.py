@@ -149,7 +149,7 @@ def test_fewer_decodes_leave_room_for_more_prompt():
 
 
 def test_the_answer_is_clamped_to_the_floor_and_the_budget():
-    model = StepCostModel(fallback_tokens=2048, max_tokens=8192, floor_tokens=256)
+    model = StepCostModel(fallback_tokens=2048, max_tokens=8192, floor_tokens=256, decode_share=0.0)
     feed(model, serving_steps(512))
     # 2,000 decodes at ~500 tokens of context already cost more than the target: prompts still progress.
     assert model.fit is not None and model.fit.predict_ms(0, 2000, 2000 * model.context_per_decode) > 50.0
@@ -158,6 +158,34 @@ def test_the_answer_is_clamped_to_the_floor_and_the_budget():
     assert model.prefill_tokens_within(10_000.0, decode_seqs=1) == 8192  # never past the step's budget
     small = StepCostModel(fallback_tokens=4096, max_tokens=64, floor_tokens=256)
     assert small.floor_tokens == 64 and small.fallback_tokens == 64
+
+
+def test_where_the_decodes_alone_fill_the_target_prompts_still_get_time():
+    """A crowded server (W5: 500 sequences of a 48-layer MoE, decode steps near the 50 ms target): prompts
+    get as long as the decodes take, up to the target (a step: at most the decodes' time plus the target),
+    not the floor's trickle."""
+    model = StepCostModel(fallback_tokens=2048, max_tokens=8192, floor_tokens=256)
+    feed(model, serving_steps(512, noise_ms=0.0))
+    fit = model.fit
+    assert fit is not None
+    decodes_ms = fit.predict_ms(0, 2000, 1_000_000)
+    assert decodes_ms > 50.0
+    tokens = model.prefill_tokens_within(50.0, 2000, 1_000_000)
+    assert fit.predict_ms(tokens, 2000, 1_000_000) == pytest.approx(decodes_ms + 50.0, rel=0.01)
+    # at 30 ms of decodes (more than half the target), the decodes' share: 30 ms of prompt, not 20
+    context = (30.0 - TRUE.predict_ms(0, 1000, 0)) / TRUE.per_context_token_ms
+    tokens = model.prefill_tokens_within(50.0, 1000, context)
+    assert fit.predict_ms(tokens, 1000, context) == pytest.approx(60.0, rel=0.01)
+    # with decodes taking under half the target, the target alone decides
+    tokens = model.prefill_tokens_within(50.0, 10, 5000)
+    assert fit.predict_ms(tokens, 10, 5000) == pytest.approx(50.0, rel=0.01)
+    # a target far below any step (1 ms): prompts get at most the target, here under the floor
+    assert model.prefill_tokens_within(1.0, 2000, 1_000_000) == 256
+    # a smaller share
+    half = StepCostModel(fallback_tokens=2048, max_tokens=8192, floor_tokens=256, decode_share=0.5)
+    feed(half, serving_steps(512, noise_ms=0.0))
+    tokens = half.prefill_tokens_within(50.0, 2000, 1_000_000)
+    assert half.fit.predict_ms(tokens, 2000, 1_000_000) == pytest.approx(decodes_ms + 25.0, rel=0.01)
 
 
 def test_prompt_tokens_that_cost_nothing_measurable_get_the_whole_budget():
