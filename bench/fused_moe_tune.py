@@ -12,9 +12,9 @@ bandwidth. Times in µs.
     python3 bench/fused_moe_tune.py --experts 8 --top-k 2 --hidden 4096 --inter 14336   # Mixtral 8x7B
 
 At prefill sizes the sweep also tries MoeBlockConfig.split_gate (gate and up written out, the SiLU-mul a
-second pass). Variants not in --sweep time their default configuration only (the baseline). Where the sweep's best beats
-the default by more than noise, choose_block_config / choose_fp8_block_config is what to change (then W5
-says whether the engine felt it). The JSON is rewritten after every token count, so a run cut short keeps
+second pass). Variants not in --sweep time their default configuration only (the baseline). Where the
+sweep's best beats the default by more than noise, choose_block_config / choose_fp8_block_config is what
+to change, or `--save-configs` keeps it for that card (then W5 says whether the engine felt it). The JSON is rewritten after every token count, so a run cut short keeps
 what it measured. About 5 minutes for the bf16 sweep of the default shape on an H100, about as long for
 both FP8 sweeps at the token counts above.
 """
@@ -120,9 +120,8 @@ def candidates(num_slots: int, num_experts: int, experts: Experts) -> list[MoeBl
         out.append(
             MoeBlockConfig(bm, bn, bk, group_m=1 if per_expert <= 16 else 8, num_warps=warps, num_stages=st)
         )
-    if (
-        per_expert > 32
-    ):  # prefill sizes: the gate split off (one accumulator a tile) at the large tiles it is for
+    # prefill sizes: the gate split off (one accumulator a tile), at the large tiles it is for
+    if per_expert > 32:
         for bm, bn, warps, st in itertools.product([64, 128], [64, 128], [4, 8], [3, 4]):
             if bm * bn >= 128 * 128 and warps == 4:
                 continue

@@ -199,8 +199,9 @@ class StepCostModel:
         (so a step takes at most the decodes' time plus the target): where the decodes alone fill the
         target, it cannot bound their gap anyway, and the floor alone admitted prompts so slowly that the
         batch drained (W5 on an H100, 500 sequences of a 48-layer MoE past a 50 ms target: a fifth of
-        its throughput lost). Between the floor and the step's budget. The decodes' context defaults to what a decoding sequence held on
-        average in the fitted window (the scheduler does not sum it: O(running))."""
+        its throughput lost). Between the floor and the step's budget. The decodes' context defaults to
+        what a decoding sequence held on average in the fitted window (the scheduler does not sum it:
+        O(running))."""
         fit = self.fit
         if fit is None:  # every other step half the fixed cap: the steps to learn from differ in size
             if self.num_observed % 2:

@@ -46,15 +46,18 @@ def test_auto_learns_its_steps_and_clients_get_the_same_answers(
 ) -> None:
     trace = tmp_path / "steps.jsonl"
     monkeypatch.setenv("KUBELLM_STEP_TRACE", str(trace))  # the server's step timeline, written at exit
-    # 1 ms: no CPU step meets it, so once learnt every prompt beside decodes goes 16 tokens a step (the
+    # 0.01 ms: no CPU step meets it, and the prompt time a step always gets (the decodes' own, up to the
+    # target) buys under one token, so once learnt every prompt beside decodes goes 16 tokens a step (the
     # floor), where without a cap it would take the whole budget. No prefix cache: the second time round,
     # the prompts are computed again, not found.
     server = launch_kubellm(
         str(wide_llama_dir), "--served-model-name", MODEL, *server_tools.tiny_server_flags, "--dtype", "float32",
         "--max-num-batched-tokens", str(BUDGET), "--max-prefill-tokens-while-decoding", "auto",
-        "--decode-step-target-ms", "1", "--no-enable-prefix-caching",
+        "--decode-step-target-ms", "0.01", "--no-enable-prefix-caching",
     )  # fmt: skip
-    assert "max_prefill_tokens_while_decoding=auto (steps within 1 ms, at least 16" in server.log_tail(20_000)
+    assert "max_prefill_tokens_while_decoding=auto (steps within 0.01 ms, at least 16" in server.log_tail(
+        20_000
+    )
     client = OpenAI(base_url=server.api_url, api_key="none", max_retries=0)
     alone = [
         client.completions.create(model=MODEL, prompt=p, max_tokens=24, temperature=0).choices[0].text
