@@ -14,8 +14,8 @@ bandwidth. Times in µs.
 At prefill sizes the sweep also tries MoeBlockConfig.split_gate (gate and up written out, the SiLU-mul a
 second pass). Variants not in --sweep time their default configuration only (the baseline). Where the
 sweep's best beats the default by more than noise, choose_block_config / choose_fp8_block_config is what
-to change, or `--save-configs` keeps it for that card (then W5 says whether the engine felt it). The JSON is rewritten after every token count, so a run cut short keeps
-what it measured. About 5 minutes for the bf16 sweep of the default shape on an H100, about as long for
+to change, or `--save-configs` keeps it for that card (then W5 says whether the engine felt it). The JSON
+is rewritten after every token count, so a run cut short keeps what it measured. About 5 minutes for the bf16 sweep of the default shape on an H100, about as long for
 both FP8 sweeps at the token counts above.
 """
 

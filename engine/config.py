@@ -46,15 +46,13 @@ class EngineConfig(BaseModel):
     # room for far more prompt than 400). Until the fit has seen steps of different prompt sizes it uses
     # the fixed default above, and half of it every other step (so that it sees some). Never fewer than
     # AUTO_PREFILL_FLOOR_TOKENS (or an eighth of the budget, if smaller), so prompts always progress: a
-    # long prompt's first token comes within ⌈prompt / 256⌉ steps. Where the decodes alone fill the target
-    # (W5's 500 sequences of a 48-layer MoE: its fit put them at 6 + 0.16 ms each, ≈ 50 ms at 280), every
-    # step got that floor and prompts entered at 256 tokens a step: throughput followed the floor (hence
-    # AUTO_PREFILL_DECODE_SHARE).
+    # long prompt's first token comes within ⌈prompt / 256⌉ steps.
     AUTO_PREFILL_FLOOR_TOKENS: ClassVar[int] = 256
     # "auto" gives prompts at least this share of the decodes' own predicted time, up to the target (a step
     # takes at most the decodes' time plus the target): where the decodes alone fill the target it cannot
-    # bound their gap anyway, and the floor alone admitted prompts too slowly on W5 (on W5's fit that is
-    # about the fixed 2048's prompt per step; engine/core/step_cost_model.py; not yet measured on a GPU).
+    # bound their gap anyway, and the floor alone admitted prompts too slowly on W5 (its fit put 500 decodes
+    # at 6 + 0.16 ms each, past the target, so every step got 256 prompt tokens; with this share that fit
+    # gives about the fixed 2048's prompt per step; engine/core/step_cost_model.py; not yet measured on a GPU).
     AUTO_PREFILL_DECODE_SHARE: ClassVar[float] = 1.0
     # Seconds in-flight requests may take to finish on SIGTERM (`kubellm serve --shutdown-timeout`):
     # Kubernetes' default grace period. The operator sizes terminationGracePeriodSeconds from it.

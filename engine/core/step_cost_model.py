@@ -141,7 +141,7 @@ class StepCostModel:
         self.max_tokens = max_tokens  # the step's whole token budget
         # Prompts always progress: a long prompt's time to first token stays ⌈prompt / floor⌉ steps at worst.
         self.floor_tokens = min(floor_tokens, max_tokens)
-        # Where the decodes alone take most of the target, prompts still get this share of their time
+        # Prompts always get this share of the decodes' own predicted time, up to the target
         # (prefill_tokens_within): a crowded server keeps admitting prompts, not at the floor's trickle.
         self.decode_share = decode_share
         # (prefill tokens, decode sequences, decode context tokens, step ms), the newest last
