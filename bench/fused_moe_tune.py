@@ -11,8 +11,8 @@ bandwidth. Times in µs.
         --tokens 1 16 64 256 2048 8192                                              # FP8, bf16 baseline
     python3 bench/fused_moe_tune.py --experts 8 --top-k 2 --hidden 4096 --inter 14336   # Mixtral 8x7B
 
-At prefill sizes the sweep also tries MoeBlockConfig.split_gate (gate and up written out, the SiLU-mul a
-second pass). Variants not in --sweep time their default configuration only (the baseline). Where the
+From a handful of slots per expert the sweep also tries MoeBlockConfig.split_gate (gate and up written
+out, the SiLU-mul a second pass), and 64-row tiles at decode sizes. Variants not in --sweep time their default configuration only (the baseline). Where the
 sweep's best beats the default by more than noise, choose_block_config / choose_fp8_block_config is what
 to change, or `--save-configs` keeps it for that card (then W5 says whether the engine felt it). The JSON
 is rewritten after every token count, so a run cut short keeps what it measured. About 5 minutes for the bf16 sweep of the default shape on an H100, about as long for
@@ -112,6 +112,12 @@ def candidates(num_slots: int, num_experts: int, experts: Experts) -> list[MoeBl
         block_ks = [64, 128]
     stages = [3, 4, 5] if experts.fp8 else [3, 4]  # float8 tiles take half the shared memory
     out = []
+    if per_expert <= 32:
+        # 64-row tiles at decode sizes too (Hopper's warpgroup MMA; one block per expert up to 64 slots, so
+        # each expert's weights are read once where 16-row blocks read them once a block): a few shapes only
+        for bn, warps, st in itertools.product([64, 128], [4, 8], [3, 4]):
+            out.append(MoeBlockConfig(64, bn, block_ks[-1], group_m=1 if per_expert <= 16 else 8,
+                                      num_warps=warps, num_stages=st))  # fmt: skip
     for bm, bn, bk, warps, st in itertools.product(block_ms, [32, 64, 128], block_ks, [4, 8], stages):
         if bm * bn >= 128 * 128 and warps == 4:
             continue  # two fp32 accumulators of that size spill with 4 warps
@@ -120,9 +126,11 @@ def candidates(num_slots: int, num_experts: int, experts: Experts) -> list[MoeBl
         out.append(
             MoeBlockConfig(bm, bn, bk, group_m=1 if per_expert <= 16 else 8, num_warps=warps, num_stages=st)
         )
-    # prefill sizes: the gate split off (one accumulator a tile), at the large tiles it is for
-    if per_expert > 32:
-        for bm, bn, warps, st in itertools.product([64, 128], [64, 128], [4, 8], [3, 4]):
+    # the gate split off (one accumulator a tile), at the large tiles it is for: from a few slots an expert
+    # (64-row tiles, as vLLM's H200 file for this shape has from 256 tokens) to prefill sizes
+    if per_expert > 8:
+        split_ms = [64] if per_expert <= 32 else [64, 128]
+        for bm, bn, warps, st in itertools.product(split_ms, [64, 128], [4, 8], [3, 4]):
             if bm * bn >= 128 * 128 and warps == 4:
                 continue
             out.append(MoeBlockConfig(bm, bn, block_ks[-1], 8, warps, st, split_gate=True))

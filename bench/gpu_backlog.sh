@@ -61,11 +61,13 @@ case "${1:-}" in
   moe-tune-w5)  # issue 14: the FP8-block experts' configurations tuned on this card, then W5 from the block-FP8
     # checkpoint served with them (KUBELLM_MOE_CONFIG_DIR) in the same call; compare with w5-fp8-ckpt's figures
     # (also kept in $TUNED on this machine, for w5-fp8-ckpt-hf in the next call while it stays warm)
-    run moe_tune_fp8_block 300 python3 bench/fused_moe_tune.py --variants fp8-block --sweep fp8-block \
+    run moe_tune_fp8_block 330 python3 bench/fused_moe_tune.py --variants fp8-block --sweep fp8-block \
       --tokens 1 8 32 64 128 256 512 1024 2048 8192 --save-configs "$OUT/moe_configs" \
       --out "$OUT/fused_moe_tune_fp8_block.json"
     mkdir -p "$TUNED" && cp "$OUT"/moe_configs/*.json "$TUNED"/
-    KUBELLM_MOE_CONFIG_DIR="$TUNED" run w5_fp8_ckpt_tuned 250 python3 bench/w5_moe.py --num-layers 48 \
+    # the device tool brings back no file whose name holds `=` or `,` (the tuned files' names): a tar instead
+    tar -C "$OUT" -cf "$OUT/moe_configs.tar" moe_configs && rm -r "$OUT/moe_configs"
+    KUBELLM_MOE_CONFIG_DIR="$TUNED" run w5_fp8_ckpt_tuned 240 python3 bench/w5_moe.py --num-layers 48 \
       --checkpoint fp8-block --hf-requests 0 --out "$OUT/w5_fp8_ckpt_tuned.json" ;;
   w5-fp8-ckpt-hf)  # issue 14's bar as written: W5 from the block-FP8 checkpoint (with moe-tune-w5's tuning where this
     # machine still holds it) and transformers' own MoE forward on the same checkpoint in the same call (32 requests)
@@ -77,6 +79,34 @@ case "${1:-}" in
       KUBELLM_MOE_CONFIG_DIR="$TUNED" run "w5_cap_$cap" 280 python3 bench/w5_moe.py --num-layers 48 \
         --checkpoint fp8-block --hf-requests 0 --qps inf --out "$OUT/w5_cap_$cap.json" \
         --serve-args --max-prefill-tokens-while-decoding "$cap"
+    done ;;
+  moe-align)  # issue 14: the MoE alignment's chunked Triton kernels: their GPU tests and the MoE engines', a fused MoE
+    # call's kernels (the old one-program alignment took 122 µs of 386 at 256 tokens on an H100), then W5 from the
+    # block-FP8 checkpoint at QPS = inf with the committed tuned tiles
+    run moe_align_tests 200 python3 -m pytest -q -p no:cacheprovider --timeout 120 -rfE tests/gpu/test_fused_moe.py \
+      tests/gpu/test_moe_engine_on_gpu.py tests/gpu/test_fp8_moe_engine_on_gpu.py
+    run moe_call_kernels 60 python3 bench/diag/moe_call_kernels.py --tokens 1 16 64 256 512 1024 2048
+    run w5_align 280 python3 bench/w5_moe.py --num-layers 48 --checkpoint fp8-block --hf-requests 0 --qps inf \
+      --out "$OUT/w5_align.json" ;;
+  moe-quant)  # issue 14: the grouped activation quantization (a tile of groups per program): its GPU tests (bits equal to
+    # torch's) and the FP8 experts', a fused MoE call's kernels, then W5 from the block-FP8 checkpoint at QPS = inf with
+    # the server's step trace summarised (prompt steps against decode-only ones by batch size)
+    run quant_tests 150 python3 -m pytest -q -p no:cacheprovider --timeout 120 --maxfail 5 -rfE \
+      tests/gpu/test_fp8_quant_kernel.py tests/gpu/test_fp8_gemm.py tests/gpu/test_fused_moe_fp8.py
+    run moe_call_kernels 40 python3 bench/diag/moe_call_kernels.py --tokens 1 16 256 512 2048
+    run w5_trace 280 python3 bench/w5_moe.py --num-layers 48 --checkpoint fp8-block --hf-requests 0 --qps inf \
+      --step-trace --out "$OUT/w5_trace.json" ;;
+  w5-kernels)  # issue 14: where a W5 step's GPU time goes (the block-FP8 checkpoint, 48 layers): a 2,048-token prompt
+    # step (eager, with its wall time: W5's prompt steps took 77 ms each) and a 32-sequence decode step (its
+    # tail: a quarter of the run at 9-32 sequences), kernels by category; the quantization's GPU tests first
+    run quant_tests 60 python3 -m pytest -q -p no:cacheprovider -rfE tests/gpu/test_fp8_quant_kernel.py
+    run w5_step_kernels 330 python3 bench/diag/step_kernels.py --shape qwen3-30b-a3b-fp8 --variants bf16 \
+      --batch 32 --context 1024 --steps 4 --prefill-seqs 2 --prefill-len 1024 --out "$OUT/w5_step_kernels.json" ;;
+  w5-kv)  # issue 14: W5 from the block-FP8 checkpoint at QPS = inf, with an FP8 KV cache against bf16 K/V (its K/V reads
+    # are half a 256-sequence step's floor), one call; moe-tune-w5's tiles where this machine still holds them
+    for kv in fp8 auto; do
+      KUBELLM_MOE_CONFIG_DIR="$TUNED" run "w5_kv_$kv" 280 python3 bench/w5_moe.py --num-layers 48 \
+        --checkpoint fp8-block --hf-requests 0 --qps inf --kv-cache-dtype "$kv" --out "$OUT/w5_kv_$kv.json"
     done ;;
   w5-fp8)  # issues 13/14: W5 served in bf16, then with --quantization fp8 (online W8A8, FP8 experts), one checkpoint,
     # one call; 24 of 48 layers on every card, for time (two servers and two in-process engines; ~6 min)
@@ -125,5 +155,5 @@ case "${1:-}" in
   w1)  # issue 13's W1 bar (H200: >= 28,800 tok/s), main and the old code on the same machine
     run w1 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
     (cd .carry/base && run w1_base 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_base.json") ;;
-  *) echo "usage: bench/gpu_backlog.sh moe-tune-w5|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
+  *) echo "usage: bench/gpu_backlog.sh w5-kernels|moe-quant|moe-align|moe-tune-w5|w5-kv|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
 esac

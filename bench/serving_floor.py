@@ -49,10 +49,15 @@ class ModelCost:
     kv_values_per_token: int  # K and V, every layer
     vocab_size: int
     weight_bytes: int = 2  # per weight of the linears below the LM head: 2 bf16, 1 FP8
+    kv_bytes: int = 2  # per K/V value: 2 bf16, 1 with `--kv-cache-dtype fp8`
 
     def fp8(self) -> ModelCost:
         """The same model served with `--quantization fp8`."""
         return replace(self, name=f"{self.name}, FP8", weight_bytes=1)
+
+    def fp8_kv(self) -> ModelCost:
+        """The same model with `--kv-cache-dtype fp8` (e4m3 K/V: a byte a value; per-layer scales left out)."""
+        return replace(self, name=f"{self.name}, FP8 KV", kv_bytes=1)
 
     def active_params(self) -> int:
         return (
@@ -74,8 +79,10 @@ class ModelCost:
         body_weights = self.layers * (
             self.non_expert_params_per_layer + self.distinct_experts(tokens) * self.params_per_expert
         )
-        read = self.weight_bytes * body_weights + 2 * (
-            self.lm_head_params + context_tokens * self.kv_values_per_token
+        read = (
+            self.weight_bytes * body_weights
+            + 2 * self.lm_head_params
+            + self.kv_bytes * context_tokens * self.kv_values_per_token
         )
         body = self.active_params() - self.lm_head_params
         # FP8 products at twice the bf16 rate: each takes weight_bytes / 2 of a bf16 product's time

@@ -41,6 +41,7 @@ import datetime
 import gc
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -53,10 +54,12 @@ from safetensors.torch import save_file
 
 HERE = Path(__file__).resolve().parent
 sys.path.append(str(HERE))  # appended: bench/kernels.py must not shadow the `kernels` package
+sys.path.append(str(HERE / "diag"))
 
 from kubellm_server import kubellm_serve  # noqa: E402
 from load_client import run_load, sharegpt_like_requests  # noqa: E402
 from serving_floor import qwen3_30b_a3b, w2_load_ceiling  # noqa: E402
+from step_trace_summary import summarize  # noqa: E402
 from w1_offline import copy_bandwidth, time_decode_forward, word_level_tokenizer  # noqa: E402
 
 SERVED_NAME = "qwen3-30b-a3b"
@@ -213,23 +216,44 @@ def decode_step_floor_ms(
     copy_bw: float,
     distinct: float | None = None,
     layer_weight_bytes: int = 2,
+    kv_bytes: int = 2,
 ) -> float:
     """distinct: experts the step's tokens chose, per layer on average (None: what uniform routing expects).
-    layer_weight_bytes: per weight of each decoder layer (2 bf16, 1 FP8); the LM head and K/V stay bf16."""
+    layer_weight_bytes: per weight of each decoder layer (2 bf16, 1 FP8); the LM head stays bf16.
+    kv_bytes: per K/V value (2 bf16, 1 with an FP8 KV cache)."""
     counts = parameter_counts(config)
     e, k, layers = config.num_experts, config.num_experts_per_tok, config.num_hidden_layers
     if distinct is None:
         distinct = e * (1 - (1 - k / e) ** batch)
     layer_params = layers * (counts["non_expert_per_layer"] + distinct * counts["per_expert"])
     weight_bytes = layer_weight_bytes * layer_params + 2 * counts["lm_head"]
-    kv_bytes = batch * context * 2 * layers * config.num_key_value_heads * config.head_dim * 2
-    return (weight_bytes + kv_bytes) / copy_bw * 1e3
+    kv_read = batch * context * 2 * layers * config.num_key_value_heads * config.head_dim * kv_bytes
+    return (weight_bytes + kv_read) / copy_bw * 1e3
 
 
 def serve_and_load(path: Path, args, vocab_size: int, result: dict, quantization: str) -> None:
     serve_args = ["--model", str(path), "--served-model-name", SERVED_NAME, "--dtype", "bfloat16",
-                  "--max-model-len", "4096", *quantization_args(quantization), *args.serve_args]  # fmt: skip
+                  "--max-model-len", "4096", *quantization_args(quantization), *kv_cache_args(args.kv_cache_dtype),
+                  *args.serve_args]  # fmt: skip
     log_path = Path(args.out).with_suffix(f".{quantization}.server.log")
+    trace = Path(args.out).with_suffix(f".{quantization}.trace.jsonl") if args.step_trace else None
+    if trace:  # the server's steps only (the in-process engine timed afterwards would write over it at exit)
+        os.environ["KUBELLM_STEP_TRACE"] = str(trace)
+    try:
+        serve(serve_args, args, log_path, vocab_size, result)
+    finally:
+        os.environ.pop("KUBELLM_STEP_TRACE", None)
+    if trace and trace.exists():  # written as the server exits; perf_counter is one clock for both processes
+        rows = [json.loads(line) for line in trace.read_text().splitlines() if line.strip()]
+        starts = [r["started"] for r in result["runs"]] + [math.inf]
+        for run, start, end in zip(result["runs"], starts, starts[1:], strict=False):
+            run["step_trace"] = {
+                "file": trace.name,
+                **summarize([r for r in rows if start <= r["launch"] < end]),
+            }
+
+
+def serve(serve_args: list[str], args, log_path: Path, vocab_size: int, result: dict) -> None:
     with kubellm_serve(serve_args, args.port, log_path, timeout=900, stop_timeout=120) as server:
         result["server_startup_s"] = server.startup_s
         warm = sharegpt_like_requests(16, vocab_size, seed=99)
@@ -238,13 +262,18 @@ def serve_and_load(path: Path, args, vocab_size: int, result: dict, quantization
         )  # first-request effects out of the numbers
         specs = sharegpt_like_requests(args.num_requests, vocab_size, seed=0)
         for qps in args.qps:
+            started = time.perf_counter()
             summary = asyncio.run(run_load(server.url, SERVED_NAME, specs, qps, seed=0))
-            result["runs"].append(summary)
+            result["runs"].append({**summary, "started": started})
             print(json.dumps(summary), flush=True)
 
 
 def quantization_args(quantization: str) -> list[str]:
     return [] if quantization == "none" else ["--quantization", quantization]
+
+
+def kv_cache_args(kv_cache_dtype: str) -> list[str]:
+    return [] if kv_cache_dtype == "auto" else ["--kv-cache-dtype", kv_cache_dtype]
 
 
 def served_in_fp8(quantization: str, checkpoint: str) -> bool:
@@ -279,7 +308,12 @@ def routed_experts_per_layer(engine, batch: int) -> float:
 
 
 def decode_steps_against_floor(
-    path: Path, config, copy_bw: float, quantization: str, checkpoint: str = "bf16"
+    path: Path,
+    config,
+    copy_bw: float,
+    quantization: str,
+    checkpoint: str = "bf16",
+    kv_cache_dtype: str = "auto",
 ) -> list[dict]:
     from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine
@@ -287,15 +321,17 @@ def decode_steps_against_floor(
 
     engine_config = EngineConfig(model=str(path), device="cuda", dtype="bfloat16", max_model_len=4096,
                                  max_num_seqs=256, gpu_memory_utilization=0.9,
-                                 quantization=None if quantization == "none" else quantization)  # fmt: skip
+                                 quantization=None if quantization == "none" else quantization,
+                                 kv_cache_dtype=kv_cache_dtype)  # fmt: skip
     engine = LLMEngine(engine_config, load_model(engine_config))
     weight_bytes = 1 if served_in_fp8(quantization, checkpoint) else 2
+    kv_bytes = 1 if kv_cache_dtype == "fp8" else 2
     rows = []
     for batch, context in DECODE_SHAPES:
         measured = time_decode_forward(engine, batch, context)
-        uniform = decode_step_floor_ms(config, batch, context, copy_bw, layer_weight_bytes=weight_bytes)
+        uniform = decode_step_floor_ms(config, batch, context, copy_bw, None, weight_bytes, kv_bytes)
         distinct = None if measured is None else routed_experts_per_layer(engine, batch)
-        floor = decode_step_floor_ms(config, batch, context, copy_bw, distinct, weight_bytes)
+        floor = decode_step_floor_ms(config, batch, context, copy_bw, distinct, weight_bytes, kv_bytes)
         rows.append({"batch": batch, "context": context, "measured_ms": measured, "floor_ms": floor,
                      "routed_experts_per_layer": distinct, "floor_ms_uniform_routing": uniform,
                      "pct_of_floor": None if measured is None else 100 * floor / measured})  # fmt: skip
@@ -394,6 +430,14 @@ def main() -> None:
     parser.add_argument(
         "--hf-requests", type=int, default=64, help="requests for the transformers baseline (0: skip)"
     )
+    parser.add_argument(
+        "--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+        help="fp8: serve (and time decode steps) with an e4m3 KV cache; floors and ceiling count K/V at a byte",
+    )  # fmt: skip
+    parser.add_argument(
+        "--step-trace", action="store_true",
+        help="record the server's step trace beside --out and summarise it in the JSON (bench/diag/step_trace_summary.py)",
+    )  # fmt: skip
     parser.add_argument("--port", type=int, default=8325)
     parser.add_argument(
         "--serve-args", nargs=argparse.REMAINDER, default=[], help="extra `kubellm serve` flags"
@@ -432,16 +476,20 @@ def main() -> None:
             cost = qwen3_30b_a3b(args.num_layers)
             # what an ideal server could reach on this GPU with evenly spread routing (bench/serving_floor.py)
             fp8 = served_in_fp8(quantization, args.checkpoint)
-            ceiling = w2_load_ceiling(cost.fp8() if fp8 else cost, copy_bw, args.num_requests)
+            cost = cost.fp8() if fp8 else cost
+            ceiling = w2_load_ceiling(cost.fp8_kv() if args.kv_cache_dtype == "fp8" else cost, copy_bw,
+                                      args.num_requests)  # fmt: skip
             served = result["served"][quantization] = {"serve_flags": quantization_args(quantization)
+                                                                       + kv_cache_args(args.kv_cache_dtype)
                                                                        + args.serve_args,
                                                        "checkpoint": args.checkpoint,
-                                                       "label": served_label(quantization, args.checkpoint),
+                                                       "label": served_label(quantization, args.checkpoint)
+                                                                + (", FP8 KV" if args.kv_cache_dtype == "fp8" else ""),
                                                        "ceiling": ceiling, "runs": []}  # fmt: skip
             serve_and_load(path, args, config.vocab_size, served, quantization)
             save()
             served["decode_steps"] = decode_steps_against_floor(
-                path, config, copy_bw, quantization, args.checkpoint
+                path, config, copy_bw, quantization, args.checkpoint, args.kv_cache_dtype
             )
             save()
         if args.hf_requests:
@@ -463,6 +511,10 @@ def main() -> None:
                 f"TTFT p50/p99 {r['ttft_ms']['p50']:.0f}/{r['ttft_ms']['p99']:.0f} ms, "
                 f"TPOT p50/p99 {r['tpot_ms']['p50']:.1f}/{r['tpot_ms']['p99']:.1f} ms, errors {r['errors']}"
             )
+            if "step_trace" in r:
+                print(
+                    f"   step trace: {json.dumps({k: v for k, v in r['step_trace'].items() if k != 'file'})}"
+                )
         print(
             f"  ceiling at QPS=inf on this GPU, uniform routing: {served['ceiling']['req_per_s']:.1f} req/s"
         )

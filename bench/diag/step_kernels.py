@@ -47,7 +47,8 @@ VARIANTS = {
 }
 # First match wins; names as CUDA, cuBLAS(Lt), CUTLASS and our Triton kernels report them.
 CATEGORIES = [
-    ("fp8_quant", r"_quantize_kernel"),
+    ("moe", r"_moe_gemm_kernel|_place_chunk_kernel|_count_chunk_kernel|_align|_topk_softmax|moe"),
+    ("fp8_quant", r"_quantize"),
     ("attention", r"attention|attn|flash|_fwd_kernel|decode_kernel|prefill_kernel|reduce_splits"),
     ("kv_write", r"reshape_and_cache|index_copy"),
     (
@@ -70,8 +71,23 @@ def load_bench_module(name: str):
 
 
 def write_checkpoint(shape: str, tiny: bool) -> Path:
-    """W2's Llama-3.1-8B (Llama tensors written directly) or W1's Qwen3-0.6B (transformers' own init)."""
+    """W2's Llama-3.1-8B (Llama tensors written directly), W1's Qwen3-0.6B (transformers' own init) or W5's
+    Qwen3-30B-A3B as its block-FP8 checkpoint (bench/w5_moe.py's writer; served as published, so the
+    variant to ask for is `bf16`: no --quantization)."""
     path = Path(tempfile.mkdtemp(prefix="step-kernels-"))
+    if shape == "qwen3-30b-a3b-fp8":
+        w5 = load_bench_module("w5_moe")
+        config = w5.qwen3_30b_a3b_config(2 if tiny else 48)
+        if tiny:
+            config.vocab_size, config.num_experts, config.hidden_size, config.moe_intermediate_size = (
+                1000,
+                8,
+                256,
+                128,
+            )
+        w5.write_random_checkpoint(config, path, device="cuda" if torch.cuda.is_available() else "cpu",
+                                   checkpoint="fp8-block")  # fmt: skip
+        return path
     if shape == "qwen3-0.6b":
         w1 = load_bench_module("w1_offline")
         config = w1.qwen3_0_6b_config()
@@ -177,15 +193,25 @@ def measure(path: Path, variant: dict, args) -> dict:
             while engine.has_unfinished():
                 engine.step()
         # prefill: fresh prompts, one output token each, in one step where the budget allows
-        prompts = [
-            [rng.randrange(10, vocab) for _ in range(args.prefill_len)] for _ in range(args.prefill_seqs)
-        ]
-        engine.generate(prompts[:1], SamplingParams(max_tokens=1))  # warm the prefill shapes
+        # fresh prompts each time (a repeated one would be a prefix-cache hit): to warm the prefill shapes,
+        # for the wall time unprofiled (against the kernels' sum: what launching eagerly costs), profiled
+        warm, timed, prompts = (
+            [[rng.randrange(10, vocab) for _ in range(args.prefill_len)] for _ in range(args.prefill_seqs)]
+            for _ in range(3)
+        )
+        engine.generate(warm, SamplingParams(max_tokens=1))
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        engine.generate(timed, SamplingParams(max_tokens=1))
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - started) * 1e3
         with profile(activities=activity) as prof:
             engine.generate(prompts, SamplingParams(max_tokens=1))
             if args.device == "cuda":
                 torch.cuda.synchronize()
-        result["prefill"] = summarize(prof, 1, args.device)
+        result["prefill"] = summarize(prof, 1, args.device) | {"wall_ms": round(wall_ms, 3)}
     finally:
         engine.close()
         del engine
@@ -198,8 +224,8 @@ def measure(path: Path, variant: dict, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    parser.add_argument("--shape", default="llama-3.1-8b", choices=["llama-3.1-8b", "qwen3-0.6b"],
-                        help="W2's model or W1's")  # fmt: skip
+    parser.add_argument("--shape", default="llama-3.1-8b", choices=["llama-3.1-8b", "qwen3-0.6b", "qwen3-30b-a3b-fp8"],
+                        help="W2's model, W1's or W5's (its block-FP8 checkpoint: with --variants bf16)")  # fmt: skip
     parser.add_argument("--temperature", type=float, default=1.0, help="W1 samples at 0.6")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model (the CPU's plumbing check)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -221,7 +247,7 @@ def main() -> None:
         results["variants"][name] = measure(path, VARIANTS[name], args)
         for phase, r in results["variants"][name].items():
             print(json.dumps({"variant": name, "phase": phase, "ms_per_step": r["ms_per_step"],
-                              "wall_ms_per_step": r.get("wall_ms_per_step"),
+                              "wall_ms_per_step": r.get("wall_ms_per_step", r.get("wall_ms")),
                               **r["ms_per_step_by_category"]}))  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

@@ -49,6 +49,24 @@ def _quantize_kernel(
         tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit(do_not_specialize=["num_groups"])
+def _quantize_groups_kernel(
+    x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, num_groups,
+    GROUP: tl.constexpr, GROUPS: tl.constexpr, FP8_LIMIT: tl.constexpr, SCALE_FLOOR: tl.constexpr,
+):  # fmt: skip
+    # GROUPS groups of a row in one [GROUPS, GROUP] tile (GROUP a power of two): a program per 128 values
+    # was mostly launch and set-up at prefill sizes (82 µs for an MoE layer's two at 2,048 tokens on an H100)
+    row = tl.program_id(0).to(tl.int64)
+    groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    cols = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    mask = (groups < num_groups)[:, None] & (cols < K)
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=1) / FP8_LIMIT, SCALE_FLOOR)
+    tl.store(scale_ptr + row * num_groups + groups, scale, mask=groups < num_groups)
+    q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale[:, None]), -FP8_LIMIT), FP8_LIMIT)  # as torch
+    tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+
+
 def quantize_activations(
     x: torch.Tensor, group: int | None = None, static_scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,6 +85,18 @@ def quantize_activations(
         num_groups = triton.cdiv(k, group_cols)
         scales = torch.empty((m, num_groups), dtype=torch.float32, device=x.device)
     if m == 0:
+        return q, scales
+    if static_scale is None and group is not None and group & (group - 1) == 0 and group <= _MAX_BLOCK:
+        # few rows: a group a program, as many programs as groups (one row's 16 groups in one program took
+        # 4.1 µs against 2.7 as 16 programs on an H100); from 32 rows up, more groups a program
+        per_program = min(
+            triton.next_power_of_2(num_groups), _MAX_BLOCK // group, triton.next_power_of_2(max(1, m // 16))
+        )
+        _quantize_groups_kernel[(m, triton.cdiv(num_groups, per_program))](
+            x, q, scales, k, x.stride(0), q.stride(0), num_groups,
+            GROUP=group, GROUPS=per_program, FP8_LIMIT=FP8_MAX, SCALE_FLOOR=FP8_MIN_SCALE,
+            num_warps=4 if per_program * group <= 1024 else 8,
+        )  # fmt: skip
         return q, scales
     block = min(_MAX_BLOCK, triton.next_power_of_2(group_cols))
     _quantize_kernel[(m, num_groups)](

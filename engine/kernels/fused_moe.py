@@ -3,8 +3,8 @@
 ``fused_experts(x, w13, w2, topk_weights, topk_ids)`` computes, for every token t and each of its top_k
 experts e with routing weight p, ``sum_j p * w2[e] @ (silu(gate) * up)`` where ``[gate; up] = w13[e] @ x[t]``:
 
-1. slots (token, j) are sorted by expert and padded to whole blocks (engine.kernels.moe_align: one
-   Triton program for decode batches, torch ops for prefill);
+1. slots (token, j) are sorted by expert and padded to whole blocks (engine.kernels.moe_align: Triton
+   for decode batches, torch ops for prefill);
 2. one launch computes gate and up for every slot block against its expert's ``w13`` rows and writes
    ``silu(gate) * up`` (two accumulators per program, so the [slots, 2I] product never reaches memory;
    a tuned configuration may split it in two passes instead, ``MoeBlockConfig.split_gate``);

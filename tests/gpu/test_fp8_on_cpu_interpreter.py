@@ -26,8 +26,10 @@ torch.manual_seed(0)
 # The one-kernel activation quantization against quantize_rows: the same scales; float8 values within the
 # interpreter's rounding (above; it also rounds some mid-binade values up: exact bits are checked on a GPU,
 # tests/gpu/test_fp8_quant_kernel.py), which still catches any indexing or masking fault. A zero row,
-# ragged groups, more columns than one pass takes.
-for m, k, group in [(3, 64, None), (5, 300, 128), (4, 256, 128), (2, 4100, None), (2, 96, 32)]:
+# ragged groups, more columns than one pass takes; from 32 rows, groups in tiles of several (a row's 6 in
+# tiles of 2; 32, the last ragged, in tiles of 4).
+for m, k, group in [(3, 64, None), (5, 300, 128), (4, 256, 128), (2, 4100, None), (2, 96, 32), (40, 768, 128),
+                    (64, 2000, 64)]:
     x = (torch.randn(m, k) * 3).to(torch.float16)
     x[0] = 0
     q, s = quantize_activations(x, group)

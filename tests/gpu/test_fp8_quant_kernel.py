@@ -15,7 +15,7 @@ from engine.model.quantization import FP8_MAX
 pytestmark = [requires_cuda, pytest.mark.gpu]
 
 
-@pytest.mark.parametrize("m,k", [(1, 4096), (37, 14336), (256, 6144), (3, 300), (0, 4096)])
+@pytest.mark.parametrize("m,k", [(1, 4096), (37, 14336), (256, 6144), (3, 300), (0, 4096), (64, 768)])
 @pytest.mark.parametrize("group", [None, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_dynamic_quantization_gives_the_reference_bits(m, k, group, dtype):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from triton_interpreter import needs_interpreter, run_under_interpreter
 
 # as test_kernels_on_cpu_interpreter: Triton 3.6's interpreter cannot take loop bounds computed from
-# loaded values (the one-program alignment has them); the CI's Triton (3.9) runs these kernels as they are
+# loaded values (the Triton alignment has them); the CI's Triton (3.9) runs these kernels as they are
 pytestmark = needs_interpreter
 
 SCRIPT = r"""
@@ -91,10 +91,11 @@ assert slots == [1, 4, 8, 8] + [3, 8, 8, 8] + [0, 2, 5, 6] + [7, 8, 8, 8], slots
 assert a.block_expert[: n // 4].tolist() == [0, 1, 2, 3]
 assert set(a.sorted_slots[n:].tolist()) <= {8}
 
-# the one-program Triton alignment (decode batches) gives the torch one's result, unused experts and
-# an expert holding every token included
+# the Triton alignment (decode batches) gives the torch one's result, unused experts and an expert holding
+# every token included; one chunk of slots (one launch) and many (counted, then placed chunk by chunk)
 g = torch.Generator().manual_seed(0)
-for tokens, experts, top_k, block_m in [(1, 8, 2, 16), (3, 128, 8, 16), (40, 4, 2, 4), (100, 64, 8, 32), (9, 6, 1, 16)]:
+for tokens, experts, top_k, block_m in [(1, 8, 2, 16), (3, 128, 8, 16), (40, 4, 2, 4), (100, 64, 8, 32), (9, 6, 1, 16),
+                                        (40, 128, 8, 16), (300, 128, 8, 64), (700, 128, 8, 16), (2000, 8, 2, 64)]:
     ids = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(tokens)])
     if top_k == 1:
         ids[:] = 2

@@ -70,13 +70,18 @@ def test_the_bench_writes_the_fastest_per_token_count_and_the_engine_reads_it(tm
     assert tuned.pick(4000) == tuned.pick(256) and tuned.pick(5000) == tuned.pick(8192)
 
 
-def test_the_split_gate_is_swept_at_prefill_sizes_and_kept_in_the_file(tmp_path, monkeypatch):
-    """MoeBlockConfig.split_gate: the sweep tries it where experts get prefill-sized blocks, the file keeps
-    it, and a file written before the field existed reads as the fused gate."""
+def test_the_split_gate_is_swept_from_a_few_slots_an_expert_and_kept_in_the_file(tmp_path, monkeypatch):
+    """MoeBlockConfig.split_gate: the sweep tries it where experts get more than a few slots each (64-row
+    tiles from 16 slots an expert, larger at prefill sizes), the file keeps it, and a file written before
+    the field existed reads as the fused gate. Decode sizes also try 64-row tiles with the gate fused."""
     experts = block_experts()
-    assert not any(c.split_gate for c in tune.candidates(256 * 8, 128, experts))  # 16 slots an expert
+    assert not any(c.split_gate for c in tune.candidates(64 * 8, 128, experts))  # 4 slots an expert
+    decode = tune.candidates(256 * 8, 128, experts)  # 16 slots an expert
+    assert {c.block_m for c in decode if c.split_gate} == {64}
+    assert {c.block_m for c in decode if not c.split_gate} == {16, 32, 64}
     split = [c for c in tune.candidates(8192 * 8, 128, experts) if c.split_gate]
     assert split and all(c.block_k == 128 and c.block_m >= 64 for c in split)
+    assert {c.block_m for c in split} == {64, 128}
     rows = [{"tokens": 8192, "fp8-block": {"default": cfg(64), "default_us": 900.0, "best": vars(split[-1]),
                                            "best_us": 700.0}}]  # fmt: skip
     (tmp_path / "new").mkdir()

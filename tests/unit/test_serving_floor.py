@@ -68,3 +68,17 @@ def test_fp8_experts_nearly_double_the_moe_ceiling():
     fp8 = floor.w2_load_ceiling(QWEN.fp8(), 4.2e12)
     assert fp8["steps"] == bf16["steps"]
     assert 1.6 < fp8["req_per_s"] / bf16["req_per_s"] < 2.0
+
+
+def test_an_fp8_kv_cache_reads_a_byte_per_k_and_v_value_and_nothing_else_changes():
+    """`--kv-cache-dtype fp8`: a decode step reads its K/V at a byte a value; weights and products as before."""
+    fp8 = QWEN.fp8()
+    both = fp8.fp8_kv()
+    assert both.kv_bytes == 1 and both.weight_bytes == 1 and both.name.endswith("FP8 KV")
+    context = 3000
+    kv = context * QWEN.kv_values_per_token
+    step = fp8.step_seconds(4, 4, context, bandwidth=1.0, flops=1e30)
+    assert both.step_seconds(4, 4, context, bandwidth=1.0, flops=1e30) == step - kv
+    assert both.step_seconds(8192, 5, 0, bandwidth=1e30, flops=1.0) == fp8.step_seconds(
+        8192, 5, 0, bandwidth=1e30, flops=1.0
+    )
