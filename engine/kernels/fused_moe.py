@@ -47,6 +47,7 @@ from engine.kernels.moe_align import (
 from engine.kernels.shared_memory import device_shared_memory, stages_that_fit
 from engine.kernels.silu_mul import silu_and_mul
 from engine.model.fp8 import FP8
+from engine.model.quantization import kernel_group_width
 
 
 # Per-step integers are not specialised on (divisibility by 16 would compile new variants mid-run).
@@ -285,7 +286,7 @@ def check_fp8_operands(
         raise ValueError("FP8 experts need both w13_scale and w2_scale")
     if w13.dtype != FP8 or w2.dtype != FP8:
         raise ValueError(f"FP8 scales given for {w13.dtype} / {w2.dtype} expert weights (want {FP8})")
-    if group_k is not None and (group_k < 16 or group_k & (group_k - 1)):
+    if group_k is not None and not kernel_group_width(group_k):
         raise ValueError(f"FP8 scale groups of {group_k} columns: a power of two >= 16 is needed")
     num_experts, two_inter, hidden = w13.shape
     inter = two_inter // 2

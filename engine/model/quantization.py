@@ -186,6 +186,12 @@ def check_ignored_linears(scheme: Fp8Scheme, linear_names: list[str]) -> None:
         )
 
 
+def kernel_group_width(group: int) -> bool:
+    """Whether the FP8 GEMMs (dense and MoE) take scale groups of this many input features: each K step of
+    their kernels is one group, so a power of two of at least 16 (tl.dot's smallest K)."""
+    return group >= 16 and group & (group - 1) == 0
+
+
 def prepare_quantization(
     requested: str | None,
     hf_config: PretrainedConfig,
@@ -222,7 +228,7 @@ def prepare_quantization(
     if scheme.activations == "none":  # weight-only FP8: dequantized, as the activations stay bfloat16
         return replace(scheme, dequantize=True)
     group = scheme.group_k
-    if group is not None and (group < 16 or group & (group - 1)):  # each K step of the kernels is a group
+    if group is not None and not kernel_group_width(group):
         raise UnsupportedQuantizationError(
             f"{scheme.source} with FP8 weight blocks of {list(scheme.block or ())}: the FP8 GEMMs (dense and "
             "MoE) take scale blocks whose input width is a power of two of at least 16 (published checkpoints "
