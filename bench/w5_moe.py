@@ -238,6 +238,7 @@ def serve_and_load(path: Path, args, vocab_size: int, result: dict, quantization
     log_path = Path(args.out).with_suffix(f".{quantization}.server.log")
     trace = Path(args.out).with_suffix(f".{quantization}.trace.jsonl") if args.step_trace else None
     if trace:  # the server's steps only (the in-process engine timed afterwards would write over it at exit)
+        trace.unlink(missing_ok=True)  # a server killed before its exit hook writes none: never an old one
         os.environ["KUBELLM_STEP_TRACE"] = str(trace)
     try:
         serve(serve_args, args, log_path, vocab_size, result)

@@ -83,10 +83,12 @@ def _count_chunk_kernel(ids_ptr, chunk_counts_ptr, num_slots, BLOCK_E: tl.conste
     tl.store(chunk_counts_ptr + chunk * BLOCK_E + experts, counts)
 
 
-@triton.jit(do_not_specialize=["num_slots", "num_chunks", "num_blocks"])
+# block_m is a run-time value: a GEMM tile chosen for a step size no CUDA graph captured (a tuned file's, a
+# prompt step's) must not compile a new variant mid-run; COUNTED's two variants both come with the captures.
+@triton.jit(do_not_specialize=["num_slots", "num_chunks", "num_blocks", "block_m"])
 def _place_chunk_kernel(
     ids_ptr, chunk_counts_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr, num_slots, num_chunks, num_blocks,
-    NUM_EXPERTS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
+    block_m, NUM_EXPERTS: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, PAD_TILE: tl.constexpr,
     COUNT_ROWS: tl.constexpr, COUNTED: tl.constexpr,
 ):  # fmt: skip
     # One program per chunk of CHUNK slots, every expert at once (a [CHUNK, experts] one-hot). From all
@@ -112,7 +114,7 @@ def _place_chunk_kernel(
     else:
         totals = tl.sum(hit, axis=0)
         before = tl.zeros([BLOCK_E], dtype=tl.int32)
-    padded = (totals + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    padded = (totals + block_m - 1) // block_m * block_m
     run_end = tl.cumsum(padded, axis=0)  # each expert's run, padded to whole blocks, ends here
     run_start = run_end - padded
 
@@ -121,18 +123,19 @@ def _place_chunk_kernel(
     destination = tl.sum(hit * (run_start[None, :] + earlier), axis=1)
     tl.store(sorted_ptr + destination, slots, mask=slots < num_slots)
 
-    if chunk == 0:  # the total and the sentinel in each run's padding
+    if chunk == 0:  # the total and the sentinel in each run's padding (under block_m entries a run)
         tl.store(num_padded_ptr, tl.sum(padded, axis=0))
-        pad = tl.arange(0, BLOCK_M)
-        sentinel = tl.zeros([BLOCK_E, BLOCK_M], dtype=tl.int32) + num_slots
-        tl.store(sorted_ptr + (run_start + totals)[:, None] + pad[None, :], sentinel,
-                 mask=pad[None, :] < (padded - totals)[:, None])  # fmt: skip
+        sentinel = tl.zeros([BLOCK_E, PAD_TILE], dtype=tl.int32) + num_slots
+        for p0 in range(0, block_m, PAD_TILE):
+            pad = p0 + tl.arange(0, PAD_TILE)
+            tl.store(sorted_ptr + (run_start + totals)[:, None] + pad[None, :], sentinel,
+                     mask=pad[None, :] < (padded - totals)[:, None])  # fmt: skip
 
-    # block b belongs to the expert whose run holds b * BLOCK_M: the number of runs ending at or before it
+    # block b belongs to the expert whose run holds b * block_m: the number of runs ending at or before it
     # (the programs share the blocks, CHUNK at a time)
     for first in range(chunk * CHUNK, num_blocks, num_chunks * CHUNK):
         blocks = first + rows
-        owner = tl.sum((run_end[None, :] <= blocks[:, None] * BLOCK_M).to(tl.int32), axis=1)
+        owner = tl.sum((run_end[None, :] <= blocks[:, None] * block_m).to(tl.int32), axis=1)
         tl.store(block_expert_ptr + blocks, tl.minimum(owner, NUM_EXPERTS - 1), mask=blocks < num_blocks)
 
 
@@ -143,7 +146,7 @@ def align_slots_by_expert_small(topk_ids: torch.Tensor, num_experts: int, block_
     assert num_slots <= SMALL_MAX_SLOTS
     max_padded = max_padded_slots(num_slots, num_experts, block_m)
     device = topk_ids.device
-    ids = topk_ids.reshape(-1)
+    ids = topk_ids.reshape(-1).contiguous()  # a column slice of a wider top-k reshapes to a strided view
     sorted_slots = torch.empty(max_padded, dtype=torch.int32, device=device)
     block_expert = torch.empty(max_padded // block_m, dtype=torch.int32, device=device)
     num_padded = torch.empty(1, dtype=torch.int32, device=device)
@@ -156,10 +159,9 @@ def align_slots_by_expert_small(topk_ids: torch.Tensor, num_experts: int, block_
         chunk_counts = torch.empty((num_chunks, block_e), dtype=torch.int32, device=device)
         _count_chunk_kernel[(num_chunks,)](ids, chunk_counts, num_slots, BLOCK_E=block_e, CHUNK=chunk,
                                            num_warps=warps)  # fmt: skip
-    count_rows = min(triton.next_power_of_2(num_chunks), max(1, 8192 // block_e))
     _place_chunk_kernel[(num_chunks,)](
         ids, chunk_counts, sorted_slots, block_expert, num_padded, num_slots, num_chunks, max_padded // block_m,
-        NUM_EXPERTS=num_experts, BLOCK_E=block_e, BLOCK_M=block_m, CHUNK=chunk, COUNT_ROWS=count_rows,
-        COUNTED=num_chunks > 1, num_warps=warps,
+        block_m, NUM_EXPERTS=num_experts, BLOCK_E=block_e, CHUNK=chunk, PAD_TILE=16,
+        COUNT_ROWS=max(1, 8192 // block_e), COUNTED=num_chunks > 1, num_warps=warps,
     )  # fmt: skip
     return ExpertAlignment(sorted_slots, block_expert, num_padded, num_slots, block_m)

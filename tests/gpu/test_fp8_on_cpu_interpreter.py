@@ -27,10 +27,10 @@ torch.manual_seed(0)
 # interpreter's rounding (above; it also rounds some mid-binade values up: exact bits are checked on a GPU,
 # tests/gpu/test_fp8_quant_kernel.py), which still catches any indexing or masking fault. A zero row,
 # ragged groups, more columns than one pass takes; from 32 rows, groups in tiles of several (a row's 6 in
-# tiles of 2; 32, the last ragged, in tiles of 4).
+# tiles of 2; 5 in tiles of 2, the last tile half empty; 32, the last ragged, in tiles of 4); a strided input.
 for m, k, group in [(3, 64, None), (5, 300, 128), (4, 256, 128), (2, 4100, None), (2, 96, 32), (40, 768, 128),
-                    (64, 2000, 64)]:
-    x = (torch.randn(m, k) * 3).to(torch.float16)
+                    (40, 640, 128), (64, 2000, 64), (40, 1024, 128)]:
+    x = (torch.randn(m, k + 40) * 3).to(torch.float16)[:, :k] if k == 1024 else (torch.randn(m, k) * 3).to(torch.float16)
     x[0] = 0
     q, s = quantize_activations(x, group)
     ref_q, ref_s = quantize_rows(x, group)

@@ -37,9 +37,12 @@ def test_static_scale_gives_the_reference_bits():
     assert s.shape == (33, 1) and torch.all(s == scale)
 
 
-def test_a_strided_input_is_read_as_its_values():
-    wide = torch.randn(8, 2 * 1024, device="cuda", dtype=torch.bfloat16)
+@pytest.mark.parametrize(
+    "m,group", [(8, None), (8, 128), (64, 128)]
+)  # per row; a group a program; tiles of groups
+def test_a_strided_input_is_read_as_its_values(m, group):
+    wide = torch.randn(m, 2 * 1024, device="cuda", dtype=torch.bfloat16)
     x = wide[:, :1024]  # row stride 2048
-    q, s = quantize_activations(x)
-    ref_q, ref_s = quantize_rows(x.contiguous())
+    q, s = quantize_activations(x, group)
+    ref_q, ref_s = quantize_rows(x.contiguous(), group)
     assert torch.equal(s, ref_s) and torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))

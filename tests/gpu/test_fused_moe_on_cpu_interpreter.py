@@ -95,7 +95,8 @@ assert set(a.sorted_slots[n:].tolist()) <= {8}
 # every token included; one chunk of slots (one launch) and many (counted, then placed chunk by chunk)
 g = torch.Generator().manual_seed(0)
 for tokens, experts, top_k, block_m in [(1, 8, 2, 16), (3, 128, 8, 16), (40, 4, 2, 4), (100, 64, 8, 32), (9, 6, 1, 16),
-                                        (40, 128, 8, 16), (300, 128, 8, 64), (700, 128, 8, 16), (2000, 8, 2, 64)]:
+                                        (40, 128, 8, 16), (300, 128, 8, 64), (700, 128, 8, 16), (2000, 8, 2, 64),
+                                        (2048, 256, 8, 32), (2000, 8, 1, 128)]:
     ids = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(tokens)])
     if top_k == 1:
         ids[:] = 2
@@ -104,6 +105,11 @@ for tokens, experts, top_k, block_m in [(1, 8, 2, 16), (3, 128, 8, 16), (40, 4, 
     assert n == int(b.num_padded), (tokens, experts, n, int(b.num_padded))
     assert torch.equal(a.sorted_slots[:n], b.sorted_slots[:n]), (tokens, experts)
     assert torch.equal(a.block_expert[: n // block_m], b.block_expert[: n // block_m]), (tokens, experts)
+# a column of a wider top-k (a strided view) is read as its values
+wide = torch.stack([torch.randperm(8, generator=g) for _ in range(300)])
+a, b = align_slots_by_expert(wide[:, :1], 8, 4), align_slots_by_expert_small(wide[:, :1], 8, 4)
+n = int(a.num_padded)
+assert n == int(b.num_padded) and torch.equal(a.sorted_slots[:n], b.sorted_slots[:n])
 
 # the router's softmax and top-k in one kernel: torch's values, and the experts that hold them (a tie goes
 # to the lower id); renormalised or not; padded expert counts; several token blocks
