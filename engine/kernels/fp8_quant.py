@@ -87,11 +87,10 @@ def quantize_activations(
     if m == 0:
         return q, scales
     if static_scale is None and group and group & (group - 1) == 0 and group <= _MAX_BLOCK:
-        # few rows: a group a program, as many programs as groups (one row's 16 groups in one program took
-        # 4.1 µs against 2.7 as 16 programs on an H100); from 32 rows up, more groups a program
-        per_program = min(
-            triton.next_power_of_2(num_groups), _MAX_BLOCK // group, triton.next_power_of_2(max(1, m // 16))
-        )
+        # few rows: a group a program (one row's 16 groups in one program took 4.1 µs against 2.7 as 16
+        # programs on an H100); from 64 rows, a row's groups in one tile. Two variants only, both compiled
+        # before serving (the CUDA-graph captures, the memory-profiling step): none mid-run.
+        per_program = 1 if m < 64 else min(triton.next_power_of_2(num_groups), _MAX_BLOCK // group)
         _quantize_groups_kernel[(m, triton.cdiv(num_groups, per_program))](
             x, q, scales, k, x.stride(0), q.stride(0), num_groups,
             GROUP=group, GROUPS=per_program, FP8_LIMIT=FP8_MAX, SCALE_FLOOR=FP8_MIN_SCALE,

@@ -26,16 +26,18 @@ torch.manual_seed(0)
 # The one-kernel activation quantization against quantize_rows: the same scales; float8 values within the
 # interpreter's rounding (above; it also rounds some mid-binade values up: exact bits are checked on a GPU,
 # tests/gpu/test_fp8_quant_kernel.py), which still catches any indexing or masking fault. A zero row,
-# ragged groups, more columns than one pass takes; from 32 rows, groups in tiles of several (a row's 6 in
-# tiles of 2; 5 in tiles of 2, the last tile half empty; 32, the last ragged, in tiles of 4); a strided input.
-for m, k, group in [(3, 64, None), (5, 300, 128), (4, 256, 128), (2, 4100, None), (2, 96, 32), (40, 768, 128),
-                    (40, 640, 128), (64, 2000, 64), (40, 1024, 128)]:
+# ragged groups, more columns than one pass takes; from 64 rows, a row's groups in one tile (6 in a tile of 8;
+# 5 in 8; 32, the last ragged, in 32; 24, the last ragged, in two tiles of 16, the second half empty); a
+# strided input.
+for m, k, group in [(3, 64, None), (5, 300, 128), (4, 256, 128), (2, 4100, None), (2, 96, 32), (64, 768, 128),
+                    (64, 640, 128), (64, 2000, 64), (64, 3000, 128), (64, 1024, 128)]:
     x = (torch.randn(m, k + 40) * 3).to(torch.float16)[:, :k] if k == 1024 else (torch.randn(m, k) * 3).to(torch.float16)
     x[0] = 0
     q, s = quantize_activations(x, group)
     ref_q, ref_s = quantize_rows(x, group)
     assert torch.equal(s, ref_s), (m, k, group)
-    assert ((q.float() - ref_q.float()).abs() <= ref_q.float().abs() * 0.5).all(), (m, k, group)
+    # (plus float8's smallest subnormal: the interpreter's rounding can leave one where torch has zero)
+    assert ((q.float() - ref_q.float()).abs() <= ref_q.float().abs() * 0.5 + 2**-9).all(), (m, k, group)
     assert (q.float() == ref_q.float()).float().mean() > 0.95, (m, k, group)
 for m, n, k, group in [(5, 48, 64, None), (33, 200, 320, 128), (1, 16, 16, None), (7, 130, 256, 128)]:
     x, w = torch.randn(m, k), torch.randn(n, k)
