@@ -96,6 +96,9 @@ case "${1:-}" in
     run moe_call_kernels 40 python3 bench/diag/moe_call_kernels.py --tokens 1 16 256 512 2048
     run w5_trace 280 python3 bench/w5_moe.py --num-layers 48 --checkpoint fp8-block --hf-requests 0 --qps inf \
       --step-trace --out "$OUT/w5_trace.json" ;;
+  fp8-kv-tiles)  # issues 13/14: decode attention's tiles over FP8 caches against bf16 (W5 gained nothing from FP8 K/V:
+    # the kernel reads them with the bf16 tile, half the bytes an iteration); the 8B's and Qwen3-30B-A3B's shapes
+    run decode_tiles 300 python3 bench/kernels.py --only decode --out "$OUT/decode_tiles.json" ;;
   w5-kernels)  # issue 14: where a W5 step's GPU time goes (the block-FP8 checkpoint, 48 layers): a 2,048-token prompt
     # step (eager, with its wall time: W5's prompt steps took 77 ms each) and a 32-sequence decode step (its
     # tail: a quarter of the run at 9-32 sequences), kernels by category; the quantization's GPU tests first
@@ -155,5 +158,5 @@ case "${1:-}" in
   w1)  # issue 13's W1 bar (H200: >= 28,800 tok/s), main and the old code on the same machine
     run w1 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
     (cd .carry/base && run w1_base 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_base.json") ;;
-  *) echo "usage: bench/gpu_backlog.sh w5-kernels|moe-quant|moe-align|moe-tune-w5|w5-kv|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
+  *) echo "usage: bench/gpu_backlog.sh w5-kernels|fp8-kv-tiles|moe-quant|moe-align|moe-tune-w5|w5-kv|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
 esac

@@ -2,6 +2,7 @@
 against torch in the same run, on whatever CUDA GPU is present.
 
     python3 bench/kernels.py --out bench/results/kernels_gpu.json
+    python3 bench/kernels.py --only decode --out /tmp/decode.json   # decode attention alone, FP8 caches too
 
 Decode attention is bound by reading the KV cache, so its floor is (K + V bytes) / measured copy
 bandwidth. Prefill is reported in TFLOP/s of causal attention. Baselines: torch SDPA on contiguous
@@ -50,8 +51,11 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * src.element_size() / (ms * 1e-3)
 
 
-def paged_cache(context_lens: list[int], num_kv_heads: int, head_dim: int, block_size: int):
-    """A random bf16 cache with each sequence's blocks scattered, and the matching block tables."""
+def paged_cache(
+    context_lens: list[int], num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype = BF16
+):
+    """A random cache (bf16, or float8 e4m3 as `--kv-cache-dtype fp8` keeps it) with each sequence's blocks
+    scattered, and the matching block tables."""
     blocks_per_seq = [triton.cdiv(c, block_size) for c in context_lens]
     num_blocks = sum(blocks_per_seq)
     order = torch.randperm(num_blocks)
@@ -60,7 +64,7 @@ def paged_cache(context_lens: list[int], num_kv_heads: int, head_dim: int, block
     for i, n in enumerate(blocks_per_seq):
         tables[i, :n] = order[used : used + n]
         used += n
-    cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, device=DEV, dtype=BF16)
+    cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, device=DEV, dtype=BF16).to(dtype)
     return cache, tables.to(DEV), torch.tensor(context_lens, dtype=torch.int32, device=DEV)
 
 
@@ -69,23 +73,28 @@ DECODE_VARIANTS = [  # (block_n, num_warps, num_stages)
 ]  # fmt: skip
 
 
-def bench_decode(name, num_heads, num_kv_heads, head_dim, block_size, context_lens, copy_bw, num_sms, sweep):
+def bench_decode(
+    name, num_heads, num_kv_heads, head_dim, block_size, context_lens, copy_bw, num_sms, sweep, fp8_kv=False
+):
+    """fp8_kv: a float8 cache (a byte a value; unit scales), as `--kv-cache-dtype fp8` serves it."""
     batch = len(context_lens)
-    cache, tables, seq_lens = paged_cache(context_lens, num_kv_heads, head_dim, block_size)
+    kv_dtype = torch.float8_e4m3fn if fp8_kv else BF16
+    cache, tables, seq_lens = paged_cache(context_lens, num_kv_heads, head_dim, block_size, kv_dtype)
+    kv_scales = torch.ones(2, device=DEV) if fp8_kv else None
     q = torch.randn(batch, num_heads, head_dim, device=DEV, dtype=BF16)
     out = torch.empty_like(q)
-    kv_bytes = sum(context_lens) * num_kv_heads * head_dim * 2 * 2
+    kv_bytes = sum(context_lens) * num_kv_heads * head_dim * 2 * cache.element_size()
     floor_ms = kv_bytes / copy_bw * 1e3
     splits = choose_num_splits(batch, num_kv_heads, max(context_lens), num_sms)
     rows = []
     for block_n, warps, stages in DECODE_VARIANTS if sweep else DECODE_VARIANTS[:1]:
         ms = median_ms(partial(
             decode_attention, q, cache, tables, seq_lens, head_dim**-0.5, out, num_splits=splits,
-            block_n=block_n, num_warps=warps, num_stages=stages))  # fmt: skip
+            block_n=block_n, num_warps=warps, num_stages=stages, kv_scales=kv_scales))  # fmt: skip
         rows.append({"kernel": "decode", "case": name, "variant": f"n{block_n}w{warps}s{stages}", "splits": splits,
                      "ms": ms, "floor_ms": floor_ms, "pct_of_floor": 100 * floor_ms / ms,
                      "GB_per_s": kv_bytes / ms / 1e6})  # fmt: skip
-    if len(set(context_lens)) == 1:  # SDPA baseline needs one length: contiguous K/V, no paging
+    if len(set(context_lens)) == 1 and not fp8_kv:  # SDPA baseline: one length, contiguous bf16 K/V
         ctx = context_lens[0]
         k = torch.randn(batch, num_kv_heads, ctx, head_dim, device=DEV, dtype=BF16)
         v = torch.randn_like(k)
@@ -185,6 +194,7 @@ def bench_fused():
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results/kernels_gpu.json")
+    parser.add_argument("--only", choices=["decode"], default=None, help="decode attention alone")
     args = parser.parse_args()
     torch.manual_seed(0)
     random.seed(0)
@@ -210,6 +220,21 @@ def main() -> None:
     for name, (h, kvh, d), ctx, sweep in decode_cases:
         rows += bench_decode(name, h, kvh, d, 16, ctx, copy_bw, props.multi_processor_count, sweep)
         print(f"decode {name} done", flush=True)
+    # FP8 caches (issue 13's W2-FP8, W5 with --kv-cache-dtype fp8): half the bytes through the same tiles; the
+    # bf16 row of each shape beside it
+    qwen3_moe = (32, 4, 128)
+    for name, (h, kvh, d), ctx in [("Llama-8B 256 x 1024", llama, [1024] * 256),
+                                   ("Qwen3-30B-A3B 256 x 1024", qwen3_moe, [1024] * 256),
+                                   ("Qwen3-30B-A3B 32 x 1024", qwen3_moe, [1024] * 32)]:  # fmt: skip
+        for fp8_kv in (False, True):
+            label = f"{name}{', FP8 KV' if fp8_kv else ''}"
+            rows += bench_decode(
+                label, h, kvh, d, 16, ctx, copy_bw, props.multi_processor_count, True, fp8_kv
+            )
+        print(f"decode {name}, bf16 and FP8 caches, done", flush=True)
+    if args.only == "decode":
+        write_and_print(args.out, props, copy_bw, rows)
+        return
     rows += bench_prefill("Qwen3-0.6B 16 x 1024 fresh", *qwen, 16, [1024] * 16, [0] * 16)
     rows += bench_prefill("Qwen3-0.6B 4 x 2048 over 2048 cached", *qwen, 16, [2048] * 4, [2048] * 4)
     rows += bench_prefill("Llama-8B 8 x 2048 fresh", *llama, 16, [2048] * 8, [0] * 8)
@@ -219,7 +244,10 @@ def main() -> None:
     print("prefill done", flush=True)
     rows += bench_cache_write(copy_bw)
     rows += bench_fused()
+    write_and_print(args.out, props, copy_bw, rows)
 
+
+def write_and_print(out: str, props, copy_bw: float, rows: list[dict]) -> None:
     result = {
         "device": props.name,
         "date": datetime.date.today().isoformat(),
@@ -228,8 +256,8 @@ def main() -> None:
         "copy_bandwidth_TBps": copy_bw / 1e12,
         "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=1))
     print(f"\n{'kernel':<18}{'case':<38}{'variant':<24}{'ms':>9}  extra")
     for r in rows:
         extra = ", ".join(
