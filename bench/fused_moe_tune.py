@@ -12,11 +12,12 @@ bandwidth. Times in µs.
     python3 bench/fused_moe_tune.py --experts 8 --top-k 2 --hidden 4096 --inter 14336   # Mixtral 8x7B
 
 From a handful of slots per expert the sweep also tries MoeBlockConfig.split_gate (gate and up written
-out, the SiLU-mul a second pass), and 64-row tiles at decode sizes. Variants not in --sweep time their default configuration only (the baseline). Where the
-sweep's best beats the default by more than noise, choose_block_config / choose_fp8_block_config is what
-to change, or `--save-configs` keeps it for that card (then W5 says whether the engine felt it). The JSON
-is rewritten after every token count, so a run cut short keeps what it measured. About 5 minutes for the bf16 sweep of the default shape on an H100, about as long for
-both FP8 sweeps at the token counts above.
+out, the SiLU-mul a second pass), and 64-row tiles at decode sizes. Variants not in --sweep time their
+default configuration only (the baseline). Where the sweep's best beats the default by more than noise,
+choose_block_config / choose_fp8_block_config is what to change, or `--save-configs` keeps it for that card
+(then W5 says whether the engine felt it). The JSON is rewritten after every token count, so a run cut
+short keeps what it measured. About 5 minutes for the bf16 sweep of the default shape on an H100, about as
+long for both FP8 sweeps at the token counts above.
 """
 
 from __future__ import annotations

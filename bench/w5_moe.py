@@ -281,11 +281,14 @@ def served_in_fp8(quantization: str, checkpoint: str) -> bool:
     return quantization != "none" or checkpoint == "fp8-block"
 
 
-def served_label(quantization: str, checkpoint: str) -> str:
-    """What ran, for the summary: bf16, fp8 (online, from the bf16 checkpoint) or the FP8 checkpoint."""
+def served_label(quantization: str, checkpoint: str, kv_cache_dtype: str = "auto") -> str:
+    """What ran, for the summary: bf16, fp8 (online, from the bf16 checkpoint) or the FP8 checkpoint, and
+    whether the KV cache was FP8."""
     if checkpoint == "fp8-block":
-        return "fp8-block checkpoint"
-    return "bf16" if quantization == "none" else f"{quantization} (online, bf16 checkpoint)"
+        label = "fp8-block checkpoint"
+    else:
+        label = "bf16" if quantization == "none" else f"{quantization} (online, bf16 checkpoint)"
+    return label + (", FP8 KV" if kv_cache_dtype == "fp8" else "")
 
 
 def routed_experts_per_layer(engine, batch: int) -> float:
@@ -484,8 +487,8 @@ def main() -> None:
                                                                        + kv_cache_args(args.kv_cache_dtype)
                                                                        + args.serve_args,
                                                        "checkpoint": args.checkpoint,
-                                                       "label": served_label(quantization, args.checkpoint)
-                                                                + (", FP8 KV" if args.kv_cache_dtype == "fp8" else ""),
+                                                       "label": served_label(quantization, args.checkpoint,
+                                                                             args.kv_cache_dtype),
                                                        "ceiling": ceiling, "runs": []}  # fmt: skip
             serve_and_load(path, args, config.vocab_size, served, quantization)
             save()
