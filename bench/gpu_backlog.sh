@@ -80,6 +80,16 @@ case "${1:-}" in
         --checkpoint fp8-block --hf-requests 0 --qps inf --out "$OUT/w5_cap_$cap.json" \
         --serve-args --max-prefill-tokens-while-decoding "$cap"
     done ;;
+  piecewise-tests)  # issues 14/13: CUDA graphs for steps with prompt tokens (engine/model/piecewise_cuda_graphs.py) against
+    # eager forwards and engines; the MoE alignment's review-fixed chunked kernels (never on a GPU yet) and the engines
+    # that now capture both kinds of graph
+    run piecewise_tests 420 python3 -m pytest -q -p no:cacheprovider --timeout 150 -rfE \
+      tests/gpu/test_piecewise_cuda_graphs.py tests/gpu/test_engine_on_gpu.py tests/gpu/test_moe_engine_on_gpu.py \
+      tests/gpu/test_fused_moe.py tests/gpu/test_fp8_moe_engine_on_gpu.py --junitxml="$OUT/junit_piecewise.xml" ;;
+  w5-piecewise)  # issue 14: W5 from the block-FP8 checkpoint at QPS = inf with piecewise graphs (the default) and
+    # without (--max-piecewise-graph-tokens 0: prompt steps eager, as before), one call, step traces summarised
+    run w5_piecewise 560 python3 bench/w5_moe.py --num-layers 48 --checkpoint fp8-block --hf-requests 0 --qps inf \
+      --step-trace --also-serve "--max-piecewise-graph-tokens 0" --out "$OUT/w5_piecewise.json" ;;
   moe-align)  # issue 14: the MoE alignment's chunked Triton kernels: their GPU tests and the MoE engines', a fused MoE
     # call's kernels (the old one-program alignment took 122 µs of 386 at 256 tokens on an H100), then W5 from the
     # block-FP8 checkpoint at QPS = inf with the committed tuned tiles
@@ -158,5 +168,5 @@ case "${1:-}" in
   w1)  # issue 13's W1 bar (H200: >= 28,800 tok/s), main and the old code on the same machine
     run w1 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
     (cd .carry/base && run w1_base 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_base.json") ;;
-  *) echo "usage: bench/gpu_backlog.sh w5-kernels|fp8-kv-tiles|moe-quant|moe-align|moe-tune-w5|w5-kv|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
+  *) echo "usage: bench/gpu_backlog.sh piecewise-tests|w5-piecewise|w5-kernels|fp8-kv-tiles|moe-quant|moe-align|moe-tune-w5|w5-kv|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
 esac

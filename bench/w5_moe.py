@@ -42,6 +42,7 @@ import gc
 import json
 import math
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -231,12 +232,15 @@ def decode_step_floor_ms(
     return (weight_bytes + kv_read) / copy_bw * 1e3
 
 
-def serve_and_load(path: Path, args, vocab_size: int, result: dict, quantization: str) -> None:
+def serve_and_load(
+    path: Path, args, vocab_size: int, result: dict, quantization: str, extra: list[str], name: str
+) -> None:
+    """One server (the flags `extra` beside the run's own) under the load; its files are named by `name`."""
     serve_args = ["--model", str(path), "--served-model-name", SERVED_NAME, "--dtype", "bfloat16",
                   "--max-model-len", "4096", *quantization_args(quantization), *kv_cache_args(args.kv_cache_dtype),
-                  *args.serve_args]  # fmt: skip
-    log_path = Path(args.out).with_suffix(f".{quantization}.server.log")
-    trace = Path(args.out).with_suffix(f".{quantization}.trace.jsonl") if args.step_trace else None
+                  *extra]  # fmt: skip
+    log_path = Path(args.out).with_suffix(f".{name}.server.log")
+    trace = Path(args.out).with_suffix(f".{name}.trace.jsonl") if args.step_trace else None
     if trace:  # the server's steps only (the in-process engine timed afterwards would write over it at exit)
         trace.unlink(missing_ok=True)  # a server killed before its exit hook writes none: never an old one
         os.environ["KUBELLM_STEP_TRACE"] = str(trace)
@@ -444,6 +448,11 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--port", type=int, default=8325)
     parser.add_argument(
+        "--also-serve", action="append", default=[], metavar="FLAGS",
+        help="serve the checkpoint again with these `kubellm serve` flags instead of --serve-args' (one string, "
+             "e.g. '--max-piecewise-graph-tokens 0'; repeatable): a baseline under the same load in the same call",
+    )  # fmt: skip
+    parser.add_argument(
         "--serve-args", nargs=argparse.REMAINDER, default=[], help="extra `kubellm serve` flags"
     )
     args = parser.parse_args()
@@ -490,8 +499,18 @@ def main() -> None:
                                                        "label": served_label(quantization, args.checkpoint,
                                                                              args.kv_cache_dtype),
                                                        "ceiling": ceiling, "runs": []}  # fmt: skip
-            serve_and_load(path, args, config.vocab_size, served, quantization)
+            serve_and_load(path, args, config.vocab_size, served, quantization, args.serve_args, quantization)
             save()
+            for i, flags in enumerate(args.also_serve):
+                extra = shlex.split(flags)
+                other = result["served"][f"{quantization} {flags}"] = {
+                    **served, "serve_flags": served["serve_flags"][: -len(args.serve_args) or None] + extra,
+                    "label": f"{served['label']}, {flags}", "runs": [],
+                }  # fmt: skip
+                serve_and_load(
+                    path, args, config.vocab_size, other, quantization, extra, f"{quantization}.also{i}"
+                )
+                save()
             served["decode_steps"] = decode_steps_against_floor(
                 path, config, copy_bw, quantization, args.checkpoint, args.kv_cache_dtype
             )
@@ -522,7 +541,7 @@ def main() -> None:
         print(
             f"  ceiling at QPS=inf on this GPU, uniform routing: {served['ceiling']['req_per_s']:.1f} req/s"
         )
-        for row in served["decode_steps"]:
+        for row in served.get("decode_steps", []):  # the --also-serve baselines time none
             pct = "" if row["pct_of_floor"] is None else f" ({row['pct_of_floor']:.0f} % of it)"
             print(
                 f"  decode step {row['batch']} x {row['context']}: {row['measured_ms']} ms, "

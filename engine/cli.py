@@ -135,6 +135,12 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     )
     a("--enforce-eager", action="store_true", help="no CUDA graphs")
     a(
+        "--max-piecewise-graph-tokens",
+        type=int,
+        help="steps with prompt tokens up to this many tokens replay CUDA graphs captured between attention "
+        f"calls; 0: they run eagerly (default: {EngineConfig.DEFAULT_MAX_PIECEWISE_GRAPH_TOKENS} on a GPU)",
+    )
+    a(
         "--async-scheduling",
         action=argparse.BooleanOptionalAction,
         default=default("async_scheduling"),
@@ -264,6 +270,7 @@ def engine_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             num_gpu_blocks_override=args.num_gpu_blocks_override,
             enable_prefix_caching=args.enable_prefix_caching,
             enforce_eager=args.enforce_eager,
+            max_piecewise_graph_tokens=args.max_piecewise_graph_tokens,
             async_scheduling=args.async_scheduling,
             tensor_parallel_size=args.tensor_parallel_size,
             engine_process=args.engine_process,

@@ -54,6 +54,12 @@ class EngineConfig(BaseModel):
     # at 6 + 0.16 ms each, past the target, so every step got 256 prompt tokens; with this share that fit
     # gives about the fixed 2048's prompt per step; engine/core/step_cost_model.py; not yet measured on a GPU).
     AUTO_PREFILL_DECODE_SHARE: ClassVar[float] = 1.0
+    # Steps with prompt tokens of up to this many tokens (and decode-only steps past the decode graphs'
+    # 512 sequences) replay CUDA graphs captured in pieces between attention calls
+    # (engine/model/piecewise_cuda_graphs.py): eagerly, a 2,048-token prompt step of Qwen3-30B-A3B spent
+    # 56 ms launching 38 ms of kernels (H100). 3,072 holds the default prompt cap (2,048) beside 1,024
+    # decodes; larger steps are GPU-bound and stay eager (and a larger bucket needs a larger graph pool).
+    DEFAULT_MAX_PIECEWISE_GRAPH_TOKENS: ClassVar[int] = 3072
     # Seconds in-flight requests may take to finish on SIGTERM (`kubellm serve --shutdown-timeout`):
     # Kubernetes' default grace period. The operator sizes terminationGracePeriodSeconds from it.
     DEFAULT_SHUTDOWN_TIMEOUT_S: ClassVar[float] = 30.0
@@ -80,6 +86,8 @@ class EngineConfig(BaseModel):
     num_gpu_blocks_override: int | None = Field(default=None, ge=1)  # tests: force a tiny pool
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # no CUDA graphs
+    # None: DEFAULT_MAX_PIECEWISE_GRAPH_TOKENS (never above the step budget); 0: steps with prompts run eagerly
+    max_piecewise_graph_tokens: int | None = Field(default=None, ge=0)
     # Queue step N+1 on the device before reading step N's tokens (None = on for CUDA, off for the CPU,
     # where the forward itself runs on the engine thread and there is nothing to overlap with).
     async_scheduling: bool | None = None
@@ -158,6 +166,15 @@ class EngineConfig(BaseModel):
         """The fewest prompt tokens "auto" gives a step: AUTO_PREFILL_FLOOR_TOKENS, or an eighth of the
         step's budget when that is smaller (a small budget is a small server's choice)."""
         return max(1, min(self.AUTO_PREFILL_FLOOR_TOKENS, self.max_num_batched_tokens_on(device) // 8))
+
+    def max_piecewise_graph_tokens_on(self, device: DeviceType) -> int:
+        """The largest step captured in pieces; 0 (none) on the CPU and with --enforce-eager."""
+        if device != "cuda" or self.enforce_eager:
+            return 0
+        tokens = self.max_piecewise_graph_tokens
+        if tokens is None:
+            tokens = self.DEFAULT_MAX_PIECEWISE_GRAPH_TOKENS
+        return min(tokens, self.max_num_batched_tokens_on(device))
 
     def async_scheduling_on(self, device: DeviceType) -> bool:
         return device == "cuda" if self.async_scheduling is None else self.async_scheduling

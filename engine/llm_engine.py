@@ -91,7 +91,9 @@ class LLMEngine:
         self.runner.allocate_kv_cache(num_blocks)
         if device == "cuda":
             if not config.enforce_eager:
-                self.runner.capture_cuda_graphs(max_num_seqs, self.max_model_len)
+                self.runner.capture_cuda_graphs(
+                    max_num_seqs, self.max_model_len, config.max_piecewise_graph_tokens_on(device)
+                )
             self.runner.warm_up()
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(

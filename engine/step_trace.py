@@ -1,8 +1,9 @@
 """Per-step timeline for performance work: `KUBELLM_STEP_TRACE=/path/trace.jsonl kubellm serve ...`.
 
 One JSON line per step, written when the process exits: when the step was launched, when its tokens
-reached the host, how many decodes and prefill tokens it carried, whether a CUDA graph ran it, and
-how long Python's garbage collector paused the process since the previous step (`gc_ms`).
+reached the host, how many decodes and prefill tokens it carried, which CUDA graphs ran it (`graph`:
+"decode", "piecewise" or null for eager), and how long Python's garbage collector paused the process since
+the previous step (`gc_ms`).
 When the host handles the step's tokens it adds `done` (tokens on the host) and `waited_ms` (how long it
 blocked for them: near zero means the host, not the GPU, sets the pace) and `step_ms` (the step's forward
 and sampling: device time from CUDA events on a GPU, wall time on the CPU; engine/model/step_timer.py).
@@ -40,7 +41,7 @@ class StepTrace:
         path = os.environ.get("KUBELLM_STEP_TRACE")
         return cls(path) if path else None
 
-    def launched(self, num_decodes: int, num_tokens: int, graphed: bool, started: float) -> dict:
+    def launched(self, num_decodes: int, num_tokens: int, graphed: str | None, started: float) -> dict:
         row = {"launch": started, "launched": time.perf_counter(), "decodes": num_decodes,
                "prefill_tokens": num_tokens - num_decodes, "graph": graphed,
                "gc_ms": round(self._gc_seconds * 1e3, 3)}  # fmt: skip

@@ -46,6 +46,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests" / "gpu")]
 from gpu_random_model import save_random_checkpoint  # noqa: E402
 from moe_routing import (  # noqa: E402
     FAMILIES,
+    ROUTED,
     FirstTokenGap,
     Routing,
     Top,
@@ -201,11 +202,11 @@ def run_family(family: str, device: str, workdir: Path, emulate: bool) -> dict:
     eng = load_ours("bfloat16")
     as_the_test = engine_first_tokens(eng, ps)  # the test before pinning, exactly
     eng.close()
-    eng = load_ours("bfloat16", enable_prefix_caching=False)
+    eng = load_ours("bfloat16", **ROUTED)
     ours_tops, ours_routes = engine_first_tokens_routed(eng, ps, renormalize)
     ours_pinned_tops, ours_pinned_routes = engine_first_tokens_routed(eng, ps, renormalize, pins=ref_routes)
     eng.close()
-    eng = load_ours("float32", enable_prefix_caching=False)
+    eng = load_ours("float32", **ROUTED)
     ours32_tops, ours32_routes = engine_first_tokens_routed(eng, ps, renormalize)
     eng.close()
     del eng

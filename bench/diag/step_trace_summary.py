@@ -46,6 +46,8 @@ def summarize(rows: list[dict]) -> dict:
         "decode_only": part(decode_only),
         "decode_only_by_sequences": {k: v for k, v in by_batch.items() if v["steps"]},
         "graphed_steps": sum(bool(r.get("graph")) for r in rows),
+        # older traces wrote true for a decode graph
+        "piecewise_graphed_steps": sum(r.get("graph") == "piecewise" for r in rows),
     }
 
 

@@ -90,7 +90,7 @@ class Follower:
             elif op is Op.ALLOCATE_KV_CACHE:
                 runner.allocate_kv_cache(args[0])
             elif op is Op.CAPTURE_CUDA_GRAPHS:
-                runner.capture_cuda_graphs(args[0], args[1])
+                runner.capture_cuda_graphs(args[0], args[1], args[2])
             elif op is Op.WARM_UP:
                 runner.warm_up()
             elif op is Op.STOP:
@@ -102,8 +102,7 @@ class Follower:
         input_ids, positions, meta, _ = runner.device_inputs(arrays)
         if arrays.fed:  # tokens rank 0 sampled last step and has only on its device
             torch.distributed.broadcast(input_ids, src=0)
-        graphed = runner.cuda_graphs is not None and runner.cuda_graphs.can_run(meta)
-        hidden = runner.forward(input_ids, positions, meta, graphed)
+        hidden = runner.forward(input_ids, positions, meta, runner.graphs_for(meta, int(input_ids.shape[0])))
         if len(arrays.sample_rows):
             rows = torch.from_numpy(arrays.sample_rows).to(runner.device)
             runner.model.compute_logits(hidden.index_select(0, rows))  # this rank's block, sent to rank 0

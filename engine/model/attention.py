@@ -44,6 +44,7 @@ class AttentionBackend(Protocol):
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         meta: AttentionMetadata,
         scale: float,
+        out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim]: written and returned if given
         kv_scales: torch.Tensor | None = None,  # [2] float32: K and V scales of a float8 cache
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         """Write k/v into the cache at meta.slot_mapping, then attend causally over each sequence's
@@ -116,15 +117,24 @@ class TorchAttention:
         self._plan: tuple[torch.Tensor, torch.Tensor | None, int] | None = None
 
     def forward(
-        self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float, kv_scales: torch.Tensor | None = None
+        self,
+        q,
+        k,
+        v,
+        kv_cache,
+        meta: AttentionMetadata,
+        scale: float,
+        out: torch.Tensor | None = None,
+        kv_scales: torch.Tensor | None = None,
     ) -> torch.Tensor:
         write_kv_cache(k, v, kv_cache, meta.slot_mapping, kv_scales)
         # a float8 cache is read back into the activations' dtype (it is storage, not arithmetic)
         dtype = q.dtype if kv_cache.dtype == FP8_KV else kv_cache.dtype
         nd = meta.num_decodes
-        if nd == meta.num_seqs:  # a decode-only step (most steps): no output buffer to copy into
+        if nd == meta.num_seqs and out is None:  # a decode-only step (most steps): no buffer to copy into
             return self._decode(q.to(dtype), kv_cache, meta, scale, kv_scales).to(q.dtype)
-        out = torch.empty_like(q)
+        if out is None:
+            out = torch.empty_like(q)
         if nd:
             out[:nd] = self._decode(q[:nd].to(dtype), kv_cache, meta, scale, kv_scales)
         start = nd

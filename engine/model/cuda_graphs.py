@@ -11,8 +11,11 @@ run time, so a graph captured once stays right for every context length (see dec
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -20,6 +23,20 @@ from torch import nn
 from engine.model.attention import AttentionMetadata
 
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def no_garbage_collection() -> Iterator[None]:
+    """For a capture: an object Python's collector frees meanwhile (an earlier engine's pinned host buffers,
+    say) may make a CUDA call that invalidates it ("operation failed due to a previous error during capture")."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def batch_size_buckets(max_batch_size: int) -> list[int]:
@@ -55,6 +72,7 @@ class DecodeCudaGraphs:
         self.hidden = torch.zeros(max_batch_size, hidden_size, dtype=dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.buckets = batch_size_buckets(max_batch_size)
+        self.pool = None  # the graphs' memory pool, once captured (piecewise graphs share it)
 
     def _meta(self, batch_size: int) -> AttentionMetadata:
         # max_seq_len = max_model_len: the split heuristic sizes each bucket for the longest context.
@@ -85,10 +103,11 @@ class DecodeCudaGraphs:
             self._forward(bs)  # warm-up: Triton compiles and cuBLAS picks kernels outside the capture
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool):
+            with no_garbage_collection(), torch.cuda.graph(graph, pool):
                 self._forward(bs)
             pool = graph.pool() if pool is None else pool
             self.graphs[bs] = graph
+        self.pool = pool
         torch.cuda.synchronize()
         log.info("captured %d decode CUDA graphs (batch sizes 1..%d) in %.1fs",
                  len(self.graphs), self.max_batch_size, time.monotonic() - started)  # fmt: skip

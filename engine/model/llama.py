@@ -114,13 +114,33 @@ class LlamaAttention(nn.Module):
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
+        return self.o_proj(self.attend(*self.project(positions, x), kv_cache, meta))
+
+    def project(
+        self, positions: torch.Tensor, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, hidden] -> q [T, heads, d], k and v [T, kv_heads, d]; q and k rotated (and normed, Qwen3)."""
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(positions, q, k, self.q_norm, self.k_norm)
-        out = self.attn_backend.forward(q, k, v, kv_cache, meta, self.scale, kv_scales=self.kv_scales.scales)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        return q, k, v
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Write k/v into the cache and attend: -> [T, heads * d] (into `out` [T, heads, d] when given)."""
+        attended = self.attn_backend.forward(
+            q, k, v, kv_cache, meta, self.scale, out=out, kv_scales=self.kv_scales.scales
+        )
+        return attended.reshape(-1, self.q_size)
 
 
 class LlamaMLP(nn.Module):
@@ -162,14 +182,27 @@ class LlamaDecoderLayer(nn.Module):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # The residual stream travels beside the normalised activations; the add happens inside the
-        # next norm (first layer: the residual is the embedding itself).
+        (q, k, v), residual = self.before_attention(positions, x, residual)
+        return self.after_attention(self.self_attn.attend(q, k, v, kv_cache, meta), residual)
+
+    # The two halves either side of attention, which piecewise CUDA graphs capture apart
+    # (engine.model.piecewise_cuda_graphs): attention's launch grid depends on the step's sequences.
+    def before_attention(
+        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """-> ((q, k, v), residual). The residual stream travels beside the normalised activations; the add
+        happens inside the next norm (first layer: the residual is the embedding itself)."""
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, kv_cache, meta)
-        x, residual = self.post_attention_layernorm(x, residual)
+        return self.self_attn.project(positions, x), residual
+
+    def after_attention(
+        self, attended: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention's output [T, heads * d] -> (the MLP's output, residual)."""
+        x, residual = self.post_attention_layernorm(self.self_attn.o_proj(attended), residual)
         return self.mlp(x), residual
 
 

@@ -17,6 +17,7 @@ from engine.model.attention import AttentionMetadata
 from engine.model.block_table_rows import BlockTableRows
 from engine.model.cuda_graphs import DecodeCudaGraphs
 from engine.model.input_staging import InputStaging
+from engine.model.piecewise_cuda_graphs import PiecewiseCudaGraphs
 from engine.model.prompt_logprobs import PendingPromptLogprobs, launch_prompt_logprobs, prompt_logprob_rows
 from engine.model.step_timer import StepTimer
 from engine.outputs import TokenLogprob
@@ -48,10 +49,10 @@ class LaunchedStep:
     def __init__(self, seqs: list[ScheduledSeq], sample: PendingSample) -> None:
         self.seqs = seqs
         self.sample = sample
-        # The step's shape, for the step trace: decodes, tokens in all, whether a CUDA graph ran it.
+        # The step's shape, for the step trace: decodes, tokens in all, which CUDA graphs ran it (None: eager).
         self.num_decodes = 0
         self.num_tokens = 0
-        self.graphed = False
+        self.graphed: str | None = None
         # With ModelRunner.time_steps: the step's forward and sampling time, and the context tokens its
         # decodes attended over (what the engine's step cost model learns from).
         self.timer: StepTimer | None = None
@@ -95,6 +96,7 @@ class ModelRunner:
         self.block_tables = BlockTableRows(256, 64)  # grows to the sequences and lengths served
         self.staging = InputStaging(device) if device.type == "cuda" else None
         self.cuda_graphs: DecodeCudaGraphs | None = None  # set by capture_cuda_graphs
+        self.piecewise_graphs: PiecewiseCudaGraphs | None = None  # likewise, for steps with prompt tokens
         self.bitmasks: BitmaskBuilder | None = None  # made at the first step with a grammar
         # Rank 0 under tensor parallelism: the other ranks repeat this runner's public calls (tell_ranks).
         self.tp = tp
@@ -112,14 +114,32 @@ class ModelRunner:
         if self.tp is not None:
             self.tp.close()
 
-    def capture_cuda_graphs(self, max_batch_size: int, max_model_len: int) -> None:
-        """Once the KV cache is allocated for good: capture decode steps as CUDA graphs."""
-        self.tell_ranks(Op.CAPTURE_CUDA_GRAPHS, max_batch_size, max_model_len)
+    def capture_cuda_graphs(
+        self, max_batch_size: int, max_model_len: int, max_piecewise_tokens: int = 0
+    ) -> None:
+        """Once the KV cache is allocated for good: capture decode steps as CUDA graphs, and steps of up to
+        max_piecewise_tokens tokens (0: none) in pieces between attention calls; one memory pool."""
+        self.tell_ranks(Op.CAPTURE_CUDA_GRAPHS, max_batch_size, max_model_len, max_piecewise_tokens)
         self.cuda_graphs = DecodeCudaGraphs(
             self.model, self.kv_caches, min(max_batch_size, 512), max_model_len, self.block_size,
             self.model.config.hidden_size, self.dtype, self.device,
         )  # fmt: skip
         self.cuda_graphs.capture()
+        if max_piecewise_tokens > 0:
+            self.piecewise_graphs = PiecewiseCudaGraphs(
+                self.model, self.kv_caches, max_piecewise_tokens, self.dtype, self.device
+            )
+            self.piecewise_graphs.capture(self.cuda_graphs.pool)
+
+    def graphs_for(
+        self, meta: AttentionMetadata, num_tokens: int
+    ) -> DecodeCudaGraphs | PiecewiseCudaGraphs | None:
+        """The captured graphs that run this step (a whole decode forward where one fits), None: eager."""
+        if self.cuda_graphs is not None and self.cuda_graphs.can_run(meta):
+            return self.cuda_graphs
+        if self.piecewise_graphs is not None and self.piecewise_graphs.can_run(num_tokens):
+            return self.piecewise_graphs
+        return None
 
     def bytes_per_block(self) -> int:
         elem = torch.empty((), dtype=self.kv_cache_dtype).element_size()
@@ -363,9 +383,9 @@ class ModelRunner:
         step pipeline reads the previous step's tokens there, so grammars advance while the device runs
         this step's forward)."""
         input_ids, positions, meta = self.build_metadata(batch, previous, tell_ranks)
-        graphed = self.cuda_graphs is not None and self.cuda_graphs.can_run(meta)
+        graphs = self.graphs_for(meta, int(input_ids.shape[0]))
         timer = StepTimer(self.device) if self.time_steps else None
-        hidden = self.forward(input_ids, positions, meta, graphed)
+        hidden = self.forward(input_ids, positions, meta, graphs)
         step = self._sample(batch, hidden, meta, eos_token_ids, with_grammars, before_sampling)
         if timer is not None:
             timer.stop()
@@ -374,14 +394,19 @@ class ModelRunner:
         step.prompt_logprobs = launch_prompt_logprobs(
             batch, hidden, meta.query_lens_cpu, meta.num_decodes, self.model.compute_logits
         )
-        step.num_decodes, step.num_tokens, step.graphed = meta.num_decodes, int(input_ids.shape[0]), graphed
+        step.num_decodes, step.num_tokens = meta.num_decodes, int(input_ids.shape[0])
+        step.graphed = None if graphs is None else ("decode" if graphs is self.cuda_graphs else "piecewise")
         return step
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, graphed: bool
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        graphs: DecodeCudaGraphs | PiecewiseCudaGraphs | None,
     ) -> torch.Tensor:
-        if graphed:
-            return self.cuda_graphs.run(input_ids, positions, meta)
+        if graphs is not None:
+            return graphs.run(input_ids, positions, meta)
         return self.model(input_ids, positions, self.kv_caches, meta)
 
     def _sample(

@@ -3,6 +3,7 @@ built in code, so nothing has to be downloaded and any vocabulary size works."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,3 +32,17 @@ def save_random_checkpoint(
     model.save_pretrained(path)
     word_level_tokenizer(config.vocab_size).save_pretrained(path)
     return path
+
+
+def checkpoint_maker(
+    tmp_path_factory, families: dict[str, Callable[[], transformers.PretrainedConfig]]
+) -> Callable[[str], Path]:
+    """For a module-scoped fixture: family name -> its random checkpoint, written on first use."""
+    made: dict[str, Path] = {}
+
+    def make(family: str) -> Path:
+        if family not in made:
+            made[family] = save_random_checkpoint(families[family](), tmp_path_factory.mktemp(family))
+        return made[family]
+
+    return make

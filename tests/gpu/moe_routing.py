@@ -138,11 +138,18 @@ def engine_first_tokens(eng: LLMEngine, prompts: list[list[int]]) -> list[Top]:
     ]
 
 
+# Engine overrides for engine_first_tokens_routed: prompt steps run eagerly (decode steps, never hooked,
+# keep their graphs).
+ROUTED = {"enable_prefix_caching": False, "max_piecewise_graph_tokens": 0}
+
+
 def engine_first_tokens_routed(
     eng: LLMEngine, prompts: list[list[int]], renormalize: bool, pins: list[Routing] | None = None
 ) -> tuple[list[Top], list[Routing]]:
     """One prompt at a time (each router call sees exactly that prompt's tokens; the prompts must fit
-    one prefill step and miss the prefix cache), its routing recorded and, with ``pins``, pinned."""
+    one prefill step and miss the prefix cache), its routing recorded and, with ``pins``, pinned. The hooks
+    run only in eager forwards: build the engine with ``max_piecewise_graph_tokens=0`` (ROUTED)."""
+    assert eng.runner.piecewise_graphs is None, "a replayed CUDA graph runs no hooks: use ROUTED"
     tops, routes = [], []
     for i, prompt in enumerate(prompts):
         record: Routing = {}

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 from gpu_paged_batch import requires_cuda
-from gpu_random_model import save_random_checkpoint
+from gpu_random_model import checkpoint_maker
 from small_engine import first_token_logprobs, small_engine
 
 from engine.sampling.params import SamplingParams
@@ -27,14 +27,7 @@ FAMILIES = {
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    made = {}
-
-    def make(family: str):
-        if family not in made:
-            made[family] = save_random_checkpoint(FAMILIES[family](), tmp_path_factory.mktemp(family))
-        return made[family]
-
-    return make
+    return checkpoint_maker(tmp_path_factory, FAMILIES)
 
 
 def hf_greedy(model, prompt: list[int], n: int) -> list[int]:

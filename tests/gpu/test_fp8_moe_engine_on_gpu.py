@@ -28,7 +28,7 @@ import torch
 from fp8_moe_layer import FP8_ACTIVATION_ERROR, SAME_QUANTIZATION_ERROR, fp8_experts_errors
 from gpu_paged_batch import requires_cuda
 from gpu_random_model import save_random_checkpoint, word_level_tokenizer
-from moe_routing import FAMILIES, engine_first_tokens_routed, renormalizes
+from moe_routing import FAMILIES, ROUTED, engine_first_tokens_routed, renormalizes
 from small_engine import small_engine
 from test_engine_on_gpu import prompts
 
@@ -101,10 +101,10 @@ def test_fp8_moe_follows_the_dequantized_bfloat16_model(checkpoints, family, fmt
     model_dir, overrides, reference_dir = checkpoints(family, fmt)
     renormalize = renormalizes(FAMILIES[family]())
     ps = prompts(8, seed=5, hi=100)
-    reference = small_engine(reference_dir, "bfloat16", enable_prefix_caching=False)
+    reference = small_engine(reference_dir, "bfloat16", **ROUTED)
     ref_tops, ref_routes = engine_first_tokens_routed(reference, ps, renormalize)
     reference.close()
-    fp8 = small_engine(model_dir, "bfloat16", enable_prefix_caching=False, **overrides)
+    fp8 = small_engine(model_dir, "bfloat16", **ROUTED, **overrides)
     assert_runs_fp8_experts(fp8)
     tops, _ = engine_first_tokens_routed(fp8, ps, renormalize, pins=ref_routes)
     report = []

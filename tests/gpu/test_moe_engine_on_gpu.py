@@ -9,9 +9,10 @@ import pytest
 import torch
 import transformers
 from gpu_paged_batch import requires_cuda
-from gpu_random_model import save_random_checkpoint
+from gpu_random_model import checkpoint_maker
 from moe_routing import (
     FAMILIES,
+    ROUTED,
     FirstTokenGap,
     engine_first_tokens_routed,
     flip_allowance,
@@ -32,14 +33,7 @@ pytestmark = [requires_cuda, pytest.mark.gpu]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    made = {}
-
-    def make(family: str):
-        if family not in made:
-            made[family] = save_random_checkpoint(FAMILIES[family](), tmp_path_factory.mktemp(family))
-        return made[family]
-
-    return make
+    return checkpoint_maker(tmp_path_factory, FAMILIES)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -79,7 +73,7 @@ def test_bfloat16_first_token_logprobs_agree_with_transformers_float32(family, m
     reference, reference_routes = hf_last_logprobs(hf32, ps, "cuda", renormalize)
     hf16 = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
     theirs, their_routes = hf_last_logprobs(hf16, ps, "cuda", renormalize, pins=reference_routes)
-    ours = small_engine(path, "bfloat16", enable_prefix_caching=False)
+    ours = small_engine(path, "bfloat16", **ROUTED)
     tops, our_routes = engine_first_tokens_routed(ours, ps, renormalize, pins=reference_routes)
 
     their_gaps = [FirstTokenGap.of(top_of(lp), ref) for lp, ref in zip(theirs, reference, strict=True)]

@@ -66,6 +66,17 @@ def test_prefill_cap_flag_and_its_per_device_defaults() -> None:
     )
 
 
+def test_piecewise_graph_tokens_flag_and_its_defaults() -> None:
+    from engine.config import EngineConfig
+
+    assert config_of("--max-piecewise-graph-tokens", "0").max_piecewise_graph_tokens == 0
+    assert EngineConfig().max_piecewise_graph_tokens_on("cuda") == 3072
+    assert EngineConfig().max_piecewise_graph_tokens_on("cpu") == 0  # no CUDA graphs on the CPU
+    assert EngineConfig(enforce_eager=True).max_piecewise_graph_tokens_on("cuda") == 0
+    assert EngineConfig(max_num_batched_tokens=2048).max_piecewise_graph_tokens_on("cuda") == 2048
+    assert EngineConfig(max_piecewise_graph_tokens=0).max_piecewise_graph_tokens_on("cuda") == 0
+
+
 def test_prefill_cap_auto_and_its_step_time_target() -> None:
     from engine.config import EngineConfig
 

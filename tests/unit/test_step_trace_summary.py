@@ -10,7 +10,7 @@ trace = load_bench_module("diag/step_trace_summary")
 
 def row(launch: float, decodes: int, prefill: int, step_ms: float, waited_ms: float = 0.0) -> dict:
     return {"launch": launch, "launched": launch, "decodes": decodes, "prefill_tokens": prefill,
-            "graph": prefill == 0, "gc_ms": 0.0, "done": launch + step_ms / 1e3, "waited_ms": waited_ms,
+            "graph": "piecewise" if prefill else "decode", "gc_ms": 0.0, "done": launch + step_ms / 1e3, "waited_ms": waited_ms,
             "step_ms": step_ms}  # fmt: skip
 
 
@@ -33,5 +33,5 @@ def test_steps_are_split_by_prompt_tokens_and_decode_batch_size():
             "decodes": 300,
         },
     }
-    assert s["graphed_steps"] == 3
+    assert s["graphed_steps"] == 5 and s["piecewise_graphed_steps"] == 2
     assert trace.summarize([]) == {"steps": 0}
