@@ -86,10 +86,12 @@ case "${1:-}" in
     run piecewise_tests 420 python3 -m pytest -q -p no:cacheprovider --timeout 150 -rfE \
       tests/gpu/test_piecewise_cuda_graphs.py tests/gpu/test_engine_on_gpu.py tests/gpu/test_moe_engine_on_gpu.py \
       tests/gpu/test_fused_moe.py tests/gpu/test_fp8_moe_engine_on_gpu.py --junitxml="$OUT/junit_piecewise.xml" ;;
-  w5-piecewise)  # issue 14: W5 from the block-FP8 checkpoint at QPS = inf with piecewise graphs (the default) and
-    # without (--max-piecewise-graph-tokens 0: prompt steps eager, as before), one call, step traces summarised
-    run w5_piecewise 560 python3 bench/w5_moe.py --num-layers 48 --checkpoint fp8-block --hf-requests 0 --qps inf \
-      --step-trace --also-serve "--max-piecewise-graph-tokens 0" --out "$OUT/w5_piecewise.json" ;;
+  w5-piecewise)  # issue 14: W5 from the block-FP8 checkpoint at QPS = inf with piecewise graphs (the default), without
+    # (--max-piecewise-graph-tokens 0: prompt steps eager, as before), and with no prompt cap while decoding (vLLM's
+    # behaviour: 500 prompts in ~13 steps of 8,192 tokens, not ~51 of 2,048), one call, step traces summarised
+    run w5_piecewise 580 python3 bench/w5_moe.py --num-layers 48 --checkpoint fp8-block --hf-requests 0 --qps inf \
+      --step-trace --also-serve "--max-piecewise-graph-tokens 0" --also-serve "--max-prefill-tokens-while-decoding 0" \
+      --out "$OUT/w5_piecewise.json" ;;
   moe-align)  # issue 14: the MoE alignment's chunked Triton kernels: their GPU tests and the MoE engines', a fused MoE
     # call's kernels (the old one-program alignment took 122 µs of 386 at 256 tokens on an H100), then W5 from the
     # block-FP8 checkpoint at QPS = inf with the committed tuned tiles
