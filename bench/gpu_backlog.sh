@@ -92,6 +92,16 @@ case "${1:-}" in
     run w5_piecewise 580 python3 bench/w5_moe.py --num-layers 48 --checkpoint fp8-block --hf-requests 0 --qps inf \
       --step-trace --also-serve "--max-piecewise-graph-tokens 0" --also-serve "--max-prefill-tokens-while-decoding 0" \
       --out "$OUT/w5_piecewise.json" ;;
+  w5-or-w2-piecewise)  # a session's last minutes: on an H200 (issue 14's card) W5 from the block-FP8 checkpoint with
+    # piecewise graphs, with and without the prompt cap while decoding; on another card W2 with piecewise graphs
+    # against none (issue 13's load; its prompt steps are GPU-bound, so less is expected than W5's)
+    if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+      run w5_h200 540 python3 bench/w5_moe.py --num-layers 48 --checkpoint fp8-block --hf-requests 0 --qps inf \
+        --step-trace --also-serve "--max-prefill-tokens-while-decoding 0" --out "$OUT/w5_h200.json"
+    else
+      KUBELLM_STEP_TRACE="$OUT/w2_piecewise_trace.jsonl" run w2_piecewise 420 python3 bench/w2_serving.py --qps inf \
+        --sweep max-piecewise-graph-tokens=3072,0 --out "$OUT/w2_piecewise.json"
+    fi ;;
   moe-align)  # issue 14: the MoE alignment's chunked Triton kernels: their GPU tests and the MoE engines', a fused MoE
     # call's kernels (the old one-program alignment took 122 µs of 386 at 256 tokens on an H100), then W5 from the
     # block-FP8 checkpoint at QPS = inf with the committed tuned tiles
@@ -170,5 +180,5 @@ case "${1:-}" in
   w1)  # issue 13's W1 bar (H200: >= 28,800 tok/s), main and the old code on the same machine
     run w1 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
     (cd .carry/base && run w1_base 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_base.json") ;;
-  *) echo "usage: bench/gpu_backlog.sh piecewise-tests|w5-piecewise|w5-kernels|fp8-kv-tiles|moe-quant|moe-align|moe-tune-w5|w5-kv|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
+  *) echo "usage: bench/gpu_backlog.sh piecewise-tests|w5-piecewise|w5-or-w2-piecewise|w5-kernels|fp8-kv-tiles|moe-quant|moe-align|moe-tune-w5|w5-kv|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
 esac
