@@ -94,13 +94,14 @@ case "${1:-}" in
       --out "$OUT/w5_piecewise.json" ;;
   w5-or-w2-piecewise)  # a session's last minutes: on an H200 (issue 14's card) W5 from the block-FP8 checkpoint with
     # piecewise graphs, with and without the prompt cap while decoding; on another card W2 with piecewise graphs
-    # against none (issue 13's load; its prompt steps are GPU-bound, so less is expected than W5's)
+    # to 1,344 tokens (the default for its 8B shape, host_bound_tokens), to 3,072 (41.0 against 42.9 req/s without
+    # on 2026-12-06) and none
     if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
       run w5_h200 540 python3 bench/w5_moe.py --num-layers 48 --checkpoint fp8-block --hf-requests 0 --qps inf \
         --step-trace --also-serve "--max-prefill-tokens-while-decoding 0" --out "$OUT/w5_h200.json"
     else
       KUBELLM_STEP_TRACE="$OUT/w2_piecewise_trace.jsonl" run w2_piecewise 420 python3 bench/w2_serving.py --qps inf \
-        --sweep max-piecewise-graph-tokens=3072,0 --out "$OUT/w2_piecewise.json"
+        --sweep max-piecewise-graph-tokens=1344,3072,0 --out "$OUT/w2_piecewise.json"
     fi ;;
   moe-align)  # issue 14: the MoE alignment's chunked Triton kernels: their GPU tests and the MoE engines', a fused MoE
     # call's kernels (the old one-program alignment took 122 µs of 386 at 256 tokens on an H100), then W5 from the

@@ -57,8 +57,10 @@ class EngineConfig(BaseModel):
     # Steps with prompt tokens of up to this many tokens (and decode-only steps past the decode graphs'
     # 512 sequences) replay CUDA graphs captured in pieces between attention calls
     # (engine/model/piecewise_cuda_graphs.py): eagerly, a 2,048-token prompt step of Qwen3-30B-A3B spent
-    # 56 ms launching 38 ms of kernels (H100). 3,072 holds the default prompt cap (2,048) beside 1,024
-    # decodes; larger steps are GPU-bound and stay eager (and a larger bucket needs a larger graph pool).
+    # 56 ms launching 38 ms of kernels (H100; W5 23.4 -> 28.8 req/s with them). 3,072 holds the default prompt
+    # cap (2,048) beside 1,024 decodes. By default the engine lowers it to the largest step whose arithmetic
+    # takes less GPU time than its eager launches (piecewise_cuda_graphs.host_bound_tokens: ~1,344 tokens for
+    # Llama-8B, where padding a GPU-bound 2,048-token chunk only cost W2 4 %; all 3,072 for W5's MoE).
     DEFAULT_MAX_PIECEWISE_GRAPH_TOKENS: ClassVar[int] = 3072
     # Seconds in-flight requests may take to finish on SIGTERM (`kubellm serve --shutdown-timeout`):
     # Kubernetes' default grace period. The operator sizes terminationGracePeriodSeconds from it.
@@ -86,7 +88,8 @@ class EngineConfig(BaseModel):
     num_gpu_blocks_override: int | None = Field(default=None, ge=1)  # tests: force a tiny pool
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # no CUDA graphs
-    # None: DEFAULT_MAX_PIECEWISE_GRAPH_TOKENS (never above the step budget); 0: steps with prompts run eagerly
+    # None: DEFAULT_MAX_PIECEWISE_GRAPH_TOKENS or the model's host-bound limit, if lower (never above the step
+    # budget); 0: steps with prompts run eagerly
     max_piecewise_graph_tokens: int | None = Field(default=None, ge=0)
     # Queue step N+1 on the device before reading step N's tokens (None = on for CUDA, off for the CPU,
     # where the forward itself runs on the engine thread and there is nothing to overlap with).
@@ -168,7 +171,8 @@ class EngineConfig(BaseModel):
         return max(1, min(self.AUTO_PREFILL_FLOOR_TOKENS, self.max_num_batched_tokens_on(device) // 8))
 
     def max_piecewise_graph_tokens_on(self, device: DeviceType) -> int:
-        """The largest step captured in pieces; 0 (none) on the CPU and with --enforce-eager."""
+        """The largest step captured in pieces (by default at most: see DEFAULT_MAX_PIECEWISE_GRAPH_TOKENS); 0
+        (none) on the CPU and with --enforce-eager."""
         if device != "cuda" or self.enforce_eager:
             return 0
         tokens = self.max_piecewise_graph_tokens

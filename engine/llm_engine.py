@@ -25,6 +25,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.metrics import EngineMetrics
 from engine.model.kv_cache_sizing import choose_num_blocks
 from engine.model.loader import LoadedModel
+from engine.model.piecewise_cuda_graphs import host_bound_tokens
 from engine.model.runner import LaunchedStep, ModelRunner
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.sampling.params import SamplingParams
@@ -91,9 +92,12 @@ class LLMEngine:
         self.runner.allocate_kv_cache(num_blocks)
         if device == "cuda":
             if not config.enforce_eager:
-                self.runner.capture_cuda_graphs(
-                    max_num_seqs, self.max_model_len, config.max_piecewise_graph_tokens_on(device)
-                )
+                piecewise_tokens = config.max_piecewise_graph_tokens_on(device)
+                if config.max_piecewise_graph_tokens is None:  # the default: only the steps launches bind
+                    piecewise_tokens = min(
+                        piecewise_tokens, host_bound_tokens(loaded.model, loaded.num_layers)
+                    )
+                self.runner.capture_cuda_graphs(max_num_seqs, self.max_model_len, piecewise_tokens)
             self.runner.warm_up()
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(

@@ -29,8 +29,41 @@ from torch import nn
 
 from engine.model.attention import AttentionMetadata
 from engine.model.cuda_graphs import no_garbage_collection
+from engine.model.moe import SparseMoeBlock
 
 log = logging.getLogger(__name__)
+
+# Where an eager step stops being bound by its kernel launches, for the default largest bucket (H100 hosts,
+# 2026-12-06, docs/BENCHMARKS.md): launching one decoder layer eagerly took ~1.2 ms of host time (W2's
+# Llama-8B shape: 37 ms for 32 layers beside 54 ms of GPU time, a 2,049-token step; W5's Qwen3-30B-A3B: 56 ms
+# for 48 layers beside 38 ms), and an H100 multiplies ~500 TFLOP/s in bfloat16 (twice that in float8). Above
+# that token count the graphs only add their padding (W2 with graphs to 3,072 tokens: 41.0 req/s against 42.9
+# without them, its 2,048-token chunks padded by up to 255 tokens). NEEDS GPU CALIBRATION per GPU and host.
+HOST_LAUNCH_S_PER_LAYER = 1.2e-3
+GPU_BF16_FLOPS = 500e12
+
+
+def matmul_flops_per_token(model: nn.Module) -> float:
+    """Twice the decoder weights one token multiplies by (each MoE layer's experts counted at top_k of
+    num_experts), a float8 weight counting half (the GPU multiplies float8 twice as fast): bfloat16 FLOPs."""
+    expert_share: dict[int, float] = {}
+    for block in model.modules():
+        if isinstance(block, SparseMoeBlock):
+            share = block.gate.top_k / block.experts.num_experts
+            expert_share.update((id(p), share) for p in block.experts.parameters())
+    flops = 0.0
+    for p in model.model.layers.parameters():
+        cost = 0.5 if p.dtype.itemsize == 1 and p.dtype.is_floating_point else 1.0
+        flops += 2 * p.numel() * cost * expert_share.get(id(p), 1.0)
+    return flops
+
+
+def host_bound_tokens(model: nn.Module, num_layers: int) -> int:
+    """The largest step (a multiple of 64) whose arithmetic takes less GPU time than launching its layers
+    eagerly takes the host: the steps piecewise graphs speed up."""
+    seconds = HOST_LAUNCH_S_PER_LAYER * num_layers
+    tokens = int(seconds * GPU_BF16_FLOPS / max(matmul_flops_per_token(model), 1.0))
+    return tokens // 64 * 64
 
 
 def token_count_buckets(max_tokens: int) -> list[int]:

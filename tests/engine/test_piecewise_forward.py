@@ -9,9 +9,18 @@ import random
 
 import pytest
 import torch
+import transformers
 from engine_helpers import make_engine
 
-from engine.model.piecewise_cuda_graphs import PiecewiseCudaGraphs, token_count_buckets
+from engine.model.attention import TorchAttention
+from engine.model.llama import LlamaForCausalLM
+from engine.model.moe_family import MoeForCausalLM
+from engine.model.piecewise_cuda_graphs import (
+    PiecewiseCudaGraphs,
+    host_bound_tokens,
+    matmul_flops_per_token,
+    token_count_buckets,
+)
 from engine.sampling.params import SamplingParams
 
 MAX_TOKENS = 96  # buckets 64 and 96: decode steps and small mixed steps fit, larger prompt steps do not
@@ -63,3 +72,35 @@ def test_pieces_give_the_plain_forwards_tokens_and_cache(family, tiny_model_dir)
     for ours, theirs in zip(pieces.runner.kv_caches, plain.runner.kv_caches, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     assert pieces.kv.num_free_blocks == pieces.kv.pool.num_blocks
+
+
+def on_meta(cls, config: transformers.PretrainedConfig) -> torch.nn.Module:
+    return cls(config, TorchAttention(), torch.bfloat16, "meta")  # shapes only: nothing allocated
+
+
+def test_the_default_largest_bucket_is_where_launches_stop_binding():
+    """W2's Llama-8B shape: graphs up to 1,344 tokens (its 2,048-token chunks are GPU-bound and stay eager);
+    W5's Qwen3-30B-A3B (3.3B active of 30B, 48 layers): far past the 3,072-token default; float8 weights
+    count half (twice the FLOP rate)."""
+    llama_8b = transformers.LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
+    )  # fmt: skip
+    dense = on_meta(LlamaForCausalLM, llama_8b)
+    assert matmul_flops_per_token(dense) == pytest.approx(2 * 6.98e9, rel=0.01)  # the decoder: no embeddings
+    assert host_bound_tokens(dense, 32) == 1344
+    qwen3_30b_a3b = transformers.Qwen3MoeConfig(
+        vocab_size=151936, hidden_size=2048, moe_intermediate_size=768, num_hidden_layers=48,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+        max_position_embeddings=4096,
+    )  # fmt: skip
+    moe = on_meta(MoeForCausalLM, qwen3_30b_a3b)
+    experts = 48 * 128 * 3 * 2048 * 768
+    all_weights = sum(p.numel() for p in moe.model.layers.parameters())
+    assert matmul_flops_per_token(moe) == 2 * (all_weights - experts + experts * 8 / 128)
+    assert host_bound_tokens(moe, 48) > 3072
+    bf16 = matmul_flops_per_token(dense)
+    for layer in dense.model.layers:
+        layer.mlp.down_proj.weight.data = layer.mlp.down_proj.weight.data.to(torch.float8_e4m3fn)
+    down = 32 * 4096 * 14336
+    assert matmul_flops_per_token(dense) == bf16 - down  # 2 x half of each down_proj weight
