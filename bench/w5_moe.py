@@ -504,8 +504,8 @@ def main() -> None:
             for i, flags in enumerate(args.also_serve):
                 extra = shlex.split(flags)
                 other = result["served"][f"{quantization} {flags}"] = {
-                    **served, "serve_flags": served["serve_flags"][: -len(args.serve_args) or None] + extra,
-                    "label": f"{served['label']}, {flags}", "runs": [],
+                    **served, "label": f"{served['label']}, {flags}", "runs": [],
+                    "serve_flags": quantization_args(quantization) + kv_cache_args(args.kv_cache_dtype) + extra,
                 }  # fmt: skip
                 serve_and_load(
                     path, args, config.vocab_size, other, quantization, extra, f"{quantization}.also{i}"

@@ -99,14 +99,15 @@ class DecodeCudaGraphs:
         """Largest bucket first, so the smaller ones fit in the memory pool it leaves behind."""
         started = time.monotonic()
         pool = None
-        for bs in reversed(self.buckets):
-            self._forward(bs)  # warm-up: Triton compiles and cuBLAS picks kernels outside the capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with no_garbage_collection(), torch.cuda.graph(graph, pool):
-                self._forward(bs)
-            pool = graph.pool() if pool is None else pool
-            self.graphs[bs] = graph
+        with no_garbage_collection():  # one collection for all the captures, not one each
+            for bs in reversed(self.buckets):
+                self._forward(bs)  # warm-up: Triton compiles and cuBLAS picks kernels outside the capture
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool):
+                    self._forward(bs)
+                pool = graph.pool() if pool is None else pool
+                self.graphs[bs] = graph
         self.pool = pool
         torch.cuda.synchronize()
         log.info("captured %d decode CUDA graphs (batch sizes 1..%d) in %.1fs",

@@ -111,11 +111,8 @@ class LlamaAttention(nn.Module):
         self.attn_backend = attn_backend
         self.kv_scales = KVCacheScales()  # read only by an FP8 KV cache (--kv-cache-dtype fp8)
 
-    def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        return self.o_proj(self.attend(*self.project(positions, x), kv_cache, meta))
-
+    # No forward: the decoder layer calls project, attend and o_proj itself, with its norms between
+    # (LlamaDecoderLayer.before_attention / after_attention), so piecewise CUDA graphs can cut at attention.
     def project(
         self, positions: torch.Tensor, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

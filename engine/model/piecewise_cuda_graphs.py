@@ -133,19 +133,21 @@ class PiecewiseCudaGraphs:
     def capture(self, pool=None) -> None:
         """Largest bucket first, so the smaller ones fit in the memory it leaves in the pool."""
         started = time.monotonic()
-        for n in reversed(self.buckets):
-            for index in range(self.num_pieces):  # warm-up: Triton compiles, cuBLAS picks, outside capture
-                self._piece(index, n)
-            torch.cuda.synchronize()
-            graphs = []
-            with no_garbage_collection():
+        with no_garbage_collection():  # one collection for all the captures, not one each
+            for n in reversed(self.buckets):
+                for index in range(
+                    self.num_pieces
+                ):  # warm-up: Triton compiles, cuBLAS picks, outside capture
+                    self._piece(index, n)
+                torch.cuda.synchronize()
+                graphs = []
                 for index in range(self.num_pieces):
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool):
                         self._piece(index, n)
                     pool = graph.pool() if pool is None else pool
                     graphs.append(graph)
-            self.graphs[n] = graphs
+                self.graphs[n] = graphs
         torch.cuda.synchronize()
         log.info("captured piecewise CUDA graphs for %d token counts (up to %d), %d pieces each, in %.1fs",
                  len(self.graphs), self.max_tokens, self.num_pieces, time.monotonic() - started)  # fmt: skip
