@@ -13,7 +13,7 @@ from typing import Any
 from tests.cluster.node_agent.container_launch import ContainerLaunch, LaunchError, container_launch
 from tests.cluster.node_agent.container_run import ContainerRun, rfc3339
 from tests.cluster.node_agent.kube import KubeApi, KubeError
-from tests.cluster.node_agent.pod_network import NODE_IP
+from tests.cluster.node_agent.pod_network import NODE_IP, remove_pod_netns
 from tests.cluster.node_agent.pod_status import pod_status
 from tests.cluster.node_agent.volumes import container_mounts, prepare_volumes
 
@@ -170,6 +170,11 @@ class PodWorker:
         states = [c.state.get("terminated", {}).get("exitCode", 1) for c in self.containers]
         self._final_phase = "Succeeded" if all(code == 0 for code in states) else "Failed"
         await self.publish()
+        # The sandbox goes before the pod leaves the API, as the kubelet's: whoever sees the pod gone may rely
+        # on its network being gone too (the agent's own teardown came after, and a test saw the namespace).
+        if self.netns:
+            await asyncio.to_thread(remove_pod_netns, self.netns)
+            self.netns = ""
         body = {"gracePeriodSeconds": 0, "preconditions": {"uid": self.uid}}
         try:
             await self.api.delete(self.path, body)
