@@ -8,6 +8,11 @@ Files are searched in ``$KUBELLM_MOE_CONFIG_DIR`` first (a tune and the serving 
 session, without a code change), then beside this module in ``moe_configs/`` (tunings kept in the repo).
 A file that names this card and shape but cannot be used (a block-scaled variant whose K step is not the
 scale group) is a startup error naming the file.
+
+A card with no file of its own borrows one measured on a card with the same streaming multiprocessors
+(``SAME_SMS``: the H200 is the H100 SXM's GH100 die, 132 SMs and 227 KB of shared memory a block, with
+faster memory): the tiles that fit and win are the SM's business, and the defaults they replace were
+chosen for the H100 anyway. Its own tuning, once measured, comes first.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).with_name("moe_configs")
 CONFIG_DIR_ENV = "KUBELLM_MOE_CONFIG_DIR"
+# card -> cards of the same SMs whose tunings it may borrow, nearest first (torch.cuda.get_device_name)
+SAME_SMS: dict[str, tuple[str, ...]] = {"NVIDIA H200": ("NVIDIA H100 80GB HBM3",)}
 
 
 class BlockConfigEntry(BaseModel):
@@ -109,9 +116,16 @@ def search_dirs() -> list[Path]:
 def load_tuned_configs(
     device: str, num_experts: int, inter: int, hidden: int, variant: str, group_k: int | None = None
 ) -> TunedMoeConfigs | None:
-    """The first file for this card, shape and variant in ``search_dirs()``, or None."""
+    """The first file for this card, shape and variant in ``search_dirs()``, else the first for a card of
+    the same SMs (``SAME_SMS``), or None."""
     shape = (num_experts, inter, hidden, variant)
-    return _load(file_name(device, *shape), tuple(search_dirs()), shape, group_k)
+    for card in (device, *SAME_SMS.get(device, ())):
+        tuned = _load(file_name(card, *shape), tuple(search_dirs()), shape, group_k)
+        if tuned is not None:
+            if card != device:
+                log.info("fused MoE: %s has no tuned configurations of its own; using %s's", device, card)
+            return tuned
+    return None
 
 
 @functools.cache  # every MoE layer of a model asks for the same file: read (and logged) once

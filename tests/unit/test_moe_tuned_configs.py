@@ -171,3 +171,25 @@ def test_the_layer_passes_the_tuned_configuration_of_each_call_to_the_kernel(tmp
     for tokens in (3, 400):
         experts(torch.zeros(tokens, 32), torch.ones(tokens, 2), ids[:1].expand(tokens, 2))
     assert calls == [MoeBlockConfig(**cfg(16, 64)), MoeBlockConfig(**cfg(64, 64))]
+
+
+def test_an_h200_without_its_own_file_borrows_the_h100s_and_its_own_comes_first(tmp_path, monkeypatch):
+    """The H200 has the H100 SXM's SMs (SAME_SMS): the H100's tuning serves it until its own is measured."""
+    h100 = "NVIDIA H100 80GB HBM3"
+    for folder, cards in (("both", ((h100, 32), (DEVICE, 64))), ("h100_only", ((h100, 32),))):
+        (tmp_path / folder).mkdir()
+        for device, block_m in cards:
+            (tmp_path / folder / file_name(device, 128, 768, 2048, "bf16")).write_text(
+                TunedConfigFile(
+                    device=device, **SHAPE, variant="bf16", configs={1: cfg(block_m)}
+                ).model_dump_json()
+            )
+    monkeypatch.setenv(CONFIG_DIR_ENV, str(tmp_path / "both"))
+    assert load_tuned_configs(DEVICE, **SHAPE, variant="bf16").pick(1).block_m == 64  # its own
+    monkeypatch.setenv(CONFIG_DIR_ENV, str(tmp_path / "h100_only"))
+    borrowed = load_tuned_configs(DEVICE, **SHAPE, variant="bf16")
+    assert borrowed is not None and borrowed.pick(1).block_m == 32 and "H100" in borrowed.path.name
+    assert load_tuned_configs("NVIDIA A100-SXM4-80GB", **SHAPE, variant="bf16") is None  # not the same SMs
+    monkeypatch.delenv(CONFIG_DIR_ENV)
+    committed = load_tuned_configs(DEVICE, **SHAPE, variant="fp8-block128", group_k=128)
+    assert committed is not None and committed.path.parent == CONFIG_DIR  # the repo's H100 file, for W5
