@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.fp8_quant import quantize_activations
+from engine.kernels.fp8_quant import quantize_activations, quantize_group_tile
 from engine.kernels.moe_align import (
     SMALL_MAX_SLOTS,
     ExpertAlignment,
@@ -47,7 +47,12 @@ from engine.kernels.moe_align import (
 from engine.kernels.shared_memory import device_shared_memory, stages_that_fit
 from engine.kernels.silu_mul import silu_and_mul
 from engine.model.fp8 import FP8
-from engine.model.quantization import kernel_group_width
+from engine.model.quantization import FP8_MAX, FP8_MIN_SCALE, kernel_group_width
+
+# Block-scaled FP8 experts quantize their activations inside the GEMMs up to this many tokens (decode steps):
+# two kernels fewer a layer, where launches are much of a step; beyond, a separate kernel quantizes each row
+# once rather than once per column tile.
+QUANTIZE_IN_GEMM_MAX_TOKENS = 256
 
 
 # Per-step integers are not specialised on (divisibility by 16 would compile new variants mid-run).
@@ -83,6 +88,9 @@ def _moe_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    QUANT_A: tl.constexpr = False,  # PER_GROUP: a unquantized, each tile quantized as it is loaded
+    FP8_LIMIT: tl.constexpr = 448.0,
+    SCALE_FLOOR: tl.constexpr = 1e-12,
 ):
     # Grouped launch order: GROUP_M slot blocks walk the N tiles together, so an expert's weight tile
     # stays in L2 while the blocks that share it run.
@@ -125,7 +133,11 @@ def _moe_gemm_kernel(
             # fewer bits), scaled by its group's scales where the scales are per group
             if PER_GROUP:
                 g = k0 // BLOCK_K
-                sa = tl.load(sa_ptrs + g, mask=slot_mask, other=0.0)[:, None]
+                if QUANT_A:  # each row of the tile is one scale group: fp8_quant's bits, in registers
+                    a, sa_rows = quantize_group_tile(a, b_ptr.dtype.element_ty, FP8_LIMIT, SCALE_FLOOR)
+                    sa = sa_rows[:, None]
+                else:
+                    sa = tl.load(sa_ptrs + g, mask=slot_mask, other=0.0)[:, None]
                 acc += tl.dot(a, b) * sa * tl.load(sb_ptrs + g, mask=n_mask, other=0.0)[None, :]
                 if GATED:
                     sb_up = tl.load(sb_ptrs + N * stride_bsn + g, mask=n_mask, other=0.0)
@@ -201,13 +213,15 @@ def choose_fp8_block_config(num_slots: int, num_experts: int, group_k: int | Non
 
 
 def fit_shared_memory(
-    cfg: MoeBlockConfig, element_bytes: int, gated: bool, shared_memory: int
+    cfg: MoeBlockConfig, element_bytes: int, gated: bool, shared_memory: int, weight_bytes: int | None = None
 ) -> MoeBlockConfig:
     """``cfg`` with as many of its stages as fit ``shared_memory`` bytes: a stage holds the activation tile
-    and one weight tile (two for the gated GEMM: gate and up) of ``element_bytes`` each element (1 for
-    float8, 2 for bfloat16)."""
+    of ``element_bytes`` an element (1 for float8, 2 for bfloat16) and one weight tile (two for the gated
+    GEMM: gate and up) of ``weight_bytes`` (the activations' by default; 1 for float8 experts fed
+    unquantized activations)."""
     weight_tiles = 2 if gated else 1
-    per_stage = element_bytes * (cfg.block_m * cfg.block_k + weight_tiles * cfg.block_k * cfg.block_n)
+    w_bytes = element_bytes if weight_bytes is None else weight_bytes
+    per_stage = element_bytes * cfg.block_m * cfg.block_k + w_bytes * weight_tiles * cfg.block_k * cfg.block_n
     return replace(cfg, num_stages=stages_that_fit(cfg.num_stages, per_stage, shared_memory))
 
 
@@ -225,14 +239,20 @@ def _grouped_gemm(
     cfg: MoeBlockConfig,
     gated: bool,
     weights: torch.Tensor | None,
-    scales: tuple[torch.Tensor, torch.Tensor] | None = None,  # FP8: a's [rows, G], b's [E, rows, G]
+    scales: tuple[torch.Tensor | None, torch.Tensor] | None = None,  # FP8: a's [rows, G] (None: a is
+    # unquantized, quantized in the kernel; group scales only), b's [E, rows, G]
     group_k: int | None = None,
 ) -> None:
     n, k = out.shape[1], a.shape[1]
     max_padded = align.sorted_slots.numel()
     if a.is_cuda:  # a tile tuned on Hopper may need more shared memory than Ada has
-        cfg = fit_shared_memory(cfg, a.element_size(), gated, device_shared_memory(a.device.index or 0))
+        cfg = fit_shared_memory(
+            cfg, a.element_size(), gated, device_shared_memory(a.device.index or 0), b.element_size()
+        )
     a_scale, b_scale = scales if scales is not None else (out, out)  # unread without FP8
+    quant_a = scales is not None and a_scale is None
+    assert not quant_a or group_k is not None, "activations are quantized in the GEMM with group scales only"
+    a_scale = b_scale if quant_a else a_scale  # unread placeholder
     grid = (triton.cdiv(max_padded, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     _moe_gemm_kernel[grid](
         a, b, out, weights if weights is not None else out, a_scale, b_scale,
@@ -243,6 +263,7 @@ def _grouped_gemm(
         TOP_K=top_k, GATED=gated, WEIGHTED=weights is not None,
         FP8=scales is not None, PER_GROUP=group_k is not None, DOT_PRECISION=_dot_precision(a.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        QUANT_A=quant_a, FP8_LIMIT=FP8_MAX, SCALE_FLOOR=FP8_MIN_SCALE,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 
@@ -254,7 +275,7 @@ def _gate_up(
     top_k: int,
     cfg: MoeBlockConfig,
     dtype: torch.dtype,
-    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    scales: tuple[torch.Tensor | None, torch.Tensor] | None = None,
     group_k: int | None = None,
 ) -> torch.Tensor:
     """[slots, I]: silu(gate) * up of each slot against its expert's w13, in the GEMM's epilogue or, with
@@ -339,7 +360,11 @@ def fused_experts(
     )
     per_slot = torch.empty((num_slots, hidden), dtype=x.dtype, device=x.device)
     weights = topk_weights.reshape(-1).to(torch.float32)
-    if fp8:
+    if fp8 and group_k is not None and num_tokens <= QUANTIZE_IN_GEMM_MAX_TOKENS:
+        assert w13_scale is not None and w2_scale is not None
+        activated = _gate_up(x, w13, align, top_k, cfg, x.dtype, (None, w13_scale), group_k)
+        _grouped_gemm(activated, w2, per_slot, align, 1, cfg, False, weights, (None, w2_scale), group_k)
+    elif fp8:
         assert w13_scale is not None and w2_scale is not None
         xq, x_scale = quantize_activations(x, group_k)
         activated = _gate_up(xq, w13, align, top_k, cfg, x.dtype, (x_scale, w13_scale), group_k)

@@ -141,3 +141,23 @@ def test_fp8_linear_matches_float32_through_the_gemm_it_picks(scheme, m, monkeyp
     assert rel_err(out, x.float() @ w.T) < 0.06
     # block scales: always the Triton kernel; per channel: it up to where _scaled_mm is faster
     assert calls == ([m] if scheme is BLOCK or beats_scaled_mm(m, n) else [])
+
+
+@pytest.mark.parametrize("m", [1, 8, 33, 128])
+@pytest.mark.parametrize(
+    "n,k", LLAMA_8B + [(5120, 2048), (2048, 4096), (200, 320)]
+)  # + Qwen3-30B-A3B's qkv, o
+def test_activations_quantized_inside_the_gemm_give_the_same_bits(m, n, k):
+    """Block scales at decode sizes: fp8_gemm(x, None, ...) quantizes each activation tile as it loads it;
+    the output equals quantize_activations then the GEMM, bit for bit (every tile tile_for picks here,
+    split K included), and Fp8Linear takes that path up to QUANTIZE_IN_GEMM_MAX_ROWS."""
+    from engine.kernels.fp8_gemm import QUANTIZE_IN_GEMM_MAX_ROWS
+
+    torch.manual_seed(m + n + k)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * 3
+    x[0] = 0
+    wq, ws = quantize_rows(torch.randn(n, k, device="cuda") * 0.02, 128)
+    xq, xs = quantize_activations(x, 128)
+    inside = fp8_gemm(x, None, wq, ws, torch.bfloat16, 128)
+    assert torch.equal(inside, fp8_gemm(xq, xs, wq, ws, torch.bfloat16, 128))
+    assert m <= QUANTIZE_IN_GEMM_MAX_ROWS

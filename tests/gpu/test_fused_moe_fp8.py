@@ -199,3 +199,24 @@ def test_fp8_experts_with_the_gate_split_off(num_tokens, group):
     out = run(case, fp8_experts(case, group), cfg)
     assert out.shape == case.x.shape and not out.isnan().any()
     assert relative_error(out, reference_moe(case)) < FP8_ERROR
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_tokens", [1, 8, 64, 256])
+def test_block_scaled_experts_quantize_inside_the_gemms_to_the_same_bits(num_tokens, dtype):
+    """Up to QUANTIZE_IN_GEMM_MAX_TOKENS the two grouped GEMMs quantize their activation tiles themselves (two
+    launches fewer a layer): the output equals the separate quantization kernels' (a zero threshold), bit for
+    bit, for Qwen3-30B-A3B's layer and for dims no multiple of 128."""
+    import engine.kernels.fused_moe as fused_moe
+
+    for experts, top_k, hidden, inter in [(128, 8, 2048, 768), (8, 2, 200, 136)]:
+        case = make_moe_case(num_tokens, experts, top_k, hidden, inter, dtype, "cuda", seed=num_tokens)
+        fp8 = fp8_experts(case, 128)
+        assert num_tokens <= fused_moe.QUANTIZE_IN_GEMM_MAX_TOKENS
+        inside = run(case, fp8)
+        saved, fused_moe.QUANTIZE_IN_GEMM_MAX_TOKENS = fused_moe.QUANTIZE_IN_GEMM_MAX_TOKENS, 0
+        try:
+            apart = run(case, fp8)
+        finally:
+            fused_moe.QUANTIZE_IN_GEMM_MAX_TOKENS = saved
+        assert torch.equal(inside, apart), (experts, hidden, (inside.float() - apart.float()).abs().max())
