@@ -1,7 +1,7 @@
 """Block-FP8 activations quantized inside the GEMMs against a separate quantization kernel, one process, same
 weights (issue 14's W5: its decode steps at few sequences are launch-bound). Qwen3-30B-A3B-FP8's layer: the
 qkv and o linears (engine/kernels/fp8_gemm.py, a_scale None or quantize_activations first) and the fused MoE
-call (engine/kernels/fused_moe.py, QUANTIZE_IN_GEMM_MAX_TOKENS or 0), each timed in a CUDA graph, the
+call (engine/kernels/fused_moe.py, QUANTIZE_IN_GEMM_MAX_TOKENS set to the token count or 0), each timed in a CUDA graph, the
 linears over weight copies spanning 4x the L2 cache. Prints µs per layer both ways and the difference over
 48 layers.
 
@@ -53,7 +53,7 @@ def moe_us(m: int, experts, inside: bool) -> float:
     logits = torch.randn(m, EXPERTS, device="cuda")
     weights, ids = torch.softmax(logits, -1).topk(TOP_K, -1)
     saved = fused_moe.QUANTIZE_IN_GEMM_MAX_TOKENS
-    fused_moe.QUANTIZE_IN_GEMM_MAX_TOKENS = saved if inside else 0
+    fused_moe.QUANTIZE_IN_GEMM_MAX_TOKENS = m if inside else 0
     try:
         call = partial(
             fused_moe.fused_experts, x, experts.w13, experts.w2, weights, ids, None, **experts.scales

@@ -169,10 +169,11 @@ def fit_shared_memory(tile: GemmTile, shared_memory: int, a_bytes: int = 1) -> G
     return tile if stages == tile.num_stages else replace(tile, num_stages=stages)
 
 
-# Block-scaled linears take unquantized activations (fp8_gemm's a_scale None) up to this many rows: the tiles
-# there are at most 64 rows, so a tile's redundant quantization is a few registers' work, and a decode step
-# saves a launch a linear; from 129 rows (128-row tiles, prefill) a separate kernel quantizes each row once.
-QUANTIZE_IN_GEMM_MAX_ROWS = 128
+# Block-scaled linears take unquantized activations (fp8_gemm's a_scale None) up to this many rows: a decode
+# step would save a launch a linear, and up to 128 rows the tiles are at most 64 rows, so a tile's redundant
+# quantization is a few registers' work. 0 (off) until a GPU measures it (bench/diag/quant_in_gemm.py; the
+# kernel path itself is tested, tests/gpu/test_fp8_gemm.py and under the interpreter); 128 is the value to try.
+QUANTIZE_IN_GEMM_MAX_ROWS = 0
 
 
 def _wide(n: int) -> bool:

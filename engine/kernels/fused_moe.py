@@ -49,10 +49,11 @@ from engine.kernels.silu_mul import silu_and_mul
 from engine.model.fp8 import FP8
 from engine.model.quantization import FP8_MAX, FP8_MIN_SCALE, kernel_group_width
 
-# Block-scaled FP8 experts quantize their activations inside the GEMMs up to this many tokens (decode steps):
-# two kernels fewer a layer, where launches are much of a step; beyond, a separate kernel quantizes each row
-# once rather than once per column tile.
-QUANTIZE_IN_GEMM_MAX_TOKENS = 256
+# Block-scaled FP8 experts quantize their activations inside the GEMMs up to this many tokens: two kernels fewer
+# a layer at decode sizes, where launches are much of a step; beyond, a separate kernel quantizes each row once
+# rather than once per column tile. 0 (off) until a GPU measures it (bench/diag/quant_in_gemm.py; the QUANT_A
+# path itself is tested, tests/gpu/test_fused_moe_fp8.py and under the interpreter); 256 is the value to try.
+QUANTIZE_IN_GEMM_MAX_TOKENS = 0
 
 
 # Per-step integers are not specialised on (divisibility by 16 would compile new variants mid-run).

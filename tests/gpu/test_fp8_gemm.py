@@ -150,9 +150,7 @@ def test_fp8_linear_matches_float32_through_the_gemm_it_picks(scheme, m, monkeyp
 def test_activations_quantized_inside_the_gemm_give_the_same_bits(m, n, k):
     """Block scales at decode sizes: fp8_gemm(x, None, ...) quantizes each activation tile as it loads it;
     the output equals quantize_activations then the GEMM, bit for bit (every tile tile_for picks here,
-    split K included), and Fp8Linear takes that path up to QUANTIZE_IN_GEMM_MAX_ROWS."""
-    from engine.kernels.fp8_gemm import QUANTIZE_IN_GEMM_MAX_ROWS
-
+    split K included). Fp8Linear takes that path up to QUANTIZE_IN_GEMM_MAX_ROWS."""
     torch.manual_seed(m + n + k)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * 3
     x[0] = 0
@@ -160,4 +158,28 @@ def test_activations_quantized_inside_the_gemm_give_the_same_bits(m, n, k):
     xq, xs = quantize_activations(x, 128)
     inside = fp8_gemm(x, None, wq, ws, torch.bfloat16, 128)
     assert torch.equal(inside, fp8_gemm(xq, xs, wq, ws, torch.bfloat16, 128))
-    assert m <= QUANTIZE_IN_GEMM_MAX_ROWS
+
+
+@pytest.mark.parametrize("m", [1, 64, 128, 129])
+def test_block_scaled_fp8_linear_quantizes_inside_its_gemm_up_to_the_threshold(m, monkeypatch):
+    """Fp8Linear with block scales hands the GEMM its unquantized activations up to QUANTIZE_IN_GEMM_MAX_ROWS
+    (here 128; 0, off, by default until measured): the same output as quantizing first."""
+    import engine.kernels.fp8_gemm as fp8_gemm_module
+
+    k, n = 2048, 5120
+    with torch.device("cuda"):
+        layer = Fp8Linear(k, n, False, Parallel.REPLICATED, (), Shard(), BLOCK, torch.bfloat16)
+    wq, ws = quantize_rows(torch.randn(n, k, device="cuda") * 0.05, 128)
+    layer.weight.data.copy_(wq)
+    layer.row_scales.data.copy_(ws)
+    layer.finish_loading()
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    calls = []
+    real = fp8_gemm_module.fp8_gemm
+    monkeypatch.setattr(fp8_gemm_module, "fp8_gemm", lambda a, a_scale, *rest: calls.append(a_scale is None)
+                        or real(a, a_scale, *rest))  # fmt: skip
+    monkeypatch.setattr(fp8_gemm_module, "QUANTIZE_IN_GEMM_MAX_ROWS", 128)
+    inside = layer(x)
+    monkeypatch.setattr(fp8_gemm_module, "QUANTIZE_IN_GEMM_MAX_ROWS", 0)
+    assert torch.equal(inside, layer(x))
+    assert calls == [m <= 128, False]
