@@ -25,6 +25,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+# bench/ appended, not first: bench/kernels.py must not shadow the `kernels` package
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+from fp8_gemm_tune import graph_time_us  # noqa: E402
+from w1_offline import copy_bandwidth  # noqa: E402
 
 from engine.kernels.fp8_gemm import GemmTile, fp8_gemm  # noqa: E402
 
@@ -36,43 +41,14 @@ SHAPES = {  # (out, in): Llama-3.1-8B's linears, as engine/model/llama.py packs 
 }
 
 
-def copy_bandwidth() -> float:
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        dst.copy_(src)
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * 10 * src.numel() / (start.elapsed_time(end) / 1e3)  # read + write bytes per second
-
-
 def rotating_time_us(calls: list, reps: int = 10) -> float:
     """Mean µs of one call, each of `calls` (one per weight copy) run `reps` times round in one CUDA graph."""
-    for fn in calls:
-        fn()
-    torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
+
+    def one_round() -> None:
         for fn in calls:
             fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for _ in range(reps):
-            for fn in calls:
-                fn()
-    best = float("inf")
-    for _ in range(3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) * 1e3 / (reps * len(calls)))
-    return best
+
+    return graph_time_us(one_round, reps) / len(calls)
 
 
 def candidates(m: int) -> list[GemmTile]:
