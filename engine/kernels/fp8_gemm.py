@@ -72,9 +72,7 @@ def _fp8_gemm_kernel(
             b = tl.load(b_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
         if PER_GROUP:
             g = k0 // BLOCK_K
-            if (
-                QUANT_A
-            ):  # a tile's row is one scale group: engine.kernels.fp8_quant's arithmetic, in registers
+            if QUANT_A:  # a tile row is one scale group: fp8_quant's arithmetic, in registers
                 a, sa = quantize_group_tile(a, b_ptr.dtype.element_ty, FP8_LIMIT, SCALE_FLOOR)
             else:
                 sa = tl.load(sa_ptr + offs_m * stride_sam + g, mask=m_ok, other=0.0)
