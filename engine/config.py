@@ -170,14 +170,17 @@ class EngineConfig(BaseModel):
         step's budget when that is smaller (a small budget is a small server's choice)."""
         return max(1, min(self.AUTO_PREFILL_FLOOR_TOKENS, self.max_num_batched_tokens_on(device) // 8))
 
-    def max_piecewise_graph_tokens_on(self, device: DeviceType) -> int:
-        """The largest step captured in pieces (by default at most: see DEFAULT_MAX_PIECEWISE_GRAPH_TOKENS); 0
-        (none) on the CPU and with --enforce-eager."""
+    def max_piecewise_graph_tokens_on(self, device: DeviceType, model_limit: int | None = None) -> int:
+        """The largest step captured in pieces: the flag's value, else DEFAULT_MAX_PIECEWISE_GRAPH_TOKENS
+        lowered to ``model_limit`` (the model's host-bound step, piecewise_cuda_graphs.host_bound_tokens);
+        never above the step budget; 0 (none) on the CPU and with --enforce-eager."""
         if device != "cuda" or self.enforce_eager:
             return 0
         tokens = self.max_piecewise_graph_tokens
         if tokens is None:
             tokens = self.DEFAULT_MAX_PIECEWISE_GRAPH_TOKENS
+            if model_limit is not None:
+                tokens = min(tokens, model_limit)
         return min(tokens, self.max_num_batched_tokens_on(device))
 
     def async_scheduling_on(self, device: DeviceType) -> bool:

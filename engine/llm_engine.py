@@ -92,11 +92,9 @@ class LLMEngine:
         self.runner.allocate_kv_cache(num_blocks)
         if device == "cuda":
             if not config.enforce_eager:
-                piecewise_tokens = config.max_piecewise_graph_tokens_on(device)
-                if config.max_piecewise_graph_tokens is None:  # the default: only the steps launches bind
-                    piecewise_tokens = min(
-                        piecewise_tokens, host_bound_tokens(loaded.model, loaded.num_layers)
-                    )
+                piecewise_tokens = config.max_piecewise_graph_tokens_on(
+                    device, host_bound_tokens(loaded.model, loaded.num_layers)
+                )
                 self.runner.capture_cuda_graphs(max_num_seqs, self.max_model_len, piecewise_tokens)
             self.runner.warm_up()
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)

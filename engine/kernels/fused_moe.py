@@ -361,15 +361,13 @@ def fused_experts(
     )
     per_slot = torch.empty((num_slots, hidden), dtype=x.dtype, device=x.device)
     weights = topk_weights.reshape(-1).to(torch.float32)
-    if fp8 and group_k is not None and num_tokens <= QUANTIZE_IN_GEMM_MAX_TOKENS:
+    if fp8:
         assert w13_scale is not None and w2_scale is not None
-        activated = _gate_up(x, w13, align, top_k, cfg, x.dtype, (None, w13_scale), group_k)
-        _grouped_gemm(activated, w2, per_slot, align, 1, cfg, False, weights, (None, w2_scale), group_k)
-    elif fp8:
-        assert w13_scale is not None and w2_scale is not None
-        xq, x_scale = quantize_activations(x, group_k)
+        # block scales at decode sizes: the GEMMs quantize their activation tiles (a scale of None)
+        inside = group_k is not None and num_tokens <= QUANTIZE_IN_GEMM_MAX_TOKENS
+        xq, x_scale = (x, None) if inside else quantize_activations(x, group_k)
         activated = _gate_up(xq, w13, align, top_k, cfg, x.dtype, (x_scale, w13_scale), group_k)
-        aq, a_scale = quantize_activations(activated, group_k)
+        aq, a_scale = (activated, None) if inside else quantize_activations(activated, group_k)
         _grouped_gemm(aq, w2, per_slot, align, 1, cfg, False, weights, (a_scale, w2_scale), group_k)
     else:
         activated = _gate_up(x, w13, align, top_k, cfg, x.dtype)

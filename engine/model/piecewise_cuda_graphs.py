@@ -135,9 +135,8 @@ class PiecewiseCudaGraphs:
         started = time.monotonic()
         with no_garbage_collection():  # one collection for all the captures, not one each
             for n in reversed(self.buckets):
-                for index in range(
-                    self.num_pieces
-                ):  # warm-up: Triton compiles, cuBLAS picks, outside capture
+                # warm-up: Triton compiles and cuBLAS picks kernels outside the capture
+                for index in range(self.num_pieces):
                     self._piece(index, n)
                 torch.cuda.synchronize()
                 graphs = []

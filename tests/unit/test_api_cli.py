@@ -75,6 +75,9 @@ def test_piecewise_graph_tokens_flag_and_its_defaults() -> None:
     assert EngineConfig(enforce_eager=True).max_piecewise_graph_tokens_on("cuda") == 0
     assert EngineConfig(max_num_batched_tokens=2048).max_piecewise_graph_tokens_on("cuda") == 2048
     assert EngineConfig(max_piecewise_graph_tokens=0).max_piecewise_graph_tokens_on("cuda") == 0
+    # the model's host-bound step lowers the default, never a value the user set
+    assert EngineConfig().max_piecewise_graph_tokens_on("cuda", 1344) == 1344
+    assert EngineConfig(max_piecewise_graph_tokens=3072).max_piecewise_graph_tokens_on("cuda", 1344) == 3072
 
 
 def test_prefill_cap_auto_and_its_step_time_target() -> None:
