@@ -80,13 +80,6 @@ case "${1:-}" in
         --checkpoint fp8-block --hf-requests 0 --qps inf --out "$OUT/w5_cap_$cap.json" \
         --serve-args --max-prefill-tokens-while-decoding "$cap"
     done ;;
-  quant-in-gemm)  # issues 14/13: block-FP8 activations quantized inside the GEMMs at decode sizes (one kernel fewer a
-    # linear, two a MoE layer; off by default until measured: QUANTIZE_IN_GEMM_MAX_ROWS in fp8_gemm.py and
-    # QUANTIZE_IN_GEMM_MAX_TOKENS in fused_moe.py): its GPU tests (bits equal to the separate kernels'), then a W5
-    # layer's FP8 GEMMs timed both ways in one process. If it wins, set 128 / 256 there and run w5-or-w2-piecewise.
-    run quant_in_gemm_tests 100 python3 -m pytest -q -p no:cacheprovider --timeout 60 -rfE --maxfail 3 \
-      tests/gpu/test_fp8_gemm.py tests/gpu/test_fused_moe_fp8.py -k "same_bits or threshold"
-    run quant_in_gemm 100 python3 bench/diag/quant_in_gemm.py --out "$OUT/quant_in_gemm.json" ;;
   bf16-linears)  # issue 13's W2: Llama-8B's bfloat16 linears at 1-64 tokens, cuBLAS against engine/kernels/fp8_gemm.py's
     # tiles on bf16 operands, weights rotated past the L2 cache (W2's few-sequence decode steps: two thirds of them)
     run bf16_decode_linears 400 python3 bench/diag/bf16_decode_linears.py --out "$OUT/bf16_decode_linears.json" ;;
@@ -191,5 +184,5 @@ case "${1:-}" in
   w1)  # issue 13's W1 bar (H200: >= 28,800 tok/s), main and the old code on the same machine
     run w1 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
     (cd .carry/base && run w1_base 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_base.json") ;;
-  *) echo "usage: bench/gpu_backlog.sh quant-in-gemm|bf16-linears|piecewise-tests|w5-piecewise|w5-or-w2-piecewise|w5-kernels|fp8-kv-tiles|moe-quant|moe-align|moe-tune-w5|w5-kv|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
+  *) echo "usage: bench/gpu_backlog.sh bf16-linears|piecewise-tests|w5-piecewise|w5-or-w2-piecewise|w5-kernels|fp8-kv-tiles|moe-quant|moe-align|moe-tune-w5|w5-kv|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
 esac

@@ -23,9 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.fp8_quant import quantize_group_tile
 from engine.kernels.shared_memory import device_shared_memory, stages_that_fit
-from engine.model.quantization import FP8_MAX, FP8_MIN_SCALE
 
 
 @dataclass(frozen=True)
@@ -46,8 +44,6 @@ def _fp8_gemm_kernel(
     PER_GROUP: tl.constexpr,  # one scale per BLOCK_K columns (else one per row, applied at the end)
     EVEN: tl.constexpr,  # N % BLOCK_N == 0 and K_PER_SPLIT, K multiples of BLOCK_K: no weight masks
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    QUANT_A: tl.constexpr = False,  # PER_GROUP: a holds unquantized activations, quantized here tile by tile
-    FP8_LIMIT: tl.constexpr = 448.0, SCALE_FLOOR: tl.constexpr = 1e-12,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -72,10 +68,7 @@ def _fp8_gemm_kernel(
             b = tl.load(b_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
         if PER_GROUP:
             g = k0 // BLOCK_K
-            if QUANT_A:  # a tile row is one scale group: fp8_quant's arithmetic, in registers
-                a, sa = quantize_group_tile(a, b_ptr.dtype.element_ty, FP8_LIMIT, SCALE_FLOOR)
-            else:
-                sa = tl.load(sa_ptr + offs_m * stride_sam + g, mask=m_ok, other=0.0)
+            sa = tl.load(sa_ptr + offs_m * stride_sam + g, mask=m_ok, other=0.0)
             sb = tl.load(sb_ptr + offs_n * stride_sbn + g, mask=n_ok, other=0.0)
             acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
         else:
@@ -103,7 +96,7 @@ def _sum_splits(part_ptr, c_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
 
 def fp8_gemm(
     a: torch.Tensor,
-    a_scale: torch.Tensor | None,
+    a_scale: torch.Tensor,
     b: torch.Tensor,
     b_scale: torch.Tensor,
     out_dtype: torch.dtype,
@@ -112,30 +105,22 @@ def fp8_gemm(
 ) -> torch.Tensor:
     """a [M, K] float8, a_scale [M, G] float32, b [N, K] float8, b_scale [N, G] float32 (per channel: any
     contiguous N scales, [N, 1] or [1, N]) -> [M, N] in out_dtype; G is 1 (group_k None) or
-    ceil(K / group_k). With group scales, ``a_scale`` None takes ``a`` unquantized (bfloat16, float16 or
-    float32) and quantizes each tile as it is loaded, the bits engine.kernels.fp8_quant.quantize_activations
-    gives (one kernel less a linear: at decode sizes a launch costs more than the redundant quantization of
-    the few rows by every column tile). ``tile``: None takes ``tile_for``'s."""
+    ceil(K / group_k). ``tile``: None takes ``tile_for``'s."""
     m, k = a.shape
     n = b.shape[0]
     per_group = group_k is not None
-    quant_a = a_scale is None
     assert b.shape[1] == k and a.stride(1) == 1 and b.stride(1) == 1, (a.shape, b.shape)
-    if quant_a:
-        assert per_group and a.dtype in (torch.bfloat16, torch.float16, torch.float32), (a.dtype, group_k)
-    elif per_group:
+    if per_group:
         groups = -(-k // group_k)
         assert a_scale.shape == (m, groups) and b_scale.shape == (n, groups), (a_scale.shape, b_scale.shape)
         assert a_scale.stride(1) == 1 and b_scale.stride(1) == 1
+        assert group_k >= 16 and group_k & (group_k - 1) == 0, f"scale groups of {group_k} columns"
     else:
         assert a_scale.numel() == m and b_scale.numel() == n, (a_scale.shape, b_scale.shape)
         assert a_scale.is_contiguous() and b_scale.is_contiguous()
-    if per_group:
-        assert group_k >= 16 and group_k & (group_k - 1) == 0, f"scale groups of {group_k} columns"
-        assert b_scale.shape == (n, -(-k // group_k)) and b_scale.stride(1) == 1, b_scale.shape
     t = tile or tile_for(m, n, k, group_k)
     if a.is_cuda:
-        t = fit_shared_memory(t, device_shared_memory(a.device.index or 0), a.element_size())
+        t = fit_shared_memory(t, device_shared_memory(a.device.index or 0))
     assert not per_group or t.block_k == group_k, (t, group_k)
     k_blocks = triton.cdiv(k, t.block_k)
     k_per_split = triton.cdiv(k_blocks, max(1, min(t.split_k, k_blocks))) * t.block_k
@@ -146,11 +131,10 @@ def fp8_gemm(
     out = c if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=a.device)
     grid = (triton.cdiv(n, t.block_n), split, triton.cdiv(m, t.block_m))
     _fp8_gemm_kernel[grid](
-        a, b, out, b_scale if quant_a else a_scale, b_scale, m, n, k, k_per_split, a.stride(0), b.stride(0),
-        a_scale.stride(0) if per_group and not quant_a else 1, b_scale.stride(0) if per_group else 1,
+        a, b, out, a_scale, b_scale, m, n, k, k_per_split, a.stride(0), b.stride(0),
+        a_scale.stride(0) if per_group else 1, b_scale.stride(0) if per_group else 1,
         PER_GROUP=per_group, EVEN=n % t.block_n == 0 and k % t.block_k == 0,
-        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, QUANT_A=quant_a,
-        FP8_LIMIT=FP8_MAX, SCALE_FLOOR=FP8_MIN_SCALE, num_warps=t.num_warps, num_stages=t.num_stages,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.num_warps, num_stages=t.num_stages,
     )  # fmt: skip
     if split > 1:
         block = 1024
@@ -158,20 +142,12 @@ def fp8_gemm(
     return c
 
 
-def fit_shared_memory(tile: GemmTile, shared_memory: int, a_bytes: int = 1) -> GemmTile:
+def fit_shared_memory(tile: GemmTile, shared_memory: int) -> GemmTile:
     """``tile`` with fewer pipeline stages where its buffers would not fit ``shared_memory`` bytes per block
-    (engine/kernels/shared_memory.py: a 64x64x256 tile at 5 stages needs 160 KB, Ada has 99 KB). The weight
-    tile is float8, a byte an element; the activation tile ``a_bytes`` (2 where it is quantized in the kernel)."""
-    per_stage = a_bytes * tile.block_m * tile.block_k + tile.block_k * tile.block_n
+    (engine/kernels/shared_memory.py: a 64x64x256 tile at 5 stages needs 160 KB, Ada has 99 KB)."""
+    per_stage = tile.block_m * tile.block_k + tile.block_k * tile.block_n  # float8: a byte per element
     stages = stages_that_fit(tile.num_stages, per_stage, shared_memory)
     return tile if stages == tile.num_stages else replace(tile, num_stages=stages)
-
-
-# Block-scaled linears take unquantized activations (fp8_gemm's a_scale None) up to this many rows: a decode
-# step would save a launch a linear, and up to 128 rows the tiles are at most 64 rows, so a tile's redundant
-# quantization is a few registers' work. 0 (off) until a GPU measures it (bench/diag/quant_in_gemm.py; the
-# kernel path itself is tested, tests/gpu/test_fp8_gemm.py and under the interpreter); 128 is the value to try.
-QUANTIZE_IN_GEMM_MAX_ROWS = 0
 
 
 def _wide(n: int) -> bool:

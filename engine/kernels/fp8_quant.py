@@ -67,17 +67,6 @@ def _quantize_groups_kernel(
     tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def quantize_group_tile(x, fp8_dtype: tl.constexpr, FP8_LIMIT: tl.constexpr, SCALE_FLOOR: tl.constexpr):
-    """A [rows, GROUP] tile whose rows are each one scale group -> (float8 tile, float32 scales [rows]), the
-    arithmetic of the kernels above, for GEMMs that quantize their activation tiles as they load them
-    (engine.kernels.fp8_gemm, engine.kernels.fused_moe): the same bits as quantize_activations."""
-    xf = x.to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(xf), axis=1) / FP8_LIMIT, SCALE_FLOOR)
-    q = tl.minimum(tl.maximum(tl.math.div_rn(xf, scale[:, None]), -FP8_LIMIT), FP8_LIMIT)
-    return q.to(fp8_dtype), scale
-
-
 def quantize_activations(
     x: torch.Tensor, group: int | None = None, static_scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

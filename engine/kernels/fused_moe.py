@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.fp8_quant import quantize_activations, quantize_group_tile
+from engine.kernels.fp8_quant import quantize_activations
 from engine.kernels.moe_align import (
     SMALL_MAX_SLOTS,
     ExpertAlignment,
@@ -47,13 +47,7 @@ from engine.kernels.moe_align import (
 from engine.kernels.shared_memory import device_shared_memory, stages_that_fit
 from engine.kernels.silu_mul import silu_and_mul
 from engine.model.fp8 import FP8
-from engine.model.quantization import FP8_MAX, FP8_MIN_SCALE, kernel_group_width
-
-# Block-scaled FP8 experts quantize their activations inside the GEMMs up to this many tokens: two kernels fewer
-# a layer at decode sizes, where launches are much of a step; beyond, a separate kernel quantizes each row once
-# rather than once per column tile. 0 (off) until a GPU measures it (bench/diag/quant_in_gemm.py; the QUANT_A
-# path itself is tested, tests/gpu/test_fused_moe_fp8.py and under the interpreter); 256 is the value to try.
-QUANTIZE_IN_GEMM_MAX_TOKENS = 0
+from engine.model.quantization import kernel_group_width
 
 
 # Per-step integers are not specialised on (divisibility by 16 would compile new variants mid-run).
@@ -89,9 +83,6 @@ def _moe_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
-    QUANT_A: tl.constexpr = False,  # PER_GROUP: a unquantized, each tile quantized as it is loaded
-    FP8_LIMIT: tl.constexpr = 448.0,
-    SCALE_FLOOR: tl.constexpr = 1e-12,
 ):
     # Grouped launch order: GROUP_M slot blocks walk the N tiles together, so an expert's weight tile
     # stays in L2 while the blocks that share it run.
@@ -134,11 +125,7 @@ def _moe_gemm_kernel(
             # fewer bits), scaled by its group's scales where the scales are per group
             if PER_GROUP:
                 g = k0 // BLOCK_K
-                if QUANT_A:  # each row of the tile is one scale group: fp8_quant's bits, in registers
-                    a, sa_rows = quantize_group_tile(a, b_ptr.dtype.element_ty, FP8_LIMIT, SCALE_FLOOR)
-                    sa = sa_rows[:, None]
-                else:
-                    sa = tl.load(sa_ptrs + g, mask=slot_mask, other=0.0)[:, None]
+                sa = tl.load(sa_ptrs + g, mask=slot_mask, other=0.0)[:, None]
                 acc += tl.dot(a, b) * sa * tl.load(sb_ptrs + g, mask=n_mask, other=0.0)[None, :]
                 if GATED:
                     sb_up = tl.load(sb_ptrs + N * stride_bsn + g, mask=n_mask, other=0.0)
@@ -214,15 +201,13 @@ def choose_fp8_block_config(num_slots: int, num_experts: int, group_k: int | Non
 
 
 def fit_shared_memory(
-    cfg: MoeBlockConfig, element_bytes: int, gated: bool, shared_memory: int, weight_bytes: int | None = None
+    cfg: MoeBlockConfig, element_bytes: int, gated: bool, shared_memory: int
 ) -> MoeBlockConfig:
     """``cfg`` with as many of its stages as fit ``shared_memory`` bytes: a stage holds the activation tile
-    of ``element_bytes`` an element (1 for float8, 2 for bfloat16) and one weight tile (two for the gated
-    GEMM: gate and up) of ``weight_bytes`` (the activations' by default; 1 for float8 experts fed
-    unquantized activations)."""
+    and one weight tile (two for the gated GEMM: gate and up) of ``element_bytes`` each element (1 for
+    float8, 2 for bfloat16)."""
     weight_tiles = 2 if gated else 1
-    w_bytes = element_bytes if weight_bytes is None else weight_bytes
-    per_stage = element_bytes * cfg.block_m * cfg.block_k + w_bytes * weight_tiles * cfg.block_k * cfg.block_n
+    per_stage = element_bytes * (cfg.block_m * cfg.block_k + weight_tiles * cfg.block_k * cfg.block_n)
     return replace(cfg, num_stages=stages_that_fit(cfg.num_stages, per_stage, shared_memory))
 
 
@@ -240,20 +225,14 @@ def _grouped_gemm(
     cfg: MoeBlockConfig,
     gated: bool,
     weights: torch.Tensor | None,
-    scales: tuple[torch.Tensor | None, torch.Tensor] | None = None,  # FP8: a's [rows, G] (None: a is
-    # unquantized, quantized in the kernel; group scales only), b's [E, rows, G]
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,  # FP8: a's [rows, G], b's [E, rows, G]
     group_k: int | None = None,
 ) -> None:
     n, k = out.shape[1], a.shape[1]
     max_padded = align.sorted_slots.numel()
     if a.is_cuda:  # a tile tuned on Hopper may need more shared memory than Ada has
-        cfg = fit_shared_memory(
-            cfg, a.element_size(), gated, device_shared_memory(a.device.index or 0), b.element_size()
-        )
+        cfg = fit_shared_memory(cfg, a.element_size(), gated, device_shared_memory(a.device.index or 0))
     a_scale, b_scale = scales if scales is not None else (out, out)  # unread without FP8
-    quant_a = scales is not None and a_scale is None
-    assert not quant_a or group_k is not None, "activations are quantized in the GEMM with group scales only"
-    a_scale = b_scale if quant_a else a_scale  # unread placeholder
     grid = (triton.cdiv(max_padded, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     _moe_gemm_kernel[grid](
         a, b, out, weights if weights is not None else out, a_scale, b_scale,
@@ -264,7 +243,6 @@ def _grouped_gemm(
         TOP_K=top_k, GATED=gated, WEIGHTED=weights is not None,
         FP8=scales is not None, PER_GROUP=group_k is not None, DOT_PRECISION=_dot_precision(a.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        QUANT_A=quant_a, FP8_LIMIT=FP8_MAX, SCALE_FLOOR=FP8_MIN_SCALE,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 
@@ -276,7 +254,7 @@ def _gate_up(
     top_k: int,
     cfg: MoeBlockConfig,
     dtype: torch.dtype,
-    scales: tuple[torch.Tensor | None, torch.Tensor] | None = None,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     group_k: int | None = None,
 ) -> torch.Tensor:
     """[slots, I]: silu(gate) * up of each slot against its expert's w13, in the GEMM's epilogue or, with
@@ -363,11 +341,9 @@ def fused_experts(
     weights = topk_weights.reshape(-1).to(torch.float32)
     if fp8:
         assert w13_scale is not None and w2_scale is not None
-        # block scales at decode sizes: the GEMMs quantize their activation tiles (a scale of None)
-        inside = group_k is not None and num_tokens <= QUANTIZE_IN_GEMM_MAX_TOKENS
-        xq, x_scale = (x, None) if inside else quantize_activations(x, group_k)
+        xq, x_scale = quantize_activations(x, group_k)
         activated = _gate_up(xq, w13, align, top_k, cfg, x.dtype, (x_scale, w13_scale), group_k)
-        aq, a_scale = (activated, None) if inside else quantize_activations(activated, group_k)
+        aq, a_scale = quantize_activations(activated, group_k)
         _grouped_gemm(aq, w2, per_slot, align, 1, cfg, False, weights, (a_scale, w2_scale), group_k)
     else:
         activated = _gate_up(x, w13, align, top_k, cfg, x.dtype)

@@ -240,16 +240,9 @@ class Fp8Linear(Linear):
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def _forward_fp8(self, x: torch.Tensor) -> torch.Tensor:
-        from engine.kernels.fp8_gemm import QUANTIZE_IN_GEMM_MAX_ROWS, beats_scaled_mm, fp8_gemm
+        from engine.kernels.fp8_gemm import beats_scaled_mm, fp8_gemm
         from engine.kernels.fp8_quant import quantize_activations
 
-        if (
-            x.is_cuda
-            and self.group_k is not None
-            and self.static_input_scale is None
-            and x.shape[0] <= QUANTIZE_IN_GEMM_MAX_ROWS
-        ):  # decode sizes: the GEMM quantizes its activation tiles itself (the same bits, one launch less)
-            return fp8_gemm(x, None, self.weight, self.row_scales, self.out_dtype, self.group_k)
         if x.is_cuda:  # one kernel (see engine/kernels/fp8_quant.py); the torch code below is its reference
             xq, scale = quantize_activations(x, self.group_k, self.static_input_scale)
         elif self.static_input_scale is not None:

@@ -199,21 +199,3 @@ def test_fp8_experts_with_the_gate_split_off(num_tokens, group):
     out = run(case, fp8_experts(case, group), cfg)
     assert out.shape == case.x.shape and not out.isnan().any()
     assert relative_error(out, reference_moe(case)) < FP8_ERROR
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("num_tokens", [1, 8, 64, 256])
-def test_block_scaled_experts_quantize_inside_the_gemms_to_the_same_bits(num_tokens, dtype, monkeypatch):
-    """With QUANTIZE_IN_GEMM_MAX_TOKENS at or above the token count the two grouped GEMMs quantize their
-    activation tiles themselves (two launches fewer a layer): the output equals the separate quantization
-    kernels' (a zero threshold), bit for bit, for Qwen3-30B-A3B's layer and for dims no multiple of 128."""
-    import engine.kernels.fused_moe as fused_moe
-
-    for experts, top_k, hidden, inter in [(128, 8, 2048, 768), (8, 2, 200, 136)]:
-        case = make_moe_case(num_tokens, experts, top_k, hidden, inter, dtype, "cuda", seed=num_tokens)
-        fp8 = fp8_experts(case, 128)
-        monkeypatch.setattr(fused_moe, "QUANTIZE_IN_GEMM_MAX_TOKENS", 256)
-        inside = run(case, fp8)
-        monkeypatch.setattr(fused_moe, "QUANTIZE_IN_GEMM_MAX_TOKENS", 0)
-        apart = run(case, fp8)
-        assert torch.equal(inside, apart), (experts, hidden, (inside.float() - apart.float()).abs().max())

@@ -60,21 +60,6 @@ for tokens, experts, top_k, hidden, inter, dtype, group, skew, block_m in fp8_ca
     assert err < (1e-5 if dtype == f32 else 2e-3), (tokens, experts, top_k, group, err)
     assert relative_error(out, reference_moe(case)) < 0.2, (tokens, experts, top_k, group)
 
-# Block-scaled experts may quantize their activations inside the two GEMMs, tile by tile (up to
-# QUANTIZE_IN_GEMM_MAX_TOKENS, set here): the same output bits as the separate quantization kernels (a zero
-# threshold); a partial last scale group (hidden 200) included
-import engine.kernels.fused_moe as fused_moe_module
-saved = fused_moe_module.QUANTIZE_IN_GEMM_MAX_TOKENS
-for tokens, experts, top_k, hidden, inter, dtype in [(3, 8, 2, 256, 128, f32), (7, 8, 1, 200, 72, f16)]:
-    case = make_moe_case(tokens, experts, top_k, hidden, inter, dtype, "cpu", seed=tokens + 2)
-    fp8 = fp8_experts(case, 128)
-    fused_moe_module.QUANTIZE_IN_GEMM_MAX_TOKENS = 256
-    inside = fused_experts(case.x, fp8.w13, fp8.w2, case.topk_weights, case.topk_ids, **fp8.kwargs())
-    fused_moe_module.QUANTIZE_IN_GEMM_MAX_TOKENS = 0
-    apart = fused_experts(case.x, fp8.w13, fp8.w2, case.topk_weights, case.topk_ids, **fp8.kwargs())
-    assert torch.equal(inside, apart), (tokens, hidden, (inside - apart).abs().max())
-fused_moe_module.QUANTIZE_IN_GEMM_MAX_TOKENS = saved
-
 # a tuned configuration may split the gate (the first GEMM writes [slots, 2I], then silu(gate) * up): the
 # same MoE, float and FP8 with block scales. float32 for FP8: the split rounds gate and up to the activation
 # dtype before the SiLU-mul, which moves some values across an e4m3 rounding boundary when the second
