@@ -9,7 +9,7 @@ experts e with routing weight p, ``sum_j p * w2[e] @ (silu(gate) * up)`` where `
    ``silu(gate) * up`` (two accumulators per program, so the [slots, 2I] product never reaches memory;
    a tuned configuration may split it in two passes instead, ``MoeBlockConfig.split_gate``);
 3. one launch multiplies that by each slot's expert's ``w2`` and scales by the routing weight;
-4. each token's top_k rows are summed.
+4. each token's top_k rows are summed (one more launch, ``sum_slots``).
 
 Weights keep the Hugging Face orientation ([E, out, in], as nn.Linear), so the same tensors serve the
 plain-torch path. Tensor parallelism shards each expert's intermediate dimension: a rank's ``w13`` holds
@@ -350,4 +350,28 @@ def fused_experts(
         _grouped_gemm(activated, w2, per_slot, align, 1, cfg, gated=False, weights=weights)
     if top_k == 1:
         return per_slot
-    return per_slot.view(num_tokens, top_k, hidden).sum(dim=1)
+    return sum_slots(per_slot, num_tokens, top_k)
+
+
+@triton.jit(do_not_specialize=["hidden"])
+def _sum_slots_kernel(slots_ptr, out_ptr, hidden, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < hidden
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in tl.static_range(TOP_K):  # in slot order: the same sum whatever the batch
+        acc += tl.load(slots_ptr + (token * TOP_K + j) * hidden + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + token * hidden + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def sum_slots(per_slot: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
+    """[num_tokens * top_k, hidden] (contiguous; each token's top_k weighted rows together) -> [num_tokens,
+    hidden]: the float32 sum of each token's rows, rounded once, as ``.view(T, top_k, H).sum(1)`` gives,
+    in one launch where torch's reduction took 5.5 µs a decode step's layer on an H100 (W5's step profile)."""
+    hidden = per_slot.shape[1]
+    out = torch.empty((num_tokens, hidden), dtype=per_slot.dtype, device=per_slot.device)
+    block = min(1024, triton.next_power_of_2(hidden))
+    _sum_slots_kernel[(num_tokens, triton.cdiv(hidden, block))](
+        per_slot, out, hidden, TOP_K=top_k, BLOCK=block, num_warps=4
+    )
+    return out

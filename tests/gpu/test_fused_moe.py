@@ -106,3 +106,19 @@ def test_fused_moe_with_the_gate_split_off(num_tokens, tile):
                          seed=num_tokens)  # fmt: skip
     out = fused_experts(case.x, case.w13, case.w2, case.topk_weights, case.topk_ids, cfg)
     assert relative_error(out, reference_moe(case)) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("num_tokens", [1, 32, 2048])
+@pytest.mark.parametrize("top_k", [2, 8])
+def test_slot_sum_is_the_float32_sum_rounded_once(num_tokens, top_k):
+    """The last step (each token's top_k weighted rows summed): within a bfloat16 rounding of the float32
+    sum, as torch's ``.sum(1)`` on bfloat16; W5's hidden size (2,048) and one that is no multiple of the block."""
+    from engine.kernels.fused_moe import sum_slots
+
+    for hidden in (2048, 1100):
+        rows = torch.randn(num_tokens * top_k, hidden, device="cuda", dtype=torch.bfloat16)
+        exact = rows.float().view(num_tokens, top_k, hidden).sum(1)
+        out = sum_slots(rows, num_tokens, top_k)
+        assert out.dtype == torch.bfloat16 and out.shape == (num_tokens, hidden)
+        # each element one rounding from the exact sum: at most half a bfloat16 step (2^-9 relative), with slack
+        assert ((out.float() - exact).abs() <= exact.abs() * 2**-8 + 1e-30).all()

@@ -80,6 +80,13 @@ for tokens, experts, top_k, hidden, inter, dtype, group in [(40, 4, 2, 32, 24, f
     assert out.dtype == dtype and out.shape == case.x.shape
     assert err < (1e-5 if group is None else 1e-3), (tokens, experts, top_k, group, err)
 
+# each token's top_k weighted rows summed in float32 and rounded once (hidden no multiple of the block)
+from engine.kernels.fused_moe import sum_slots
+for tokens, top_k, hidden, dtype in [(3, 8, 1100, f32), (5, 2, 40, f16)]:
+    rows = torch.randn(tokens * top_k, hidden, generator=torch.Generator().manual_seed(top_k)).to(dtype)
+    expected = rows.float().view(tokens, top_k, hidden).sum(1).to(dtype)
+    assert torch.allclose(sum_slots(rows, tokens, top_k).float(), expected.float(), rtol=1e-3 if dtype == f16 else 1e-6, atol=1e-6)
+
 # the alignment itself: every slot (token * top_k + choice) once, grouped by expert in whole blocks of
 # 4 padded with the sentinel 8, token order kept within an expert, expert 4 (unused) taking no block
 ids = torch.tensor([[2, 0], [2, 1], [0, 2], [2, 3]])
