@@ -34,10 +34,14 @@ class EngineConfig(BaseModel):
     # decodes (an idle server's TTFT gets worse) and not the step's sum (several prompts still fill the
     # step). This caps the sum, only while decodes wait: the name says both.
     DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING: ClassVar[dict[DeviceType, int]] = {"cuda": 2048, "cpu": 0}
-    # Measured (H100, 2026-12-06, docs/BENCHMARKS.md): W2's sweep 0 / 2048 / auto gave 41.3 / 41.6 / 41.9 req/s
-    # and ITL p99 208 / 92 / 81 ms at QPS = inf; W5 (Qwen3-30B-A3B FP8, 48 layers) gave 24.0 req/s with 2048
-    # and 19.3 with auto (TTFT p99 4.7 against 13.2 s), so 2048 stays the default and auto opt-in (why below;
-    # AUTO_PREFILL_DECODE_SHARE came after, for that case, and is unmeasured).
+    # Unset, a GPU learns its cap ("auto", below; 2048 is where it starts), the CPU keeps none.
+    # Measured (H100, 2026-12-06, sixth session, one call each, docs/BENCHMARKS.md): W2 2048 / auto 40.3 / 41.3
+    # req/s, TPOT p99 59.7 / 49.2 ms, TTFT p99 3.44 / 3.27 s; W5 28.4 / 28.5 req/s, TPOT p99 61.9 / 48.7 ms,
+    # TTFT p99 3.18 / 3.56 s. As fast or faster, a fifth lower TPOT p99: auto is the GPU default.
+    DEFAULT_PREFILL_CAP_AUTO: ClassVar[dict[DeviceType, bool]] = {"cuda": True, "cpu": False}
+    # Earlier (H100, 2026-12-06): W2's sweep 0 / 2048 / auto gave 41.3 / 41.6 / 41.9 req/s and ITL p99
+    # 208 / 92 / 81 ms at QPS = inf; W5 lost a fifth with auto (19.3 against 24.0 req/s) until
+    # AUTO_PREFILL_DECODE_SHARE (below), measured since: see DEFAULT_PREFILL_CAP_AUTO.
     # `--max-prefill-tokens-while-decoding auto`: the engine learns its own step cost online,
     # step_ms ≈ a + b·prefill_tokens + c·decode_seqs + d·decode_context_tokens (engine/core/step_cost_model.py,
     # refitted to the last 512 steps' measured device times), and gives each step the most prompt tokens
@@ -152,9 +156,11 @@ class EngineConfig(BaseModel):
             )
         return self
 
-    @property
-    def prefill_cap_is_auto(self) -> bool:
-        return self.max_prefill_tokens_while_decoding == "auto"
+    def prefill_cap_is_auto_on(self, device: DeviceType) -> bool:
+        """Whether steps' prefill caps are learnt ("auto"): asked for, or unset on a device where that is the
+        default (DEFAULT_PREFILL_CAP_AUTO)."""
+        cap = self.max_prefill_tokens_while_decoding
+        return cap == "auto" or (cap is None and self.DEFAULT_PREFILL_CAP_AUTO[device])
 
     def max_prefill_tokens_while_decoding_on(self, device: DeviceType) -> int:
         """The per-step prefill cap while sequences decode, never above the step's whole budget; with
@@ -205,4 +211,6 @@ class EngineConfig(BaseModel):
             "max_num_batched_tokens": cls.DEFAULT_MAX_NUM_BATCHED_TOKENS,
             "max_prefill_tokens_while_decoding": cls.DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING,
         }[field]
+        if field == "max_prefill_tokens_while_decoding":
+            return f"auto on a GPU (from {defaults['cuda']}), {defaults['cpu']} on the CPU"
         return f"{defaults['cuda']} on a GPU, {defaults['cpu']} on the CPU"

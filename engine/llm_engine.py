@@ -65,7 +65,7 @@ class LLMEngine:
         max_batched = config.max_num_batched_tokens_on(device)
         max_num_seqs = config.max_num_seqs_on(device)
         max_prefill_while_decoding = config.max_prefill_tokens_while_decoding_on(device)
-        # --max-prefill-tokens-while-decoding auto: what a step costs, learnt from every step's measured time
+        # --max-prefill-tokens-while-decoding auto (a GPU's default): what a step costs, learnt from every step's measured time
         self.step_costs = (
             StepCostModel(
                 max_prefill_while_decoding,
@@ -73,7 +73,7 @@ class LLMEngine:
                 floor_tokens=config.auto_prefill_floor_on(device),
                 decode_share=config.AUTO_PREFILL_DECODE_SHARE,
             )
-            if config.prefill_cap_is_auto
+            if config.prefill_cap_is_auto_on(device)
             else None
         )
         self.runner = ModelRunner(

@@ -84,11 +84,19 @@ def test_prefill_cap_auto_and_its_step_time_target() -> None:
     from engine.config import EngineConfig
 
     auto = config_of("--max-prefill-tokens-while-decoding", "auto", "--decode-step-target-ms", "30")
-    assert auto.max_prefill_tokens_while_decoding == "auto" and auto.prefill_cap_is_auto
+    assert auto.max_prefill_tokens_while_decoding == "auto" and auto.prefill_cap_is_auto_on("cpu")
     assert auto.decode_step_target_ms == 30.0
-    assert config_of("--max-prefill-tokens-while-decoding", "AUTO").prefill_cap_is_auto
+    assert config_of("--max-prefill-tokens-while-decoding", "AUTO").prefill_cap_is_auto_on("cuda")
     default = config_of()
-    assert not default.prefill_cap_is_auto and default.decode_step_target_ms == 50.0
+    assert default.decode_step_target_ms == 50.0
+    # unset: learnt on a GPU, none on the CPU; a number or 0 set by the user is kept on both
+    assert default.prefill_cap_is_auto_on("cuda") and not default.prefill_cap_is_auto_on("cpu")
+    for fixed in ("2048", "0"):
+        assert not config_of("--max-prefill-tokens-while-decoding", fixed).prefill_cap_is_auto_on("cuda")
+    assert (
+        EngineConfig.per_device_default("max_prefill_tokens_while_decoding")
+        == "auto on a GPU (from 2048), 0 on the CPU"
+    )
     # What auto answers until it has measured enough steps: the fixed default of the device.
     assert auto.max_prefill_tokens_while_decoding_on("cuda") == 2048
     assert auto.max_prefill_tokens_while_decoding_on("cpu") == 2048  # the CPU's: no cap
@@ -146,7 +154,11 @@ def test_docs_quote_the_defaults_engine_config_resolves() -> None:
     assert f"defaults to {seqs['cuda']} on a GPU and {seqs['cpu']} on the CPU" in architecture
     assert f"the token budget to {tokens['cuda']} and {tokens['cpu']}" in architecture
     cap = EngineConfig.DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING["cuda"]
-    assert f"at most `--max-prefill-tokens-while-decoding` ({cap} on a GPU" in architecture
+    assert EngineConfig.DEFAULT_PREFILL_CAP_AUTO == {"cuda": True, "cpu": False}
+    assert (
+        f"at most `--max-prefill-tokens-while-decoding` (on a GPU `auto`, below, from {cap}; no cap on the CPU)"
+        in (architecture)
+    )
     operations = " ".join((docs / "operations.md").read_text().split())
     assert f"`--shutdown-timeout` ({EngineConfig.DEFAULT_SHUTDOWN_TIMEOUT_S:g} s)" in operations
 
