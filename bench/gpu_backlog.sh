@@ -14,6 +14,22 @@ run() {  # name, seconds, command...: full log in $OUT/<name>.log, its tail on s
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1; echo "== $name: exit $?"; tail -12 "$OUT/$name.log"
 }
 case "${1:-}" in
+  all-bars)  # both open issues' bars in one call when an H200 comes (each bench's own baseline in its run): W5 at
+    # QPS = inf and 32 (issue 14: never measured on an H200 with piecewise graphs, tuned tiles and the learnt prefill
+    # cap), W1, W2 at inf and 32, W2-FP8 (issue 13); most important first, each within its share of the 600 s. On any
+    # other card: all of tests/gpu (the learnt prefill cap is the GPU default since 2026-12-06; tests/gpu has not run
+    # with it)
+    if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+      run w5 230 python3 bench/w5_moe.py --num-layers 48 --checkpoint fp8-block --hf-requests 0 --qps inf 32 \
+        --step-trace --out "$OUT/w5.json"
+      run w1 100 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
+      run w2 120 python3 bench/w2_serving.py --qps inf 32 --out "$OUT/w2.json"
+      run w2_fp8 110 python3 bench/w2_serving.py --qps inf --out "$OUT/w2_fp8.json" \
+        --serve-args --quantization fp8 --kv-cache-dtype fp8
+    else
+      run gpu_tests 540 python3 -m pytest tests/gpu -q -p no:cacheprovider --timeout 120 -rfE -k "not cpu_interpreter" \
+        --junitxml="$OUT/junit.xml"
+    fi ;;
   bars13)  # issue 13's bars in one call (for an H200): W1; W2 and W2-text at QPS=inf and 32 (one server, token
     # ids then text); W2-FP8 against that W2 (a second server). About 500 s.
     run w1 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
@@ -184,5 +200,5 @@ case "${1:-}" in
   w1)  # issue 13's W1 bar (H200: >= 28,800 tok/s), main and the old code on the same machine
     run w1 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
     (cd .carry/base && run w1_base 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_base.json") ;;
-  *) echo "usage: bench/gpu_backlog.sh bf16-linears|piecewise-tests|w5-piecewise|w5-or-w2-piecewise|w5-kernels|fp8-kv-tiles|moe-quant|moe-align|moe-tune-w5|w5-kv|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
+  *) echo "usage: bench/gpu_backlog.sh all-bars|bf16-linears|piecewise-tests|w5-piecewise|w5-or-w2-piecewise|w5-kernels|fp8-kv-tiles|moe-quant|moe-align|moe-tune-w5|w5-kv|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
 esac
