@@ -5,7 +5,8 @@ Qwen3-0.6B shape with random weights; 256 sequences; ``random.seed(0)``, then al
 ignore_eos, temperature 0.6 (as nano-vllm's bench.py): 133,966 output tokens. In the same run, on the
 same GPU: transformers' static batching (``generate``, batches of 64, each runs to its longest output)
 and continuous batching (``generate_batch``'s manager, sdpa), each on the first ``--hf-seqs`` sequences
-to bound the run's length, and the bandwidth floor for the whole workload.
+to bound the run's length, and the bandwidth floor for the whole workload. Our decode-only steps are also
+reported by batch size against each bucket's own floor (``decode_only_by_sequences``): full batches, or the tail.
 
     python3 bench/w1_offline.py --out bench/results/w1_offline_gpu.json
 """
@@ -33,6 +34,7 @@ from engine.model.loader import load_model  # noqa: E402
 from engine.sampling.params import SamplingParams  # noqa: E402
 
 EXPECTED_OUTPUT_TOKENS = 133_966
+DECODE_BUCKETS = ((1, 32), (33, 64), (65, 128), (129, 192), (193, 256))  # sequences in a decode-only step
 TEMPERATURE = 0.6
 
 
@@ -109,7 +111,8 @@ def bandwidth_floor(config, prompts, max_tokens, copy_bw: float, matmul_flops: f
     )
     seconds = decode_bytes / copy_bw + prefill_flops / matmul_flops
     return {"decode_bytes_read": decode_bytes, "prefill_flops": prefill_flops, "floor_seconds": seconds,
-            "floor_tok_per_s": sum(max_tokens) / seconds, "weight_bytes": weight_bytes}  # fmt: skip
+            "floor_tok_per_s": sum(max_tokens) / seconds, "weight_bytes": weight_bytes,
+            "kv_bytes_per_token": kv_bytes_per_token, "copy_bandwidth": copy_bw}  # fmt: skip
 
 
 def hf_static(model, prompts, max_tokens, batch_size: int = 64) -> dict:
@@ -162,9 +165,10 @@ class StepTimer:
     (token bookkeeping, stop checks), and inside that the wait for the GPU. With async scheduling the
     host's parts overlap the GPU's work, so the wait shows how much host time the GPU hides."""
 
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, weight_bytes: int, kv_bytes_per_token: int, copy_bw: float) -> None:
         from engine.sampling.sampler import PendingSample
 
+        self.weight_bytes, self.kv_bytes_per_token, self.copy_bw = weight_bytes, kv_bytes_per_token, copy_bw
         self.rows: list[dict] = []
         self._current: dict = {}
         for obj, name in ((engine, "step"), (engine.scheduler, "schedule"), (engine.runner, "launch"),
@@ -186,6 +190,10 @@ class StepTimer:
             if name == "schedule":
                 self._current["num_seqs"] = len(result.scheduled)
                 self._current["num_tokens"] = result.num_tokens
+                # the K/V a decode step reads: every scheduled sequence's tokens so far and this step's
+                self._current["context_tokens"] = sum(
+                    x.seq.num_computed_tokens + x.num_new_tokens for x in result.scheduled
+                )
             if name == "step":
                 self.rows.append(self._current)
                 self._current = {}
@@ -207,6 +215,19 @@ class StepTimer:
                           "launch_rest_s": total(rows, "launch") - total(rows, "build_metadata"),
                           "handle_tokens_s": total(rows, "_read"),
                           "of_which_wait_for_gpu_s": total(rows, "wait")}  # fmt: skip
+        # decode-only steps by batch size, each bucket against its own floor (the weights and its K/V read
+        # once a step at the copy bandwidth): where, between full batches and the tail, the time goes
+        by_seqs: dict[str, dict] = {}
+        for low, high in DECODE_BUCKETS:
+            rows = [r for r in decode_rows if low <= r["num_seqs"] <= high]
+            if rows:
+                floor_s = (
+                    len(rows) * self.weight_bytes + self.kv_bytes_per_token * total(rows, "context_tokens")
+                ) / self.copy_bw
+                by_seqs[f"{low}-{high}"] = {"steps": len(rows), "seconds": total(rows, "step"),
+                                            "wait_for_gpu_s": total(rows, "wait"), "floor_s": floor_s,
+                                            "pct_of_floor": 100 * floor_s / total(rows, "step")}  # fmt: skip
+        out["decode_only_by_sequences"] = by_seqs
         out["steps_with_prefill_detail"] = [
             {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in other_rows[:40]
         ]
@@ -244,7 +265,7 @@ def time_decode_forward(engine: LLMEngine, batch: int, context: int) -> float | 
     return start.elapsed_time(end) / 10
 
 
-def run_ours(path: Path, prompts, max_tokens, args) -> dict:
+def run_ours(path: Path, prompts, max_tokens, args, floor: dict) -> dict:
     config = EngineConfig(model=str(path), device="cuda", dtype="bfloat16", max_model_len=4096,
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           max_prefill_tokens_while_decoding=args.max_prefill_tokens_while_decoding,
@@ -259,7 +280,7 @@ def run_ours(path: Path, prompts, max_tokens, args) -> dict:
         SamplingParams(temperature=TEMPERATURE, ignore_eos=True, max_tokens=n, detokenize=False)
         for n in max_tokens
     ]
-    timer = StepTimer(engine)
+    timer = StepTimer(engine, floor["weight_bytes"], floor["kv_bytes_per_token"], floor["copy_bandwidth"])
     torch.cuda.synchronize()
     started = time.perf_counter()
     outputs = engine.generate(prompts, params)
@@ -333,11 +354,11 @@ def main() -> None:
         del hf_model
         gc.collect()
         torch.cuda.empty_cache()
-        result["kubellm"] = run_ours(path, prompts, max_tokens, args)
+        result["kubellm"] = run_ours(path, prompts, max_tokens, args, floor)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))  # kept even if a later run fails
         for _ in range(args.runs - 1):  # later runs: is anything in the first one a one-time cost?
-            again = run_ours(path, prompts, max_tokens, args)
+            again = run_ours(path, prompts, max_tokens, args, floor)
             result.setdefault("kubellm_later_runs", []).append(again)
             print(f"again: {again['tok_per_s']:.0f} tok/s", flush=True)
     ours = result["kubellm"]
@@ -349,6 +370,11 @@ def main() -> None:
         f"\nW1 on {props.name}: kubellm {ours['tok_per_s']:.0f} output tok/s ({ours['seconds']:.1f} s, "
         f"{ours['pct_of_floor']:.0f}% of the {floor['floor_tok_per_s']:.0f} tok/s floor)"
     )
+    for bucket, row in ours["step_breakdown"]["decode_only_by_sequences"].items():
+        print(
+            f"  decode-only steps of {bucket} sequences: {row['steps']} x {1e3 * row['seconds'] / row['steps']:.2f} ms, "
+            f"{row['pct_of_floor']:.0f}% of their floor, waiting for the GPU {row['wait_for_gpu_s']:.2f} s of {row['seconds']:.2f}"
+        )
     for name in ("hf_static_generate", "hf_continuous_batching"):
         if "tok_per_s" in result.get(name, {}):
             print(f"  {name} (first {result[name]['seqs']} seqs): {result[name]['tok_per_s']:.0f} tok/s")
