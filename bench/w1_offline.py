@@ -190,10 +190,10 @@ class StepTimer:
             if name == "schedule":
                 self._current["num_seqs"] = len(result.scheduled)
                 self._current["num_tokens"] = result.num_tokens
-                # the K/V a decode step reads: every scheduled sequence's tokens so far and this step's
-                self._current["context_tokens"] = sum(
-                    x.seq.num_computed_tokens + x.num_new_tokens for x in result.scheduled
-                )
+            if (
+                name == "build_metadata"
+            ):  # the K/V a step reads: its sequences' lengths, as the runner has them
+                self._current["context_tokens"] = sum(result[2].seq_lens_cpu)
             if name == "step":
                 self.rows.append(self._current)
                 self._current = {}

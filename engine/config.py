@@ -211,6 +211,9 @@ class EngineConfig(BaseModel):
             "max_num_batched_tokens": cls.DEFAULT_MAX_NUM_BATCHED_TOKENS,
             "max_prefill_tokens_while_decoding": cls.DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING,
         }[field]
-        if field == "max_prefill_tokens_while_decoding":
-            return f"auto on a GPU (from {defaults['cuda']}), {defaults['cpu']} on the CPU"
-        return f"{defaults['cuda']} on a GPU, {defaults['cpu']} on the CPU"
+
+        def on(device: DeviceType) -> str:
+            learnt = field == "max_prefill_tokens_while_decoding" and cls.DEFAULT_PREFILL_CAP_AUTO[device]
+            return f"auto (from {defaults[device]})" if learnt else str(defaults[device])
+
+        return f"{on('cuda')} on a GPU, {on('cpu')} on the CPU"

@@ -95,7 +95,7 @@ def test_prefill_cap_auto_and_its_step_time_target() -> None:
         assert not config_of("--max-prefill-tokens-while-decoding", fixed).prefill_cap_is_auto_on("cuda")
     assert (
         EngineConfig.per_device_default("max_prefill_tokens_while_decoding")
-        == "auto on a GPU (from 2048), 0 on the CPU"
+        == "auto (from 2048) on a GPU, 0 on the CPU"
     )
     # What auto answers until it has measured enough steps: the fixed default of the device.
     assert auto.max_prefill_tokens_while_decoding_on("cuda") == 2048
@@ -155,10 +155,8 @@ def test_docs_quote_the_defaults_engine_config_resolves() -> None:
     assert f"the token budget to {tokens['cuda']} and {tokens['cpu']}" in architecture
     cap = EngineConfig.DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING["cuda"]
     assert EngineConfig.DEFAULT_PREFILL_CAP_AUTO == {"cuda": True, "cpu": False}
-    assert (
-        f"at most `--max-prefill-tokens-while-decoding` (on a GPU `auto`, below, from {cap}; no cap on the CPU)"
-        in (architecture)
-    )
+    cap_sentence = f"at most `--max-prefill-tokens-while-decoding` (on a GPU `auto`, below, from {cap}; no cap on the CPU)"
+    assert cap_sentence in architecture
     operations = " ".join((docs / "operations.md").read_text().split())
     assert f"`--shutdown-timeout` ({EngineConfig.DEFAULT_SHUTDOWN_TIMEOUT_S:g} s)" in operations
 
