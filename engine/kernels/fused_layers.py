@@ -4,15 +4,21 @@ the model is built for CUDA (``LayerKit.fused``), so model code needs no GPU bra
 
 Decode steps of a small model are short enough that plain torch's ~40 elementwise launches per layer
 cost more than the layer's matrix products; fused, they are 4.
+
+Before an FP8 linear that quantizes its input per token (or per token and group), the norm and SiLU-and-mul
+are built as ``Fp8OutRMSNorm`` / ``Fp8OutSiluAndMul``: they hand the linear float8 activations with their
+scales (engine.kernels.fp8_producers), one launch instead of two.
 """
 
 from __future__ import annotations
 
 import torch
 
+from engine.kernels.fp8_producers import rms_norm_fp8, silu_and_mul_fp8
 from engine.kernels.rmsnorm import rms_norm
 from engine.kernels.rotary import rotary_embedding
 from engine.kernels.silu_mul import silu_and_mul
+from engine.model.fp8 import QuantizedActivation
 from engine.model.layers import RMSNorm, RotaryEmbedding, SiluAndMul
 
 
@@ -26,6 +32,38 @@ class FusedRMSNorm(RMSNorm):
 class FusedSiluAndMul(SiluAndMul):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return silu_and_mul(x)
+
+
+class Fp8OutRMSNorm(RMSNorm):
+    """RMSNorm whose output only feeds an FP8 linear quantizing in groups of ``group`` columns (None: per
+    row): returns that output already quantized."""
+
+    def __init__(self, hidden_size: int, eps: float, group: int | None) -> None:
+        super().__init__(hidden_size, eps)
+        self.group = group
+
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> QuantizedActivation | tuple[QuantizedActivation, torch.Tensor]:
+        out, residual_out = rms_norm_fp8(x, self.weight, self.eps, residual, self.group)
+        return out if residual_out is None else (out, residual_out)
+
+    def extra_repr(self) -> str:
+        return f"float8 out, group {self.group}"
+
+
+class Fp8OutSiluAndMul(SiluAndMul):
+    """SiLU-and-mul whose output only feeds an FP8 linear (as Fp8OutRMSNorm)."""
+
+    def __init__(self, group: int | None) -> None:
+        super().__init__()
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> QuantizedActivation:  # type: ignore[override]
+        return silu_and_mul_fp8(x, self.group)
+
+    def extra_repr(self) -> str:
+        return f"float8 out, group {self.group}"
 
 
 class FusedRotaryEmbedding(RotaryEmbedding):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from functools import cache
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,14 @@ from engine.model.sharding import CheckpointTensor, Parallel, Part, Shard, copy_
 log = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
+
+
+class QuantizedActivation(NamedTuple):
+    """An FP8 linear's input already quantized by the kernel that produced it (engine.kernels.fp8_producers):
+    float8 [T, k] and float32 scales [T, groups], as engine.kernels.fp8_quant.quantize_activations returns."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
 
 
 def quantize_rows(w: torch.Tensor, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,8 +228,16 @@ class Fp8Linear(Linear):
         if self.use_scaled_mm:
             self.weight_scale_row = self.row_scales.data.reshape(1, n).contiguous()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.scheme.dequantize:
+    @property
+    def takes_quantized_input(self) -> bool:
+        """Whether the layer before may hand this one its output in float8 (QuantizedActivation): FP8 GEMMs
+        with dynamic activation scales (a static scale is known only once loaded; not fused)."""
+        return not self.scheme.dequantize and self.scheme.activations == "dynamic"
+
+    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+        if isinstance(x, QuantizedActivation):
+            out = self._gemm(x.q, x.scale)
+        elif self.scheme.dequantize:
             out = self._forward_dequantized(x)
         else:
             out = self._forward_fp8(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], self.out_features)
@@ -240,7 +257,6 @@ class Fp8Linear(Linear):
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def _forward_fp8(self, x: torch.Tensor) -> torch.Tensor:
-        from engine.kernels.fp8_gemm import beats_scaled_mm, fp8_gemm
         from engine.kernels.fp8_quant import quantize_activations
 
         if x.is_cuda:  # one kernel (see engine/kernels/fp8_quant.py); the torch code below is its reference
@@ -250,7 +266,13 @@ class Fp8Linear(Linear):
             xq = (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
         else:
             xq, scale = quantize_rows(x, self.group_k)
-        if self.use_scaled_mm and not beats_scaled_mm(x.shape[0], self.out_features):
+        return self._gemm(xq, scale)
+
+    def _gemm(self, xq: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """float8 activations [T, in] with their scales -> [T, out] in the activation dtype."""
+        from engine.kernels.fp8_gemm import beats_scaled_mm, fp8_gemm
+
+        if self.use_scaled_mm and not beats_scaled_mm(xq.shape[0], self.out_features):
             return torch._scaled_mm(
                 xq, self.weight.t(), scale_a=scale, scale_b=self.weight_scale_row, out_dtype=self.out_dtype
             )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -53,19 +53,43 @@ class LayerKit:
 
     # --- elementwise layers ------------------------------------------------------------------
 
-    def rms_norm(self, hidden_size: int, eps: float) -> RMSNorm:
+    def rms_norm(self, hidden_size: int, eps: float, feeds: nn.Module | None = None) -> RMSNorm:
+        """`feeds`: the one layer that reads the output, when there is exactly one (an FP8 linear may then
+        take it already quantized)."""
         if self.fused:
-            from engine.kernels.fused_layers import FusedRMSNorm
+            from engine.kernels.fused_layers import Fp8OutRMSNorm, FusedRMSNorm
 
+            group = self._fp8_input_group(feeds, hidden_size)
+            if group is not False:
+                return Fp8OutRMSNorm(hidden_size, eps, group)
             return FusedRMSNorm(hidden_size, eps)
         return RMSNorm(hidden_size, eps)
 
-    def silu_and_mul(self) -> SiluAndMul:
+    def silu_and_mul(self, feeds: nn.Module | None = None) -> SiluAndMul:
+        """`feeds`: as for rms_norm (the down projection)."""
         if self.fused:
-            from engine.kernels.fused_layers import FusedSiluAndMul
+            from engine.kernels.fused_layers import Fp8OutSiluAndMul, FusedSiluAndMul
 
+            group = self._fp8_input_group(feeds, feeds.in_features if isinstance(feeds, Linear) else 0)
+            if group is not False:
+                return Fp8OutSiluAndMul(group)
             return FusedSiluAndMul()
         return SiluAndMul()
+
+    def _fp8_input_group(self, feeds: nn.Module | None, features: int) -> int | None | Literal[False]:
+        """The quantization group (None: per row) in which the layer before `feeds` writes float8 for it
+        (engine.kernels.fp8_producers), or False: it writes its output as it is."""
+        from engine.model.fp8 import Fp8Linear
+
+        if (
+            not isinstance(feeds, Fp8Linear)
+            or not feeds.takes_quantized_input
+            or feeds.in_features != features
+        ):
+            return False
+        from engine.kernels.fp8_producers import fused_quantization_fits
+
+        return feeds.group_k if fused_quantization_fits(features, feeds.group_k) else False
 
     def rotary(
         self,

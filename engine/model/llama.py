@@ -152,7 +152,7 @@ class LlamaMLP(nn.Module):
             parts=[Part("gate", inter), Part("up", inter)],
         )
         self.down_proj = kit.linear(inter, config.hidden_size, bias=variant.mlp_bias, parallel=Parallel.ROW)
-        self.act = kit.silu_and_mul()
+        self.act = kit.silu_and_mul(feeds=self.down_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
@@ -166,9 +166,15 @@ class LlamaDecoderLayer(nn.Module):
         self, config: PretrainedConfig, kit: LayerKit, self_attn: LlamaAttention, mlp: nn.Module
     ) -> None:
         super().__init__()
-        self.input_layernorm = kit.rms_norm(config.hidden_size, config.rms_norm_eps)
+        # Each norm's output feeds one linear in a dense layer (float8 for an FP8 one, see LayerKit.rms_norm);
+        # a mixture-of-experts block's router reads it too.
+        self.input_layernorm = kit.rms_norm(config.hidden_size, config.rms_norm_eps, feeds=self_attn.qkv_proj)
         self.self_attn = self_attn
-        self.post_attention_layernorm = kit.rms_norm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = kit.rms_norm(
+            config.hidden_size,
+            config.rms_norm_eps,
+            feeds=mlp.gate_up_proj if isinstance(mlp, LlamaMLP) else None,
+        )
         self.mlp = mlp
 
     def forward(

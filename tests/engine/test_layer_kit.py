@@ -112,3 +112,46 @@ def test_the_cpu_lm_head_pads_rows_to_whole_groups_of_four_and_returns_only_the_
         assert got.shape == want.shape
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert seen == [1, 4, 4, 4, 8, 8, 8, 8, 12]
+
+
+def test_norms_and_silu_before_an_fp8_linear_hand_it_float8():
+    """Under FP8 GEMMs with dynamic activation scales, a layer whose output feeds one FP8 linear writes it
+    quantized (engine.kernels.fp8_producers): the input norm (qkv), the post-attention norm (a dense MLP's
+    gate/up; not a mixture-of-experts block, whose router reads it too) and SiLU-and-mul (down)."""
+    pytest.importorskip("triton")
+    from dataclasses import replace
+
+    from engine.kernels.fused_layers import Fp8OutRMSNorm, Fp8OutSiluAndMul, FusedRMSNorm, FusedSiluAndMul
+    from engine.model.moe_family import MoeForCausalLM
+    from engine.model.quantization import ONLINE_FP8, Fp8Scheme
+
+    def build(scheme: Fp8Scheme, arch: str = "qwen3", hidden: int = 256) -> nn.Module:
+        config = TINY_CONFIGS[arch](512)
+        config.hidden_size, config.intermediate_size = hidden, 2 * hidden
+        cls = MoeForCausalLM if arch == "qwen3_moe" else llama.LlamaForCausalLM
+        kit = LayerKit(fused=True, quantization=scheme)
+        return cls(config, TorchAttention(), torch.bfloat16, "cpu", kit=kit)
+
+    for scheme in (ONLINE_FP8, Fp8Scheme("block", "dynamic", (128, 128), "weight_scale_inv", True, "fp8")):
+        layer = build(scheme).model.layers[0]
+        assert type(layer.input_layernorm) is Fp8OutRMSNorm and layer.input_layernorm.group == scheme.group_k
+        assert type(layer.post_attention_layernorm) is Fp8OutRMSNorm
+        assert type(layer.mlp.act) is Fp8OutSiluAndMul and layer.mlp.act.group == scheme.group_k
+        # the q/k norms and the final norm feed no linear
+        assert type(layer.self_attn.q_norm) is FusedRMSNorm
+    model = build(ONLINE_FP8)
+    assert type(model.model.norm) is FusedRMSNorm
+
+    moe = build(ONLINE_FP8, "qwen3_moe").model.layers[0]
+    assert type(moe.input_layernorm) is Fp8OutRMSNorm and type(moe.post_attention_layernorm) is FusedRMSNorm
+
+    unfused = [
+        replace(ONLINE_FP8, dequantize=True),  # CPU / no FP8 GEMMs: the linears take float activations
+        Fp8Scheme("tensor", "static", None, "weight_scale", True, "fp8"),  # a static scale, known once loaded
+    ]
+    for scheme in unfused:
+        layer = build(scheme).model.layers[0]
+        assert type(layer.input_layernorm) is FusedRMSNorm and type(layer.mlp.act) is FusedSiluAndMul
+    # 128-wide groups that do not divide the width: the last group would be ragged, left to the linear
+    block = Fp8Scheme("block", "dynamic", (128, 128), "weight_scale_inv", True, "fp8")
+    assert type(build(block, hidden=192).model.layers[0].input_layernorm) is FusedRMSNorm

@@ -17,6 +17,7 @@ from gpu_random_model import save_random_checkpoint, word_level_tokenizer
 from small_engine import first_token_logprobs, small_engine
 from test_engine_on_gpu import FAMILIES, prompts
 
+from engine.kernels.fused_layers import Fp8OutRMSNorm, Fp8OutSiluAndMul
 from engine.model.fp8 import Fp8Linear
 from engine.sampling.params import SamplingParams
 
@@ -42,6 +43,9 @@ def test_fp8_checkpoint_follows_the_dequantized_model(fmt, tmp_path):
         word_level_tokenizer(model.config.vocab_size).save_pretrained(tmp_path / d)
     fp8, reference = small_engine(tmp_path / "fp8"), small_engine(tmp_path / "reference")
     assert all(not m.scheme.dequantize for m in fp8.runner.model.modules() if isinstance(m, Fp8Linear))
+    # dynamic activation scales: the norms and SiLU-and-mul hand the linears float8 (a static scale: not)
+    producers = [m for m in fp8.runner.model.modules() if isinstance(m, (Fp8OutRMSNorm, Fp8OutSiluAndMul))]
+    assert len(producers) == (0 if fmt == "ct-tensor" else 3 * model.config.num_hidden_layers)
     ps = prompts(8, seed=5, hi=100)
     greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     ours, theirs = fp8.generate(ps, greedy), reference.generate(ps, greedy)

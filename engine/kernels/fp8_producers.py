@@ -1,0 +1,173 @@
+"""RMSNorm and SiLU-and-mul that write float8 e4m3 (with dynamic scales) for the FP8 linear after them.
+
+Under FP8 GEMMs every linear quantizes its input first (engine.kernels.fp8_quant): a launch, a read of the
+bf16 activations and a write of them in float8, after the launch that wrote them. Three of a dense layer's
+four linears take their input straight from a norm or SiLU-and-mul, so those kernels quantize what they
+would have written instead (engine.model.layer_kit builds them where the consumer is an Fp8Linear that
+quantizes dynamically). The arithmetic is the two kernels' one after the other: the output rounded to the
+activation dtype, then per row (or per row and ``group`` columns) scale = max(amax / FP8_MAX, MIN_SCALE)
+and x / scale clamped and rounded to nearest; so the float8 values and scales equal the unfused pair's.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from engine.model.fp8 import FP8, QuantizedActivation
+from engine.model.quantization import FP8_MAX, FP8_MIN_SCALE
+
+_MAX_SILU_BLOCK = 2048  # columns of SiLU-and-mul's per-row passes (intermediate sizes reach 28k)
+
+
+@triton.jit
+def _quantize_groups(y, scale_ptr, q_ptr, cols, mask, num_groups,
+                     N_GROUPS: tl.constexpr, GROUP: tl.constexpr,
+                     FP8_LIMIT: tl.constexpr, SCALE_FLOOR: tl.constexpr):  # fmt: skip
+    # y: float32 [N_GROUPS * GROUP] with zeros where masked; one scale per GROUP consecutive values
+    y2 = tl.reshape(y, (N_GROUPS, GROUP))
+    scale = tl.maximum(tl.max(tl.abs(y2), axis=1) / FP8_LIMIT, SCALE_FLOOR)
+    groups = tl.arange(0, N_GROUPS)
+    tl.store(scale_ptr + groups, scale, mask=groups < num_groups)
+    q = tl.minimum(tl.maximum(tl.math.div_rn(y2, scale[:, None]), -FP8_LIMIT), FP8_LIMIT)  # IEEE, as torch
+    q = tl.reshape(q, (N_GROUPS * GROUP,))
+    tl.store(q_ptr + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_fp8_kernel(
+    x_ptr, residual_ptr, weight_ptr, q_ptr, scale_ptr, residual_out_ptr, eps,
+    stride_x, stride_r, stride_q, stride_ro, num_groups,
+    N: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    OUT_DTYPE: tl.constexpr, FP8_LIMIT: tl.constexpr, SCALE_FLOOR: tl.constexpr,
+):  # fmt: skip
+    # The norm as engine/kernels/rmsnorm.py computes it (same loads, same float32 sum), then quantized
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        tl.store(residual_out_ptr + row * stride_ro + cols, x, mask=mask)
+    h = x.to(tl.float32)
+    inv_rms = 1.0 / tl.sqrt(tl.sum(h * h, 0) / N + eps)
+    normed = (h * inv_rms).to(x_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    y = (normed * w).to(OUT_DTYPE).to(tl.float32)  # what the plain norm writes
+    _quantize_groups(y, scale_ptr + row * num_groups, q_ptr + row * stride_q, cols, mask, num_groups,
+                     BLOCK // GROUP, GROUP, FP8_LIMIT, SCALE_FLOOR)  # fmt: skip
+
+
+@triton.jit
+def _silu_mul(x_row, cols, mask, D):
+    gate = tl.load(x_row + cols, mask=mask, other=0.0)
+    up = tl.load(x_row + D + cols, mask=mask, other=0.0)
+    g = gate.to(tl.float32)
+    silu = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
+    return (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype).to(tl.float32)  # as silu_mul.py rounds
+
+
+@triton.jit
+def _silu_mul_fp8_row_kernel(x_ptr, q_ptr, scale_ptr, stride_x, stride_q, D,
+                             BLOCK: tl.constexpr, FP8_LIMIT: tl.constexpr, SCALE_FLOOR: tl.constexpr):  # fmt: skip
+    # One scale per row: a pass for the row's amax, a second (its inputs mostly from L2) to quantize
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, D, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        amax = tl.maximum(amax, tl.abs(_silu_mul(x_row, cols, cols < D, D)))
+    scale = tl.maximum(tl.max(amax, axis=0) / FP8_LIMIT, SCALE_FLOOR)
+    tl.store(scale_ptr + row, scale)
+    for start in range(0, D, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        y = _silu_mul(x_row, cols, cols < D, D)
+        q = tl.minimum(tl.maximum(tl.math.div_rn(y, scale), -FP8_LIMIT), FP8_LIMIT)
+        tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=cols < D)
+
+
+@triton.jit
+def _silu_mul_fp8_groups_kernel(x_ptr, q_ptr, scale_ptr, stride_x, stride_q, D, num_groups,
+                                GROUP: tl.constexpr, GROUPS: tl.constexpr,
+                                FP8_LIMIT: tl.constexpr, SCALE_FLOOR: tl.constexpr):  # fmt: skip
+    # GROUPS whole groups of a row a program: each group's scale needs only its own values
+    row = tl.program_id(0).to(tl.int64)
+    first = tl.program_id(1) * GROUPS
+    cols = first * GROUP + tl.arange(0, GROUPS * GROUP)
+    mask = cols < D
+    y = _silu_mul(x_ptr + row * stride_x, cols, mask, D)
+    _quantize_groups(y, scale_ptr + row * num_groups + first, q_ptr + row * stride_q, cols, mask,
+                     num_groups - first, GROUPS, GROUP, FP8_LIMIT, SCALE_FLOOR)  # fmt: skip
+
+
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+def fused_quantization_fits(features: int, group: int | None) -> bool:
+    """Whether these kernels take inputs of `features` columns quantized in groups of `group` (None: per
+    row): a group is a power of two that divides the features (a ragged last group stays unfused)."""
+    return group is None or (group & (group - 1) == 0 and features % group == 0)
+
+
+def rms_norm_fp8(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None,
+    group: int | None,
+) -> tuple[QuantizedActivation, torch.Tensor | None]:
+    """engine.kernels.rmsnorm.rms_norm then engine.kernels.fp8_quant.quantize_activations(out, group), in
+    one kernel: x [T, hidden] (contiguous last dim) -> (the norm's output in float8 with its scales [T,
+    groups], x + residual or None without a residual)."""
+    t, n = x.shape
+    assert x.stride(1) == 1 and fused_quantization_fits(n, group)
+    out_dtype = torch.promote_types(x.dtype, weight.dtype)
+    block = triton.next_power_of_2(n)
+    group_cols = group or block  # per row: one group spanning the tile (the masked tail reads as 0)
+    num_groups = 1 if group is None else n // group
+    q = torch.empty((t, n), dtype=FP8, device=x.device)
+    scales = torch.empty((t, num_groups), dtype=torch.float32, device=x.device)
+    if residual is not None:
+        assert residual.stride(-1) == 1 and out_dtype == x.dtype
+        residual_out = torch.empty_like(x)
+        r = residual
+    else:
+        residual_out = r = x  # unused placeholders
+    if t > 0:
+        _rms_norm_fp8_kernel[(t,)](
+            x, r, weight, q, scales, residual_out, eps,
+            x.stride(0), r.stride(0), q.stride(0), residual_out.stride(0), num_groups,
+            N=n, BLOCK=block, GROUP=group_cols, HAS_RESIDUAL=residual is not None,
+            OUT_DTYPE=_TL_DTYPES[out_dtype], FP8_LIMIT=FP8_MAX, SCALE_FLOOR=FP8_MIN_SCALE,
+            num_warps=4 if n <= 4096 else 8,
+        )  # fmt: skip
+    return QuantizedActivation(q, scales), (residual_out if residual is not None else None)
+
+
+def silu_and_mul_fp8(x: torch.Tensor, group: int | None) -> QuantizedActivation:
+    """engine.kernels.silu_mul.silu_and_mul then quantize_activations(out, group), in one kernel:
+    x [T, 2 * d] (contiguous last dim) -> float8 [T, d] with its scales [T, groups]."""
+    d = x.shape[-1] // 2
+    x2 = x.reshape(-1, 2 * d)
+    assert x2.stride(1) == 1 and fused_quantization_fits(d, group)
+    t = x2.shape[0]
+    num_groups = 1 if group is None else d // group
+    q = torch.empty((t, d), dtype=FP8, device=x.device)
+    scales = torch.empty((t, num_groups), dtype=torch.float32, device=x.device)
+    if t == 0:
+        return QuantizedActivation(q, scales)
+    if group is None:
+        block = min(_MAX_SILU_BLOCK, triton.next_power_of_2(d))
+        _silu_mul_fp8_row_kernel[(t,)](
+            x2, q, scales, x2.stride(0), q.stride(0), d,
+            BLOCK=block, FP8_LIMIT=FP8_MAX, SCALE_FLOOR=FP8_MIN_SCALE, num_warps=4 if block <= 1024 else 8,
+        )  # fmt: skip
+    else:
+        per_program = max(1, min(triton.next_power_of_2(num_groups), 1024 // group))
+        _silu_mul_fp8_groups_kernel[(t, triton.cdiv(num_groups, per_program))](
+            x2, q, scales, x2.stride(0), q.stride(0), d, num_groups,
+            GROUP=group, GROUPS=per_program, FP8_LIMIT=FP8_MAX, SCALE_FLOOR=FP8_MIN_SCALE, num_warps=4,
+        )  # fmt: skip
+    return QuantizedActivation(q, scales)
