@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.fp8_producers import fused_quantization_fits, silu_and_mul_fp8
 from engine.kernels.fp8_quant import quantize_activations
 from engine.kernels.moe_align import (
     SMALL_MAX_SLOTS,
@@ -342,8 +343,15 @@ def fused_experts(
     if fp8:
         assert w13_scale is not None and w2_scale is not None
         xq, x_scale = quantize_activations(x, group_k)
-        activated = _gate_up(xq, w13, align, top_k, cfg, x.dtype, (x_scale, w13_scale), group_k)
-        aq, a_scale = quantize_activations(activated, group_k)
+        gate_scales = (x_scale, w13_scale)
+        if cfg.split_gate and fused_quantization_fits(w13.shape[1] // 2, group_k):
+            # SiLU-mul writes float8 for the second GEMM (engine/kernels/fp8_producers.py): one pass fewer
+            gate_up = torch.empty((num_slots, w13.shape[1]), dtype=x.dtype, device=x.device)
+            _grouped_gemm(xq, w13, gate_up, align, top_k, cfg, False, None, gate_scales, group_k)
+            aq, a_scale = silu_and_mul_fp8(gate_up, group_k)
+        else:
+            activated = _gate_up(xq, w13, align, top_k, cfg, x.dtype, gate_scales, group_k)
+            aq, a_scale = quantize_activations(activated, group_k)
         _grouped_gemm(aq, w2, per_slot, align, 1, cfg, False, weights, (a_scale, w2_scale), group_k)
     else:
         activated = _gate_up(x, w13, align, top_k, cfg, x.dtype)
