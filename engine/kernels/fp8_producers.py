@@ -6,7 +6,10 @@ four linears take their input straight from a norm or SiLU-and-mul, so those ker
 would have written instead (engine.model.layer_kit builds them where the consumer is an Fp8Linear that
 quantizes dynamically). The arithmetic is the two kernels' one after the other: the output rounded to the
 activation dtype, then per row (or per row and ``group`` columns) scale = max(amax / FP8_MAX, MIN_SCALE)
-and x / scale clamped and rounded to nearest; so the float8 values and scales equal the unfused pair's.
+and x / scale clamped and rounded to nearest; so the float8 values and scales are the unfused pair's, but
+for the norm's float32 sum of squares, whose reduction order the compiler picks per kernel: on an H100 two or
+three rows in 10,000 (4,096 wide) came out one bf16 step apart before quantizing, a few of their values one
+e4m3 step apart (bench/diag/fp8_producer_bits.py). SiLU-and-mul has no sum: its bits are the pair's.
 """
 
 from __future__ import annotations

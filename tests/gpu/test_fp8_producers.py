@@ -1,8 +1,10 @@
 """The norm and SiLU-and-mul that write float8 for the next FP8 linear (engine/kernels/fp8_producers.py) on
-a GPU: the same float8 bits and scales as the unfused pair (the bf16 kernel, then
-engine.kernels.fp8_quant.quantize_activations, whose bits tests/gpu/test_fp8_quant_kernel.py checks against
-torch), per row and per 128-column group, at an 8B model's widths and ragged ones, and the residual stream
-unchanged."""
+a GPU against the unfused pair (the bf16 kernel, then engine.kernels.fp8_quant.quantize_activations, whose
+bits tests/gpu/test_fp8_quant_kernel.py checks against torch), per row and per 128-column group, at an 8B
+model's widths and ragged ones. SiLU-and-mul: the same bits. The norm: the residual stream the same bits;
+its float32 sum of squares may be reduced in another order (the compiler's choice per kernel), so a few rows
+round one bf16 step apart before quantizing (2-3 in 10,000 on an H100: bench/diag/fp8_producer_bits.py):
+those rows' values within one e4m3 step and scales within one bf16 step, every other row exact."""
 
 from __future__ import annotations
 
@@ -24,6 +26,17 @@ def assert_same_bits(fused, reference):
     assert torch.equal(fused.q.view(torch.uint8), ref_q.view(torch.uint8))
 
 
+def assert_same_but_a_few_rows_one_step_apart(fused, reference):
+    ref_q, ref_s = reference
+    rows_apart = (fused.q.view(torch.uint8) != ref_q.view(torch.uint8)).any(1) | (fused.scale != ref_s).any(1)
+    assert int(rows_apart.sum()) <= max(1, fused.q.shape[0] // 100), int(rows_apart.sum())
+    if rows_apart.any():
+        a, b = fused.q[rows_apart].float(), ref_q[rows_apart].float()
+        assert ((a - b).abs() <= b.abs() / 8 + 2**-9).all()  # one e4m3 step (3 mantissa bits; subnormals)
+        s, ref = fused.scale[rows_apart], ref_s[rows_apart]
+        assert ((s - ref).abs() <= ref * 2**-7).all()  # the amax one bf16 step apart
+
+
 @pytest.mark.parametrize("t,n", [(1, 4096), (37, 4096), (256, 5120), (3, 1024), (0, 4096), (2048, 4096)])
 @pytest.mark.parametrize("group", [None, 128])
 @pytest.mark.parametrize("with_residual", [False, True])
@@ -42,7 +55,7 @@ def test_rms_norm_fp8_gives_the_unfused_bits(t, n, group, with_residual):
     else:
         ref, ref_res = rms_norm(x, w, 1e-6, residual)
         assert torch.equal(res, ref_res)
-    assert_same_bits(out, quantize_activations(ref, group))
+    assert_same_but_a_few_rows_one_step_apart(out, quantize_activations(ref, group))
 
 
 @pytest.mark.parametrize("t,d", [(1, 14336), (37, 14336), (256, 12288), (3, 768), (0, 1024), (2048, 14336)])

@@ -2,8 +2,9 @@
 on the CPU through Triton's interpreter: the same float8 values and scales as the unfused pair (the bf16
 kernel, then engine.kernels.fp8_quant.quantize_activations), which the interpreter runs with the same
 rounding; per row and per 128-column group, with and without a residual, widths that are not a power of
-two, a zero row, a row-strided input, and SiLU-and-mul rows wider than one pass. Exact bits on a GPU:
-tests/gpu/test_fp8_producers.py."""
+two, a zero row, a row-strided input, and SiLU-and-mul rows wider than one pass. On a GPU
+(tests/gpu/test_fp8_producers.py) the norm's float32 sum may be reduced in another order than the plain
+norm's, so a few rows there may round one step apart; the interpreter sums in one order."""
 
 from __future__ import annotations
 
