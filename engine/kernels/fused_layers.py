@@ -36,7 +36,7 @@ class FusedSiluAndMul(SiluAndMul):
 
 class Fp8OutRMSNorm(RMSNorm):
     """RMSNorm whose output only feeds an FP8 linear quantizing in groups of ``group`` columns (None: per
-    row): returns that output already quantized."""
+    row): returns that output already quantized. x [T, hidden] only (the decoder's flat tokens)."""
 
     def __init__(self, hidden_size: int, eps: float, group: int | None) -> None:
         super().__init__(hidden_size, eps)
@@ -53,7 +53,7 @@ class Fp8OutRMSNorm(RMSNorm):
 
 
 class Fp8OutSiluAndMul(SiluAndMul):
-    """SiLU-and-mul whose output only feeds an FP8 linear (as Fp8OutRMSNorm)."""
+    """SiLU-and-mul whose output only feeds an FP8 linear (as Fp8OutRMSNorm): [T, 2 * d] -> float8 [T, d]."""
 
     def __init__(self, group: int | None) -> None:
         super().__init__()

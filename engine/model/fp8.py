@@ -40,7 +40,9 @@ FP8 = torch.float8_e4m3fn
 
 class QuantizedActivation(NamedTuple):
     """An FP8 linear's input already quantized by the kernel that produced it (engine.kernels.fp8_producers):
-    float8 [T, k] and float32 scales [T, groups], as engine.kernels.fp8_quant.quantize_activations returns."""
+    float8 [T, k] (2-D: the model's flat token dimension) and float32 scales [T, groups], as
+    engine.kernels.fp8_quant.quantize_activations returns. A tuple: a norm returning one without a residual
+    returns two tensors, so callers unpack a norm's output only where they passed a residual."""
 
     q: torch.Tensor
     scale: torch.Tensor
@@ -236,6 +238,7 @@ class Fp8Linear(Linear):
 
     def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
         if isinstance(x, QuantizedActivation):
+            assert self.takes_quantized_input and x.q.shape[1] == self.in_features, "built for another layer"
             out = self._gemm(x.q, x.scale)
         elif self.scheme.dequantize:
             out = self._forward_dequantized(x)

@@ -59,7 +59,7 @@ class LayerKit:
         if self.fused:
             from engine.kernels.fused_layers import Fp8OutRMSNorm, FusedRMSNorm
 
-            group = self._fp8_input_group(feeds, hidden_size)
+            group = self._fp8_input_group(feeds, hidden_size)  # (a norm of another width feeds no linear)
             if group is not False:
                 return Fp8OutRMSNorm(hidden_size, eps, group)
             return FusedRMSNorm(hidden_size, eps)
@@ -70,26 +70,25 @@ class LayerKit:
         if self.fused:
             from engine.kernels.fused_layers import Fp8OutSiluAndMul, FusedSiluAndMul
 
-            group = self._fp8_input_group(feeds, feeds.in_features if isinstance(feeds, Linear) else 0)
+            group = self._fp8_input_group(feeds, None)  # its width is the linear's input, whatever the shard
             if group is not False:
                 return Fp8OutSiluAndMul(group)
             return FusedSiluAndMul()
         return SiluAndMul()
 
-    def _fp8_input_group(self, feeds: nn.Module | None, features: int) -> int | None | Literal[False]:
+    def _fp8_input_group(self, feeds: nn.Module | None, width: int | None) -> int | None | Literal[False]:
         """The quantization group (None: per row) in which the layer before `feeds` writes float8 for it
-        (engine.kernels.fp8_producers), or False: it writes its output as it is."""
+        (engine.kernels.fp8_producers), or False: it writes its output as it is. `width`: the producer's
+        output width where it must be checked against the linear's input."""
         from engine.model.fp8 import Fp8Linear
 
-        if (
-            not isinstance(feeds, Fp8Linear)
-            or not feeds.takes_quantized_input
-            or feeds.in_features != features
-        ):
+        if not isinstance(feeds, Fp8Linear) or not feeds.takes_quantized_input:
+            return False
+        if width is not None and feeds.in_features != width:
             return False
         from engine.kernels.fp8_producers import fused_quantization_fits
 
-        return feeds.group_k if fused_quantization_fits(features, feeds.group_k) else False
+        return feeds.group_k if fused_quantization_fits(feeds.in_features, feeds.group_k) else False
 
     def rotary(
         self,

@@ -144,6 +144,15 @@ def test_norms_and_silu_before_an_fp8_linear_hand_it_float8():
 
     moe = build(ONLINE_FP8, "qwen3_moe").model.layers[0]
     assert type(moe.input_layernorm) is Fp8OutRMSNorm and type(moe.post_attention_layernorm) is FusedRMSNorm
+    # a Qwen3-MoE model's dense layers (mlp_only_layers) are dense MLPs: their norm and SiLU write float8
+    config = TINY_CONFIGS["qwen3_moe"](512)
+    config.hidden_size, config.intermediate_size, config.mlp_only_layers = 256, 512, [1]
+    mixed = MoeForCausalLM(
+        config, TorchAttention(), torch.bfloat16, "cpu", kit=LayerKit(fused=True, quantization=ONLINE_FP8)
+    )
+    dense = mixed.model.layers[1]
+    assert type(dense.post_attention_layernorm) is Fp8OutRMSNorm and type(dense.mlp.act) is Fp8OutSiluAndMul
+    assert type(mixed.model.layers[0].post_attention_layernorm) is FusedRMSNorm
 
     unfused = [
         replace(ONLINE_FP8, dequantize=True),  # CPU / no FP8 GEMMs: the linears take float activations
@@ -152,6 +161,7 @@ def test_norms_and_silu_before_an_fp8_linear_hand_it_float8():
     for scheme in unfused:
         layer = build(scheme).model.layers[0]
         assert type(layer.input_layernorm) is FusedRMSNorm and type(layer.mlp.act) is FusedSiluAndMul
+        assert type(layer.post_attention_layernorm) is FusedRMSNorm
     # 128-wide groups that do not divide the width: the last group would be ragged, left to the linear
     block = Fp8Scheme("block", "dynamic", (128, 128), "weight_scale_inv", True, "fp8")
     assert type(build(block, hidden=192).model.layers[0].input_layernorm) is FusedRMSNorm

@@ -4,7 +4,10 @@ kernel, then engine.kernels.fp8_quant.quantize_activations), which the interpret
 rounding; per row and per 128-column group, with and without a residual, widths that are not a power of
 two, a zero row, a row-strided input, and SiLU-and-mul rows wider than one pass. On a GPU
 (tests/gpu/test_fp8_producers.py) the norm's float32 sum may be reduced in another order than the plain
-norm's, so a few rows there may round one step apart; the interpreter sums in one order."""
+norm's, so a few rows there may round one step apart; the interpreter sums in one order. Both sides here
+go through the interpreter's float32 -> e4m3 cast, which rounds some values wrongly
+(tests/gpu/test_fp8_on_cpu_interpreter.py): this checks indexing, masks and scales; the GPU test checks
+rounding."""
 
 from __future__ import annotations
 

@@ -68,10 +68,16 @@ for tokens, experts, top_k, hidden, inter, dtype, group, skew, block_m in fp8_ca
 # the SiLU-mul writes float8 itself (engine/kernels/fp8_producers.py) where the intermediate size takes whole
 # groups: per-channel, 128-column groups; 136 columns (a ragged group) quantize after it.
 from dataclasses import replace
-split_cases = [(40, 4, 2, 32, 24, f32, "float"), (200, 4, 2, 256, 136, f32, 128), (100, 4, 2, 256, 256, f32, 128),
-               (60, 4, 2, 64, 48, f32, None)]
-for tokens, experts, top_k, hidden, inter, dtype, group in split_cases:
+import engine.kernels.fused_moe as fused_moe_module
+producer_calls = []
+unspied = fused_moe_module.silu_and_mul_fp8
+fused_moe_module.silu_and_mul_fp8 = lambda *a, **k: producer_calls.append(1) or unspied(*a, **k)
+# the last field: whether SiLU-mul writes float8 itself
+split_cases = [(40, 4, 2, 32, 24, f32, "float", False), (200, 4, 2, 256, 136, f32, 128, False),
+               (100, 4, 2, 256, 256, f32, 128, True), (60, 4, 2, 64, 48, f32, None, True)]
+for tokens, experts, top_k, hidden, inter, dtype, group, produced in split_cases:
     case = make_moe_case(tokens, experts, top_k, hidden, inter, dtype, "cpu", seed=tokens + 1)
+    producer_calls.clear()
     if group == "float":
         cfg = replace(choose_block_config(tokens * top_k, experts), split_gate=True)
         out = fused_experts(case.x, case.w13, case.w2, case.topk_weights, case.topk_ids, cfg)
@@ -83,6 +89,8 @@ for tokens, experts, top_k, hidden, inter, dtype, group in split_cases:
         err = relative_error(out, reference_fp8_moe(case, fp8))
     assert out.dtype == dtype and out.shape == case.x.shape
     assert err < (1e-5 if group == "float" else 1e-3), (tokens, experts, top_k, group, err)
+    assert bool(producer_calls) == produced, (inter, group)
+fused_moe_module.silu_and_mul_fp8 = unspied
 
 # each token's top_k weighted rows summed in float32 and rounded once (hidden no multiple of the block)
 from engine.kernels.fused_moe import sum_slots
