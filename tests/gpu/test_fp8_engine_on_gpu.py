@@ -92,3 +92,28 @@ def test_online_fp8_with_fp8_kv_cache(tmp_path):
     assert blocks["both"] == 2 * blocks["bf16"]
     verdict = combination_verdict(runs["bf16"], runs["fp8_linears"], runs["fp8_kv"], runs["both"])
     assert verdict.passes, verdict.explain()
+
+
+def test_online_fp8_gives_the_same_tokens_with_and_without_the_float8_producers(tmp_path, monkeypatch):
+    """The norms and SiLU-and-mul writing float8 (engine/kernels/fp8_producers.py) change nothing a user sees:
+    an engine built without them (the linears quantizing their inputs) gives the same greedy tokens and the
+    same first-token logprobs, within the few rows whose norm sums round one step apart."""
+    from engine.model.layer_kit import LayerKit
+
+    path = save_random_checkpoint(FAMILIES["llama"](), tmp_path / "float", weight_std=0.1)
+    ps = prompts(8, seed=7, hi=100)
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    runs = {}
+    for name in ("producers", "plain"):
+        if name == "plain":
+            monkeypatch.setattr(LayerKit, "_fp8_input_group", lambda self, feeds, width: False)
+        eng = small_engine(path, quantization="fp8")
+        built = [m for m in eng.runner.model.modules() if isinstance(m, (Fp8OutRMSNorm, Fp8OutSiluAndMul))]
+        assert len(built) == (3 * 2 if name == "producers" else 0)
+        runs[name] = (eng.generate(ps, greedy), first_token_logprobs(eng, ps, 5))
+        del eng
+    (ours, our_first), (theirs, their_first) = runs["producers"], runs["plain"]
+    assert sum(o == t for o, t in zip(ours, theirs, strict=True)) >= 7
+    for a, b in zip(our_first, their_first, strict=True):
+        ref = dict(b.top)
+        assert all(abs(lp - ref[t]) < 0.05 for t, lp in a.top if t in ref)
