@@ -8,8 +8,9 @@ pydantic refuse such output (a raw tab was seen at temperature 1.5). Plain strin
 already right (their characters exclude U+0000-U+001F).
 
 The fix is made on the EBNF xgrammar generates: such a string's characters become "JSON string characters":
-anything but `"`, `\` and U+0000-U+001F, or one escape (`\t`, `\u00e9`, ...), so the length bounds count
-characters as JSON Schema does. Grammars without such a rule are used as xgrammar built them.
+anything but `"`, `\`, U+0000-U+001F and the UTF-16 surrogates (whose three-byte encodings xgrammar takes for
+characters, but which are no UTF-8 and come out as three U+FFFD), or one escape (`\t`, `\u00e9`, ...), so the
+length bounds count characters as JSON Schema does. Grammars without such a rule are used as xgrammar built them.
 
 How the bounded repetition is written decides what every decode step costs. As `char{m,n}` with a char that
 has an escape alternative, xgrammar's per-position token-mask cache cannot settle which tokens fit (they
@@ -36,8 +37,10 @@ import xgrammar as xgr
 # The rule as xgrammar prints it (`str(Grammar)`) for the characters of a length-bounded string:
 # `root_prop_0_characters ::= (([^\"\\\r\n]))`. A whole rule is matched, never text inside a user's pattern.
 LOOSE_STRING_CHARACTER_RULE = re.compile(r'^(\S+) ::= \(\(\[\^\\"\\\\\\r\\n\]\)\)$', re.MULTILINE)
-# One character of a JSON string's contents (RFC 8259, section 7), and its two halves.
-JSON_PLAIN_CHARACTER = r"[^\0-\x1f\"\\]"
+# One character of a JSON string's contents (RFC 8259, section 7), and its two halves. Not a UTF-16 surrogate
+# (U+D800-U+DFFF): xgrammar reads the bytes ED A0..BF xx as one such character, but they are no UTF-8, and the
+# detokenizer renders them as three U+FFFD, which broke a maxLength (seen at temperature 1.5 with SmolLM2).
+JSON_PLAIN_CHARACTER = r"[^\0-\x1f\"\\\uD800-\uDFFF]"
 JSON_ESCAPE = r'"\\" ([\"\\/bfnrt] | "u" [A-Fa-f0-9] [A-Fa-f0-9] [A-Fa-f0-9] [A-Fa-f0-9])'
 JSON_STRING_CHARACTER = f"({JSON_PLAIN_CHARACTER} | {JSON_ESCAPE})"
 # Character positions written as a rule chain (one rule each, escapes allowed) before plain characters only.

@@ -219,3 +219,23 @@ def test_a_short_string_keeps_its_escapes_beside_a_long_one(compiler: GrammarCom
     long_with_late_escape = "x" * 80 + "\\n"
     text = "{" + ",".join(f'"{n}":"{"z" if n == "b" else long_with_late_escape}"' for n in names) + "}"
     assert accepts(compiler, spec, text)
+
+
+@pytest.mark.parametrize("bounds", [{"maxLength": 3}, {"maxLength": 1}, {"minLength": 1, "maxLength": 100}])
+def test_length_bounded_strings_refuse_utf16_surrogates(compiler: GrammarCompiler, bounds: dict) -> None:
+    """The bytes ED A0..BF xx encode a UTF-16 surrogate, which is no UTF-8: the detokenizer renders them as
+    three U+FFFD, so a string xgrammar counted as 3 characters came out as 5 (seen past a maxLength of 90 at
+    temperature 1.5 with SmolLM2). Refused at every position: the first, and past the rule chain (70)."""
+    spec = object_schema({"type": "string", **bounds})
+
+    def accepts_bytes(contents: bytes) -> bool:
+        matcher = xgr.GrammarMatcher(compiler.compile(spec))
+        return matcher.accept_string(b'{"a":"' + contents + b'"}') and matcher.accept_token(EOS)
+
+    assert accepts_bytes("一".encode())  # E4 B8 80: a real three-byte character
+    assert accepts_bytes("\ud7ff".encode())  # ED 9F BF: the last code point before the surrogates
+    assert not accepts_bytes(b"\xed\xa0\x80")  # U+D800
+    assert not accepts_bytes(b"\xed\xbf\xbf")  # U+DFFF
+    if bounds.get("maxLength", 0) >= 100:
+        assert accepts_bytes(b"x" * 70 + "一".encode())
+        assert not accepts_bytes(b"x" * 70 + b"\xed\xa0\x80")
