@@ -17,8 +17,8 @@ case "${1:-}" in
   all-bars)  # both open issues' bars in one call when an H200 comes (each bench's own baseline in its run): W5 at
     # QPS = inf and 32 (issue 14: never measured on an H200 with piecewise graphs, tuned tiles and the learnt prefill
     # cap), W1, W2 at inf, W2-FP8 (issue 13); most important first, each within its share of the 600 s. On any
-    # other card: all of tests/gpu (the learnt prefill cap is the GPU default since 2026-12-06; tests/gpu has not run
-    # with it)
+    # other card: all of tests/gpu (last run 2026-12-06 on an H100 before the FP8 producer test was relaxed and the
+    # producer-vs-plain engine test added)
     if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
       run w5 230 python3 bench/w5_moe.py --num-layers 48 --checkpoint fp8-block --hf-requests 0 --qps inf 32 \
         --step-trace --out "$OUT/w5.json"

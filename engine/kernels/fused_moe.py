@@ -259,17 +259,23 @@ def _gate_up(
     dtype: torch.dtype,
     scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     group_k: int | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """[slots, I]: silu(gate) * up of each slot against its expert's w13, in the GEMM's epilogue or, with
-    ``cfg.split_gate``, as a second pass over the GEMM's [slots, 2I] output."""
+    ``cfg.split_gate``, as a second pass over the GEMM's [slots, 2I] output. FP8 experts (`scales` given):
+    the second GEMM's input, float8 with its scales, written by that second pass itself where the groups
+    divide I (engine/kernels/fp8_producers.py), else quantized after."""
     inter = w13.shape[1] // 2
     if not cfg.split_gate:
         activated = torch.empty((align.num_slots, inter), dtype=dtype, device=x.device)
         _grouped_gemm(x, w13, activated, align, top_k, cfg, True, None, scales, group_k)
-        return activated
+        return activated if scales is None else quantize_activations(activated, group_k)
     gate_up = torch.empty((align.num_slots, 2 * inter), dtype=dtype, device=x.device)
     _grouped_gemm(x, w13, gate_up, align, top_k, cfg, False, None, scales, group_k)
-    return silu_and_mul(gate_up)
+    if scales is None:
+        return silu_and_mul(gate_up)
+    if fused_quantization_fits(inter, group_k):
+        return silu_and_mul_fp8(gate_up, group_k)
+    return quantize_activations(silu_and_mul(gate_up), group_k)
 
 
 def check_fp8_operands(
@@ -345,15 +351,7 @@ def fused_experts(
     if fp8:
         assert w13_scale is not None and w2_scale is not None
         xq, x_scale = quantize_activations(x, group_k)
-        gate_scales = (x_scale, w13_scale)
-        if cfg.split_gate and fused_quantization_fits(w13.shape[1] // 2, group_k):
-            # SiLU-mul writes float8 for the second GEMM (engine/kernels/fp8_producers.py): one pass fewer
-            gate_up = torch.empty((num_slots, w13.shape[1]), dtype=x.dtype, device=x.device)
-            _grouped_gemm(xq, w13, gate_up, align, top_k, cfg, False, None, gate_scales, group_k)
-            aq, a_scale = silu_and_mul_fp8(gate_up, group_k)
-        else:
-            activated = _gate_up(xq, w13, align, top_k, cfg, x.dtype, gate_scales, group_k)
-            aq, a_scale = quantize_activations(activated, group_k)
+        aq, a_scale = _gate_up(xq, w13, align, top_k, cfg, x.dtype, (x_scale, w13_scale), group_k)
         _grouped_gemm(aq, w2, per_slot, align, 1, cfg, False, weights, (a_scale, w2_scale), group_k)
     else:
         activated = _gate_up(x, w13, align, top_k, cfg, x.dtype)
