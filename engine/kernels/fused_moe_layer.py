@@ -7,9 +7,10 @@ token and group for block scales)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from engine.kernels.fused_moe import fused_experts
-from engine.kernels.moe_router import router_topk
+from engine.kernels.moe_router import topk_softmax
 from engine.kernels.moe_tuned_configs import tuned_configs_for
 from engine.model.fp8 import FP8
 from engine.model.moe import MoeExperts, MoeSpec, TopKRouter
@@ -19,8 +20,7 @@ from engine.model.sharding import Shard
 
 class FusedTopKRouter(TopKRouter):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # the logits' product, softmax and top-k in one kernel where that pays (engine.kernels.moe_router)
-        return router_topk(x, self.weight, self.top_k, self.renormalize)
+        return topk_softmax(F.linear(x, self.weight), self.top_k, self.renormalize)
 
 
 class FusedMoeExperts(MoeExperts):
