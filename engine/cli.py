@@ -138,8 +138,7 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         "--max-piecewise-graph-tokens",
         type=int,
         help="steps with prompt tokens up to this many tokens replay CUDA graphs captured between attention "
-        "calls; 0: they run eagerly (default on a GPU: the step budget, at most "
-        f"{EngineConfig.DEFAULT_MAX_PIECEWISE_GRAPH_TOKENS}, less where the model's larger steps are GPU-bound)",
+        f"calls; 0: they run eagerly (default: {EngineConfig.DEFAULT_MAX_PIECEWISE_GRAPH_TOKENS} on a GPU)",
     )
     a(
         "--async-scheduling",

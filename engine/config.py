@@ -61,13 +61,11 @@ class EngineConfig(BaseModel):
     # Steps with prompt tokens of up to this many tokens (and decode-only steps past the decode graphs'
     # 512 sequences) replay CUDA graphs captured in pieces between attention calls
     # (engine/model/piecewise_cuda_graphs.py): eagerly, a 2,048-token prompt step of Qwen3-30B-A3B spent
-    # 56 ms launching 38 ms of kernels (H100; W5 23.4 -> 28.8 req/s with them). By default the engine lowers it
-    # to the largest step whose arithmetic takes less GPU time than its eager launches
-    # (piecewise_cuda_graphs.host_bound_tokens: ~1,344 tokens for Llama-8B, where padding a GPU-bound 2,048-token
-    # chunk only cost W2 4 %; ~10,600 for W5's MoE, ~19,000 for W1's Qwen3-0.6B) and to the step budget. It was
-    # 3,072 (the default prompt cap beside 1,024 decodes) until W1's H200 run showed its 14,000-token prompt steps
-    # host-bound: 32 ms of launching a step, the GPU idle (0.38 s of a 5.5 s run).
-    DEFAULT_MAX_PIECEWISE_GRAPH_TOKENS: ClassVar[int] = 16384
+    # 56 ms launching 38 ms of kernels (H100; W5 23.4 -> 28.8 req/s with them). 3,072 holds the default prompt
+    # cap (2,048) beside 1,024 decodes. By default the engine lowers it to the largest step whose arithmetic
+    # takes less GPU time than its eager launches (piecewise_cuda_graphs.host_bound_tokens: ~1,344 tokens for
+    # Llama-8B, where padding a GPU-bound 2,048-token chunk only cost W2 4 %; all 3,072 for W5's MoE).
+    DEFAULT_MAX_PIECEWISE_GRAPH_TOKENS: ClassVar[int] = 3072
     # Seconds in-flight requests may take to finish on SIGTERM (`kubellm serve --shutdown-timeout`):
     # Kubernetes' default grace period. The operator sizes terminationGracePeriodSeconds from it.
     DEFAULT_SHUTDOWN_TIMEOUT_S: ClassVar[float] = 30.0

@@ -67,12 +67,9 @@ def host_bound_tokens(model: nn.Module, num_layers: int) -> int:
 
 
 def token_count_buckets(max_tokens: int) -> list[int]:
-    """64, 128, every 128 to 1,024, every 256 to 4,096, every 512 to 8,192, every 1,024 beyond; max_tokens
-    itself last. Padding costs at most one spacing (a few per cent of a step this size); more buckets cost
-    capture time and graph memory."""
-    steps = [
-        64, *range(128, 1025, 128), *range(1280, 4097, 256), *range(4608, 8193, 512), *range(9216, max_tokens, 1024)
-    ]  # fmt: skip
+    """64, 128, every 128 to 1,024, every 256 beyond; max_tokens itself last. Padding costs at most a
+    bucket's step (a few per cent of a step this size); more buckets cost capture time and graph memory."""
+    steps = [64, *range(128, 1025, 128), *range(1280, max_tokens, 256)]
     return [b for b in steps if b < max_tokens] + [max_tokens]
 
 

@@ -144,9 +144,7 @@ def test_engine_tokens_equal_eager(family, model_dir):
                               kv_cache_memory=512 << 20, max_num_seqs=16, **overrides)  # fmt: skip
         return LLMEngine(config, load_model(config))
 
-    # a tiny model's default largest bucket is the step budget (8,192): 3,072 leaves the 3,500-token prompt
-    # above it (eager)
-    graphed = engine(max_piecewise_graph_tokens=3072)
+    graphed = engine()
     assert graphed.runner.piecewise_graphs is not None and graphed.runner.piecewise_graphs.max_tokens == 3072
     steps: list[tuple[str | None, int]] = []
     launch = graphed.runner.launch

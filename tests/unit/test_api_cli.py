@@ -70,10 +70,7 @@ def test_piecewise_graph_tokens_flag_and_its_defaults() -> None:
     from engine.config import EngineConfig
 
     assert config_of("--max-piecewise-graph-tokens", "0").max_piecewise_graph_tokens == 0
-    # the step budget (8,192 on a GPU) unless the model's host-bound step is smaller
-    assert EngineConfig().max_piecewise_graph_tokens_on("cuda") == 8192
-    assert EngineConfig(max_num_batched_tokens=16384).max_piecewise_graph_tokens_on("cuda", 19_000) == 16384
-    assert EngineConfig(max_num_batched_tokens=32768).max_piecewise_graph_tokens_on("cuda", 40_000) == 16384
+    assert EngineConfig().max_piecewise_graph_tokens_on("cuda") == 3072
     assert EngineConfig().max_piecewise_graph_tokens_on("cpu") == 0  # no CUDA graphs on the CPU
     assert EngineConfig(enforce_eager=True).max_piecewise_graph_tokens_on("cuda") == 0
     assert EngineConfig(max_num_batched_tokens=2048).max_piecewise_graph_tokens_on("cuda") == 2048
