@@ -18,8 +18,8 @@ case "${1:-}" in
     # one: W5 (issue 14: never measured on an H200 with piecewise graphs, tuned tiles and the learnt prefill cap) at
     # QPS = inf and 32 with the default prefill cap (auto), then without one (every prompt step takes the whole
     # 8,192-token budget; +5 % on an H100: each prompt step reads all the experts), its decode steps against their
-    # floor; then W1. Next call: `all-bars-w2`. On any other card: all of tests/gpu (last run 2026-12-06 on an H100
-    # before the FP8 producer test was relaxed and the producer-vs-plain engine test added)
+    # floor; then W1. Next call: `all-bars-w2`. On any other card: all of tests/gpu (last run 2026-12-06, eighth
+    # H100 session, on main's GPU code as of dc94582: 657 passed)
     if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
       run w5 430 python3 bench/w5_moe.py --num-layers 48 --checkpoint fp8-block --hf-requests 0 --qps inf 32 \
         --step-trace --also-serve '--max-prefill-tokens-while-decoding 0' --out "$OUT/w5.json"
@@ -65,6 +65,10 @@ case "${1:-}" in
       --batch 256 128 32 --context 800 --temperature 0.6 --out "$OUT/w1_step_kernels.json"
     run bf16_gemm_tiles 200 python3 bench/diag/bf16_gemm_tiles.py --tokens 256 64 --out "$OUT/bf16_gemm_tiles.json"
     [[ "${2:-}" == all ]] && run kernels 200 python3 bench/kernels.py --out "$OUT/kernels.json" ;;
+  w1-prefill)  # issue 13's W1: its prompt steps are GPU-bound at ~40 ms per 16,384 tokens on an H100 (0.4 s of the
+    # run) against ~18 ms of GEMM arithmetic: a 29 x 560-token prompt step's kernels by category (attention's share)
+    run w1_prefill_kernels 200 python3 bench/diag/step_kernels.py --shape qwen3-0.6b --variants bf16 --batch 32 \
+      --context 256 --prefill-seqs 29 --prefill-len 560 --temperature 0.6 --out "$OUT/w1_prefill_kernels.json" ;;
   fp8-kernels)  # issue 13: where an 8B step's GPU time goes, bf16 against FP8 and FP8 + FP8 KV (kernels by category)
     run step_kernels 500 python3 bench/diag/step_kernels.py --out "$OUT/step_kernels.json" ;;
   w2-text)  # issue 13: text through completions and chat vs token ids, same server, same lengths
@@ -204,5 +208,5 @@ case "${1:-}" in
   w1)  # issue 13's W1 bar (H200: >= 28,800 tok/s), main and the old code on the same machine
     run w1 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
     (cd .carry/base && run w1_base 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_base.json") ;;
-  *) echo "usage: bench/gpu_backlog.sh all-bars|all-bars-w2|bf16-linears|piecewise-tests|w5-piecewise|w5-or-w2-piecewise|w5-kernels|fp8-kv-tiles|moe-quant|moe-align|moe-tune-w5|w5-kv|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
+  *) echo "usage: bench/gpu_backlog.sh all-bars|all-bars-w2|w1-prefill|bf16-linears|piecewise-tests|w5-piecewise|w5-or-w2-piecewise|w5-kernels|fp8-kv-tiles|moe-quant|moe-align|moe-tune-w5|w5-kv|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
 esac
