@@ -176,6 +176,18 @@ class StepTimer:
             setattr(obj, name, self._timed(getattr(obj, name), name))
         self._restore = PendingSample.result
         PendingSample.result = self._timed(PendingSample.result, "wait")
+        # The device's own time for each step the engine times (CUDA events around its forward and sampling;
+        # engine/model/step_timer.py): for large prompt steps the host's "launch" above also blocks while the
+        # GPU works through earlier steps, so it is no measure of host work there (2026-12-06, H100).
+        self.device_steps: list[tuple[int, int, float]] = []  # (prompt tokens, decodes, device ms)
+        record = engine.pipeline._record_time
+
+        def recorded(launched) -> None:
+            record(launched)
+            prompt_tokens = launched.num_tokens - launched.num_decodes
+            self.device_steps.append((prompt_tokens, launched.num_decodes, launched.timer.elapsed_ms()))
+
+        engine.pipeline._record_time = recorded
 
     def close(self) -> None:
         from engine.sampling.sampler import PendingSample
@@ -228,6 +240,10 @@ class StepTimer:
                                             "wait_for_gpu_s": total(rows, "wait"), "floor_s": floor_s,
                                             "pct_of_floor": 100 * floor_s / total(rows, "step")}  # fmt: skip
         out["decode_only_by_sequences"] = by_seqs
+        prompt_ms = [ms for prompt, _, ms in self.device_steps if prompt]
+        decode_ms = [ms for prompt, _, ms in self.device_steps if not prompt]
+        out["device_time"] = {"steps_with_prefill": {"steps": len(prompt_ms), "gpu_s": sum(prompt_ms) / 1e3},
+                              "decode_only_steps": {"steps": len(decode_ms), "gpu_s": sum(decode_ms) / 1e3}}  # fmt: skip
         out["steps_with_prefill_detail"] = [
             {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in other_rows[:40]
         ]
@@ -375,6 +391,8 @@ def main() -> None:
             f"  decode-only steps of {bucket} sequences: {row['steps']} x {1e3 * row['seconds'] / row['steps']:.2f} ms, "
             f"{row['pct_of_floor']:.0f}% of their floor, waiting for the GPU {row['wait_for_gpu_s']:.2f} s of {row['seconds']:.2f}"
         )
+    for kind, row in ours["step_breakdown"]["device_time"].items():
+        print(f"  {kind}: {row['steps']} steps, {row['gpu_s']:.2f} s of GPU time (CUDA events)")
     for name in ("hf_static_generate", "hf_continuous_batching"):
         if "tok_per_s" in result.get(name, {}):
             print(f"  {name} (first {result[name]['seqs']} seqs): {result[name]['tok_per_s']:.0f} tok/s")
