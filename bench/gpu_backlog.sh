@@ -69,6 +69,10 @@ case "${1:-}" in
     # run) against ~18 ms of GEMM arithmetic: a 29 x 560-token prompt step's kernels by category (attention's share)
     run w1_prefill_kernels 200 python3 bench/diag/step_kernels.py --shape qwen3-0.6b --variants bf16 --batch 32 \
       --context 256 --prefill-seqs 29 --prefill-len 560 --temperature 0.6 --out "$OUT/w1_prefill_kernels.json" ;;
+  pdl)  # issues 13/14: does programmatic dependent launch shorten chains of small kernels in a CUDA graph (decode
+    # steps are 300-860 of them)? Toy norm and GEMV chains with and without it (about 60 s; nothing in the engine
+    # uses it yet)
+    run pdl_chain 120 python3 bench/diag/pdl_chain.py --tokens 1 32 256 --out "$OUT/pdl_chain.json" ;;
   fp8-kernels)  # issue 13: where an 8B step's GPU time goes, bf16 against FP8 and FP8 + FP8 KV (kernels by category)
     run step_kernels 500 python3 bench/diag/step_kernels.py --out "$OUT/step_kernels.json" ;;
   w2-text)  # issue 13: text through completions and chat vs token ids, same server, same lengths
@@ -208,5 +212,5 @@ case "${1:-}" in
   w1)  # issue 13's W1 bar (H200: >= 28,800 tok/s), main and the old code on the same machine
     run w1 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
     (cd .carry/base && run w1_base 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_base.json") ;;
-  *) echo "usage: bench/gpu_backlog.sh all-bars|all-bars-w2|w1-prefill|bf16-linears|piecewise-tests|w5-piecewise|w5-or-w2-piecewise|w5-kernels|fp8-kv-tiles|moe-quant|moe-align|moe-tune-w5|w5-kv|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
+  *) echo "usage: bench/gpu_backlog.sh all-bars|all-bars-w2|w1-prefill|pdl|bf16-linears|piecewise-tests|w5-piecewise|w5-or-w2-piecewise|w5-kernels|fp8-kv-tiles|moe-quant|moe-align|moe-tune-w5|w5-kv|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
 esac
