@@ -21,11 +21,10 @@ block-scaled checkpoints store them (Qwen3-*-FP8: [128, 128] blocks, each row ho
 scale; engine.model.fp8's layout). x is quantized before step 2 and the SiLU-mul output before step 3
 (engine.kernels.fp8_quant: per token or slot, and per ``group_k`` columns for block weights; with the gate split
 off, by the SiLU-mul kernel itself where the groups divide the intermediate size: engine.kernels.fp8_producers).
-The same
-kernel, switched by constexprs: with group scales each BLOCK_K-wide product (BLOCK_K = group_k) is
-scaled by its row's and weight rows' group scales as it is added in float32; per channel the float32
-sum is scaled once at the end (gate and up by their own rows' scales, before the SiLU-mul). Half the
-bytes of bfloat16 experts, which is what a decode step's time is.
+The same kernel, switched by constexprs: with group scales each BLOCK_K-wide product (BLOCK_K = group_k) is
+scaled by its row's and weight rows' group scales as it is added in float32; per channel the float32 sum is
+scaled once at the end (gate and up by their own rows' scales, before the SiLU-mul). Half the bytes of bfloat16
+experts, which is what a decode step's time is.
 
 Shapes depend only on the number of tokens and no value is read back to the host, so decode steps are
 CUDA-graph capturable.

@@ -5,7 +5,8 @@ exactly one character with that char inline), where a char is
 `[^"\\\r\n]`: a raw tab or any other control character (U+0000-U+001F but CR and LF) is allowed, and no
 escape is. RFC 8259 forbids raw control characters in strings, so `json.loads`, the OpenAI SDK's `parse` and
 pydantic refuse such output (a raw tab was seen at temperature 1.5). Plain strings, patterns and formats are
-already right (their characters exclude U+0000-U+001F).
+already right there (their characters exclude U+0000-U+001F), but still take a UTF-16 surrogate (below) as one
+character: the text stays valid JSON, only a pattern's length or class may then miss (not rewritten here).
 
 The fix is made on the EBNF xgrammar generates: such a string's characters become "JSON string characters":
 anything but `"`, `\`, U+0000-U+001F and the UTF-16 surrogates (whose three-byte encodings xgrammar takes for
