@@ -19,6 +19,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import triton
@@ -32,7 +33,7 @@ from engine.kernels.reshape_and_cache import reshape_and_cache  # noqa: E402
 from engine.kernels.rmsnorm import rms_norm  # noqa: E402
 from engine.kernels.rotary import rotary_embedding  # noqa: E402
 from engine.kernels.silu_mul import silu_and_mul  # noqa: E402
-from engine.model.attention import write_kv_cache  # noqa: E402
+from engine.model.attention import longest_first, write_kv_cache  # noqa: E402
 from engine.model.layers import RMSNorm, RotaryEmbedding, SiluAndMul  # noqa: E402
 
 DEV = "cuda"
@@ -93,6 +94,16 @@ def bench_decode(
             block_n=block_n, num_warps=warps, num_stages=stages, kv_scales=kv_scales))  # fmt: skip
         rows.append({"kernel": "decode", "case": name, "variant": f"n{block_n}w{warps}s{stages}", "splits": splits,
                      "ms": ms, "floor_ms": floor_ms, "pct_of_floor": 100 * floor_ms / ms,
+                     "GB_per_s": kv_bytes / ms / 1e6})  # fmt: skip
+    # Ragged contexts: the programs dispatched longest context first, as the engine does
+    if len(set(context_lens)) > 1:
+        order = torch.from_numpy(longest_first(np.asarray(context_lens))).to(DEV)
+        block_n, warps, stages = DECODE_VARIANTS[0]
+        ms = median_ms(partial(
+            decode_attention, q, cache, tables, seq_lens, head_dim**-0.5, out, num_splits=splits,
+            block_n=block_n, num_warps=warps, num_stages=stages, kv_scales=kv_scales, seq_order=order))  # fmt: skip
+        rows.append({"kernel": "decode", "case": name, "variant": f"n{block_n}w{warps}s{stages} longest first",
+                     "splits": splits, "ms": ms, "floor_ms": floor_ms, "pct_of_floor": 100 * floor_ms / ms,
                      "GB_per_s": kv_bytes / ms / 1e6})  # fmt: skip
     if len(set(context_lens)) == 1 and not fp8_kv:  # SDPA baseline: one length, contiguous bf16 K/V
         ctx = context_lens[0]
@@ -195,6 +206,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results/kernels_gpu.json")
     parser.add_argument("--only", choices=["decode"], default=None, help="decode attention alone")
+    parser.add_argument("--bf16-kv-only", action="store_true", help="skip the FP8-cache decode sweeps")
     args = parser.parse_args()
     torch.manual_seed(0)
     random.seed(0)
@@ -212,6 +224,9 @@ def main() -> None:
         ("Qwen3-0.6B 256 x 1024", qwen, [1024] * 256, True),
         ("Llama-8B 256 x 1024", llama, [1024] * 256, True),
         ("Qwen3-0.6B 256 x U(100,2048)", qwen, [rng.randint(100, 2048) for _ in range(256)], False),
+        ("Qwen3-0.6B 128 x U(100,2048)", qwen, [rng.randint(100, 2048) for _ in range(128)], False),
+        ("Qwen3-0.6B 48 x U(100,2048)", qwen, [rng.randint(100, 2048) for _ in range(48)], False),
+        ("Llama-8B 160 x U(100,1500)", llama, [rng.randint(100, 1500) for _ in range(160)], False),
         ("Llama-8B 64 x 4096", llama, [4096] * 64, False),
         ("Llama-8B 8 x 8192", llama, [8192] * 8, False),
         ("Llama-8B 1 x 8192", llama, [8192], False),
@@ -223,9 +238,10 @@ def main() -> None:
     # FP8 caches (issue 13's W2-FP8, W5 with --kv-cache-dtype fp8): half the bytes through the same tiles; the
     # bf16 row of each shape beside it
     qwen3_moe = (32, 4, 128)
-    for name, (h, kvh, d), ctx in [("Llama-8B 256 x 1024", llama, [1024] * 256),
-                                   ("Qwen3-30B-A3B 256 x 1024", qwen3_moe, [1024] * 256),
-                                   ("Qwen3-30B-A3B 32 x 1024", qwen3_moe, [1024] * 32)]:  # fmt: skip
+    fp8_cases = [("Llama-8B 256 x 1024", llama, [1024] * 256),
+                 ("Qwen3-30B-A3B 256 x 1024", qwen3_moe, [1024] * 256),
+                 ("Qwen3-30B-A3B 32 x 1024", qwen3_moe, [1024] * 32)]  # fmt: skip
+    for name, (h, kvh, d), ctx in [] if args.bf16_kv_only else fp8_cases:
         for fp8_kv in (False, True):
             label = f"{name}{', FP8 KV' if fp8_kv else ''}"
             rows += bench_decode(

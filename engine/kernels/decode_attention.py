@@ -7,6 +7,12 @@ and a second kernel merges their partial results by log-sum-exp.
 
 Correctness never depends on ``num_splits``: each program derives its token range from the sequence's
 length at run time, so a CUDA graph captured with one split count stays right for any context length.
+
+A batch's contexts are ragged (W1's run from 50 to 2,000 tokens): programs are dispatched in grid order, and a
+long sequence's programs dispatched last leave SMs idle while they finish. Given ``seq_order`` (the sequences
+longest first, a permutation the host computes from the lengths it already has), the grid's programs go out in
+that order, every head and split of a sequence together: longest processing time first, the classic cure for
+such a tail.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ def _decode_kernel(
     v_cache_ptr,
     block_tables_ptr,
     seq_lens_ptr,
+    seq_order_ptr,  # [num_seqs] int32: the sequences longest first (ORDERED only)
     kv_scales_ptr,  # [2] float32: K and V scales of an FP8 cache (unused otherwise)
     out_ptr,
     part_out_ptr,  # [num_seqs, num_heads, num_splits, HEAD_DIM] float32 (split path only)
@@ -51,11 +58,21 @@ def _decode_kernel(
     DOT_PRECISION: tl.constexpr,
     FP8_KV: tl.constexpr,  # float8 cache: K/V converted to q's dtype, their scales folded in
     SPLIT: tl.constexpr,
+    ORDERED: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    num_heads = tl.num_programs(1) * GROUP
+    num_kv_heads = tl.num_programs(1)
+    num_heads = num_kv_heads * GROUP
+    if ORDERED:  # the grid's linear order (axis 0 fastest) walks seq_order, each sequence's programs together
+        linear = tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + num_kv_heads * tl.program_id(2))
+        per_seq = num_kv_heads * num_splits
+        rank = linear // per_seq
+        kv_head = linear % num_kv_heads
+        split = (linear % per_seq) // num_kv_heads
+        seq = tl.load(seq_order_ptr + rank)
+    else:
+        seq = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
 
     seq_len = tl.load(seq_lens_ptr + seq)
     # Whole BLOCK_N tiles per split, so only the last tile of the context is ragged.
@@ -185,6 +202,7 @@ def decode_attention(
     num_warps: int = 4,
     num_stages: int = 2,
     kv_scales: torch.Tensor | None = None,  # [2] float32, for a float8 cache
+    seq_order: torch.Tensor | None = None,  # [num_seqs] int32: a permutation, longest context first
 ) -> torch.Tensor:
     num_seqs, num_heads, head_dim = q.shape
     if num_seqs == 0:
@@ -208,6 +226,7 @@ def decode_attention(
         v_cache,
         block_tables,
         seq_lens,
+        seq_order if seq_order is not None else seq_lens,
         kv_scales if kv_scales is not None else seq_lens,
         out,
         part_out,
@@ -231,6 +250,7 @@ def decode_attention(
         DOT_PRECISION=dot_precision(q.dtype),
         FP8_KV=is_fp8_cache(kv_cache, kv_scales),
         SPLIT=split,
+        ORDERED=seq_order is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )

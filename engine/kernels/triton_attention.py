@@ -52,6 +52,7 @@ class TritonAttention:
                 out[:num_decodes],
                 num_splits=num_splits,
                 kv_scales=kv_scales,
+                seq_order=meta.decode_order,
             )
         if meta.num_seqs > num_decodes:
             prefill_attention(

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -29,6 +30,9 @@ class AttentionMetadata:
     # Host copies, so the torch backend never syncs with the device.
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
+    # [num_decodes] int32 on the GPU: the decode rows longest context first, for the decode kernel's program
+    # order (kernels/decode_attention.py); None: batch order.
+    decode_order: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -51,6 +55,11 @@ class AttentionBackend(Protocol):
         whole context (its cached prefix plus the new tokens). A float8 cache holds K / kv_scales[0]
         and V / kv_scales[1] (engine.model.kv_cache_quant)."""
         ...
+
+
+def longest_first(seq_lens: np.ndarray) -> np.ndarray:
+    """AttentionMetadata.decode_order: sequence indices by descending context length (ties in batch order)."""
+    return np.argsort(-seq_lens, kind="stable").astype(np.int32)
 
 
 FP8_KV = torch.float8_e4m3fn

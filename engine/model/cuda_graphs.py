@@ -69,6 +69,9 @@ class DecodeCudaGraphs:
         self.seq_lens = torch.ones(max_batch_size, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(max_batch_size, max_blocks, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(max_batch_size + 1, dtype=torch.int32, device=device)
+        # The decode kernel's program order (longest context first); padding rows keep their own indices.
+        self.batch_order = torch.arange(max_batch_size, dtype=torch.int32, device=device)
+        self.decode_order = self.batch_order.clone()
         self.hidden = torch.zeros(max_batch_size, hidden_size, dtype=dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.buckets = batch_size_buckets(max_batch_size)
@@ -86,6 +89,7 @@ class DecodeCudaGraphs:
             max_seq_len=self.max_model_len,
             query_lens_cpu=[1] * batch_size,
             seq_lens_cpu=[self.max_model_len] * batch_size,
+            decode_order=self.decode_order[:batch_size],
         )
 
     def _forward(self, batch_size: int) -> None:
@@ -130,8 +134,13 @@ class DecodeCudaGraphs:
         self.seq_lens[:n].copy_(meta.seq_lens)
         width = meta.block_tables.shape[1]
         self.block_tables[:n, :width].copy_(meta.block_tables)
-        if bs > n:  # padding rows: no cache write, a one-token context
+        if meta.decode_order is not None:
+            self.decode_order[:n].copy_(meta.decode_order)
+        else:
+            self.decode_order[:n].copy_(self.batch_order[:n])
+        if bs > n:  # padding rows: no cache write, a one-token context, dispatched last
             self.slot_mapping[n:bs].fill_(-1)
             self.seq_lens[n:bs].fill_(1)
+            self.decode_order[n:bs].copy_(self.batch_order[n:bs])
         self.graphs[bs].replay()
         return self.hidden[:n]

@@ -13,7 +13,7 @@ import torch
 from engine.core.scheduler import ScheduledSeq
 from engine.device_copy import to_device
 from engine.distributed.messages import Op, StepArrays, control
-from engine.model.attention import AttentionMetadata
+from engine.model.attention import AttentionMetadata, longest_first
 from engine.model.block_table_rows import BlockTableRows
 from engine.model.cuda_graphs import DecodeCudaGraphs
 from engine.model.input_staging import InputStaging
@@ -340,13 +340,17 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[torch.Tensor]]:
         """input_ids, positions and the attention metadata on the device, plus `extra` arrays copied
         along with them."""
+        # The decode kernel's program order (GPU only: the CPU's attention has no programs to order)
+        order = longest_first(arrays.seq_lens[: arrays.num_decodes]) if self.staging is not None else None
         host = [arrays.slot_mapping, arrays.query_start_loc, arrays.seq_lens, arrays.block_tables,
-                arrays.input_ids, arrays.positions, *(extra or [])]  # fmt: skip
+                arrays.input_ids, arrays.positions, *([] if order is None else [order]), *(extra or [])]  # fmt: skip
         if self.staging is not None:  # CUDA: two copies from long-lived pinned buffers
             on_device = self.staging.to_device(host)
         else:
             on_device = [torch.from_numpy(a) for a in host]
         slot_mapping, query_start_loc, seq_lens_dev, block_tables, ids, positions_dev = on_device[:6]
+        decode_order = None if order is None else on_device[6]
+        on_device = on_device[6 if order is None else 7 :]
         qsl = arrays.query_start_loc
         query_lens = (qsl[1:] - qsl[:-1]).tolist()
         seq_lens = arrays.seq_lens.tolist()
@@ -360,8 +364,9 @@ class ModelRunner:
             max_seq_len=max(seq_lens),
             query_lens_cpu=query_lens,
             seq_lens_cpu=seq_lens,
+            decode_order=decode_order,
         )
-        return ids, positions_dev, meta, on_device[6:]
+        return ids, positions_dev, meta, on_device
 
     def execute(self, batch: list[ScheduledSeq], eos_token_ids: set[int]) -> StepResult:
         """Run one step and wait for its tokens."""

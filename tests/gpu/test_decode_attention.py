@@ -69,3 +69,27 @@ def test_split_count_does_not_change_the_result_beyond_rounding():
         outs.append(out.float())
     for out in outs[1:]:
         assert (out - outs[0]).norm() / outs[0].norm() < 1e-2
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_longest_first_program_order_gives_the_same_bits(num_splits):
+    """The decode rows dispatched longest context first (as the engine orders them) or in any other order:
+    every program computes what it did in batch order."""
+    import numpy as np
+
+    from engine.model.attention import longest_first
+
+    rng = random.Random(5)
+    contexts = [rng.randint(1, 3000) for _ in range(77)]
+    b = make_paged_batch([1] * 77, [c - 1 for c in contexts], 16, 8, 128, 16, seed=5)
+    reshape_and_cache(b.k, b.v, b.kv_cache, b.meta.slot_mapping)
+    base = torch.full_like(b.q, float("nan"))
+    args = (b.q, b.kv_cache, b.meta.block_tables, b.meta.seq_lens, b.scale)
+    decode_attention(*args, base, num_splits=num_splits)
+    for order in (
+        longest_first(np.asarray(contexts)),
+        np.random.default_rng(0).permutation(77).astype(np.int32),
+    ):
+        out = torch.full_like(b.q, float("nan"))
+        decode_attention(*args, out, num_splits=num_splits, seq_order=torch.from_numpy(order).cuda())
+        assert torch.equal(out, base)
