@@ -13,6 +13,8 @@ pytestmark = needs_interpreter
 
 SCRIPT = r"""
 import random, torch
+import numpy as np
+from engine.model.attention import longest_first
 from gpu_paged_batch import make_paged_batch, reference_attention, write_new_kv_float32
 from engine.kernels.triton_attention import TritonAttention
 from engine.kernels.rmsnorm import rms_norm
@@ -39,6 +41,16 @@ for head_dim, block_size, kvh, group, q_lens, prefix, splits, dtype in cases:
     assert err < (2e-3 if dtype == f16 else 1e-5), (dtype, head_dim, err)
     written = ~expected_cache.isnan()
     assert torch.equal(b.kv_cache.float()[written], expected_cache[written])
+    # the decode programs dispatched longest context first (and in an arbitrary order): the same bits
+    nd = b.meta.num_decodes
+    lens = np.asarray(b.meta.seq_lens_cpu[:nd])
+    for order in (longest_first(lens), np.random.default_rng(nd).permutation(nd).astype(np.int32)):
+        b.meta.decode_order = torch.from_numpy(order)
+        again = torch.full_like(b.q, float("nan"))
+        TritonAttention(num_sms=4, decode_num_splits=splits).forward(b.q, b.k, b.v, b.kv_cache, b.meta, b.scale,
+                                                                     out=again)
+        assert torch.equal(again, out), (head_dim, order)
+    b.meta.decode_order = None
 
 torch.manual_seed(0)
 dt = torch.float16
@@ -87,6 +99,12 @@ tokens = gumbel_sample(probs.log().repeat(n, 1), torch.ones(n), torch.arange(n) 
 counts = torch.bincount(tokens, minlength=4).float()
 chi2 = ((counts - n * probs) ** 2 / (n * probs)).sum().item()
 assert chi2 < 16.3, chi2  # 3 dof, p = 0.001
+# a flat row: consecutive seeds (as unseeded rows get) draw tokens spread evenly over the vocabulary
+n, V = 1600, 4096
+tokens = gumbel_sample(torch.zeros(n, V), torch.ones(n), torch.arange(n) + 12345)
+counts = torch.bincount(tokens // 256, minlength=16).float()
+chi2 = ((counts - n / 16) ** 2 / (n / 16)).sum().item()
+assert chi2 < 37.7, chi2  # 15 dof, p = 0.001
 print("ok")
 """
 
