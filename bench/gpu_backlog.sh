@@ -14,6 +14,15 @@ run() {  # name, seconds, command...: full log in $OUT/<name>.log, its tail on s
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1; echo "== $name: exit $?"; tail -12 "$OUT/$name.log"
 }
 case "${1:-}" in
+  first)  # run before anything else (any card, ~300 s): the decode kernel's longest-first program order and the
+    # hashed Gumbel draws (both checked on the CPU under Triton's interpreter only) on the GPU: their tests, the
+    # sampler against Philox, W1 against the code before them in the same call. On this machine first:
+    # mkdir -p .carry/prev && git archive 3994e9a engine bench | tar -x -C .carry/prev
+    run first_tests 80 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_decode_attention.py \
+      tests/gpu/test_piecewise_cuda_graphs.py tests/gpu/test_engine_on_gpu.py
+    run gumbel_rng 40 python3 bench/diag/gumbel_rng.py --rows 32 256 --out "$OUT/gumbel_rng.json"
+    run w1 120 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
+    (cd .carry/prev && run w1_prev 120 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_prev.json") ;;
   all-bars)  # both open issues' bars when an H200 comes, in two calls (each bench's own baseline in its run). This
     # one: W5 (issue 14: never measured on an H200 with piecewise graphs, tuned tiles and the learnt prefill cap) at
     # QPS = inf and 32 with the default prefill cap (auto), then without one (every prompt step takes the whole
@@ -212,5 +221,5 @@ case "${1:-}" in
   w1)  # issue 13's W1 bar (H200: >= 28,800 tok/s), main and the old code on the same machine
     run w1 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
     (cd .carry/base && run w1_base 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_base.json") ;;
-  *) echo "usage: bench/gpu_backlog.sh all-bars|all-bars-w2|w1-prefill|pdl|bf16-linears|piecewise-tests|w5-piecewise|w5-or-w2-piecewise|w5-kernels|fp8-kv-tiles|moe-quant|moe-align|moe-tune-w5|w5-kv|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
+  *) echo "usage: bench/gpu_backlog.sh first|all-bars|all-bars-w2|w1-prefill|pdl|bf16-linears|piecewise-tests|w5-piecewise|w5-or-w2-piecewise|w5-kernels|fp8-kv-tiles|moe-quant|moe-align|moe-tune-w5|w5-kv|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
 esac

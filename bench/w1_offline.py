@@ -180,6 +180,8 @@ class StepTimer:
         # engine/model/step_timer.py): for large prompt steps the host's "launch" above also blocks while the
         # GPU works through earlier steps, so it is no measure of host work there (2026-12-06, H100).
         self.device_steps: list[tuple[int, int, float]] = []  # (prompt tokens, decodes, device ms)
+        # The engine times steps only for the step trace or the learnt prefill cap: on for this bench
+        engine.runner.time_steps = True
         record = engine.pipeline._record_time
 
         def recorded(launched) -> None:
@@ -236,9 +238,13 @@ class StepTimer:
                 floor_s = (
                     len(rows) * self.weight_bytes + self.kv_bytes_per_token * total(rows, "context_tokens")
                 ) / self.copy_bw
+                gpu_ms = [
+                    ms for prompt, decodes, ms in self.device_steps if not prompt and low <= decodes <= high
+                ]
                 by_seqs[f"{low}-{high}"] = {"steps": len(rows), "seconds": total(rows, "step"),
                                             "wait_for_gpu_s": total(rows, "wait"), "floor_s": floor_s,
-                                            "pct_of_floor": 100 * floor_s / total(rows, "step")}  # fmt: skip
+                                            "pct_of_floor": 100 * floor_s / total(rows, "step"),
+                                            "gpu_s": sum(gpu_ms) / 1e3}  # fmt: skip
         out["decode_only_by_sequences"] = by_seqs
         prompt_ms = [ms for prompt, _, ms in self.device_steps if prompt]
         decode_ms = [ms for prompt, _, ms in self.device_steps if not prompt]
@@ -269,6 +275,7 @@ def time_decode_forward(engine: LLMEngine, batch: int, context: int) -> float | 
     graphs.input_ids[:bs] = torch.randint(0, vocab, (bs,), generator=g).to(graphs.input_ids.device)
     graphs.slot_mapping[:bs] = -1
     graphs.positions[:bs] = context - 1
+    graphs.decode_order[:bs] = graphs.batch_order[:bs]  # rows in batch order (a permutation of these bs rows)
     graph = graphs.graphs[bs]
     for _ in range(3):
         graph.replay()
@@ -389,7 +396,8 @@ def main() -> None:
     for bucket, row in ours["step_breakdown"]["decode_only_by_sequences"].items():
         print(
             f"  decode-only steps of {bucket} sequences: {row['steps']} x {1e3 * row['seconds'] / row['steps']:.2f} ms, "
-            f"{row['pct_of_floor']:.0f}% of their floor, waiting for the GPU {row['wait_for_gpu_s']:.2f} s of {row['seconds']:.2f}"
+            f"{row['pct_of_floor']:.0f}% of their floor, waiting for the GPU {row['wait_for_gpu_s']:.2f} s of {row['seconds']:.2f}, "
+            f"GPU busy {row['gpu_s']:.2f} s"
         )
     for kind, row in ours["step_breakdown"]["device_time"].items():
         print(f"  {kind}: {row['steps']} steps, {row['gpu_s']:.2f} s of GPU time (CUDA events)")
