@@ -189,7 +189,7 @@ def _fused_temperature_sample(logits: torch.Tensor, rows: list[SamplingRow]) -> 
 
 
 def _row_seeds(rows: list[SamplingRow], device: torch.device) -> torch.Tensor:
-    """Philox keys for the Gumbel kernel, [B] int64 on the device. Unseeded rows: one fresh draw from the
+    """Keys for the Gumbel kernel's hashed draws, [B] int64 on the device. Unseeded rows: one fresh draw from the
     global (CPU) RNG plus the row's index. A seeded row: one draw from its own generator per step, so
     its tokens depend on its seed alone, whichever path (fused or general) its batch takes."""
     base = int(torch.randint(0, 1 << 40, (1,)).item())  # the CPU generator: no device sync
