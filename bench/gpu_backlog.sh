@@ -15,12 +15,12 @@ run() {  # name, seconds, command...: full log in $OUT/<name>.log, its tail on s
 }
 case "${1:-}" in
   first)  # run before anything else (any card, ~300 s): the decode kernel's longest-first program order and the
-    # hashed Gumbel draws (both checked on the CPU under Triton's interpreter only) on the GPU: their tests, the
+    # sampler's inverse-CDF kernel (both checked on the CPU under Triton's interpreter only) on the GPU: their tests, the
     # sampler against Philox, W1 against the code before them in the same call. On this machine first:
     # mkdir -p .carry/prev && git archive 3994e9a engine bench | tar -x -C .carry/prev
     run first_tests 80 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_decode_attention.py \
       tests/gpu/test_piecewise_cuda_graphs.py tests/gpu/test_engine_on_gpu.py
-    run gumbel_rng 40 python3 bench/diag/gumbel_rng.py --rows 32 256 --out "$OUT/gumbel_rng.json"
+    run sampler_kernels 40 python3 bench/diag/sampler_kernels.py --rows 32 256 --out "$OUT/sampler_kernels.json"
     run w1 120 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
     (cd .carry/prev && run w1_prev 120 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_prev.json") ;;
   all-bars)  # both open issues' bars when an H200 comes, in two calls (each bench's own baseline in its run). This

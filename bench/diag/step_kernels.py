@@ -58,7 +58,7 @@ CATEGORIES = [
     ("norm", r"rms_norm|rmsnorm|layer_norm"),
     ("rotary", r"rotary|rope"),
     ("activation", r"silu|gelu|act_and_mul"),
-    ("sampling", r"gumbel|argmax|softmax|topk|sort|exponential|bitmask"),
+    ("sampling", r"gumbel|chunk_stats|pick_token|argmax|softmax|topk|sort|exponential|bitmask"),
 ]
 
 

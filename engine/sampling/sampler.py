@@ -9,9 +9,9 @@ Order of operations (as vLLM v1):
   logit_bias    -> each row's OpenAI logit_bias added to its tokens' logits
   penalties     -> repetition (prompt + output tokens), then frequency and presence (output tokens)
   greedy rows   -> argmax
-  other rows    -> temperature, min_p, top_k, top_p, then an inverse-CDF draw (CPU) or a Gumbel-max
-                   draw (GPU, engine/kernels/gumbel_sample.py); on the GPU a batch of rows that need
-                   only temperature (or greedy) goes straight to that kernel, which divides itself
+  other rows    -> temperature, min_p, top_k, top_p, then an inverse-CDF draw (in torch on the CPU; on
+                   the GPU by chunks, engine/kernels/categorical_sample.py); on the GPU a batch of rows
+                   that need only temperature (or greedy) goes straight to that kernel, which divides itself
 
 The whole step costs one host transfer: token ids and logprobs come back to the CPU together, and
 `Sampler.sample` only starts it (a `PendingSample`), so the engine can queue the next step on the GPU
@@ -175,9 +175,9 @@ def _is_plain_temperature(rows: list[SamplingRow], vocab_size: int) -> bool:
 
 
 def _fused_temperature_sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """The Gumbel-max kernel (engine/kernels/gumbel_sample.py) straight on the logits; it divides by
+    """The sampling kernel (engine/kernels/categorical_sample.py) straight on the logits; it divides by
     each row's temperature itself (0 = argmax)."""
-    from engine.kernels.gumbel_sample import gumbel_sample
+    from engine.kernels.categorical_sample import categorical_sample
 
     device = logits.device
     values = [0.0 if r.params.greedy else r.params.temperature for r in rows]
@@ -185,11 +185,11 @@ def _fused_temperature_sample(logits: torch.Tensor, rows: list[SamplingRow]) -> 
         temperature = torch.full((len(rows),), values[0], dtype=torch.float32, device=device)
     else:
         temperature = to_device(torch.tensor(values, dtype=torch.float32), device)
-    return gumbel_sample(logits, temperature, _row_seeds(rows, device))
+    return categorical_sample(logits, temperature, _row_seeds(rows, device))
 
 
 def _row_seeds(rows: list[SamplingRow], device: torch.device) -> torch.Tensor:
-    """Keys for the Gumbel kernel's hashed draws, [B] int64 on the device. Unseeded rows: one fresh draw from the
+    """Keys for the sampling kernel's hashed draws, [B] int64 on the device. Unseeded rows: one fresh draw from the
     global (CPU) RNG plus the row's index. A seeded row: one draw from its own generator per step, so
     its tokens depend on its seed alone, whichever path (fused or general) its batch takes."""
     base = int(torch.randint(0, 1 << 40, (1,)).item())  # the CPU generator: no device sync
@@ -289,7 +289,7 @@ def _sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
 
     logits = _truncate_top_k_top_p(logits, params)
     if device.type == "cuda":
-        return _gumbel_race(logits, rows)
+        return _kernel_draw(logits, rows)
     probs = logits.softmax(dim=-1)
     # Inverse CDF: one uniform per row picks the token whose cumulative probability first reaches it
     # (the exponential race needs V random numbers per row; this needs one). float64 so that even a
@@ -299,14 +299,14 @@ def _sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     return torch.searchsorted(cdf, targets)[:, 0].clamp_(max=logits.shape[1] - 1)
 
 
-def _gumbel_race(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """On a GPU: the Gumbel-max kernel over the already tempered and truncated logits (temperature 1
+def _kernel_draw(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """On a GPU: the sampling kernel over the already tempered and truncated logits (temperature 1
     here), with the same per-row keys as the fused path, so a seeded row draws the same token on either
-    path. One pass in float32 instead of a float64 cumsum over the whole vocabulary."""
-    from engine.kernels.gumbel_sample import gumbel_sample
+    path. One read in float32 instead of a float64 cumsum over the whole vocabulary."""
+    from engine.kernels.categorical_sample import categorical_sample
 
     ones = torch.ones(len(rows), dtype=torch.float32, device=logits.device)
-    return gumbel_sample(logits.contiguous(), ones, _row_seeds(rows, logits.device))
+    return categorical_sample(logits.contiguous(), ones, _row_seeds(rows, logits.device))
 
 
 def _truncate_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

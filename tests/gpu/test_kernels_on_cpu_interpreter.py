@@ -83,25 +83,37 @@ q, k, _ = qkv.clone().split([H * D, KVH * D, KVH * D], -1)
 q_out, k_out = fused_rot(pos, q.view(T, H, D), k.view(T, KVH, D), q_norm, k_norm)
 assert torch.equal(q_out, q_ref) and torch.equal(k_out, k_ref)
 
-from engine.kernels.gumbel_sample import gumbel_sample
+from engine.kernels.categorical_sample import categorical_sample
 V = 9000  # three chunks of 4096
 logits = torch.randn(6, V).to(dt)
 logits[:, 5000] = float("-inf")
-greedy = gumbel_sample(logits, torch.zeros(6), torch.arange(6))
-assert torch.equal(greedy, logits.float().argmax(dim=1))
+logits[0, 100] = logits[0, 8500] = 9.0  # a tie across chunks: the lower index, as argmax
+greedy = categorical_sample(logits, torch.zeros(6), torch.arange(6))
+assert torch.equal(greedy, logits.float().argmax(dim=1)) and greedy[0] == 100
 flat = torch.zeros(6, V)
 flat[:, 8999] = float("-inf")
-drawn = gumbel_sample(flat, torch.ones(6), torch.tensor([7, 7, 8, 9, 10, 11]))
+drawn = categorical_sample(flat, torch.ones(6), torch.tensor([7, 7, 8, 9, 10, 11]))
 assert drawn[0] == drawn[1] and len(set(drawn.tolist())) > 3 and 8999 not in drawn.tolist()
-probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+# Mass spread over three chunks, the middle one masked but for one token, at T = 0.5 (p ** 2 renormalised);
+# a row mixing greedy and sampled rows
+probs = torch.tensor([0.4, 0.25, 0.2, 0.1, 0.05])
+where = torch.tensor([3, 4100, 4095, 8999, 0])
+row = torch.full((V,), float("-inf"))
+row[where] = probs.log() / 2  # logit / 0.5 = log p
 n = 3000
-tokens = gumbel_sample(probs.log().repeat(n, 1), torch.ones(n), torch.arange(n) * 1000 + 5)
-counts = torch.bincount(tokens, minlength=4).float()
-chi2 = ((counts - n * probs) ** 2 / (n * probs)).sum().item()
-assert chi2 < 16.3, chi2  # 3 dof, p = 0.001
+temps = torch.full((n,), 0.5)
+temps[7] = 0.0
+tokens = categorical_sample(row.repeat(n, 1).to(dt), temps, torch.arange(n) * 1000 + 5)
+assert tokens[7] == 3
+tokens = torch.cat([tokens[:7], tokens[8:]])
+assert set(tokens.tolist()) <= set(where.tolist())
+counts = torch.stack([(tokens == w).sum() for w in where]).float()
+expected = (n - 1) * probs
+chi2 = ((counts - expected) ** 2 / expected).sum().item()
+assert chi2 < 18.5, chi2  # 4 dof, p = 0.001
 # a flat row: consecutive seeds (as unseeded rows get) draw tokens spread evenly over the vocabulary
 n, V = 1600, 4096
-tokens = gumbel_sample(torch.zeros(n, V), torch.ones(n), torch.arange(n) + 12345)
+tokens = categorical_sample(torch.zeros(n, V), torch.ones(n), torch.arange(n) + 12345)
 counts = torch.bincount(tokens // 256, minlength=16).float()
 chi2 = ((counts - n / 16) ** 2 / (n / 16)).sum().item()
 assert chi2 < 37.7, chi2  # 15 dof, p = 0.001

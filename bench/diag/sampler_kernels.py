@@ -1,12 +1,14 @@
-"""What bounds the Gumbel-max sampler (engine/kernels/gumbel_sample.py): its Philox draws or its read of the logits?
+"""The GPU sampler's kernels against what they replaced: what bounded sampling at 7x its read of the logits?
 
 At 256 rows of a 151,936-token vocabulary (W1's full batch) the engine's sampling took 0.16 ms a step on an
-H100 (`bench/diag/step_kernels.py`), where reading 78 MB of bf16 logits takes ~0.03 ms. This times, on the
-same logits, one chunked kernel four ways: Philox with 10 rounds (the engine's, `tl.rand4x`'s default), with 7
-(Philox4x32-7 still passes BigCrush), a two-multiply integer hash of (row seed, token) instead of Philox, and no
-draw at all (the argmax alone: the read's floor). Prints µs per call and GB/s of logits read.
+H100 (`bench/diag/step_kernels.py`), where reading 78 MB of bf16 logits takes ~0.03 ms: the Gumbel-max kernel
+it then ran drew V Philox numbers per row. This times, on the same logits: the engine's kernel now
+(engine/kernels/categorical_sample.py: inverse CDF by chunks, one random number per row), a Gumbel-max kernel
+with Philox at 10 rounds (the old engine's, `tl.rand`'s default) and 7, with a two-round integer hash instead of
+Philox, and no draw at all (the argmax alone: the read's floor). Prints µs per call and GB/s of logits read,
+and checks the engine kernel's draws against the distribution.
 
-    python3 bench/diag/gumbel_rng.py --rows 32 128 256
+    python3 bench/diag/sampler_kernels.py --rows 32 128 256
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import triton.language as tl
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from engine.kernels.gumbel_sample import _mix32, gumbel_sample  # noqa: E402
+from engine.kernels.categorical_sample import _mix32, categorical_sample  # noqa: E402
 
 CHUNK = 4096
 
@@ -88,10 +90,10 @@ def main() -> None:
         gb = logits.numel() * logits.element_size() / 1e9
         inputs = (logits, temperature, seeds)
         variants = {
-            "engine (philox 10, four per call)": partial(gumbel_sample, *inputs),
-            "philox 10": partial(run_variant, *inputs, 0, 10),
-            "philox 7": partial(run_variant, *inputs, 0, 7),
-            "hash": partial(run_variant, *inputs, 1),
+            "engine (inverse CDF by chunks)": partial(categorical_sample, *inputs),
+            "gumbel, philox 10": partial(run_variant, *inputs, 0, 10),
+            "gumbel, philox 7": partial(run_variant, *inputs, 0, 7),
+            "gumbel, hash": partial(run_variant, *inputs, 1),
             "no draw (read floor)": partial(run_variant, *inputs, 2),
         }
         for label, fn in variants.items():
@@ -100,16 +102,16 @@ def main() -> None:
             print(
                 f"{name}: {batch:4d} rows x {args.vocab}: {label:<36} {us:8.1f} µs  {gb / (us * 1e-6):7.0f} GB/s"
             )
-    # The hash's draws follow softmax(logits / T): a 4-token distribution, 20,000 rows of distinct seeds
+    # The engine's draws follow softmax(logits / T): a 4-token distribution, 20,000 rows of distinct seeds
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05], device="cuda")
     n = 20000
     small = (probs.log() * 0.6).repeat(n, 1).contiguous()
-    drawn = run_variant(
-        small, torch.full((n,), 0.6, device="cuda"), torch.arange(n, device="cuda") * 1000 + 5, 1
+    drawn = categorical_sample(
+        small, torch.full((n,), 0.6, device="cuda"), torch.arange(n, device="cuda") * 1000 + 5
     )
     counts = torch.bincount(drawn, minlength=4).float()
     chi2 = ((counts - n * probs) ** 2 / (n * probs)).sum().item()
-    print(f"hash draws against the distribution: chi2 {chi2:.1f} (3 dof; 16.3 at p = 0.001)")
+    print(f"engine draws against the distribution: chi2 {chi2:.1f} (3 dof; 16.3 at p = 0.001)")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": name, "vocab": args.vocab, "rows": rows}, f, indent=1)
