@@ -52,7 +52,7 @@ class VocabEmbedding(VocabRows):
 class LMHead(VocabRows):
     """hidden [N, hidden] -> logits [N, vocab] on rank 0 (None on the other ranks): float32, or with
     ``float_logits=False`` the product's own dtype. The kit asks for the latter on CUDA, where every reader
-    upcasts as it reads (greedy argmax, the Gumbel and grammar-bitmask kernels, the sampler's general path
+    upcasts as it reads (greedy argmax, the sampling and grammar-bitmask kernels, the sampler's general path
     and prompt logprobs call ``.float()`` first; bfloat16 to float32 is exact, so the tokens are the same): a
     separate conversion would write and read the [N, vocab] logits once more in float32 every step (~0.3 GB
     at 256 rows of a 152k vocabulary)."""
