@@ -18,6 +18,7 @@ case "${1:-}" in
     # sampler's inverse-CDF kernel (both checked on the CPU under Triton's interpreter only) on the GPU: their tests, the
     # sampler against Philox, W1 against the code before them in the same call. On this machine first:
     # mkdir -p .carry/prev && git archive 3994e9a engine bench | tar -x -C .carry/prev
+    [[ -d .carry/prev/engine ]] || { echo "no .carry/prev: prepare it first (the comment above)" >&2; exit 2; }
     run first_tests 90 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_decode_attention.py tests/gpu/test_categorical_sample.py \
       tests/gpu/test_piecewise_cuda_graphs.py tests/gpu/test_engine_on_gpu.py
     run sampler_kernels 40 python3 bench/diag/sampler_kernels.py --rows 32 256 --out "$OUT/sampler_kernels.json"
