@@ -8,7 +8,7 @@ and a second kernel merges their partial results by log-sum-exp.
 Correctness never depends on ``num_splits``: each program derives its token range from the sequence's
 length at run time, so a CUDA graph captured with one split count stays right for any context length.
 
-A batch's contexts are ragged (W1's run from 50 to 2,000 tokens): programs are dispatched in grid order, and a
+A batch's contexts are ragged (W1's from about 100 to 2,000 tokens): programs are dispatched in grid order, and a
 long sequence's programs dispatched last leave SMs idle while they finish. Given ``seq_order`` (the sequences
 longest first, a permutation the host computes from the lengths it already has), the grid's programs go out in
 that order, every head and split of a sequence together: longest processing time first, the classic cure for
