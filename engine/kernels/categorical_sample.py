@@ -97,10 +97,13 @@ def _pick_token_kernel(
         key = _mix32((seed & 0xFFFFFFFF).to(tl.uint32) ^ _mix32((seed >> 32).to(tl.uint32) + 0x9E3779B9))
         u = (_mix32(key + 0x632BE5AB) >> 8).to(tl.float32) * (1.0 / 16777216.0)  # [0, 1), 24 bits
         target = u * total
-        # The first chunk whose cumulative mass passes the target; rounding can carry the target to the total,
-        # so never past the last chunk that has mass
+        # The first chunk with mass whose cumulative mass passes the target (not a count of sums <= target: a
+        # GPU scan groups its additions by thread, so its prefix sums can dip by an ulp where nothing is
+        # added); rounding can carry the target to the total, so at most the last chunk with mass
         last = tl.max(tl.where(mass > 0.0, c, 0), axis=0)
-        chosen = tl.minimum(tl.sum((cumulative <= target).to(tl.int32), axis=0), last)
+        chosen = tl.minimum(
+            tl.min(tl.where((cumulative > target) & (mass > 0.0), c, CHUNKS_PAD), axis=0), last
+        )
         before = tl.sum(tl.where(c < chosen, mass, 0.0), axis=0)
         chosen_max = tl.sum(tl.where(c == chosen, m, 0.0), axis=0)
         chosen_scale = tl.sum(tl.where(c == chosen, scale, 0.0), axis=0)
@@ -109,10 +112,11 @@ def _pick_token_kernel(
         y, x = _tempered(logits_ptr + row.to(tl.int64) * stride_row, chosen * CHUNK, t, vocab_size, CHUNK)
         p = tl.exp(y - chosen_max)
         i = tl.arange(0, CHUNK)
-        # The first token whose cumulative mass passes `rest` (it has mass: the sum rose there); past the
-        # chunk's sum by rounding, its last token with mass
+        # Likewise the first token with mass whose cumulative mass passes `rest`; past the chunk's sum by
+        # rounding, its last token with mass
         last_token = tl.max(tl.where(p > 0.0, i, 0), axis=0)
-        token = tl.minimum(tl.sum((tl.cumsum(p, axis=0) <= rest).to(tl.int32), axis=0), last_token)
+        passed = (tl.cumsum(p, axis=0) > rest) & (p > 0.0)
+        token = tl.minimum(tl.min(tl.where(passed, i, CHUNK), axis=0), last_token)
         tl.store(out_ptr + row, (chosen * CHUNK + token).to(tl.int64))
     else:  # greedy: the chunk holding the row's maximum (the first such), and its argmax
         first = tl.min(tl.where(m == top, c, CHUNKS_PAD), axis=0)

@@ -41,3 +41,16 @@ def test_a_seeded_row_draws_the_same_token_in_any_batch():
     shuffled = categorical_sample(logits[order].contiguous(), temps[order], seeds[order])
     assert torch.equal(shuffled, whole[order])
     assert torch.equal(categorical_sample(logits[5:6], temps[5:6], seeds[5:6]), whole[5:6])
+
+
+def test_never_a_masked_token_between_allowed_ones():
+    """Top-k / top-p truncation and grammars leave -inf between tokens with mass: a GPU scan's prefix sums may
+    dip by an ulp there, and a draw must still land on a token with mass."""
+    torch.manual_seed(2)
+    n = 4096
+    logits = torch.randn(n, VOCAB, device="cuda")
+    keep = torch.rand(n, VOCAB, device="cuda") < 0.02  # ~3,000 allowed tokens a row, scattered
+    logits = logits.masked_fill(~keep, float("-inf")).to(torch.bfloat16)
+    temps = torch.full((n,), 1.0, device="cuda")
+    drawn = categorical_sample(logits, temps, torch.arange(n, device="cuda") * 9973 + 1)
+    assert keep.gather(1, drawn[:, None]).all()
