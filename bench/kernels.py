@@ -87,38 +87,37 @@ def bench_decode(
     kv_bytes = sum(context_lens) * num_kv_heads * head_dim * 2 * cache.element_size()
     floor_ms = kv_bytes / copy_bw * 1e3
     splits = choose_num_splits(batch, num_kv_heads, max(context_lens), num_sms)
-    rows = []
-    for block_n, warps, stages in DECODE_VARIANTS if sweep else DECODE_VARIANTS[:1]:
-        ms = median_ms(partial(
-            decode_attention, q, cache, tables, seq_lens, head_dim**-0.5, out, num_splits=splits,
-            block_n=block_n, num_warps=warps, num_stages=stages, kv_scales=kv_scales))  # fmt: skip
-        rows.append({"kernel": "decode", "case": name, "variant": f"n{block_n}w{warps}s{stages}", "splits": splits,
-                     "ms": ms, "floor_ms": floor_ms, "pct_of_floor": 100 * floor_ms / ms,
-                     "GB_per_s": kv_bytes / ms / 1e6})  # fmt: skip
+
+    def row(variant: str, ms: float, **extra) -> dict:
+        return {"kernel": "decode", "case": name, "variant": variant, **extra, "ms": ms, "floor_ms": floor_ms,
+                "pct_of_floor": 100 * floor_ms / ms, "GB_per_s": kv_bytes / ms / 1e6}  # fmt: skip
+
+    def triton_ms(block_n: int, warps: int, stages: int, seq_order: torch.Tensor | None = None) -> float:
+        return median_ms(partial(
+            decode_attention, q, cache, tables, seq_lens, head_dim**-0.5, out, num_splits=splits, block_n=block_n,
+            num_warps=warps, num_stages=stages, kv_scales=kv_scales, seq_order=seq_order))  # fmt: skip
+
+    rows = [
+        row(f"n{n}w{w}s{s}", triton_ms(n, w, s), splits=splits)
+        for n, w, s in (DECODE_VARIANTS if sweep else DECODE_VARIANTS[:1])
+    ]
     # Ragged contexts: the programs dispatched longest context first, as the engine does
     if len(set(context_lens)) > 1:
         order = torch.from_numpy(longest_first(np.asarray(context_lens))).to(DEV)
-        block_n, warps, stages = DECODE_VARIANTS[0]
-        ms = median_ms(partial(
-            decode_attention, q, cache, tables, seq_lens, head_dim**-0.5, out, num_splits=splits,
-            block_n=block_n, num_warps=warps, num_stages=stages, kv_scales=kv_scales, seq_order=order))  # fmt: skip
-        rows.append({"kernel": "decode", "case": name, "variant": f"n{block_n}w{warps}s{stages} longest first",
-                     "splits": splits, "ms": ms, "floor_ms": floor_ms, "pct_of_floor": 100 * floor_ms / ms,
-                     "GB_per_s": kv_bytes / ms / 1e6})  # fmt: skip
+        n, w, s = DECODE_VARIANTS[0]
+        rows.append(row(f"n{n}w{w}s{s} longest first", triton_ms(n, w, s, order), splits=splits))
     if len(set(context_lens)) == 1 and not fp8_kv:  # SDPA baseline: one length, contiguous bf16 K/V
         ctx = context_lens[0]
         k = torch.randn(batch, num_kv_heads, ctx, head_dim, device=DEV, dtype=BF16)
         v = torch.randn_like(k)
         q4 = q.unsqueeze(2)  # [B, H, 1, D]
         ms = median_ms(lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True))
-        rows.append({"kernel": "decode", "case": name, "variant": "torch_sdpa_contiguous_gqa", "ms": ms,
-                     "floor_ms": floor_ms, "pct_of_floor": 100 * floor_ms / ms, "GB_per_s": kv_bytes / ms / 1e6})  # fmt: skip
+        rows.append(row("torch_sdpa_contiguous_gqa", ms))
         # The same with K/V expanded to every query head (reads group x the bytes, but takes the flash path)
         group = num_heads // num_kv_heads
         ke, ve = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
         ms = median_ms(lambda: F.scaled_dot_product_attention(q4, ke, ve))
-        rows.append({"kernel": "decode", "case": name, "variant": "torch_sdpa_contiguous_expanded", "ms": ms,
-                     "floor_ms": floor_ms, "pct_of_floor": 100 * floor_ms / ms, "GB_per_s": kv_bytes / ms / 1e6})  # fmt: skip
+        rows.append(row("torch_sdpa_contiguous_expanded", ms))
         del k, v, ke, ve
     return rows
 

@@ -30,8 +30,8 @@ class AttentionMetadata:
     # Host copies, so the torch backend never syncs with the device.
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
-    # [num_decodes] int32 on the GPU: the decode rows longest context first, for the decode kernel's program
-    # order (kernels/decode_attention.py); None: batch order.
+    # [num_decodes] int32: the decode rows longest context first, for the GPU decode kernel's program order
+    # (kernels/decode_attention.py; the CPU's attention ignores it); None: batch order.
     decode_order: torch.Tensor | None = None
 
     @property

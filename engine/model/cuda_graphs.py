@@ -134,10 +134,8 @@ class DecodeCudaGraphs:
         self.seq_lens[:n].copy_(meta.seq_lens)
         width = meta.block_tables.shape[1]
         self.block_tables[:n, :width].copy_(meta.block_tables)
-        if meta.decode_order is not None:
-            self.decode_order[:n].copy_(meta.decode_order)
-        else:
-            self.decode_order[:n].copy_(self.batch_order[:n])
+        order = meta.decode_order if meta.decode_order is not None else self.batch_order[:n]
+        self.decode_order[:n].copy_(order)
         if bs > n:  # padding rows: no cache write, a one-token context, dispatched last
             self.slot_mapping[n:bs].fill_(-1)
             self.seq_lens[n:bs].fill_(1)

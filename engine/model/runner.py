@@ -340,17 +340,16 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[torch.Tensor]]:
         """input_ids, positions and the attention metadata on the device, plus `extra` arrays copied
         along with them."""
-        # The decode kernel's program order (GPU only: the CPU's attention has no programs to order)
-        order = longest_first(arrays.seq_lens[: arrays.num_decodes]) if self.staging is not None else None
+        order = longest_first(arrays.seq_lens[: arrays.num_decodes])  # the decode kernel's program order
         host = [arrays.slot_mapping, arrays.query_start_loc, arrays.seq_lens, arrays.block_tables,
-                arrays.input_ids, arrays.positions, *([] if order is None else [order]), *(extra or [])]  # fmt: skip
+                arrays.input_ids, arrays.positions, order, *(extra or [])]  # fmt: skip
         if self.staging is not None:  # CUDA: two copies from long-lived pinned buffers
             on_device = self.staging.to_device(host)
         else:
             on_device = [torch.from_numpy(a) for a in host]
-        slot_mapping, query_start_loc, seq_lens_dev, block_tables, ids, positions_dev = on_device[:6]
-        decode_order = None if order is None else on_device[6]
-        on_device = on_device[6 if order is None else 7 :]
+        slot_mapping, query_start_loc, seq_lens_dev, block_tables, ids, positions_dev, decode_order = (
+            on_device[:7]
+        )
         qsl = arrays.query_start_loc
         query_lens = (qsl[1:] - qsl[:-1]).tolist()
         seq_lens = arrays.seq_lens.tolist()
@@ -366,7 +365,7 @@ class ModelRunner:
             seq_lens_cpu=seq_lens,
             decode_order=decode_order,
         )
-        return ids, positions_dev, meta, on_device
+        return ids, positions_dev, meta, on_device[7:]
 
     def execute(self, batch: list[ScheduledSeq], eos_token_ids: set[int]) -> StepResult:
         """Run one step and wait for its tokens."""
