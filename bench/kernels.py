@@ -70,7 +70,8 @@ def paged_cache(
 
 
 DECODE_VARIANTS = [  # (block_n, num_warps, num_stages)
-    (64, 4, 2), (32, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 2), (128, 8, 2), (128, 8, 3), (64, 2, 3),
+    (64, 4, 2), (32, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 2), (128, 8, 2), (128, 8, 3), (64, 2, 3), (64, 4, 4),
+    (32, 4, 3), (32, 2, 2),
 ]  # fmt: skip
 
 
@@ -97,15 +98,15 @@ def bench_decode(
             decode_attention, q, cache, tables, seq_lens, head_dim**-0.5, out, num_splits=splits, block_n=block_n,
             num_warps=warps, num_stages=stages, kv_scales=kv_scales, seq_order=seq_order))  # fmt: skip
 
-    rows = [
-        row(f"n{n}w{w}s{s}", triton_ms(n, w, s), splits=splits)
-        for n, w, s in (DECODE_VARIANTS if sweep else DECODE_VARIANTS[:1])
-    ]
-    # Ragged contexts: the programs dispatched longest context first, as the engine does
+    variants = DECODE_VARIANTS if sweep else DECODE_VARIANTS[:1]
+    rows = [row(f"n{n}w{w}s{s}", triton_ms(n, w, s), splits=splits) for n, w, s in variants]
+    # Ragged contexts: the programs dispatched longest context first, as the engine does (every variant swept)
     if len(set(context_lens)) > 1:
         order = torch.from_numpy(longest_first(np.asarray(context_lens))).to(DEV)
-        n, w, s = DECODE_VARIANTS[0]
-        rows.append(row(f"n{n}w{w}s{s} longest first", triton_ms(n, w, s, order), splits=splits))
+        rows += [
+            row(f"n{n}w{w}s{s} longest first", triton_ms(n, w, s, order), splits=splits)
+            for n, w, s in variants
+        ]
     if len(set(context_lens)) == 1 and not fp8_kv:  # SDPA baseline: one length, contiguous bf16 K/V
         ctx = context_lens[0]
         k = torch.randn(batch, num_kv_heads, ctx, head_dim, device=DEV, dtype=BF16)
@@ -222,8 +223,8 @@ def main() -> None:
     decode_cases = [
         ("Qwen3-0.6B 256 x 1024", qwen, [1024] * 256, True),
         ("Llama-8B 256 x 1024", llama, [1024] * 256, True),
-        ("Qwen3-0.6B 256 x U(100,2048)", qwen, [rng.randint(100, 2048) for _ in range(256)], False),
-        ("Qwen3-0.6B 128 x U(100,2048)", qwen, [rng.randint(100, 2048) for _ in range(128)], False),
+        ("Qwen3-0.6B 256 x U(100,2048)", qwen, [rng.randint(100, 2048) for _ in range(256)], True),
+        ("Qwen3-0.6B 128 x U(100,2048)", qwen, [rng.randint(100, 2048) for _ in range(128)], True),
         ("Qwen3-0.6B 48 x U(100,2048)", qwen, [rng.randint(100, 2048) for _ in range(48)], False),
         ("Llama-8B 160 x U(100,1500)", llama, [rng.randint(100, 1500) for _ in range(160)], False),
         ("Llama-8B 64 x 4096", llama, [4096] * 64, False),
