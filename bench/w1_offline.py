@@ -29,6 +29,7 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.config import EngineConfig  # noqa: E402
+from engine.kernels.decode_tiles import decode_tile_for  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.model.loader import load_model  # noqa: E402
 from engine.sampling.params import SamplingParams  # noqa: E402
@@ -362,7 +363,7 @@ def main() -> None:
                     "transformers": transformers.__version__, "copy_bandwidth_TBps": copy_bw / 1e12,
                     "workload": {"seqs": len(prompts), "prompt_tokens": sum(map(len, prompts)),
                                  "output_tokens": sum(max_tokens), "temperature": TEMPERATURE},
-                    "floor": floor}  # fmt: skip
+                    "floor": floor, "decode_tile": decode_tile_for(props.name).name}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp)
         hf_model = save_random_checkpoint(config, path)

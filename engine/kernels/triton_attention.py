@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from engine.kernels.decode_attention import choose_num_splits, decode_attention
+from engine.kernels.decode_tiles import DecodeTile, decode_tile_for
 from engine.kernels.prefill_attention import prefill_attention
 from engine.kernels.reshape_and_cache import reshape_and_cache
 from engine.model.attention import AttentionMetadata
@@ -14,13 +15,20 @@ class TritonAttention:
     """Writes the new K/V into the paged cache, then sends the leading decode tokens to the decode
     kernel and every other sequence to the varlen prefill kernel."""
 
-    def __init__(self, num_sms: int | None = None, decode_num_splits: int | None = None) -> None:
-        # Read the multiprocessor count once: asking the driver on every layer costs host time.
+    def __init__(
+        self,
+        num_sms: int | None = None,
+        decode_num_splits: int | None = None,
+        decode_tile: DecodeTile | None = None,
+    ) -> None:
+        # Read the card's properties once: asking the driver on every layer costs host time.
+        on_gpu = torch.cuda.is_available()
         if num_sms is None:
-            num_sms = (
-                torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 1
-            )
+            num_sms = torch.cuda.get_device_properties(0).multi_processor_count if on_gpu else 1
         self.num_sms: int = num_sms
+        if decode_tile is None:
+            decode_tile = decode_tile_for(torch.cuda.get_device_name(0) if on_gpu else "cpu")
+        self.decode_tile: DecodeTile = decode_tile
         # Fixed split count (CUDA graphs pin one per captured batch size); None chooses per step.
         self.decode_num_splits: int | None = decode_num_splits
 
@@ -51,6 +59,9 @@ class TritonAttention:
                 scale,
                 out[:num_decodes],
                 num_splits=num_splits,
+                block_n=self.decode_tile.block_n,
+                num_warps=self.decode_tile.num_warps,
+                num_stages=self.decode_tile.num_stages,
                 kv_scales=kv_scales,
                 seq_order=meta.decode_order,
             )
