@@ -33,7 +33,7 @@ case "${1:-}" in
         tests/gpu/test_categorical_sample.py
       # `first-w5 short` (~330 s, when little device time is left): one W5 server, no W1 baseline
       if [[ "${2:-}" == short ]]; then
-        run w5 180 python3 bench/w5_moe.py --num-layers 48 --checkpoint fp8-block --hf-requests 0 --qps inf \
+        run w5 200 python3 bench/w5_moe.py --num-layers 48 --checkpoint fp8-block --hf-requests 0 --qps inf \
           --step-trace --out "$OUT/w5.json"
         run w1 90 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
       else
