@@ -23,7 +23,9 @@ case "${1:-}" in
       tests/gpu/test_piecewise_cuda_graphs.py tests/gpu/test_engine_on_gpu.py
     run sampler_kernels 40 python3 bench/diag/sampler_kernels.py --rows 32 256 --out "$OUT/sampler_kernels.json"
     run w1 120 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
-    (cd .carry/prev && run w1_prev 120 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_prev.json") ;;
+    # `first tiny` (~250 s): without the W1 baseline
+    [[ "${2:-}" == tiny ]] || (cd .carry/prev && run w1_prev 120 python3 bench/w1_offline.py --hf-seqs 0 \
+      --out "$OUT/w1_prev.json") ;;
   first-w5)  # one call (~560 s) when the device is scarce. On an H200: the two new kernels' GPU tests, then issue 14's
     # W5 at QPS = inf with the default prefill cap and without one (never run on an H200 with this code), then W1
     # against 3994e9a (.carry/prev, as `first`). On any other card: `first`, then the bf16 decode tiles swept.
@@ -43,14 +45,7 @@ case "${1:-}" in
         (cd .carry/prev && run w1_prev 100 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_prev.json")
       fi
     else
-      if [[ "${2:-}" == tiny ]]; then  # first without its W1 baseline (~250 s)
-        run first_tests 90 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_decode_attention.py \
-          tests/gpu/test_categorical_sample.py tests/gpu/test_piecewise_cuda_graphs.py tests/gpu/test_engine_on_gpu.py
-        run sampler_kernels 40 python3 bench/diag/sampler_kernels.py --rows 32 256 --out "$OUT/sampler_kernels.json"
-        run w1 100 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
-      else
-        bash "$0" first
-      fi
+      bash "$0" first "${2:-}"
       [[ "${2:-}" == short || "${2:-}" == tiny ]] || run kernels_decode 170 python3 bench/kernels.py --only decode --bf16-kv-only \
         --out "$OUT/kernels_decode.json"
     fi ;;
@@ -252,5 +247,5 @@ case "${1:-}" in
   w1)  # issue 13's W1 bar (H200: >= 28,800 tok/s), main and the old code on the same machine
     run w1 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
     (cd .carry/base && run w1_base 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_base.json") ;;
-  *) echo "usage: bench/gpu_backlog.sh first-w5 [short|tiny]|first|all-bars|all-bars-w2|w1-prefill|pdl|bf16-linears|piecewise-tests|w5-piecewise|w5-or-w2-piecewise|w5-kernels|fp8-kv-tiles|moe-quant|moe-align|moe-tune-w5|w5-kv|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
+  *) echo "usage: bench/gpu_backlog.sh first-w5 [short|tiny]|first [tiny]|all-bars|all-bars-w2|w1-prefill|pdl|bf16-linears|piecewise-tests|w5-piecewise|w5-or-w2-piecewise|w5-kernels|fp8-kv-tiles|moe-quant|moe-align|moe-tune-w5|w5-kv|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
 esac

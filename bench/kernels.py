@@ -28,6 +28,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.kernels.decode_attention import choose_num_splits, decode_attention  # noqa: E402
+from engine.kernels.decode_tiles import DecodeTile  # noqa: E402
 from engine.kernels.prefill_attention import prefill_attention  # noqa: E402
 from engine.kernels.reshape_and_cache import reshape_and_cache  # noqa: E402
 from engine.kernels.rmsnorm import rms_norm  # noqa: E402
@@ -69,9 +70,9 @@ def paged_cache(
     return cache, tables.to(DEV), torch.tensor(context_lens, dtype=torch.int32, device=DEV)
 
 
-DECODE_VARIANTS = [  # (block_n, num_warps, num_stages)
-    (64, 4, 2), (32, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 2), (128, 8, 2), (128, 8, 3), (64, 2, 3), (64, 4, 4),
-    (32, 4, 3), (32, 2, 2),
+DECODE_VARIANTS = [DecodeTile()] + [  # the engine's default first, then (block_n, num_warps, num_stages)
+    DecodeTile(*t) for t in ((32, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 2), (128, 8, 2), (128, 8, 3), (64, 2, 3),
+                             (64, 4, 4), (32, 4, 3), (32, 2, 2))
 ]  # fmt: skip
 
 
@@ -93,19 +94,18 @@ def bench_decode(
         return {"kernel": "decode", "case": name, "variant": variant, **extra, "ms": ms, "floor_ms": floor_ms,
                 "pct_of_floor": 100 * floor_ms / ms, "GB_per_s": kv_bytes / ms / 1e6}  # fmt: skip
 
-    def triton_ms(block_n: int, warps: int, stages: int, seq_order: torch.Tensor | None = None) -> float:
+    def triton_ms(tile: DecodeTile, seq_order: torch.Tensor | None = None) -> float:
         return median_ms(partial(
-            decode_attention, q, cache, tables, seq_lens, head_dim**-0.5, out, num_splits=splits, block_n=block_n,
-            num_warps=warps, num_stages=stages, kv_scales=kv_scales, seq_order=seq_order))  # fmt: skip
+            decode_attention, q, cache, tables, seq_lens, head_dim**-0.5, out, num_splits=splits, tile=tile,
+            kv_scales=kv_scales, seq_order=seq_order))  # fmt: skip
 
     variants = DECODE_VARIANTS if sweep else DECODE_VARIANTS[:1]
-    rows = [row(f"n{n}w{w}s{s}", triton_ms(n, w, s), splits=splits) for n, w, s in variants]
+    rows = [row(tile.name, triton_ms(tile), splits=splits) for tile in variants]
     # Ragged contexts: the programs dispatched longest context first, as the engine does (every variant swept)
     if len(set(context_lens)) > 1:
         order = torch.from_numpy(longest_first(np.asarray(context_lens))).to(DEV)
         rows += [
-            row(f"n{n}w{w}s{s} longest first", triton_ms(n, w, s, order), splits=splits)
-            for n, w, s in variants
+            row(f"{tile.name} longest first", triton_ms(tile, order), splits=splits) for tile in variants
         ]
     if len(set(context_lens)) == 1 and not fp8_kv:  # SDPA baseline: one length, contiguous bf16 K/V
         ctx = context_lens[0]

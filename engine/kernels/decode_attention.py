@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.decode_tiles import DecodeTile
 from engine.kernels.reshape_and_cache import is_fp8_cache
 
 LOG2_E = 1.4426950408889634
@@ -198,9 +199,7 @@ def decode_attention(
     scale: float,
     out: torch.Tensor,  # [num_seqs, num_heads, head_dim]
     num_splits: int = 1,
-    block_n: int = 64,
-    num_warps: int = 4,
-    num_stages: int = 2,
+    tile: DecodeTile = DecodeTile(),  # frozen: one shared default is safe
     kv_scales: torch.Tensor | None = None,  # [2] float32, for a float8 cache
     seq_order: torch.Tensor | None = None,  # [num_seqs] int32: a permutation, longest context first
 ) -> torch.Tensor:
@@ -246,13 +245,13 @@ def decode_attention(
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=kv_cache.shape[2],
-        BLOCK_N=block_n,
+        BLOCK_N=tile.block_n,
         DOT_PRECISION=dot_precision(q.dtype),
         FP8_KV=is_fp8_cache(kv_cache, kv_scales),
         SPLIT=split,
         ORDERED=seq_order is not None,
-        num_warps=num_warps,
-        num_stages=num_stages,
+        num_warps=tile.num_warps,
+        num_stages=tile.num_stages,
     )
     if split:
         _merge_splits_kernel[(num_seqs, num_heads)](

@@ -59,9 +59,7 @@ class TritonAttention:
                 scale,
                 out[:num_decodes],
                 num_splits=num_splits,
-                block_n=self.decode_tile.block_n,
-                num_warps=self.decode_tile.num_warps,
-                num_stages=self.decode_tile.num_stages,
+                tile=self.decode_tile,
                 kv_scales=kv_scales,
                 seq_order=meta.decode_order,
             )
