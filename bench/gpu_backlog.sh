@@ -64,11 +64,12 @@ case "${1:-}" in
         --junitxml="$OUT/junit.xml"
     fi ;;
   all-bars-w2)  # issue 13's W2 bars in one call (W2-FP8 is a ratio to W2 in the same call): W2 at QPS = inf (its
-    # 32-QPS TPOT bar was met with room, 11.6 of 25 ms), the FP8 norm / SiLU kernels' bits, W2-FP8. About 250 s
+    # 32-QPS TPOT bar was met with room, 11.6 of 25 ms), the FP8 norm / SiLU kernels' bits, W2-FP8; then `overlap`. About 320 s
     run w2 110 python3 bench/w2_serving.py --qps inf --out "$OUT/w2.json"
     run fp8_producer_tests 40 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_producers.py
     run w2_fp8 120 python3 bench/w2_serving.py --qps inf --out "$OUT/w2_fp8.json" \
-      --serve-args --quantization fp8 --kv-cache-dtype fp8 ;;
+      --serve-args --quantization fp8 --kv-cache-dtype fp8
+    bash "$0" overlap ;;
   bars13)  # issue 13's bars in one call (for an H200): W1; W2 and W2-text at QPS=inf and 32 (one server, token
     # ids then text); W2-FP8 against that W2 (a second server). About 500 s.
     run w1 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
@@ -108,6 +109,9 @@ case "${1:-}" in
     # steps are 300-860 of them)? Toy norm and GEMV chains with and without it (about 60 s; nothing in the engine
     # uses it yet)
     run pdl_chain 120 python3 bench/diag/pdl_chain.py --tokens 1 32 256 --out "$OUT/pdl_chain.json" ;;
+  overlap)  # issue 13's W1 on an H200: a decode step's GEMMs and norms (~1 ms at any batch, a sixth of a full step)
+    # run beside the other half-batch's attention on a second stream, against the engine's one stream (~60 s)
+    run overlap_probe 150 python3 bench/diag/overlap_probe.py --seqs 256 128 64 --out "$OUT/overlap_probe.json" ;;
   fp8-kernels)  # issue 13: where an 8B step's GPU time goes, bf16 against FP8 and FP8 + FP8 KV (kernels by category)
     run step_kernels 500 python3 bench/diag/step_kernels.py --out "$OUT/step_kernels.json" ;;
   w2-text)  # issue 13: text through completions and chat vs token ids, same server, same lengths
@@ -247,5 +251,5 @@ case "${1:-}" in
   w1)  # issue 13's W1 bar (H200: >= 28,800 tok/s), main and the old code on the same machine
     run w1 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
     (cd .carry/base && run w1_base 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_base.json") ;;
-  *) echo "usage: bench/gpu_backlog.sh first-w5 [short|tiny]|first [tiny]|all-bars|all-bars-w2|w1-prefill|pdl|bf16-linears|piecewise-tests|w5-piecewise|w5-or-w2-piecewise|w5-kernels|fp8-kv-tiles|moe-quant|moe-align|moe-tune-w5|w5-kv|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
+  *) echo "usage: bench/gpu_backlog.sh first-w5 [short|tiny]|first [tiny]|all-bars|all-bars-w2|w1-prefill|overlap|pdl|bf16-linears|piecewise-tests|w5-piecewise|w5-or-w2-piecewise|w5-kernels|fp8-kv-tiles|moe-quant|moe-align|moe-tune-w5|w5-kv|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
 esac
