@@ -64,7 +64,7 @@ case "${1:-}" in
         --junitxml="$OUT/junit.xml"
     fi ;;
   all-bars-w2)  # issue 13's W2 bars in one call (W2-FP8 is a ratio to W2 in the same call): W2 at QPS = inf (its
-    # 32-QPS TPOT bar was met with room, 11.6 of 25 ms), the FP8 norm / SiLU kernels' bits, W2-FP8; then `overlap`. About 320 s
+    # 32-QPS TPOT bar was met with room, 11.6 of 25 ms), the FP8 norm / SiLU kernels' bits, W2-FP8; then `overlap`. About 380 s
     run w2 110 python3 bench/w2_serving.py --qps inf --out "$OUT/w2.json"
     run fp8_producer_tests 40 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_producers.py
     run w2_fp8 120 python3 bench/w2_serving.py --qps inf --out "$OUT/w2_fp8.json" \
@@ -110,8 +110,11 @@ case "${1:-}" in
     # uses it yet)
     run pdl_chain 120 python3 bench/diag/pdl_chain.py --tokens 1 32 256 --out "$OUT/pdl_chain.json" ;;
   overlap)  # issue 13's W1 on an H200: a decode step's GEMMs and norms (~1 ms at any batch, a sixth of a full step)
-    # run beside the other half-batch's attention on a second stream, against the engine's one stream (~60 s)
-    run overlap_probe 150 python3 bench/diag/overlap_probe.py --seqs 256 128 64 --out "$OUT/overlap_probe.json" ;;
+    # run beside the other half-batch's attention on a second stream, against the engine's one stream; then W2's
+    # Llama-8B shape, where GEMMs and attention are nearer half and half (~120 s)
+    run overlap_probe 150 python3 bench/diag/overlap_probe.py --seqs 256 128 64 --out "$OUT/overlap_probe.json"
+    run overlap_probe_8b 150 python3 bench/diag/overlap_probe.py --shape llama-8b --seqs 256 64 --ctx-max 1500 \
+      --out "$OUT/overlap_probe_8b.json" ;;
   fp8-kernels)  # issue 13: where an 8B step's GPU time goes, bf16 against FP8 and FP8 + FP8 KV (kernels by category)
     run step_kernels 500 python3 bench/diag/step_kernels.py --out "$OUT/step_kernels.json" ;;
   w2-text)  # issue 13: text through completions and chat vs token ids, same server, same lengths

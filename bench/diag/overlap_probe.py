@@ -20,11 +20,13 @@ one CUDA graph and replayed; µs per step (all layers):
 - ``attention_only`` and ``gemms_only`` (whole batch, and halves): the parts alone.
 
     python3 bench/diag/overlap_probe.py --seqs 256 128 64 --out overlap_probe.json
+    python3 bench/diag/overlap_probe.py --shape llama-8b --seqs 256 64 --ctx-min 100 --ctx-max 1500  # W2's shape
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import sys
@@ -40,22 +42,38 @@ from engine.kernels.decode_attention import choose_num_splits, decode_attention 
 from engine.kernels.rmsnorm import rms_norm  # noqa: E402
 from engine.kernels.silu_mul import silu_and_mul  # noqa: E402
 
-HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER = 1024, 16, 8, 128, 3072  # Qwen3-0.6B
 BLOCK = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    inter: int
+    layers: int
+
+
+SHAPES = {
+    "qwen3-0.6b": Shape(1024, 16, 8, 128, 3072, 28),  # W1
+    "llama-8b": Shape(4096, 32, 8, 128, 14336, 32),  # W2
+}
 
 
 class Half:
     """One group of sequences: its queries, paged K/V tables, lengths (longest first) and buffers."""
 
-    def __init__(self, lens: list[int], num_layers: int, device: torch.device) -> None:
+    def __init__(self, lens: list[int], shape: Shape, device: torch.device) -> None:
         n = len(lens)
+        self.shape = shape
         self.n = n
         blocks = [(x + BLOCK - 1) // BLOCK for x in lens]
         total = sum(blocks)
         # a distinct cache per layer, blocks shuffled as a long-running server's would be
         self.caches = [
-            torch.randn(2, total, BLOCK, KV_HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16)
-            for _ in range(num_layers)
+            torch.randn(2, total, BLOCK, shape.kv_heads, shape.head_dim, device=device, dtype=torch.bfloat16)
+            for _ in range(shape.layers)
         ]
         perm = torch.randperm(total).tolist()
         table = torch.zeros(n, max(blocks), dtype=torch.int32)
@@ -67,24 +85,26 @@ class Half:
         self.seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
         self.order = torch.argsort(self.seq_lens, descending=True).to(torch.int32)
         self.max_len = max(lens)
-        self.x = torch.randn(n, HIDDEN, device=device, dtype=torch.bfloat16)
-        self.residual = torch.randn(n, HIDDEN, device=device, dtype=torch.bfloat16)
-        self.q = torch.randn(n, HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16)
-        self.attn_out = torch.empty(n, HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16)
-        self.kv_bytes = sum(lens) * 2 * KV_HEADS * HEAD_DIM * 2 * num_layers
+        self.x = torch.randn(n, shape.hidden, device=device, dtype=torch.bfloat16)
+        self.residual = torch.randn(n, shape.hidden, device=device, dtype=torch.bfloat16)
+        self.q = torch.randn(n, shape.heads, shape.head_dim, device=device, dtype=torch.bfloat16)
+        self.attn_out = torch.empty(n, shape.heads, shape.head_dim, device=device, dtype=torch.bfloat16)
+        self.kv_bytes = sum(lens) * 2 * shape.kv_heads * shape.head_dim * 2 * shape.layers
 
 
 class Layer:
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, shape: Shape, device: torch.device) -> None:
+        hidden, inter = shape.hidden, shape.inter
+
         def w(out_f: int, in_f: int) -> torch.Tensor:
             return torch.randn(out_f, in_f, device=device, dtype=torch.bfloat16) * 0.02
 
-        self.qkv = w((HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN)
-        self.o = w(HIDDEN, HEADS * HEAD_DIM)
-        self.gate_up = w(2 * INTER, HIDDEN)
-        self.down = w(HIDDEN, INTER)
-        self.norm1 = torch.ones(HIDDEN, device=device, dtype=torch.bfloat16)
-        self.norm2 = torch.ones(HIDDEN, device=device, dtype=torch.bfloat16)
+        self.qkv = w((shape.heads + 2 * shape.kv_heads) * shape.head_dim, hidden)
+        self.o = w(hidden, shape.heads * shape.head_dim)
+        self.gate_up = w(2 * inter, hidden)
+        self.down = w(hidden, inter)
+        self.norm1 = torch.ones(hidden, device=device, dtype=torch.bfloat16)
+        self.norm2 = torch.ones(hidden, device=device, dtype=torch.bfloat16)
 
 
 def pre(layer: Layer, h: Half) -> None:
@@ -94,8 +114,8 @@ def pre(layer: Layer, h: Half) -> None:
 
 
 def attend(h: Half, index: int, num_sms: int) -> None:
-    splits = choose_num_splits(h.n, KV_HEADS, h.max_len, num_sms)
-    decode_attention(h.q, h.caches[index], h.block_tables, h.seq_lens, HEAD_DIM**-0.5, h.attn_out,
+    splits = choose_num_splits(h.n, h.shape.kv_heads, h.max_len, num_sms)
+    decode_attention(h.q, h.caches[index], h.block_tables, h.seq_lens, h.shape.head_dim**-0.5, h.attn_out,
                      num_splits=splits, seq_order=h.order)  # fmt: skip
 
 
@@ -202,14 +222,18 @@ def main() -> None:
     parser.add_argument("--seqs", type=int, nargs="+", default=[256, 128, 64])
     parser.add_argument("--ctx-min", type=int, default=100)
     parser.add_argument("--ctx-max", type=int, default=2048)
-    parser.add_argument("--layers", type=int, default=28)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-0.6b")
+    parser.add_argument("--layers", type=int, help="fewer layers than the shape's (memory)")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = torch.device("cuda")
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     torch.manual_seed(0)
-    layers = [Layer(device) for _ in range(args.layers)]
+    shape = SHAPES[args.shape]
+    if args.layers:
+        shape = dataclasses.replace(shape, layers=args.layers)
+    layers = [Layer(shape, device) for _ in range(shape.layers)]
     weight_bytes = sum(
         t.numel() * 2 for layer in layers for t in (layer.qkv, layer.o, layer.gate_up, layer.down)
     )
@@ -221,8 +245,8 @@ def main() -> None:
     for n in args.seqs:
         lens = sorted((rng.randint(args.ctx_min, args.ctx_max) for _ in range(n)), reverse=True)
         # halves with equal K/V: alternate down the longest-first order
-        a, b = Half(lens[0::2], args.layers, device), Half(lens[1::2], args.layers, device)
-        whole = Half(lens, args.layers, device)
+        a, b = Half(lens[0::2], shape, device), Half(lens[1::2], shape, device)
+        whole = Half(lens, shape, device)
         row: dict[str, float] = {}
         for name, body in schedules(layers, whole, a, b, num_sms).items():
             row[name] = round(time_graph(body, args.iters), 1)
