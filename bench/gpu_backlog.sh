@@ -28,7 +28,7 @@ case "${1:-}" in
       --out "$OUT/w1_prev.json") ;;
   first-w5)  # one call (~560 s) when the device is scarce. On an H200: the two new kernels' GPU tests, then issue 14's
     # W5 at QPS = inf with the default prefill cap and without one (never run on an H200 with this code), then W1
-    # against 3994e9a (.carry/prev, as `first`). On any other card: `first`, then the bf16 decode tiles swept.
+    # against 3994e9a (.carry/prev, as `first`). On any other card: `first`, then `overlap`.
     [[ -d .carry/prev/engine ]] || { echo "no .carry/prev: prepare it first (see first)" >&2; exit 2; }
     if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
       run new_kernel_tests 80 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_decode_attention.py \
@@ -46,8 +46,7 @@ case "${1:-}" in
       fi
     else
       bash "$0" first "${2:-}"
-      [[ "${2:-}" == short || "${2:-}" == tiny ]] || run kernels_decode 170 python3 bench/kernels.py --only decode --bf16-kv-only \
-        --out "$OUT/kernels_decode.json"
+      [[ "${2:-}" == short || "${2:-}" == tiny ]] || bash "$0" overlap
     fi ;;
   all-bars)  # both open issues' bars when an H200 comes, in two calls (each bench's own baseline in its run). This
     # one: W5 (issue 14: never measured on an H200 with piecewise graphs, tuned tiles and the learnt prefill cap) at
