@@ -145,7 +145,8 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         type=int,
         default=default("decode_overlap_min_batch"),
         help="decode steps of at least this many sequences run as two half-batches, one half's attention "
-        "beside the other's GEMMs on a second CUDA stream (CUDA graphs only; 0: off)",
+        "beside the other's GEMMs on a second CUDA stream; each half reads the weights again, so only for small "
+        "models with long contexts (CUDA graphs only; 0: off)",
     )
     a(
         "--async-scheduling",

@@ -5,7 +5,9 @@ copy bandwidth, plus small GEMMs, norms and rotary that fill neither the bandwid
 (W1's Qwen3-0.6B at 256 sequences: ~1.2 ms of a ~7.5 ms step on an H200, docs/BENCHMARKS.md). NanoFlow's
 nano-batches: split the batch in two and put every attention on a side stream, so that while half B
 attends, half A runs its o_proj, MLP and next layer's q/k/v on the main stream, and the other way round.
-Each half waits only for its own previous piece; nothing waits for both.
+Each half waits only for its own previous piece; nothing waits for both. Each half reads every weight
+again, so it can pay only where K/V reads dwarf weight reads (a small model, long contexts, many sequences):
+not for an 8B model's or a mixture of experts' decode steps, whose weights are most of their bytes.
 
 Every layer but attention treats rows independently and attention is per sequence, so each row gets the
 arithmetic of the whole-batch forward (up to the GEMM kernel cuBLAS picks for half the rows). Used by the
