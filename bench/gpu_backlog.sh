@@ -48,18 +48,6 @@ case "${1:-}" in
       bash "$0" first "${2:-}"
       [[ "${2:-}" == short || "${2:-}" == tiny ]] || bash "$0" overlap
     fi ;;
-  first-halves)  # one call (~500 s), before first-w5 now that decode halves exist: the GPU tests of everything
-    # built since tests/gpu last ran (decode order, inverse-CDF sampler, decode halves); on an H200 issue 14's W5 at
-    # QPS = inf, then W1 without and with halves from 64 sequences; on any other card W1 both ways, then `overlap`
-    run new_tests 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_decode_attention.py \
-      tests/gpu/test_categorical_sample.py tests/gpu/test_decode_halves_on_gpu.py
-    if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
-      run w5 200 python3 bench/w5_moe.py --num-layers 48 --checkpoint fp8-block --hf-requests 0 --qps inf \
-        --step-trace --out "$OUT/w5.json"
-    fi
-    run w1 90 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
-    run w1_halves64 90 python3 bench/w1_offline.py --hf-seqs 0 --decode-overlap-min-batch 64 --out "$OUT/w1_halves64.json"
-    nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 || bash "$0" overlap ;;
   all-bars)  # both open issues' bars when an H200 comes, in two calls (each bench's own baseline in its run). This
     # one: W5 (issue 14: never measured on an H200 with piecewise graphs, tuned tiles and the learnt prefill cap) at
     # QPS = inf and 32 with the default prefill cap (auto), then without one (every prompt step takes the whole
@@ -126,14 +114,6 @@ case "${1:-}" in
     run overlap_probe 150 python3 bench/diag/overlap_probe.py --seqs 256 128 64 --out "$OUT/overlap_probe.json"
     run overlap_probe_8b 150 python3 bench/diag/overlap_probe.py --shape llama-8b --seqs 256 64 --ctx-max 1500 \
       --out "$OUT/overlap_probe_8b.json" ;;
-  halves)  # issue 13's W1: decode steps as two half-batches, one's attention beside the other's GEMMs on a second
-    # stream (engine/model/decode_halves.py, --decode-overlap-min-batch; built 2026-12-07, never on a GPU): its GPU
-    # tests, then W1 with halves from 64 and from 128 sequences against without, same call (~330 s)
-    run halves_tests 90 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_decode_halves_on_gpu.py
-    run w1 90 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
-    run w1_halves64 90 python3 bench/w1_offline.py --hf-seqs 0 --decode-overlap-min-batch 64 --out "$OUT/w1_halves64.json"
-    run w1_halves128 90 python3 bench/w1_offline.py --hf-seqs 0 --decode-overlap-min-batch 128 \
-      --out "$OUT/w1_halves128.json" ;;
   fp8-kernels)  # issue 13: where an 8B step's GPU time goes, bf16 against FP8 and FP8 + FP8 KV (kernels by category)
     run step_kernels 500 python3 bench/diag/step_kernels.py --out "$OUT/step_kernels.json" ;;
   w2-text)  # issue 13: text through completions and chat vs token ids, same server, same lengths
@@ -273,5 +253,5 @@ case "${1:-}" in
   w1)  # issue 13's W1 bar (H200: >= 28,800 tok/s), main and the old code on the same machine
     run w1 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
     (cd .carry/base && run w1_base 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_base.json") ;;
-  *) echo "usage: bench/gpu_backlog.sh first-halves|first-w5 [short|tiny]|first [tiny]|all-bars|all-bars-w2|w1-prefill|overlap|halves|pdl|bf16-linears|piecewise-tests|w5-piecewise|w5-or-w2-piecewise|w5-kernels|fp8-kv-tiles|moe-quant|moe-align|moe-tune-w5|w5-kv|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
+  *) echo "usage: bench/gpu_backlog.sh first-w5 [short|tiny]|first [tiny]|all-bars|all-bars-w2|w1-prefill|overlap|pdl|bf16-linears|piecewise-tests|w5-piecewise|w5-or-w2-piecewise|w5-kernels|fp8-kv-tiles|moe-quant|moe-align|moe-tune-w5|w5-kv|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
 esac

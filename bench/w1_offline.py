@@ -294,8 +294,7 @@ def run_ours(path: Path, prompts, max_tokens, args, floor: dict) -> dict:
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           max_prefill_tokens_while_decoding=args.max_prefill_tokens_while_decoding,
                           gpu_memory_utilization=0.9, enforce_eager=args.enforce_eager,
-                          async_scheduling=not args.no_async_scheduling,
-                          decode_overlap_min_batch=args.decode_overlap_min_batch)  # fmt: skip
+                          async_scheduling=not args.no_async_scheduling)  # fmt: skip
     started = time.perf_counter()
     engine = LLMEngine(config, load_model(config))
     startup = time.perf_counter() - started
@@ -318,7 +317,6 @@ def run_ours(path: Path, prompts, max_tokens, args, floor: dict) -> dict:
     result = {"output_tokens": produced, "seconds": seconds, "tok_per_s": produced / seconds,
               "startup_seconds": startup, "num_kv_blocks": engine.kv.pool.num_blocks,
               "cuda_graphs": engine.runner.cuda_graphs is not None, "async_scheduling": engine.async_scheduling,
-              "decode_overlap_min_batch": args.decode_overlap_min_batch,
               "step_breakdown": timer.summary(), **kernel_ms}  # fmt: skip
     del engine, timer
     gc.collect()  # the timer's wrappers hold the engine in a cycle; free its KV cache before the next run
@@ -342,12 +340,6 @@ def main() -> None:
         "(as vLLM's offline LLM takes larger chunks than its server)",
     )
     parser.add_argument("--enforce-eager", action="store_true")
-    parser.add_argument(
-        "--decode-overlap-min-batch",
-        type=int,
-        default=0,
-        help="decode steps of at least this many sequences as two overlapped halves (engine/model/decode_halves.py)",
-    )
     parser.add_argument(
         "--runs", type=int, default=1, help="run kubellm this many times (a fresh engine each)"
     )

@@ -141,14 +141,6 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         f"calls; 0: they run eagerly (default: {EngineConfig.DEFAULT_MAX_PIECEWISE_GRAPH_TOKENS} on a GPU)",
     )
     a(
-        "--decode-overlap-min-batch",
-        type=int,
-        default=default("decode_overlap_min_batch"),
-        help="decode steps of at least this many sequences run as two half-batches, one half's attention "
-        "beside the other's GEMMs on a second CUDA stream; each half reads the weights again, so only for small "
-        "models with long contexts (CUDA graphs only; 0: off)",
-    )
-    a(
         "--async-scheduling",
         action=argparse.BooleanOptionalAction,
         default=default("async_scheduling"),
@@ -279,7 +271,6 @@ def engine_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             enable_prefix_caching=args.enable_prefix_caching,
             enforce_eager=args.enforce_eager,
             max_piecewise_graph_tokens=args.max_piecewise_graph_tokens,
-            decode_overlap_min_batch=args.decode_overlap_min_batch,
             async_scheduling=args.async_scheduling,
             tensor_parallel_size=args.tensor_parallel_size,
             engine_process=args.engine_process,

@@ -95,9 +95,6 @@ class EngineConfig(BaseModel):
     # None: DEFAULT_MAX_PIECEWISE_GRAPH_TOKENS or the model's host-bound limit, if lower (never above the step
     # budget); 0: steps with prompts run eagerly
     max_piecewise_graph_tokens: int | None = Field(default=None, ge=0)
-    # Decode graphs of at least this many sequences run as two halves, one's attention beside the other's GEMMs
-    # on a second CUDA stream (engine/model/decode_halves.py); 0: off. Off until measured on a GPU.
-    decode_overlap_min_batch: int = Field(default=0, ge=0)
     # Queue step N+1 on the device before reading step N's tokens (None = on for CUDA, off for the CPU,
     # where the forward itself runs on the engine thread and there is nothing to overlap with).
     async_scheduling: bool | None = None

@@ -95,9 +95,7 @@ class LLMEngine:
                 piecewise_tokens = config.max_piecewise_graph_tokens_on(
                     device, host_bound_tokens(loaded.model, loaded.num_layers)
                 )
-                self.runner.capture_cuda_graphs(
-                    max_num_seqs, self.max_model_len, piecewise_tokens, config.decode_overlap_min_batch
-                )
+                self.runner.capture_cuda_graphs(max_num_seqs, self.max_model_len, piecewise_tokens)
             self.runner.warm_up()
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(

@@ -18,7 +18,7 @@ class Op(IntEnum):
         2  # (max_model_len, max_batched_tokens, max_num_seqs): size the KV cache, agree on the minimum
     )
     ALLOCATE_KV_CACHE = 3  # (num_blocks,)
-    CAPTURE_CUDA_GRAPHS = 4  # (max_batch_size, max_model_len, max_piecewise_tokens, decode_overlap_min_batch)
+    CAPTURE_CUDA_GRAPHS = 4  # (max_batch_size, max_model_len, max_piecewise_tokens)
     WARM_UP = 5
     STOP = 6
 

@@ -90,7 +90,7 @@ class Follower:
             elif op is Op.ALLOCATE_KV_CACHE:
                 runner.allocate_kv_cache(args[0])
             elif op is Op.CAPTURE_CUDA_GRAPHS:
-                runner.capture_cuda_graphs(args[0], args[1], args[2], args[3])
+                runner.capture_cuda_graphs(args[0], args[1], args[2])
             elif op is Op.WARM_UP:
                 runner.warm_up()
             elif op is Op.STOP:

@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from engine.model.attention import AttentionMetadata
-from engine.model.decode_halves import forward_in_halves
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +56,6 @@ class DecodeCudaGraphs:
         hidden_size: int,
         dtype: torch.dtype,
         device: torch.device,
-        overlap_min_batch: int = 0,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches  # captured by address: the runner must never reallocate them
@@ -78,9 +76,6 @@ class DecodeCudaGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.buckets = batch_size_buckets(max_batch_size)
         self.pool = None  # the graphs' memory pool, once captured (piecewise graphs share it)
-        # Buckets of at least this many rows run as two halves, attention on a side stream (decode_halves.py)
-        self.overlap_min_batch = overlap_min_batch
-        self.side_stream = torch.cuda.Stream(device) if overlap_min_batch and device.type == "cuda" else None
 
     def _meta(self, batch_size: int) -> AttentionMetadata:
         # max_seq_len = max_model_len: the split heuristic sizes each bucket for the longest context.
@@ -97,18 +92,11 @@ class DecodeCudaGraphs:
             decode_order=self.decode_order[:batch_size],
         )
 
-    def overlapped(self, batch_size: int) -> bool:
-        return 0 < self.overlap_min_batch <= batch_size and batch_size >= 2
-
     def _forward(self, batch_size: int) -> None:
         bs = batch_size
-        ids, positions, meta = self.input_ids[:bs], self.positions[:bs], self._meta(bs)
-        if self.overlapped(bs):  # padding rows (the last ones) fall in the second half
-            self.hidden[:bs] = forward_in_halves(
-                self.model.model, ids, positions, self.kv_caches, meta, bs // 2, self.side_stream
-            )
-        else:
-            self.hidden[:bs] = self.model(ids, positions, self.kv_caches, meta)
+        self.hidden[:bs] = self.model(
+            self.input_ids[:bs], self.positions[:bs], self.kv_caches, self._meta(bs)
+        )
 
     @torch.inference_mode()
     def capture(self) -> None:

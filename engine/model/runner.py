@@ -115,25 +115,14 @@ class ModelRunner:
             self.tp.close()
 
     def capture_cuda_graphs(
-        self,
-        max_batch_size: int,
-        max_model_len: int,
-        max_piecewise_tokens: int = 0,
-        decode_overlap_min_batch: int = 0,
+        self, max_batch_size: int, max_model_len: int, max_piecewise_tokens: int = 0
     ) -> None:
-        """Once the KV cache is allocated for good: capture decode steps as CUDA graphs (those of at least
-        decode_overlap_min_batch sequences as two overlapped halves; 0: none), and steps of up to
+        """Once the KV cache is allocated for good: capture decode steps as CUDA graphs, and steps of up to
         max_piecewise_tokens tokens (0: none) in pieces between attention calls; one memory pool."""
-        self.tell_ranks(
-            Op.CAPTURE_CUDA_GRAPHS,
-            max_batch_size,
-            max_model_len,
-            max_piecewise_tokens,
-            decode_overlap_min_batch,
-        )
+        self.tell_ranks(Op.CAPTURE_CUDA_GRAPHS, max_batch_size, max_model_len, max_piecewise_tokens)
         self.cuda_graphs = DecodeCudaGraphs(
             self.model, self.kv_caches, min(max_batch_size, 512), max_model_len, self.block_size,
-            self.model.config.hidden_size, self.dtype, self.device, decode_overlap_min_batch,
+            self.model.config.hidden_size, self.dtype, self.device,
         )  # fmt: skip
         self.cuda_graphs.capture()
         if max_piecewise_tokens > 0:
