@@ -26,14 +26,12 @@ case "${1:-}" in
     # `first tiny` (~250 s): without the W1 baseline
     [[ "${2:-}" == tiny ]] || (cd .carry/prev && run w1_prev 120 python3 bench/w1_offline.py --hf-seqs 0 \
       --out "$OUT/w1_prev.json") ;;
-  first-w5)  # one call (~560 s) when the device is scarce. On an H200: the two new kernels' GPU tests, then issue 14's
-    # W5 at QPS = inf with the default prefill cap and without one (never run on an H200 with this code), then W1
-    # against 3994e9a (.carry/prev, as `first`). On any other card: `first`, then `overlap`.
+  first-w5)  # one call (~560 s) when the device is scarce. On an H200: issue 14's W5 at QPS = inf with the default
+    # prefill cap and without one (never run on an H200 with this code), W1, then the bf16 decode tiles swept (the
+    # new kernels' GPU tests passed on an H100, 2026-12-07). On any other card: `first`, then the tile sweep.
     [[ -d .carry/prev/engine ]] || { echo "no .carry/prev: prepare it first (see first)" >&2; exit 2; }
     if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
-      run new_kernel_tests 80 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_decode_attention.py \
-        tests/gpu/test_categorical_sample.py
-      # `first-w5 short` (~330 s, when little device time is left): one W5 server, no W1 baseline; `tiny` (~280 s): no W1
+      # `first-w5 short` (~300 s, when little device time is left): one W5 server and W1; `tiny` (~200 s): W5 alone
       if [[ "${2:-}" == short || "${2:-}" == tiny ]]; then
         run w5 200 python3 bench/w5_moe.py --num-layers 48 --checkpoint fp8-block --hf-requests 0 --qps inf \
           --step-trace --out "$OUT/w5.json"
@@ -42,11 +40,12 @@ case "${1:-}" in
         run w5 280 python3 bench/w5_moe.py --num-layers 48 --checkpoint fp8-block --hf-requests 0 --qps inf \
           --step-trace --also-serve '--max-prefill-tokens-while-decoding 0' --out "$OUT/w5.json"
         run w1 100 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
-        (cd .carry/prev && run w1_prev 100 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_prev.json")
+        run kernels_decode 170 python3 bench/kernels.py --only decode --bf16-kv-only --out "$OUT/kernels_decode.json"
       fi
     else
       bash "$0" first "${2:-}"
-      [[ "${2:-}" == short || "${2:-}" == tiny ]] || bash "$0" overlap
+      [[ "${2:-}" == short || "${2:-}" == tiny ]] || run kernels_decode 170 python3 bench/kernels.py --only decode --bf16-kv-only \
+        --out "$OUT/kernels_decode.json"
     fi ;;
   all-bars)  # both open issues' bars when an H200 comes, in two calls (each bench's own baseline in its run). This
     # one: W5 (issue 14: never measured on an H200 with piecewise graphs, tuned tiles and the learnt prefill cap) at
@@ -63,12 +62,11 @@ case "${1:-}" in
         --junitxml="$OUT/junit.xml"
     fi ;;
   all-bars-w2)  # issue 13's W2 bars in one call (W2-FP8 is a ratio to W2 in the same call): W2 at QPS = inf (its
-    # 32-QPS TPOT bar was met with room, 11.6 of 25 ms), the FP8 norm / SiLU kernels' bits, W2-FP8; then `overlap`. About 380 s
+    # 32-QPS TPOT bar was met with room, 11.6 of 25 ms), the FP8 norm / SiLU kernels' bits, W2-FP8. About 250 s
     run w2 110 python3 bench/w2_serving.py --qps inf --out "$OUT/w2.json"
     run fp8_producer_tests 40 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_producers.py
     run w2_fp8 120 python3 bench/w2_serving.py --qps inf --out "$OUT/w2_fp8.json" \
-      --serve-args --quantization fp8 --kv-cache-dtype fp8
-    bash "$0" overlap ;;
+      --serve-args --quantization fp8 --kv-cache-dtype fp8 ;;
   bars13)  # issue 13's bars in one call (for an H200): W1; W2 and W2-text at QPS=inf and 32 (one server, token
     # ids then text); W2-FP8 against that W2 (a second server). About 500 s.
     run w1 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
@@ -108,9 +106,9 @@ case "${1:-}" in
     # steps are 300-860 of them)? Toy norm and GEMV chains with and without it (about 60 s; nothing in the engine
     # uses it yet)
     run pdl_chain 120 python3 bench/diag/pdl_chain.py --tokens 1 32 256 --out "$OUT/pdl_chain.json" ;;
-  overlap)  # issue 13's W1 on an H200: a decode step's GEMMs and norms (~1 ms at any batch, a sixth of a full step)
-    # run beside the other half-batch's attention on a second stream, against the engine's one stream; then W2's
-    # Llama-8B shape, where GEMMs and attention are nearer half and half (~120 s)
+  overlap)  # issue 13's W1: a decode step's GEMMs and norms (~1 ms at any batch, a sixth of a full step) run beside
+    # the other half-batch's attention on a second stream, against the engine's one stream; then W2's Llama-8B shape
+    # (~120 s). On an H100 (2026-12-07) no two-stream schedule beat one stream: the engine's halves were dropped
     run overlap_probe 150 python3 bench/diag/overlap_probe.py --seqs 256 128 64 --out "$OUT/overlap_probe.json"
     run overlap_probe_8b 150 python3 bench/diag/overlap_probe.py --shape llama-8b --seqs 256 64 --ctx-max 1500 \
       --out "$OUT/overlap_probe_8b.json" ;;

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import random
 import sys
@@ -322,7 +323,8 @@ def main() -> None:
         row["best_overlap_vs_serial"] = round(min(row[k] for k in overlapped) / row["serial"], 3)
         results[f"seqs_{n}"] = row
         print(f"{n} sequences: " + ", ".join(f"{k} {v}" for k, v in row.items()), flush=True)
-        del a, b, whole
+        del a, b, whole, bodies  # the schedules' closures hold the halves' caches too
+        gc.collect()
         torch.cuda.empty_cache()
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
