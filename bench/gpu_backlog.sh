@@ -26,10 +26,10 @@ case "${1:-}" in
     # `first tiny` (~250 s): without the W1 baseline
     [[ "${2:-}" == tiny ]] || (cd .carry/prev && run w1_prev 120 python3 bench/w1_offline.py --hf-seqs 0 \
       --out "$OUT/w1_prev.json") ;;
-  first-w5)  # one call (~560 s) when the device is scarce. On an H200: issue 14's W5 at QPS = inf with the default
-    # prefill cap and without one (never run on an H200 with this code), W1, then the bf16 decode tiles swept (the
-    # new kernels' GPU tests passed on an H100, 2026-12-07). On any other card: `first`, then the tile sweep.
-    [[ -d .carry/prev/engine ]] || { echo "no .carry/prev: prepare it first (see first)" >&2; exit 2; }
+  first-w5)  # one call (~540 s) when the device is scarce. On an H200: issue 14's W5 at QPS = inf with the default
+    # prefill cap and without one (never run on an H200 with this code), then `tile-w1` (W1 with the default decode
+    # tile and with the one W1's ragged cases favour there). On any other card: `tile-w1` (~250 s). The new kernels'
+    # GPU tests passed on an H100, 2026-12-07.
     if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
       # `first-w5 short` (~300 s, when little device time is left): one W5 server and W1; `tiny` (~200 s): W5 alone
       if [[ "${2:-}" == short || "${2:-}" == tiny ]]; then
@@ -39,14 +39,20 @@ case "${1:-}" in
       else
         run w5 280 python3 bench/w5_moe.py --num-layers 48 --checkpoint fp8-block --hf-requests 0 --qps inf \
           --step-trace --also-serve '--max-prefill-tokens-while-decoding 0' --out "$OUT/w5.json"
-        run w1 100 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
-        run kernels_decode 170 python3 bench/kernels.py --only decode --bf16-kv-only --out "$OUT/kernels_decode.json"
+        bash "$0" tile-w1
       fi
     else
-      bash "$0" first "${2:-}"
-      [[ "${2:-}" == short || "${2:-}" == tiny ]] || run kernels_decode 170 python3 bench/kernels.py --only decode --bf16-kv-only \
-        --out "$OUT/kernels_decode.json"
+      bash "$0" tile-w1
     fi ;;
+  tile-w1)  # issue 13's W1: the decode tiles swept over W1's ragged cases on this card, then W1 with the fastest
+    # (bench/decode_tile_pick.py; KUBELLM_DECODE_TILE) against the default tile, same call (~250 s). Write a tile that
+    # wins W1 into engine/kernels/decode_tiles.py's DECODE_TILES under the card's name
+    run kernels_w1_tiles 120 python3 bench/kernels.py --only decode-w1 --out "$OUT/kernels_w1_tiles.json"
+    tile=$(python3 bench/decode_tile_pick.py "$OUT/kernels_w1_tiles.json" 2>"$OUT/decode_tile_pick.log")
+    echo "== decode tile for W1: ${tile:-the default}"; cat "$OUT/decode_tile_pick.log"
+    run w1 90 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
+    [[ -z "$tile" ]] || run w1_tile 90 env KUBELLM_DECODE_TILE="$tile" \
+      python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_tile_$tile.json" ;;
   all-bars)  # both open issues' bars when an H200 comes, in two calls (each bench's own baseline in its run). This
     # one: W5 (issue 14: never measured on an H200 with piecewise graphs, tuned tiles and the learnt prefill cap) at
     # QPS = inf and 32 with the default prefill cap (auto), then without one (every prompt step takes the whole
@@ -251,5 +257,5 @@ case "${1:-}" in
   w1)  # issue 13's W1 bar (H200: >= 28,800 tok/s), main and the old code on the same machine
     run w1 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
     (cd .carry/base && run w1_base 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_base.json") ;;
-  *) echo "usage: bench/gpu_backlog.sh first-w5 [short|tiny]|first [tiny]|all-bars|all-bars-w2|w1-prefill|overlap|pdl|bf16-linears|piecewise-tests|w5-piecewise|w5-or-w2-piecewise|w5-kernels|fp8-kv-tiles|moe-quant|moe-align|moe-tune-w5|w5-kv|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
+  *) echo "usage: bench/gpu_backlog.sh first-w5 [short|tiny]|tile-w1|first [tiny]|all-bars|all-bars-w2|w1-prefill|overlap|pdl|bf16-linears|piecewise-tests|w5-piecewise|w5-or-w2-piecewise|w5-kernels|fp8-kv-tiles|moe-quant|moe-align|moe-tune-w5|w5-kv|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
 esac

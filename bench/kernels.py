@@ -3,6 +3,8 @@ against torch in the same run, on whatever CUDA GPU is present.
 
     python3 bench/kernels.py --out bench/results/kernels_gpu.json
     python3 bench/kernels.py --only decode --out /tmp/decode.json   # decode attention alone, FP8 caches too
+    python3 bench/kernels.py --only decode-w1 --out /tmp/w1_tiles.json  # W1's ragged cases, every tile
+    python3 bench/decode_tile_pick.py /tmp/w1_tiles.json               # the tile they favour
 
 Decode attention is bound by reading the KV cache, so its floor is (K + V bytes) / measured copy
 bandwidth. Prefill is reported in TFLOP/s of causal attention. Baselines: torch SDPA on contiguous
@@ -205,7 +207,12 @@ def bench_fused():
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results/kernels_gpu.json")
-    parser.add_argument("--only", choices=["decode"], default=None, help="decode attention alone")
+    parser.add_argument(
+        "--only",
+        choices=["decode", "decode-w1"],
+        default=None,
+        help="decode attention alone; decode-w1: only W1's ragged cases (256 and 128 x U(100, 2,048)), every tile",
+    )
     parser.add_argument("--bf16-kv-only", action="store_true", help="skip the FP8-cache decode sweeps")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -232,6 +239,11 @@ def main() -> None:
         ("Llama-8B 1 x 8192", llama, [8192], False),
         ("Qwen3-0.6B 32 x 512", qwen, [512] * 32, False),
     ]
+    if args.only == "decode-w1":
+        decode_cases = [
+            case for case in decode_cases if case[0].startswith("Qwen3-0.6B") and "U(" in case[0]
+        ][:2]
+        args.bf16_kv_only = True
     for name, (h, kvh, d), ctx, sweep in decode_cases:
         rows += bench_decode(name, h, kvh, d, 16, ctx, copy_bw, props.multi_processor_count, sweep)
         print(f"decode {name} done", flush=True)
@@ -248,7 +260,7 @@ def main() -> None:
                 label, h, kvh, d, 16, ctx, copy_bw, props.multi_processor_count, True, fp8_kv
             )
         print(f"decode {name}, bf16 and FP8 caches, done", flush=True)
-    if args.only == "decode":
+    if args.only is not None:
         write_and_print(args.out, props, copy_bw, rows)
         return
     rows += bench_prefill("Qwen3-0.6B 16 x 1024 fresh", *qwen, 16, [1024] * 16, [0] * 16)
