@@ -41,6 +41,9 @@ case "${1:-}" in
           --step-trace --also-serve '--max-prefill-tokens-while-decoding 0' --out "$OUT/w5.json"
         bash "$0" tile-w1
       fi
+    elif [[ "${2:-}" == tiny ]]; then  # (~100 s) the tiles alone, for a session's last minutes
+      run kernels_w1_tiles 120 python3 bench/kernels.py --only decode-w1 --out "$OUT/kernels_w1_tiles.json"
+      python3 bench/decode_tile_pick.py "$OUT/kernels_w1_tiles.json"
     else
       bash "$0" tile-w1
     fi ;;
