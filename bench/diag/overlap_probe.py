@@ -5,8 +5,9 @@ W1's decode step at 256 sequences is ~85 % attention, which reads K/V at ~96 % o
 (docs/BENCHMARKS.md: ~1 ms a step against ~0.3 ms of weight bytes, on every step, full or tail). On an H200
 that fixed part is what keeps W1 under 80 % of its floor. NanoFlow's answer is nano-batches: split the batch
 in two and run one half's attention (memory-bound) while the other half runs its GEMMs (latency- and
-compute-bound), so the GEMMs cost little more than the SMs they borrow. This measures whether this card
-overlaps them, before any of it is built into the engine.
+compute-bound), so the GEMMs cost little more than the SMs they borrow. This measures whether a card
+overlaps them. On an H100 (2026-12-07, docs/BENCHMARKS.md) none of the two-stream schedules beat one stream,
+and the engine's halves built on the idea lost 4 % on W1: they were removed.
 
 The layer is W1's Qwen3-0.6B decoder without rotary and the KV write: RMSNorm (with residual), the qkv GEMM,
 decode attention over a ragged paged K/V cache (the engine's kernel, longest context first), o GEMM, RMSNorm,
