@@ -239,11 +239,10 @@ def main() -> None:
         ("Llama-8B 1 x 8192", llama, [8192], False),
         ("Qwen3-0.6B 32 x 512", qwen, [512] * 32, False),
     ]
-    if args.only == "decode-w1":
+    if args.only == "decode-w1":  # the two swept ragged Qwen3-0.6B cases: 256 and 128 x U(100, 2,048)
         decode_cases = [
             case for case in decode_cases if case[0].startswith("Qwen3-0.6B") and "U(" in case[0]
         ][:2]
-        args.bf16_kv_only = True
     for name, (h, kvh, d), ctx, sweep in decode_cases:
         rows += bench_decode(name, h, kvh, d, 16, ctx, copy_bw, props.multi_processor_count, sweep)
         print(f"decode {name} done", flush=True)
@@ -253,7 +252,7 @@ def main() -> None:
     fp8_cases = [("Llama-8B 256 x 1024", llama, [1024] * 256),
                  ("Qwen3-30B-A3B 256 x 1024", qwen3_moe, [1024] * 256),
                  ("Qwen3-30B-A3B 32 x 1024", qwen3_moe, [1024] * 32)]  # fmt: skip
-    for name, (h, kvh, d), ctx in [] if args.bf16_kv_only else fp8_cases:
+    for name, (h, kvh, d), ctx in [] if args.bf16_kv_only or args.only == "decode-w1" else fp8_cases:
         for fp8_kv in (False, True):
             label = f"{name}{', FP8 KV' if fp8_kv else ''}"
             rows += bench_decode(
