@@ -209,9 +209,10 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/kernels_gpu.json")
     parser.add_argument(
         "--only",
-        choices=["decode", "decode-w1"],
+        choices=["decode", "decode-w1", "decode-fp8"],
         default=None,
-        help="decode attention alone; decode-w1: only W1's ragged cases (256 and 128 x U(100, 2,048)), every tile",
+        help="decode attention alone; decode-w1: only W1's ragged cases (256 and 128 x U(100, 2,048)), every tile; "
+        "decode-fp8: only the FP8-cache cases, each beside its bf16 cache",
     )
     parser.add_argument("--bf16-kv-only", action="store_true", help="skip the FP8-cache decode sweeps")
     args = parser.parse_args()
@@ -243,6 +244,8 @@ def main() -> None:
         decode_cases = [
             case for case in decode_cases if case[0].startswith("Qwen3-0.6B") and "U(" in case[0]
         ][:2]
+    elif args.only == "decode-fp8":
+        decode_cases = []
     for name, (h, kvh, d), ctx, sweep in decode_cases:
         rows += bench_decode(name, h, kvh, d, 16, ctx, copy_bw, props.multi_processor_count, sweep)
         print(f"decode {name} done", flush=True)
@@ -250,6 +253,7 @@ def main() -> None:
     # bf16 row of each shape beside it
     qwen3_moe = (32, 4, 128)
     fp8_cases = [("Llama-8B 256 x 1024", llama, [1024] * 256),
+                 ("Llama-8B 160 x U(100,1500)", llama, [rng.randint(100, 1500) for _ in range(160)]),
                  ("Qwen3-30B-A3B 256 x 1024", qwen3_moe, [1024] * 256),
                  ("Qwen3-30B-A3B 32 x 1024", qwen3_moe, [1024] * 32)]  # fmt: skip
     for name, (h, kvh, d), ctx in [] if args.bf16_kv_only or args.only == "decode-w1" else fp8_cases:

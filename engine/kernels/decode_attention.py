@@ -57,7 +57,7 @@ def _decode_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    FP8_KV: tl.constexpr,  # float8 cache: K/V converted to q's dtype, their scales folded in
+    FP8_KV: tl.constexpr,  # float8 cache: K/V converted (bf16 q: all three as float16), their scales folded in
     SPLIT: tl.constexpr,
     ORDERED: tl.constexpr,
 ):
@@ -94,6 +94,10 @@ def _decode_kernel(
 
     if FP8_KV:
         scale_log2 = scale_log2 * tl.load(kv_scales_ptr)
+        # float16, not q's bfloat16: Hopper converts two e4m3 values to float16 in one instruction, bfloat16
+        # goes through float32 (3-17 points of the bytes' floor on an H100: bench/kernels.py --only decode-fp8)
+        if q.dtype == tl.bfloat16:
+            q = q.to(tl.float16)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)

@@ -7,7 +7,7 @@ import torch
 from engine.kernels.decode_attention import choose_num_splits, decode_attention
 from engine.kernels.decode_tiles import DecodeTile, decode_tile_for
 from engine.kernels.prefill_attention import prefill_attention
-from engine.kernels.reshape_and_cache import reshape_and_cache
+from engine.kernels.reshape_and_cache import is_fp8_cache, reshape_and_cache
 from engine.model.attention import AttentionMetadata
 
 
@@ -20,15 +20,18 @@ class TritonAttention:
         num_sms: int | None = None,
         decode_num_splits: int | None = None,
         decode_tile: DecodeTile | None = None,
+        fp8_decode_tile: DecodeTile | None = None,
     ) -> None:
         # Read the card's properties once: asking the driver on every layer costs host time.
         on_gpu = torch.cuda.is_available()
         if num_sms is None:
             num_sms = torch.cuda.get_device_properties(0).multi_processor_count if on_gpu else 1
         self.num_sms: int = num_sms
-        if decode_tile is None:
-            decode_tile = decode_tile_for(torch.cuda.get_device_name(0) if on_gpu else "cpu")
-        self.decode_tile: DecodeTile = decode_tile
+        card = torch.cuda.get_device_name(0) if on_gpu else "cpu"
+        self.decode_tile: DecodeTile = decode_tile or decode_tile_for(card)
+        self.fp8_decode_tile: DecodeTile = (
+            fp8_decode_tile or decode_tile or decode_tile_for(card, fp8_cache=True)
+        )
         # Fixed split count (CUDA graphs pin one per captured batch size); None chooses per step.
         self.decode_num_splits: int | None = decode_num_splits
 
@@ -59,7 +62,7 @@ class TritonAttention:
                 scale,
                 out[:num_decodes],
                 num_splits=num_splits,
-                tile=self.decode_tile,
+                tile=self.fp8_decode_tile if is_fp8_cache(kv_cache, kv_scales) else self.decode_tile,
                 kv_scales=kv_scales,
                 seq_order=meta.decode_order,
             )
