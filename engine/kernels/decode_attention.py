@@ -96,8 +96,8 @@ def _decode_kernel(
         scale_log2 = scale_log2 * tl.load(kv_scales_ptr)
         # float16, not q's bfloat16: Hopper converts two e4m3 values to float16 in one instruction, bfloat16
         # goes through float32 (3-17 points of the bytes' floor on an H100: bench/kernels.py --only decode-fp8)
-        if q.dtype == tl.bfloat16:
-            q = q.to(tl.float16)
+        if q.dtype == tl.bfloat16:  # clamped to float16's range: an outlier saturates instead of becoming inf
+            q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)

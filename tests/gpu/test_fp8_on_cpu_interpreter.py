@@ -58,13 +58,20 @@ for m, n, k, split, group in [(3, 64, 256, 1, None), (16, 96, 384, 2, None), (1,
     ref = dequantize_rows(xq, xs, torch.float32, group) @ dequantize_rows(wq, ws, torch.float32, group).T
     assert ((out - ref).norm() / ref.norm()).item() < 1e-5, (m, n, k, split, group)
 
-cases = [  # head_dim, block_size, kv_heads, group, query_lens, prefix_lens, decode splits, k/v scales
-    (64, 16, 1, 4, [1, 1, 5, 17], [3, 40, 0, 20], None, (1.0, 1.0)),
-    (32, 8, 2, 2, [1, 1, 33], [1, 90, 40], 4, (0.25, 2.0)),
+# head_dim, block_size, kv_heads, group, query_lens, prefix_lens, decode splits, k/v scales, dtype. A bfloat16
+# query is converted to float16 for the decode products (clamped to its range): the first decode query's
+# outlier saturates there, and still picks the same keys as the float32 reference. Its prefill rows are not
+# checked here: the interpreter converts e4m3 to bfloat16 wrongly (the GPU tests check them).
+cases = [
+    (64, 16, 1, 4, [1, 1, 5, 17], [3, 40, 0, 20], None, (1.0, 1.0), torch.float16),
+    (32, 8, 2, 2, [1, 1, 33], [1, 90, 40], 4, (0.25, 2.0), torch.float16),
+    (64, 16, 2, 4, [1, 1, 9], [30, 7, 12], None, (0.5, 1.0), torch.bfloat16),
 ]
-for head_dim, block_size, kvh, group, q_lens, prefix, splits, (ks, vs) in cases:
+for head_dim, block_size, kvh, group, q_lens, prefix, splits, (ks, vs), dtype in cases:
     b = make_paged_batch(q_lens, prefix, kvh * group, kvh, head_dim, block_size, seed=head_dim,
-                         dtype=torch.float16, device="cpu")
+                         dtype=dtype, device="cpu")
+    if dtype == torch.bfloat16:
+        b.q[0, 0, 0] = 1e5
     fp8, scales, ref = as_fp8_kv_batch(b, ks, vs)
     write_kv_cache(fp8.k, fp8.v, fp8.kv_cache, b.meta.slot_mapping, scales)  # torch's e4m3 rounding
     out = torch.full_like(b.q, float("nan"))
@@ -73,9 +80,10 @@ for head_dim, block_size, kvh, group, q_lens, prefix, splits, (ks, vs) in cases:
                      num_splits=splits or 1, kv_scales=scales)
     prefill_attention(fp8.q, fp8.kv_cache, m.block_tables, m.seq_lens, m.query_start_loc, m.max_query_len,
                       b.scale, out, first_seq=nd, kv_scales=scales)
-    assert not out.isnan().any(), head_dim
-    err = ((out.float() - ref).norm() / ref.norm()).item()
-    assert err < 2e-3, (head_dim, err)
+    checked = slice(0, nd) if dtype == torch.bfloat16 else slice(None)
+    assert not out[checked].isnan().any(), head_dim
+    err = ((out[checked].float() - ref[checked]).norm() / ref[checked].norm()).item()
+    assert err < (1e-2 if dtype == torch.bfloat16 else 2e-3), (head_dim, err)
 print("ok")
 """
 
