@@ -9,7 +9,7 @@ inside a CUDA graph (as decode steps run; eager timings of small shapes measure 
 not the GPU), or eagerly with --eager (as prefill runs). Decides which path a shape takes
 (engine/model/fp8.py uses _scaled_mm for per-channel weights); needs a GPU of compute capability 8.9+.
 
-    python bench/fp8_gemm.py [--tokens 1 16 64 256 1024 4096]
+    python bench/fp8_gemm.py [--tokens 1 16 64 256 1024 4096] [--model qwen3-30b-a3b]
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ from engine.kernels.fp8_gemm import beats_scaled_mm, fp8_gemm  # noqa: E402
 from engine.kernels.fp8_quant import quantize_activations  # noqa: E402
 from engine.model.fp8 import quantize_rows  # noqa: E402
 
-SHAPES = {  # Llama-3-8B's linears: (out, in)
-    "qkv_proj": (6144, 4096),
-    "o_proj": (4096, 4096),
-    "gate_up_proj": (28672, 4096),
-    "down_proj": (4096, 14336),
-}
+MODELS = {  # the linears' (out, in)
+    "llama-3-8b": {"qkv_proj": (6144, 4096), "o_proj": (4096, 4096), "gate_up_proj": (28672, 4096),
+                   "down_proj": (4096, 14336)},
+    # W5: Qwen3-30B-A3B's attention projections, block FP8 in Qwen3-30B-A3B-FP8 (its experts run the fused MoE)
+    "qwen3-30b-a3b": {"qkv_proj": (5120, 2048), "o_proj": (2048, 4096)},
+}  # fmt: skip
 
 
 def scaled_mm(x: torch.Tensor, wq: torch.Tensor, ws_row: torch.Tensor) -> torch.Tensor:
@@ -87,9 +87,10 @@ def main() -> None:
     parser.add_argument(
         "--eager", action="store_true", help="time without a CUDA graph (host launches included)"
     )
+    parser.add_argument("--model", choices=sorted(MODELS), default="llama-3-8b")
     args = parser.parse_args()
     bench = do_bench if args.eager else do_bench_cudagraph
-    for name, (n, k) in SHAPES.items():
+    for name, (n, k) in MODELS[args.model].items():
         w = torch.randn(n, k, device="cuda") * 0.02
         w_bf16 = w.bfloat16()
         wq, ws = quantize_rows(w)
@@ -112,6 +113,7 @@ def main() -> None:
                 "quant_torch": partial(quantize_rows, x),
             }
             row: dict[str, object] = {
+                "model": args.model,
                 "layer": name,
                 "tokens": m,
                 "timing": "eager" if args.eager else "cuda_graph",
