@@ -50,7 +50,7 @@ case "${1:-}" in
   block-mm)  # W5's attention projections on cuBLAS's block-scaled _scaled_mm (2.2x the Triton block GEMM from 256
     # tokens on an H100, 2026-12-07; W5 31.3 against 29.7 req/s): the engine code waits on branch wip/block-scaled-mm
     # (its hf-block engine test failed there, 0 of 8; the fix is a guess: see the branch's last commit). On this
-    # machine first: git merge --no-commit wip/block-scaled-mm; mkdir -p .carry/prev && git archive main engine
+    # machine first: git merge --no-ff --no-commit wip/block-scaled-mm; mkdir -p .carry/prev && git archive main engine
     # bench | tar -x -C .carry/prev. ~470 s: the layouts cuBLAS takes, the tests, W5 against main's code.
     run layouts 60 python3 bench/diag/block_scaled_mm_layouts.py
     run block_tests 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_gemm.py -k block \
