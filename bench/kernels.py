@@ -4,6 +4,7 @@ against torch in the same run, on whatever CUDA GPU is present.
     python3 bench/kernels.py --out bench/results/kernels_gpu.json
     python3 bench/kernels.py --only decode --out /tmp/decode.json   # decode attention alone, FP8 caches too
     python3 bench/kernels.py --only decode-w1 --out /tmp/w1_tiles.json  # W1's ragged cases, every tile
+    python3 bench/kernels.py --only decode-fp8 --out /tmp/fp8.json     # FP8-cache cases beside bf16, every tile
     python3 bench/decode_tile_pick.py /tmp/w1_tiles.json               # the tile they favour
 
 Decode attention is bound by reading the KV cache, so its floor is (K + V bytes) / measured copy
