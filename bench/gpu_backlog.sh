@@ -49,14 +49,16 @@ case "${1:-}" in
     fi ;;
   block-mm)  # W5's attention projections on cuBLAS's block-scaled _scaled_mm (2.2x the Triton block GEMM from 256
     # tokens on an H100, 2026-12-07; W5 31.3 against 29.7 req/s): the engine code waits on branch wip/block-scaled-mm
-    # (its hf-block engine test failed there, 0 of 8; the fix is a guess: see the branch's last commit). On this
-    # machine first: git merge --no-ff --no-commit wip/block-scaled-mm; mkdir -p .carry/prev && git archive main engine
-    # bench | tar -x -C .carry/prev. ~470 s: the layouts cuBLAS takes, the tests, W5 against main's code.
+    # (its hf-block engine test failed there, 0 of 8; the fix is a guess, in_features % 512: see the branch's
+    # commits; its new engine test with 512-input layers reaches the cuBLAS kernel). On this machine first: git merge
+    # --no-ff --no-commit wip/block-scaled-mm; mkdir -p .carry/prev && git archive main engine bench | tar -x -C
+    # .carry/prev. ~480 s: the layouts cuBLAS takes, the block tests (-k block in every file), W5 against main's code
+    # (the new code's with a step trace: where its prompt steps' time goes, bench/diag/step_trace_summary.py).
     run layouts 60 python3 bench/diag/block_scaled_mm_layouts.py
     run block_tests 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_gemm.py -k block \
       tests/gpu/test_fp8_engine_on_gpu.py tests/gpu/test_fp8_moe_engine_on_gpu.py
     run w5 210 python3 bench/w5_moe.py --num-layers 48 --checkpoint fp8-block --hf-requests 0 --qps inf \
-      --out "$OUT/w5.json"
+      --step-trace --out "$OUT/w5.json"
     (cd .carry/prev && run w5_prev 210 python3 bench/w5_moe.py --num-layers 48 --checkpoint fp8-block \
       --hf-requests 0 --qps inf --out "$OUT/w5_prev.json") ;;
   tile-w1)  # issue 13's W1: the decode tiles swept over W1's ragged cases on this card, then W1 with the fastest
