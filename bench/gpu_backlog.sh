@@ -47,6 +47,19 @@ case "${1:-}" in
     else
       bash "$0" tile-w1
     fi ;;
+  h200-first)  # the first call when an H200 comes (~510 s), prepared as for block-mm below (branch merged, main's code
+    # in .carry/prev): the branch's block tests, then issue 14's W5 bar (QPS = inf and 32, decode steps against their
+    # floor, a step trace) on the branch's code if its tests passed, else on main's. Next call: `all-bars-w2 w1`.
+    [[ -d .carry/prev/engine ]] || { echo "no .carry/prev: prepare it first (block-mm's comment)" >&2; exit 2; }
+    run block_tests 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_gemm.py -k block \
+      tests/gpu/test_fp8_engine_on_gpu.py tests/gpu/test_fp8_moe_engine_on_gpu.py
+    code=.carry/prev
+    if grep -q " passed" "$OUT/block_tests.log" && ! grep -qE "[0-9]+ (failed|error)" "$OUT/block_tests.log"; then
+      code=.
+    fi
+    echo "== W5 on the code in: $code (.: the branch merged)"
+    (cd "$code" && run w5 350 python3 bench/w5_moe.py --num-layers 48 --checkpoint fp8-block --hf-requests 0 \
+      --qps inf 32 --step-trace --out "$OUT/w5.json") ;;
   block-mm)  # W5's attention projections on cuBLAS's block-scaled _scaled_mm (2.2x the Triton block GEMM from 256
     # tokens on an H100, 2026-12-07; W5 31.3 against 29.7 req/s): the engine code waits on branch wip/block-scaled-mm
     # (its hf-block engine test failed there, 0 of 8; the fix is a guess, in_features % 512: see the branch's
@@ -85,7 +98,9 @@ case "${1:-}" in
         --junitxml="$OUT/junit.xml"
     fi ;;
   all-bars-w2)  # issue 13's W2 bars in one call (W2-FP8 is a ratio to W2 in the same call): W2 at QPS = inf (its
-    # 32-QPS TPOT bar was met with room, 11.6 of 25 ms), the FP8 norm / SiLU kernels' bits, W2-FP8. About 250 s
+    # 32-QPS TPOT bar was met with room, 11.6 of 25 ms), the FP8 norm / SiLU kernels' bits, W2-FP8. About 250 s;
+    # `all-bars-w2 w1` (~360 s) runs W1 first (after h200-first)
+    [[ "${2:-}" != w1 ]] || run w1 110 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
     run w2 110 python3 bench/w2_serving.py --qps inf --out "$OUT/w2.json"
     run fp8_producer_tests 40 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_producers.py
     run w2_fp8 120 python3 bench/w2_serving.py --qps inf --out "$OUT/w2_fp8.json" \
@@ -274,5 +289,5 @@ case "${1:-}" in
   w1)  # issue 13's W1 bar (H200: >= 28,800 tok/s), main and the old code on the same machine
     run w1 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
     (cd .carry/base && run w1_base 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_base.json") ;;
-  *) echo "usage: bench/gpu_backlog.sh first-w5 [short|tiny]|block-mm|tile-w1|first [tiny]|all-bars|all-bars-w2|w1-prefill|overlap|pdl|bf16-linears|piecewise-tests|w5-piecewise|w5-or-w2-piecewise|w5-kernels|fp8-kv-tiles|moe-quant|moe-align|moe-tune-w5|w5-kv|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
+  *) echo "usage: bench/gpu_backlog.sh h200-first|block-mm|first-w5 [short|tiny]|tile-w1|first [tiny]|all-bars|all-bars-w2 [w1]|w1-prefill|overlap|pdl|bf16-linears|piecewise-tests|w5-piecewise|w5-or-w2-piecewise|w5-kernels|fp8-kv-tiles|moe-quant|moe-align|moe-tune-w5|w5-kv|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
 esac
