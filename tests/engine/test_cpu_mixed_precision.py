@@ -113,8 +113,9 @@ def test_embedded_smollm2_in_mixed_precision_ranks_like_float32(smollm2_tokenize
     <|im_end|>. Mixed precision answers these chats as float32 does where float32's choice is clear: the same
     short answer where its leading logits are never near-tied, the same opening before the first near-tie
     (step 8 of the Kubernetes answer: ' enables' 21.177 vs ' allows' 21.133); and, reading float32's whole
-    answers back, the same first choice at every step whose top two float32 logprobs lie over 0.1 apart
-    (the end of turn included), each answer token's logprob within 0.1 of float32's. Free-running greedy
+    answers back, each answer token's logprob within 0.1 of float32's and the same first choice at every step
+    whose top two float32 logprobs lie over 0.2 apart (two such errors; the end of turn included). (At 0.1 apart
+    a CI machine swapped step 58 of the Kubernetes answer: float32's 0.114 gap, -0.063 and +0.060 moves.) Free-running greedy
     answers past a near-tie are not compared: with torch 2.15's CPU bfloat16 kernels the Kubernetes answer
     parts from float32's at step 58 (float32's top two 0.11 apart, mixed precision's 0.008) and loops to 400
     tokens, where earlier torch releases had ended its turn."""
@@ -146,7 +147,8 @@ def test_embedded_smollm2_in_mixed_precision_ranks_like_float32(smollm2_tokenize
         for step, (o, t) in enumerate(zip(ours[len(prompt) :], theirs[len(prompt) :], strict=True)):
             assert t.top[0][0] == reference[step]  # float32 read back ranks its own greedy answer first
             assert abs(o.logprob - t.logprob) < 0.1, (step, o.logprob, t.logprob)
-            if t.top[0][1] - t.top[1][1] > 0.1:
+            # each logprob may move by up to 0.1, so two of them may swap where float32 puts them up to 0.2 apart
+            if t.top[0][1] - t.top[1][1] > 0.2:
                 clear += 1
                 assert o.top[0][0] == t.top[0][0], (step, o.top, t.top)
         assert ours[-1].top[0][0] == end_of_turn  # mixed precision ends its turn where float32 does
