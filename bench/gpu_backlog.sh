@@ -47,18 +47,20 @@ case "${1:-}" in
     else
       bash "$0" tile-w1
     fi ;;
-  h200-first)  # the first call when an H200 comes (~510 s), prepared as for block-mm below (branch merged, main's code
-    # in .carry/prev): the branch's block tests, then issue 14's W5 bar (QPS = inf and 32, decode steps against their
-    # floor, a step trace) on the branch's code if its tests passed, else on main's. Next call: `all-bars-w2 w1`.
+  h200-first)  # the first call when an H200 comes (<= 580 s), prepared as for block-mm below (branch merged, main's
+    # code in .carry/prev): the branch's block tests, then issue 14's W5 bar (QPS = inf and 32, decode steps against
+    # their floor, a step trace, and transformers' generate over the first 32 requests as the issue's baseline in the
+    # same call; the served figures are saved before it starts) on the branch's code if its tests passed, else on
+    # main's. Next call: `all-bars-w2 w1`.
     [[ -d .carry/prev/engine ]] || { echo "no .carry/prev: prepare it first (block-mm's comment)" >&2; exit 2; }
-    run block_tests 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_gemm.py -k block \
+    run block_tests 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_gemm.py -k block \
       tests/gpu/test_fp8_engine_on_gpu.py tests/gpu/test_fp8_moe_engine_on_gpu.py
     code=.carry/prev
     if grep -q " passed" "$OUT/block_tests.log" && ! grep -qE "[0-9]+ (failed|error)" "$OUT/block_tests.log"; then
       code=.
     fi
     echo "== W5 on the code in: $code (.: the branch merged)"
-    (cd "$code" && run w5 350 python3 bench/w5_moe.py --num-layers 48 --checkpoint fp8-block --hf-requests 0 \
+    (cd "$code" && run w5 440 python3 bench/w5_moe.py --num-layers 48 --checkpoint fp8-block --hf-requests 32 \
       --qps inf 32 --step-trace --out "$OUT/w5.json") ;;
   block-mm)  # W5's attention projections on cuBLAS's block-scaled _scaled_mm (2.2x the Triton block GEMM from 256
     # tokens on an H100, 2026-12-07; W5 31.3 against 29.7 req/s): the engine code waits on branch wip/block-scaled-mm
