@@ -60,7 +60,7 @@ sys.path.append(str(HERE / "diag"))
 from kubellm_server import kubellm_serve  # noqa: E402
 from load_client import run_load, sharegpt_like_requests  # noqa: E402
 from serving_floor import qwen3_30b_a3b, w2_load_ceiling  # noqa: E402
-from step_trace_summary import summarize  # noqa: E402
+from step_trace_summary import decode_floor_ms, summarize  # noqa: E402
 from w1_offline import copy_bandwidth, time_decode_forward, word_level_tokenizer  # noqa: E402
 
 SERVED_NAME = "qwen3-30b-a3b"
@@ -233,9 +233,10 @@ def decode_step_floor_ms(
 
 
 def serve_and_load(
-    path: Path, args, vocab_size: int, result: dict, quantization: str, extra: list[str], name: str
+    path: Path, args, vocab_size: int, result: dict, quantization: str, extra: list[str], name: str, cost=None
 ) -> None:
-    """One server (the flags `extra` beside the run's own) under the load; its files are named by `name`."""
+    """One server (the flags `extra` beside the run's own) under the load; its files are named by `name`.
+    `cost` (serving_floor.ModelCost, as the ceiling's): the step trace's decode-only steps against their floor."""
     serve_args = ["--model", str(path), "--served-model-name", SERVED_NAME, "--dtype", "bfloat16",
                   "--max-model-len", "4096", *quantization_args(quantization), *kv_cache_args(args.kv_cache_dtype),
                   *extra]  # fmt: skip
@@ -251,10 +252,12 @@ def serve_and_load(
     if trace and trace.exists():  # written as the server exits; perf_counter is one clock for both processes
         rows = [json.loads(line) for line in trace.read_text().splitlines() if line.strip()]
         starts = [r["started"] for r in result["runs"]] + [math.inf]
+        ceiling = result["ceiling"]
+        floor = None if cost is None else decode_floor_ms(cost, ceiling["bandwidth"], ceiling["flops"])
         for run, start, end in zip(result["runs"], starts, starts[1:], strict=False):
             run["step_trace"] = {
                 "file": trace.name,
-                **summarize([r for r in rows if start <= r["launch"] < end]),
+                **summarize([r for r in rows if start <= r["launch"] < end], floor),
             }
 
 
@@ -490,8 +493,8 @@ def main() -> None:
             # what an ideal server could reach on this GPU with evenly spread routing (bench/serving_floor.py)
             fp8 = served_in_fp8(quantization, args.checkpoint)
             cost = cost.fp8() if fp8 else cost
-            ceiling = w2_load_ceiling(cost.fp8_kv() if args.kv_cache_dtype == "fp8" else cost, copy_bw,
-                                      args.num_requests)  # fmt: skip
+            cost = cost.fp8_kv() if args.kv_cache_dtype == "fp8" else cost
+            ceiling = w2_load_ceiling(cost, copy_bw, args.num_requests)
             served = result["served"][quantization] = {"serve_flags": quantization_args(quantization)
                                                                        + kv_cache_args(args.kv_cache_dtype)
                                                                        + args.serve_args,
@@ -499,7 +502,9 @@ def main() -> None:
                                                        "label": served_label(quantization, args.checkpoint,
                                                                              args.kv_cache_dtype),
                                                        "ceiling": ceiling, "runs": []}  # fmt: skip
-            serve_and_load(path, args, config.vocab_size, served, quantization, args.serve_args, quantization)
+            serve_and_load(
+                path, args, config.vocab_size, served, quantization, args.serve_args, quantization, cost
+            )
             save()
             for i, flags in enumerate(args.also_serve):
                 extra = shlex.split(flags)
@@ -508,7 +513,7 @@ def main() -> None:
                     "serve_flags": quantization_args(quantization) + kv_cache_args(args.kv_cache_dtype) + extra,
                 }  # fmt: skip
                 serve_and_load(
-                    path, args, config.vocab_size, other, quantization, extra, f"{quantization}.also{i}"
+                    path, args, config.vocab_size, other, quantization, extra, f"{quantization}.also{i}", cost
                 )
                 save()
             served["decode_steps"] = decode_steps_against_floor(

@@ -1,7 +1,8 @@
 """Per-step timeline for performance work: `KUBELLM_STEP_TRACE=/path/trace.jsonl kubellm serve ...`.
 
 One JSON line per step, written when the process exits: when the step was launched, when its tokens
-reached the host, how many decodes and prefill tokens it carried, which CUDA graphs ran it (`graph`:
+reached the host, how many decodes and prefill tokens it carried, how many tokens of K/V its decodes read
+(`decode_context_tokens`: with the decodes, what a step's bandwidth floor needs), which CUDA graphs ran it (`graph`:
 "decode", "piecewise" or null for eager), and how long Python's garbage collector paused the process since
 the previous step (`gc_ms`).
 When the host handles the step's tokens it adds `done` (tokens on the host) and `waited_ms` (how long it
@@ -41,10 +42,17 @@ class StepTrace:
         path = os.environ.get("KUBELLM_STEP_TRACE")
         return cls(path) if path else None
 
-    def launched(self, num_decodes: int, num_tokens: int, graphed: str | None, started: float) -> dict:
+    def launched(
+        self,
+        num_decodes: int,
+        num_tokens: int,
+        decode_context_tokens: int,
+        graphed: str | None,
+        started: float,
+    ) -> dict:
         row = {"launch": started, "launched": time.perf_counter(), "decodes": num_decodes,
-               "prefill_tokens": num_tokens - num_decodes, "graph": graphed,
-               "gc_ms": round(self._gc_seconds * 1e3, 3)}  # fmt: skip
+               "prefill_tokens": num_tokens - num_decodes, "decode_context_tokens": decode_context_tokens,
+               "graph": graphed, "gc_ms": round(self._gc_seconds * 1e3, 3)}  # fmt: skip
         self._gc_seconds = 0.0
         self.rows.append(row)
         return row

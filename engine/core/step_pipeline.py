@@ -142,8 +142,12 @@ class StepPipeline:
             before_sampling=read_first,
         )
         if self.trace is not None:
+            # the decode rows lead the batch; each reads its K/V up to and with this step's token
+            context = sum(
+                s.seq.num_computed_tokens + s.num_new_tokens for s in sched.scheduled[: launched.num_decodes]
+            )
             launched.trace = self.trace.launched(
-                launched.num_decodes, launched.num_tokens, launched.graphed, started
+                launched.num_decodes, launched.num_tokens, context, launched.graphed, started
             )
         self.in_flight_reads_tokens = needs_known_tokens(launched.seqs)  # before any token is added
         self.in_flight_feeds_grammars = feeds_a_grammar(launched.seqs)

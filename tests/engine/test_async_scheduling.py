@@ -202,13 +202,15 @@ def test_step_trace_records_every_step(llama_dir, tmp_path, monkeypatch):
     path = tmp_path / "steps.jsonl"
     monkeypatch.setenv("KUBELLM_STEP_TRACE", str(path))
     engine = make_engine(llama_dir, block_size=4, async_scheduling=True)
-    engine.generate(
-        prompts_for(3, seed=12, lo=5, hi=9), SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
-    )
+    prompts = prompts_for(3, seed=12, lo=5, hi=9)
+    engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     engine.trace.write()
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert rows[0]["decodes"] == 0 and rows[0]["prefill_tokens"] > 0
     assert sum(r["decodes"] for r in rows) == 3 * 3  # the first token of each comes from its prefill
+    # each of a prompt's three decodes reads its K/V through the token it computes: L + 1, L + 2, L + 3
+    assert sum(r["decode_context_tokens"] for r in rows) == sum(3 * len(p) + 6 for p in prompts)
+    assert all(r["decode_context_tokens"] == 0 for r in rows if r["decodes"] == 0)
     assert all(r["launch"] <= r["launched"] <= r["done"] for r in rows)
     assert all(r["waited_ms"] >= 0 and r["gc_ms"] >= 0 for r in rows)
 
