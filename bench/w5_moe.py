@@ -60,7 +60,7 @@ sys.path.append(str(HERE / "diag"))
 from kubellm_server import kubellm_serve  # noqa: E402
 from load_client import run_load, sharegpt_like_requests  # noqa: E402
 from serving_floor import qwen3_30b_a3b, w2_load_ceiling  # noqa: E402
-from step_trace_summary import decode_floor_ms, summarize  # noqa: E402
+from step_trace_summary import step_floor_ms, summarize  # noqa: E402
 from w1_offline import copy_bandwidth, time_decode_forward, word_level_tokenizer  # noqa: E402
 
 SERVED_NAME = "qwen3-30b-a3b"
@@ -236,7 +236,7 @@ def serve_and_load(
     path: Path, args, vocab_size: int, result: dict, quantization: str, extra: list[str], name: str, cost=None
 ) -> None:
     """One server (the flags `extra` beside the run's own) under the load; its files are named by `name`.
-    `cost` (serving_floor.ModelCost, as the ceiling's): the step trace's decode-only steps against their floor."""
+    `cost` (serving_floor.ModelCost, as the ceiling's): the step trace's steps against their floor."""
     serve_args = ["--model", str(path), "--served-model-name", SERVED_NAME, "--dtype", "bfloat16",
                   "--max-model-len", "4096", *quantization_args(quantization), *kv_cache_args(args.kv_cache_dtype),
                   *extra]  # fmt: skip
@@ -253,7 +253,7 @@ def serve_and_load(
         rows = [json.loads(line) for line in trace.read_text().splitlines() if line.strip()]
         starts = [r["started"] for r in result["runs"]] + [math.inf]
         ceiling = result["ceiling"]
-        floor = None if cost is None else decode_floor_ms(cost, ceiling["bandwidth"], ceiling["flops"])
+        floor = None if cost is None else step_floor_ms(cost, ceiling["bandwidth"], ceiling["flops"])
         for run, start, end in zip(result["runs"], starts, starts[1:], strict=False):
             run["step_trace"] = {
                 "file": trace.name,

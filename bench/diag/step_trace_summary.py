@@ -3,11 +3,13 @@ steps with prompt tokens against decode-only steps, and decode-only steps by how
 (count, mean step time: GPU time from CUDA events). The wall span runs from the first launch to the last
 step's tokens on the host; the host waiting for the GPU for most of it means the GPU sets the pace.
 
-Given the model (`--model`, bench/serving_floor.py's cost of a step) and the GPU's copy bandwidth, the
-decode-only steps are also set against their floor, step by step as the run had them: each one's weights,
-the experts its tokens choose under uniform routing, the LM head and its decodes' K/V
-(`decode_context_tokens`, which traces carry since 2026-12-07). `pct_of_floor` is the floors' sum over the
-steps' GPU time: issue 14's "decode steps at >= 50 % of the floor" over a whole served run.
+Given the model (`--model`, bench/serving_floor.py's cost of a step) and the GPU's copy bandwidth, every
+step is also set against its floor, as the run had it: the longer of its bytes (its weights, the experts
+its tokens choose under uniform routing, the LM head, its decodes' K/V: `decode_context_tokens`, which
+traces carry since 2026-12-07) and its products at the dense rate (the LM head's for the decodes only: the
+trace does not say which prompts finished in a step, under 1 % of a prompt step's products).
+`pct_of_floor` is the floors' sum over the steps' GPU time; the decode-only steps' is issue 14's "decode
+steps at >= 50 % of the floor" over a whole served run.
 
     python3 bench/diag/step_trace_summary.py trace.jsonl [--json out.json]
     python3 bench/diag/step_trace_summary.py trace.jsonl --model qwen3-30b-a3b --fp8 --bandwidth 3.0e12
@@ -32,15 +34,14 @@ class StepCost(Protocol):  # bench/serving_floor.py's ModelCost
 FloorMs = Callable[[dict], "float | None"]
 
 
-def decode_floor_ms(cost: StepCost, bandwidth: float, flops: float) -> FloorMs:
-    """A trace row -> its decode-only step's floor in ms (None: a step with prompt tokens, or a row from a
-    trace without the K/V count)."""
+def step_floor_ms(cost: StepCost, bandwidth: float, flops: float) -> FloorMs:
+    """A trace row -> its step's floor in ms (None: a row from a trace without the K/V count)."""
 
     def floor(row: dict) -> float | None:
-        if row.get("prefill_tokens") or "decode_context_tokens" not in row:
+        if "decode_context_tokens" not in row:
             return None
-        decodes = row["decodes"]
-        return 1e3 * cost.step_seconds(decodes, decodes, row["decode_context_tokens"], bandwidth, flops)
+        decodes, tokens = row["decodes"], row["decodes"] + row["prefill_tokens"]
+        return 1e3 * cost.step_seconds(tokens, decodes, row["decode_context_tokens"], bandwidth, flops)
 
     return floor
 
@@ -49,7 +50,7 @@ DECODE_BINS = ((1, 8), (9, 32), (33, 128), (129, 256), (257, 512), (513, 1 << 30
 
 
 def summarize(rows: list[dict], floor_ms: FloorMs | None = None) -> dict:
-    """`floor_ms` (decode_floor_ms): decode-only steps also against their floor."""
+    """`floor_ms` (step_floor_ms): the steps also against their floor."""
     rows = [r for r in rows if "done" in r]
     if not rows:
         return {"steps": 0}
@@ -84,7 +85,7 @@ def summarize(rows: list[dict], floor_ms: FloorMs | None = None) -> dict:
         "span_s": round(span_s, 3),
         "waited_s": round(sum(r.get("waited_ms", 0.0) for r in rows) / 1e3, 3),
         "gc_s": round(sum(r.get("gc_ms", 0.0) for r in rows) / 1e3, 3),
-        "with_prompt_tokens": part(mixed),
+        "with_prompt_tokens": part(mixed, floor_ms),
         "decode_only": part(decode_only, floor_ms),
         "decode_only_by_sequences": {k: v for k, v in by_batch.items() if v["steps"]},
         "graphed_steps": sum(bool(r.get("graph")) for r in rows),
@@ -98,7 +99,7 @@ def main() -> None:
     parser.add_argument("trace", type=Path)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--model", choices=["llama-3.1-8b", "qwen3-30b-a3b"], default=None,
-                        help="set decode-only steps against this model's floor (needs --bandwidth)")  # fmt: skip
+                        help="set the steps against this model's floor (needs --bandwidth)")  # fmt: skip
     parser.add_argument("--layers", type=int, default=48, help="qwen3-30b-a3b's layers as served")
     parser.add_argument("--fp8", action="store_true", help="the linears below the LM head in FP8")
     parser.add_argument("--fp8-kv", action="store_true", help="an e4m3 KV cache")
@@ -117,7 +118,7 @@ def main() -> None:
         cost = llama_3_1_8b() if args.model == "llama-3.1-8b" else qwen3_30b_a3b(args.layers)
         cost = cost.fp8() if args.fp8 else cost
         cost = cost.fp8_kv() if args.fp8_kv else cost
-        floor = decode_floor_ms(cost, args.bandwidth, args.flops)
+        floor = step_floor_ms(cost, args.bandwidth, args.flops)
     rows = [json.loads(line) for line in args.trace.read_text().splitlines() if line.strip()]
     summary = summarize(rows, floor)
     print(json.dumps(summary, indent=1))

@@ -37,23 +37,26 @@ def test_steps_are_split_by_prompt_tokens_and_decode_batch_size():
     assert trace.summarize([]) == {"steps": 0}
 
 
-def test_decode_only_steps_against_their_floor():
-    class Cost:  # ms = decodes + context / 100 (a stand-in for serving_floor.ModelCost.step_seconds)
+def test_steps_against_their_floor():
+    class Cost:  # ms = tokens / 100 + context / 100 (a stand-in for serving_floor.ModelCost.step_seconds)
         def step_seconds(self, tokens, sampled, context_tokens, bandwidth, flops):
-            assert tokens == sampled and (bandwidth, flops) == (2.0, 3.0)
-            return (tokens + context_tokens / 100) / 1e3
+            assert (bandwidth, flops) == (2.0, 3.0)
+            self.calls.append((tokens, sampled))
+            return (tokens / 100 + context_tokens / 100) / 1e3
 
-    floor = trace.decode_floor_ms(Cost(), 2.0, 3.0)
-    rows = [row(0.0, 0, 2048, 50.0), row(0.1, 4, 0, 8.0), row(0.2, 4, 0, 8.0), row(0.3, 300, 0, 500.0)]
-    rows[0]["decode_context_tokens"] = 0
+    cost = Cost()
+    cost.calls = []
+    floor = trace.step_floor_ms(cost, 2.0, 3.0)
+    rows = [row(0.0, 0, 2048, 50.0), row(0.1, 400, 0, 8.0), row(0.2, 400, 0, 8.0), row(0.3, 300, 0, 500.0)]
+    rows[0]["decode_context_tokens"] = 0  # floor 20.48 ms
     rows[1]["decode_context_tokens"] = rows[2]["decode_context_tokens"] = 400  # floor 8 ms: 100 %
-    rows[3]["decode_context_tokens"] = 10_000  # floor 400 ms: 80 %
+    rows[3]["decode_context_tokens"] = 39_700  # floor 400 ms: 80 %
     s = trace.summarize(rows, floor)
-    assert "pct_of_floor" not in s["with_prompt_tokens"]  # a prompt step's floor needs its prompts' context
+    assert s["with_prompt_tokens"]["pct_of_floor"] == round(100 * 20.48 / 50, 1)
+    assert (2048, 0) in cost.calls  # the LM head for the decodes only (which prompts finished: not traced)
     assert s["decode_only"]["floor_ms_total"] == 416.0
     assert s["decode_only"]["pct_of_floor"] == round(100 * 416 / 516, 1)
-    assert s["decode_only_by_sequences"]["1-8"]["pct_of_floor"] == 100.0
-    assert s["decode_only_by_sequences"]["257-512"]["pct_of_floor"] == 80.0
+    assert s["decode_only_by_sequences"]["257-512"]["pct_of_floor"] == round(100 * 416 / 516, 1)
     # a trace from before decode_context_tokens: no floor, the rest as before
     older = trace.summarize([row(0.1, 4, 0, 8.0)], floor)
     assert older["decode_only"]["steps"] == 1 and "pct_of_floor" not in older["decode_only"]
@@ -64,5 +67,5 @@ def test_the_floor_is_serving_floors_step_cost():
     cost = floor_module.qwen3_30b_a3b(48).fp8()
     r = row(0.0, 16, 0, 10.0) | {"decode_context_tokens": 16 * 1024}
     expected = 1e3 * cost.step_seconds(16, 16, 16 * 1024, 3.0e12, 7.9e14)
-    assert trace.decode_floor_ms(cost, 3.0e12, 7.9e14)(r) == expected
+    assert trace.step_floor_ms(cost, 3.0e12, 7.9e14)(r) == expected
     assert 5.0 < expected < 10.0  # ~83 of 128 experts a layer at a byte a weight, the LM head, 16 K of K/V
