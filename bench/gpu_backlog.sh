@@ -4,11 +4,19 @@
 # --prepare bench/data/w2_text (or copy that git-ignored folder), and for `w1-base` a copy of the code before
 # the wave: mkdir -p .carry/base && git archive 93112ef engine bench | tar -x -C .carry/base.
 # Device call: carry [".carry", "bench/data/w2_text"], command `bash bench/gpu_backlog.sh STAGE`.
-# Results land in $OUT (fetch them, then copy to bench/results/ and write them up in docs/BENCHMARKS.md).
+# Results land in $OUT (fetch them, then copy to bench/results/ and write them up in docs/BENCHMARKS.md); the logs
+# and step traces in logs.<pid>.tar.gz there.
 set -uo pipefail
 source bench/device_setup.sh
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 TUNED=/tmp/kubellm_moe_configs  # fused MoE configurations tuned on this machine (moe-tune-w5), for later calls
+bundle() {  # the device returns at most 8 files: logs and step traces go back in one archive (one per invocation:
+  # a stage may run another), JSON results beside it
+  (cd "$OUT" && shopt -s nullglob && files=(*.log *.jsonl) && ((${#files[@]})) &&
+    tar czf "logs.$$.tar.gz" "${files[@]}" && rm -f "${files[@]}") || true
+}
+trap bundle EXIT
+trap 'bundle; trap - EXIT; exit 143' TERM
 run() {  # name, seconds, command...: full log in $OUT/<name>.log, its tail on stdout
   local name="$1" limit="$2"; shift 2
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1; echo "== $name: exit $?"; tail -12 "$OUT/$name.log"
@@ -100,12 +108,13 @@ case "${1:-}" in
         --junitxml="$OUT/junit.xml"
     fi ;;
   all-bars-w2)  # issue 13's W2 bars in one call (W2-FP8 is a ratio to W2 in the same call): W2 at QPS = inf (its
-    # 32-QPS TPOT bar was met with room, 11.6 of 25 ms), the FP8 norm / SiLU kernels' bits, W2-FP8. About 250 s;
+    # 32-QPS TPOT bar was met with room, 11.6 of 25 ms), the FP8 norm / SiLU kernels' bits, W2-FP8, each server's
+    # steps against their floor (step traces). About 250 s;
     # `all-bars-w2 w1` (~360 s) runs W1 first (after h200-first)
     [[ "${2:-}" != w1 ]] || run w1 110 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
-    run w2 110 python3 bench/w2_serving.py --qps inf --out "$OUT/w2.json"
+    run w2 110 python3 bench/w2_serving.py --qps inf --step-trace --out "$OUT/w2.json"
     run fp8_producer_tests 40 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_producers.py
-    run w2_fp8 120 python3 bench/w2_serving.py --qps inf --out "$OUT/w2_fp8.json" \
+    run w2_fp8 120 python3 bench/w2_serving.py --qps inf --step-trace --out "$OUT/w2_fp8.json" \
       --serve-args --quantization fp8 --kv-cache-dtype fp8 ;;
   bars13)  # issue 13's bars in one call (for an H200): W1; W2 and W2-text at QPS=inf and 32 (one server, token
     # ids then text); W2-FP8 against that W2 (a second server). About 500 s.

@@ -60,7 +60,7 @@ sys.path.append(str(HERE / "diag"))
 from kubellm_server import kubellm_serve  # noqa: E402
 from load_client import run_load, sharegpt_like_requests  # noqa: E402
 from serving_floor import qwen3_30b_a3b, w2_load_ceiling  # noqa: E402
-from step_trace_summary import step_floor_ms, summarize  # noqa: E402
+from step_trace_summary import step_floor_ms, summarize_runs  # noqa: E402
 from w1_offline import copy_bandwidth, time_decode_forward, word_level_tokenizer  # noqa: E402
 
 SERVED_NAME = "qwen3-30b-a3b"
@@ -249,16 +249,12 @@ def serve_and_load(
         serve(serve_args, args, log_path, vocab_size, result)
     finally:
         os.environ.pop("KUBELLM_STEP_TRACE", None)
-    if trace and trace.exists():  # written as the server exits; perf_counter is one clock for both processes
-        rows = [json.loads(line) for line in trace.read_text().splitlines() if line.strip()]
-        starts = [r["started"] for r in result["runs"]] + [math.inf]
+    if trace and trace.exists():  # written as the server exits
         ceiling = result["ceiling"]
         floor = None if cost is None else step_floor_ms(cost, ceiling["bandwidth"], ceiling["flops"])
-        for run, start, end in zip(result["runs"], starts, starts[1:], strict=False):
-            run["step_trace"] = {
-                "file": trace.name,
-                **summarize([r for r in rows if start <= r["launch"] < end], floor),
-            }
+        summaries = summarize_runs(trace, [r["started"] for r in result["runs"]], floor)
+        for run, summary in zip(result["runs"], summaries, strict=True):
+            run["step_trace"] = summary
 
 
 def serve(serve_args: list[str], args, log_path: Path, vocab_size: int, result: dict) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -94,6 +95,21 @@ def summarize(rows: list[dict], floor_ms: FloorMs | None = None) -> dict:
     }
 
 
+def read_trace(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def summarize_runs(path: Path, starts: list[float], floor_ms: FloorMs | None = None) -> list[dict]:
+    """A served bench's trace split at its load runs' start times (time.perf_counter: one clock for the bench
+    and the server it started), each run's steps summarized (the warm-up's steps, before the first, left out)."""
+    rows = read_trace(path)
+    bounds = [*starts, math.inf]
+    return [
+        {"file": path.name, **summarize([r for r in rows if start <= r["launch"] < end], floor_ms)}
+        for start, end in zip(bounds, bounds[1:], strict=False)
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("trace", type=Path)
@@ -119,8 +135,7 @@ def main() -> None:
         cost = cost.fp8() if args.fp8 else cost
         cost = cost.fp8_kv() if args.fp8_kv else cost
         floor = step_floor_ms(cost, args.bandwidth, args.flops)
-    rows = [json.loads(line) for line in args.trace.read_text().splitlines() if line.strip()]
-    summary = summarize(rows, floor)
+    summary = summarize(read_trace(args.trace), floor)
     print(json.dumps(summary, indent=1))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1))

@@ -20,3 +20,14 @@ def test_the_backlogs_prefill_cap_sweep_is_flags_kubellm_serve_takes() -> None:
         args = build_parser().parse_args(["serve", *flags])
         caps.append(engine_config(args, args.command_parser).max_prefill_tokens_while_decoding)
     assert caps == [0, 2048, "auto"]
+
+
+def test_a_w2_servers_step_cost_follows_its_quantization_flags() -> None:
+    w2 = load_bench_module("w2_serving")
+    bf16 = w2.llama_3_1_8b()  # serving_floor's, as w2_serving imported it
+    assert w2.served_cost([]) == bf16
+    assert w2.served_cost(["--quantization", "fp8", "--kv-cache-dtype", "fp8"]) == bf16.fp8().fp8_kv()
+    assert w2.served_cost(["--quantization=fp8"]) == bf16.fp8()
+    assert (
+        w2.served_cost(["--kv-cache-dtype", "fp8", "--kv-cache-dtype", "auto"]) == bf16
+    )  # the last one wins

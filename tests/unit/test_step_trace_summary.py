@@ -69,3 +69,16 @@ def test_the_floor_is_serving_floors_step_cost():
     expected = 1e3 * cost.step_seconds(16, 16, 16 * 1024, 3.0e12, 7.9e14)
     assert trace.step_floor_ms(cost, 3.0e12, 7.9e14)(r) == expected
     assert 5.0 < expected < 10.0  # ~83 of 128 experts a layer at a byte a weight, the LM head, 16 K of K/V
+
+
+def test_a_served_benchs_trace_is_split_at_its_runs(tmp_path):
+    import json
+
+    rows = [row(0.5, 0, 100, 9.0), row(1.0, 0, 2048, 50.0), row(1.1, 4, 0, 8.0), row(2.0, 8, 0, 9.0)]
+    path = tmp_path / "w.trace.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    first, second = trace.summarize_runs(path, [1.0, 2.0])  # the warm-up's step (0.5) in neither
+    assert (
+        first["file"] == "w.trace.jsonl" and first["steps"] == 2 and first["with_prompt_tokens"]["steps"] == 1
+    )
+    assert second["steps"] == 1 and second["decode_only"]["decodes"] == 8
