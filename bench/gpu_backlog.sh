@@ -21,6 +21,10 @@ run() {  # name, seconds, command...: full log in $OUT/<name>.log, its tail on s
   local name="$1" limit="$2"; shift 2
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1; echo "== $name: exit $?"; tail -12 "$OUT/$name.log"
 }
+block_tests() {  # seconds: branch wip/block-scaled-mm's tests (-k block in every file), for h200-first and block-mm
+  run block_tests "$1" python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_gemm.py -k block \
+    tests/gpu/test_fp8_engine_on_gpu.py tests/gpu/test_fp8_moe_engine_on_gpu.py
+}
 case "${1:-}" in
   first)  # run before anything else (any card, ~300 s): the decode kernel's longest-first program order and the
     # sampler's inverse-CDF kernel (both checked on the CPU under Triton's interpreter only) on the GPU: their tests, the
@@ -61,8 +65,7 @@ case "${1:-}" in
     # same call; the served figures are saved before it starts) on the branch's code if its tests passed, else on
     # main's. Next call: `all-bars-w2 w1`.
     [[ -d .carry/prev/engine ]] || { echo "no .carry/prev: prepare it first (block-mm's comment)" >&2; exit 2; }
-    run block_tests 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_gemm.py -k block \
-      tests/gpu/test_fp8_engine_on_gpu.py tests/gpu/test_fp8_moe_engine_on_gpu.py
+    block_tests 120
     code=.carry/prev
     if grep -q " passed" "$OUT/block_tests.log" && ! grep -qE "[0-9]+ (failed|error)" "$OUT/block_tests.log"; then
       code=.
@@ -78,8 +81,7 @@ case "${1:-}" in
     # .carry/prev. ~480 s: the layouts cuBLAS takes, the block tests (-k block in every file), W5 against main's code
     # (the new code's with a step trace: where its prompt steps' time goes, bench/diag/step_trace_summary.py).
     run layouts 60 python3 bench/diag/block_scaled_mm_layouts.py
-    run block_tests 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_gemm.py -k block \
-      tests/gpu/test_fp8_engine_on_gpu.py tests/gpu/test_fp8_moe_engine_on_gpu.py
+    block_tests 150
     run w5 210 python3 bench/w5_moe.py --num-layers 48 --checkpoint fp8-block --hf-requests 0 --qps inf \
       --step-trace --out "$OUT/w5.json"
     (cd .carry/prev && run w5_prev 210 python3 bench/w5_moe.py --num-layers 48 --checkpoint fp8-block \

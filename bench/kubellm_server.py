@@ -26,15 +26,27 @@ class RunningServer:
 
 @contextmanager
 def kubellm_serve(
-    serve_args: list[str], port: int, log_path: Path, timeout: float = 400, stop_timeout: float = 60
+    serve_args: list[str],
+    port: int,
+    log_path: Path,
+    timeout: float = 400,
+    stop_timeout: float = 60,
+    step_trace: Path | None = None,
 ) -> Iterator[RunningServer]:
-    """`serve_args` are the `kubellm serve` flags (model, name, dtype...); --port is added here."""
+    """`serve_args` are the `kubellm serve` flags (model, name, dtype...); --port is added here. `step_trace`: the
+    server writes its step trace there as it exits (engine/step_trace.py); only the server, not this process."""
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "engine.cli", "serve", *serve_args, "--port", str(port)]
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if step_trace is not None:
+        step_trace.unlink(
+            missing_ok=True
+        )  # a server killed before its exit hook writes none: never an old one
+        env["KUBELLM_STEP_TRACE"] = str(step_trace)
     started = time.perf_counter()
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=os.environ)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
         try:
             wait_until_ready(url, process, timeout=timeout)
             server = RunningServer(url, process, time.perf_counter() - started)

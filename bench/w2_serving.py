@@ -20,7 +20,6 @@ import asyncio
 import datetime
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,8 @@ from load_client import run_load, sharegpt_like_requests  # noqa: E402
 from serving_floor import ModelCost, llama_3_1_8b, w2_load_ceiling  # noqa: E402
 from step_trace_summary import step_floor_ms, summarize_runs  # noqa: E402
 from w1_offline import copy_bandwidth, word_level_tokenizer  # noqa: E402
+
+from engine.cli import build_parser, engine_config  # noqa: E402  (w1_offline put the repo root on the path)
 
 
 def llama_3_1_8b_config() -> transformers.LlamaConfig:
@@ -122,22 +123,14 @@ def sweep_configs(sweep: str | None) -> list[list[str]]:
     return [switch.get(value) or [f"--{flag}", value] for value in values.split(",")]
 
 
-def flag_value(serve_args: list[str], flag: str) -> str | None:
-    """The last value `kubellm serve` would take for `flag` (`--flag v` or `--flag=v`), or None."""
-    value = None
-    for i, arg in enumerate(serve_args):
-        if arg == flag and i + 1 < len(serve_args):
-            value = serve_args[i + 1]
-        elif arg.startswith(f"{flag}="):
-            value = arg.split("=", 1)[1]
-    return value
-
-
 def served_cost(serve_args: list[str]) -> ModelCost:
-    """What a step of the server these flags start costs (bench/serving_floor.py): FP8 linears and K/V as asked."""
+    """What a step of the server these flags start costs (bench/serving_floor.py): FP8 linears and K/V as the
+    engine's own parser reads the flags."""
+    parsed = build_parser().parse_args(["serve", *serve_args])
+    config = engine_config(parsed, parsed.command_parser)
     cost = llama_3_1_8b()
-    cost = cost.fp8() if flag_value(serve_args, "--quantization") == "fp8" else cost
-    return cost.fp8_kv() if flag_value(serve_args, "--kv-cache-dtype") == "fp8" else cost
+    cost = cost.fp8() if config.quantization == "fp8" else cost
+    return cost.fp8_kv() if config.kv_cache_dtype != "auto" else cost
 
 
 def measure_server(serve_args: list[str], vocab_size: int, args: argparse.Namespace, log_path: Path,
@@ -146,26 +139,8 @@ def measure_server(serve_args: list[str], vocab_size: int, args: argparse.Namesp
     run's steps summarized and set against their floor at the ceiling's bandwidth)."""
     measured: dict = {"runs": []}
     trace = log_path.with_suffix(".trace.jsonl") if args.step_trace else None
-    if trace:
-        trace.unlink(missing_ok=True)  # a server killed before its exit hook writes none: never an old one
-        os.environ["KUBELLM_STEP_TRACE"] = str(trace)
-    try:
-        _serve_and_load(serve_args, vocab_size, args, log_path, spy, measured)
-    finally:
-        os.environ.pop("KUBELLM_STEP_TRACE", None)
-    if trace and trace.exists():  # written as the server exits
-        floor = step_floor_ms(served_cost(serve_args), ceiling["bandwidth"], ceiling["flops"])
-        summaries = summarize_runs(trace, [r.pop("started") for r in measured["runs"]], floor)
-        for run, summary in zip(measured["runs"], summaries, strict=True):
-            run["step_trace"] = summary
-    for run in measured["runs"]:
-        run.pop("started", None)
-    return measured
-
-
-def _serve_and_load(serve_args: list[str], vocab_size: int, args: argparse.Namespace, log_path: Path,
-                    spy: bool, measured: dict) -> None:  # fmt: skip
-    with kubellm_serve(serve_args, args.port, log_path) as server:
+    starts = []
+    with kubellm_serve(serve_args, args.port, log_path, step_trace=trace) as server:
         measured["server_startup_s"] = server.startup_s
         warm = sharegpt_like_requests(16, vocab_size, seed=99)
         asyncio.run(
@@ -176,12 +151,17 @@ def _serve_and_load(serve_args: list[str], vocab_size: int, args: argparse.Names
             profiler = (
                 start_py_spy(server.process.pid, args.py_spy, Path(args.out)) if spy and i == 0 else None
             )
-            started = time.perf_counter()
+            starts.append(time.perf_counter())
             summary = asyncio.run(run_load(server.url, "llama-8b", specs, qps, seed=0))
             if profiler is not None:
                 profiler.wait()
-            measured["runs"].append({**summary, "started": started})
+            measured["runs"].append(summary)
             print(json.dumps(summary), flush=True)
+    if trace and trace.exists():  # written as the server exits
+        floor = step_floor_ms(served_cost(serve_args), ceiling["bandwidth"], ceiling["flops"])
+        for run, summary in zip(measured["runs"], summarize_runs(trace, starts, floor), strict=True):
+            run["step_trace"] = summary
+    return measured
 
 
 def main() -> None:

@@ -41,7 +41,6 @@ import datetime
 import gc
 import json
 import math
-import os
 import shlex
 import shutil
 import sys
@@ -242,13 +241,7 @@ def serve_and_load(
                   *extra]  # fmt: skip
     log_path = Path(args.out).with_suffix(f".{name}.server.log")
     trace = Path(args.out).with_suffix(f".{name}.trace.jsonl") if args.step_trace else None
-    if trace:  # the server's steps only (the in-process engine timed afterwards would write over it at exit)
-        trace.unlink(missing_ok=True)  # a server killed before its exit hook writes none: never an old one
-        os.environ["KUBELLM_STEP_TRACE"] = str(trace)
-    try:
-        serve(serve_args, args, log_path, vocab_size, result)
-    finally:
-        os.environ.pop("KUBELLM_STEP_TRACE", None)
+    serve(serve_args, args, log_path, vocab_size, result, trace)
     if trace and trace.exists():  # written as the server exits
         ceiling = result["ceiling"]
         floor = None if cost is None else step_floor_ms(cost, ceiling["bandwidth"], ceiling["flops"])
@@ -257,8 +250,12 @@ def serve_and_load(
             run["step_trace"] = summary
 
 
-def serve(serve_args: list[str], args, log_path: Path, vocab_size: int, result: dict) -> None:
-    with kubellm_serve(serve_args, args.port, log_path, timeout=900, stop_timeout=120) as server:
+def serve(
+    serve_args: list[str], args, log_path: Path, vocab_size: int, result: dict, trace: Path | None = None
+) -> None:
+    with kubellm_serve(
+        serve_args, args.port, log_path, timeout=900, stop_timeout=120, step_trace=trace
+    ) as server:
         result["server_startup_s"] = server.startup_s
         warm = sharegpt_like_requests(16, vocab_size, seed=99)
         asyncio.run(

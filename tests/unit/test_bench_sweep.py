@@ -31,3 +31,4 @@ def test_a_w2_servers_step_cost_follows_its_quantization_flags() -> None:
     assert (
         w2.served_cost(["--kv-cache-dtype", "fp8", "--kv-cache-dtype", "auto"]) == bf16
     )  # the last one wins
+    assert w2.served_cost(["--kv-cache-dtype", "fp8_e4m3"]) == bf16.fp8_kv()  # fp8's other name
