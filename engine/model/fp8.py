@@ -84,13 +84,13 @@ def rowwise_scaled_mm_works(device: torch.device) -> bool:
 def block_scaled_mm_works(device: torch.device) -> bool:
     """Whether torch._scaled_mm takes 1 x 128 activation and 128 x 128 weight block scales on this device (tried
     once per device): cuBLAS has them on Hopper from torch 2.9; elsewhere the Triton FP8 GEMM serves."""
-    a = torch.zeros(128, 256, device=device).to(FP8)
+    a = torch.zeros(128, 512, device=device).to(FP8)  # 512 inputs: the narrowest Fp8Linear sends it (k % 512)
     try:
         torch._scaled_mm(
             a,
             a.t(),
-            scale_a=torch.ones(2, 128, device=device).t(),  # [M, K/128], M-major
-            scale_b=torch.ones(1, 2, device=device).t(),  # [K/128, N/128]
+            scale_a=torch.ones(4, 128, device=device).t(),  # [M, K/128], M-major
+            scale_b=torch.ones(1, 4, device=device).t(),  # [K/128, N/128]
             out_dtype=torch.bfloat16,
         )
     except (RuntimeError, NotImplementedError, TypeError) as exc:
