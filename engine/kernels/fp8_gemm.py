@@ -160,6 +160,19 @@ def beats_scaled_mm(m: int, n: int) -> bool:
     return m <= 64 or (m <= 128 and not _wide(n))
 
 
+BLOCK_SCALED_MM_MIN_TOKENS = 128
+
+
+def block_scaled_mm_wins(m: int) -> bool:
+    """128 x 128-block weights (Qwen3-*-FP8): cuBLAS's block-scaled torch._scaled_mm is faster than this kernel
+    for ``m`` tokens (H100, Qwen3-30B-A3B's qkv / o, quantization included: this kernel 9.4 / 15.2 µs against
+    11.9 / 16.8 at 64 tokens; 23.6 / 43.9 against 12.4 / 17.8 at 256; 110 / 98 against 50 / 42 at 2,048).
+    cuBLAS refuses token counts that are not a multiple of 4 (CUBLAS_STATUS_NOT_SUPPORTED; torch 2.11, H100:
+    the scales' leading dimension must be 16-byte aligned): those stay here (CUDA graphs' padded batches are
+    multiples of 4 from 128). Fp8Linear asks the same of the weight's input blocks (in_features % 512)."""
+    return m >= BLOCK_SCALED_MM_MIN_TOKENS and m % 4 == 0
+
+
 def tile_for(m: int, n: int, k: int, group_k: int | None = None) -> GemmTile:
     """The tile for ``m`` tokens through an [n, k] weight. Up to 128 tokens from bench/fp8_gemm_tune.py on an
     H100 (2026-12-05; at 16 tokens qkv 8.1 / o 6.7 / gate_up 43 / down 25 µs against _scaled_mm's 17 /

@@ -10,8 +10,9 @@ and any tensor-parallel slice of rows then reads its scales like its weight rows
 How it runs is chosen when it is built (``scheme.dequantize``):
 - FP8 GEMMs (CUDA, compute capability >= 8.9): activations are quantized per token (per token and
   group of ``group_k`` features for block weights), then the Triton GEMM of engine.kernels.fp8_gemm
-  (block scales; per-channel weights at decode's few tokens, where cuBLAS reads the weights slowly; shapes
-  _scaled_mm refuses) or ``torch._scaled_mm`` with row-wise scales (per-channel weights, more tokens);
+  (block scales at few tokens; per-channel weights at decode's few tokens, where cuBLAS reads the weights
+  slowly; shapes _scaled_mm refuses) or ``torch._scaled_mm``: row-wise scales for per-channel weights at more
+  tokens, 128 x 128 block scales (cuBLAS's block-scaled kernel, Hopper) for block weights from 128 tokens;
 - dequantized (CPU, older GPUs, weight-only schemes): at the end of loading the weight becomes
   float8 * scale in the model's dtype (bfloat16 and oneDNN-packed under CPU mixed precision) and
   the layer is an ordinary matmul. With ``--quantization fp8`` on the CPU that is a weight-only
@@ -77,6 +78,39 @@ def rowwise_scaled_mm_works(device: torch.device) -> bool:
         )
         return False
     return True
+
+
+@cache
+def block_scaled_mm_works(device: torch.device) -> bool:
+    """Whether torch._scaled_mm takes 1 x 128 activation and 128 x 128 weight block scales on this device (tried
+    once per device): cuBLAS has them on Hopper from torch 2.9; elsewhere the Triton FP8 GEMM serves."""
+    a = torch.zeros(128, 512, device=device).to(FP8)  # 512 inputs: the narrowest Fp8Linear sends it (k % 512)
+    try:
+        torch._scaled_mm(
+            a,
+            a.t(),
+            scale_a=torch.ones(4, 128, device=device).t(),  # [M, K/128], M-major
+            scale_b=torch.ones(1, 4, device=device).t(),  # [K/128, N/128]
+            out_dtype=torch.bfloat16,
+        )
+    except (RuntimeError, NotImplementedError, TypeError) as exc:
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        log.info(
+            "torch._scaled_mm refuses block scales on %s (%s): the Triton FP8 GEMM serves", device, reason
+        )
+        return False
+    return True
+
+
+def weight_blocks(row_scales: torch.Tensor, block_rows: int) -> torch.Tensor | None:
+    """A layer's scales [out, in / 128] (each row holding its block's) -> one per block [out / block_rows,
+    in / 128], or None where rows of one block hold different scales (a slice that splits a block, or
+    per-row scales)."""
+    rows = row_scales.shape[0]
+    if rows % block_rows:
+        return None
+    blocks = row_scales[::block_rows]
+    return blocks if torch.equal(blocks.repeat_interleave(block_rows, dim=0), row_scales) else None
 
 
 def dequantize_rows(
@@ -161,6 +195,9 @@ class Fp8Linear(Linear):
         self.packed_weight: torch.Tensor | None = None  # CPU mixed precision, dequantized (finish_loading)
         self.use_scaled_mm = False  # set by finish_loading on CUDA: torch._scaled_mm takes these shapes
         self.weight_scale_row: torch.Tensor | None = None  # [1, out], the scales as _scaled_mm takes them
+        # [in / 128, out / 128] (a transposed view): 128 x 128 block scales as the block-scaled _scaled_mm
+        # takes them, set by finish_loading where cuBLAS has that kernel
+        self.weight_block_scales: torch.Tensor | None = None
 
     @property
     def row_scales(self) -> torch.Tensor:
@@ -229,6 +266,19 @@ class Fp8Linear(Linear):
         )
         if self.use_scaled_mm:
             self.weight_scale_row = self.row_scales.data.reshape(1, n).contiguous()
+        # Block-scaled checkpoints (Qwen3-*-FP8): cuBLAS's block-scaled kernel from 128 tokens (block_scaled_mm_wins)
+        if (
+            self.scheme.block == (128, 128)
+            and self.scheme.activations == "dynamic"
+            and k % 512
+            == 0  # the weight scales' leading dimension (in / 128) a multiple of 4, as for M below
+            and self.out_dtype == torch.bfloat16
+            and self.weight.is_cuda
+            and block_scaled_mm_works(self.weight.device)
+        ):
+            blocks = weight_blocks(self.row_scales.data, 128)
+            if blocks is not None:
+                self.weight_block_scales = blocks.contiguous().t()
 
     @property
     def takes_quantized_input(self) -> bool:
@@ -273,8 +323,16 @@ class Fp8Linear(Linear):
 
     def _gemm(self, xq: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """float8 activations [T, in] with their scales -> [T, out] in the activation dtype."""
-        from engine.kernels.fp8_gemm import beats_scaled_mm, fp8_gemm
+        from engine.kernels.fp8_gemm import beats_scaled_mm, block_scaled_mm_wins, fp8_gemm
 
+        if self.weight_block_scales is not None and block_scaled_mm_wins(xq.shape[0]):
+            return torch._scaled_mm(
+                xq,
+                self.weight.t(),
+                scale_a=scale.t().contiguous().t(),  # cuBLAS reads the activation scales M-major
+                scale_b=self.weight_block_scales,
+                out_dtype=self.out_dtype,
+            )
         if self.use_scaled_mm and not beats_scaled_mm(xq.shape[0], self.out_features):
             return torch._scaled_mm(
                 xq, self.weight.t(), scale_a=scale, scale_b=self.weight_scale_row, out_dtype=self.out_dtype

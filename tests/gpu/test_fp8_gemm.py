@@ -109,6 +109,54 @@ def test_it_agrees_with_scaled_mm_on_small_layers(m, n, k):
     assert rel_err(ours, theirs.float()) < 6e-3
 
 
+def quantize_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [n, k] -> float8 and its 128 x 128 block scales as Qwen3-*-FP8 publishes them, each row holding its
+    block's (as Fp8Linear keeps them)."""
+    n, k = w.shape
+    blocks = w.float().reshape(n // 128, 128, k // 128, 128)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+    q = (blocks / scale[:, None, :, None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).reshape(n, k)
+    return q, scale.repeat_interleave(128, dim=0)
+
+
+# Qwen3-30B-A3B's qkv_proj; the tiny test models' o/down (in 512) and qkv (in 256: 2 input blocks, a leading
+# dimension cuBLAS refuses, so the Triton kernel serves every count)
+@pytest.mark.parametrize("k,n", [(2048, 5120), (512, 256), (256, 768)])
+@pytest.mark.parametrize("m", [1, 100, 127, 128, 130, 132, 257, 1037, 1040, 2048])
+def test_block_weights_take_cublas_block_scaled_kernel_from_128_tokens_in_fours(m, k, n, monkeypatch):
+    from engine.kernels import fp8_gemm as gemm_module
+
+    calls: list[int] = []
+    real = gemm_module.fp8_gemm
+    monkeypatch.setattr(
+        gemm_module, "fp8_gemm", lambda a, *args, **kw: calls.append(a.shape[0]) or real(a, *args, **kw)
+    )
+    torch.manual_seed(m)
+    w = torch.randn(n, k, device="cuda") * 0.05
+    with torch.device("cuda"):
+        layer = Fp8Linear(k, n, False, Parallel.REPLICATED, (), Shard(), BLOCK, torch.bfloat16)
+    wq, ws = quantize_blocks(w)
+    layer.weight.data.copy_(wq)
+    layer.row_scales.data.copy_(ws)
+    layer.finish_loading()
+    cublas = k % 512 == 0
+    if cublas:
+        assert layer.weight_block_scales is not None and layer.weight_block_scales.shape == (
+            k // 128,
+            n // 128,
+        )
+    else:
+        assert layer.weight_block_scales is None
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    out = layer(x)
+    assert calls == ([m] if not cublas or m < 128 or m % 4 else [])  # cuBLAS refuses other counts
+    xq, xs = quantize_activations(x, 128)
+    ref = dequantize_rows(xq, xs, torch.float32, 128) @ dequantize_rows(wq, ws, torch.float32, 128).T
+    assert rel_err(out, ref) < 4e-3  # bfloat16's rounding of the output
+    triton = real(xq, xs, layer.weight, layer.row_scales, torch.bfloat16, 128)
+    assert rel_err(out, triton.float()) < 6e-3
+
+
 @pytest.mark.parametrize("scheme", [ONLINE_FP8, BLOCK], ids=["per-channel", "block"])
 @pytest.mark.parametrize("m", [1, 16, 100, 300])
 def test_fp8_linear_matches_float32_through_the_gemm_it_picks(scheme, m, monkeypatch):
@@ -126,7 +174,7 @@ def test_fp8_linear_matches_float32_through_the_gemm_it_picks(scheme, m, monkeyp
     w = torch.randn(n, k, device="cuda") * 0.05
     with torch.device("cuda"):
         layer = Fp8Linear(k, n, False, Parallel.REPLICATED, (), Shard(), scheme, torch.bfloat16)
-    if scheme.serialized:  # as loaded: float8 weight, a scale per row and 128 columns
+    if scheme.serialized:  # as loaded: float8 weight, a scale per row and 128 columns (not 128 x 128 blocks)
         wq, ws = quantize_rows(w, 128)
         layer.weight.data.copy_(wq)
         layer.row_scales.data.copy_(ws)
@@ -139,5 +187,7 @@ def test_fp8_linear_matches_float32_through_the_gemm_it_picks(scheme, m, monkeyp
     out = layer(x)
     assert out.dtype == torch.bfloat16 and out.shape == (m, n)
     assert rel_err(out, x.float() @ w.T) < 0.06
-    # block scales: always the Triton kernel; per channel: it up to where _scaled_mm is faster
+    # scales per row and 128 columns: always the Triton kernel (cuBLAS's takes 128 x 128 blocks only);
+    # per channel: it up to where _scaled_mm is faster
+    assert layer.weight_block_scales is None
     assert calls == ([m] if scheme is BLOCK or beats_scaled_mm(m, n) else [])
