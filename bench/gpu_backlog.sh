@@ -21,10 +21,6 @@ run() {  # name, seconds, command...: full log in $OUT/<name>.log, its tail on s
   local name="$1" limit="$2"; shift 2
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1; echo "== $name: exit $?"; tail -12 "$OUT/$name.log"
 }
-block_tests() {  # seconds: branch wip/block-scaled-mm's tests (-k block in every file), for h200-first and block-mm
-  run block_tests "$1" python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_gemm.py -k block \
-    tests/gpu/test_fp8_engine_on_gpu.py tests/gpu/test_fp8_moe_engine_on_gpu.py
-}
 case "${1:-}" in
   first)  # run before anything else (any card, ~300 s): the decode kernel's longest-first program order and the
     # sampler's inverse-CDF kernel (both checked on the CPU under Triton's interpreter only) on the GPU: their tests, the
@@ -59,33 +55,12 @@ case "${1:-}" in
     else
       bash "$0" tile-w1
     fi ;;
-  h200-first)  # the first call when an H200 comes (<= 580 s), prepared as for block-mm below (branch merged, main's
-    # code in .carry/prev): the branch's block tests, then issue 14's W5 bar (QPS = inf and 32, decode steps against
+  h200-first)  # the first call when an H200 comes (<= 580 s): issue 14's W5 bar (QPS = inf and 32, decode steps against
     # their floor, a step trace, and transformers' generate over the first 32 requests as the issue's baseline in the
-    # same call; the served figures are saved before it starts) on the branch's code if its tests passed, else on
-    # main's. Next call: `all-bars-w2 w1`.
-    [[ -d .carry/prev/engine ]] || { echo "no .carry/prev: prepare it first (block-mm's comment)" >&2; exit 2; }
-    block_tests 120
-    code=.carry/prev
-    if grep -q " passed" "$OUT/block_tests.log" && ! grep -qE "[0-9]+ (failed|error)" "$OUT/block_tests.log"; then
-      code=.
-    fi
-    echo "== W5 on the code in: $code (.: the branch merged)"
-    (cd "$code" && run w5 440 python3 bench/w5_moe.py --num-layers 48 --checkpoint fp8-block --hf-requests 32 \
-      --qps inf 32 --step-trace --out "$OUT/w5.json") ;;
-  block-mm)  # W5's attention projections on cuBLAS's block-scaled _scaled_mm (2.2x the Triton block GEMM from 256
-    # tokens on an H100, 2026-12-07; W5 31.3 against 29.7 req/s): the engine code waits on branch wip/block-scaled-mm
-    # (its hf-block engine test failed there, 0 of 8; the fix is a guess, in_features % 512: see the branch's
-    # commits; its new engine test with 512-input layers reaches the cuBLAS kernel). On this machine first: git merge
-    # --no-ff --no-commit wip/block-scaled-mm; mkdir -p .carry/prev && git archive main engine bench | tar -x -C
-    # .carry/prev. ~480 s: the layouts cuBLAS takes, the block tests (-k block in every file), W5 against main's code
-    # (the new code's with a step trace: where its prompt steps' time goes, bench/diag/step_trace_summary.py).
-    run layouts 60 python3 bench/diag/block_scaled_mm_layouts.py
-    block_tests 150
-    run w5 210 python3 bench/w5_moe.py --num-layers 48 --checkpoint fp8-block --hf-requests 0 --qps inf \
-      --step-trace --out "$OUT/w5.json"
-    (cd .carry/prev && run w5_prev 210 python3 bench/w5_moe.py --num-layers 48 --checkpoint fp8-block \
-      --hf-requests 0 --qps inf --out "$OUT/w5_prev.json") ;;
+    # same call; the served figures are saved before it starts), on main's code (cuBLAS's block-scaled GEMM landed
+    # 2026-12-07: W5 30.5 against 28.9 req/s on an H100, same call). Next call: `all-bars-w2 w1`.
+    run w5 560 python3 bench/w5_moe.py --num-layers 48 --checkpoint fp8-block --hf-requests 32 \
+      --qps inf 32 --step-trace --out "$OUT/w5.json" ;;
   tile-w1)  # issue 13's W1: the decode tiles swept over W1's ragged cases on this card, then W1 with the fastest
     # (bench/decode_tile_pick.py; KUBELLM_DECODE_TILE) against the default tile, same call (~250 s). Write a tile that
     # wins W1 into engine/kernels/decode_tiles.py's DECODE_TILES under the card's name
@@ -302,5 +277,5 @@ case "${1:-}" in
   w1)  # issue 13's W1 bar (H200: >= 28,800 tok/s), main and the old code on the same machine
     run w1 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
     (cd .carry/base && run w1_base 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_base.json") ;;
-  *) echo "usage: bench/gpu_backlog.sh h200-first|block-mm|first-w5 [short|tiny]|tile-w1|first [tiny]|all-bars|all-bars-w2 [w1]|w1-prefill|overlap|pdl|bf16-linears|piecewise-tests|w5-piecewise|w5-or-w2-piecewise|w5-kernels|fp8-kv-tiles|moe-quant|moe-align|moe-tune-w5|w5-kv|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
+  *) echo "usage: bench/gpu_backlog.sh h200-first|first-w5 [short|tiny]|tile-w1|first [tiny]|all-bars|all-bars-w2 [w1]|w1-prefill|overlap|pdl|bf16-linears|piecewise-tests|w5-piecewise|w5-or-w2-piecewise|w5-kernels|fp8-kv-tiles|moe-quant|moe-align|moe-tune-w5|w5-kv|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
 esac
