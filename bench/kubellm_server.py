@@ -40,9 +40,8 @@ def kubellm_serve(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     if step_trace is not None:
-        step_trace.unlink(
-            missing_ok=True
-        )  # a server killed before its exit hook writes none: never an old one
+        # a server killed before its exit hook writes none: never leave an old one to be read as its
+        step_trace.unlink(missing_ok=True)
         env["KUBELLM_STEP_TRACE"] = str(step_trace)
     started = time.perf_counter()
     with open(log_path, "w") as log:

@@ -58,7 +58,7 @@ sys.path.append(str(HERE / "diag"))
 
 from kubellm_server import kubellm_serve  # noqa: E402
 from load_client import run_load, sharegpt_like_requests  # noqa: E402
-from serving_floor import qwen3_30b_a3b, w2_load_ceiling  # noqa: E402
+from serving_floor import ModelCost, qwen3_30b_a3b, w2_load_ceiling  # noqa: E402
 from step_trace_summary import step_floor_ms, summarize_runs  # noqa: E402
 from w1_offline import copy_bandwidth, time_decode_forward, word_level_tokenizer  # noqa: E402
 
@@ -232,10 +232,17 @@ def decode_step_floor_ms(
 
 
 def serve_and_load(
-    path: Path, args, vocab_size: int, result: dict, quantization: str, extra: list[str], name: str, cost=None
+    path: Path,
+    args,
+    vocab_size: int,
+    result: dict,
+    quantization: str,
+    extra: list[str],
+    name: str,
+    cost: ModelCost,
 ) -> None:
     """One server (the flags `extra` beside the run's own) under the load; its files are named by `name`.
-    `cost` (serving_floor.ModelCost, as the ceiling's): the step trace's steps against their floor."""
+    `cost` (the ceiling's): the step trace's steps against their floor."""
     serve_args = ["--model", str(path), "--served-model-name", SERVED_NAME, "--dtype", "bfloat16",
                   "--max-model-len", "4096", *quantization_args(quantization), *kv_cache_args(args.kv_cache_dtype),
                   *extra]  # fmt: skip
@@ -244,7 +251,7 @@ def serve_and_load(
     serve(serve_args, args, log_path, vocab_size, result, trace)
     if trace and trace.exists():  # written as the server exits
         ceiling = result["ceiling"]
-        floor = None if cost is None else step_floor_ms(cost, ceiling["bandwidth"], ceiling["flops"])
+        floor = step_floor_ms(cost, ceiling["bandwidth"], ceiling["flops"])
         summaries = summarize_runs(trace, [r["started"] for r in result["runs"]], floor)
         for run, summary in zip(result["runs"], summaries, strict=True):
             run["step_trace"] = summary
