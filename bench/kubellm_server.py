@@ -40,7 +40,7 @@ def kubellm_serve(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     if step_trace is not None:
-        # a server killed before its exit hook writes none: never leave an old one to be read as its
+        # a server killed before its exit hook writes no trace: an old file must not pass for this server's
         step_trace.unlink(missing_ok=True)
         env["KUBELLM_STEP_TRACE"] = str(step_trace)
     started = time.perf_counter()
