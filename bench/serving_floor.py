@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -90,9 +91,9 @@ class ModelCost:
         return max(read / bandwidth, 2 * products / flops)
 
 
-def llama_3_1_8b() -> ModelCost:
-    h, inter, layers, q, kv = 4096, 14336, 32, 4096, 1024
-    return ModelCost("llama-3.1-8b", layers, h * (q + 2 * kv) + q * h + 3 * h * inter + 2 * h, 0, 0, 0,
+def llama_3_1_8b(layers: int = 32) -> ModelCost:
+    h, inter, q, kv = 4096, 14336, 4096, 1024
+    return ModelCost("llama-3.1-8b" if layers == 32 else f"llama-3.1-8b ({layers} layers)", layers, h * (q + 2 * kv) + q * h + 3 * h * inter + 2 * h, 0, 0, 0,
                      128256 * h, 2 * layers * kv, 128256)  # fmt: skip
 
 
@@ -101,6 +102,11 @@ def qwen3_30b_a3b(layers: int = 48) -> ModelCost:
     attention = h * (q + 2 * kv) + q * h + 2 * 128 + 2 * h + experts * h
     return ModelCost(f"qwen3-30b-a3b ({layers} layers)", layers, attention, experts, 8, 3 * h * inter,
                      151936 * h, 2 * layers * kv, 151936)  # fmt: skip
+
+
+# The models a step can be set against by name (bench/diag/step_trace_summary.py's --model), each a function of
+# the layers served
+MODELS: dict[str, Callable[[int], ModelCost]] = {"llama-3.1-8b": llama_3_1_8b, "qwen3-30b-a3b": qwen3_30b_a3b}
 
 
 def simulate(

@@ -111,12 +111,15 @@ def summarize_runs(path: Path, starts: list[float], floor_ms: FloorMs | None = N
 
 
 def main() -> None:
+    sys.path.append(str(Path(__file__).resolve().parents[1]))  # here, not at the top: the benches import this
+    from serving_floor import MODELS  # module from bench/, where serving_floor is already on their path
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("trace", type=Path)
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--model", choices=["llama-3.1-8b", "qwen3-30b-a3b"], default=None,
+    parser.add_argument("--model", choices=sorted(MODELS), default=None,
                         help="set the steps against this model's floor (needs --bandwidth)")  # fmt: skip
-    parser.add_argument("--layers", type=int, default=48, help="qwen3-30b-a3b's layers as served")
+    parser.add_argument("--layers", type=int, default=None, help="layers served (default: all)")
     parser.add_argument("--fp8", action="store_true", help="the linears below the LM head in FP8")
     parser.add_argument("--fp8-kv", action="store_true", help="an e4m3 KV cache")
     parser.add_argument("--bandwidth", type=float, default=None, help="the GPU's copy bandwidth, bytes/s")
@@ -128,10 +131,7 @@ def main() -> None:
             parser.error(
                 "--model needs --bandwidth (the bench's JSON records the copy bandwidth it measured)"
             )
-        sys.path.append(str(Path(__file__).resolve().parents[1]))
-        from serving_floor import llama_3_1_8b, qwen3_30b_a3b
-
-        cost = llama_3_1_8b() if args.model == "llama-3.1-8b" else qwen3_30b_a3b(args.layers)
+        cost = MODELS[args.model](*([args.layers] if args.layers else []))
         cost = cost.fp8() if args.fp8 else cost
         cost = cost.fp8_kv() if args.fp8_kv else cost
         floor = step_floor_ms(cost, args.bandwidth, args.flops)
