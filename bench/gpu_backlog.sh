@@ -208,6 +208,11 @@ case "${1:-}" in
     run moe_call_kernels 60 python3 bench/diag/moe_call_kernels.py --tokens 1 16 64 256 512 1024 2048
     run w5_align 280 python3 bench/w5_moe.py --num-layers 48 --checkpoint fp8-block --hf-requests 0 --qps inf \
       --out "$OUT/w5_align.json" ;;
+  moe-align-chunks)  # issue 14: the MoE alignment's chunk sized to the slots (align_chunk, 2026-12-07: a one-token step scanned
+    # a 128-slot tile): its GPU tests, every chunk size timed at decode token counts, a fused MoE call's kernels (~90 s)
+    run align_tests 120 python3 -m pytest -q -p no:cacheprovider -rfE tests/gpu/test_fused_moe.py -k "align or small"
+    run moe_align_chunks 60 python3 bench/diag/moe_align_chunks.py --out "$OUT/moe_align_chunks.json"
+    run moe_call_kernels 60 python3 bench/diag/moe_call_kernels.py --tokens 1 8 32 128 ;;
   moe-quant)  # issue 14: the grouped activation quantization (a tile of groups per program): its GPU tests (bits equal to
     # torch's) and the FP8 experts', a fused MoE call's kernels, then W5 from the block-FP8 checkpoint at QPS = inf with
     # the server's step trace summarised (prompt steps against decode-only ones by batch size)
@@ -278,5 +283,5 @@ case "${1:-}" in
   w1)  # issue 13's W1 bar (H200: >= 28,800 tok/s), main and the old code on the same machine
     run w1 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
     (cd .carry/base && run w1_base 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_base.json") ;;
-  *) echo "usage: bench/gpu_backlog.sh h200-first|first-w5 [short|tiny]|tile-w1|first [tiny]|all-bars|all-bars-w2 [w1]|w1-prefill|overlap|pdl|bf16-linears|piecewise-tests|w5-piecewise|w5-or-w2-piecewise|w5-kernels|fp8-kv-tiles|moe-quant|moe-align|moe-tune-w5|w5-kv|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
+  *) echo "usage: bench/gpu_backlog.sh h200-first|first-w5 [short|tiny]|tile-w1|first [tiny]|all-bars|all-bars-w2 [w1]|w1-prefill|overlap|pdl|bf16-linears|piecewise-tests|w5-piecewise|w5-or-w2-piecewise|w5-kernels|fp8-kv-tiles|moe-quant|moe-align|moe-align-chunks|moe-tune-w5|w5-kv|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
 esac

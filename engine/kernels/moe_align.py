@@ -139,9 +139,30 @@ def _place_chunk_kernel(
         tl.store(block_expert_ptr + blocks, tl.minimum(owner, NUM_EXPERTS - 1), mask=blocks < num_blocks)
 
 
-def align_slots_by_expert_small(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertAlignment:
-    """What align_slots_by_expert computes, in one launch up to a chunk of slots (16 tokens of top 8 of 128
-    experts) and two beyond, for at most SMALL_MAX_SLOTS slots; entries past num_padded are unset."""
+def _experts_tile(num_experts: int) -> int:
+    return max(16, triton.next_power_of_2(num_experts))
+
+
+def chunk_fits(chunk: int, num_experts: int) -> bool:
+    """Whether a program can take `chunk` slots' [chunk, experts] one-hot (a power of two, at least 16)."""
+    return chunk >= 16 and chunk & (chunk - 1) == 0 and chunk * _experts_tile(num_experts) <= 32768
+
+
+def align_chunk(num_slots: int, num_experts: int) -> int:
+    """Slots a program takes: a [chunk, experts] one-hot of at most 16,384 entries (128 slots for 128
+    experts), and no more rows than the slots need, so a decode step of a few tokens does not scan a tile
+    of padding (one launch either way up to a full chunk). A power of two: each size is compiled once, by
+    the decode CUDA graph captures (batch sizes 1, 2, 4, 8, 16, ... reach every one)."""
+    full = max(16, min(256, 16384 // _experts_tile(num_experts)))
+    return min(full, max(16, triton.next_power_of_2(num_slots)))
+
+
+def align_slots_by_expert_small(
+    topk_ids: torch.Tensor, num_experts: int, block_m: int, chunk: int | None = None
+) -> ExpertAlignment:
+    """What align_slots_by_expert computes, in one launch up to a chunk of slots (``align_chunk``; 16 tokens
+    of top 8 of 128 experts) and two beyond, for at most SMALL_MAX_SLOTS slots; entries past num_padded are
+    unset. ``chunk``: another chunk size (``chunk_fits``), for bench/diag/moe_align_chunks.py's sweep."""
     num_slots = topk_ids.numel()
     assert num_slots <= SMALL_MAX_SLOTS
     max_padded = max_padded_slots(num_slots, num_experts, block_m)
@@ -150,10 +171,11 @@ def align_slots_by_expert_small(topk_ids: torch.Tensor, num_experts: int, block_
     sorted_slots = torch.empty(max_padded, dtype=torch.int32, device=device)
     block_expert = torch.empty(max_padded // block_m, dtype=torch.int32, device=device)
     num_padded = torch.empty(1, dtype=torch.int32, device=device)
-    block_e = max(16, triton.next_power_of_2(num_experts))
-    chunk = max(16, min(256, 16384 // block_e))  # a [chunk, experts] one-hot per program
+    block_e = _experts_tile(num_experts)
+    chunk = align_chunk(num_slots, num_experts) if chunk is None else chunk  # [chunk, experts] a program
+    assert chunk_fits(chunk, num_experts), (chunk, num_experts)
     num_chunks = triton.cdiv(num_slots, chunk)
-    warps = 8 if chunk * block_e >= 8192 else 4
+    warps = 4 if chunk * block_e < 8192 else 8 if chunk * block_e < 32768 else 16
     chunk_counts = ids  # unread with one chunk
     if num_chunks > 1:
         chunk_counts = torch.empty((num_chunks, block_e), dtype=torch.int32, device=device)

@@ -73,11 +73,11 @@ def test_fused_moe_replays_in_a_cuda_graph_with_new_routing():
     assert relative_error(out, reference_moe(skewed)) < TOLERANCE[torch.bfloat16]
 
 
-@pytest.mark.parametrize("num_tokens", [1, 7, 64, 512, 2048])
+@pytest.mark.parametrize("num_tokens", [1, 3, 7, 16, 64, 512, 2048])
 @pytest.mark.parametrize("num_experts, top_k", [(8, 2), (128, 8)])
 def test_triton_alignment_equals_the_torch_alignment(num_tokens, num_experts, top_k):
-    """Decode batches align with Triton (a program per chunk of slots), prefill batches with torch ops:
-    same result."""
+    """Decode batches align with Triton (a program per chunk of slots, the chunk no wider than the slots
+    need), prefill batches with torch ops: same result."""
     from engine.kernels.fused_moe import choose_block_config
     from engine.kernels.moe_align import align_slots_by_expert, align_slots_by_expert_small
 

@@ -124,6 +124,18 @@ for tokens, experts, top_k, block_m in [(1, 8, 2, 16), (3, 128, 8, 16), (40, 4, 
     assert n == int(b.num_padded), (tokens, experts, n, int(b.num_padded))
     assert torch.equal(a.sorted_slots[:n], b.sorted_slots[:n]), (tokens, experts)
     assert torch.equal(a.block_expert[: n // block_m], b.block_expert[: n // block_m]), (tokens, experts)
+# any chunk size the kernel takes gives the same (bench/diag/moe_align_chunks.py times them): one chunk
+# sized to a few slots, many small chunks counted then placed, one chunk of the widest tile
+from engine.kernels.moe_align import align_chunk, chunk_fits
+assert [align_chunk(s, 128) for s in (8, 16, 24, 64, 128, 256, 4096)] == [16, 16, 32, 64, 128, 128, 128]
+assert align_chunk(8, 8) == 16 and align_chunk(600, 8) == 256 and not chunk_fits(512, 128)
+ids = torch.stack([torch.randperm(128, generator=g)[:8] for _ in range(40)])
+a = align_slots_by_expert(ids, 128, 16)
+n = int(a.num_padded)
+for chunk in (16, 64, 256):
+    b = align_slots_by_expert_small(ids, 128, 16, chunk=chunk)
+    assert n == int(b.num_padded) and torch.equal(a.sorted_slots[:n], b.sorted_slots[:n]), chunk
+    assert torch.equal(a.block_expert[: n // 16], b.block_expert[: n // 16]), chunk
 # a column of a wider top-k (a strided view) is read as its values
 wide = torch.stack([torch.randperm(8, generator=g) for _ in range(300)])
 a, b = align_slots_by_expert(wide[:, :1], 8, 4), align_slots_by_expert_small(wide[:, :1], 8, 4)
