@@ -149,12 +149,22 @@ def chunk_fits(chunk: int, num_experts: int) -> bool:
 
 
 def align_chunk(num_slots: int, num_experts: int) -> int:
-    """Slots a program takes: a [chunk, experts] one-hot of at most 16,384 entries (128 slots for 128
-    experts), and no more rows than the slots need, so a decode step of a few tokens does not scan a tile
-    of padding (one launch either way up to a full chunk). A power of two: each size is compiled once, by
-    the decode CUDA graph captures (batch sizes 1, 2, 4, 8, 16, ... reach every one)."""
-    full = max(16, min(256, 16384 // _experts_tile(num_experts)))
-    return min(full, max(16, triton.next_power_of_2(num_slots)))
+    """Slots a program takes (each a [chunk, experts] one-hot), as timed on an H200 for 128 experts
+    (bench/diag/moe_align_chunks.py, 2026-12-07; µs a call): one launch sized to the slots while the tile
+    stays small (up to 32 slots: 2.6-3.5, where a 128-slot tile took 7.8); then many programs of a
+    2,048-entry tile, counted then placed (16 slots: 4.7-5.1 up to 1,024 slots, where 128-slot chunks took
+    7.8-12.9); twice that to 4,096 slots (7.5, against 13.1), where every program's reading of all the
+    chunks' counts starts to show; the widest tile (16,384 entries) beyond, for prompt steps. A power of
+    two; each size is compiled once, at start-up, by the decode and piecewise CUDA graph captures."""
+    tile = _experts_tile(num_experts)
+    one = max(16, triton.next_power_of_2(num_slots))
+    if one * tile <= 4096:
+        return one
+    if num_slots * tile <= 2048 * 128:
+        return max(16, 2048 // tile)
+    if num_slots * tile <= 4096 * 128:
+        return max(16, 4096 // tile)
+    return max(16, min(256, 16384 // tile))
 
 
 def align_slots_by_expert_small(

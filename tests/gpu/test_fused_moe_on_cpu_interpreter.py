@@ -127,8 +127,8 @@ for tokens, experts, top_k, block_m in [(1, 8, 2, 16), (3, 128, 8, 16), (40, 4, 
 # any chunk size the kernel takes gives the same (bench/diag/moe_align_chunks.py times them): one chunk
 # sized to a few slots, many small chunks counted then placed, one chunk of the widest tile
 from engine.kernels.moe_align import align_chunk, chunk_fits
-assert [align_chunk(s, 128) for s in (8, 16, 24, 64, 128, 256, 4096)] == [16, 16, 32, 64, 128, 128, 128]
-assert align_chunk(8, 8) == 16 and align_chunk(600, 8) == 256 and not chunk_fits(512, 128)
+assert [align_chunk(s, 128) for s in (8, 16, 24, 64, 2048, 4096, 16384)] == [16, 16, 32, 16, 16, 32, 128]
+assert [align_chunk(s, 8) for s in (8, 256, 300, 4096)] == [16, 256, 128, 128] and not chunk_fits(512, 128)
 ids = torch.stack([torch.randperm(128, generator=g)[:8] for _ in range(40)])
 a = align_slots_by_expert(ids, 128, 16)
 n = int(a.num_padded)
