@@ -57,8 +57,9 @@ case "${1:-}" in
     fi ;;
   h200-first)  # the first call when an H200 comes (<= 580 s): issue 14's W5 bar (QPS = inf and 32, decode steps against
     # their floor, a step trace, and transformers' generate over the first 32 requests as the issue's baseline in the
-    # same call; the served figures are saved before it starts), on main's code (cuBLAS's block-scaled GEMM landed
-    # 2026-12-07: W5 30.5 against 28.9 req/s on an H100, same call). Next call: `all-bars-w2 w1`.
+    # same call; the served figures are saved before it starts), on main's code. Last run 2026-12-07 (13cc1d1): 35.6
+    # req/s, decode steps 54 % of their floor; the alignment's chunk rule since (3c4926d) not served yet.
+    # Next call: `all-bars-w2 w1` (2026-12-07: W1 25,492 tok/s, W2 47.6 req/s, W2-FP8 59.5).
     run w5 560 python3 bench/w5_moe.py --num-layers 48 --checkpoint fp8-block --hf-requests 32 \
       --qps inf 32 --step-trace --out "$OUT/w5.json" ;;
   tile-w1)  # issue 13's W1: the decode tiles swept over W1's ragged cases on this card, then W1 with the fastest
