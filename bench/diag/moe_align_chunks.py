@@ -20,6 +20,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # bench/fp8_gemm_tune's CUDA-graph timer
+
+from fp8_gemm_tune import graph_time_us  # noqa: E402
 
 from engine.kernels.moe_align import (  # noqa: E402
     align_chunk,
@@ -29,26 +32,6 @@ from engine.kernels.moe_align import (  # noqa: E402
 )
 
 CALLS = 50  # in one graph: a single call's replay would be mostly the replay's own launch
-
-
-def time_us(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(CALLS):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) * 1e3 / CALLS)
-    return best
 
 
 def main() -> None:
@@ -84,8 +67,11 @@ def main() -> None:
                 assert torch.equal(
                     got.block_expert[: n // args.block_m], want.block_expert[: n // args.block_m]
                 )
-                row["us"][chunk] = time_us(
-                    lambda c=chunk, i=ids: align_slots_by_expert_small(i, args.experts, args.block_m, chunk=c)
+                row["us"][chunk] = graph_time_us(
+                    lambda c=chunk, i=ids: align_slots_by_expert_small(
+                        i, args.experts, args.block_m, chunk=c
+                    ),
+                    calls=CALLS,
                 )
             chunk *= 2
         best = min(row["us"], key=row["us"].get)
