@@ -93,7 +93,8 @@ class ModelCost:
 
 def llama_3_1_8b(layers: int = 32) -> ModelCost:
     h, inter, q, kv = 4096, 14336, 4096, 1024
-    return ModelCost("llama-3.1-8b" if layers == 32 else f"llama-3.1-8b ({layers} layers)", layers, h * (q + 2 * kv) + q * h + 3 * h * inter + 2 * h, 0, 0, 0,
+    name = "llama-3.1-8b" if layers == 32 else f"llama-3.1-8b ({layers} layers)"
+    return ModelCost(name, layers, h * (q + 2 * kv) + q * h + 3 * h * inter + 2 * h, 0, 0, 0,
                      128256 * h, 2 * layers * kv, 128256)  # fmt: skip
 
 
