@@ -156,7 +156,7 @@ def align_chunk(num_slots: int, num_experts: int) -> int:
     7.8-12.9); twice that to 4,096 slots (7.5, against 13.1), where every program's reading of all the
     chunks' counts starts to show; the widest tile (16,384 entries) beyond, for prompt steps. A power of
     two, so few variants: the decode graphs' batch sizes reach the small ones and the piecewise graphs' token
-    counts (to ~8,000 for a 30B-A3B) the prompt steps', so none compiles mid-run where graphs are on."""
+    counts (to 3,072 tokens for W5's 30B-A3B) the prompt steps', so none compiles mid-run where graphs are on."""
     tile = _experts_tile(num_experts)
     one = max(16, triton.next_power_of_2(num_slots))
     if one * tile <= 4096:
