@@ -112,6 +112,15 @@ assert set(a.sorted_slots[n:].tolist()) <= {8}
 
 # the Triton alignment (decode batches) gives the torch one's result, unused experts and an expert holding
 # every token included; one chunk of slots (one launch) and many (counted, then placed chunk by chunk)
+def assert_same_alignment(ids, experts, block_m, chunk=None):
+    a = align_slots_by_expert(ids, experts, block_m)
+    b = align_slots_by_expert_small(ids, experts, block_m, chunk=chunk)
+    n = int(a.num_padded)
+    case = (tuple(ids.shape), experts, block_m, chunk)
+    assert n == int(b.num_padded), (case, n, int(b.num_padded))
+    assert torch.equal(a.sorted_slots[:n], b.sorted_slots[:n]), case
+    assert torch.equal(a.block_expert[: n // block_m], b.block_expert[: n // block_m]), case
+
 g = torch.Generator().manual_seed(0)
 for tokens, experts, top_k, block_m in [(1, 8, 2, 16), (3, 128, 8, 16), (40, 4, 2, 4), (100, 64, 8, 32), (9, 6, 1, 16),
                                         (40, 128, 8, 16), (300, 128, 8, 64), (700, 128, 8, 16), (2000, 8, 2, 64),
@@ -119,28 +128,18 @@ for tokens, experts, top_k, block_m in [(1, 8, 2, 16), (3, 128, 8, 16), (40, 4, 
     ids = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(tokens)])
     if top_k == 1:
         ids[:] = 2
-    a, b = align_slots_by_expert(ids, experts, block_m), align_slots_by_expert_small(ids, experts, block_m)
-    n = int(a.num_padded)
-    assert n == int(b.num_padded), (tokens, experts, n, int(b.num_padded))
-    assert torch.equal(a.sorted_slots[:n], b.sorted_slots[:n]), (tokens, experts)
-    assert torch.equal(a.block_expert[: n // block_m], b.block_expert[: n // block_m]), (tokens, experts)
+    assert_same_alignment(ids, experts, block_m)
 # any chunk size the kernel takes gives the same (bench/diag/moe_align_chunks.py times them): one chunk
 # sized to a few slots, many small chunks counted then placed, one chunk of the widest tile
 from engine.kernels.moe_align import align_chunk, chunk_fits
 assert [align_chunk(s, 128) for s in (8, 16, 24, 64, 2048, 4096, 16384)] == [16, 16, 32, 16, 16, 32, 128]
 assert [align_chunk(s, 8) for s in (8, 256, 300, 4096)] == [16, 256, 128, 128] and not chunk_fits(512, 128)
 ids = torch.stack([torch.randperm(128, generator=g)[:8] for _ in range(40)])
-a = align_slots_by_expert(ids, 128, 16)
-n = int(a.num_padded)
 for chunk in (16, 64, 256):
-    b = align_slots_by_expert_small(ids, 128, 16, chunk=chunk)
-    assert n == int(b.num_padded) and torch.equal(a.sorted_slots[:n], b.sorted_slots[:n]), chunk
-    assert torch.equal(a.block_expert[: n // 16], b.block_expert[: n // 16]), chunk
+    assert_same_alignment(ids, 128, 16, chunk)
 # a column of a wider top-k (a strided view) is read as its values
 wide = torch.stack([torch.randperm(8, generator=g) for _ in range(300)])
-a, b = align_slots_by_expert(wide[:, :1], 8, 4), align_slots_by_expert_small(wide[:, :1], 8, 4)
-n = int(a.num_padded)
-assert n == int(b.num_padded) and torch.equal(a.sorted_slots[:n], b.sorted_slots[:n])
+assert_same_alignment(wide[:, :1], 8, 4)
 
 # the router's softmax and top-k in one kernel: torch's values, and the experts that hold them (a tie goes
 # to the lower id); renormalised or not; padded expert counts; several token blocks
