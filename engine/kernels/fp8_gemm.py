@@ -8,8 +8,10 @@ row-scaled FP8 GEMM (torch._scaled_mm) reaches about a third of the H100's bandw
 (Llama-8B down_proj: 42 µs where 17.5 µs reads the weights; bench/fp8_gemm_tune.py), slower than bfloat16;
 and block scales have no cuBLAS path in this torch. The grid covers N in narrow column tiles and, where
 those alone leave SMs idle, splits K: each split's float32 partial lands in its own slice of a workspace and
-a second small kernel sums the slices in a fixed order, so a result never depends on scheduling. With
-group scales each BLOCK_K-wide partial product is scaled as it is accumulated (BLOCK_K = the group).
+the last split of a tile to finish (an atomic count per tile) sums the slices in split order, so a result never
+depends on scheduling and no second kernel is launched (at decode sizes a launch costs about what the sum does;
+``GemmTile.fused_sum=False`` keeps the separate summing kernel, bit for bit the same result). With group scales
+each BLOCK_K-wide partial product is scaled as it is accumulated (BLOCK_K = the group).
 
 Tiles (``tile_for``) come from bench/fp8_gemm_tune.py on an H100; ``beats_scaled_mm`` says where this
 kernel is the faster of the two for per-channel weights (engine.model.fp8.Fp8Linear asks it).
@@ -34,15 +36,17 @@ class GemmTile:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 4
+    fused_sum: bool = True  # split K: the tile's last split sums the partials (else a second kernel does)
 
 
 @triton.jit
 def _fp8_gemm_kernel(
-    a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr,
-    M, N, K, K_PER_SPLIT,
+    a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, c_ptr, counter_ptr,
+    M, N, K, K_PER_SPLIT, num_splits,
     stride_am, stride_bn, stride_sam, stride_sbn,
     PER_GROUP: tl.constexpr,  # one scale per BLOCK_K columns (else one per row, applied at the end)
     EVEN: tl.constexpr,  # N % BLOCK_N == 0 and K_PER_SPLIT, K multiples of BLOCK_K: no weight masks
+    FUSED_SUM: tl.constexpr,  # out_ptr holds the splits' partials; the last split of a tile sums them into c_ptr
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
@@ -79,9 +83,25 @@ def _fp8_gemm_kernel(
         sa = tl.load(sa_ptr + offs_m * stride_sam, mask=m_ok, other=0.0)
         sb = tl.load(sb_ptr + offs_n * stride_sbn, mask=n_ok, other=0.0)
         acc = acc * sa[:, None] * sb[None, :]
-    # split K: float32 partials in out[split, M, N], summed by _sum_splits
-    out = out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    # split K: float32 partials in out[split, M, N], summed by the tile's last split or by _sum_splits
+    tile_mask = m_ok[:, None] & n_ok[None, :]
+    tile_offs = offs_m[:, None] * N + offs_n[None, :]
+    tl.store(out_ptr + pid_k * M * N + tile_offs, acc.to(out_ptr.dtype.element_ty), mask=tile_mask)
+    if FUSED_SUM:
+        tile = pid_m * tl.num_programs(0) + pid_n
+        # Every thread's partial is stored before one thread counts it (a CTA barrier, then a gpu-scope
+        # release); the split that counts last has seen every other count (acquire) and so their partials.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == num_splits - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in range(0, num_splits):  # split order, as _sum_splits: the same bits every run
+                # .cg: from L2, where the other SMs' partials are (never a stale line of this SM's L1)
+                total += tl.load(
+                    out_ptr + s * M * N + tile_offs, mask=tile_mask, other=0.0, cache_modifier=".cg"
+                )
+            tl.store(c_ptr + tile_offs, total.to(c_ptr.dtype.element_ty), mask=tile_mask)
+            tl.atomic_xchg(counter_ptr + tile, 0)  # zero again for the next call (or graph replay)
 
 
 @triton.jit
@@ -130,16 +150,41 @@ def fp8_gemm(
         return c
     out = c if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=a.device)
     grid = (triton.cdiv(n, t.block_n), split, triton.cdiv(m, t.block_m))
+    counters = split_counters(a.device, grid[0] * grid[2]) if split > 1 and t.fused_sum else None
     _fp8_gemm_kernel[grid](
-        a, b, out, a_scale, b_scale, m, n, k, k_per_split, a.stride(0), b.stride(0),
+        a, b, out, a_scale, b_scale, c, counters if counters is not None else c,
+        m, n, k, k_per_split, split, a.stride(0), b.stride(0),
         a_scale.stride(0) if per_group else 1, b_scale.stride(0) if per_group else 1,
-        PER_GROUP=per_group, EVEN=n % t.block_n == 0 and k % t.block_k == 0,
+        PER_GROUP=per_group, EVEN=n % t.block_n == 0 and k % t.block_k == 0, FUSED_SUM=counters is not None,
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.num_warps, num_stages=t.num_stages,
     )  # fmt: skip
-    if split > 1:
+    if split > 1 and counters is None:
         block = 1024
         _sum_splits[(triton.cdiv(m * n, block),)](out, c, m * n, SPLIT=split, BLOCK=block)
     return c
+
+
+# Per device: one int32 count per output tile of a split-K call, zero between calls (each call's last split
+# zeroes its tile's again). Calls on one device run in stream order, so one set serves them all; made outside
+# any CUDA graph capture (the first call is always a warm-up), and large enough for any tile grid split K is
+# chosen for (a few thousand tiles at most).
+_SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
+SPLIT_COUNTER_TILES = 16384
+
+
+def split_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
+    """The device's tile counts for a fused split-K sum; None (the separate summing kernel) where there are
+    more tiles than counts, or where they would first be made inside a graph capture."""
+    counters = _SPLIT_COUNTERS.get(device)
+    if counters is None:
+        if tiles > SPLIT_COUNTER_TILES or (
+            device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        ):
+            return None
+        counters = _SPLIT_COUNTERS[device] = torch.zeros(
+            SPLIT_COUNTER_TILES, dtype=torch.int32, device=device
+        )
+    return counters if tiles <= SPLIT_COUNTER_TILES else None
 
 
 def fit_shared_memory(tile: GemmTile, shared_memory: int) -> GemmTile:

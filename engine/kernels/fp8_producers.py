@@ -4,12 +4,14 @@ Under FP8 GEMMs every linear quantizes its input first (engine.kernels.fp8_quant
 bf16 activations and a write of them in float8, after the launch that wrote them. Three of a dense layer's
 four linears take their input straight from a norm or SiLU-and-mul, so those kernels quantize what they
 would have written instead (engine.model.layer_kit builds them where the consumer is an Fp8Linear that
-quantizes dynamically). The arithmetic is the two kernels' one after the other: the output rounded to the
-activation dtype, then per row (or per row and ``group`` columns) scale = max(amax / FP8_MAX, MIN_SCALE)
-and x / scale clamped and rounded to nearest; so the float8 values and scales are the unfused pair's, but
-for the norm's float32 sum of squares, whose reduction order the compiler picks per kernel: on an H100 two or
-three rows in 10,000 (4,096 wide) came out one bf16 step apart before quantizing, a few of their values one
-e4m3 step apart (bench/diag/fp8_producer_bits.py). SiLU-and-mul has no sum: its bits are the pair's.
+quantizes dynamically). Before an FP8 mixture-of-experts block the norm writes both: its router reads the
+output as it is, its experts the float8 (``rms_norm_fp8_and_float``). The arithmetic is the two kernels'
+one after the other: the output rounded to the activation dtype, then per row (or per row and ``group``
+columns) scale = max(amax / FP8_MAX, MIN_SCALE) and x / scale clamped and rounded to nearest; so the float8
+values and scales are the unfused pair's, but for the norm's float32 sum of squares, whose reduction order
+the compiler picks per kernel: on an H100 two or three rows in 10,000 (4,096 wide) came out one bf16 step
+apart before quantizing, a few of their values one e4m3 step apart (bench/diag/fp8_producer_bits.py).
+SiLU-and-mul has no sum: its bits are the pair's.
 """
 
 from __future__ import annotations
@@ -40,9 +42,10 @@ def _quantize_groups(y, scale_ptr, q_ptr, cols, mask, num_groups,
 
 @triton.jit
 def _rms_norm_fp8_kernel(
-    x_ptr, residual_ptr, weight_ptr, q_ptr, scale_ptr, residual_out_ptr, eps,
-    stride_x, stride_r, stride_q, stride_ro, num_groups,
+    x_ptr, residual_ptr, weight_ptr, q_ptr, scale_ptr, residual_out_ptr, y_ptr, eps,
+    stride_x, stride_r, stride_q, stride_ro, stride_y, num_groups,
     N: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    WRITE_FLOAT: tl.constexpr,  # also store the norm's output as it is (a MoE router reads it)
     OUT_DTYPE: tl.constexpr, FP8_LIMIT: tl.constexpr, SCALE_FLOOR: tl.constexpr,
 ):  # fmt: skip
     # The norm as engine/kernels/rmsnorm.py computes it (same loads, same float32 sum), then quantized
@@ -58,7 +61,10 @@ def _rms_norm_fp8_kernel(
     inv_rms = 1.0 / tl.sqrt(tl.sum(h * h, 0) / N + eps)
     normed = (h * inv_rms).to(x_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    y = (normed * w).to(OUT_DTYPE).to(tl.float32)  # what the plain norm writes
+    y_out = (normed * w).to(OUT_DTYPE)  # what the plain norm writes
+    if WRITE_FLOAT:
+        tl.store(y_ptr + row * stride_y + cols, y_out, mask=mask)
+    y = y_out.to(tl.float32)
     _quantize_groups(y, scale_ptr + row * num_groups, q_ptr + row * stride_q, cols, mask, num_groups,
                      BLOCK // GROUP, GROUP, FP8_LIMIT, SCALE_FLOOR)  # fmt: skip
 
@@ -124,6 +130,32 @@ def rms_norm_fp8(
     """engine.kernels.rmsnorm.rms_norm then engine.kernels.fp8_quant.quantize_activations(out, group), in
     one kernel: x [T, hidden] (contiguous last dim) -> (the norm's output in float8 with its scales [T,
     groups], x + residual or None without a residual)."""
+    quantized, residual_out, _ = _rms_norm_fp8(x, weight, eps, residual, group, also_float=False)
+    return quantized, residual_out
+
+
+def rms_norm_fp8_and_float(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None,
+    group: int | None,
+) -> tuple[torch.Tensor, QuantizedActivation, torch.Tensor | None]:
+    """As rms_norm_fp8, the norm's output also written as it is: (output [T, hidden], its float8 and scales,
+    x + residual or None), for a reader of each (an FP8 MoE block: its router and its experts)."""
+    quantized, residual_out, out = _rms_norm_fp8(x, weight, eps, residual, group, also_float=True)
+    assert out is not None
+    return out, quantized, residual_out
+
+
+def _rms_norm_fp8(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None,
+    group: int | None,
+    also_float: bool,
+) -> tuple[QuantizedActivation, torch.Tensor | None, torch.Tensor | None]:
     t, n = x.shape
     assert x.stride(1) == 1 and fused_quantization_fits(n, group)
     out_dtype = torch.promote_types(x.dtype, weight.dtype)
@@ -138,15 +170,16 @@ def rms_norm_fp8(
         r = residual
     else:
         residual_out = r = x  # unused placeholders
+    y = torch.empty((t, n), dtype=out_dtype, device=x.device) if also_float else None
     if t > 0:
         _rms_norm_fp8_kernel[(t,)](
-            x, r, weight, q, scales, residual_out, eps,
-            x.stride(0), r.stride(0), q.stride(0), residual_out.stride(0), num_groups,
-            N=n, BLOCK=block, GROUP=group_cols, HAS_RESIDUAL=residual is not None,
+            x, r, weight, q, scales, residual_out, y if y is not None else q, eps,
+            x.stride(0), r.stride(0), q.stride(0), residual_out.stride(0), n, num_groups,
+            N=n, BLOCK=block, GROUP=group_cols, HAS_RESIDUAL=residual is not None, WRITE_FLOAT=also_float,
             OUT_DTYPE=_TL_DTYPES[out_dtype], FP8_LIMIT=FP8_MAX, SCALE_FLOOR=FP8_MIN_SCALE,
             num_warps=4 if n <= 4096 else 8,
         )  # fmt: skip
-    return QuantizedActivation(q, scales), (residual_out if residual is not None else None)
+    return QuantizedActivation(q, scales), (residual_out if residual is not None else None), y
 
 
 def silu_and_mul_fp8(x: torch.Tensor, group: int | None) -> QuantizedActivation:

@@ -7,19 +7,21 @@ cost more than the layer's matrix products; fused, they are 4.
 
 Before an FP8 linear that quantizes its input per token (or per token and group), the norm and SiLU-and-mul
 are built as ``Fp8OutRMSNorm`` / ``Fp8OutSiluAndMul``: they hand the linear float8 activations with their
-scales (engine.kernels.fp8_producers), one launch instead of two.
+scales (engine.kernels.fp8_producers), one launch instead of two. Before FP8 experts the norm is
+``ExpertInputRMSNorm``: the router reads its output as it is, the experts its float8.
 """
 
 from __future__ import annotations
 
 import torch
 
-from engine.kernels.fp8_producers import rms_norm_fp8, silu_and_mul_fp8
+from engine.kernels.fp8_producers import rms_norm_fp8, rms_norm_fp8_and_float, silu_and_mul_fp8
 from engine.kernels.rmsnorm import rms_norm
 from engine.kernels.rotary import rotary_embedding
 from engine.kernels.silu_mul import silu_and_mul
 from engine.model.fp8 import QuantizedActivation
 from engine.model.layers import RMSNorm, RotaryEmbedding, SiluAndMul
+from engine.model.moe import ExpertInput
 
 
 class FusedRMSNorm(RMSNorm):
@@ -50,6 +52,25 @@ class Fp8OutRMSNorm(RMSNorm):
 
     def extra_repr(self) -> str:
         return f"float8 out, group {self.group}"
+
+
+class ExpertInputRMSNorm(RMSNorm):
+    """RMSNorm before an FP8 mixture-of-experts block: its output as it is for the router and quantized in
+    groups of ``group`` columns (None: per row) for the experts, one launch (engine.model.moe.ExpertInput)."""
+
+    def __init__(self, hidden_size: int, eps: float, group: int | None) -> None:
+        super().__init__(hidden_size, eps)
+        self.group = group
+
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> ExpertInput | tuple[ExpertInput, torch.Tensor]:
+        out, quantized, residual_out = rms_norm_fp8_and_float(x, self.weight, self.eps, residual, self.group)
+        both = ExpertInput(out, quantized)
+        return both if residual_out is None else (both, residual_out)
+
+    def extra_repr(self) -> str:
+        return f"as it is and float8, group {self.group}"
 
 
 class Fp8OutSiluAndMul(SiluAndMul):

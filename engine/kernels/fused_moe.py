@@ -324,10 +324,12 @@ def fused_experts(
     w13_scale: torch.Tensor | None = None,  # FP8: float32 [E, 2I, 1 or ceil(H / group_k)]
     w2_scale: torch.Tensor | None = None,  # FP8: float32 [E, H, 1 or ceil(I / group_k)]
     group_k: int | None = None,  # FP8: None, per-channel weights; else block-scaled, BLOCK_K = group_k
+    x_quantized: tuple[torch.Tensor, torch.Tensor] | None = None,  # FP8: x already quantized, as below
 ) -> torch.Tensor:  # [T, H] in x's dtype
     """With scales, w13 and w2 are float8 e4m3 (real weight = float8 * scale, as engine.model.fp8 keeps
-    it): x is quantized per token (and group_k columns), the SiLU-mul output per slot likewise, and the
-    grouped GEMMs scale their float32 products (module docstring)."""
+    it): x is quantized per token (and group_k columns) unless ``x_quantized`` brings it so (float8 [T, H],
+    float32 scales [T, 1 or ceil(H / group_k)]), the SiLU-mul output per slot likewise, and the grouped
+    GEMMs scale their float32 products (module docstring)."""
     num_tokens, top_k = topk_ids.shape
     num_experts, _, hidden = w13.shape
     assert x.stride(-1) == 1 and w13.stride(-1) == 1 and w2.stride(-1) == 1
@@ -349,7 +351,7 @@ def fused_experts(
     weights = topk_weights.reshape(-1).to(torch.float32)
     if fp8:
         assert w13_scale is not None and w2_scale is not None
-        xq, x_scale = quantize_activations(x, group_k)
+        xq, x_scale = x_quantized if x_quantized is not None else quantize_activations(x, group_k)
         aq, a_scale = _gate_up(xq, w13, align, top_k, cfg, x.dtype, (x_scale, w13_scale), group_k)
         _grouped_gemm(aq, w2, per_slot, align, 1, cfg, False, weights, (a_scale, w2_scale), group_k)
     else:

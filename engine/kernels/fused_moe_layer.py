@@ -2,7 +2,7 @@
 Triton kernels: float experts (``FusedMoeExperts``, also FP8 checkpoints dequantized where the GPU has no
 FP8) and FP8 experts (``Fp8FusedMoeExperts``: float8 weights with one scale per row and group of
 ``group_k`` input features, engine.model.fp8_moe; the kernel quantizes the activations per token, or per
-token and group for block scales)."""
+token and group for block scales, unless the norm before them already did: engine.model.moe.ExpertInput)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from engine.kernels.fused_moe import fused_experts
 from engine.kernels.moe_router import topk_softmax
 from engine.kernels.moe_tuned_configs import tuned_configs_for
-from engine.model.fp8 import FP8
+from engine.model.fp8 import FP8, QuantizedActivation
 from engine.model.moe import MoeExperts, MoeSpec, TopKRouter
 from engine.model.quantization import Fp8Scheme
 from engine.model.sharding import Shard
@@ -50,10 +50,24 @@ class Fp8FusedMoeExperts(MoeExperts):
         assert self.fp8 is not None
         self.tuned = tuned_configs_for(self.num_experts, self.inter, hidden_size, FP8, self.fp8.group_k)
 
-    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    @property
+    def input_group(self) -> int | None:
+        """The group of input features the kernel quantizes x in (None: per token): what a norm writing the
+        input in float8 for these experts must use (engine.model.layer_kit)."""
+        assert self.fp8 is not None
+        return self.fp8.group_k
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        quantized: QuantizedActivation | None = None,  # x already in float8 (engine.model.moe.ExpertInput)
+    ) -> torch.Tensor:
         scales = self.fp8
         config = None if self.tuned is None else self.tuned.pick(x.shape[0])
         return fused_experts(
             x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids, config,
             w13_scale=scales.gate_up_proj_scale, w2_scale=scales.down_proj_scale, group_k=scales.group_k,
+            x_quantized=quantized,
         )  # fmt: skip

@@ -55,13 +55,18 @@ class LayerKit:
 
     def rms_norm(self, hidden_size: int, eps: float, feeds: nn.Module | None = None) -> RMSNorm:
         """`feeds`: the one layer that reads the output, when there is exactly one (an FP8 linear may then
-        take it already quantized)."""
+        take it already quantized; FP8 experts too, their router reading it as it is)."""
         if self.fused:
             from engine.kernels.fused_layers import Fp8OutRMSNorm, FusedRMSNorm
 
             group = self._fp8_input_group(feeds, hidden_size)  # (a norm of another width feeds no linear)
             if group is not False:
                 return Fp8OutRMSNorm(hidden_size, eps, group)
+            group = self._fp8_expert_input_group(feeds, hidden_size)
+            if group is not False:
+                from engine.kernels.fused_layers import ExpertInputRMSNorm
+
+                return ExpertInputRMSNorm(hidden_size, eps, group)
             return FusedRMSNorm(hidden_size, eps)
         return RMSNorm(hidden_size, eps)
 
@@ -89,6 +94,20 @@ class LayerKit:
         from engine.kernels.fp8_producers import fused_quantization_fits
 
         return feeds.group_k if fused_quantization_fits(feeds.in_features, feeds.group_k) else False
+
+    def _fp8_expert_input_group(self, feeds: nn.Module | None, width: int) -> int | None | Literal[False]:
+        """As _fp8_input_group for a mixture-of-experts block whose experts run FP8 GEMMs (the norm then writes
+        its output both ways: engine.model.moe.ExpertInput), False for anything else."""
+        from engine.kernels.fp8_producers import fused_quantization_fits
+        from engine.kernels.fused_moe_layer import Fp8FusedMoeExperts
+        from engine.model.moe import SparseMoeBlock
+
+        if not isinstance(feeds, SparseMoeBlock) or not isinstance(feeds.experts, Fp8FusedMoeExperts):
+            return False
+        group = feeds.experts.input_group
+        return (
+            group if feeds.experts.hidden_size == width and fused_quantization_fits(width, group) else False
+        )
 
     def rotary(
         self,

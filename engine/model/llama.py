@@ -167,13 +167,13 @@ class LlamaDecoderLayer(nn.Module):
     ) -> None:
         super().__init__()
         # Each norm's output feeds one linear in a dense layer (float8 for an FP8 one, see LayerKit.rms_norm);
-        # a mixture-of-experts block's router reads it too.
+        # a mixture-of-experts block's router and experts (both ways for FP8 experts).
         self.input_layernorm = kit.rms_norm(config.hidden_size, config.rms_norm_eps, feeds=self_attn.qkv_proj)
         self.self_attn = self_attn
         self.post_attention_layernorm = kit.rms_norm(
             config.hidden_size,
             config.rms_norm_eps,
-            feeds=mlp.gate_up_proj if isinstance(mlp, LlamaMLP) else None,
+            feeds=mlp.gate_up_proj if isinstance(mlp, LlamaMLP) else mlp,
         )
         self.mlp = mlp
 

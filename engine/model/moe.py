@@ -26,13 +26,14 @@ dtype too): a float8 router weight in a checkpoint is refused.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
-from engine.model.fp8 import FP8
+from engine.model.fp8 import FP8, QuantizedActivation
 from engine.model.fp8_moe import ExpertFp8Scales
 from engine.model.linear import all_reduce
 from engine.model.quantization import Fp8Scheme
@@ -291,6 +292,14 @@ class TorchMoeExperts(MoeExperts):
         return out
 
 
+class ExpertInput(NamedTuple):
+    """A MoE block's input from a norm that wrote it twice (engine.kernels.fused_layers.ExpertInputRMSNorm):
+    as it is for the router, and in float8 with its scales for FP8 experts, which then skip quantizing it."""
+
+    x: torch.Tensor
+    quantized: QuantizedActivation
+
+
 class SparseMoeBlock(nn.Module):
     """Router (``gate``, as checkpoints name it) then experts: [T, H] -> [T, H]. Under tensor
     parallelism the ranks' partial sums are all-reduced (the router is replicated)."""
@@ -300,9 +309,14 @@ class SparseMoeBlock(nn.Module):
         self.gate = router
         self.experts = experts
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        topk_weights, topk_ids = self.gate(x)
-        out = self.experts(x, topk_weights, topk_ids)
+    def forward(self, x: torch.Tensor | ExpertInput) -> torch.Tensor:
+        if isinstance(x, ExpertInput):
+            x, quantized = x
+            topk_weights, topk_ids = self.gate(x)
+            out = self.experts(x, topk_weights, topk_ids, quantized=quantized)
+        else:
+            topk_weights, topk_ids = self.gate(x)
+            out = self.experts(x, topk_weights, topk_ids)
         return all_reduce(out) if self.experts.shard.size > 1 else out
 
 

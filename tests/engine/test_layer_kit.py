@@ -117,11 +117,17 @@ def test_the_cpu_lm_head_pads_rows_to_whole_groups_of_four_and_returns_only_the_
 def test_norms_and_silu_before_an_fp8_linear_hand_it_float8():
     """Under FP8 GEMMs with dynamic activation scales, a layer whose output feeds one FP8 linear writes it
     quantized (engine.kernels.fp8_producers): the input norm (qkv), the post-attention norm (a dense MLP's
-    gate/up; not a mixture-of-experts block, whose router reads it too) and SiLU-and-mul (down)."""
+    gate/up; before FP8 experts it writes both: their router reads it as it is) and SiLU-and-mul (down)."""
     pytest.importorskip("triton")
     from dataclasses import replace
 
-    from engine.kernels.fused_layers import Fp8OutRMSNorm, Fp8OutSiluAndMul, FusedRMSNorm, FusedSiluAndMul
+    from engine.kernels.fused_layers import (
+        ExpertInputRMSNorm,
+        Fp8OutRMSNorm,
+        Fp8OutSiluAndMul,
+        FusedRMSNorm,
+        FusedSiluAndMul,
+    )
     from engine.model.moe_family import MoeForCausalLM
     from engine.model.quantization import ONLINE_FP8, Fp8Scheme
 
@@ -143,7 +149,12 @@ def test_norms_and_silu_before_an_fp8_linear_hand_it_float8():
     assert type(model.model.norm) is FusedRMSNorm
 
     moe = build(ONLINE_FP8, "qwen3_moe").model.layers[0]
-    assert type(moe.input_layernorm) is Fp8OutRMSNorm and type(moe.post_attention_layernorm) is FusedRMSNorm
+    # an FP8 MoE block: its norm writes its output as it is (the router) and in float8 (the experts)
+    assert (
+        type(moe.input_layernorm) is Fp8OutRMSNorm
+        and type(moe.post_attention_layernorm) is ExpertInputRMSNorm
+    )
+    assert moe.post_attention_layernorm.group is None  # ONLINE_FP8 experts quantize per token
     # a Qwen3-MoE model's dense layers (mlp_only_layers) are dense MLPs: their norm and SiLU write float8
     config = TINY_CONFIGS["qwen3_moe"](512)
     config.hidden_size, config.intermediate_size, config.mlp_only_layers = 256, 512, [1]
@@ -152,7 +163,7 @@ def test_norms_and_silu_before_an_fp8_linear_hand_it_float8():
     )
     dense = mixed.model.layers[1]
     assert type(dense.post_attention_layernorm) is Fp8OutRMSNorm and type(dense.mlp.act) is Fp8OutSiluAndMul
-    assert type(mixed.model.layers[0].post_attention_layernorm) is FusedRMSNorm
+    assert type(mixed.model.layers[0].post_attention_layernorm) is ExpertInputRMSNorm
 
     unfused = [
         replace(ONLINE_FP8, dequantize=True),  # CPU / no FP8 GEMMs: the linears take float activations

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from engine.model.fp8 import FP8, dequantize_rows
+from engine.model.fp8 import FP8, QuantizedActivation, dequantize_rows
 from engine.model.layer_kit import LayerKit
 from engine.model.moe import MoeSpec
 from engine.model.quantization import Fp8Scheme
@@ -108,6 +108,11 @@ def fp8_experts_errors(
     weights, ids = (weights / weights.sum(-1, keepdim=True)).to(device), ids.to(device)
     with torch.no_grad():
         ours = fp8(x, weights, ids).float()
+        # x quantized beforehand (as the norm before FP8 experts does, engine.model.moe.ExpertInput): same bits
+        from engine.kernels.fp8_quant import quantize_activations
+
+        given = QuantizedActivation(*quantize_activations(x, fp8.input_group))
+        assert torch.equal(fp8(x, weights, ids, quantized=given).float(), ours)
         float_acts = reference(x.float(), weights, ids)
         same = same_quantization_reference(reference, x, weights, ids, scheme.group_k)
 

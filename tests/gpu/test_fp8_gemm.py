@@ -5,6 +5,8 @@ and torch._scaled_mm's row-wise path, through Fp8Linear as the model builds it (
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from gpu_paged_batch import requires_cuda
@@ -92,6 +94,31 @@ def test_split_k_gives_the_same_bits_every_run(group):
     first = fp8_gemm(xq, xs, wq, ws, torch.bfloat16, group, tile)
     for _ in range(5):
         assert torch.equal(fp8_gemm(xq, xs, wq, ws, torch.bfloat16, group, tile), first)
+
+
+@pytest.mark.parametrize("group", [None, 128])
+@pytest.mark.parametrize("m,n,k,split", [(1, 2048, 4096, 4), (32, 5120, 2048, 8), (50, 300, 1000, 3)])
+def test_split_k_summed_in_the_kernel_equals_the_separate_sum(m, n, k, split, group):
+    """The tile's last split sums the partials (atomic count per tile) to the separate kernel's bits, call after
+    call (the counts return to zero) and replayed from a CUDA graph."""
+    xq, xs, wq, ws, _ = operands(m, n, k, group)
+    tile = GemmTile(16 if m <= 16 else 64, 32, group or 128, split_k=split)
+    separate = fp8_gemm(xq, xs, wq, ws, torch.bfloat16, group, replace(tile, fused_sum=False))
+    for _ in range(20):
+        assert torch.equal(fp8_gemm(xq, xs, wq, ws, torch.bfloat16, group, tile), separate)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        fp8_gemm(xq, xs, wq, ws, torch.bfloat16, group, tile)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        outs = [fp8_gemm(xq, xs, wq, ws, torch.bfloat16, group, tile) for _ in range(10)]
+    for _ in range(5):
+        for out in outs:
+            out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(out, separate) for out in outs)
 
 
 def test_no_tokens():

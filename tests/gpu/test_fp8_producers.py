@@ -12,7 +12,7 @@ import pytest
 import torch
 from gpu_paged_batch import requires_cuda
 
-from engine.kernels.fp8_producers import rms_norm_fp8, silu_and_mul_fp8
+from engine.kernels.fp8_producers import rms_norm_fp8, rms_norm_fp8_and_float, silu_and_mul_fp8
 from engine.kernels.fp8_quant import quantize_activations
 from engine.kernels.rmsnorm import rms_norm
 from engine.kernels.silu_mul import silu_and_mul
@@ -56,6 +56,28 @@ def test_rms_norm_fp8_gives_the_unfused_bits(t, n, group, with_residual):
         ref, ref_res = rms_norm(x, w, 1e-6, residual)
         assert torch.equal(res, ref_res)
     assert_same_but_a_few_rows_one_step_apart(out, quantize_activations(ref, group))
+
+
+@pytest.mark.parametrize("t,n", [(1, 2048), (32, 2048), (2048, 2048), (0, 2048), (5, 640)])
+@pytest.mark.parametrize("group", [None, 128])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_fp8_and_float_writes_the_output_its_float8_quantizes(t, n, group, with_residual):
+    """Before FP8 experts (Qwen3-30B-A3B's 2,048 wide): the float8 and residual are rms_norm_fp8's bits, the
+    output as it is the one they quantize (the router and the experts see the same activations), and the plain
+    norm's but for rows whose sum was reduced in another order (one bf16 step)."""
+    x = torch.randn(t, n, device="cuda", dtype=torch.bfloat16) * 3
+    residual = torch.randn(t, n, device="cuda", dtype=torch.bfloat16) if with_residual else None
+    w = torch.rand(n, device="cuda", dtype=torch.bfloat16) + 0.5
+    y, both, res = rms_norm_fp8_and_float(x, w, 1e-6, residual, group)
+    alone, res_alone = rms_norm_fp8(x, w, 1e-6, residual, group)
+    assert_same_bits(both, alone)
+    assert (res is None) == (residual is None) and (res is None or torch.equal(res, res_alone))
+    assert_same_bits(both, quantize_activations(y, group))
+    plain = rms_norm(x, w, 1e-6, residual)
+    plain = plain if residual is None else plain[0]
+    rows_apart = (y != plain).any(1)
+    assert int(rows_apart.sum()) <= max(1, t // 100)
+    torch.testing.assert_close(y, plain, rtol=2**-7, atol=0)
 
 
 @pytest.mark.parametrize("t,d", [(1, 14336), (37, 14336), (256, 12288), (3, 768), (0, 1024), (2048, 14336)])

@@ -1,7 +1,7 @@
 """The norm and SiLU-and-mul that write float8 for the next FP8 linear (engine/kernels/fp8_producers.py),
 on the CPU through Triton's interpreter: the same float8 values and scales as the unfused pair (the bf16
 kernel, then engine.kernels.fp8_quant.quantize_activations), which the interpreter runs with the same
-rounding; per row and per 128-column group, with and without a residual, widths that are not a power of
+rounding (and the norm that also writes its output as it is, for FP8 experts: that output the plain norm's); per row and per 128-column group, with and without a residual, widths that are not a power of
 two, a zero row, a row-strided input, and SiLU-and-mul rows wider than one pass. On a GPU
 (tests/gpu/test_fp8_producers.py) the norm's float32 sum may be reduced in another order than the plain
 norm's, so a few rows there may round one step apart; the interpreter sums in one order. Both sides here
@@ -17,7 +17,7 @@ pytestmark = needs_interpreter
 
 SCRIPT = r"""
 import torch
-from engine.kernels.fp8_producers import rms_norm_fp8, silu_and_mul_fp8
+from engine.kernels.fp8_producers import rms_norm_fp8, rms_norm_fp8_and_float, silu_and_mul_fp8
 from engine.kernels.fp8_quant import quantize_activations
 from engine.kernels.rmsnorm import rms_norm
 from engine.kernels.silu_mul import silu_and_mul
@@ -41,6 +41,12 @@ for t, n, group in [(3, 256, None), (5, 384, 128), (2, 640, None), (4, 640, 128)
     out, none = rms_norm_fp8(x, w, 1e-5, None, group)
     assert none is None
     same(out, *quantize_activations(rms_norm(x, w, 1e-5), group), (t, n, group))
+    # before FP8 experts: the output as it is too (the router's), the float8 the same
+    y, both, res = rms_norm_fp8_and_float(x, w, 1e-5, residual, group)
+    assert torch.equal(y, ref) and torch.equal(res, ref_res), (t, n, group, "both ways")
+    same(both, *quantize_activations(ref, group), (t, n, group, "both ways"))
+    y, both, none = rms_norm_fp8_and_float(x, w, 1e-5, None, group)
+    assert none is None and torch.equal(y, rms_norm(x, w, 1e-5)), (t, n, group, "both ways")
 # a row-strided input (a view of a wider buffer)
 wide = torch.randn(3, 512, dtype=f16)
 w = torch.rand(256, dtype=f16) + 0.5
