@@ -81,7 +81,8 @@ def candidates(m: int, group: int | None = None) -> list[GemmTile]:
         if stages * (bm * bk + bk * bn) > 200 * 1024:  # shared memory of the pipeline
             continue
         for warps in (4, 8) if bm == 128 else (4,):
-            out.append(GemmTile(bm, bn, bk, split, warps, stages))
+            # split K summed by the tile's last split (its separate-kernel time is reported for the best)
+            out.append(GemmTile(bm, bn, bk, split, warps, stages, fused_sum=split > 1))
     return out
 
 

@@ -8,9 +8,11 @@ row-scaled FP8 GEMM (torch._scaled_mm) reaches about a third of the H100's bandw
 (Llama-8B down_proj: 42 µs where 17.5 µs reads the weights; bench/fp8_gemm_tune.py), slower than bfloat16;
 and block scales have no cuBLAS path in this torch. The grid covers N in narrow column tiles and, where
 those alone leave SMs idle, splits K: each split's float32 partial lands in its own slice of a workspace and
-the last split of a tile to finish (an atomic count per tile) sums the slices in split order, so a result never
-depends on scheduling and no second kernel is launched (at decode sizes a launch costs about what the sum does;
-``GemmTile.fused_sum=False`` keeps the separate summing kernel, bit for bit the same result). With group scales
+a second small kernel sums the slices in split order, so a result never depends on scheduling. With
+``GemmTile.fused_sum`` the last split of a tile to finish (an atomic count per tile) sums them instead, the
+same bits without the second launch (at decode sizes a launch costs about what the sum does); not yet the
+tiles' default: checked under Triton's interpreter only, its GPU tests and timings wait for a GPU
+(bench/gpu_backlog.sh fp8-fused-sum). With group scales
 each BLOCK_K-wide partial product is scaled as it is accumulated (BLOCK_K = the group).
 
 Tiles (``tile_for``) come from bench/fp8_gemm_tune.py on an H100; ``beats_scaled_mm`` says where this
@@ -36,7 +38,7 @@ class GemmTile:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 4
-    fused_sum: bool = True  # split K: the tile's last split sums the partials (else a second kernel does)
+    fused_sum: bool = False  # split K: the tile's last split sums the partials (else a second kernel does)
 
 
 @triton.jit

@@ -145,3 +145,47 @@ def same_quantization_reference(
         y = F.linear(h, dequantized.down_proj[expert])
         out.index_add_(0, token, y * weights[token, choice, None])
     return out
+
+
+def block_after_its_norm(
+    scheme_name: str, tokens: int, experts: int, top_k: int, hidden: int, inter: int, device: str,
+    dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """An FP8 MoE block behind the post-attention norm the kit builds for it (ExpertInputRMSNorm: the output
+    as it is for the router, float8 for the experts), and the same block behind the plain norm (the experts
+    quantizing x themselves): (output through the kit's norm, output through the plain norm)."""
+    from engine.kernels.fused_layers import ExpertInputRMSNorm
+    from engine.kernels.rmsnorm import rms_norm
+    from engine.model.moe import SparseMoeBlock
+
+    scheme = SCHEMES[scheme_name]
+    spec = MoeSpec(num_experts=experts, top_k=top_k, intermediate_size=inter, renormalize=True,
+                   sparse_layers=frozenset())  # fmt: skip
+    kit = LayerKit(fused=True, quantization=scheme)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        block = SparseMoeBlock(kit.moe_router(hidden, spec), kit.moe_experts(hidden, spec))
+        norm = kit.rms_norm(hidden, 1e-6, feeds=block)
+    finally:
+        torch.set_default_dtype(previous)
+    assert type(norm) is ExpertInputRMSNorm and norm.group == scheme.group_k, norm
+    gen = torch.Generator().manual_seed(seed)
+    for e in range(experts):
+        for part, shape, fan_in in (("gate", (inter, hidden), hidden), ("up", (inter, hidden), hidden),
+                                    ("down", (hidden, inter), inter)):  # fmt: skip
+            q, scale = published(scheme, uneven_weight(shape, gen) * fan_in**-0.5)
+            block.experts.load_checkpoint_tensor(part, e, q)
+            block.experts.load_checkpoint_tensor(part, e, scale, scheme.scale_name)
+    block.experts.finish_loading()
+    block.gate.weight.data = (torch.randn(experts, hidden, generator=gen) * hidden**-0.5).to(dtype)
+    norm.weight.data = (torch.rand(hidden, generator=gen) + 0.5).to(dtype)
+    block.to(device)
+    norm.to(device)
+    x = (torch.randn(tokens, hidden, generator=gen) * 3).to(device, dtype)
+    residual = torch.randn(tokens, hidden, generator=gen).to(device, dtype)
+    with torch.no_grad():
+        both, residual_out = norm(x, residual)
+        plain, plain_residual = rms_norm(x, norm.weight, norm.eps, residual)
+        assert torch.equal(residual_out, plain_residual)
+        return block(both), block(plain)

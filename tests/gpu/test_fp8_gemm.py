@@ -102,7 +102,7 @@ def test_split_k_summed_in_the_kernel_equals_the_separate_sum(m, n, k, split, gr
     """The tile's last split sums the partials (atomic count per tile) to the separate kernel's bits, call after
     call (the counts return to zero) and replayed from a CUDA graph."""
     xq, xs, wq, ws, _ = operands(m, n, k, group)
-    tile = GemmTile(16 if m <= 16 else 64, 32, group or 128, split_k=split)
+    tile = GemmTile(16 if m <= 16 else 64, 32, group or 128, split_k=split, fused_sum=True)
     separate = fp8_gemm(xq, xs, wq, ws, torch.bfloat16, group, replace(tile, fused_sum=False))
     for _ in range(20):
         assert torch.equal(fp8_gemm(xq, xs, wq, ws, torch.bfloat16, group, tile), separate)

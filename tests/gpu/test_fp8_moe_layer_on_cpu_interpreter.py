@@ -1,8 +1,9 @@
 """The FP8 experts layer as the kit builds it for an FP8 GPU (Fp8FusedMoeExperts: the fused MoE kernel on
 float8 weights with per-row-and-group scales) against the dequantized float32 experts on the same
 checkpoint tensors, on the CPU through Triton's interpreter, in a fresh process (the interpreter must be
-on before the kernel is defined): the scales reach the kernel in the layout it reads. Tiny shapes; the
-GPU covers real ones (tests/gpu/test_fp8_moe_engine_on_gpu.py)."""
+on before the kernel is defined): the scales reach the kernel in the layout it reads; and the block behind the norm the kit builds for it (its
+output as it is for the router, float8 for the experts) against the plain norm. Tiny shapes; the GPU covers
+real ones (tests/gpu/test_fp8_moe_engine_on_gpu.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ pytestmark = needs_interpreter
 
 SCRIPT = r"""
 import torch
-from fp8_moe_layer import SAME_QUANTIZATION_ERROR, fp8_experts_errors
+from fp8_moe_layer import SAME_QUANTIZATION_ERROR, block_after_its_norm, fp8_experts_errors
 # scheme, tokens, experts, top_k, hidden, inter: partial 128-blocks of scales (160, 96), one decode token.
 # float16: the interpreter's bfloat16 stores truncate. Against float activations the bound is loose: the
 # interpreter rounds some values to e4m3 wrongly (test_fp8_on_cpu_interpreter.py); a scale read from
@@ -22,6 +23,11 @@ for case in [("block", 5, 8, 2, 160, 96), ("channel", 5, 8, 2, 160, 96), ("block
     errors = fp8_experts_errors(*case, "cpu", dtype=torch.float16)
     assert errors.same_quantization < SAME_QUANTIZATION_ERROR[torch.float16], (case, errors)
     assert errors.float_activations < 0.2, (case, errors)
+# The block behind the norm the kit builds before FP8 experts (its output both ways) gives the bits it gives
+# behind the plain norm, the experts then quantizing x themselves (the interpreter sums the norm in one order)
+for case in [("block", 5, 8, 2, 256, 128), ("channel", 3, 4, 2, 160, 96), ("block", 1, 4, 2, 256, 96)]:
+    through_kit, through_plain = block_after_its_norm(*case, "cpu", dtype=torch.float16)
+    assert torch.equal(through_kit, through_plain), case
 print("ok")
 """
 

@@ -57,9 +57,9 @@ for m, n, k, split, group in [(3, 64, 256, 1, None), (16, 96, 384, 2, None), (1,
     out = fp8_gemm(xq, xs, wq, ws, torch.float32, group, tile)
     ref = dequantize_rows(xq, xs, torch.float32, group) @ dequantize_rows(wq, ws, torch.float32, group).T
     assert ((out - ref).norm() / ref.norm()).item() < 1e-5, (m, n, k, split, group)
-    # split K summed by the tile's last split (the default) or by the separate kernel: the same bits
-    separate = fp8_gemm(xq, xs, wq, ws, torch.float32, group, GemmTile(tile.block_m, 32, 128, split, fused_sum=False))
-    assert torch.equal(out, separate), (m, n, k, split, group)
+    # split K summed by the separate kernel (the default) or by the tile's last split: the same bits
+    fused = fp8_gemm(xq, xs, wq, ws, torch.float32, group, GemmTile(tile.block_m, 32, 128, split, fused_sum=True))
+    assert torch.equal(out, fused), (m, n, k, split, group)
 
 # head_dim, block_size, kv_heads, group, query_lens, prefix_lens, decode splits, k/v scales, dtype. A bfloat16
 # query is converted to float16 for the decode products (clamped to its range): the first decode query's
