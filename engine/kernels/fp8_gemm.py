@@ -167,9 +167,10 @@ def fp8_gemm(
 
 
 # Per device: one int32 count per output tile of a split-K call, zero between calls (each call's last split
-# zeroes its tile's again). Calls on one device run in stream order, so one set serves them all; made outside
-# any CUDA graph capture (the first call is always a warm-up), and large enough for any tile grid split K is
-# chosen for (a few thousand tiles at most).
+# zeroes its tile's again). One set serves every call because the engine runs a device's GEMMs in one stream,
+# one after another: two fused calls overlapping (another stream, programmatic dependent launch) or a launch
+# killed mid-way would leave wrong counts, hence opt-in. Made outside any CUDA graph capture (the first call is
+# always a warm-up) on the current device, large enough for any tile grid split K is chosen for (a few thousand).
 _SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
 SPLIT_COUNTER_TILES = 16384
 

@@ -334,6 +334,16 @@ def fused_experts(
     num_experts, _, hidden = w13.shape
     assert x.stride(-1) == 1 and w13.stride(-1) == 1 and w2.stride(-1) == 1
     fp8 = check_fp8_operands(w13, w2, w13_scale, w2_scale, group_k)
+    if x_quantized is not None:
+        if not fp8:
+            raise ValueError("x_quantized without FP8 weights: float experts take x as it is")
+        groups = 1 if group_k is None else -(-hidden // group_k)
+        xq, x_scale = x_quantized
+        if xq.shape != x.shape or xq.dtype != FP8 or x_scale.shape != (num_tokens, groups):
+            raise ValueError(
+                f"x_quantized: float8 {tuple(x.shape)} with scales ({num_tokens}, {groups}) expected, got "
+                f"{xq.dtype} {tuple(xq.shape)} and {tuple(x_scale.shape)}"
+            )
     if num_tokens == 0:
         return torch.empty_like(x)
     num_slots = num_tokens * top_k

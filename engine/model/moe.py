@@ -26,7 +26,6 @@ dtype too): a float8 router weight in a checkpoint is refused.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -170,7 +169,13 @@ class MoeExperts(nn.Module):
             torch.empty(spec.num_experts, hidden_size, self.inter, dtype=load_dtype), requires_grad=False
         )
 
-    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        quantized: QuantizedActivation | None = None,  # x in float8 already: FP8 experts only (ExpertInput)
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     def required_tensors(self) -> set[tuple[str, int, str]]:
@@ -292,17 +297,20 @@ class TorchMoeExperts(MoeExperts):
         return out
 
 
-class ExpertInput(NamedTuple):
+@dataclass(frozen=True)
+class ExpertInput:
     """A MoE block's input from a norm that wrote it twice (engine.kernels.fused_layers.ExpertInputRMSNorm):
-    as it is for the router, and in float8 with its scales for FP8 experts, which then skip quantizing it."""
+    as it is for the router, and in float8 with its scales for FP8 experts, which then skip quantizing it.
+    Not a tuple: a norm's ``(output, residual)`` pair must never unpack from it."""
 
     x: torch.Tensor
     quantized: QuantizedActivation
 
 
 class SparseMoeBlock(nn.Module):
-    """Router (``gate``, as checkpoints name it) then experts: [T, H] -> [T, H]. Under tensor
-    parallelism the ranks' partial sums are all-reduced (the router is replicated)."""
+    """Router (``gate``, as checkpoints name it) then experts: [T, H] (or an ExpertInput: [T, H] and its
+    float8, from the norm before FP8 experts) -> [T, H]. Under tensor parallelism the ranks' partial sums are
+    all-reduced (the router is replicated)."""
 
     def __init__(self, router: TopKRouter, experts: MoeExperts) -> None:
         super().__init__()
@@ -310,10 +318,12 @@ class SparseMoeBlock(nn.Module):
         self.experts = experts
 
     def forward(self, x: torch.Tensor | ExpertInput) -> torch.Tensor:
-        if isinstance(x, ExpertInput):
-            x, quantized = x
-            topk_weights, topk_ids = self.gate(x)
-            out = self.experts(x, topk_weights, topk_ids, quantized=quantized)
+        """x [T, H] (or an ExpertInput of it) -> [T, H]."""
+        if isinstance(
+            x, ExpertInput
+        ):  # FP8 experts only take one (float experts: a TypeError on `quantized`)
+            topk_weights, topk_ids = self.gate(x.x)
+            out = self.experts(x.x, topk_weights, topk_ids, quantized=x.quantized)
         else:
             topk_weights, topk_ids = self.gate(x)
             out = self.experts(x, topk_weights, topk_ids)

@@ -113,6 +113,9 @@ def fp8_experts_errors(
 
         given = QuantizedActivation(*quantize_activations(x, fp8.input_group))
         assert torch.equal(fp8(x, weights, ids, quantized=given).float(), ours)
+        # ... and it is what the experts compute on: scales doubled, the output moves
+        doubled = fp8(x, weights, ids, quantized=QuantizedActivation(given.q, given.scale * 2)).float()
+        assert ((doubled - ours).norm() / ours.norm()).item() > 0.1
         float_acts = reference(x.float(), weights, ids)
         same = same_quantization_reference(reference, x, weights, ids, scheme.group_k)
 

@@ -1,9 +1,9 @@
 """The FP8 experts layer as the kit builds it for an FP8 GPU (Fp8FusedMoeExperts: the fused MoE kernel on
 float8 weights with per-row-and-group scales) against the dequantized float32 experts on the same
 checkpoint tensors, on the CPU through Triton's interpreter, in a fresh process (the interpreter must be
-on before the kernel is defined): the scales reach the kernel in the layout it reads; and the block behind the norm the kit builds for it (its
-output as it is for the router, float8 for the experts) against the plain norm. Tiny shapes; the GPU covers
-real ones (tests/gpu/test_fp8_moe_engine_on_gpu.py)."""
+on before the kernel is defined): the scales reach the kernel in the layout it reads. And the block behind
+the norm the kit builds for it (its output as it is for the router, float8 for the experts) against the
+plain norm. Tiny shapes; the GPU covers real ones (tests/gpu/test_fp8_moe_engine_on_gpu.py)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """The norm and SiLU-and-mul that write float8 for the next FP8 linear (engine/kernels/fp8_producers.py),
 on the CPU through Triton's interpreter: the same float8 values and scales as the unfused pair (the bf16
 kernel, then engine.kernels.fp8_quant.quantize_activations), which the interpreter runs with the same
-rounding (and the norm that also writes its output as it is, for FP8 experts: that output the plain norm's); per row and per 128-column group, with and without a residual, widths that are not a power of
+rounding (and the norm that also writes its output as it is, for FP8 experts: that output the plain
+norm's); per row and per 128-column group, with and without a residual, widths that are not a power of
 two, a zero row, a row-strided input, and SiLU-and-mul rows wider than one pass. On a GPU
 (tests/gpu/test_fp8_producers.py) the norm's float32 sum may be reduced in another order than the plain
 norm's, so a few rows there may round one step apart; the interpreter sums in one order. Both sides here
