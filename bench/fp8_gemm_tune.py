@@ -152,20 +152,22 @@ def main() -> None:
                 ref = (xq.float().view(m, -1, g) * xs[:, :, None]).view(m, k) @ (
                     wq.float().view(n, -1, g) * ws[:, :, None]
                 ).view(n, k).t()
+
+            def time_one(tile: GemmTile) -> float:
+                timed = time_tiles([tile], xq, xs, wq, ws, ref, args.group)  # noqa: B023 -- called at once
+                return timed[0]["us"] if timed else float("nan")
+
             chosen = tile_for(m, n, k, args.group)
-            for key, tile in (("chosen", chosen), ("chosen_fused_sum", replace(chosen, fused_sum=True))):
-                if key == "chosen" or chosen.split_k > 1:
-                    timed = time_tiles([tile], xq, xs, wq, ws, ref, args.group)
-                    base[key] = timed[0]["us"] if timed else float("nan")
+            base["chosen"] = time_one(chosen)
+            if chosen.split_k > 1:
+                base["chosen_fused_sum"] = time_one(replace(chosen, fused_sum=True))
             timings = time_tiles(candidates(m, args.group), xq, xs, wq, ws, ref, args.group)
             if not timings:
                 print(json.dumps({"layer": name, "tokens": m, "error": "no tile ran"}), flush=True)
                 continue
             best = timings[0]
             if best["config"]["split_k"] > 1:  # the same tile with the partials summed by a second kernel
-                separate = time_tiles([replace(GemmTile(**best["config"]), fused_sum=False)], xq, xs, wq, ws, ref,
-                                      args.group)  # fmt: skip
-                base["best_separate_sum"] = separate[0]["us"] if separate else float("nan")
+                base["best_separate_sum"] = time_one(replace(GemmTile(**best["config"]), fused_sum=False))
             row = {
                 "layer": name,
                 "tokens": m,

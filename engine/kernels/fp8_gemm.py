@@ -12,8 +12,8 @@ a second small kernel sums the slices in split order, so a result never depends 
 ``GemmTile.fused_sum`` the last split of a tile to finish (an atomic count per tile) sums them instead, the
 same bits without the second launch (at decode sizes a launch costs about what the sum does); not yet the
 tiles' default: checked under Triton's interpreter only, its GPU tests and timings wait for a GPU
-(bench/gpu_backlog.sh fp8-fused-sum). With group scales
-each BLOCK_K-wide partial product is scaled as it is accumulated (BLOCK_K = the group).
+(bench/gpu_backlog.sh fp8-fused-sum). With group scales each BLOCK_K-wide partial product is scaled as it is
+accumulated (BLOCK_K = the group).
 
 Tiles (``tile_for``) come from bench/fp8_gemm_tune.py on an H100; ``beats_scaled_mm`` says where this
 kernel is the faster of the two for per-channel weights (engine.model.fp8.Fp8Linear asks it).
@@ -178,16 +178,16 @@ SPLIT_COUNTER_TILES = 16384
 def split_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
     """The device's tile counts for a fused split-K sum; None (the separate summing kernel) where there are
     more tiles than counts, or where they would first be made inside a graph capture."""
+    if tiles > SPLIT_COUNTER_TILES:
+        return None
     counters = _SPLIT_COUNTERS.get(device)
     if counters is None:
-        if tiles > SPLIT_COUNTER_TILES or (
-            device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        ):
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
         counters = _SPLIT_COUNTERS[device] = torch.zeros(
             SPLIT_COUNTER_TILES, dtype=torch.int32, device=device
         )
-    return counters if tiles <= SPLIT_COUNTER_TILES else None
+    return counters
 
 
 def fit_shared_memory(tile: GemmTile, shared_memory: int) -> GemmTile:

@@ -319,14 +319,12 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor | ExpertInput) -> torch.Tensor:
         """x [T, H] (or an ExpertInput of it) -> [T, H]."""
-        if isinstance(
-            x, ExpertInput
-        ):  # FP8 experts only take one (float experts: a TypeError on `quantized`)
-            topk_weights, topk_ids = self.gate(x.x)
-            out = self.experts(x.x, topk_weights, topk_ids, quantized=x.quantized)
-        else:
-            topk_weights, topk_ids = self.gate(x)
+        x, quantized = (x.x, x.quantized) if isinstance(x, ExpertInput) else (x, None)
+        topk_weights, topk_ids = self.gate(x)
+        if quantized is None:
             out = self.experts(x, topk_weights, topk_ids)
+        else:  # FP8 experts only (float experts take no `quantized`: a TypeError)
+            out = self.experts(x, topk_weights, topk_ids, quantized=quantized)
         return all_reduce(out) if self.experts.shard.size > 1 else out
 
 

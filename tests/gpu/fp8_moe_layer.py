@@ -13,9 +13,12 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from engine.kernels.fp8_quant import quantize_activations
+from engine.kernels.fused_layers import ExpertInputRMSNorm
+from engine.kernels.rmsnorm import rms_norm
 from engine.model.fp8 import FP8, QuantizedActivation, dequantize_rows
 from engine.model.layer_kit import LayerKit
-from engine.model.moe import MoeSpec
+from engine.model.moe import MoeSpec, SparseMoeBlock
 from engine.model.quantization import Fp8Scheme
 
 SCHEMES = {
@@ -109,8 +112,6 @@ def fp8_experts_errors(
     with torch.no_grad():
         ours = fp8(x, weights, ids).float()
         # x quantized beforehand (as the norm before FP8 experts does, engine.model.moe.ExpertInput): same bits
-        from engine.kernels.fp8_quant import quantize_activations
-
         given = QuantizedActivation(*quantize_activations(x, fp8.input_group))
         assert torch.equal(fp8(x, weights, ids, quantized=given).float(), ours)
         # ... and it is what the experts compute on: scales doubled, the output moves
@@ -134,7 +135,6 @@ def same_quantization_reference(
 ) -> torch.Tensor:
     """float32 [T, H]: the dequantized experts on x quantized by engine.kernels.fp8_quant (as the fused
     kernel quantizes it), the SiLU-mul output rounded to x's dtype and quantized likewise per slot."""
-    from engine.kernels.fp8_quant import quantize_activations
 
     def through_fp8(a: torch.Tensor) -> torch.Tensor:
         return dequantize_rows(*quantize_activations(a, group_k), torch.float32, group_k)
@@ -157,10 +157,6 @@ def block_after_its_norm(
     """An FP8 MoE block behind the post-attention norm the kit builds for it (ExpertInputRMSNorm: the output
     as it is for the router, float8 for the experts), and the same block behind the plain norm (the experts
     quantizing x themselves): (output through the kit's norm, output through the plain norm)."""
-    from engine.kernels.fused_layers import ExpertInputRMSNorm
-    from engine.kernels.rmsnorm import rms_norm
-    from engine.model.moe import SparseMoeBlock
-
     scheme = SCHEMES[scheme_name]
     spec = MoeSpec(num_experts=experts, top_k=top_k, intermediate_size=inter, renormalize=True,
                    sparse_layers=frozenset())  # fmt: skip
