@@ -58,12 +58,14 @@ case "${1:-}" in
   h200-first)  # the first call when an H200 comes (<= 580 s): issue 14's W5 bar (QPS = inf and 32, decode steps against
     # their floor, a step trace, and transformers' generate over the first 32 requests as the issue's baseline in the
     # same call; the served figures are saved before it starts), on main's code. Last run 2026-12-07 (13cc1d1): 35.6
-    # req/s, decode steps 54 % of their floor; the alignment's chunk rule since (3c4926d) and the norm writing FP8
-    # experts' input (seventeenth session) not served yet: run `fp8-fused-sum` first (their GPU tests).
+    # req/s, decode steps 54 % of their floor; since then (none served on an H200 yet; the first two served on an
+    # H100, 31.8 req/s): the alignment's chunk rule (3c4926d), the norm writing FP8 experts' input and the router's
+    # logits (seventeenth and eighteenth sessions), block-scaled tiles for 33-127 tokens (eighteenth, not served).
     # Next call: `all-bars-w2 w1` (2026-12-07: W1 25,492 tok/s, W2 47.6 req/s, W2-FP8 59.5).
     run w5 560 python3 bench/w5_moe.py --num-layers 48 --checkpoint fp8-block --hf-requests 32 \
       --qps inf 32 --step-trace --out "$OUT/w5.json" ;;
-  fp8-fused-sum)  # (~450 s, any Hopper card; built 2026-12-07, seventeenth session, no GPU since) the FP8 GEMM's
+  fp8-fused-sum)  # (ran 2026-12-07, eighteenth session, H100: tests passed, the fused sum slower so off, block tiles
+    # for 33-127 tokens written from its sweep; its test list outlasts 200 s) (~450 s, any Hopper card) the FP8 GEMM's
     # split K summed by each tile's last split (GemmTile.fused_sum; off by default until this runs) and the norm before
     # FP8 experts writing its output both ways (ExpertInputRMSNorm; on by default, checked under the interpreter only):
     # their GPU tests, then the tile sweeps: W5's block-scaled attention projections (qkv 5120 x 2048, o 2048 x 4096:
@@ -75,6 +77,12 @@ case "${1:-}" in
     run fp8_block_tune 150 python3 bench/fp8_gemm_tune.py --model qwen3-30b-a3b --group 128 \
       --tokens 1 8 16 32 64 96 --out "$OUT/fp8_block_tune.json"
     run fp8_channel_tune 100 python3 bench/fp8_gemm_tune.py --tokens 16 32 --out "$OUT/fp8_channel_tune.json" ;;
+  router-in-norm)  # (~60 s, any Hopper card; ran 2026-12-07 on an H100: on to 32 tokens since) the norm before FP8
+    # experts computing the router's logits too (KUBELLM_ROUTER_IN_NORM_TOKENS, default 32): its GPU tests, then norm +
+    # router product + top-k against norm-with-logits + top-k at decode token counts (the largest count it wins to
+    # is engine/kernels/fused_layers.py's ROUTER_IN_NORM_TOKENS for that card)
+    run router_tests 100 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_producers.py -k router -rfE
+    run router_in_norm 60 python3 bench/diag/router_in_norm.py --out "$OUT/router_in_norm.json" ;;
   tile-w1)  # issue 13's W1: the decode tiles swept over W1's ragged cases on this card, then W1 with the fastest
     # (bench/decode_tile_pick.py; KUBELLM_DECODE_TILE) against the default tile, same call (~250 s). Write a tile that
     # wins W1 into engine/kernels/decode_tiles.py's DECODE_TILES under the card's name
@@ -297,5 +305,5 @@ case "${1:-}" in
   w1)  # issue 13's W1 bar (H200: >= 28,800 tok/s), main and the old code on the same machine
     run w1 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
     (cd .carry/base && run w1_base 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_base.json") ;;
-  *) echo "usage: bench/gpu_backlog.sh h200-first|first-w5 [short|tiny]|fp8-fused-sum|tile-w1|first [tiny]|all-bars|all-bars-w2 [w1]|w1-prefill|overlap|pdl|bf16-linears|piecewise-tests|w5-piecewise|w5-or-w2-piecewise|w5-kernels|fp8-kv-tiles|moe-quant|moe-align|moe-align-chunks|moe-tune-w5|w5-kv|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
+  *) echo "usage: bench/gpu_backlog.sh fp8-fused-sum|router-in-norm|h200-first|first-w5 [short|tiny]|tile-w1|first [tiny]|all-bars|all-bars-w2 [w1]|w1-prefill|overlap|pdl|bf16-linears|piecewise-tests|w5-piecewise|w5-or-w2-piecewise|w5-kernels|fp8-kv-tiles|moe-quant|moe-align|moe-align-chunks|moe-tune-w5|w5-kv|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
 esac

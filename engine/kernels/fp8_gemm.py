@@ -10,9 +10,10 @@ and block scales have no cuBLAS path in this torch. The grid covers N in narrow 
 those alone leave SMs idle, splits K: each split's float32 partial lands in its own slice of a workspace and
 a second small kernel sums the slices in split order, so a result never depends on scheduling. With
 ``GemmTile.fused_sum`` the last split of a tile to finish (an atomic count per tile) sums them instead, the
-same bits without the second launch (at decode sizes a launch costs about what the sum does); not yet the
-tiles' default: checked under Triton's interpreter only, its GPU tests and timings wait for a GPU
-(bench/gpu_backlog.sh fp8-fused-sum). With group scales each BLOCK_K-wide partial product is scaled as it is
+same bits without the second launch; not the tiles' default: on an H100 (2026-12-07, bench/fp8_gemm_tune.py,
+`fp8_block_tune_h100_2026-12-07f.json`) it was slower at most split shapes (qkv at 32 tokens 8.8 against 7.8
+µs, the 8B's qkv 10.9 against 9.9), the last split's wait and second read outweighing the launch it saves;
+faster only at W5's o_proj for 8 tokens (6.1 against 6.4). With group scales each BLOCK_K-wide partial product is scaled as it is
 accumulated (BLOCK_K = the group).
 
 Tiles (``tile_for``) come from bench/fp8_gemm_tune.py on an H100; ``beats_scaled_mm`` says where this
@@ -226,6 +227,8 @@ def tile_for(m: int, n: int, k: int, group_k: int | None = None) -> GemmTile:
     H100 (2026-12-05; at 16 tokens qkv 8.1 / o 6.7 / gate_up 43 / down 25 µs against _scaled_mm's 17 /
     12.5 / 50 / 42); above, the sweep's best at 256 tokens. With group scales BLOCK_K is the group (128-wide
     tiles measured within 5 % of the best there)."""
+    if group_k is not None and 32 < m <= 128 and k < 8192:
+        return _block_scaled_mid_tile(m, n, group_k)
     if m <= 32:
         block_m = 16 if m <= 16 else 32
         if _wide(n):
@@ -241,3 +244,15 @@ def tile_for(m: int, n: int, k: int, group_k: int | None = None) -> GemmTile:
     else:
         tile = GemmTile(128, 128, 128, num_warps=8, num_stages=4)
     return tile if group_k is None else replace(tile, block_k=group_k)
+
+
+def _block_scaled_mid_tile(m: int, n: int, group_k: int) -> GemmTile:
+    """33-128 tokens through block-scaled weights, from bench/fp8_gemm_tune.py --group 128 on an H100
+    (2026-12-07, Qwen3-30B-A3B's qkv 5120 x 2048 and o 2048 x 4096, µs): the 256-row tiles above gave o_proj 32
+    programs (13.3-13.8 against 8.0-8.2 with 16-wide columns to 64 tokens, 9.7 split in two beyond) and both
+    five stages from 65 tokens (qkv 12.5-12.8 against 9.0 with 128-wide columns and three stages)."""
+    if n >= 4096:
+        return GemmTile(64, 64 if m <= 64 else 128, group_k, num_stages=3)
+    if m <= 64:
+        return GemmTile(64, 16, group_k, num_stages=3)
+    return GemmTile(64, 64, group_k, split_k=2, num_stages=3)

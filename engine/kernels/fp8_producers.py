@@ -5,9 +5,10 @@ bf16 activations and a write of them in float8, after the launch that wrote them
 four linears take their input straight from a norm or SiLU-and-mul, so those kernels quantize what they
 would have written instead (engine.model.layer_kit builds them where the consumer is an Fp8Linear that
 quantizes dynamically). Before an FP8 mixture-of-experts block the norm writes both: its router reads the
-output as it is, its experts the float8 (``rms_norm_fp8_and_float``). The arithmetic is the two kernels'
-one after the other: the output rounded to the activation dtype, then per row (or per row and ``group``
-columns) scale = max(amax / FP8_MAX, MIN_SCALE) and x / scale clamped and rounded to nearest; so the float8
+output as it is, its experts the float8 (``rms_norm_fp8_and_float``), and in small steps the router's logits
+too (a row's program per ROUTER_EXPERTS experts, each recomputing the norm: the router's product saved). The
+arithmetic is the two kernels' one after the other: the output rounded to the activation dtype, then per row
+(or per row and ``group`` columns) scale = max(amax / FP8_MAX, MIN_SCALE) and x / scale clamped and rounded to nearest; so the float8
 values and scales are the unfused pair's, but for the norm's float32 sum of squares, whose reduction order
 the compiler picks per kernel: on an H100 two or three rows in 10,000 (4,096 wide) came out one bf16 step
 apart before quantizing, a few of their values one e4m3 step apart (bench/diag/fp8_producer_bits.py).
@@ -41,32 +42,65 @@ def _quantize_groups(y, scale_ptr, q_ptr, cols, mask, num_groups,
 
 
 @triton.jit
-def _rms_norm_fp8_kernel(
-    x_ptr, residual_ptr, weight_ptr, q_ptr, scale_ptr, residual_out_ptr, y_ptr, eps,
-    stride_x, stride_r, stride_q, stride_ro, stride_y, num_groups,
-    N: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    WRITE_FLOAT: tl.constexpr,  # also store the norm's output as it is (a MoE router reads it)
-    OUT_DTYPE: tl.constexpr, FP8_LIMIT: tl.constexpr, SCALE_FLOOR: tl.constexpr,
-):  # fmt: skip
-    # The norm as engine/kernels/rmsnorm.py computes it (same loads, same float32 sum), then quantized
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < N
+def _norm_output(x_ptr, residual_ptr, weight_ptr, row, stride_x, stride_r, cols, mask, inv_rms,
+                 HAS_RESIDUAL: tl.constexpr, OUT_DTYPE: tl.constexpr):  # fmt: skip
+    # The norm's output at `cols` once inv_rms is known: the plain norm's element-wise rounding steps
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
-        tl.store(residual_out_ptr + row * stride_ro + cols, x, mask=mask)
+    normed = (x.to(tl.float32) * inv_rms).to(x_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    return (normed * w).to(OUT_DTYPE)
+
+
+@triton.jit
+def _rms_norm_fp8_kernel(
+    x_ptr, residual_ptr, weight_ptr, q_ptr, scale_ptr, residual_out_ptr, y_ptr, router_ptr, logits_ptr, eps,
+    stride_x, stride_r, stride_q, stride_ro, stride_y, stride_router, stride_logits, num_groups, num_experts,
+    N: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    WRITE_FLOAT: tl.constexpr,  # also store the norm's output as it is (a MoE router reads it)
+    ROUTER: tl.constexpr,  # also the router's logits: EXPERTS of them a program (program_id(1))
+    EXPERTS: tl.constexpr, ROUTER_CHUNK: tl.constexpr,
+    OUT_DTYPE: tl.constexpr, FP8_LIMIT: tl.constexpr, SCALE_FLOOR: tl.constexpr,
+):  # fmt: skip
+    # The norm as engine/kernels/rmsnorm.py computes it (same loads, same float32 sum), then quantized.
+    # With ROUTER a row has several programs, each computing the norm; the first writes its outputs.
+    row = tl.program_id(0).to(tl.int64)
+    writes = 1 - tl.minimum(tl.program_id(1), 1)  # 1 in a row's first program, else 0
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    out_mask = cols < N * writes
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        tl.store(residual_out_ptr + row * stride_ro + cols, x, mask=out_mask)
     h = x.to(tl.float32)
     inv_rms = 1.0 / tl.sqrt(tl.sum(h * h, 0) / N + eps)
     normed = (h * inv_rms).to(x_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     y_out = (normed * w).to(OUT_DTYPE)  # what the plain norm writes
     if WRITE_FLOAT:
-        tl.store(y_ptr + row * stride_y + cols, y_out, mask=mask)
+        tl.store(y_ptr + row * stride_y + cols, y_out, mask=out_mask)
     y = y_out.to(tl.float32)
-    _quantize_groups(y, scale_ptr + row * num_groups, q_ptr + row * stride_q, cols, mask, num_groups,
-                     BLOCK // GROUP, GROUP, FP8_LIMIT, SCALE_FLOOR)  # fmt: skip
+    _quantize_groups(y, scale_ptr + row * num_groups, q_ptr + row * stride_q, cols, out_mask,
+                     num_groups * writes, BLOCK // GROUP, GROUP, FP8_LIMIT, SCALE_FLOOR)  # fmt: skip
+    if ROUTER:
+        # logits = output @ router.T for this program's experts, the output recomputed a chunk at a time
+        # (the same element-wise steps, so the same values) against a [EXPERTS, ROUTER_CHUNK] weight tile
+        experts = tl.program_id(1) * EXPERTS + tl.arange(0, EXPERTS)
+        expert_ok = experts < num_experts
+        acc = tl.zeros([EXPERTS], dtype=tl.float32)
+        for start in tl.static_range(0, BLOCK, ROUTER_CHUNK):
+            chunk = start + tl.arange(0, ROUTER_CHUNK)
+            chunk_ok = chunk < N
+            yc = _norm_output(x_ptr, residual_ptr, weight_ptr, row, stride_x, stride_r, chunk, chunk_ok, inv_rms,
+                              HAS_RESIDUAL, OUT_DTYPE).to(tl.float32)  # fmt: skip
+            wr = tl.load(router_ptr + experts[:, None] * stride_router + chunk[None, :],
+                         mask=expert_ok[:, None] & chunk_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
+            acc += tl.sum(wr * yc[None, :], axis=1)
+        tl.store(logits_ptr + row * stride_logits + experts, acc.to(OUT_DTYPE), mask=expert_ok)
 
 
 @triton.jit
@@ -130,7 +164,7 @@ def rms_norm_fp8(
     """engine.kernels.rmsnorm.rms_norm then engine.kernels.fp8_quant.quantize_activations(out, group), in
     one kernel: x [T, hidden] (contiguous last dim) -> (the norm's output in float8 with its scales [T,
     groups], x + residual or None without a residual)."""
-    quantized, residual_out, _ = _rms_norm_fp8(x, weight, eps, residual, group, also_float=False)
+    quantized, residual_out, _, _ = _rms_norm_fp8(x, weight, eps, residual, group, also_float=False)
     return quantized, residual_out
 
 
@@ -140,12 +174,20 @@ def rms_norm_fp8_and_float(
     eps: float,
     residual: torch.Tensor | None,
     group: int | None,
-) -> tuple[torch.Tensor, QuantizedActivation, torch.Tensor | None]:
+    router: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, QuantizedActivation, torch.Tensor | None, torch.Tensor | None]:
     """As rms_norm_fp8, the norm's output also written as it is: (output [T, hidden], its float8 and scales,
-    x + residual or None), for a reader of each (an FP8 MoE block: its router and its experts)."""
-    quantized, residual_out, out = _rms_norm_fp8(x, weight, eps, residual, group, also_float=True)
+    x + residual or None, logits or None), for a reader of each (an FP8 MoE block: its router and its
+    experts). With ``router`` [E, hidden] (the router's weight, in the output's dtype) the kernel also
+    computes the router's logits [T, E] = output @ router.T (float32 sums rounded to the output's dtype, as
+    F.linear's), ROUTER_EXPERTS of them a program: the router's matrix product without its own launch."""
+    quantized, residual_out, out, logits = _rms_norm_fp8(x, weight, eps, residual, group, True, router)
     assert out is not None
-    return out, quantized, residual_out
+    return out, quantized, residual_out, logits
+
+
+ROUTER_EXPERTS = 8  # router logits a program computes (the router weight's rows it reads: 32 KB at 2,048)
+_ROUTER_CHUNK = 256  # columns of the router weight a program multiplies at a time
 
 
 def _rms_norm_fp8(
@@ -155,7 +197,8 @@ def _rms_norm_fp8(
     residual: torch.Tensor | None,
     group: int | None,
     also_float: bool,
-) -> tuple[QuantizedActivation, torch.Tensor | None, torch.Tensor | None]:
+    router: torch.Tensor | None = None,
+) -> tuple[QuantizedActivation, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     t, n = x.shape
     assert x.stride(1) == 1 and fused_quantization_fits(n, group)
     out_dtype = torch.promote_types(x.dtype, weight.dtype)
@@ -171,15 +214,27 @@ def _rms_norm_fp8(
     else:
         residual_out = r = x  # unused placeholders
     y = torch.empty((t, n), dtype=out_dtype, device=x.device) if also_float else None
+    logits = None
+    num_experts = 0
+    if router is not None:
+        num_experts = router.shape[0]
+        assert router.shape[1] == n and router.stride(1) == 1 and router.dtype == out_dtype, (
+            "the router multiplies the norm's output: its weight [E, hidden] in the output's dtype"
+        )
+        logits = torch.empty((t, num_experts), dtype=out_dtype, device=x.device)
     if t > 0:
-        _rms_norm_fp8_kernel[(t,)](
-            x, r, weight, q, scales, residual_out, y if y is not None else q, eps,
-            x.stride(0), r.stride(0), q.stride(0), residual_out.stride(0), n, num_groups,
+        programs_per_row = triton.cdiv(num_experts, ROUTER_EXPERTS) if router is not None else 1
+        _rms_norm_fp8_kernel[(t, programs_per_row)](
+            x, r, weight, q, scales, residual_out, y if y is not None else q,
+            router if router is not None else weight, logits if logits is not None else q, eps,
+            x.stride(0), r.stride(0), q.stride(0), residual_out.stride(0), n,
+            router.stride(0) if router is not None else 0, num_experts, num_groups, num_experts,
             N=n, BLOCK=block, GROUP=group_cols, HAS_RESIDUAL=residual is not None, WRITE_FLOAT=also_float,
+            ROUTER=router is not None, EXPERTS=ROUTER_EXPERTS, ROUTER_CHUNK=min(_ROUTER_CHUNK, block),
             OUT_DTYPE=_TL_DTYPES[out_dtype], FP8_LIMIT=FP8_MAX, SCALE_FLOOR=FP8_MIN_SCALE,
             num_warps=4 if n <= 4096 else 8,
         )  # fmt: skip
-    return QuantizedActivation(q, scales), (residual_out if residual is not None else None), y
+    return QuantizedActivation(q, scales), (residual_out if residual is not None else None), y, logits
 
 
 def silu_and_mul_fp8(x: torch.Tensor, group: int | None) -> QuantizedActivation:

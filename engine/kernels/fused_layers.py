@@ -13,6 +13,8 @@ scales (engine.kernels.fp8_producers), one launch instead of two. Before FP8 exp
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from engine.kernels.fp8_producers import rms_norm_fp8, rms_norm_fp8_and_float, silu_and_mul_fp8
@@ -21,7 +23,7 @@ from engine.kernels.rotary import rotary_embedding
 from engine.kernels.silu_mul import silu_and_mul
 from engine.model.fp8 import QuantizedActivation
 from engine.model.layers import RMSNorm, RotaryEmbedding, SiluAndMul
-from engine.model.moe import ExpertInput
+from engine.model.moe import ExpertInput, TopKRouter
 
 
 class FusedRMSNorm(RMSNorm):
@@ -54,23 +56,45 @@ class Fp8OutRMSNorm(RMSNorm):
         return f"float8 out, group {self.group}"
 
 
+ROUTER_IN_NORM_TOKENS = 32
+
+
+def router_in_norm_tokens() -> int:
+    """Steps of at most this many tokens have the norm before FP8 experts compute the router's logits too
+    (engine.kernels.fp8_producers), saving the router's own matrix product. bench/diag/router_in_norm.py on an
+    H100 (2026-12-07, Qwen3-30B-A3B's router; norm + product + top-k, µs): 7.9-9.6 against 11.1-12.0 to 16
+    tokens, 11.1 against 12.6 at 32, slower from 64 (each program recomputes the norm and reads its experts'
+    rows). KUBELLM_ROUTER_IN_NORM_TOKENS overrides it (0: off). Read when the model is built."""
+    return int(os.environ.get("KUBELLM_ROUTER_IN_NORM_TOKENS", str(ROUTER_IN_NORM_TOKENS)))
+
+
 class ExpertInputRMSNorm(RMSNorm):
     """RMSNorm before an FP8 mixture-of-experts block: its output as it is for the router and quantized in
-    groups of ``group`` columns (None: per row) for the experts, one launch (engine.model.moe.ExpertInput)."""
+    groups of ``group`` columns (None: per row) for the experts, one launch (engine.model.moe.ExpertInput);
+    in steps of at most ``router_in_norm_tokens()`` tokens the router's logits from the same launch."""
 
-    def __init__(self, hidden_size: int, eps: float, group: int | None) -> None:
+    def __init__(
+        self, hidden_size: int, eps: float, group: int | None, router: TopKRouter | None = None
+    ) -> None:
         super().__init__(hidden_size, eps)
         self.group = group
+        # The block owns the router; a tuple keeps it out of this module's children (and state dict)
+        self._router: tuple[TopKRouter, ...] = (router,) if router is not None else ()
+        self.router_tokens = router_in_norm_tokens() if router is not None else 0
 
     def forward(  # type: ignore[override]
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> ExpertInput | tuple[ExpertInput, torch.Tensor]:
-        out, quantized, residual_out = rms_norm_fp8_and_float(x, self.weight, self.eps, residual, self.group)
-        both = ExpertInput(out, quantized)
+        router = self._router[0].weight if 0 < x.shape[0] <= self.router_tokens else None
+        out, quantized, residual_out, logits = rms_norm_fp8_and_float(
+            x, self.weight, self.eps, residual, self.group, router
+        )
+        both = ExpertInput(out, quantized, logits)
         return both if residual_out is None else (both, residual_out)
 
     def extra_repr(self) -> str:
-        return f"as it is and float8, group {self.group}"
+        with_router = f", the router's logits to {self.router_tokens} tokens" if self.router_tokens else ""
+        return f"as it is and float8, group {self.group}{with_router}"
 
 
 class Fp8OutSiluAndMul(SiluAndMul):

@@ -7,7 +7,6 @@ token and group for block scales, unless the norm before them already did: engin
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from engine.kernels.fused_moe import fused_experts
 from engine.kernels.moe_router import topk_softmax
@@ -19,8 +18,10 @@ from engine.model.sharding import Shard
 
 
 class FusedTopKRouter(TopKRouter):
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return topk_softmax(F.linear(x, self.weight), self.top_k, self.renormalize)
+    def forward(
+        self, x: torch.Tensor, logits: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return topk_softmax(self.logits(x, logits), self.top_k, self.renormalize)
 
 
 class FusedMoeExperts(MoeExperts):

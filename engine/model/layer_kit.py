@@ -65,8 +65,10 @@ class LayerKit:
             group = self._fp8_expert_input_group(feeds, hidden_size)
             if group is not False:
                 from engine.kernels.fused_layers import ExpertInputRMSNorm
+                from engine.model.moe import SparseMoeBlock
 
-                return ExpertInputRMSNorm(hidden_size, eps, group)
+                assert isinstance(feeds, SparseMoeBlock)
+                return ExpertInputRMSNorm(hidden_size, eps, group, router=feeds.gate)
             return FusedRMSNorm(hidden_size, eps)
         return RMSNorm(hidden_size, eps)
 

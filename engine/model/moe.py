@@ -117,13 +117,20 @@ class TopKRouter(nn.Module):
             )
         load_replicated(self.weight, tensor)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, H] -> (weights [T, top_k] float32, expert ids [T, top_k] int64)."""
-        probs = F.linear(x, self.weight).softmax(dim=-1, dtype=torch.float32)
+    def forward(
+        self, x: torch.Tensor, logits: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (weights [T, top_k] float32, expert ids [T, top_k] int64). ``logits``: x @ weight.T
+        already computed (by the norm before the block, ExpertInput), so not computed again."""
+        probs = self.logits(x, logits).softmax(dim=-1, dtype=torch.float32)
         weights, ids = probs.topk(self.top_k, dim=-1)
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights, ids
+
+    def logits(self, x: torch.Tensor, computed: torch.Tensor | None = None) -> torch.Tensor:
+        """[T, H] -> [T, E]: the router's matrix product, unless ``computed`` brings it."""
+        return F.linear(x, self.weight) if computed is None else computed
 
 
 class MoeExperts(nn.Module):
@@ -300,17 +307,19 @@ class TorchMoeExperts(MoeExperts):
 @dataclass(frozen=True)
 class ExpertInput:
     """A MoE block's input from a norm that wrote it twice (engine.kernels.fused_layers.ExpertInputRMSNorm):
-    as it is for the router, and in float8 with its scales for FP8 experts, which then skip quantizing it.
-    Not a tuple: a norm's ``(output, residual)`` pair must never unpack from it."""
+    as it is for the router, and in float8 with its scales for FP8 experts, which then skip quantizing it;
+    for small steps also the router's logits, computed by the same kernel. Not a tuple: a norm's
+    ``(output, residual)`` pair must never unpack from it."""
 
     x: torch.Tensor
     quantized: QuantizedActivation
+    logits: torch.Tensor | None = None  # [T, E] = x @ router.weight.T, where the norm computed it
 
 
 class SparseMoeBlock(nn.Module):
-    """Router (``gate``, as checkpoints name it) then experts: [T, H] (or an ExpertInput: [T, H] and its
-    float8, from the norm before FP8 experts) -> [T, H]. Under tensor parallelism the ranks' partial sums are
-    all-reduced (the router is replicated)."""
+    """Router (``gate``, as checkpoints name it) then experts: [T, H] (or an ExpertInput: [T, H], its float8
+    and maybe the router's logits, from the norm before FP8 experts) -> [T, H]. Under tensor parallelism
+    the ranks' partial sums are all-reduced (the router is replicated)."""
 
     def __init__(self, router: TopKRouter, experts: MoeExperts) -> None:
         super().__init__()
@@ -319,8 +328,8 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor | ExpertInput) -> torch.Tensor:
         """x [T, H] (or an ExpertInput of it) -> [T, H]."""
-        x, quantized = (x.x, x.quantized) if isinstance(x, ExpertInput) else (x, None)
-        topk_weights, topk_ids = self.gate(x)
+        x, quantized, logits = (x.x, x.quantized, x.logits) if isinstance(x, ExpertInput) else (x, None, None)
+        topk_weights, topk_ids = self.gate(x, logits)
         if quantized is None:
             out = self.experts(x, topk_weights, topk_ids)
         else:  # FP8 experts only (float experts take no `quantized`: a TypeError)

@@ -152,11 +152,12 @@ def same_quantization_reference(
 
 def block_after_its_norm(
     scheme_name: str, tokens: int, experts: int, top_k: int, hidden: int, inter: int, device: str,
-    dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16, seed: int = 0, router_tokens: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """An FP8 MoE block behind the post-attention norm the kit builds for it (ExpertInputRMSNorm: the output
-    as it is for the router, float8 for the experts), and the same block behind the plain norm (the experts
-    quantizing x themselves): (output through the kit's norm, output through the plain norm)."""
+    as it is for the router, float8 for the experts; the router's logits too in steps of at most
+    ``router_tokens`` tokens), and the same block behind the plain norm (the experts quantizing x themselves,
+    the router multiplying): (output through the kit's norm, output through the plain norm)."""
     scheme = SCHEMES[scheme_name]
     spec = MoeSpec(num_experts=experts, top_k=top_k, intermediate_size=inter, renormalize=True,
                    sparse_layers=frozenset())  # fmt: skip
@@ -169,6 +170,7 @@ def block_after_its_norm(
     finally:
         torch.set_default_dtype(previous)
     assert type(norm) is ExpertInputRMSNorm and norm.group == scheme.group_k, norm
+    norm.router_tokens = router_tokens
     gen = torch.Generator().manual_seed(seed)
     for e in range(experts):
         for part, shape, fan_in in (("gate", (inter, hidden), hidden), ("up", (inter, hidden), hidden),
@@ -187,4 +189,5 @@ def block_after_its_norm(
         both, residual_out = norm(x, residual)
         plain, plain_residual = rms_norm(x, norm.weight, norm.eps, residual)
         assert torch.equal(residual_out, plain_residual)
+        assert (both.logits is not None) == (0 < tokens <= router_tokens), "the router's logits where asked"
         return block(both), block(plain)

@@ -63,12 +63,13 @@ def test_rms_norm_fp8_gives_the_unfused_bits(t, n, group, with_residual):
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_rms_norm_fp8_and_float_writes_the_output_its_float8_quantizes(t, n, group, with_residual):
     """Before FP8 experts (Qwen3-30B-A3B's 2,048 wide): the float8 and residual rms_norm_fp8's (a few rows one
-    step apart: another compiled kernel), the output as it is the one its float8 quantizes (the router and the experts see the same activations), and the plain
-    norm's but for rows whose sum was reduced in another order (one bf16 step)."""
+    step apart: another compiled kernel), the output as it is the one its float8 quantizes (the router and the
+    experts see the same activations), and the plain norm's but for rows whose sum was reduced in another
+    order (one bf16 step)."""
     x = torch.randn(t, n, device="cuda", dtype=torch.bfloat16) * 3
     residual = torch.randn(t, n, device="cuda", dtype=torch.bfloat16) if with_residual else None
     w = torch.rand(n, device="cuda", dtype=torch.bfloat16) + 0.5
-    y, both, res = rms_norm_fp8_and_float(x, w, 1e-6, residual, group)
+    y, both, res, _ = rms_norm_fp8_and_float(x, w, 1e-6, residual, group)
     alone, res_alone = rms_norm_fp8(x, w, 1e-6, residual, group)
     assert_same_but_a_few_rows_one_step_apart(
         both, alone
@@ -80,6 +81,29 @@ def test_rms_norm_fp8_and_float_writes_the_output_its_float8_quantizes(t, n, gro
     rows_apart = (y != plain).any(1)
     assert int(rows_apart.sum()) <= max(1, t // 100)
     torch.testing.assert_close(y, plain, rtol=2**-7, atol=0)
+
+
+@pytest.mark.parametrize("t", [1, 8, 32, 64, 256])
+@pytest.mark.parametrize("n,experts,top_k", [(2048, 128, 8), (4096, 8, 2)])
+def test_the_norm_computing_the_router_logits_routes_as_the_router(t, n, experts, top_k):
+    """The norm before FP8 experts computing the router's logits too (Qwen3-30B-A3B's and Mixtral's routers):
+    its outputs the bits it writes without them, the logits cuBLAS's product of the same output within a
+    bf16 step (float32 sums in another order), and the top-k experts the same but where two logits tie to
+    within that step."""
+    x = torch.randn(t, n, device="cuda", dtype=torch.bfloat16) * 3
+    residual = torch.randn(t, n, device="cuda", dtype=torch.bfloat16)
+    w = torch.rand(n, device="cuda", dtype=torch.bfloat16) + 0.5
+    router = torch.randn(experts, n, device="cuda", dtype=torch.bfloat16) / n**0.5
+    y, both, res, logits = rms_norm_fp8_and_float(x, w, 1e-6, residual, 128, router)
+    y0, both0, res0, none = rms_norm_fp8_and_float(x, w, 1e-6, residual, 128)
+    assert none is None and torch.equal(y, y0) and torch.equal(res, res0)
+    assert_same_bits(both, both0)
+    expected = torch.nn.functional.linear(y, router)
+    torch.testing.assert_close(logits, expected, rtol=2**-7, atol=2**-7)
+    ids = logits.float().topk(top_k, dim=-1).indices.sort(-1).values
+    expected_ids = expected.float().topk(top_k, dim=-1).indices.sort(-1).values
+    flipped = (ids != expected_ids).any(-1)
+    assert int(flipped.sum()) <= max(1, t // 16), int(flipped.sum())
 
 
 @pytest.mark.parametrize("t,d", [(1, 14336), (37, 14336), (256, 12288), (3, 768), (0, 1024), (2048, 14336)])

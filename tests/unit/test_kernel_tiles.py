@@ -15,7 +15,8 @@ from engine.kernels.shared_memory import EPILOGUE_RESERVE, stages_that_fit  # no
 HOPPER = 232_448  # shared_memory_per_block_optin of an H100 / H200
 ADA = 101_376  # of an L40S / L4
 LLAMA_8B = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
-TOKENS = [1, 16, 17, 32, 33, 64, 65, 128, 129, 256, 4096]
+QWEN3_30B_A3B_ATTENTION = [(5120, 2048), (2048, 4096)]  # block-scaled qkv and o_proj (W5)
+TOKENS = [1, 16, 17, 32, 33, 64, 65, 96, 127, 128, 129, 256, 4096]
 
 
 def buffers(tile: GemmTile) -> int:
@@ -25,7 +26,7 @@ def buffers(tile: GemmTile) -> int:
 @pytest.mark.parametrize("group", [None, 128])
 def test_tiles_fit_hopper_as_tuned_and_ada_cut_down(group):
     cut = 0
-    for n, k in LLAMA_8B:
+    for n, k in LLAMA_8B + QWEN3_30B_A3B_ATTENTION:
         for m in TOKENS:
             tile = tile_for(m, n, k, group)
             assert tile.block_k == (group or tile.block_k)
