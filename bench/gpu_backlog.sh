@@ -77,7 +77,8 @@ case "${1:-}" in
     run fp8_block_tune 150 python3 bench/fp8_gemm_tune.py --model qwen3-30b-a3b --group 128 \
       --tokens 1 8 16 32 64 96 --out "$OUT/fp8_block_tune.json"
     run fp8_channel_tune 100 python3 bench/fp8_gemm_tune.py --tokens 16 32 --out "$OUT/fp8_channel_tune.json" ;;
-  router-in-norm)  # (~60 s, any Hopper card; ran 2026-12-07 on an H100: on to 32 tokens since) the norm before FP8
+  router-in-norm)  # (~60 s, any Hopper card; ran 2026-12-07 on an H100: on to 32 tokens since; the review's change
+    # after it, extra programs skipping the norm's stores, not yet on a GPU: run this again first) the norm before FP8
     # experts computing the router's logits too (KUBELLM_ROUTER_IN_NORM_TOKENS, default 32): its GPU tests, then norm +
     # router product + top-k against norm-with-logits + top-k at decode token counts (the largest count it wins to
     # is engine/kernels/fused_layers.py's ROUTER_IN_NORM_TOKENS for that card)

@@ -41,6 +41,7 @@ import datetime
 import gc
 import json
 import math
+import os
 import shlex
 import shutil
 import sys
@@ -473,7 +474,8 @@ def main() -> None:
                              + ("bf16 checkpoint" if args.checkpoint == "bf16"
                                 else "block-FP8 checkpoint (as Qwen3-30B-A3B-FP8)"),
                     "checkpoint": args.checkpoint, "checkpoint_bytes": checkpoint_bytes(config, args.checkpoint),
-                    "parameters": counts, "served": {}, "moe_configs": tuned_config_files()}  # fmt: skip
+                    "parameters": counts, "served": {}, "moe_configs": tuned_config_files(),
+                    "environment": {k: v for k, v in os.environ.items() if k.startswith("KUBELLM_")}}  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 

@@ -11,9 +11,9 @@ those alone leave SMs idle, splits K: each split's float32 partial lands in its 
 a second small kernel sums the slices in split order, so a result never depends on scheduling. With
 ``GemmTile.fused_sum`` the last split of a tile to finish (an atomic count per tile) sums them instead, the
 same bits without the second launch; not the tiles' default: on an H100 (2026-12-07, bench/fp8_gemm_tune.py,
-`fp8_block_tune_h100_2026-12-07f.json`) it was slower at most split shapes (qkv at 32 tokens 8.8 against 7.8
-µs, the 8B's qkv 10.9 against 9.9), the last split's wait and second read outweighing the launch it saves;
-faster only at W5's o_proj for 8 tokens (6.1 against 6.4). With group scales each BLOCK_K-wide partial product is scaled as it is
+bench/results/fp8_{block,channel}_tune_h100_2026-12-07f.json) it tied or lost at every split shape but W5's
+o_proj at 8 tokens (6.1 against 6.4 µs): W5's qkv at 32 tokens 8.8 against 7.8, the 8B's qkv 10.9 against 9.9;
+the last split's wait and second read cost about what the launch it saves does. With group scales each BLOCK_K-wide partial product is scaled as it is
 accumulated (BLOCK_K = the group).
 
 Tiles (``tile_for``) come from bench/fp8_gemm_tune.py on an H100; ``beats_scaled_mm`` says where this
@@ -225,8 +225,8 @@ def block_scaled_mm_wins(m: int) -> bool:
 def tile_for(m: int, n: int, k: int, group_k: int | None = None) -> GemmTile:
     """The tile for ``m`` tokens through an [n, k] weight. Up to 128 tokens from bench/fp8_gemm_tune.py on an
     H100 (2026-12-05; at 16 tokens qkv 8.1 / o 6.7 / gate_up 43 / down 25 µs against _scaled_mm's 17 /
-    12.5 / 50 / 42); above, the sweep's best at 256 tokens. With group scales BLOCK_K is the group (128-wide
-    tiles measured within 5 % of the best there)."""
+    12.5 / 50 / 42); above, the sweep's best at 256 tokens. With group scales BLOCK_K is the group, and from
+    33 to 128 tokens the block-scaled sweep's own tiles (``_block_scaled_mid_tile``)."""
     if group_k is not None and 32 < m <= 128 and k < 8192:
         return _block_scaled_mid_tile(m, n, group_k)
     if m <= 32:
@@ -248,9 +248,10 @@ def tile_for(m: int, n: int, k: int, group_k: int | None = None) -> GemmTile:
 
 def _block_scaled_mid_tile(m: int, n: int, group_k: int) -> GemmTile:
     """33-128 tokens through block-scaled weights, from bench/fp8_gemm_tune.py --group 128 on an H100
-    (2026-12-07, Qwen3-30B-A3B's qkv 5120 x 2048 and o 2048 x 4096, µs): the 256-row tiles above gave o_proj 32
-    programs (13.3-13.8 against 8.0-8.2 with 16-wide columns to 64 tokens, 9.7 split in two beyond) and both
-    five stages from 65 tokens (qkv 12.5-12.8 against 9.0 with 128-wide columns and three stages)."""
+    (2026-12-07, Qwen3-30B-A3B's qkv 5120 x 2048 and o 2048 x 4096, µs): the tiles above gave o_proj 32
+    programs (12.7-13.8 against 8.0-8.2 with 16-wide columns at 48-64 tokens, 9.7-9.9 split in two from 80)
+    and both five stages from 65 tokens (qkv 12.5-12.8 against 9.0 with 128-wide columns and three stages).
+    Only those two shapes were swept; wider ones (a dense 8B's, n >= 4096) take the qkv rule, unmeasured."""
     if n >= 4096:
         return GemmTile(64, 64 if m <= 64 else 128, group_k, num_stages=3)
     if m <= 64:

@@ -8,7 +8,8 @@ cost more than the layer's matrix products; fused, they are 4.
 Before an FP8 linear that quantizes its input per token (or per token and group), the norm and SiLU-and-mul
 are built as ``Fp8OutRMSNorm`` / ``Fp8OutSiluAndMul``: they hand the linear float8 activations with their
 scales (engine.kernels.fp8_producers), one launch instead of two. Before FP8 experts the norm is
-``ExpertInputRMSNorm``: the router reads its output as it is, the experts its float8.
+``ExpertInputRMSNorm``: the router reads its output as it is, the experts its float8; in small steps it
+computes the router's logits too.
 """
 
 from __future__ import annotations
@@ -62,9 +63,12 @@ ROUTER_IN_NORM_TOKENS = 32
 def router_in_norm_tokens() -> int:
     """Steps of at most this many tokens have the norm before FP8 experts compute the router's logits too
     (engine.kernels.fp8_producers), saving the router's own matrix product. bench/diag/router_in_norm.py on an
-    H100 (2026-12-07, Qwen3-30B-A3B's router; norm + product + top-k, µs): 7.9-9.6 against 11.1-12.0 to 16
-    tokens, 11.1 against 12.6 at 32, slower from 64 (each program recomputes the norm and reads its experts'
-    rows). KUBELLM_ROUTER_IN_NORM_TOKENS overrides it (0: off). Read when the model is built."""
+    H100 (2026-12-07, Qwen3-30B-A3B's router, 8 experts a program; norm + product + top-k, µs): 8.6-9.6
+    against 11.1-12.0 to 16 tokens, 11.1 against 12.6 at 32, slower from 64 (each program recomputes the
+    row's sum and reads its experts' rows). KUBELLM_ROUTER_IN_NORM_TOKENS overrides it (0: off); keep it a
+    decode graph's batch size (1, 2, 4, 8, then multiples of 16), or an eager step and the graph padded from it
+    would take different paths (float32 sums in another order: near-tied experts may swap). Read when the
+    model is built."""
     return int(os.environ.get("KUBELLM_ROUTER_IN_NORM_TOKENS", str(ROUTER_IN_NORM_TOKENS)))
 
 
@@ -86,6 +90,8 @@ class ExpertInputRMSNorm(RMSNorm):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> ExpertInput | tuple[ExpertInput, torch.Tensor]:
         router = self._router[0].weight if 0 < x.shape[0] <= self.router_tokens else None
+        if router is not None and router.dtype != self.weight.dtype:
+            router = None  # the kernel multiplies in its output's dtype: the router's own product then
         out, quantized, residual_out, logits = rms_norm_fp8_and_float(
             x, self.weight, self.eps, residual, self.group, router
         )

@@ -18,7 +18,7 @@ from engine.kernels.fused_layers import ExpertInputRMSNorm
 from engine.kernels.rmsnorm import rms_norm
 from engine.model.fp8 import FP8, QuantizedActivation, dequantize_rows
 from engine.model.layer_kit import LayerKit
-from engine.model.moe import MoeSpec, SparseMoeBlock
+from engine.model.moe import ExpertInput, MoeSpec, SparseMoeBlock
 from engine.model.quantization import Fp8Scheme
 
 SCHEMES = {
@@ -190,4 +190,20 @@ def block_after_its_norm(
         plain, plain_residual = rms_norm(x, norm.weight, norm.eps, residual)
         assert torch.equal(residual_out, plain_residual)
         assert (both.logits is not None) == (0 < tokens <= router_tokens), "the router's logits where asked"
-        return block(both), block(plain)
+        through_kit = block(both) if both.logits is None else _routed_by_the_norms_logits(block, both)
+        return through_kit, block(plain)
+
+
+def _routed_by_the_norms_logits(block: SparseMoeBlock, both: ExpertInput) -> torch.Tensor:
+    """block(both), failing if its router multiplies again instead of taking the norm's logits."""
+    own = block.gate.logits
+
+    def taken(x: torch.Tensor, computed: torch.Tensor | None = None) -> torch.Tensor:
+        assert computed is both.logits, "the router ignored the norm's logits"
+        return own(x, computed)
+
+    block.gate.logits = taken  # type: ignore[method-assign]
+    try:
+        return block(both)
+    finally:
+        del block.gate.logits

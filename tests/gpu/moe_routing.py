@@ -21,7 +21,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 import transformers
 from small_engine import first_token_logprobs
 
@@ -95,7 +94,8 @@ def routing_hooks(
             if pin is None:
                 return None
             if ours:
-                probs = F.linear(inputs[0], module.weight).softmax(dim=-1, dtype=torch.float32)
+                # the logits the norm brought where it did (ExpertInput), as the router's softmax used them
+                probs = module.logits(*inputs).softmax(dim=-1, dtype=torch.float32)
                 return pin_flipped_tokens(ids, output[0], probs, pin[layer], module.renormalize)
             logits = output[0]  # transformers: (router logits, top-k weights, top-k ids)
             weights, ids = pin_flipped_tokens(

@@ -49,7 +49,7 @@ for t, n, group in [(3, 256, None), (5, 384, 128), (2, 640, None), (4, 640, 128)
     y, both, none, _ = rms_norm_fp8_and_float(x, w, 1e-5, None, group)
     assert none is None and torch.equal(y, rms_norm(x, w, 1e-5)), (t, n, group, "both ways")
     # and the router's logits from the same kernel (experts not a multiple of a program's): the outputs
-    # unchanged, each written once; the logits F.linear's on that output, up to the sum's order and rounding
+    # unchanged; the logits F.linear's on that output, up to the sum's order and rounding
     for experts in (8, 12):
         router = torch.randn(experts, n, dtype=f16) / n**0.5
         y, both, res, logits = rms_norm_fp8_and_float(x, w, 1e-5, residual, group, router)
@@ -58,8 +58,6 @@ for t, n, group in [(3, 256, None), (5, 384, 128), (2, 640, None), (4, 640, 128)
         expected = (ref.float() @ router.float().T)
         assert logits.dtype == f16 and logits.shape == (t, experts)
         assert torch.allclose(logits.float(), expected, rtol=2e-3, atol=2e-3), (t, n, group, experts)
-        if t > 1:  # (row 0 is zero)
-            assert not torch.allclose(logits.float(), ref.float() @ router.roll(1, 0).float().T), "experts mixed up"
 # a row-strided input (a view of a wider buffer)
 wide = torch.randn(3, 512, dtype=f16)
 w = torch.rand(256, dtype=f16) + 0.5
