@@ -72,7 +72,7 @@ case "${1:-}" in
     # at 33-127 tokens tile_for's tiles leave K unsplit, 32 programs for o_proj on 132 SMs) and the 8B model's
     # per-channel linears at 16 and 32 tokens; each row gives tile_for's time, the best tile's, and the best with the
     # separate sum. Then: fused_sum on where it wins, block tiles from the sweep, and W5 (`first-w5 tiny`) to serve them
-    run fused_sum_tests 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_gemm.py \
+    run fused_sum_tests 300 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_gemm.py \
       tests/gpu/test_fp8_producers.py tests/gpu/test_fused_moe_fp8.py tests/gpu/test_fp8_moe_engine_on_gpu.py
     run fp8_block_tune 150 python3 bench/fp8_gemm_tune.py --model qwen3-30b-a3b --group 128 \
       --tokens 1 8 16 32 64 96 --out "$OUT/fp8_block_tune.json"
@@ -84,6 +84,16 @@ case "${1:-}" in
     # is engine/kernels/fused_layers.py's ROUTER_IN_NORM_TOKENS for that card)
     run router_tests 100 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_producers.py -k router -rfE
     run router_in_norm 60 python3 bench/diag/router_in_norm.py --out "$OUT/router_in_norm.json" ;;
+  w5-vs-base)  # (~250 s, any Hopper card) W5 (24 layers, block-FP8 checkpoint, QPS = inf) with main's code and with the
+    # code in .carry/base, one after the other in one call: what the changes since then give W5 end to end (2026-12-07,
+    # eighteenth session: the router's logits in the norm and the block-scaled tiles for 33-127 tokens, against
+    # 5c301b1). On this machine first: rm -rf .carry/base && mkdir -p .carry/base &&
+    # git archive 5c301b1 engine bench | tar -x -C .carry/base; carry [".carry/wheels", ".carry/base"]
+    [[ -d .carry/base/engine ]] || { echo "no .carry/base: prepare it first (the comment above)" >&2; exit 2; }
+    run w5_main 120 python3 bench/w5_moe.py --num-layers 24 --checkpoint fp8-block --hf-requests 0 --qps inf \
+      --out "$OUT/w5_main.json"
+    (cd .carry/base && run w5_base 120 python3 bench/w5_moe.py --num-layers 24 --checkpoint fp8-block \
+      --hf-requests 0 --qps inf --out "$OUT/w5_base.json") ;;
   tile-w1)  # issue 13's W1: the decode tiles swept over W1's ragged cases on this card, then W1 with the fastest
     # (bench/decode_tile_pick.py; KUBELLM_DECODE_TILE) against the default tile, same call (~250 s). Write a tile that
     # wins W1 into engine/kernels/decode_tiles.py's DECODE_TILES under the card's name
@@ -306,5 +316,5 @@ case "${1:-}" in
   w1)  # issue 13's W1 bar (H200: >= 28,800 tok/s), main and the old code on the same machine
     run w1 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
     (cd .carry/base && run w1_base 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_base.json") ;;
-  *) echo "usage: bench/gpu_backlog.sh fp8-fused-sum|router-in-norm|h200-first|first-w5 [short|tiny]|tile-w1|first [tiny]|all-bars|all-bars-w2 [w1]|w1-prefill|overlap|pdl|bf16-linears|piecewise-tests|w5-piecewise|w5-or-w2-piecewise|w5-kernels|fp8-kv-tiles|moe-quant|moe-align|moe-align-chunks|moe-tune-w5|w5-kv|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
+  *) echo "usage: bench/gpu_backlog.sh router-in-norm|w5-vs-base|h200-first|fp8-fused-sum|first-w5 [short|tiny]|tile-w1|first [tiny]|all-bars|all-bars-w2 [w1]|w1-prefill|overlap|pdl|bf16-linears|piecewise-tests|w5-piecewise|w5-or-w2-piecewise|w5-kernels|fp8-kv-tiles|moe-quant|moe-align|moe-align-chunks|moe-tune-w5|w5-kv|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
 esac
