@@ -13,8 +13,8 @@ a second small kernel sums the slices in split order, so a result never depends 
 same bits without the second launch; not the tiles' default: on an H100 (2026-12-07, bench/fp8_gemm_tune.py,
 bench/results/fp8_{block,channel}_tune_h100_2026-12-07f.json) it tied or lost at every split shape but W5's
 o_proj at 8 tokens (6.1 against 6.4 µs): W5's qkv at 32 tokens 8.8 against 7.8, the 8B's qkv 10.9 against 9.9;
-the last split's wait and second read cost about what the launch it saves does. With group scales each BLOCK_K-wide partial product is scaled as it is
-accumulated (BLOCK_K = the group).
+the last split's wait and second read cost about what the launch it saves does. With group scales each
+BLOCK_K-wide partial product is scaled as it is accumulated (BLOCK_K = the group).
 
 Tiles (``tile_for``) come from bench/fp8_gemm_tune.py on an H100; ``beats_scaled_mm`` says where this
 kernel is the faster of the two for per-channel weights (engine.model.fp8.Fp8Linear asks it).

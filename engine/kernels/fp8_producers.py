@@ -8,10 +8,11 @@ quantizes dynamically). Before an FP8 mixture-of-experts block the norm writes b
 output as it is, its experts the float8 (``rms_norm_fp8_and_float``), and in small steps the router's logits
 too (a row's program per ROUTER_EXPERTS experts, each recomputing the norm: the router's product saved). The
 arithmetic is the two kernels' one after the other: the output rounded to the activation dtype, then per row
-(or per row and ``group`` columns) scale = max(amax / FP8_MAX, MIN_SCALE) and x / scale clamped and rounded to nearest; so the float8
-values and scales are the unfused pair's, but for the norm's float32 sum of squares, whose reduction order
-the compiler picks per kernel: on an H100 two or three rows in 10,000 (4,096 wide) came out one bf16 step
-apart before quantizing, a few of their values one e4m3 step apart (bench/diag/fp8_producer_bits.py).
+(or per row and ``group`` columns) scale = max(amax / FP8_MAX, MIN_SCALE) and x / scale clamped and rounded
+to nearest; so the float8 values and scales are the unfused pair's, but for the norm's float32 sum of
+squares, whose reduction order the compiler picks per kernel: on an H100 two or three rows in 10,000 (4,096
+wide) came out one bf16 step apart before quantizing, a few of their values one e4m3 step apart
+(bench/diag/fp8_producer_bits.py).
 SiLU-and-mul has no sum: its bits are the pair's.
 """
 
@@ -42,14 +43,19 @@ def _quantize_groups(y, scale_ptr, q_ptr, cols, mask, num_groups,
 
 
 @triton.jit
-def _norm_output(x_ptr, residual_ptr, weight_ptr, row, stride_x, stride_r, cols, mask, inv_rms,
-                 HAS_RESIDUAL: tl.constexpr, OUT_DTYPE: tl.constexpr):  # fmt: skip
-    # The norm's output at `cols` once inv_rms is known: the plain norm's element-wise rounding steps
+def _load_sum(x_ptr, residual_ptr, row, stride_x, stride_r, cols, mask, HAS_RESIDUAL: tl.constexpr):
+    # x at `cols` of `row`, plus the residual rounded back to x's dtype (what the residual stream keeps)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
-    normed = (x.to(tl.float32) * inv_rms).to(x_ptr.dtype.element_ty).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _normalized(x, inv_rms, weight_ptr, cols, mask, OUT_DTYPE: tl.constexpr):
+    # the plain norm's output from _load_sum's x once inv_rms is known, with its element-wise rounding steps
+    normed = (x.to(tl.float32) * inv_rms).to(x.dtype).to(tl.float32)
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     return (normed * w).to(OUT_DTYPE)
 
@@ -69,18 +75,13 @@ def _rms_norm_fp8_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        r = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
+    x = _load_sum(x_ptr, residual_ptr, row, stride_x, stride_r, cols, mask, HAS_RESIDUAL)
     h = x.to(tl.float32)
     inv_rms = 1.0 / tl.sqrt(tl.sum(h * h, 0) / N + eps)
     if tl.program_id(1) == 0:
         if HAS_RESIDUAL:
             tl.store(residual_out_ptr + row * stride_ro + cols, x, mask=mask)
-        normed = (h * inv_rms).to(x_ptr.dtype.element_ty).to(tl.float32)
-        w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        y_out = (normed * w).to(OUT_DTYPE)  # what the plain norm writes
+        y_out = _normalized(x, inv_rms, weight_ptr, cols, mask, OUT_DTYPE)  # what the plain norm writes
         if WRITE_FLOAT:
             tl.store(y_ptr + row * stride_y + cols, y_out, mask=mask)
         y = y_out.to(tl.float32)
@@ -88,15 +89,15 @@ def _rms_norm_fp8_kernel(
                          BLOCK // GROUP, GROUP, FP8_LIMIT, SCALE_FLOOR)  # fmt: skip
     if ROUTER:
         # logits = output @ router.T for this program's experts, the output recomputed a chunk at a time
-        # (the same element-wise steps, so the same values) against a [EXPERTS, ROUTER_CHUNK] weight tile
+        # (the same two helpers, so the same values) against a [EXPERTS, ROUTER_CHUNK] weight tile
         experts = tl.program_id(1) * EXPERTS + tl.arange(0, EXPERTS)
         expert_ok = experts < num_experts
         acc = tl.zeros([EXPERTS], dtype=tl.float32)
         for start in tl.static_range(0, N, ROUTER_CHUNK):  # unrolled: 8 steps at 2,048 wide (as timed)
             chunk = start + tl.arange(0, ROUTER_CHUNK)
             chunk_ok = chunk < N
-            yc = _norm_output(x_ptr, residual_ptr, weight_ptr, row, stride_x, stride_r, chunk, chunk_ok, inv_rms,
-                              HAS_RESIDUAL, OUT_DTYPE).to(tl.float32)  # fmt: skip
+            xc = _load_sum(x_ptr, residual_ptr, row, stride_x, stride_r, chunk, chunk_ok, HAS_RESIDUAL)
+            yc = _normalized(xc, inv_rms, weight_ptr, chunk, chunk_ok, OUT_DTYPE).to(tl.float32)
             wr = tl.load(router_ptr + experts[:, None] * stride_router + chunk[None, :],
                          mask=expert_ok[:, None] & chunk_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
             acc += tl.sum(wr * yc[None, :], axis=1)

@@ -32,3 +32,12 @@ def first_token_logprobs(eng: LLMEngine, prompts: list[list[int]], logprobs: int
         for out in eng.step():
             outs[out.request_id] = out.new_logprobs[0]
     return [outs[f"first-token-{i}"] for i in range(len(prompts))]
+
+
+def top_logprob_gaps(ours: list[TokenLogprob], theirs: list[TokenLogprob]) -> list[float]:
+    """Per prompt, the largest |logprob difference| over the top tokens both runs list (0 where none is)."""
+    gaps = []
+    for a, b in zip(ours, theirs, strict=True):
+        ref = dict(b.top)
+        gaps.append(max((abs(lp - ref[t]) for t, lp in a.top if t in ref), default=0.0))
+    return gaps

@@ -29,7 +29,7 @@ from fp8_moe_layer import FP8_ACTIVATION_ERROR, SAME_QUANTIZATION_ERROR, fp8_exp
 from gpu_paged_batch import requires_cuda
 from gpu_random_model import save_random_checkpoint, word_level_tokenizer
 from moe_routing import FAMILIES, ROUTED, engine_first_tokens_routed, renormalizes
-from small_engine import first_token_logprobs, small_engine
+from small_engine import first_token_logprobs, small_engine, top_logprob_gaps
 from test_engine_on_gpu import prompts
 
 from engine.model.fp8 import FP8, Fp8Linear
@@ -170,9 +170,6 @@ def test_the_norm_writing_the_experts_float8_changes_nothing_a_user_sees(checkpo
         eng.close()
     (ours, our_first), (theirs, their_first) = runs["both ways"], runs["plain"]
     assert sum(o == t for o, t in zip(ours, theirs, strict=True)) >= 7
-    worst = []  # per prompt, the largest |logprob difference| over the top-5 tokens both runs list
-    for a, b in zip(our_first, their_first, strict=True):
-        ref = dict(b.top)
-        worst.append(max(abs(lp - ref[t]) for t, lp in a.top if t in ref))
+    worst = top_logprob_gaps(our_first, their_first)
     # a row one bf16 step apart can flip a near-tied expert of 128 (top 8): then one prompt moves further
     assert sum(w < 0.05 for w in worst) >= 7 and max(worst) < LOGPROB_TOLERANCE, worst

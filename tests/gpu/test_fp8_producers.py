@@ -71,9 +71,8 @@ def test_rms_norm_fp8_and_float_writes_the_output_its_float8_quantizes(t, n, gro
     w = torch.rand(n, device="cuda", dtype=torch.bfloat16) + 0.5
     y, both, res, _ = rms_norm_fp8_and_float(x, w, 1e-6, residual, group)
     alone, res_alone = rms_norm_fp8(x, w, 1e-6, residual, group)
-    assert_same_but_a_few_rows_one_step_apart(
-        both, alone
-    )  # two compiled kernels: their sums' order may differ
+    # two compiled kernels: their sums' order may differ
+    assert_same_but_a_few_rows_one_step_apart(both, alone)
     assert (res is None) == (residual is None) and (res is None or torch.equal(res, res_alone))
     assert_same_bits(both, quantize_activations(y, group))
     plain = rms_norm(x, w, 1e-6, residual)

@@ -55,7 +55,7 @@ for t, n, group in [(3, 256, None), (5, 384, 128), (2, 640, None), (4, 640, 128)
         y, both, res, logits = rms_norm_fp8_and_float(x, w, 1e-5, residual, group, router)
         assert torch.equal(y, ref) and torch.equal(res, ref_res), (t, n, group, experts, "with logits")
         same(both, *quantize_activations(ref, group), (t, n, group, experts, "with logits"))
-        expected = (ref.float() @ router.float().T)
+        expected = ref.float() @ router.float().T
         assert logits.dtype == f16 and logits.shape == (t, experts)
         assert torch.allclose(logits.float(), expected, rtol=2e-3, atol=2e-3), (t, n, group, experts)
 # a row-strided input (a view of a wider buffer)
