@@ -84,6 +84,17 @@ case "${1:-}" in
     # is engine/kernels/fused_layers.py's ROUTER_IN_NORM_TOKENS for that card)
     run router_tests 100 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_producers.py -k router -rfE
     run router_in_norm 60 python3 bench/diag/router_in_norm.py --out "$OUT/router_in_norm.json" ;;
+  rotary-cache)  # (~330 s, any Hopper card) the rotary writing the new K/V into the paged cache in its own launch
+    # (engine/kernels/rotary.py's rotary_embedding_and_cache, 2026-12-08: one kernel fewer a layer; checked under the
+    # interpreter only): its GPU tests and the engines' (dense and Qwen3 q/k norms, MoE, FP8 and an FP8 cache,
+    # piecewise graphs), then W1 with it against the code before it in the same call. On this machine first:
+    # rm -rf .carry/prev && mkdir -p .carry/prev && git archive 2147c71 engine bench | tar -x -C .carry/prev
+    [[ -d .carry/prev/engine ]] || { echo "no .carry/prev: prepare it first (the comment above)" >&2; exit 2; }
+    run rotary_tests 170 python3 -m pytest -q -p no:cacheprovider -rfE tests/gpu/test_fused_layers.py \
+      tests/gpu/test_engine_on_gpu.py tests/gpu/test_piecewise_cuda_graphs.py tests/gpu/test_fp8_engine_on_gpu.py \
+      tests/gpu/test_llama_model_gpu.py tests/gpu/test_moe_engine_on_gpu.py
+    run w1 110 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
+    (cd .carry/prev && run w1_prev 110 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_prev.json") ;;
   w5-vs-base)  # (~250 s, any Hopper card) W5 (24 layers, block-FP8 checkpoint, QPS = inf) with main's code and with the
     # code in .carry/base, one after the other in one call: what the changes since then give W5 end to end (2026-12-07,
     # eighteenth session: the router's logits in the norm and the block-scaled tiles for 33-127 tokens, against
@@ -316,5 +327,5 @@ case "${1:-}" in
   w1)  # issue 13's W1 bar (H200: >= 28,800 tok/s), main and the old code on the same machine
     run w1 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
     (cd .carry/base && run w1_base 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_base.json") ;;
-  *) echo "usage: bench/gpu_backlog.sh router-in-norm|w5-vs-base|h200-first|fp8-fused-sum|first-w5 [short|tiny]|tile-w1|first [tiny]|all-bars|all-bars-w2 [w1]|w1-prefill|overlap|pdl|bf16-linears|piecewise-tests|w5-piecewise|w5-or-w2-piecewise|w5-kernels|fp8-kv-tiles|moe-quant|moe-align|moe-align-chunks|moe-tune-w5|w5-kv|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
+  *) echo "usage: bench/gpu_backlog.sh router-in-norm|rotary-cache|w5-vs-base|h200-first|fp8-fused-sum|first-w5 [short|tiny]|tile-w1|first [tiny]|all-bars|all-bars-w2 [w1]|w1-prefill|overlap|pdl|bf16-linears|piecewise-tests|w5-piecewise|w5-or-w2-piecewise|w5-kernels|fp8-kv-tiles|moe-quant|moe-align|moe-align-chunks|moe-tune-w5|w5-kv|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
 esac

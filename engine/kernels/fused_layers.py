@@ -20,7 +20,7 @@ import torch
 
 from engine.kernels.fp8_producers import rms_norm_fp8, rms_norm_fp8_and_float, silu_and_mul_fp8
 from engine.kernels.rmsnorm import rms_norm
-from engine.kernels.rotary import rotary_embedding
+from engine.kernels.rotary import rotary_embedding, rotary_embedding_and_cache
 from engine.kernels.silu_mul import silu_and_mul
 from engine.model.fp8 import QuantizedActivation
 from engine.model.layers import RMSNorm, RotaryEmbedding, SiluAndMul
@@ -128,7 +128,32 @@ class FusedRotaryEmbedding(RotaryEmbedding):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # In place: q and k are fresh per step (views of the qkv projection). Qwen3's q/k norms run in
         # the same launch: two fewer kernels per layer, and q/k read and written once.
-        if q_norm is None or k_norm is None:
-            return rotary_embedding(positions, q, k, self.cos_sin_cache)
-        assert q_norm.eps == k_norm.eps
-        return rotary_embedding(positions, q, k, self.cos_sin_cache, q_norm.weight, k_norm.weight, q_norm.eps)
+        return rotary_embedding(positions, q, k, self.cos_sin_cache, *_norm_weights(q_norm, k_norm))
+
+    def rotate_and_cache(
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        kv_scales: torch.Tensor | None = None,
+        q_norm: RMSNorm | None = None,
+        k_norm: RMSNorm | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # The cache write in the rotary's launch: one kernel fewer per layer, k not re-read.
+        return rotary_embedding_and_cache(
+            positions, q, k, v, kv_cache, slot_mapping, self.cos_sin_cache, *_norm_weights(q_norm, k_norm),
+            kv_scales=kv_scales,
+        )  # fmt: skip
+
+
+def _norm_weights(
+    q_norm: RMSNorm | None, k_norm: RMSNorm | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+    """The fused rotary's (q norm weight, k norm weight, eps): Qwen3's per-head norms, or none."""
+    if q_norm is None or k_norm is None:
+        return None, None, 1e-6
+    assert q_norm.eps == k_norm.eps
+    return q_norm.weight, k_norm.weight, q_norm.eps

@@ -12,7 +12,7 @@ from engine.model.attention import AttentionMetadata
 
 
 class TritonAttention:
-    """Writes the new K/V into the paged cache, then sends the leading decode tokens to the decode
+    """Writes the new K/V into the paged cache (unless the rotary did), then sends the leading decode tokens to the decode
     kernel and every other sequence to the varlen prefill kernel."""
 
     def __init__(
@@ -45,8 +45,10 @@ class TritonAttention:
         scale: float,
         out: torch.Tensor | None = None,
         kv_scales: torch.Tensor | None = None,
+        write_kv: bool = True,
     ) -> torch.Tensor:
-        reshape_and_cache(k, v, kv_cache, meta.slot_mapping, kv_scales)
+        if write_kv:
+            reshape_and_cache(k, v, kv_cache, meta.slot_mapping, kv_scales)
         if out is None:
             out = torch.empty_like(q)
         num_decodes = meta.num_decodes

@@ -50,6 +50,7 @@ class AttentionBackend(Protocol):
         scale: float,
         out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim]: written and returned if given
         kv_scales: torch.Tensor | None = None,  # [2] float32: K and V scales of a float8 cache
+        write_kv: bool = True,  # False: the caller wrote k/v already (RotaryEmbedding.rotate_and_cache)
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         """Write k/v into the cache at meta.slot_mapping, then attend causally over each sequence's
         whole context (its cached prefix plus the new tokens). A float8 cache holds K / kv_scales[0]
@@ -135,8 +136,10 @@ class TorchAttention:
         scale: float,
         out: torch.Tensor | None = None,
         kv_scales: torch.Tensor | None = None,
+        write_kv: bool = True,
     ) -> torch.Tensor:
-        write_kv_cache(k, v, kv_cache, meta.slot_mapping, kv_scales)
+        if write_kv:
+            write_kv_cache(k, v, kv_cache, meta.slot_mapping, kv_scales)
         # a float8 cache is read back into the activations' dtype (it is storage, not arithmetic)
         dtype = q.dtype if kv_cache.dtype == FP8_KV else kv_cache.dtype
         nd = meta.num_decodes

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.model.attention import write_kv_cache
+
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32 (as transformers does), with an optional fused residual add.
@@ -165,6 +167,24 @@ class RotaryEmbedding(nn.Module):
             q, k = q_norm(q), k_norm(k)
         cos, sin = self._cos_sin(positions)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+    def rotate_and_cache(
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        kv_scales: torch.Tensor | None = None,
+        q_norm: RMSNorm | None = None,
+        k_norm: RMSNorm | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward, then the rotated k and v written into the paged cache at their slots (the attention
+        backends then read them; the GPU's fused rotary does both in one launch)."""
+        q, k = self(positions, q, k, q_norm, k_norm)
+        write_kv_cache(k, v, kv_cache, slot_mapping, kv_scales)
+        return q, k
 
     def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[T, 1, head_dim] each: cos twice, and sin with its first half negated, for ``_rotate``.

@@ -113,19 +113,17 @@ class LlamaAttention(nn.Module):
 
     # No forward: the decoder layer calls project, attend and o_proj itself, with its norms between
     # (LlamaDecoderLayer.before_attention / after_attention), so piecewise CUDA graphs can cut at attention.
-    def project(
-        self, positions: torch.Tensor, x: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [T, hidden] -> q [T, heads, d], k and v [T, kv_heads, d]; q and k rotated (and normed, Qwen3)."""
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, hidden] -> q [T, heads, d], k and v [T, kv_heads, d], not yet rotated (attend rotates them)."""
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k, self.q_norm, self.k_norm)
         return q, k, v
 
     def attend(
         self,
+        positions: torch.Tensor,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
@@ -133,9 +131,14 @@ class LlamaAttention(nn.Module):
         meta: AttentionMetadata,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Write k/v into the cache and attend: -> [T, heads * d] (into `out` [T, heads, d] when given)."""
+        """Rotate q and k (normed first, Qwen3), write k/v into the cache, attend: -> [T, heads * d] (into
+        `out` [T, heads, d] when given). The rotary writes the cache: on the GPU in its own launch."""
+        kv_scales = self.kv_scales.scales
+        q, k = self.rotary.rotate_and_cache(
+            positions, q, k, v, kv_cache, meta.slot_mapping, kv_scales, self.q_norm, self.k_norm
+        )
         attended = self.attn_backend.forward(
-            q, k, v, kv_cache, meta, self.scale, out=out, kv_scales=self.kv_scales.scales
+            q, k, v, kv_cache, meta, self.scale, out=out, kv_scales=kv_scales, write_kv=False
         )
         return attended.reshape(-1, self.q_size)
 
@@ -185,13 +188,13 @@ class LlamaDecoderLayer(nn.Module):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        (q, k, v), residual = self.before_attention(positions, x, residual)
-        return self.after_attention(self.self_attn.attend(q, k, v, kv_cache, meta), residual)
+        (q, k, v), residual = self.before_attention(x, residual)
+        return self.after_attention(self.self_attn.attend(positions, q, k, v, kv_cache, meta), residual)
 
     # The two halves either side of attention, which piecewise CUDA graphs capture apart
     # (engine.model.piecewise_cuda_graphs): attention's launch grid depends on the step's sequences.
     def before_attention(
-        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
+        self, x: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
         """-> ((q, k, v), residual). The residual stream travels beside the normalised activations; the add
         happens inside the next norm (first layer: the residual is the embedding itself)."""
@@ -199,7 +202,7 @@ class LlamaDecoderLayer(nn.Module):
             residual, x = x, self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        return self.self_attn.project(positions, x), residual
+        return self.self_attn.project(x), residual
 
     def after_attention(
         self, attended: torch.Tensor, residual: torch.Tensor

@@ -4,9 +4,9 @@ the forward captured in pieces between attention calls, one set of pieces per pa
 Why pieces: a decode-only step's attention launches the same grid whatever the contexts (cuda_graphs.py),
 but prefill attention's grid is (sequences, heads, query blocks) and its first prefill sequence a scalar,
 which change every step. Everything else in a layer depends only on the number of tokens. So a step of T
-tokens is padded to the smallest bucket >= T and runs piece 0 (embedding; layer 0's norm, q/k/v, rotary),
-layer 0's attention on the T real tokens (eager), piece 1 (layer 0's o_proj, norm and MLP or experts;
-layer 1's norm, q/k/v, rotary), ..., and the last piece (the last layer's o_proj and MLP, the final norm):
+tokens is padded to the smallest bucket >= T and runs piece 0 (embedding; layer 0's norm, q/k/v), layer 0's
+rotary, K/V write and attention on the T real tokens (eager), piece 1 (layer 0's o_proj, norm and MLP or
+experts; layer 1's norm, q/k/v), ..., and the last piece (the last layer's o_proj and MLP, the final norm):
 one replay per piece instead of ~25 kernel launches from Python per layer. (A 2,048-token prompt step of
 Qwen3-30B-A3B, 48 layers, was 38 ms of kernels and 56 ms of wall time eagerly on an H100.)
 
@@ -117,7 +117,7 @@ class PiecewiseCudaGraphs:
             out, _ = self.decoder.norm(x, residual)
             self.hidden[:n].copy_(out)
             return
-        (q, k, v), residual = self.layers[index].before_attention(self.positions[:n], x, residual)
+        (q, k, v), residual = self.layers[index].before_attention(x, residual)
         self.q[:n].copy_(q)
         self.k[:n].copy_(k)
         self.v[:n].copy_(v)
@@ -126,8 +126,9 @@ class PiecewiseCudaGraphs:
     def _attend(self, index: int, n: int, meta: AttentionMetadata) -> None:
         """Layer `index`'s attention for the step's n real tokens, into the static output."""
         self.layers[index].self_attn.attend(
-            self.q[:n], self.k[:n], self.v[:n], self.kv_caches[index], meta, out=self.attended[:n]
-        )
+            self.positions[:n], self.q[:n], self.k[:n], self.v[:n], self.kv_caches[index], meta,
+            out=self.attended[:n],
+        )  # fmt: skip
 
     @torch.inference_mode()
     def capture(self, pool=None) -> None:

@@ -1,5 +1,5 @@
-"""Fused RMSNorm(+residual), rotary(+Qwen3 q/k norm) and SiLU-mul kernels give what the plain-torch
-modules in engine.model.layers give, on bf16 activations of model-like shapes."""
+"""Fused RMSNorm(+residual), rotary(+Qwen3 q/k norm, +the K/V cache write) and SiLU-mul kernels give what
+the plain-torch modules in engine.model.layers give, on bf16 activations of model-like shapes."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import pytest
 import torch
 from gpu_paged_batch import requires_cuda
 
+from engine.kernels.reshape_and_cache import reshape_and_cache
 from engine.kernels.rmsnorm import rms_norm
-from engine.kernels.rotary import rotary_embedding
+from engine.kernels.rotary import rotary_embedding, rotary_embedding_and_cache
 from engine.kernels.silu_mul import silu_and_mul
 from engine.model.layers import RMSNorm, RotaryEmbedding, SiluAndMul
 
@@ -79,6 +80,51 @@ def test_rotary_in_place_matches_torch_module(num_heads, num_kv_heads, head_dim,
     assert_bf16_close(q, q_ref)
     assert_bf16_close(k, k_ref)
     assert torch.equal(v, split(qkv)[2])  # v untouched
+
+
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,head_dim,qk_norm,fp8_cache",
+    [
+        (16, 8, 128, True, False),
+        (32, 8, 128, False, True),
+        (9, 3, 64, False, False),
+        (32, 4, 128, True, True),
+    ],
+)
+def test_rotary_with_cache_write_equals_rotary_then_reshape_and_cache(
+    num_heads, num_kv_heads, head_dim, qk_norm, fp8_cache
+):
+    """One launch, the same bits as the two it replaces: q and k rotated in place, the cache as
+    reshape_and_cache leaves it from the rotated k (float8 too), padding slots (-1) untouched."""
+    num_tokens, max_pos, block_size, num_blocks = 300, 8192, 16, 40
+    rotary = RotaryEmbedding(head_dim, {"rope_theta": 1e6}, max_pos, max_pos, torch.device("cuda"))
+    positions = torch.randint(0, max_pos, (num_tokens,), device="cuda")
+    qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, device="cuda").bfloat16()
+    weights = [torch.empty(head_dim, device="cuda").normal_(1.0, 0.3).bfloat16() for _ in range(2)]
+    weights = weights if qk_norm else [None, None]
+    dtype = torch.float8_e4m3fn if fp8_cache else torch.bfloat16
+    scales = torch.tensor([0.05, 0.02], device="cuda") if fp8_cache else None
+    before = (torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, device="cuda") * 0.1).to(dtype)
+    slots = torch.randperm(num_blocks * block_size, device="cuda")[:num_tokens]
+    slots[::7] = -1
+
+    def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = t.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+        shape = (num_tokens, -1, head_dim)
+        return q.view(shape), k.view(shape), v.view(shape)
+
+    q_ref, k_ref, v = split(qkv.clone())
+    rotary_embedding(positions, q_ref, k_ref, rotary.cos_sin_cache, *weights, eps=1e-6)
+    expected = before.clone()
+    reshape_and_cache(k_ref, v, expected, slots, scales)
+
+    q, k, v = split(qkv.clone())
+    cache = before.clone()
+    rotary_embedding_and_cache(
+        positions, q, k, v, cache, slots, rotary.cos_sin_cache, *weights, eps=1e-6, kv_scales=scales
+    )
+    assert torch.equal(q, q_ref) and torch.equal(k, k_ref)
+    assert torch.equal(cache.view(torch.uint8), expected.view(torch.uint8))
 
 
 def test_rms_norm_on_strided_heads_matches_torch_module():

@@ -90,6 +90,29 @@ q_ref, k_ref = rot(pos, q.view(T, H, D), k.view(T, KVH, D), q_norm, k_norm)
 q, k, _ = qkv.clone().split([H * D, KVH * D, KVH * D], -1)
 q_out, k_out = fused_rot(pos, q.view(T, H, D), k.view(T, KVH, D), q_norm, k_norm)
 assert torch.equal(q_out, q_ref) and torch.equal(k_out, k_ref)
+# the fused rotary writing K/V into the paged cache (what attention calls on the GPU): the cache the plain
+# rotary + write_kv_cache leave, bit for bit; a float8 one as reshape_and_cache writes it (the interpreter's
+# e4m3 rounding is not torch's: tests/gpu checks it against torch on a GPU); a padding slot (-1) written nowhere
+from engine.kernels.reshape_and_cache import reshape_and_cache
+from engine.model.attention import write_kv_cache
+slots = torch.tensor([3, -1, 17, 0, 19, 8])
+real = slots >= 0
+for cache_dtype, kv_scales in ((dt, None), (torch.float8_e4m3fn, torch.tensor([0.02, 0.01]))):
+    before = (torch.randn(2, 5, 4, KVH, D) * 0.1).to(cache_dtype)
+    q, k, v = qkv.clone().split([H * D, KVH * D, KVH * D], -1)
+    q_ref, k_ref = rot(pos, q.view(T, H, D), k.view(T, KVH, D), q_norm, k_norm)
+    plain = before.clone()
+    if kv_scales is None:
+        write_kv_cache(k_ref[real], v.view(T, KVH, D)[real], plain, slots[real])
+    else:
+        reshape_and_cache(k_ref, v.view(T, KVH, D), plain, slots, kv_scales)
+    fused = before.clone()
+    q, k, v = qkv.clone().split([H * D, KVH * D, KVH * D], -1)
+    q_out, k_out = fused_rot.rotate_and_cache(pos, q.view(T, H, D), k.view(T, KVH, D), v.view(T, KVH, D),
+                                              fused, slots, kv_scales, q_norm, k_norm)
+    assert torch.equal(q_out, q_ref) and torch.equal(k_out, k_ref)
+    assert torch.equal(fused.view(torch.uint8), plain.view(torch.uint8)), cache_dtype
+    assert not torch.equal(fused.view(torch.uint8), before.view(torch.uint8))
 
 from engine.kernels.categorical_sample import categorical_sample
 V = 9000  # three chunks of 4096
