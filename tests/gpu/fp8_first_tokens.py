@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 import torch
 from small_engine import first_token_logprobs
 
-import engine.model.attention
+import engine.model.layers
 from engine.llm_engine import LLMEngine
 
 TOP = 5  # the bf16 tokens whose logprobs are compared
@@ -132,18 +132,24 @@ def k_read_at_wrong_scale(device: str, factor: float) -> Iterator[Callable[[LLME
     it (a kernel reading the wrong scale). The cache writer is wrapped before the engine is built (so
     CUDA graphs capture it too); the yielded function sets the layers' K scale once it is loaded."""
     if device == "cuda":
-        import engine.kernels.triton_attention as module  # Triton: not imported on a CPU-only host
+        import engine.kernels.fused_layers as module  # Triton: not imported on a CPU-only host
 
-        name = "reshape_and_cache"
+        name = "rotary_embedding_and_cache"  # the GPU's K/V write, in the rotary's launch
     else:
-        module, name = engine.model.attention, "write_kv_cache"
+        module, name = engine.model.layers, "write_kv_cache"  # RotaryEmbedding.rotate_and_cache's
     original = getattr(module, name)
     divisor = torch.tensor([factor, 1.0], device=device)  # made here: no host copies in a graph capture
 
-    def write(k, v, kv_cache, slot_mapping, kv_scales=None):
-        if kv_scales is not None:
-            kv_scales = kv_scales / divisor
-        return original(k, v, kv_cache, slot_mapping, kv_scales)
+    def wrong(kv_scales: torch.Tensor | None) -> torch.Tensor | None:
+        return kv_scales / divisor if kv_scales is not None else None
+
+    def write_kv_cache(k, v, kv_cache, slot_mapping, kv_scales=None):
+        return original(k, v, kv_cache, slot_mapping, wrong(kv_scales))
+
+    def rotary_embedding_and_cache(*args, kv_scales=None, **kwargs):
+        return original(*args, kv_scales=wrong(kv_scales), **kwargs)
+
+    write = rotary_embedding_and_cache if device == "cuda" else write_kv_cache
 
     def set_scales(eng: LLMEngine) -> None:
         for layer in eng.runner.model.model.layers:
