@@ -60,7 +60,8 @@ case "${1:-}" in
     # same call; the served figures are saved before it starts), on main's code. Last run 2026-12-07 (13cc1d1): 35.6
     # req/s, decode steps 54 % of their floor; since then (none served on an H200 yet; the first two served on an
     # H100, 31.8 req/s): the alignment's chunk rule (3c4926d), the norm writing FP8 experts' input and the router's
-    # logits (seventeenth and eighteenth sessions), block-scaled tiles for 33-127 tokens (eighteenth, not served).
+    # logits (seventeenth and eighteenth sessions), block-scaled tiles for 33-127 tokens (eighteenth, not served), the
+    # rotary writing the K/V cache in its launch (nineteenth; run `rotary-cache` first: its GPU tests).
     # Next call: `all-bars-w2 w1` (2026-12-07: W1 25,492 tok/s, W2 47.6 req/s, W2-FP8 59.5).
     run w5 560 python3 bench/w5_moe.py --num-layers 48 --checkpoint fp8-block --hf-requests 32 \
       --qps inf 32 --step-trace --out "$OUT/w5.json" ;;

@@ -50,6 +50,8 @@ CATEGORIES = [
     ("moe", r"_moe_gemm_kernel|_place_chunk_kernel|_count_chunk_kernel|_align|_topk_softmax|moe"),
     ("fp8_quant", r"_quantize"),
     ("attention", r"attention|attn|flash|_fwd_kernel|decode_kernel|prefill_kernel|reduce_splits"),
+    # Since 2026-12-08 the GPU's K/V write runs inside the rotary's launch (counted as rotary); this category
+    # holds it only for code before that (or write_kv=True callers).
     ("kv_write", r"reshape_and_cache|index_copy"),
     (
         "gemm",

@@ -89,6 +89,7 @@ def test_rotary_in_place_matches_torch_module(num_heads, num_kv_heads, head_dim,
         (32, 8, 128, False, True),
         (9, 3, 64, False, False),
         (32, 4, 128, True, True),
+        (15, 3, 96, True, True),  # head_dim and kv heads not powers of two: the masks
     ],
 )
 def test_rotary_with_cache_write_equals_rotary_then_reshape_and_cache(

@@ -113,6 +113,19 @@ for cache_dtype, kv_scales in ((dt, None), (torch.float8_e4m3fn, torch.tensor([0
     assert torch.equal(q_out, q_ref) and torch.equal(k_out, k_ref)
     assert torch.equal(fused.view(torch.uint8), plain.view(torch.uint8)), cache_dtype
     assert not torch.equal(fused.view(torch.uint8), before.view(torch.uint8))
+# head_dim and kv heads not powers of two (the kernel's padded halves and heads masked): the same cache
+H3, KVH3, D3 = 6, 3, 96
+rot3 = RotaryEmbedding(D3, {"rope_theta": 1e6}, 100, 100, torch.device("cpu"))
+fused3 = FusedRotaryEmbedding(D3, {"rope_theta": 1e6}, 100, 100, torch.device("cpu"))
+q3, k3, v3 = torch.randn(T, (H3 + 2 * KVH3) * D3).to(dt).split([H3 * D3, KVH3 * D3, KVH3 * D3], -1)
+q3, k3, v3 = q3.reshape(T, H3, D3), k3.reshape(T, KVH3, D3), v3.reshape(T, KVH3, D3)
+before = (torch.randn(2, 5, 4, KVH3, D3) * 0.1).to(dt)
+plain, fused = before.clone(), before.clone()
+q_ref, k_ref = rot3(pos, q3.clone(), k3.clone())
+write_kv_cache(k_ref[real], v3[real], plain, slots[real])
+q_out, k_out = fused3.rotate_and_cache(pos, q3.clone(), k3.clone(), v3, fused, slots)
+assert torch.equal(q_out, q_ref) and torch.equal(k_out, k_ref) and torch.equal(fused, plain)
+assert not torch.equal(fused, before)
 
 from engine.kernels.categorical_sample import categorical_sample
 V = 9000  # three chunks of 4096
