@@ -55,11 +55,17 @@ def _reshape_and_cache_kernel(
 
     k = tl.load(src_k, mask=mask)
     v = tl.load(src_v, mask=mask)
+    tl.store(k_cache_ptr + dst, cache_value(k_cache_ptr, k, kv_scales_ptr, FP8_KV), mask=mask)
+    tl.store(v_cache_ptr + dst, cache_value(v_cache_ptr, v, kv_scales_ptr + 1, FP8_KV), mask=mask)
+
+
+@triton.jit
+def cache_value(cache_ptr, values, scale_ptr, FP8_KV: tl.constexpr):
+    """What the cache holds for K or V `values`: as they are, or value / scale clamped to e4m3's range in a
+    float8 cache (also the rotary's K/V write, engine/kernels/rotary.py)."""
     if FP8_KV:
-        k = tl.clamp(k.to(tl.float32) / tl.load(kv_scales_ptr), -448.0, 448.0)
-        v = tl.clamp(v.to(tl.float32) / tl.load(kv_scales_ptr + 1), -448.0, 448.0)
-    tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+        values = tl.clamp(values.to(tl.float32) / tl.load(scale_ptr), -448.0, 448.0)
+    return values.to(cache_ptr.dtype.element_ty)
 
 
 def reshape_and_cache(

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.reshape_and_cache import is_fp8_cache
+from engine.kernels.reshape_and_cache import cache_value, is_fp8_cache
 
 
 @triton.jit
@@ -54,14 +54,6 @@ def _norm_and_rotate_heads(
     tl.store(ptr1, out1, mask=mask)
     tl.store(ptr1 + HALF, out2, mask=mask)
     return out1, out2
-
-
-@triton.jit
-def _cache_store(cache_ptr, values, scale_ptr, FP8_KV: tl.constexpr):
-    """As engine/kernels/reshape_and_cache.py stores: a float8 cache holds value / scale, clamped."""
-    if FP8_KV:
-        values = tl.clamp(values.to(tl.float32) / tl.load(scale_ptr), -448.0, 448.0)
-    return values.to(cache_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -123,16 +115,14 @@ def _rotary_kernel(
                 + heads[:, None] * stride_cache_head
                 + i[None, :]
             )
-            tl.store(k_cache_ptr + dst, _cache_store(k_cache_ptr, k1, kv_scales_ptr, FP8_KV), mask=mask)
-            tl.store(
-                k_cache_ptr + dst + HALF, _cache_store(k_cache_ptr, k2, kv_scales_ptr, FP8_KV), mask=mask
-            )
+            tl.store(k_cache_ptr + dst, cache_value(k_cache_ptr, k1, kv_scales_ptr, FP8_KV), mask=mask)
+            tl.store(k_cache_ptr + dst + HALF, cache_value(k_cache_ptr, k2, kv_scales_ptr, FP8_KV), mask=mask)
             src_v = v_ptr + tok * stride_v_tok + heads[:, None] * stride_v_head + i[None, :]
             v1 = tl.load(src_v, mask=mask)
             v2 = tl.load(src_v + HALF, mask=mask)
-            tl.store(v_cache_ptr + dst, _cache_store(v_cache_ptr, v1, kv_scales_ptr + 1, FP8_KV), mask=mask)
+            tl.store(v_cache_ptr + dst, cache_value(v_cache_ptr, v1, kv_scales_ptr + 1, FP8_KV), mask=mask)
             tl.store(
-                v_cache_ptr + dst + HALF, _cache_store(v_cache_ptr, v2, kv_scales_ptr + 1, FP8_KV), mask=mask
+                v_cache_ptr + dst + HALF, cache_value(v_cache_ptr, v2, kv_scales_ptr + 1, FP8_KV), mask=mask
             )
 
 

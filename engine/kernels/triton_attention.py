@@ -12,8 +12,8 @@ from engine.model.attention import AttentionMetadata
 
 
 class TritonAttention:
-    """Writes the new K/V into the paged cache (unless the rotary did), then sends the leading decode tokens to the decode
-    kernel and every other sequence to the varlen prefill kernel."""
+    """Writes the new K/V into the paged cache (unless the rotary did), then sends the leading decode
+    tokens to the decode kernel and every other sequence to the varlen prefill kernel."""
 
     def __init__(
         self,
