@@ -96,6 +96,20 @@ case "${1:-}" in
       tests/gpu/test_llama_model_gpu.py tests/gpu/test_moe_engine_on_gpu.py
     run w1 110 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
     (cd .carry/prev && run w1_prev 110 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_prev.json") ;;
+  route-in-align)  # (~330 s, any Hopper card) the MoE alignment's first launch computing the router's top-k
+    # (engine/kernels/moe_align.py route_and_align, 2026-12-08: one launch a MoE layer fewer, decode batches to 2,048
+    # tokens; checked under the interpreter only): its GPU tests and the MoE engines' (float, FP8 checkpoints, the
+    # norm's router logits), the two ways timed, then W5 (24 layers) against the code before it in the same call.
+    # On this machine first: rm -rf .carry/route_base && mkdir -p .carry/route_base && git archive 6f37873 engine bench |
+    # tar -x -C .carry/route_base
+    [[ -d .carry/route_base/engine ]] || { echo "no .carry/route_base: prepare it first (the comment above)" >&2; exit 2; }
+    run route_tests 150 python3 -m pytest -q -p no:cacheprovider -rfE tests/gpu/test_fused_moe.py -k "routing or align" \
+      tests/gpu/test_moe_router.py tests/gpu/test_moe_engine_on_gpu.py tests/gpu/test_fp8_moe_engine_on_gpu.py
+    run route_in_alignment 40 python3 bench/diag/route_in_alignment.py --out "$OUT/route_in_alignment.json"
+    run w5_main 120 python3 bench/w5_moe.py --num-layers 24 --checkpoint fp8-block --hf-requests 0 --qps inf \
+      --out "$OUT/w5_main.json"
+    (cd .carry/route_base && run w5_prev 120 python3 bench/w5_moe.py --num-layers 24 --checkpoint fp8-block \
+      --hf-requests 0 --qps inf --out "$OUT/w5_prev.json") ;;
   w5-vs-base)  # (~250 s, any Hopper card) W5 (24 layers, block-FP8 checkpoint, QPS = inf) with main's code and with the
     # code in .carry/base, one after the other in one call: what the changes since then give W5 end to end (2026-12-07,
     # eighteenth session: the router's logits in the norm and the block-scaled tiles for 33-127 tokens, against
@@ -328,5 +342,5 @@ case "${1:-}" in
   w1)  # issue 13's W1 bar (H200: >= 28,800 tok/s), main and the old code on the same machine
     run w1 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
     (cd .carry/base && run w1_base 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_base.json") ;;
-  *) echo "usage: bench/gpu_backlog.sh router-in-norm|rotary-cache|w5-vs-base|h200-first|fp8-fused-sum|first-w5 [short|tiny]|tile-w1|first [tiny]|all-bars|all-bars-w2 [w1]|w1-prefill|overlap|pdl|bf16-linears|piecewise-tests|w5-piecewise|w5-or-w2-piecewise|w5-kernels|fp8-kv-tiles|moe-quant|moe-align|moe-align-chunks|moe-tune-w5|w5-kv|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
+  *) echo "usage: bench/gpu_backlog.sh router-in-norm|rotary-cache|route-in-align|w5-vs-base|h200-first|fp8-fused-sum|first-w5 [short|tiny]|tile-w1|first [tiny]|all-bars|all-bars-w2 [w1]|w1-prefill|overlap|pdl|bf16-linears|piecewise-tests|w5-piecewise|w5-or-w2-piecewise|w5-kernels|fp8-kv-tiles|moe-quant|moe-align|moe-align-chunks|moe-tune-w5|w5-kv|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
 esac

@@ -32,6 +32,7 @@ CUDA-graph capturable.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -45,6 +46,7 @@ from engine.kernels.moe_align import (
     ExpertAlignment,
     align_slots_by_expert,
     align_slots_by_expert_small,
+    route_and_align,
 )
 from engine.kernels.shared_memory import device_shared_memory, stages_that_fit
 from engine.kernels.silu_mul import silu_and_mul
@@ -330,9 +332,71 @@ def fused_experts(
     it): x is quantized per token (and group_k columns) unless ``x_quantized`` brings it so (float8 [T, H],
     float32 scales [T, 1 or ceil(H / group_k)]), the SiLU-mul output per slot likewise, and the grouped
     GEMMs scale their float32 products (module docstring)."""
-    num_tokens, top_k = topk_ids.shape
+    num_experts = w13.shape[0]
+    small = topk_ids.numel() <= SMALL_MAX_SLOTS
+
+    def route(block_m: int) -> tuple[torch.Tensor, ExpertAlignment]:
+        align = align_slots_by_expert_small if small else align_slots_by_expert
+        return topk_weights, align(topk_ids, num_experts, block_m)
+
+    assert topk_ids.shape[0] == x.shape[0], (topk_ids.shape, x.shape)
+    fp8 = _FP8Experts(w13_scale, w2_scale, group_k, x_quantized)
+    return _fused_experts(x, w13, w2, topk_ids.shape[1], route, config, fp8)
+
+
+def fused_experts_from_logits(
+    x: torch.Tensor,  # [T, H]
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    router_logits: torch.Tensor,  # [T, E]: x's router product, any float dtype
+    top_k: int,
+    renormalize: bool,
+    config: MoeBlockConfig | None = None,
+    *,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    group_k: int | None = None,
+    x_quantized: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``fused_experts`` routed by the router's softmax and top-k of ``router_logits`` (renormalised if
+    asked), which for decode batches the alignment's first launch computes itself (route_and_align): what
+    ``topk_softmax`` then ``fused_experts`` give, one launch fewer."""
+    assert router_logits.shape == (x.shape[0], w13.shape[0]), (router_logits.shape, x.shape, w13.shape)
+
+    def route(block_m: int) -> tuple[torch.Tensor, ExpertAlignment]:
+        weights, _, align = route_and_align(router_logits, top_k, renormalize, block_m)
+        return weights, align
+
+    fp8 = _FP8Experts(w13_scale, w2_scale, group_k, x_quantized)
+    return _fused_experts(x, w13, w2, top_k, route, config, fp8)
+
+
+# block_m -> (the routing weights [T, top_k] float32, the slots aligned to blocks of block_m)
+_Route = Callable[[int], tuple[torch.Tensor, ExpertAlignment]]
+
+
+@dataclass(frozen=True)
+class _FP8Experts:
+    w13_scale: torch.Tensor | None
+    w2_scale: torch.Tensor | None
+    group_k: int | None
+    x_quantized: tuple[torch.Tensor, torch.Tensor] | None
+
+
+def _fused_experts(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    top_k: int,
+    route: _Route,
+    config: MoeBlockConfig | None,
+    fp8_operands: _FP8Experts,
+) -> torch.Tensor:
+    num_tokens = x.shape[0]
     num_experts, _, hidden = w13.shape
     assert x.stride(-1) == 1 and w13.stride(-1) == 1 and w2.stride(-1) == 1
+    w13_scale, w2_scale, group_k = fp8_operands.w13_scale, fp8_operands.w2_scale, fp8_operands.group_k
+    x_quantized = fp8_operands.x_quantized
     fp8 = check_fp8_operands(w13, w2, w13_scale, w2_scale, group_k)
     if x_quantized is not None:
         if not fp8:
@@ -354,9 +418,7 @@ def fused_experts(
         cfg = config
     if fp8 and group_k is not None and cfg.block_k != group_k:
         raise ValueError(f"block-scaled FP8 needs block_k = group_k ({group_k}), not {cfg.block_k}")
-    align = (align_slots_by_expert_small if num_slots <= SMALL_MAX_SLOTS else align_slots_by_expert)(
-        topk_ids, num_experts, cfg.block_m
-    )
+    topk_weights, align = route(cfg.block_m)
     per_slot = torch.empty((num_slots, hidden), dtype=x.dtype, device=x.device)
     weights = topk_weights.reshape(-1).to(torch.float32)
     if fp8:

@@ -2,17 +2,20 @@
 Triton kernels: float experts (``FusedMoeExperts``, also FP8 checkpoints dequantized where the GPU has no
 FP8) and FP8 experts (``Fp8FusedMoeExperts``: float8 weights with one scale per row and group of
 ``group_k`` input features, engine.model.fp8_moe; the kernel quantizes the activations per token, or per
-token and group for block scales, unless the norm before them already did: engine.model.moe.ExpertInput)."""
+token and group for block scales, unless the norm before them already did: engine.model.moe.ExpertInput).
+``FusedSparseMoeBlock`` hands the experts the router's logits: their alignment routes decode batches in its own
+launch (engine.kernels.moe_align.route_and_align), one launch a layer fewer than the router's kernel then
+the alignment."""
 
 from __future__ import annotations
 
 import torch
 
-from engine.kernels.fused_moe import fused_experts
+from engine.kernels.fused_moe import fused_experts, fused_experts_from_logits
 from engine.kernels.moe_router import topk_softmax
 from engine.kernels.moe_tuned_configs import tuned_configs_for
 from engine.model.fp8 import FP8, QuantizedActivation
-from engine.model.moe import MoeExperts, MoeSpec, TopKRouter
+from engine.model.moe import MoeExperts, MoeSpec, SparseMoeBlock, TopKRouter
 from engine.model.quantization import Fp8Scheme
 from engine.model.sharding import Shard
 
@@ -41,6 +44,14 @@ class FusedMoeExperts(MoeExperts):
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         config = None if self.tuned is None else self.tuned.pick(x.shape[0])
         return fused_experts(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids, config)
+
+    def forward_from_logits(
+        self, x: torch.Tensor, logits: torch.Tensor, top_k: int, renormalize: bool
+    ) -> torch.Tensor:
+        """forward, routed by the router's softmax and top-k of ``logits`` [T, E]."""
+        config = None if self.tuned is None else self.tuned.pick(x.shape[0])
+        w13, w2 = self.gate_up_proj, self.down_proj
+        return fused_experts_from_logits(x, w13, w2, logits, top_k, renormalize, config)
 
 
 class Fp8FusedMoeExperts(MoeExperts):
@@ -72,3 +83,36 @@ class Fp8FusedMoeExperts(MoeExperts):
             w13_scale=scales.gate_up_proj_scale, w2_scale=scales.down_proj_scale, group_k=scales.group_k,
             x_quantized=quantized,
         )  # fmt: skip
+
+    def forward_from_logits(
+        self,
+        x: torch.Tensor,
+        logits: torch.Tensor,
+        top_k: int,
+        renormalize: bool,
+        quantized: QuantizedActivation | None = None,
+    ) -> torch.Tensor:
+        """forward, routed by the router's softmax and top-k of ``logits`` [T, E]."""
+        scales = self.fp8
+        config = None if self.tuned is None else self.tuned.pick(x.shape[0])
+        return fused_experts_from_logits(
+            x, self.gate_up_proj, self.down_proj, logits, top_k, renormalize, config,
+            w13_scale=scales.gate_up_proj_scale, w2_scale=scales.down_proj_scale, group_k=scales.group_k,
+            x_quantized=quantized,
+        )  # fmt: skip
+
+
+class FusedSparseMoeBlock(SparseMoeBlock):
+    """SparseMoeBlock with fused experts taking the router's logits (the router's top-k kernel not run)."""
+
+    def __init__(self, router: FusedTopKRouter, experts: FusedMoeExperts | Fp8FusedMoeExperts) -> None:
+        super().__init__(router, experts)
+
+    def routed_experts(
+        self, x: torch.Tensor, quantized: QuantizedActivation | None, logits: torch.Tensor | None
+    ) -> torch.Tensor:
+        gate, experts = self.gate, self.experts
+        logits = gate.logits(x, logits)
+        if quantized is None:
+            return experts.forward_from_logits(x, logits, gate.top_k, gate.renormalize)
+        return experts.forward_from_logits(x, logits, gate.top_k, gate.renormalize, quantized)

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.moe_router import route_tokens, topk_softmax
+
 SMALL_MAX_SLOTS = 16384  # the Triton alignment up to here (2,048 tokens x top 8); torch ops beyond
 
 
@@ -72,13 +74,45 @@ def align_slots_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int
     )
 
 
+@triton.jit
+def _chunk_ids(
+    ids_ptr, slots, num_slots, chunk, logits_ptr, weights_ptr, stride_logits, num_experts,
+    BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
+    ROUTE: tl.constexpr,
+):  # fmt: skip
+    """The expert of each of the chunk's slots (-1 past the last), read from ids_ptr, or (ROUTE) chosen here
+    from the router's logits, the chunk's CHUNK // TOP_K tokens' top_k weights and ids written as
+    engine.kernels.moe_router.topk_softmax writes them."""
+    if ROUTE:
+        rows = chunk * (CHUNK // TOP_K) + tl.arange(0, CHUNK // TOP_K)
+        num_tokens = num_slots // TOP_K
+        top_weights, top_ids = route_tokens(
+            logits_ptr, rows, num_tokens, num_experts, stride_logits, TOP_K, TOP_K, BLOCK_E, CHUNK // TOP_K,
+            RENORMALIZE,
+        )  # fmt: skip
+        picks = tl.arange(0, TOP_K)
+        out = rows.to(tl.int64)[:, None] * TOP_K + picks[None, :]
+        row_ok = (rows < num_tokens)[:, None]
+        tl.store(weights_ptr + out, top_weights, mask=row_ok)
+        tl.store(ids_ptr + out, top_ids, mask=row_ok)
+        ids = tl.where(slots < num_slots, tl.reshape(top_ids, CHUNK), -1)  # row-major: slot order
+    else:
+        ids = tl.load(ids_ptr + slots, mask=slots < num_slots, other=-1)
+    return ids
+
+
 @triton.jit(do_not_specialize=["num_slots"])
-def _count_chunk_kernel(ids_ptr, chunk_counts_ptr, num_slots, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr):
-    # chunk_counts[c, e]: how many of chunk c's slots chose expert e
+def _count_chunk_kernel(
+    ids_ptr, chunk_counts_ptr, num_slots, logits_ptr, weights_ptr, stride_logits, num_experts,
+    BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
+    ROUTE: tl.constexpr,
+):  # fmt: skip
+    # chunk_counts[c, e]: how many of chunk c's slots chose expert e (ROUTE: choosing them first)
     chunk = tl.program_id(0)
     slots = chunk * CHUNK + tl.arange(0, CHUNK)
     experts = tl.arange(0, BLOCK_E)
-    ids = tl.load(ids_ptr + slots, mask=slots < num_slots, other=-1)
+    ids = _chunk_ids(ids_ptr, slots, num_slots, chunk, logits_ptr, weights_ptr, stride_logits, num_experts,
+                     BLOCK_E, CHUNK, TOP_K, RENORMALIZE, ROUTE)  # fmt: skip
     counts = tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
     tl.store(chunk_counts_ptr + chunk * BLOCK_E + experts, counts)
 
@@ -88,18 +122,21 @@ def _count_chunk_kernel(ids_ptr, chunk_counts_ptr, num_slots, BLOCK_E: tl.conste
 @triton.jit(do_not_specialize=["num_slots", "num_chunks", "num_blocks", "block_m"])
 def _place_chunk_kernel(
     ids_ptr, chunk_counts_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr, num_slots, num_chunks, num_blocks,
-    block_m, NUM_EXPERTS: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, PAD_TILE: tl.constexpr,
-    COUNT_ROWS: tl.constexpr, COUNTED: tl.constexpr,
+    block_m, logits_ptr, weights_ptr, stride_logits, NUM_EXPERTS: tl.constexpr, BLOCK_E: tl.constexpr,
+    CHUNK: tl.constexpr, PAD_TILE: tl.constexpr, COUNT_ROWS: tl.constexpr, COUNTED: tl.constexpr,
+    TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, ROUTE: tl.constexpr,
 ):  # fmt: skip
     # One program per chunk of CHUNK slots, every expert at once (a [CHUNK, experts] one-hot). From all
     # chunks' counts (_count_chunk_kernel; COUNTED False: one chunk, its own) each program knows every
     # expert's padded run and how many of the expert's slots earlier chunks hold, so it places its own
     # slots with no other program's help, keeping token order. Entries past num_padded stay unwritten.
+    # ROUTE (one chunk only): the program routes the tokens itself first (_chunk_ids).
     chunk = tl.program_id(0)
     experts = tl.arange(0, BLOCK_E)
     rows = tl.arange(0, CHUNK)
     slots = chunk * CHUNK + rows
-    ids = tl.load(ids_ptr + slots, mask=slots < num_slots, other=-1)
+    ids = _chunk_ids(ids_ptr, slots, num_slots, chunk, logits_ptr, weights_ptr, stride_logits, NUM_EXPERTS,
+                     BLOCK_E, CHUNK, TOP_K, RENORMALIZE, ROUTE)  # fmt: skip
     hit = (ids[:, None] == experts[None, :]).to(tl.int32)
     if COUNTED:
         totals = tl.zeros([BLOCK_E], dtype=tl.int32)  # slots per expert
@@ -174,11 +211,62 @@ def align_slots_by_expert_small(
     """What align_slots_by_expert computes, in one launch up to a chunk of slots (``align_chunk``; 16 tokens
     of top 8 of 128 experts) and two beyond, for at most SMALL_MAX_SLOTS slots; entries past num_padded are
     unset. ``chunk``: another chunk size (``chunk_fits``), for bench/diag/moe_align_chunks.py's sweep."""
-    num_slots = topk_ids.numel()
+    ids = topk_ids.reshape(-1).contiguous()  # a column slice of a wider top-k reshapes to a strided view
+    return _align_small(ids, topk_ids.shape[1], num_experts, block_m, chunk, None)
+
+
+@dataclass(frozen=True)
+class _Routing:
+    """The router's logits [T, E] for the alignment to route itself, and where it writes the result."""
+
+    logits: torch.Tensor
+    weights: torch.Tensor  # [T, top_k] float32, written
+    renormalize: bool
+
+
+def routes_in_alignment(num_tokens: int, num_experts: int, top_k: int) -> bool:
+    """Whether the Triton alignment can take the router's top-k too: each chunk of slots must hold whole
+    tokens (top_k a power of two, as Qwen3-MoE's 8 and Mixtral's 2 are)."""
+    num_slots = num_tokens * top_k
+    return (
+        0 < num_slots <= SMALL_MAX_SLOTS
+        and top_k & (top_k - 1) == 0
+        and align_chunk(num_slots, num_experts) % top_k == 0
+    )
+
+
+def route_and_align(
+    logits: torch.Tensor, top_k: int, renormalize: bool, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor, ExpertAlignment]:
+    """The router's logits [T, E] -> (weights [T, top_k] float32, expert ids [T, top_k], the alignment):
+    ``topk_softmax`` then the alignment, as one launch fewer where ``routes_in_alignment`` (decode batches:
+    the alignment's first launch picks its chunk's tokens' experts; same values as topk_softmax's). Ids are
+    int32 there, int64 otherwise."""
+    num_tokens, num_experts = logits.shape
+    if not routes_in_alignment(num_tokens, num_experts, top_k) or logits.stride(1) != 1:
+        weights, ids = topk_softmax(logits, top_k, renormalize)
+        align = (
+            align_slots_by_expert_small if num_tokens * top_k <= SMALL_MAX_SLOTS else align_slots_by_expert
+        )
+        return weights, ids, align(ids, num_experts, block_m)
+    weights = torch.empty((num_tokens, top_k), dtype=torch.float32, device=logits.device)
+    ids = torch.empty((num_tokens, top_k), dtype=torch.int32, device=logits.device)
+    routing = _Routing(logits, weights, renormalize)
+    return weights, ids, _align_small(ids.view(-1), top_k, num_experts, block_m, None, routing)
+
+
+def _align_small(
+    ids: torch.Tensor,  # [slots] contiguous: read, or written when routing
+    top_k: int,
+    num_experts: int,
+    block_m: int,
+    chunk: int | None,
+    routing: _Routing | None,
+) -> ExpertAlignment:
+    num_slots = ids.numel()
     assert num_slots <= SMALL_MAX_SLOTS
     max_padded = max_padded_slots(num_slots, num_experts, block_m)
-    device = topk_ids.device
-    ids = topk_ids.reshape(-1).contiguous()  # a column slice of a wider top-k reshapes to a strided view
+    device = ids.device
     sorted_slots = torch.empty(max_padded, dtype=torch.int32, device=device)
     block_expert = torch.empty(max_padded // block_m, dtype=torch.int32, device=device)
     num_padded = torch.empty(1, dtype=torch.int32, device=device)
@@ -187,14 +275,23 @@ def align_slots_by_expert_small(
     assert chunk_fits(chunk, num_experts), (chunk, num_experts)
     num_chunks = triton.cdiv(num_slots, chunk)
     warps = 4 if chunk * block_e < 8192 else 8 if chunk * block_e < 32768 else 16
+    route = routing is not None
+    assert not route or chunk % top_k == 0, (chunk, top_k)
+    # unread without routing (any tensor will do)
+    logits, weights = (routing.logits, routing.weights) if routing is not None else (ids, ids)
+    stride_logits = logits.stride(0) if route else 0
+    renormalize = routing.renormalize if routing is not None else False
     chunk_counts = ids  # unread with one chunk
-    if num_chunks > 1:
+    if num_chunks > 1:  # counted (and routed, if asked) chunk by chunk, then placed
         chunk_counts = torch.empty((num_chunks, block_e), dtype=torch.int32, device=device)
-        _count_chunk_kernel[(num_chunks,)](ids, chunk_counts, num_slots, BLOCK_E=block_e, CHUNK=chunk,
-                                           num_warps=warps)  # fmt: skip
+        _count_chunk_kernel[(num_chunks,)](
+            ids, chunk_counts, num_slots, logits, weights, stride_logits, num_experts, BLOCK_E=block_e,
+            CHUNK=chunk, TOP_K=top_k, RENORMALIZE=renormalize, ROUTE=route, num_warps=warps,
+        )  # fmt: skip
     _place_chunk_kernel[(num_chunks,)](
         ids, chunk_counts, sorted_slots, block_expert, num_padded, num_slots, num_chunks, max_padded // block_m,
-        block_m, NUM_EXPERTS=num_experts, BLOCK_E=block_e, CHUNK=chunk, PAD_TILE=16,
-        COUNT_ROWS=max(1, 8192 // block_e), COUNTED=num_chunks > 1, num_warps=warps,
+        block_m, logits, weights, stride_logits, NUM_EXPERTS=num_experts, BLOCK_E=block_e, CHUNK=chunk,
+        PAD_TILE=16, COUNT_ROWS=max(1, 8192 // block_e), COUNTED=num_chunks > 1, TOP_K=top_k,
+        RENORMALIZE=renormalize, ROUTE=route and num_chunks == 1, num_warps=warps,
     )  # fmt: skip
     return ExpertAlignment(sorted_slots, block_expert, num_padded, num_slots, block_m)

@@ -17,14 +17,15 @@ import triton
 import triton.language as tl
 
 
-# The token count changes every step: not specialised on (new variants would compile mid-run).
-@triton.jit(do_not_specialize=["num_tokens"])
-def _topk_softmax_kernel(
-    logits_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, stride_logits,
+@triton.jit
+def route_tokens(
+    logits_ptr, rows, num_tokens, num_experts, stride_logits,
     TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr,
     RENORMALIZE: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    """rows [BLOCK_T] (token ids; past num_tokens ignored) -> (weights [BLOCK_T, K_PAD] float32, expert ids
+    [BLOCK_T, K_PAD] int32), picks past TOP_K zero. Shared with engine.kernels.moe_align, whose decode
+    alignment routes its own chunk's tokens (one launch fewer a MoE layer)."""
     experts = tl.arange(0, BLOCK_E)
     row_ok = rows < num_tokens
     mask = row_ok[:, None] & (experts[None, :] < num_experts)
@@ -56,8 +57,23 @@ def _topk_softmax_kernel(
         key = tl.where(chosen, -1.0, key)
     if RENORMALIZE:
         top_weights = top_weights / tl.sum(top_weights, axis=1)[:, None]
+    return top_weights, top_ids
+
+
+# The token count changes every step: not specialised on (new variants would compile mid-run).
+@triton.jit(do_not_specialize=["num_tokens"])
+def _topk_softmax_kernel(
+    logits_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, stride_logits,
+    TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    top_weights, top_ids = route_tokens(
+        logits_ptr, rows, num_tokens, num_experts, stride_logits, TOP_K, K_PAD, BLOCK_E, BLOCK_T, RENORMALIZE
+    )
+    picks = tl.arange(0, K_PAD)
     out = rows.to(tl.int64)[:, None] * TOP_K + picks[None, :]
-    out_mask = row_ok[:, None] & (picks[None, :] < TOP_K)
+    out_mask = (rows < num_tokens)[:, None] & (picks[None, :] < TOP_K)
     tl.store(weights_ptr + out, top_weights, mask=out_mask)
     tl.store(ids_ptr + out, top_ids.to(ids_ptr.dtype.element_ty), mask=out_mask)
 

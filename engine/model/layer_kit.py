@@ -24,7 +24,7 @@ from torch import nn
 
 from engine.model.layers import RMSNorm, RotaryEmbedding, SiluAndMul
 from engine.model.linear import Linear, MixedPrecisionLinear
-from engine.model.moe import MoeExperts, MoeSpec, TopKRouter, TorchMoeExperts
+from engine.model.moe import MoeExperts, MoeSpec, SparseMoeBlock, TopKRouter, TorchMoeExperts
 from engine.model.quantization import Fp8Scheme
 from engine.model.sharding import Parallel, Part, Shard
 from engine.model.vocab import LMHead, LowPrecisionLMHead, VocabEmbedding
@@ -65,7 +65,6 @@ class LayerKit:
             group = self._fp8_expert_input_group(feeds, hidden_size)
             if group is not False:
                 from engine.kernels.fused_layers import ExpertInputRMSNorm
-                from engine.model.moe import SparseMoeBlock
 
                 assert isinstance(feeds, SparseMoeBlock)
                 return ExpertInputRMSNorm(hidden_size, eps, group, router=feeds.gate)
@@ -102,7 +101,6 @@ class LayerKit:
         its output both ways: engine.model.moe.ExpertInput), False for anything else."""
         from engine.kernels.fp8_producers import fused_quantization_fits
         from engine.kernels.fused_moe_layer import Fp8FusedMoeExperts
-        from engine.model.moe import SparseMoeBlock
 
         if not isinstance(feeds, SparseMoeBlock) or not isinstance(feeds.experts, Fp8FusedMoeExperts):
             return False
@@ -167,6 +165,16 @@ class LayerKit:
         if q is not None and not q.dequantize:
             raise ValueError("FP8 experts without dequantizing need the fused CUDA kernel")
         return TorchMoeExperts(hidden_size, spec, self.shard, self.matmul_dtype, q)
+
+    def moe_block(self, hidden_size: int, spec: MoeSpec) -> SparseMoeBlock:
+        """A mixture-of-experts MLP: ``moe_router`` and ``moe_experts``; on CUDA the experts take the router's
+        logits and route in their alignment's launch (engine.kernels.fused_moe_layer.FusedSparseMoeBlock)."""
+        router, experts = self.moe_router(hidden_size, spec), self.moe_experts(hidden_size, spec)
+        if self.fused:
+            from engine.kernels.fused_moe_layer import FusedSparseMoeBlock
+
+            return FusedSparseMoeBlock(router, experts)
+        return SparseMoeBlock(router, experts)
 
     def moe_router(self, hidden_size: int, spec: MoeSpec) -> TopKRouter:
         """A mixture-of-experts layer's router (replicated on every rank): its softmax and top-k in one

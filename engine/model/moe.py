@@ -329,12 +329,18 @@ class SparseMoeBlock(nn.Module):
     def forward(self, x: torch.Tensor | ExpertInput) -> torch.Tensor:
         """x [T, H] (or an ExpertInput of it) -> [T, H]."""
         x, quantized, logits = (x.x, x.quantized, x.logits) if isinstance(x, ExpertInput) else (x, None, None)
+        out = self.routed_experts(x, quantized, logits)
+        return all_reduce(out) if self.experts.shard.size > 1 else out
+
+    def routed_experts(
+        self, x: torch.Tensor, quantized: QuantizedActivation | None, logits: torch.Tensor | None
+    ) -> torch.Tensor:
+        """This rank's experts' weighted sum for x, routed by ``gate`` (``logits``: its product, if computed)."""
         topk_weights, topk_ids = self.gate(x, logits)
         if quantized is None:
-            out = self.experts(x, topk_weights, topk_ids)
-        else:  # FP8 experts only (float experts take no `quantized`: a TypeError)
-            out = self.experts(x, topk_weights, topk_ids, quantized=quantized)
-        return all_reduce(out) if self.experts.shard.size > 1 else out
+            return self.experts(x, topk_weights, topk_ids)
+        # FP8 experts only (float experts take no `quantized`: a TypeError)
+        return self.experts(x, topk_weights, topk_ids, quantized=quantized)
 
 
 @dataclass(frozen=True)

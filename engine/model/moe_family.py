@@ -4,8 +4,8 @@ Attention, norms, rotary, embedding and head are the Llama family's (Qwen3-MoE a
 with q/k norms; Mixtral like Mistral), built by the same LayerKit. What differs is read from the config
 by engine.model.moe.MoeSpec: how many experts, how many each token takes, whether their weights are
 renormalised, and (Qwen3-MoE's ``mlp_only_layers`` / ``decoder_sparse_step``) which layers keep a dense
-MLP. The router and the experts come from ``kit.moe_router`` and ``kit.moe_experts``: Triton kernels on CUDA,
-plain torch on the CPU.
+MLP. The block comes from ``kit.moe_block`` (its router and experts: Triton kernels on CUDA, plain torch
+on the CPU).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from engine.model.llama import LlamaForCausalLM
-from engine.model.moe import MoeExperts, MoeSpec, SparseMoeBlock, checkpoint_name, expert_tensor
+from engine.model.moe import MoeExperts, MoeSpec, checkpoint_name, expert_tensor
 from engine.model.sharding import CheckpointTensor
 
 MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM", "MixtralForCausalLM")
@@ -29,7 +29,7 @@ class MoeForCausalLM(LlamaForCausalLM):
         if layer_index not in spec.sparse_layers:  # Qwen3-MoE's dense layers
             return super().build_mlp(layer_index)
         hidden = self.config.hidden_size
-        return SparseMoeBlock(self.kit.moe_router(hidden, spec), self.kit.moe_experts(hidden, spec))
+        return self.kit.moe_block(hidden, spec)
 
     def expert_banks(self) -> Iterator[tuple[str, MoeExperts]]:
         for name, module in self.named_modules():

@@ -2,8 +2,8 @@
 flip from a numeric error: per-prompt first-token logprobs of transformers and of our engine, each
 router's expert choices recorded, and routing pinned to a reference run's choices.
 
-Pinning: a forward hook on every router (ours, engine.model.moe.TopKRouter; transformers'
-``*TopKRouter``) compares the experts it chose for each token with the reference's for the same prompt,
+Pinning: a forward hook on every router (ours, engine.model.moe.TopKRouter, which the hooks make every
+block call; transformers' ``*TopKRouter``) compares the experts it chose for each token with the reference's for the same prompt,
 layer and token. Where the sets differ (a flip), the token runs the reference's experts, weighted by
 the router's own softmax probabilities at them (renormalised as the model's config says); every other
 token keeps exactly the router's output, so a bug in the router's weights still shows. The model's
@@ -19,13 +19,14 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import MethodType
 
 import torch
 import transformers
 from small_engine import first_token_logprobs
 
 from engine.llm_engine import LLMEngine
-from engine.model.moe import TopKRouter
+from engine.model.moe import SparseMoeBlock, TopKRouter
 
 _TINY = dict(vocab_size=512, hidden_size=256, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
              max_position_embeddings=1024, rms_norm_eps=1e-5)  # fmt: skip
@@ -106,11 +107,18 @@ def routing_hooks(
         return on_router
 
     handles = [module.register_forward_hook(hook(layer)) for layer, module in routers(model)]
+    # Blocks whose experts route from the router's logits themselves (CUDA's FusedSparseMoeBlock) call no
+    # router forward to hook: here they route through it, as SparseMoeBlock does.
+    rerouted = [m for m in model.modules() if type(m) is not SparseMoeBlock and isinstance(m, SparseMoeBlock)]
+    for block in rerouted:
+        block.routed_experts = MethodType(SparseMoeBlock.routed_experts, block)  # type: ignore[method-assign]
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+        for block in rerouted:
+            del block.routed_experts
 
 
 def hf_last_logprobs(

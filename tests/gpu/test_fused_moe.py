@@ -93,6 +93,46 @@ def test_triton_alignment_equals_the_torch_alignment(num_tokens, num_experts, to
     assert torch.equal(a.block_expert[: n // block_m], b.block_expert[: n // block_m])
 
 
+@pytest.mark.parametrize("num_tokens", [1, 3, 4, 16, 64, 512, 2048, 4096])
+@pytest.mark.parametrize("num_experts, top_k", [(8, 2), (64, 4), (128, 8), (60, 6)])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_routing_in_the_alignment_equals_the_router_then_the_alignment(
+    num_tokens, num_experts, top_k, renormalize
+):
+    """route_and_align (the alignment's first launch computing its tokens' top-k: decode batches; one chunk
+    to 4 tokens of top 8, counted chunks beyond; top 6 and prompt sizes past the Triton alignment take the
+    router's kernel then the alignment) against topk_softmax then the alignment, bf16 logits as the router's
+    product gives them (exact ties in it: the lower id either way); then the MoE routed from those logits
+    against fused_experts on topk_softmax's routing, in a CUDA graph replayed with other logits."""
+    from engine.kernels.fused_moe import choose_block_config, fused_experts, fused_experts_from_logits
+    from engine.kernels.moe_align import align_slots_by_expert, route_and_align
+    from engine.kernels.moe_router import topk_softmax
+
+    gen = torch.Generator(device="cuda").manual_seed(num_tokens + num_experts)
+    logits = (torch.randn(num_tokens, num_experts, device="cuda", generator=gen) * 3).to(torch.bfloat16)
+    block_m = choose_block_config(num_tokens * top_k, num_experts).block_m
+    weights, ids, a = route_and_align(logits, top_k, renormalize, block_m)
+    expected_weights, expected_ids = topk_softmax(logits, top_k, renormalize)
+    assert torch.equal(ids.long(), expected_ids)
+    assert torch.equal(weights, expected_weights)
+    b = align_slots_by_expert(expected_ids, num_experts, block_m)
+    n = int(b.num_padded)
+    assert n == int(a.num_padded)
+    assert torch.equal(a.sorted_slots[:n], b.sorted_slots[:n])
+    assert torch.equal(a.block_expert[: n // block_m], b.block_expert[: n // block_m])
+
+    case = make_moe_case(num_tokens, num_experts, top_k, hidden=256, inter=128, dtype=torch.bfloat16,
+                         device="cuda", seed=num_tokens)  # fmt: skip
+    fused_experts_from_logits(case.x, case.w13, case.w2, logits, top_k, renormalize)  # compiled outside
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_experts_from_logits(case.x, case.w13, case.w2, logits, top_k, renormalize)
+    logits.copy_((torch.randn(num_tokens, num_experts, device="cuda", generator=gen) * 3).to(torch.bfloat16))
+    graph.replay()
+    expected_weights, expected_ids = topk_softmax(logits, top_k, renormalize)
+    assert torch.equal(out, fused_experts(case.x, case.w13, case.w2, expected_weights, expected_ids))
+
+
 @pytest.mark.parametrize("num_tokens", [1000, 8192])
 @pytest.mark.parametrize("tile", [(64, 64, 4), (128, 128, 8)])
 def test_fused_moe_with_the_gate_split_off(num_tokens, tile):

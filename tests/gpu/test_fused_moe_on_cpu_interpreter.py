@@ -153,20 +153,60 @@ from check_moe_router import check_topk_softmax_non_finite
 for experts, top_k, renormalize in [(8, 2, True), (6, 6, False), (128, 8, True)]:
     check_topk_softmax_non_finite(experts, top_k, renormalize, "cpu")
 
-# the MoE block as the kit builds it for CUDA (router and experts fused) against the CPU's, same weights
+# the alignment routing its chunks' tokens itself (route_and_align: the router's top-k in the alignment's
+# launches) gives topk_softmax's weights and ids, bit for bit, and their alignment: one chunk, many chunks
+# counted then placed, Mixtral's 8 experts top 2 over many chunks, a prompt step's widest chunks, NaN and
+# infinite rows; a top-k no power of two (6) and an all-slots-over-the-Triton-limit step take the two-launch way
+from engine.kernels.moe_align import route_and_align, routes_in_alignment
+from engine.kernels.moe_router import topk_softmax
+route_cases = [(1, 128, 8, 16, True, True), (4, 128, 8, 16, False, True), (40, 128, 8, 16, True, True),
+               (300, 128, 8, 64, False, True), (700, 8, 2, 32, True, True), (5, 60, 4, 16, True, True),
+               (9, 6, 1, 16, False, True), (3, 6, 6, 16, True, False), (2100, 16, 8, 64, True, False)]
+for tokens, experts, top_k, block_m, renormalize, fused_route in route_cases:
+    assert routes_in_alignment(tokens, experts, top_k) == fused_route, (tokens, experts, top_k)
+    logits = torch.randn(tokens, experts, generator=g) * 3
+    logits[tokens // 2, experts // 3] = float("nan")
+    logits[tokens - 1, 0] = float("inf")
+    weights, ids, a = route_and_align(logits, top_k, renormalize, block_m)
+    expected_weights, expected_ids = topk_softmax(logits, top_k, renormalize)
+    case = (tokens, experts, top_k)
+    assert ids.dtype == (torch.int32 if fused_route else torch.int64), case
+    assert torch.equal(ids.long(), expected_ids), case
+    assert torch.equal(weights.nan_to_num(-1.0), expected_weights.nan_to_num(-1.0)), case  # NaN rows alike
+    b = align_slots_by_expert(expected_ids, experts, block_m)
+    n = int(b.num_padded)
+    assert n == int(a.num_padded) and torch.equal(a.sorted_slots[:n], b.sorted_slots[:n]), case
+    assert torch.equal(a.block_expert[: n // block_m], b.block_expert[: n // block_m]), case
+
+# the experts routed from the router's logits: fused_experts on topk_softmax's routing, bit for bit (float and
+# FP8 with block scales; renormalised or not)
+from engine.kernels.fused_moe import fused_experts_from_logits
+for tokens, experts, top_k, hidden, inter, group, renormalize in [(3, 8, 2, 64, 48, None, True),
+                                                                  (40, 16, 4, 256, 128, 128, False)]:
+    case = make_moe_case(tokens, experts, top_k, hidden, inter, f32, "cpu", seed=tokens + 7)
+    logits = torch.randn(tokens, experts, generator=g)
+    w, i = topk_softmax(logits, top_k, renormalize)
+    fp8 = None if group is None else fp8_experts(case, group)
+    w13, w2, kwargs = (case.w13, case.w2, {}) if fp8 is None else (fp8.w13, fp8.w2, fp8.kwargs())
+    expected = fused_experts(case.x, w13, w2, w, i, **kwargs)
+    out = fused_experts_from_logits(case.x, w13, w2, logits, top_k, renormalize, **kwargs)
+    assert torch.equal(out, expected), (tokens, experts, top_k, group)
+
+# the MoE block as the kit builds it for CUDA (router and experts fused, the experts routing from the router's
+# logits) against the CPU's, same weights
 from engine.model.layer_kit import LayerKit
-from engine.model.moe import MoeSpec, SparseMoeBlock
+from engine.model.moe import MoeSpec
 spec = MoeSpec(num_experts=16, top_k=4, intermediate_size=24, renormalize=True, sparse_layers=frozenset())
-fused_kit, plain_kit = LayerKit(fused=True), LayerKit()
-fused = SparseMoeBlock(fused_kit.moe_router(40, spec), fused_kit.moe_experts(40, spec))
-plain = SparseMoeBlock(plain_kit.moe_router(40, spec), plain_kit.moe_experts(40, spec))
+fused, plain = LayerKit(fused=True).moe_block(40, spec), LayerKit().moe_block(40, spec)
+assert type(fused).__name__ == "FusedSparseMoeBlock" and type(plain).__name__ == "SparseMoeBlock"
 assert type(fused.gate).__name__ == "FusedTopKRouter" and type(fused.experts).__name__ == "FusedMoeExperts"
 torch.manual_seed(0)
 for tensor in plain.state_dict().values():
     tensor.normal_(std=0.2)
 fused.load_state_dict(plain.state_dict())
-x = torch.randn(23, 40)
-assert relative_error(fused(x), plain(x).float()) < 1e-5
+for tokens in (23, 2):  # routed in two launches (counted, then placed) and in one
+    x = torch.randn(tokens, 40)
+    assert relative_error(fused(x), plain(x).float()) < 1e-5, tokens
 print("ok")
 """
 
