@@ -113,26 +113,26 @@ class LlamaAttention(nn.Module):
 
     # No forward: the decoder layer calls project, attend and o_proj itself, with its norms between
     # (LlamaDecoderLayer.before_attention / after_attention), so piecewise CUDA graphs can cut at attention.
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [T, hidden] -> q [T, heads, d], k and v [T, kv_heads, d], not yet rotated (attend rotates them)."""
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        return q, k, v
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, hidden] -> qkv [T, q_size + 2 * kv_size]: q, k and v packed, not yet rotated (attend splits and
+        rotates them). Packed, so piecewise CUDA graphs keep it in one static buffer with one copy."""
+        return self.qkv_proj(x)
 
     def attend(
         self,
         positions: torch.Tensor,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
+        qkv: torch.Tensor,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Rotate q and k (normed first, Qwen3), write k/v into the cache, attend: -> [T, heads * d] (into
-        `out` [T, heads, d] when given). The rotary writes the cache: on the GPU in its own launch."""
+        """Split qkv into heads, rotate q and k (normed first, Qwen3), write k/v into the cache, attend: ->
+        [T, heads * d] (into `out` [T, heads, d] when given). The rotary writes the cache: on the GPU in its
+        own launch."""
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
         kv_scales = self.kv_scales.scales
         q, k = self.rotary.rotate_and_cache(
             positions, q, k, v, kv_cache, meta.slot_mapping, kv_scales, self.q_norm, self.k_norm
@@ -188,15 +188,15 @@ class LlamaDecoderLayer(nn.Module):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        (q, k, v), residual = self.before_attention(x, residual)
-        return self.after_attention(self.self_attn.attend(positions, q, k, v, kv_cache, meta), residual)
+        qkv, residual = self.before_attention(x, residual)
+        return self.after_attention(self.self_attn.attend(positions, qkv, kv_cache, meta), residual)
 
     # The two halves either side of attention, which piecewise CUDA graphs capture apart
     # (engine.model.piecewise_cuda_graphs): attention's launch grid depends on the step's sequences.
     def before_attention(
         self, x: torch.Tensor, residual: torch.Tensor | None
-    ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-        """-> ((q, k, v), residual). The residual stream travels beside the normalised activations; the add
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (qkv packed, residual). The residual stream travels beside the normalised activations; the add
         happens inside the next norm (first layer: the residual is the embedding itself)."""
         if residual is None:
             residual, x = x, self.input_layernorm(x)

@@ -93,10 +93,9 @@ class PiecewiseCudaGraphs:
         n = max_tokens
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
         self.positions = torch.zeros(n, dtype=torch.int64, device=device)
-        self.q = torch.zeros(n, attn.num_heads, attn.head_dim, dtype=dtype, device=device)
-        self.k = torch.zeros(n, attn.num_kv_heads, attn.head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
-        self.attended = torch.zeros_like(self.q)
+        # q, k and v packed as the projection writes them: one copy a layer into the buffer, not three
+        self.qkv = torch.zeros(n, attn.q_size + 2 * attn.kv_size, dtype=dtype, device=device)
+        self.attended = torch.zeros(n, attn.num_heads, attn.head_dim, dtype=dtype, device=device)
         self.residual = torch.zeros(n, hidden_size, dtype=dtype, device=device)
         self.hidden = torch.zeros(n, hidden_size, dtype=dtype, device=device)
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}  # bucket -> one graph per piece
@@ -117,18 +116,15 @@ class PiecewiseCudaGraphs:
             out, _ = self.decoder.norm(x, residual)
             self.hidden[:n].copy_(out)
             return
-        (q, k, v), residual = self.layers[index].before_attention(x, residual)
-        self.q[:n].copy_(q)
-        self.k[:n].copy_(k)
-        self.v[:n].copy_(v)
+        qkv, residual = self.layers[index].before_attention(x, residual)
+        self.qkv[:n].copy_(qkv)
         self.residual[:n].copy_(residual)
 
     def _attend(self, index: int, n: int, meta: AttentionMetadata) -> None:
         """Layer `index`'s attention for the step's n real tokens, into the static output."""
         self.layers[index].self_attn.attend(
-            self.positions[:n], self.q[:n], self.k[:n], self.v[:n], self.kv_caches[index], meta,
-            out=self.attended[:n],
-        )  # fmt: skip
+            self.positions[:n], self.qkv[:n], self.kv_caches[index], meta, out=self.attended[:n]
+        )
 
     @torch.inference_mode()
     def capture(self, pool=None) -> None:
