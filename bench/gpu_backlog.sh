@@ -55,13 +55,26 @@ case "${1:-}" in
     else
       bash "$0" tile-w1
     fi ;;
+  since-gpu)  # (~500 s, any Hopper card; the first call of the next GPU session) every GPU test of the kernels and
+    # engine paths changed since tests/gpu last ran (2026-12-07, 5c301b1): the router-logits norm (the review's
+    # change), the rotary writing K/V (rotary-cache), the alignment routing its tokens (route-in-align), the packed
+    # qkv of the piecewise graphs; then the router and alignment kernels timed. A/Bs after it: `w5-vs-base` (all of
+    # it on W5 against 5c301b1) and W1 against .carry/prev (rotary-cache's second half).
+    run router_tests 90 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_producers.py -k router -rfE
+    run since_gpu_tests 300 python3 -m pytest -q -p no:cacheprovider -rfE tests/gpu/test_fused_layers.py \
+      tests/gpu/test_fused_moe.py tests/gpu/test_moe_router.py tests/gpu/test_engine_on_gpu.py \
+      tests/gpu/test_piecewise_cuda_graphs.py tests/gpu/test_fp8_engine_on_gpu.py tests/gpu/test_llama_model_gpu.py \
+      tests/gpu/test_moe_engine_on_gpu.py tests/gpu/test_fp8_moe_engine_on_gpu.py
+    run router_in_norm 40 python3 bench/diag/router_in_norm.py --out "$OUT/router_in_norm.json"
+    run route_in_alignment 40 python3 bench/diag/route_in_alignment.py --out "$OUT/route_in_alignment.json" ;;
   h200-first)  # the first call when an H200 comes (<= 580 s): issue 14's W5 bar (QPS = inf and 32, decode steps against
     # their floor, a step trace, and transformers' generate over the first 32 requests as the issue's baseline in the
     # same call; the served figures are saved before it starts), on main's code. Last run 2026-12-07 (13cc1d1): 35.6
     # req/s, decode steps 54 % of their floor; since then (none served on an H200 yet; the first two served on an
     # H100, 31.8 req/s): the alignment's chunk rule (3c4926d), the norm writing FP8 experts' input and the router's
     # logits (seventeenth and eighteenth sessions), block-scaled tiles for 33-127 tokens (eighteenth, not served), the
-    # rotary writing the K/V cache in its launch (nineteenth; run `rotary-cache` first: its GPU tests).
+    # rotary writing the K/V cache in its launch (nineteenth), the alignment routing its tokens and the packed qkv of
+    # the piecewise graphs (twentieth; run `since-gpu` first: their GPU tests).
     # Next call: `all-bars-w2 w1` (2026-12-07: W1 25,492 tok/s, W2 47.6 req/s, W2-FP8 59.5).
     run w5 560 python3 bench/w5_moe.py --num-layers 48 --checkpoint fp8-block --hf-requests 32 \
       --qps inf 32 --step-trace --out "$OUT/w5.json" ;;
@@ -342,5 +355,5 @@ case "${1:-}" in
   w1)  # issue 13's W1 bar (H200: >= 28,800 tok/s), main and the old code on the same machine
     run w1 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1.json"
     (cd .carry/base && run w1_base 150 python3 bench/w1_offline.py --hf-seqs 0 --out "$OUT/w1_base.json") ;;
-  *) echo "usage: bench/gpu_backlog.sh router-in-norm|rotary-cache|route-in-align|w5-vs-base|h200-first|fp8-fused-sum|first-w5 [short|tiny]|tile-w1|first [tiny]|all-bars|all-bars-w2 [w1]|w1-prefill|overlap|pdl|bf16-linears|piecewise-tests|w5-piecewise|w5-or-w2-piecewise|w5-kernels|fp8-kv-tiles|moe-quant|moe-align|moe-align-chunks|moe-tune-w5|w5-kv|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
+  *) echo "usage: bench/gpu_backlog.sh since-gpu|router-in-norm|rotary-cache|route-in-align|w5-vs-base|h200-first|fp8-fused-sum|first-w5 [short|tiny]|tile-w1|first [tiny]|all-bars|all-bars-w2 [w1]|w1-prefill|overlap|pdl|bf16-linears|piecewise-tests|w5-piecewise|w5-or-w2-piecewise|w5-kernels|fp8-kv-tiles|moe-quant|moe-align|moe-align-chunks|moe-tune-w5|w5-kv|w5-fp8-ckpt-hf|w5-cap|bars13|w5-fp8-full|w5-fp8-ckpt|w1-kernels [all]|tests-fp8|fp8-tune|tests|moe-tune|w5|moe-tune-fp8|w5-fp8|w2-cap|w2-fp8|fp8-kernels|w2-text|structured|structured-profile|fp8|w2|w1" >&2; exit 2 ;;
 esac
