@@ -134,7 +134,11 @@ class LLMEngine:
         m = self.metrics
         m.labels(m.kv_cache_blocks_total).set(num_blocks)
         m.set_cache_config(
-            config.block_size, num_blocks, config.enable_prefix_caching, config.gpu_memory_utilization
+            config.block_size,
+            num_blocks,
+            config.enable_prefix_caching,
+            config.gpu_memory_utilization,
+            config.kv_cache_dtype,
         )
         log.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB), max_num_batched_tokens=%d, "

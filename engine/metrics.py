@@ -112,13 +112,19 @@ class EngineMetrics:
         self._children: dict[int, object] = {}
 
     def set_cache_config(
-        self, block_size: int, num_blocks: int, enable_prefix_caching: bool, gpu_memory_utilization: float
+        self,
+        block_size: int,
+        num_blocks: int,
+        enable_prefix_caching: bool,
+        gpu_memory_utilization: float,
+        cache_dtype: str,
     ) -> None:
-        """Once, when the KV cache is allocated ("num_gpu_blocks" is vLLM's name, on the CPU too)."""
+        """Once, when the KV cache is allocated ("num_gpu_blocks" is vLLM's name, on the CPU too).
+        ``cache_dtype``: --kv-cache-dtype as given (auto: the model's dtype), as vLLM reports it."""
         self.cache_config_info.labels(
             block_size=str(block_size),
             num_gpu_blocks=str(num_blocks),
-            cache_dtype="auto",  # the KV cache follows the model's dtype, as vLLM's default "auto"
+            cache_dtype=cache_dtype,
             enable_prefix_caching=str(enable_prefix_caching),
             gpu_memory_utilization=str(gpu_memory_utilization),
             kv_cache_size_tokens=str(num_blocks * block_size),

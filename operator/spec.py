@@ -223,8 +223,8 @@ class EmptyDirCache(SpecModel):
         None,
         description=(
             "Upper bound of the emptyDir's size, also requested as the pod's ephemeral-storage (the node's "
-            f"disk). Unset: {DEFAULT_CACHE_GI_PER_GPU}Gi per GPU of a replica (what fits in its GPUs' "
-            f"memory), {DEFAULT_CPU_CACHE_GI}Gi on the CPU, {EMBEDDED_CACHE_GI}Gi for the embedded model."
+            f"disk). Unset: {DEFAULT_CACHE_GI_PER_GPU}Gi per tensor-parallel GPU (what fits in the GPUs the model "
+            f"is split over), {DEFAULT_CPU_CACHE_GI}Gi on the CPU, {EMBEDDED_CACHE_GI}Gi for the embedded model."
         ),
     )
 

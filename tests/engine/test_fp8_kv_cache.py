@@ -20,6 +20,11 @@ from engine.model.loader import load_model
 from engine.model.sources import ModelLoadError
 
 
+def cache_dtype_label(engine: LLMEngine) -> str:
+    (sample,) = [s for s in engine.metrics.cache_config_info.collect()[0].samples if s.value == 1]
+    return sample.labels["cache_dtype"]
+
+
 def engine_with(path, kv_cache_dtype: str, **overrides) -> LLMEngine:
     model = None if path is None else str(path)  # None: the embedded SmolLM2
     config = EngineConfig(model=model, device="cpu", block_size=4, kv_cache_dtype=kv_cache_dtype, **overrides)
@@ -53,6 +58,8 @@ def test_fp8_kv_doubles_the_blocks_and_starts_as_the_bfloat16_run(calm_tiny_llam
     assert fp8.runner.kv_caches[0].dtype == torch.float8_e4m3fn
     assert fp8.runner.bytes_per_block() * 2 == bf16.runner.bytes_per_block()
     assert fp8.kv.pool.num_blocks == 2 * bf16.kv.pool.num_blocks
+    # what an endpoint picker reads: vllm:cache_config_info's cache_dtype, as vLLM reports --kv-cache-dtype
+    assert [cache_dtype_label(e) for e in (bf16, fp8)] == ["auto", "fp8"]
     prompts = random_prompts(8, 49152, seed=11, lo=5, hi=40)
     ours = fp8.generate(prompts, greedy(10))
     theirs = bf16.generate(prompts, greedy(10))
@@ -73,6 +80,8 @@ def test_fp8_kv_under_cpu_mixed_precision(tiny_model_dir, mixed_precision):
         torch.float8_e4m3fn,
     )
     assert fp8.kv.pool.num_blocks == 2 * bf16.kv.pool.num_blocks
+    # what an endpoint picker reads: vllm:cache_config_info's cache_dtype, as vLLM reports --kv-cache-dtype
+    assert [cache_dtype_label(e) for e in (bf16, fp8)] == ["auto", "fp8"]
     [out] = fp8.generate([[5, 17, 300, 41, 9]], greedy(6))
     assert len(out) == 6 and fp8.kv.num_free_blocks == fp8.kv.pool.num_blocks
 
