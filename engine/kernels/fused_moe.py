@@ -340,7 +340,7 @@ def fused_experts(
         return topk_weights, align(topk_ids, num_experts, block_m)
 
     assert topk_ids.shape[0] == x.shape[0], (topk_ids.shape, x.shape)
-    fp8 = _FP8Experts(w13_scale, w2_scale, group_k, x_quantized)
+    fp8 = _Fp8Operands(w13_scale, w2_scale, group_k, x_quantized)
     return _fused_experts(x, w13, w2, topk_ids.shape[1], route, config, fp8)
 
 
@@ -360,14 +360,14 @@ def fused_experts_from_logits(
 ) -> torch.Tensor:
     """``fused_experts`` routed by the router's softmax and top-k of ``router_logits`` (renormalised if
     asked), which for decode batches the alignment's first launch computes itself (route_and_align): what
-    ``topk_softmax`` then ``fused_experts`` give, one launch fewer."""
+    ``topk_softmax`` then ``fused_experts`` give (the routing weights to the last bit), one launch fewer."""
     assert router_logits.shape == (x.shape[0], w13.shape[0]), (router_logits.shape, x.shape, w13.shape)
 
     def route(block_m: int) -> tuple[torch.Tensor, ExpertAlignment]:
         weights, _, align = route_and_align(router_logits, top_k, renormalize, block_m)
         return weights, align
 
-    fp8 = _FP8Experts(w13_scale, w2_scale, group_k, x_quantized)
+    fp8 = _Fp8Operands(w13_scale, w2_scale, group_k, x_quantized)
     return _fused_experts(x, w13, w2, top_k, route, config, fp8)
 
 
@@ -376,7 +376,7 @@ _Route = Callable[[int], tuple[torch.Tensor, ExpertAlignment]]
 
 
 @dataclass(frozen=True)
-class _FP8Experts:
+class _Fp8Operands:
     w13_scale: torch.Tensor | None
     w2_scale: torch.Tensor | None
     group_k: int | None
@@ -390,7 +390,7 @@ def _fused_experts(
     top_k: int,
     route: _Route,
     config: MoeBlockConfig | None,
-    fp8_operands: _FP8Experts,
+    fp8_operands: _Fp8Operands,
 ) -> torch.Tensor:
     num_tokens = x.shape[0]
     num_experts, _, hidden = w13.shape

@@ -105,8 +105,8 @@ class Fp8FusedMoeExperts(MoeExperts):
 class FusedSparseMoeBlock(SparseMoeBlock):
     """SparseMoeBlock with fused experts taking the router's logits (the router's top-k kernel not run)."""
 
-    def __init__(self, router: FusedTopKRouter, experts: FusedMoeExperts | Fp8FusedMoeExperts) -> None:
-        super().__init__(router, experts)
+    gate: FusedTopKRouter
+    experts: FusedMoeExperts | Fp8FusedMoeExperts
 
     def routed_experts(
         self, x: torch.Tensor, quantized: QuantizedActivation | None, logits: torch.Tensor | None

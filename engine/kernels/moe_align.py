@@ -94,7 +94,7 @@ def _chunk_ids(
         out = rows.to(tl.int64)[:, None] * TOP_K + picks[None, :]
         row_ok = (rows < num_tokens)[:, None]
         tl.store(weights_ptr + out, top_weights, mask=row_ok)
-        tl.store(ids_ptr + out, top_ids, mask=row_ok)
+        tl.store(ids_ptr + out, top_ids.to(ids_ptr.dtype.element_ty), mask=row_ok)
         ids = tl.where(slots < num_slots, tl.reshape(top_ids, CHUNK), -1)  # row-major: slot order
     else:
         ids = tl.load(ids_ptr + slots, mask=slots < num_slots, other=-1)
@@ -238,19 +238,21 @@ def routes_in_alignment(num_tokens: int, num_experts: int, top_k: int) -> bool:
 def route_and_align(
     logits: torch.Tensor, top_k: int, renormalize: bool, block_m: int
 ) -> tuple[torch.Tensor, torch.Tensor, ExpertAlignment]:
-    """The router's logits [T, E] -> (weights [T, top_k] float32, expert ids [T, top_k], the alignment):
-    ``topk_softmax`` then the alignment, as one launch fewer where ``routes_in_alignment`` (decode batches:
-    the alignment's first launch picks its chunk's tokens' experts; same values as topk_softmax's). Ids are
-    int32 there, int64 otherwise."""
+    """The router's logits [T, E] (last dim contiguous) -> (weights [T, top_k] float32, expert ids [T, top_k]
+    int64, the alignment): ``topk_softmax`` then the alignment, as one launch fewer where
+    ``routes_in_alignment`` (decode batches: the alignment's first launch picks its chunk's tokens' experts
+    with topk_softmax's code). The same experts, so the same alignment; the weights may differ from
+    topk_softmax's in the last bit (their float32 sums follow each kernel's tile: route_tokens)."""
     num_tokens, num_experts = logits.shape
-    if not routes_in_alignment(num_tokens, num_experts, top_k) or logits.stride(1) != 1:
+    assert logits.stride(1) == 1, logits.stride()
+    if not routes_in_alignment(num_tokens, num_experts, top_k):
         weights, ids = topk_softmax(logits, top_k, renormalize)
         align = (
             align_slots_by_expert_small if num_tokens * top_k <= SMALL_MAX_SLOTS else align_slots_by_expert
         )
         return weights, ids, align(ids, num_experts, block_m)
     weights = torch.empty((num_tokens, top_k), dtype=torch.float32, device=logits.device)
-    ids = torch.empty((num_tokens, top_k), dtype=torch.int32, device=logits.device)
+    ids = torch.empty((num_tokens, top_k), dtype=torch.int64, device=logits.device)  # as topk_softmax's
     routing = _Routing(logits, weights, renormalize)
     return weights, ids, _align_small(ids.view(-1), top_k, num_experts, block_m, None, routing)
 

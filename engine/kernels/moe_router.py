@@ -25,7 +25,9 @@ def route_tokens(
 ):  # fmt: skip
     """rows [BLOCK_T] (token ids; past num_tokens ignored) -> (weights [BLOCK_T, K_PAD] float32, expert ids
     [BLOCK_T, K_PAD] int32), picks past TOP_K zero. Shared with engine.kernels.moe_align, whose decode
-    alignment routes its own chunk's tokens (one launch fewer a MoE layer)."""
+    alignment routes its own chunk's tokens (one launch fewer a MoE layer): the same experts whatever the
+    tile; the weights' float32 sums (the softmax's, the renormalisation's) follow the tile's layout, so two
+    tiles' weights may differ in the last bit."""
     experts = tl.arange(0, BLOCK_E)
     row_ok = rows < num_tokens
     mask = row_ok[:, None] & (experts[None, :] < num_experts)
@@ -38,11 +40,14 @@ def route_tokens(
     p = tl.exp(x - tl.max(x, axis=1)[:, None])
     probs = p / tl.sum(p, axis=1)[:, None]  # padded experts: exactly 0
 
-    # Picked by a key with no NaN in it: a NaN or infinite logit makes the whole row NaN (as torch's softmax
-    # does), and NaN equals nothing, so picking by the probabilities would name expert BLOCK_E, past the
-    # weights the MoE kernel indexes with the ids. NaN ranks above every number (as in torch.topk); padded
-    # and already picked experts rank below every probability: top_k distinct experts < num_experts.
-    key = tl.where(probs >= 0.0, probs, 2.0)  # false only for NaN (no x != x for a compiler to fold)
+    # Picked by the exponentials, not the probabilities: the same order (a division by one positive sum),
+    # but free of the sum, whose float32 rounding depends on the tile's layout (this kernel's and the MoE
+    # alignment's differ), so the experts chosen never depend on which kernel routed. The key has no NaN in
+    # it: a NaN or infinite logit makes the row's weights NaN (as torch's softmax does), and NaN equals
+    # nothing, so picking by NaN would name expert BLOCK_E, past the weights the MoE kernel indexes with the
+    # ids. NaN ranks above every number (as in torch.topk); padded and already picked experts rank below
+    # every exponential: top_k distinct experts < num_experts.
+    key = tl.where(p >= 0.0, p, 2.0)  # false only for NaN (no x != x for a compiler to fold)
     key = tl.where(experts[None, :] < num_experts, key, -1.0)
     picks = tl.arange(0, K_PAD)
     top_weights = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float32)

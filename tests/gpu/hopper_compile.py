@@ -25,7 +25,9 @@ HOPPER = ("cuda", 90, 32)  # backend, compute capability, warp size
 class CompiledKernel:
     name: str
     num_warps: int
-    shared_bytes: int  # static shared memory the compiled kernel needs (Hopper: at most 227 KB a block)
+    # shared memory the compiled kernel needs; reported, not checked: on the GPU the wrappers cut a tile's
+    # stages to the card's 227 KB (fit_shared_memory), which they skip for CPU tensors
+    shared_bytes: int
 
 
 def hopper_compiler_available() -> str | None:

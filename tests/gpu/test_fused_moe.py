@@ -102,8 +102,9 @@ def test_routing_in_the_alignment_equals_the_router_then_the_alignment(
     """route_and_align (the alignment's first launch computing its tokens' top-k: decode batches; one chunk
     to 4 tokens of top 8, counted chunks beyond; top 6 and prompt sizes past the Triton alignment take the
     router's kernel then the alignment) against topk_softmax then the alignment, bf16 logits as the router's
-    product gives them (exact ties in it: the lower id either way); then the MoE routed from those logits
-    against fused_experts on topk_softmax's routing, in a CUDA graph replayed with other logits."""
+    product gives them (exact ties in it: the lower id either way): the same experts and alignment, the
+    weights to the last bit (their float32 sums follow each kernel's tile). Then the MoE routed from those
+    logits in a CUDA graph replayed with other logits: fused_experts on the routing the graph computed."""
     from engine.kernels.fused_moe import choose_block_config, fused_experts, fused_experts_from_logits
     from engine.kernels.moe_align import align_slots_by_expert, route_and_align
     from engine.kernels.moe_router import topk_softmax
@@ -113,8 +114,8 @@ def test_routing_in_the_alignment_equals_the_router_then_the_alignment(
     block_m = choose_block_config(num_tokens * top_k, num_experts).block_m
     weights, ids, a = route_and_align(logits, top_k, renormalize, block_m)
     expected_weights, expected_ids = topk_softmax(logits, top_k, renormalize)
-    assert torch.equal(ids.long(), expected_ids)
-    assert torch.equal(weights, expected_weights)
+    assert torch.equal(ids, expected_ids)
+    torch.testing.assert_close(weights, expected_weights, rtol=1e-6, atol=1e-9)
     b = align_slots_by_expert(expected_ids, num_experts, block_m)
     n = int(b.num_padded)
     assert n == int(a.num_padded)
@@ -129,8 +130,9 @@ def test_routing_in_the_alignment_equals_the_router_then_the_alignment(
         out = fused_experts_from_logits(case.x, case.w13, case.w2, logits, top_k, renormalize)
     logits.copy_((torch.randn(num_tokens, num_experts, device="cuda", generator=gen) * 3).to(torch.bfloat16))
     graph.replay()
-    expected_weights, expected_ids = topk_softmax(logits, top_k, renormalize)
-    assert torch.equal(out, fused_experts(case.x, case.w13, case.w2, expected_weights, expected_ids))
+    weights, ids, _ = route_and_align(logits, top_k, renormalize, block_m)  # what the replay computed
+    assert torch.equal(ids, topk_softmax(logits, top_k, renormalize)[1])
+    assert torch.equal(out, fused_experts(case.x, case.w13, case.w2, weights, ids))
 
 
 @pytest.mark.parametrize("num_tokens", [1000, 8192])
