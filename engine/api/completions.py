@@ -89,7 +89,9 @@ class CompletionChunks:
     ):
         self.head, self.body, self.texts, self.tokenizer = head, body, texts, tokenizer
         self.choices = new_choices(subs)
-        self.chars_sent: dict[int, int] = {s.index: 0 for s in subs}
+        # Per choice: characters that start in the text streamed so far (echo, then the tokens'), from
+        # the tokens' bytes as in the non-streamed answer (held-back text would shift offsets).
+        self.chars_before: dict[int, int] = {s.index: 0 for s in subs}
         self.started: set[int] = set()
         self.continuous_usage = body.continuous_usage_in_stream
         # The per-token case (text only, not the last chunk), from a template per choice.
@@ -122,10 +124,12 @@ class CompletionChunks:
         if self.body.logprobs is not None and (out.new_logprobs or prefix):
             logprobs = _logprobs(
                 self.body, sub, self.texts, out.new_logprobs or [], out.prompt_logprobs,
-                self.chars_sent[sub.index], prefix,
+                self.chars_before[sub.index], prefix,
             )  # fmt: skip
+            self.chars_before[sub.index] += len(prefix) + sum(
+                self.texts.num_chars(lp.token_id) for lp in out.new_logprobs or []
+            )
         self.choices[sub.index].count(out)
-        self.chars_sent[sub.index] += len(text)
         if logprobs is None and not out.finished and not self.continuous_usage:  # the per-token case
             # No text: held back (e.g. a possible stop string), nothing to say yet.
             return [self.text_events.event(sub.index, text)] if text else []

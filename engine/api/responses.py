@@ -18,7 +18,8 @@ from engine.api.body import parse_body, validate
 from engine.api.chat_generation import ChatGeneration, prepare_chat
 from engine.api.choice_output import ChoiceOutput, ParsedChoice
 from engine.api.generation import ChoiceResult, SubRequest, merged_outputs
-from engine.api.protocol import ChatCompletionRequest, ErrorInfo
+from engine.api.logprobs import TokenTexts, chat_logprobs
+from engine.api.protocol import ChatCompletionRequest, ChatTokenLogprob, ErrorInfo
 from engine.api.responses_protocol import (
     FunctionCallItem,
     FunctionCallOutputItem,
@@ -93,6 +94,8 @@ def to_chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
         "parallel_tool_calls": body.parallel_tool_calls,
         "response_format": _response_format(body),
     }
+    if body.num_logprobs is not None:
+        chat["logprobs"], chat["top_logprobs"] = True, body.num_logprobs
     if body.tools:
         chat["tools"] = [
             {"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
@@ -125,12 +128,14 @@ def _reasoning_item(item_id: str, text: str, summary: bool, status: str = "compl
     )
 
 
-def _output_items(parsed: ParsedChoice, summary: bool, status: str) -> list[OutputItem]:
+def _output_items(
+    parsed: ParsedChoice, summary: bool, status: str, logprobs: list[ChatTokenLogprob]
+) -> list[OutputItem]:
     items: list[OutputItem] = []
     if parsed.reasoning:
         items.append(_reasoning_item(_new_id("rs"), parsed.reasoning, summary))
     if parsed.content:
-        text = OutputText(text=parsed.content)
+        text = OutputText(text=parsed.content, logprobs=logprobs)
         items.append(OutputMessage(id=_new_id("msg"), content=[text], status=status))  # type: ignore[arg-type]
     for call in parsed.tool_calls:
         items.append(
@@ -165,6 +170,7 @@ def _skeleton(response_id: str, body: ResponsesRequest, model: str) -> ResponseO
         max_output_tokens=body.max_output_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
+        top_logprobs=body.top_logprobs,
         metadata=body.metadata,
     )
 
@@ -184,15 +190,41 @@ def _finish(response: ResponseObject, result: ChoiceResult, items: list[OutputIt
 # ---------------------------------------------------------------- streaming
 
 
+class OutputLogprobs:
+    """The output tokens' logprobs (`include: ["message.output_text.logprobs"]`) as they arrive: each
+    text delta carries those not sent yet (a token whose text is held back goes with the next delta)."""
+
+    def __init__(self, texts: TokenTexts, num_top: int | None) -> None:
+        self.texts = texts
+        self.num_top = num_top  # None: not asked for
+        self.received: list[ChatTokenLogprob] = []
+        self.num_sent = 0
+
+    def add(self, out: RequestOutput) -> None:
+        if self.num_top is not None and out.new_logprobs:
+            self.received += chat_logprobs(self.texts, out.new_logprobs, self.num_top)
+
+    def take_unsent(self) -> list[ChatTokenLogprob]:
+        unsent = self.received[self.num_sent :]
+        self.num_sent = len(self.received)
+        return unsent
+
+
 class ResponseEvents:
     """The typed event stream: items open when their first delta arrives and close when the next kind
     starts (reasoning, then the message, then function calls) or the output ends."""
 
     def __init__(
-        self, response: ResponseObject, generation: ChatGeneration, sub: SubRequest, summary: bool
+        self,
+        response: ResponseObject,
+        generation: ChatGeneration,
+        sub: SubRequest,
+        summary: bool,
+        logprobs: OutputLogprobs,
     ) -> None:
         self.response = response
         self.summary = summary
+        self.logprobs = logprobs
         self.output = ChoiceOutput(generation.plan, sub.prompt.text) if generation.parses_output else None
         self.result = generation.new_choices()[sub.index]
         self.sequence = 0
@@ -253,10 +285,11 @@ class ResponseEvents:
                 )
         elif kind == "message":
             status = "incomplete" if self.result.finish_reason == "length" else "completed"
-            item = OutputMessage(id=item.id, content=[OutputText(text=text)], status=status)  # type: ignore[arg-type]
-            events.append(
-                self.event("response.output_text.done", **fields, content_index=0, text=text, logprobs=[])
-            )
+            logprobs = self.logprobs.received
+            content = [OutputText(text=text, logprobs=logprobs)]
+            item = OutputMessage(id=item.id, content=content, status=status)  # type: ignore[arg-type]
+            done = {"text": text, "logprobs": [lp.model_dump() for lp in logprobs]}
+            events.append(self.event("response.output_text.done", **fields, content_index=0, **done))
             part = item.content[0].model_dump()
             events.append(self.event("response.content_part.done", **fields, content_index=0, part=part))
         else:
@@ -280,6 +313,7 @@ class ResponseEvents:
             events.append(self.event("response.created", response=snapshot))
             events.append(self.event("response.in_progress", response=snapshot))
         self.result.count(out)
+        self.logprobs.add(out)
         if self.output is None:
             reasoning, content, calls = "", out.new_text, []
         else:
@@ -299,9 +333,10 @@ class ResponseEvents:
                 events += self._open("message", OutputMessage(id=_new_id("msg"), status="in_progress"))
             self.text += content
             fields = self._item_fields()
+            logprobs = [lp.model_dump() for lp in self.logprobs.take_unsent()]
             events.append(
                 self.event(
-                    "response.output_text.delta", **fields, content_index=0, delta=content, logprobs=[]
+                    "response.output_text.delta", **fields, content_index=0, delta=content, logprobs=logprobs
                 )
             )
         for call in calls:
@@ -347,7 +382,8 @@ async def create_response(request: web.Request) -> web.StreamResponse:
 
     async with aclosing(merged_outputs(state.engine, generation.subs)) as outputs:
         if body.stream:
-            events = ResponseEvents(skeleton, generation, sub, summary)
+            logprobs = OutputLogprobs(state.token_texts, body.num_logprobs)
+            events = ResponseEvents(skeleton, generation, sub, summary, logprobs)
             return await stream_sse(
                 request, outputs, events, response_id, error_event=events.error_event, terminator=b""
             )
@@ -360,5 +396,6 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     else:
         parsed = ParsedChoice(None, result.text, [])
     status = "incomplete" if result.finish_reason == "length" else "completed"
-    response = _finish(skeleton, result, _output_items(parsed, summary, status))
+    logprobs = chat_logprobs(state.token_texts, result.logprobs, body.num_logprobs or 0)
+    response = _finish(skeleton, result, _output_items(parsed, summary, status, logprobs))
     return web.Response(text=response.model_dump_json(), content_type="application/json")

@@ -124,6 +124,9 @@ class ReasoningOptions(Strict):
 # ---------------------------------------------------------------- request
 
 
+OUTPUT_TEXT_LOGPROBS = "message.output_text.logprobs"  # the `include` entry that asks for logprobs
+
+
 class ResponsesRequest(Strict):
     model: str | None = None
     input: list[InputItem]  # a string is one user message
@@ -136,6 +139,7 @@ class ResponsesRequest(Strict):
     max_output_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     stream: bool = False
     store: bool = True  # accepted; nothing is stored either way (responses echo store: false)
     previous_response_id: str | None = None
@@ -148,6 +152,14 @@ class ResponsesRequest(Strict):
     include: list[str] | None = None
     background: bool | None = None
     stream_options: dict[str, Any] | None = None
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """Alternatives per output token when `include` asks for the output text's logprobs (as OpenAI
+        and vLLM: `top_logprobs` alone returns none); None when it does not."""
+        if self.include and OUTPUT_TEXT_LOGPROBS in self.include:
+            return self.top_logprobs or 0
+        return None
 
     @field_validator("input", mode="before")
     @classmethod
@@ -271,6 +283,7 @@ class ResponseObject(BaseModel):
     max_output_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
+    top_logprobs: int | None = None
     store: bool = False  # nothing is kept: previous_response_id can't refer to it
     metadata: dict[str, str] | None = None
     previous_response_id: None = None

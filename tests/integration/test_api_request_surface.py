@@ -184,6 +184,50 @@ def test_echo_with_logprobs_scores_the_prompt(client: OpenAI, tiny_llama_dir: Pa
     assert tokens == lp.tokens
 
 
+def token_id(server, text: str, index: int = 0) -> tuple[int, str]:
+    """The id and vocabulary entry of the index-th token `text` encodes to."""
+    status, resp = server.post("/tokenize", {"prompt": text, "return_token_strs": True})
+    assert status == 200, resp
+    return resp["tokens"][index], resp["token_strs"][index]
+
+
+def test_logprob_bytes_of_a_partial_character_are_its_own(client: OpenAI, server) -> None:
+    # "🎉" is F0 9F 8E 89, three tokens in SmolLM2's vocabulary; the first holds F0 9F. The bias forces it.
+    first_half, entry = token_id(server, "🎉")
+    assert entry == "ðŁ"  # byte-level BPE's spelling of F0 9F
+    resp = client.chat.completions.create(
+        model=MODEL, messages=USER, max_tokens=2, temperature=0, logprobs=True,
+        logit_bias={str(first_half): 100},
+    )  # fmt: skip
+    content = resp.choices[0].logprobs.content
+    # OpenAI's `bytes` are the token's UTF-8 bytes (joined, the tokens' bytes make the text), not those of
+    # the U+FFFD its text shows.
+    assert [entry.bytes for entry in content] == [[0xF0, 0x9F], [0xF0, 0x9F]]
+
+
+def test_echo_text_offsets_count_characters_not_token_texts(client: OpenAI, server) -> None:
+    # Tokens 'Em' 'oji' ':' then ' ' F0 9F 98 | 80 | F0 9F | 8E | 89: four of them hold part of a character.
+    prompt = "Emoji: 😀🎉"
+    first_half, _ = token_id(server, "🎉")
+    common = {
+        "model": MODEL,
+        "prompt": prompt,
+        "max_tokens": 2,
+        "temperature": 0,
+        "echo": True,
+        "logprobs": 0,
+    }
+    bias = {"logit_bias": {str(first_half): 100}}
+    resp = client.completions.create(**common, **bias)
+    text, offsets = resp.choices[0].text, resp.choices[0].logprobs.text_offset
+    assert text == prompt + "\ufffd\ufffd"  # two F0 9F: two incomplete characters
+    # Each token at the character its first byte belongs to; the output after the prompt's 9 characters.
+    assert offsets == [0, 2, 5, 6, 7, 8, 8, 8, 9, 10]
+    streamed = client.completions.create(**common, **bias, stream=True)
+    chunks = [c.logprobs for chunk in streamed for c in chunk.choices if c.logprobs]
+    assert [at for lp in chunks for at in lp.text_offset] == offsets
+
+
 def test_prompt_logprobs_with_stream_is_400(client: OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(

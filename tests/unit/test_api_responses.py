@@ -197,3 +197,25 @@ async def test_text_format_json_schema(serve) -> None:
     assert json.loads(resp.output_text) == {"capital": "Paris"}
     spec = s.engine.submitted[0].params.structured
     assert spec is not None and spec.kind == "json_schema" and json.loads(spec.value) == schema
+
+
+async def test_output_text_logprobs_when_included(serve) -> None:
+    s = await serve(ANSWER)
+    ask = {"model": MODEL, "input": "hi", "top_logprobs": 2, "include": ["message.output_text.logprobs"]}
+    resp = await s.openai.responses.create(**ask)
+    logprobs = resp.output[0].content[0].logprobs
+    assert len(logprobs) == resp.usage.output_tokens and resp.top_logprobs == 2
+    assert "".join(lp.token for lp in logprobs) == ANSWER
+    assert all(lp.logprob == -0.25 and len(lp.top_logprobs) == 2 for lp in logprobs)
+    assert s.engine.submitted[0].params.logprobs == 2
+
+    async with s.openai.responses.stream(**ask) as stream:
+        deltas = [e.logprobs async for e in stream if e.type == "response.output_text.delta"]
+        final = await stream.get_final_response()
+    streamed = [lp.model_dump() for delta in deltas for lp in delta]
+    assert streamed == [lp.model_dump() for lp in final.output[0].content[0].logprobs]
+    assert streamed == [lp.model_dump() for lp in logprobs]
+
+    # As OpenAI and vLLM: top_logprobs alone does not include them.
+    plain = await s.openai.responses.create(model=MODEL, input="hi", top_logprobs=2)
+    assert plain.output[0].content[0].logprobs == [] and s.engine.submitted[-1].params.logprobs is None

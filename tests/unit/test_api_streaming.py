@@ -129,10 +129,11 @@ def reference_completion_events(
         text = prefix + o.new_text
         logprobs = None
         if body.logprobs is not None and o.new_logprobs:
+            # text_offset counts the characters of the echo and of the tokens before (not the text sent)
             offset = sent[s.index] + len(prefix)
             logprobs = completion_logprobs(texts, o.new_logprobs, body.logprobs, offset)
+            sent[s.index] = offset + sum(texts.num_chars(lp.token_id) for lp in o.new_logprobs)
         results[s.index].add(o)
-        sent[s.index] += len(text)
         if not text and logprobs is None and not o.finished:
             continue
         choice = CompletionChoice(
