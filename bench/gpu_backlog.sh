@@ -55,17 +55,17 @@ case "${1:-}" in
     else
       bash "$0" tile-w1
     fi ;;
-  since-gpu)  # (~500 s, any Hopper card; the first call of the next GPU session) every GPU test of the kernels and
+  since-gpu)  # (<= 560 s, any Hopper card; the first call of the next GPU session) every GPU test of the kernels and
     # engine paths changed since tests/gpu last ran (2026-12-07, 5c301b1): the router-logits norm (the review's
     # change), the rotary writing K/V (rotary-cache), the alignment routing its tokens (route-in-align), the packed
-    # qkv of the piecewise graphs; then the router and alignment kernels timed. A/Bs after it: `w5-vs-base` (all of
-    # it on W5 against 5c301b1) and W1 against .carry/prev (rotary-cache's second half).
-    run router_tests 90 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_producers.py -k router -rfE
-    run since_gpu_tests 300 python3 -m pytest -q -p no:cacheprovider -rfE tests/gpu/test_fused_layers.py \
-      tests/gpu/test_fused_moe.py tests/gpu/test_moe_router.py tests/gpu/test_engine_on_gpu.py \
+    # qkv of the piecewise graphs; kernels first, then the engines; then the routing alignment timed. A/Bs after it:
+    # `w5-vs-base` (all of it on W5 against 5c301b1), `rotary-cache`'s W1 against .carry/prev, `router-in-norm`'s timing.
+    run since_gpu_kernels 220 python3 -m pytest -q -p no:cacheprovider -rfE -k "not test_fp8_producers or router" \
+      tests/gpu/test_fp8_producers.py tests/gpu/test_fused_layers.py tests/gpu/test_fused_moe.py \
+      tests/gpu/test_moe_router.py
+    run since_gpu_engines 300 python3 -m pytest -q -p no:cacheprovider -rfE tests/gpu/test_engine_on_gpu.py \
       tests/gpu/test_piecewise_cuda_graphs.py tests/gpu/test_fp8_engine_on_gpu.py tests/gpu/test_llama_model_gpu.py \
       tests/gpu/test_moe_engine_on_gpu.py tests/gpu/test_fp8_moe_engine_on_gpu.py
-    run router_in_norm 40 python3 bench/diag/router_in_norm.py --out "$OUT/router_in_norm.json"
     run route_in_alignment 40 python3 bench/diag/route_in_alignment.py --out "$OUT/route_in_alignment.json" ;;
   h200-first)  # the first call when an H200 comes (<= 580 s): issue 14's W5 bar (QPS = inf and 32, decode steps against
     # their floor, a step trace, and transformers' generate over the first 32 requests as the issue's baseline in the
