@@ -54,8 +54,12 @@ def _delta_message(delta: OutputDelta) -> DeltaMessage:
         )
         for c in delta.tool_calls
     ]
+    reasoning = delta.reasoning or None
     return DeltaMessage(
-        content=delta.content or None, reasoning_content=delta.reasoning or None, tool_calls=calls or None
+        content=delta.content or None,
+        reasoning=reasoning,
+        reasoning_content=reasoning,
+        tool_calls=calls or None,
     )
 
 
@@ -137,7 +141,12 @@ def _message(parsed: ParsedChoice) -> ChatResponseMessage:
         ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
         for c in parsed.tool_calls
     ]
-    return ChatResponseMessage(content=parsed.content, reasoning_content=parsed.reasoning, tool_calls=calls)
+    return ChatResponseMessage(
+        content=parsed.content,
+        reasoning=parsed.reasoning,
+        reasoning_content=parsed.reasoning,
+        tool_calls=calls,
+    )
 
 
 def _choice(

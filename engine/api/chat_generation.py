@@ -61,13 +61,15 @@ async def prepare_chat(state: ServerState, body: ChatCompletionRequest, request_
         tools=[t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
     )
     budget = resolve_max_tokens(len(prompt.token_ids), body.output_limit, engine.max_model_len, "messages")
-    if plan.structured is not None and plan.reasoning is not None:
-        after = not plan.reasoning.closed_in_prompt(prompt.text)
-        plan.structured = replace(plan.structured, after_reasoning=after)
     if plan.structured is None:  # the request's own response_format / structured_outputs / guided_*
         plan.structured = await compiled_structured_spec(engine, body)
     else:  # tool_choice required / named: a grammar over the tools' schemas
         await compile_spec(engine, plan.structured, "tools")
+    if plan.structured is not None and plan.reasoning is not None:
+        # Every grammar (tools' or the request's own) constrains the answer only: a thinking model
+        # must be free to think first, as in vLLM.
+        after = not plan.reasoning.closed_in_prompt(prompt.text)
+        plan.structured = replace(plan.structured, after_reasoning=after)
     logit_bias = checked_logit_bias(body.logit_bias_ids, engine.vocab_size)
     subs = fan_out(
         request_id, body, [prompt], [budget], body.num_logprobs, body.prompt_logprobs, logit_bias=logit_bias

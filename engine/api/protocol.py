@@ -529,7 +529,11 @@ class ChatResponseMessage(BaseModel):
     content: str | None = None
     refusal: str | None = None
     tool_calls: list[ToolCall] = Field(default_factory=list)
-    reasoning_content: str | None = None  # vLLM's: the thinking, when a reasoning parser runs
+    # The thinking, when a reasoning parser runs: `reasoning` is vLLM's name since late 2025 (vllm#27752,
+    # after OpenAI's guidance for chat), `reasoning_content` its older (DeepSeek's) one, which many
+    # clients still read. Both are sent, the same text.
+    reasoning: str | None = None
+    reasoning_content: str | None = None
 
 
 class OmitNone(BaseModel):
@@ -573,6 +577,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(OmitNone):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning: str | None = None  # the two names of the thinking, as in ChatResponseMessage
     reasoning_content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
 

@@ -17,6 +17,7 @@ from pydantic_core import to_json
 from engine.api.body import parse_body, validate
 from engine.api.chat_generation import ChatGeneration, prepare_chat
 from engine.api.choice_output import ChoiceOutput, ParsedChoice
+from engine.api.errors import APIError
 from engine.api.generation import ChoiceResult, SubRequest, merged_outputs
 from engine.api.logprobs import TokenTexts, chat_logprobs
 from engine.api.protocol import ChatCompletionRequest, ChatTokenLogprob, ErrorInfo
@@ -110,6 +111,24 @@ def to_chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
         # Templates that take an effort (gpt-oss) read `reasoning_effort`; others ignore it.
         chat["chat_template_kwargs"] = {"reasoning_effort": body.reasoning.effort}
     return validate(ChatCompletionRequest, chat)
+
+
+# Chat fields a Responses request is served through, and the Responses fields the client wrote them as:
+# an error about one (e.g. a schema that does not compile) names what the client sent.
+_RESPONSES_FIELD_NAMES = (
+    ("response_format.json_schema.schema", "text.format.schema"),
+    ("response_format", "text.format"),
+)
+
+
+def in_responses_terms(error: APIError) -> APIError:
+    """`error`, raised for the translated chat request, with the request's own field names."""
+    message, param = error.info.message, error.info.param
+    for chat_name, name in _RESPONSES_FIELD_NAMES:
+        message = message.replace(chat_name, name)
+        param = param.replace(chat_name, name) if param else param
+    info = error.info
+    return APIError(error.status, message, info.type, param, info.code)
 
 
 def _wants_summary(body: ResponsesRequest) -> bool:
@@ -373,9 +392,11 @@ class ResponseEvents:
 async def create_response(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     body = await parse_body(request, ResponsesRequest)
-    chat = to_chat_request(body)
     response_id = _new_id("resp")
-    generation = await prepare_chat(state, chat, response_id)
+    try:
+        generation = await prepare_chat(state, to_chat_request(body), response_id)
+    except APIError as exc:
+        raise in_responses_terms(exc) from None
     (sub,) = generation.subs
     skeleton = _skeleton(response_id, body, generation.model)
     summary = _wants_summary(body)

@@ -1,7 +1,11 @@
 """The JSON schema a tool_choice of "required" or a named function constrains the output to (vLLM's):
 "required" is a non-empty array of `{"name": <a tool's name>, "parameters": <that tool's schema>}`
 (one `anyOf` branch per tool, so each name goes with its own parameters); a named function is its
-parameters schema."""
+parameters schema.
+
+A tool's local references (`#/$defs/...`, `#/definitions/...`, `#` itself) point into its own parameters
+schema; nested in "required"'s array they are rewritten to the parameters' place there, so each resolves
+to its own tool's definitions (two tools may each define an `Address` of their own)."""
 
 from __future__ import annotations
 
@@ -14,6 +18,27 @@ def parameters_schema(parameters: dict[str, Any] | None) -> dict[str, Any]:
     return parameters if parameters else EMPTY_PARAMETERS
 
 
+# Keywords whose values are data, not subschemas: a {"$ref": ...} inside them is not a reference.
+_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+
+
+def rooted_refs(schema: Any, pointer: str) -> Any:
+    """`schema` with its local `$ref`s ("#..." ) made relative to `pointer`, where it is placed."""
+    if isinstance(schema, list):
+        return [rooted_refs(item, pointer) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    rooted: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+            rooted[key] = pointer + value[1:]
+        elif key in _DATA_KEYWORDS:
+            rooted[key] = value
+        else:
+            rooted[key] = rooted_refs(value, pointer)
+    return rooted
+
+
 def required_schema(functions: list[tuple[str, dict[str, Any] | None]], parallel: bool) -> dict[str, Any]:
     """functions: (name, parameters schema) of each tool; parallel=False allows one call only."""
     call_schemas = [
@@ -21,12 +46,14 @@ def required_schema(functions: list[tuple[str, dict[str, Any] | None]], parallel
             "type": "object",
             "properties": {
                 "name": {"type": "string", "enum": [name]},
-                "parameters": parameters_schema(params),
+                "parameters": rooted_refs(
+                    parameters_schema(params), f"#/items/anyOf/{i}/properties/parameters"
+                ),
             },
             "required": ["name", "parameters"],
             "additionalProperties": False,
         }
-        for name, params in functions
+        for i, (name, params) in enumerate(functions)
     ]
     schema: dict[str, Any] = {
         "type": "array",
@@ -35,8 +62,4 @@ def required_schema(functions: list[tuple[str, dict[str, Any] | None]], parallel
     }
     if not parallel:
         schema["maxItems"] = 1
-    # Schemas referenced as "#/$defs/..." inside a tool's parameters resolve against the root.
-    defs = {k: v for _, params in functions for k, v in (params or {}).get("$defs", {}).items()}
-    if defs:
-        schema["$defs"] = defs
     return schema

@@ -168,6 +168,25 @@ def test_grammar_waits_while_the_prompt_leaves_thinking_open(thinking_client: Op
     assert usage.completion_tokens_details.reasoning_tokens == 20
 
 
+def test_response_format_waits_while_the_prompt_leaves_thinking_open(thinking_client: OpenAI) -> None:
+    """The request's own grammar (response_format) also waits for `</think>`: the thinking is free text
+    (the random model's), not JSON forced from the first token."""
+    messages = [*USER, {"role": "assistant", "content": "<think>"}]
+    resp = thinking_client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        response_format={"type": "json_object"},
+        max_tokens=20,
+        temperature=0,
+        extra_body={"continue_final_message": True, "add_generation_prompt": False},
+    )
+    message = resp.choices[0].message
+    assert resp.choices[0].finish_reason == "length" and not message.content
+    assert message.model_extra["reasoning_content"] and not message.model_extra[
+        "reasoning_content"
+    ].startswith("{")
+
+
 def test_grammar_starts_at_once_when_the_prompt_closed_thinking(thinking_client: OpenAI) -> None:
     messages = [*USER, {"role": "assistant", "content": "<think>\nok\n</think>\n\n"}]
     resp = thinking_client.chat.completions.create(

@@ -12,6 +12,8 @@ How to script it:
   and that token as stop_reason, as the real engine does.
 - `logprobs`: when asked for, each token gets logprob -0.25, and its top alternatives are the token
   itself then two tokens that are not in the reply (-1.5, -2.5).
+- `grammars`: a real GrammarCompiler, so a spec that does not compile is refused as the real engine
+  refuses it (without one every spec is taken).
 - Failures: `full_after=N` refuses (QueueFullError) once N requests were accepted; `crash` is raised
   in place of the second token; `healthy=False` fails /health; `delay` seconds pass before each token.
 
@@ -64,6 +66,7 @@ class FakeEngine:
     full_after: int | None = None
     crash: Exception | None = None
     healthy: bool = True
+    grammars: Any = None  # a GrammarCompiler: compile_grammar compiles (a bad spec raises GrammarError)
     submitted: list[Submitted] = field(default_factory=list)
     aborted: set[str] = field(default_factory=set)
     metrics: EngineMetrics = field(init=False)
@@ -80,7 +83,10 @@ class FakeEngine:
         return generate_latest(self.metrics.registry)
 
     async def compile_grammar(self, spec: StructuredOutputSpec) -> None:
-        pass  # the script writes what the grammar would allow; tests check the spec it was given
+        # The script writes what the grammar would allow; tests check the spec it was given. With
+        # `grammars` (the engine's GrammarCompiler) the spec is compiled for real, as AsyncEngine does.
+        if self.grammars is not None:
+            await asyncio.wrap_future(self.grammars.submit(spec))
 
     def abort(self, request_id: str) -> None:
         self.aborted.add(request_id)

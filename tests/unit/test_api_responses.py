@@ -219,3 +219,36 @@ async def test_output_text_logprobs_when_included(serve) -> None:
     # As OpenAI and vLLM: top_logprobs alone does not include them.
     plain = await s.openai.responses.create(model=MODEL, input="hi", top_logprobs=2)
     assert plain.output[0].content[0].logprobs == [] and s.engine.submitted[-1].params.logprobs is None
+
+
+async def test_text_format_grammar_waits_for_the_thinking(serve) -> None:
+    """text.format on a thinking model: the reasoning item comes first, the grammar applies after it."""
+    s = await serve(
+        THINKING + '{"city": "Paris"}', options=ServerToolOptions(reasoning=REASONING_PARSERS["qwen3"])
+    )
+    resp = await s.openai.responses.create(
+        model=MODEL,
+        input="Capital?",
+        text={"format": {"type": "json_schema", "name": "c", "schema": WEATHER["parameters"]}},
+    )
+    assert s.engine.submitted[0].params.structured.after_reasoning
+    assert [item.type for item in resp.output] == ["reasoning", "message"]
+    assert json.loads(resp.output_text) == {"city": "Paris"}
+
+
+@pytest.mark.parametrize(
+    ("fmt", "message"),
+    [
+        ({"schema": {"type": "foo"}}, "text.format.schema: the JSON schema is invalid or unsupported"),
+        ({"schema": {"type": "object", "not": {}}, "strict": True}, "text.format.schema uses JSON Schema"),
+    ],
+)
+async def test_a_bad_text_format_names_the_field_sent(serve, fmt: dict, message: str) -> None:
+    """A text.format schema that cannot be served is a 400 about text.format, not the chat field it is
+    served through (response_format)."""
+    s = await serve(ANSWER, compile_grammars=True)
+    with pytest.raises(BadRequestError, match=message) as refused:
+        await s.openai.responses.create(
+            model=MODEL, input="hi", text={"format": {"type": "json_schema", "name": "f", **fmt}}
+        )
+    assert "response_format" not in str(refused.value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import jsonschema
 import pytest
 from openai import BadRequestError
 
@@ -29,6 +30,7 @@ TIME_TOOL = {
     "type": "function",
     "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},
 }
+WEATHER_SCHEMA = WEATHER_TOOL["function"]["parameters"]
 USER = [{"role": "user", "content": "What's the weather in Paris?"}]
 HERMES_CALL = (
     '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n</tool_call>'
@@ -174,6 +176,40 @@ async def test_named_function_constrains_to_its_parameters(serve) -> None:
     assert json.loads(s.engine.submitted[0].params.structured.value) == WEATHER_TOOL["function"]["parameters"]
 
 
+def place_tool(name: str, place: dict, defs_key: str = "$defs") -> dict:
+    """A tool whose parameters refer to a `Place` of its own, as pydantic ($defs) or zod (definitions)
+    write nested models."""
+    parameters = {
+        defs_key: {"Place": place},
+        "type": "object",
+        "properties": {"to": {"$ref": f"#/{defs_key}/Place"}},
+        "required": ["to"],
+    }
+    return {"type": "function", "function": {"name": name, "parameters": parameters}}
+
+
+async def test_required_resolves_each_tools_own_definitions(serve) -> None:
+    """Tools are generated one by one, so two may each define a `Place`; each call's arguments follow
+    its own tool's definition, and draft-07 `definitions` compile as `$defs` do."""
+    city = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    airport = {"type": "object", "properties": {"iata": {"type": "string"}}, "required": ["iata"]}
+    tools = [place_tool("drive", city), place_tool("fly", airport), place_tool("sail", city, "definitions")]
+    reply = '[{"name": "fly", "parameters": {"to": {"iata": "CDG"}}}]'
+    s = await serve(reply, compile_grammars=True)
+    resp = await s.openai.chat.completions.create(
+        model=MODEL, messages=USER, tools=tools, tool_choice="required"
+    )
+    (call,) = resp.choices[0].message.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == ("fly", {"to": {"iata": "CDG"}})
+    schema = json.loads(s.engine.submitted[0].params.structured.value)
+    validator = jsonschema.Draft202012Validator(schema)
+    assert validator.is_valid(json.loads(reply))
+    assert validator.is_valid([{"name": "drive", "parameters": {"to": {"city": "Lyon"}}}])
+    assert validator.is_valid([{"name": "sail", "parameters": {"to": {"city": "Nice"}}}])
+    assert not validator.is_valid([{"name": "drive", "parameters": {"to": {"iata": "CDG"}}}])
+    assert not validator.is_valid([{"name": "fly", "parameters": {"to": {"city": "Lyon"}}}])
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -235,6 +271,33 @@ async def test_reasoning_goes_to_reasoning_content(serve) -> None:
     assert message.model_extra["reasoning_content"] == "The user wants the weather. I should call the tool."
 
 
+async def test_reasoning_under_both_names(serve) -> None:
+    """vLLM now sends the thinking as `reasoning`; clients written for older vLLM (and DeepSeek) read
+    `reasoning_content`: both carry it, streamed and not."""
+    s = await serve(THINKING + FINAL_ANSWER, options=QWEN3)
+    message = (await s.openai.chat.completions.create(model=MODEL, messages=USER)).choices[0].message
+    assert message.model_extra["reasoning"] == message.model_extra["reasoning_content"]
+    stream = await s.openai.chat.completions.create(model=MODEL, messages=USER, stream=True)
+    streamed = {"reasoning": "", "reasoning_content": ""}
+    async for chunk in stream:
+        for name in streamed:
+            streamed[name] += (chunk.choices[0].delta.model_extra or {}).get(name) or ""
+    assert streamed["reasoning"] == streamed["reasoning_content"] == message.model_extra["reasoning"]
+
+
+@pytest.mark.parametrize("name", ["reasoning", "reasoning_content"])
+async def test_thinking_sent_back_reaches_the_template(serve, name: str) -> None:
+    """Interleaved thinking: an agent sends the tool-calling turn back with its thinking, under vLLM's
+    new name or the old one; the template (Qwen3's reads `reasoning_content`) shows it either way
+    (transformers' apply_chat_template fills `reasoning_content` from `reasoning`)."""
+    s = await serve(weather_agent, options=QWEN3)
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+    turn = {"role": "assistant", "content": None, "tool_calls": [call], name: "Paris needs the tool."}
+    messages = [*USER, turn, {"role": "tool", "tool_call_id": "call_1", "content": "21"}]
+    await s.openai.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER_TOOL])
+    assert "<think>\nParis needs the tool.\n</think>\n\n<tool_call>" in s.engine.submitted[0].prompt
+
+
 async def test_streamed_reasoning_matches(serve) -> None:
     s = await serve(THINKING + FINAL_ANSWER, options=QWEN3)
     stream = await s.openai.chat.completions.create(model=MODEL, messages=USER, stream=True)
@@ -262,6 +325,28 @@ async def test_required_with_reasoning_applies_the_grammar_after_thinking(serve)
     )
     assert resp.choices[0].message.tool_calls[0].function.arguments == '{"city": "Paris"}'
     assert s.engine.submitted[0].params.structured.after_reasoning
+
+
+@pytest.mark.parametrize(
+    "constraint",
+    [
+        {"response_format": {"type": "json_object"}},
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": WEATHER_SCHEMA}}},
+        {"extra_body": {"guided_choice": ["sunny", "rainy"]}},
+    ],
+)
+async def test_the_requests_own_grammar_also_waits_for_the_thinking(serve, constraint: dict) -> None:
+    """A thinking model under response_format thinks first, then answers in the format (as in vLLM):
+    a grammar from the first token would forbid the <think> it starts with."""
+    s = await serve(THINKING + '{"city": "Paris"}', options=QWEN3)
+    resp = await s.openai.chat.completions.create(model=MODEL, messages=USER, **constraint)
+    assert s.engine.submitted[0].params.structured.after_reasoning
+    assert resp.choices[0].message.model_extra["reasoning_content"].startswith("The user wants")
+    # With the thinking closed by the template, the grammar applies from the first token.
+    kwargs = {**constraint.get("extra_body", {}), "chat_template_kwargs": {"enable_thinking": False}}
+    args = {k: v for k, v in constraint.items() if k != "extra_body"}
+    await s.openai.chat.completions.create(model=MODEL, messages=USER, extra_body=kwargs, **args)
+    assert not s.engine.submitted[1].params.structured.after_reasoning
 
 
 async def test_chat_template_kwargs_reach_the_template(serve) -> None:

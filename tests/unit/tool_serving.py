@@ -19,13 +19,15 @@ from transformers import PreTrainedTokenizerFast
 
 from engine.api.output_plan import ServerToolOptions
 from engine.api.server import build_app
+from engine.structured.compiler import GrammarCompiler
 from tests.unit.fake_engine import FakeEngine, Script
 
 MODEL = "scripted"
 AUTO = ServerToolOptions("hermes", enable_auto_tool_choice=True)
 
 # Qwen2.5's template, shortened: tools in the system turn, calls as <tool_call> JSON, results as
-# <tool_response> in a user turn; enable_thinking=false closes an empty <think> as Qwen3's does.
+# <tool_response> in a user turn; as Qwen3's, enable_thinking=false closes an empty <think>, and a tool-calling
+# turn's `reasoning_content` is shown again (interleaved thinking).
 QWEN_STYLE_TEMPLATE = """
 {%- if tools %}<|im_start|>system
 {% if messages[0].role == 'system' %}{{ messages[0].content }}{% else %}You are a helpful assistant.{% endif %}
@@ -44,7 +46,11 @@ For each function call, return a json object with function name and arguments wi
 {%- if message.role == 'user' or (message.role == 'assistant' and not message.tool_calls) %}<|im_start|>{{ message.role }}
 {{ message.content }}<|im_end|>
 {% elif message.role == 'assistant' %}<|im_start|>assistant
-{% if message.content %}{{ message.content }}
+{% if message.reasoning_content is string %}<think>
+{{ message.reasoning_content }}
+</think>
+
+{% endif %}{% if message.content %}{{ message.content }}
 {% endif %}{% for tool_call in message.tool_calls %}<tool_call>
 {"name": "{{ tool_call.function.name }}", "arguments": {{ tool_call.function.arguments | tojson }}}
 </tool_call>
@@ -93,8 +99,15 @@ class Served:
 async def serve() -> AsyncIterator[Callable]:
     clients: list[TestClient] = []
 
-    async def start(script: Script, options=AUTO) -> Served:
-        engine = FakeEngine(qwen_style_tokenizer(), script, served_model_name=MODEL, vocab_size=600)
+    compilers: list[GrammarCompiler] = []
+
+    async def start(script: Script, options=AUTO, compile_grammars: bool = False) -> Served:
+        """compile_grammars: structured output specs are compiled by xgrammar as the engine does."""
+        tokenizer = qwen_style_tokenizer()
+        engine = FakeEngine(tokenizer, script, served_model_name=MODEL, vocab_size=600)
+        if compile_grammars:
+            engine.grammars = GrammarCompiler(tokenizer, 600, [tokenizer.eos_token_id], max_workers=1)
+            compilers.append(engine.grammars)
         client = TestClient(TestServer(build_app(engine, tool_options=options)))
         await client.start_server()
         clients.append(client)
@@ -103,3 +116,5 @@ async def serve() -> AsyncIterator[Callable]:
     yield start
     for client in clients:
         await client.close()
+    for compiler in compilers:
+        compiler.shutdown()
