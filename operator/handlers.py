@@ -59,7 +59,10 @@ def _retry_delay(retry: int) -> float:
 @kopf.on.resume(names.GROUP, names.VERSION, names.PLURAL)
 @kopf.on.create(names.GROUP, names.VERSION, names.PLURAL)
 @kopf.on.update(names.GROUP, names.VERSION, names.PLURAL)
-def model_deployment_changed(namespace: str, name: str, memo: kopf.Memo, retry: int, **_: Any) -> None:
+def model_deployment_changed(
+    namespace: str, name: str, memo: kopf.Memo, retry: int, body: kopf.Body | None = None, **_: Any
+) -> None:
+    """body: the resource, which kopf always passes (None only where a test calls this outside kopf)."""
     try:
         status = memo.reconciler.reconcile(namespace, name)
     except ApiError as error:
@@ -72,11 +75,15 @@ def model_deployment_changed(namespace: str, name: str, memo: kopf.Memo, retry: 
     if status is None:
         return
     degraded = next(c for c in status.conditions if c.type == "Degraded")
+    if body is not None and (degraded.reason in RETRIED_PROBLEMS or status.phase == "Failed"):
+        # An Event for `kubectl describe md` and event-based alerting. Posted explicitly: kopf (>= 1.45)
+        # no longer turns handler errors into Events unless every log line becomes one.
+        kopf.warn(body, reason=degraded.reason, message=degraded.message)
     if degraded.reason in RETRIED_PROBLEMS:
         # Someone else's object may go away, a quota may be raised: look again later rather than never.
         raise kopf.TemporaryError(degraded.message, delay=_retry_delay(retry))
     if status.phase == "Failed":
-        raise kopf.PermanentError(degraded.message)  # shown as an Event; fixed by changing the spec
+        raise kopf.PermanentError(degraded.message)  # fixed by changing the spec
 
 
 def _owner_of(labels: dict[str, str]) -> str | None:

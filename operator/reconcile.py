@@ -83,6 +83,30 @@ def controlled_by(obj: dict[str, Any], uid: str) -> bool:
     return any(ref.get("controller") and ref.get("uid") == uid for ref in refs)
 
 
+def child_conflict(kind: str, name: str, existing: dict[str, Any], owner: Owner) -> Problem:
+    """An object of the child's name that is not this resource's, in words that say what to do about it."""
+    refs = existing.get("metadata", {}).get("ownerReferences", [])
+    controller = next((ref for ref in refs if ref.get("controller")), {})
+    if (controller.get("apiVersion"), controller.get("kind"), controller.get("name")) == (
+        names.API_VERSION,
+        names.KIND,
+        owner.name,
+    ):
+        # Names are unique in a namespace, so its owner was deleted and this resource re-created in its place
+        # (`kubectl delete` then `apply`, `kubectl replace --force`): the garbage collector removes the old
+        # children in moments, and the retry creates ours. Nothing for the user to delete.
+        return Problem(
+            "ChildConflict",
+            f"{kind} {name} still belongs to the deleted ModelDeployment {owner.name} (uid "
+            f"{controller.get('uid')}) that this one replaces; waiting for the garbage collector to remove it",
+        )
+    return Problem(
+        "ChildConflict",
+        f"{kind} {name} already exists and is not managed by this ModelDeployment; "
+        "delete it or choose another name",
+    )
+
+
 class Reconciler:
     def __init__(self, kube: Kube, clock: Callable[[], str] = utc_now) -> None:
         self.kube = kube
@@ -108,6 +132,10 @@ class Reconciler:
                 if spec.autoscaler == "keda" and spec.replicas is None:
                     self._seed_replicas(namespace, name, spec)
                 problem, deployment = self._apply_children(owner, spec, prune)
+                if deployment is None:
+                    # The apply stopped short (a refused spec change, a conflict): the pods of the spec
+                    # applied before still serve, and the replica counts must say so, not 0/N.
+                    deployment = self._own_deployment(namespace, name, owner.uid)
             return self._write_status(resource, spec, problem, deployment)
 
     def refresh_status(self, namespace: str, name: str) -> ModelDeploymentStatus | None:
@@ -122,7 +150,8 @@ class Reconciler:
                 return None
             spec, problem = parse_spec(resource)
             recorded = resource.get("status") or {}
-            deployment = self.kube.get("apps/v1", "Deployment", namespace, name) if spec is not None else None
+            uid = resource["metadata"]["uid"]
+            deployment = self._own_deployment(namespace, name, uid) if spec is not None else None
             return self._write_status(
                 resource,
                 spec,
@@ -136,6 +165,11 @@ class Reconciler:
         if resource is None or resource["metadata"].get("deletionTimestamp"):
             return None  # garbage collection removes the children; re-creating them would fight it
         return resource
+
+    def _own_deployment(self, namespace: str, name: str, uid: str) -> dict[str, Any] | None:
+        """The engine Deployment as it is, if it is this resource's (not someone else's of that name)."""
+        deployment = self.kube.get("apps/v1", "Deployment", namespace, name)
+        return deployment if deployment is not None and controlled_by(deployment, uid) else None
 
     def _seed_replicas(self, namespace: str, name: str, spec: ModelDeploymentSpec) -> None:
         """Mode keda: KEDA reads and writes the count through the scale subresource, which the API server serves
@@ -172,11 +206,7 @@ class Reconciler:
         existing = self.kube.get(manifest["apiVersion"], kind, owner.namespace, name)
         if existing is not None and not controlled_by(existing, owner.uid):
             # Applying would take over (and later garbage-collect) someone else's object.
-            return Problem(
-                "ChildConflict",
-                f"{kind} {name} already exists and is not managed by this ModelDeployment; "
-                "delete it or choose another name",
-            )
+            return child_conflict(kind, name, existing, owner)
         try:
             return self.kube.apply(manifest)
         except ApiError as error:

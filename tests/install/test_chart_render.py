@@ -121,6 +121,21 @@ def test_models_from_values_become_model_deployments(render_chart: RenderChart) 
     assert found["tiny"]["metadata"]["labels"]["app.kubernetes.io/component"] == "model"
 
 
+def test_a_model_in_a_namespace_the_operator_does_not_watch_is_refused(render_chart: RenderChart) -> None:
+    """Else it would be created and never served: no status, no pods, nothing to say why."""
+    watched = {"operator": {"watchNamespaces": ["team-a"]}}
+    with pytest.raises(subprocess.CalledProcessError) as failure:
+        render_chart({**watched, "models": [VLLM_MODEL]}, namespace="kubellm-system")
+    assert "models: vllm is in namespace kubellm-system, which the operator does not serve" in (
+        failure.value.stderr
+    )
+
+    placed = render_chart({**watched, "models": [{**VLLM_MODEL, "namespace": "team-a"}]})
+    assert one(placed, "ModelDeployment")["metadata"]["namespace"] == "team-a"
+    cluster_wide = render_chart({"models": [{**VLLM_MODEL, "namespace": "anywhere"}]})
+    assert one(cluster_wide, "ModelDeployment")["metadata"]["namespace"] == "anywhere"
+
+
 @pytest.mark.parametrize(
     ("values", "complaint"),
     [
@@ -266,6 +281,13 @@ def test_network_policy_admits_only_the_listed_peers_to_every_engine_pod(render_
         assert rule["ports"] == [{"port": names.ENGINE_PORT_NAME, "protocol": "TCP"}]
     default_peers = by_kind(render_chart({"networkPolicy": {"enabled": True}}), "NetworkPolicy")
     assert [p["spec"]["ingress"][0]["from"] for p in default_peers] == [[{"podSelector": {}}]]
+
+    # A model the release creates in another namespace (cluster-wide operator) is covered too.
+    models = [VLLM_MODEL, {**VLLM_MODEL, "name": "tiny", "namespace": "demo"}]
+    with_models = by_kind(
+        render_chart({"networkPolicy": {"enabled": True}, "models": models}), "NetworkPolicy"
+    )
+    assert sorted(p["metadata"]["namespace"] for p in with_models) == ["demo", "kubellm-system"]
 
 
 def test_chart_has_maintainers_and_an_icon() -> None:

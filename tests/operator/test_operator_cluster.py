@@ -61,6 +61,26 @@ def wait_degraded(cluster: LocalCluster, namespace: str, name: str, reason: str)
     return wait_until(degraded, f"Degraded=True with reason {reason}", timeout_s=TIMEOUT_S)
 
 
+def wait_warning_event(cluster: LocalCluster, namespace: str, name: str, reason: str) -> dict[str, Any]:
+    """A Warning Event on the ModelDeployment with `reason`, as `kubectl describe md` lists them."""
+
+    def posted() -> dict[str, Any] | None:
+        events = cluster.kubectl_json(
+            "get", "events", "-n", namespace, "--field-selector", f"involvedObject.name={name}"
+        )["items"]
+        return next(
+            (
+                e
+                for e in events
+                if e["involvedObject"]["kind"] == "ModelDeployment"
+                and (e["type"], e["reason"]) == ("Warning", reason)
+            ),
+            None,
+        )
+
+    return wait_until(posted, f"a Warning event {reason} on ModelDeployment {name}", timeout_s=TIMEOUT_S)
+
+
 def model_deployment(name: str, **spec: Any) -> dict[str, Any]:
     return {
         "apiVersion": "kubellm.io/v1alpha1",
@@ -363,6 +383,8 @@ def test_spec_error_the_schema_cannot_catch_is_reported_not_crashed_on(
     assert message.startswith("the API server refused Deployment odd") and "Near" in message
     assert get(k8s_cluster, ns, "deployment", "odd") is None
     assert operator.alive and operator.healthy()
+    event = wait_warning_event(k8s_cluster, ns, "odd", "InvalidSpec")  # as docs/operations.md promises
+    assert event["message"] == message
 
     # Fixing the spec is all it takes.
     k8s_cluster.kubectl(
@@ -391,6 +413,7 @@ def test_someone_elses_object_is_not_taken_over_and_is_retried_with_backoff(
         in (condition(md, "Degraded")["message"])
     )
     assert get(k8s_cluster, ns, "service", "clash-service")["spec"]["selector"] == {"app": "theirs"}
+    wait_warning_event(k8s_cluster, ns, "clash", "ChildConflict")
 
     # Once their Service is gone, the retry (with backoff) creates ours.
     k8s_cluster.kubectl("delete", "service", "clash-service", "-n", ns)

@@ -4,6 +4,7 @@ No operator process runs here, so nothing races the steps: each test decides whe
 or update handler) and when a status refresh (a pod event) happens, and reads what reached the API server.
 """
 
+import json
 from typing import Any
 
 import kopf
@@ -59,6 +60,35 @@ def test_a_pod_event_before_the_new_spec_is_applied_does_not_claim_the_new_gener
 
     reconciler.reconcile(ns, "vllm")  # the update handler applies generation 2
     assert get(k8s_cluster, ns, "md", "vllm")["status"]["observedGeneration"] == 2
+
+
+def test_a_refused_spec_change_still_counts_the_pods_that_serve_the_previous_one(
+    k8s_cluster: LocalCluster, k8s_namespace: str, reconciler: Reconciler
+) -> None:
+    ns = k8s_namespace
+    apply(k8s_cluster, ns, sample("vllm.yaml"))
+    reconciler.reconcile(ns, "vllm")
+    wait_until(
+        lambda: (status := reconciler.refresh_status(ns, "vllm")) and status.phase == "Ready",
+        "the pod to be ready",
+        timeout_s=TIMEOUT_S,
+    )
+
+    # The schema lets a malformed affinity through; the API server refuses the Deployment it would make.
+    term = {"matchExpressions": [{"key": "zone", "operator": "Near", "values": ["a"]}]}
+    affinity = {
+        "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}}
+    }
+    patch = json.dumps({"spec": {"affinity": affinity}})
+    k8s_cluster.kubectl("patch", "md", "vllm", "-n", ns, "--type=merge", "-p", patch)
+    for step in (reconciler.reconcile, reconciler.refresh_status):  # the update handler, then a pod event
+        step(ns, "vllm")
+        md = get(k8s_cluster, ns, "md", "vllm")
+        assert (md["status"]["phase"], conditions(md)["Ready"]["reason"]) == ("Failed", "InvalidSpec")
+        # The Deployment of generation 1 still serves with its pod: the counts (and REPLICAS) say so.
+        counts = {k: md["status"][k] for k in ("replicas", "readyReplicas", "readyOfDesired")}
+        assert counts == {"replicas": 1, "readyReplicas": 1, "readyOfDesired": "1/1"}
+    assert get(k8s_cluster, ns, "deployment", "vllm")["status"]["readyReplicas"] == 1
 
 
 def test_a_quota_refusal_is_retried_with_the_servers_words_in_the_status(
