@@ -83,6 +83,17 @@ def controlled_by(obj: dict[str, Any], uid: str) -> bool:
     return any(ref.get("controller") and ref.get("uid") == uid for ref in refs)
 
 
+def denied_by_admission(error: ApiError) -> bool:
+    """A validating admission webhook's or ValidatingAdmissionPolicy's denial, whatever status it answered with
+    (a webhook may pick 400 or 422; a policy's default reason is Invalid, 422): the cluster's policy, which an
+    administrator may change as with a 403, not a spec the API server cannot take. Told apart by the API
+    server's own words for the two (k8s.io/apiserver's webhook and validating admission plugins), e.g.
+    `deployments.apps "vllm" is forbidden: ValidatingAdmissionPolicy 'p' with binding 'b' denied request: ...`."""
+    message = error.message
+    webhook = "admission webhook " in message and " denied the request" in message
+    return webhook or ("ValidatingAdmissionPolicy " in message and " denied request" in message)
+
+
 def child_conflict(kind: str, name: str, existing: dict[str, Any], owner: Owner) -> Problem:
     """An object of the child's name that is not this resource's, in words that say what to do about it."""
     refs = existing.get("metadata", {}).get("ownerReferences", [])
@@ -210,7 +221,7 @@ class Reconciler:
         try:
             return self.kube.apply(manifest)
         except ApiError as error:
-            if error.status == 403:
+            if error.status == 403 or denied_by_admission(error):
                 # Not the spec's fault: a quota, an admission webhook or policy, or missing RBAC. The
                 # handler retries with backoff; meanwhile the status quotes the server.
                 return Problem("Forbidden", f"the API server forbade {kind} {name}: {error.message}")

@@ -54,3 +54,56 @@ def apply_quota(
 def forbid_new_services(cluster: LocalCluster, namespace: str, timeout_s: float) -> None:
     """A ResourceQuota `no-services` of zero Services."""
     apply_quota(cluster, namespace, "no-services", {"services": "0"}, timeout_s)
+
+
+def deny_deployments(cluster: LocalCluster, namespace: str, timeout_s: float) -> str:
+    """A ValidatingAdmissionPolicy (and its binding, for this namespace only) that denies every Deployment
+    create or update, in force before this returns (a server-side dry run is denied); returns the policy's
+    name, which names its binding too. Delete both with ``allow_deployments``."""
+    name = f"no-deployments-{namespace}"
+    rule = {
+        "apiGroups": ["apps"],
+        "apiVersions": ["v1"],
+        "operations": ["CREATE", "UPDATE"],
+        "resources": ["deployments"],
+    }
+    policy = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {"resourceRules": [rule]},
+            "validations": [{"expression": "false", "message": "no Deployments in this namespace"}],
+        },
+    }
+    binding = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": name},
+        "spec": {
+            "policyName": name,
+            "validationActions": ["Deny"],
+            "matchResources": {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}
+            },
+        },
+    }
+    for manifest in (policy, binding):
+        cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
+
+    def denied() -> bool:
+        probe = ("create", "deployment", "probe", "--image=x", "-n", namespace, "--dry-run=server")
+        try:
+            cluster.kubectl(*probe)
+        except KubectlError as error:
+            return "denied request" in str(error)
+        return False
+
+    wait_until(denied, "the admission policy to be in force", timeout_s=timeout_s)
+    return name
+
+
+def allow_deployments(cluster: LocalCluster, name: str) -> None:
+    cluster.kubectl("delete", "validatingadmissionpolicybinding", name, "--ignore-not-found")
+    cluster.kubectl("delete", "validatingadmissionpolicy", name, "--ignore-not-found")

@@ -16,7 +16,14 @@ from kubellm_operator.kube import ApiError, Kube
 from kubellm_operator.reconcile import Reconciler
 from tests.cluster.localcluster import LocalCluster
 from tests.cluster.waiting import wait_until
-from tests.operator.cluster_objects import apply, forbid_new_services, get, install_crd
+from tests.operator.cluster_objects import (
+    allow_deployments,
+    apply,
+    deny_deployments,
+    forbid_new_services,
+    get,
+    install_crd,
+)
 from tests.operator.samples import sample
 
 pytestmark = pytest.mark.cluster
@@ -122,6 +129,36 @@ def test_a_quota_refusal_is_retried_with_the_servers_words_in_the_status(
         ignore=(kopf.TemporaryError,),  # the quota admission may still see the deleted quota for a moment
     )
     assert get(k8s_cluster, ns, "service", "vllm-service") is not None
+    assert conditions(get(k8s_cluster, ns, "md", "vllm"))["Degraded"]["reason"] != "Forbidden"
+
+
+def test_an_admission_policys_denial_is_retried_like_a_quotas(
+    k8s_cluster: LocalCluster, k8s_namespace: str, reconciler: Reconciler
+) -> None:
+    """A ValidatingAdmissionPolicy denying the engine's Deployment answers 422 (its default reason, Invalid), not
+    403: the cluster's policy all the same, which an administrator may change, so Forbidden and retried with
+    backoff (not InvalidSpec, which waits for a spec change), and served once the policy is gone."""
+    ns = k8s_namespace
+    policy = deny_deployments(k8s_cluster, ns, TIMEOUT_S)
+    try:
+        apply(k8s_cluster, ns, sample("vllm.yaml"))
+        memo = kopf.Memo(reconciler=reconciler)
+        with pytest.raises(kopf.TemporaryError):
+            model_deployment_changed(namespace=ns, name="vllm", memo=memo, retry=0)
+        md = get(k8s_cluster, ns, "md", "vllm")
+        degraded = conditions(md)["Degraded"]
+        assert (md["status"]["phase"], degraded["reason"]) == ("Degraded", "Forbidden"), degraded
+        assert degraded["message"].startswith("the API server forbade Deployment vllm: ")
+        assert f"ValidatingAdmissionPolicy '{policy}'" in degraded["message"]  # the API server's own words
+    finally:
+        allow_deployments(k8s_cluster, policy)
+    wait_until(
+        lambda: model_deployment_changed(namespace=ns, name="vllm", memo=memo, retry=1) or True,
+        "the retry to succeed once the policy is gone",
+        timeout_s=TIMEOUT_S,
+        ignore=(kopf.TemporaryError,),  # the API server may enforce the deleted policy for a moment
+    )
+    assert get(k8s_cluster, ns, "deployment", "vllm") is not None
     assert conditions(get(k8s_cluster, ns, "md", "vllm"))["Degraded"]["reason"] != "Forbidden"
 
 
