@@ -41,13 +41,7 @@ import triton.language as tl
 
 from engine.kernels.fp8_producers import fused_quantization_fits, silu_and_mul_fp8
 from engine.kernels.fp8_quant import quantize_activations
-from engine.kernels.moe_align import (
-    SMALL_MAX_SLOTS,
-    ExpertAlignment,
-    align_slots_by_expert,
-    align_slots_by_expert_small,
-    route_and_align,
-)
+from engine.kernels.moe_align import ExpertAlignment, align_slots, route_and_align
 from engine.kernels.shared_memory import device_shared_memory, stages_that_fit
 from engine.kernels.silu_mul import silu_and_mul
 from engine.model.fp8 import FP8
@@ -333,11 +327,9 @@ def fused_experts(
     float32 scales [T, 1 or ceil(H / group_k)]), the SiLU-mul output per slot likewise, and the grouped
     GEMMs scale their float32 products (module docstring)."""
     num_experts = w13.shape[0]
-    small = topk_ids.numel() <= SMALL_MAX_SLOTS
 
     def route(block_m: int) -> tuple[torch.Tensor, ExpertAlignment]:
-        align = align_slots_by_expert_small if small else align_slots_by_expert
-        return topk_weights, align(topk_ids, num_experts, block_m)
+        return topk_weights, align_slots(topk_ids, num_experts, block_m)
 
     assert topk_ids.shape[0] == x.shape[0], (topk_ids.shape, x.shape)
     fp8 = _Fp8Operands(w13_scale, w2_scale, group_k, x_quantized)

@@ -215,6 +215,12 @@ def align_slots_by_expert_small(
     return _align_small(ids, topk_ids.shape[1], num_experts, block_m, chunk, None)
 
 
+def align_slots(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertAlignment:
+    """The alignment for any token count: the Triton one up to SMALL_MAX_SLOTS slots, torch ops beyond."""
+    small = topk_ids.numel() <= SMALL_MAX_SLOTS
+    return (align_slots_by_expert_small if small else align_slots_by_expert)(topk_ids, num_experts, block_m)
+
+
 @dataclass(frozen=True)
 class _Routing:
     """The router's logits [T, E] for the alignment to route itself, and where it writes the result."""
@@ -247,10 +253,7 @@ def route_and_align(
     assert logits.stride(1) == 1, logits.stride()
     if not routes_in_alignment(num_tokens, num_experts, top_k):
         weights, ids = topk_softmax(logits, top_k, renormalize)
-        align = (
-            align_slots_by_expert_small if num_tokens * top_k <= SMALL_MAX_SLOTS else align_slots_by_expert
-        )
-        return weights, ids, align(ids, num_experts, block_m)
+        return weights, ids, align_slots(ids, num_experts, block_m)
     weights = torch.empty((num_tokens, top_k), dtype=torch.float32, device=logits.device)
     ids = torch.empty((num_tokens, top_k), dtype=torch.int64, device=logits.device)  # as topk_softmax's
     routing = _Routing(logits, weights, renormalize)
