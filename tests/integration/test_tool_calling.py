@@ -46,6 +46,16 @@ TOOLS = [
 ]
 PARAMETERS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 GREEDY = {"temperature": 0, "max_tokens": 200}
+# The assistant turn continued where the messages leave it (here: inside an opened thinking block), greedy, cut
+# off at 20 tokens: the random model never writes `</think>` by then.
+CONTINUED = {"continue_final_message": True, "add_generation_prompt": False}
+THINKING_OPEN = {
+    "model": MODEL,
+    "messages": [*USER, {"role": "assistant", "content": "<think>"}],
+    "max_tokens": 20,
+    "temperature": 0,
+    "extra_body": CONTINUED,
+}
 
 
 def tiny_llama(tiny_llama_dir: Path, workdir: Path, *flags: str):
@@ -138,16 +148,7 @@ def test_streamed_calls_assemble_to_the_non_streamed_answer(client: OpenAI) -> N
 def test_grammar_waits_while_the_prompt_leaves_thinking_open(thinking_client: OpenAI) -> None:
     """With the assistant turn opened by `<think>`, the output is thinking: the grammar waits for
     `</think>` (which the random model never writes), so nothing is constrained and no call is made."""
-    messages = [*USER, {"role": "assistant", "content": "<think>"}]
-    resp = thinking_client.chat.completions.create(
-        model=MODEL,
-        messages=messages,
-        tools=TOOLS,
-        tool_choice="required",
-        max_tokens=20,
-        temperature=0,
-        extra_body={"continue_final_message": True, "add_generation_prompt": False},
-    )
+    resp = thinking_client.chat.completions.create(**THINKING_OPEN, tools=TOOLS, tool_choice="required")
     message = resp.choices[0].message
     assert resp.choices[0].finish_reason == "length" and not message.tool_calls
     assert message.model_extra["reasoning_content"] and not message.model_extra[
@@ -156,13 +157,7 @@ def test_grammar_waits_while_the_prompt_leaves_thinking_open(thinking_client: Op
     # All 20 tokens were thinking (cut off before any </think>), streamed or not.
     assert resp.usage.completion_tokens_details.reasoning_tokens == resp.usage.completion_tokens == 20
     stream = thinking_client.chat.completions.create(
-        model=MODEL,
-        messages=messages,
-        max_tokens=20,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-        extra_body={"continue_final_message": True, "add_generation_prompt": False},
+        **THINKING_OPEN, stream=True, stream_options={"include_usage": True}
     )
     usage = [chunk.usage for chunk in stream if chunk.usage is not None][-1]
     assert usage.completion_tokens_details.reasoning_tokens == 20
@@ -171,15 +166,7 @@ def test_grammar_waits_while_the_prompt_leaves_thinking_open(thinking_client: Op
 def test_response_format_waits_while_the_prompt_leaves_thinking_open(thinking_client: OpenAI) -> None:
     """The request's own grammar (response_format) also waits for `</think>`: the thinking is free text
     (the random model's), not JSON forced from the first token."""
-    messages = [*USER, {"role": "assistant", "content": "<think>"}]
-    resp = thinking_client.chat.completions.create(
-        model=MODEL,
-        messages=messages,
-        response_format={"type": "json_object"},
-        max_tokens=20,
-        temperature=0,
-        extra_body={"continue_final_message": True, "add_generation_prompt": False},
-    )
+    resp = thinking_client.chat.completions.create(**THINKING_OPEN, response_format={"type": "json_object"})
     message = resp.choices[0].message
     assert resp.choices[0].finish_reason == "length" and not message.content
     assert message.model_extra["reasoning_content"] and not message.model_extra[
@@ -194,7 +181,7 @@ def test_grammar_starts_at_once_when_the_prompt_closed_thinking(thinking_client:
         messages=messages,
         tools=TOOLS,
         tool_choice="required",
-        extra_body={"continue_final_message": True, "add_generation_prompt": False},
+        extra_body=CONTINUED,
         **GREEDY,
     )
     check_calls(resp.choices[0].message.tool_calls)

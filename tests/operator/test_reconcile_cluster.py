@@ -41,17 +41,33 @@ def conditions(md: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {c["type"]: c for c in md["status"]["conditions"]}
 
 
-def test_a_pod_event_before_the_new_spec_is_applied_does_not_claim_the_new_generation(
-    k8s_cluster: LocalCluster, k8s_namespace: str, reconciler: Reconciler
-) -> None:
-    ns = k8s_namespace
-    apply(k8s_cluster, ns, sample("vllm.yaml"))
+def serve_until_ready(cluster: LocalCluster, ns: str, reconciler: Reconciler) -> None:
+    """The sample ModelDeployment applied and reconciled, then pod events until its pod is ready."""
+    apply(cluster, ns, sample("vllm.yaml"))
     reconciler.reconcile(ns, "vllm")
     wait_until(
         lambda: (status := reconciler.refresh_status(ns, "vllm")) and status.phase == "Ready",
         "the pod to be ready",
         timeout_s=TIMEOUT_S,
     )
+
+
+def retry_until_applied(ns: str, memo: kopf.Memo, refusal: str) -> None:
+    """The handler's retries until one applies: the API server may still enforce `refusal` (a deleted quota or
+    policy) for a moment, which the handler answers with a TemporaryError."""
+    wait_until(
+        lambda: model_deployment_changed(namespace=ns, name="vllm", memo=memo, retry=1) or True,
+        f"the retry to succeed once {refusal} is gone",
+        timeout_s=TIMEOUT_S,
+        ignore=(kopf.TemporaryError,),
+    )
+
+
+def test_a_pod_event_before_the_new_spec_is_applied_does_not_claim_the_new_generation(
+    k8s_cluster: LocalCluster, k8s_namespace: str, reconciler: Reconciler
+) -> None:
+    ns = k8s_namespace
+    serve_until_ready(k8s_cluster, ns, reconciler)
     assert get(k8s_cluster, ns, "md", "vllm")["status"]["observedGeneration"] == 1
 
     patch = '{"spec": {"engine": {"maxModelLen": 4096}}}'
@@ -73,13 +89,7 @@ def test_a_refused_spec_change_still_counts_the_pods_that_serve_the_previous_one
     k8s_cluster: LocalCluster, k8s_namespace: str, reconciler: Reconciler
 ) -> None:
     ns = k8s_namespace
-    apply(k8s_cluster, ns, sample("vllm.yaml"))
-    reconciler.reconcile(ns, "vllm")
-    wait_until(
-        lambda: (status := reconciler.refresh_status(ns, "vllm")) and status.phase == "Ready",
-        "the pod to be ready",
-        timeout_s=TIMEOUT_S,
-    )
+    serve_until_ready(k8s_cluster, ns, reconciler)
 
     # The schema lets a malformed affinity through; the API server refuses the Deployment it would make.
     term = {"matchExpressions": [{"key": "zone", "operator": "Near", "values": ["a"]}]}
@@ -122,12 +132,7 @@ def test_a_quota_refusal_is_retried_with_the_servers_words_in_the_status(
     assert conditions(get(k8s_cluster, ns, "md", "vllm"))["Degraded"]["reason"] == "Forbidden"
 
     k8s_cluster.kubectl("delete", "resourcequota", "no-services", "-n", ns)
-    wait_until(
-        lambda: model_deployment_changed(namespace=ns, name="vllm", memo=memo, retry=1) or True,
-        "the retry to succeed once the quota is gone",
-        timeout_s=TIMEOUT_S,
-        ignore=(kopf.TemporaryError,),  # the quota admission may still see the deleted quota for a moment
-    )
+    retry_until_applied(ns, memo, "the quota")
     assert get(k8s_cluster, ns, "service", "vllm-service") is not None
     assert conditions(get(k8s_cluster, ns, "md", "vllm"))["Degraded"]["reason"] != "Forbidden"
 
@@ -152,12 +157,7 @@ def test_an_admission_policys_denial_is_retried_like_a_quotas(
         assert f"ValidatingAdmissionPolicy '{policy}'" in degraded["message"]  # the API server's own words
     finally:
         allow_deployments(k8s_cluster, policy)
-    wait_until(
-        lambda: model_deployment_changed(namespace=ns, name="vllm", memo=memo, retry=1) or True,
-        "the retry to succeed once the policy is gone",
-        timeout_s=TIMEOUT_S,
-        ignore=(kopf.TemporaryError,),  # the API server may enforce the deleted policy for a moment
-    )
+    retry_until_applied(ns, memo, "the policy")
     assert get(k8s_cluster, ns, "deployment", "vllm") is not None
     assert conditions(get(k8s_cluster, ns, "md", "vllm"))["Degraded"]["reason"] != "Forbidden"
 
